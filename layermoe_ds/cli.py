@@ -1,0 +1,247 @@
+"""`layermoe <verb>`: the command line of layermoe_ds. Each verb parses its options and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+log = logging.getLogger("layermoe")
+
+DEFAULT_CACHE = Path.home() / ".cache" / "layermoe_ds" / "debs"
+
+
+def lang_list(text: str) -> list[str]:
+    langs = [part.strip() for part in text.split(",") if part.strip()]
+    if not langs:
+        raise argparse.ArgumentTypeError(f"{text!r} names no language (expected e.g. en,de)")
+    return langs
+
+
+# --- data -------------------------------------------------------------------------------------------------------
+
+
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="build the embedded multilingual corpus")
+    verbs = p.add_subparsers(dest="data_verb", required=True)
+    b = verbs.add_parser(
+        "build",
+        help="fetch Debian libreoffice-help-* packages and extract a parallel corpus",
+        description="Build data/<lang>.{train,valid,test}.txt and data/manifest.json from Debian's "
+        "libreoffice-help-* packages (MPL-2.0), split by page ≈ 90/5/5.",
+    )
+    b.add_argument("--out", type=Path, default=Path("data"), help="output directory (default: data)")
+    b.add_argument("--langs", type=lang_list, default=None, help="languages (default: en,de,fr,ru,el; also es,it,zh)")
+    b.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"where .deb files are kept ({DEFAULT_CACHE})")
+    b.add_argument("--max-pages", type=int, default=None, help="a deterministic slice of help pages (tests)")
+    b.add_argument("--min-chars", type=int, default=24, help="drop paragraphs shorter than this (default: 24)")
+    b.add_argument("--force", action="store_true", help="rebuild even if a matching corpus exists")
+    b.set_defaults(func=_cmd_data_build)
+
+
+def _cmd_data_build(args) -> int:
+    from layermoe_ds.data.corpus import DEFAULT_LANGS, CorpusOptions, build_corpus, corpus_is_built
+
+    options = CorpusOptions(
+        langs=tuple(args.langs or DEFAULT_LANGS), min_chars=args.min_chars, max_pages=args.max_pages
+    )
+    if not args.force and corpus_is_built(args.out, options):
+        log.info("corpus in %s is up to date (use --force to rebuild)", args.out)
+        return 0
+    manifest = build_corpus(args.out, args.cache, options)
+    for name, meta in manifest["files"].items():
+        print(f"{name:<16} {meta['paragraphs']:>7} paragraphs {meta['bytes'] / 1e6:>7.2f} MB")
+    return 0
+
+
+# --- tokenizer ---------------------------------------------------------------------------------------------------
+
+
+def _add_tokenizer(sub) -> None:
+    p = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer")
+    verbs = p.add_subparsers(dest="tokenizer_verb", required=True)
+    t = verbs.add_parser(
+        "train", help="byte-fallback SentencePiece over old and new languages, saved for AutoTokenizer.from_pretrained"
+    )
+    t.add_argument("--data", type=Path, required=True, help="data directory or jsonl")
+    t.add_argument("--langs", type=lang_list, default=None, help="languages (default: all in --data)")
+    t.add_argument("--vocab", type=int, default=8000, help="vocabulary size (default: 8000)")
+    t.add_argument("--model-type", choices=("unigram", "bpe"), default="unigram")
+    t.add_argument("--out", type=Path, required=True, help="output directory")
+    t.set_defaults(func=_cmd_tokenizer_train)
+
+
+def _cmd_tokenizer_train(args) -> int:
+    from layermoe_ds.data.loading import available_languages
+    from layermoe_ds.data.tokenizer import train_tokenizer
+
+    langs = args.langs or sorted(available_languages(args.data))
+    train_tokenizer(args.data, langs, args.out, args.vocab, args.model_type)
+    print(f"tokenizer ({args.vocab} pieces, {','.join(langs)}) saved to {args.out}")
+    return 0
+
+
+# --- pretrain ----------------------------------------------------------------------------------------------------
+
+
+def _add_pretrain(sub) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        help="train the tiny dense base model on the old languages",
+        description="Train a small HF Llama/Qwen2 model from scratch (seeded, fixed steps, resumable: "
+        "run the same command again after a kill).",
+    )
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--tokenizer", type=Path, required=True, help="HF tokenizer directory")
+    p.add_argument("--out", type=Path, required=True, help="output model directory")
+    p.add_argument("--config", type=Path, default=None, help="YAML/JSON with PretrainConfig fields")
+    p.add_argument("--langs", type=lang_list, default=None, help="old languages (default: en,de)")
+    p.add_argument("--arch", choices=("llama", "qwen2"), default=None)
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--hidden", type=int, default=None)
+    p.add_argument("--heads", type=int, default=None)
+    p.add_argument("--kv-heads", type=int, default=None)
+    p.add_argument("--ffn", type=int, default=None, help="FFN intermediate size")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--warmup-steps", type=int, default=None)
+    p.add_argument("--save-every", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=_cmd_pretrain)
+
+
+def pretrain_config_from_args(args):
+    from layermoe_ds.config import PretrainConfig, load_config
+
+    overrides = {
+        "langs": args.langs,
+        "model.arch": args.arch,
+        "model.num_layers": args.layers,
+        "model.hidden_size": args.hidden,
+        "model.num_heads": args.heads,
+        "model.num_kv_heads": args.kv_heads,
+        "model.intermediate_size": args.ffn,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "lr": args.lr,
+        "warmup_steps": args.warmup_steps,
+        "save_every": args.save_every,
+        "seed": args.seed,
+    }
+    return load_config(PretrainConfig, args.config, overrides)
+
+
+def _cmd_pretrain(args) -> int:
+    from layermoe_ds.training.pretrain import is_done, pretrain
+
+    config = pretrain_config_from_args(args)
+    if is_done(args.out, config, args.tokenizer, args.data):
+        print(f"base model in {args.out} is up to date")
+        return 0
+    info = pretrain(config, args.data, args.tokenizer, args.out)
+    print(f"base model ({info['parameters']:,} parameters, final loss {info['final_loss']:.3f}) saved to {args.out}")
+    return 0
+
+
+# --- evaluate ----------------------------------------------------------------------------------------------------
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="per-language held-out loss, perplexity and bits per byte")
+    p.add_argument("--model", type=Path, required=True, help="HF model directory")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--langs", type=lang_list, required=True)
+    p.add_argument("--old", type=lang_list, default=[], help="old languages (for Old-avg)")
+    p.add_argument("--split", default="test", choices=("valid", "test"))
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=None, help="per language (default: the whole split)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--out", type=Path, default=None, help="write results as JSON")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args) -> int:
+    from layermoe_ds.data.loading import load_texts
+    from layermoe_ds.data.tokenizer import load_tokenizer
+    from layermoe_ds.eval.perplexity import evaluate_languages, format_table, group_averages
+    from layermoe_ds.io import write_json
+    from layermoe_ds.modeling.hf_loading import check_model_dir, load_causal_lm, parse_dtype
+
+    check_model_dir(args.model)
+    texts = load_texts(args.data, args.langs, args.split)
+    tokenizer = load_tokenizer(args.model)
+    model = load_causal_lm(args.model, parse_dtype(args.dtype))
+    results = evaluate_languages(model, tokenizer, texts, args.seq_len, args.batch_size, args.max_tokens)
+    new = [lang for lang in args.langs if lang not in args.old]
+    print(format_table(results, args.old, new))
+    if args.out:
+        write_json(
+            args.out,
+            {
+                "model": str(args.model),
+                "split": args.split,
+                "languages": results,
+                **group_averages(results, args.old, new),
+            },
+        )
+    return 0
+
+
+# --- demo --------------------------------------------------------------------------------------------------------
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the whole pipeline on the embedded corpus, on CPU (cached steps)")
+    p.add_argument("--data", type=Path, default=Path("data"))
+    p.add_argument("--artifacts", type=Path, default=Path("artifacts"))
+    p.add_argument("--runs", type=Path, default=Path("runs/demo"))
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args) -> int:
+    from layermoe_ds.demo import run_demo
+
+    return run_demo(args.data, args.artifacts, args.runs, args.cache)
+
+
+# --- entry point -------------------------------------------------------------------------------------------------
+
+VERBS: list[Callable] = [_add_data, _add_tokenizer, _add_pretrain, _add_evaluate, _add_demo]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="layermoe",
+        description="LayerMoE multilingual expansion of dense LLMs on DeepSpeed.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="<verb>")
+    for add in VERBS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.debug else (logging.WARNING if args.quiet else logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+        if args.debug:
+            raise
+        print(f"layermoe {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

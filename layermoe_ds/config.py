@@ -1,0 +1,130 @@
+"""Typed, validated configuration: dataclasses loaded from YAML/JSON with CLI overrides.
+
+Each dataclass validates itself in `__post_init__` and names the offending field and value. Unknown keys are
+errors with a 'did you mean' suggestion, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+ARCHITECTURES = ("llama", "qwen2")
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseModelConfig:
+    """Shape of the tiny dense model `layermoe pretrain` trains from scratch."""
+
+    arch: str = "llama"
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 352
+    max_position: int = 512
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"model.arch: {self.arch!r} is not one of {ARCHITECTURES}")
+        for name in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size", "max_position"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name}: {getattr(self, name)} must be >= 1")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"model.hidden_size: {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"model.num_kv_heads: {self.num_kv_heads} does not divide num_heads {self.num_heads}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    """`layermoe pretrain`: train the dense base model on the old languages only."""
+
+    model: BaseModelConfig = dataclasses.field(default_factory=BaseModelConfig)
+    langs: tuple[str, ...] = ("en", "de")
+    steps: int = 400
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    warmup_steps: int = 40
+    weight_decay: float = 0.01
+    seed: int = 0
+    save_every: int = 100
+
+    def __post_init__(self) -> None:
+        if not self.langs:
+            raise ValueError("pretrain.langs: empty; give the old languages, e.g. en,de")
+        for name in ("steps", "batch_size", "seq_len", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"pretrain.{name}: {getattr(self, name)} must be >= 1")
+        if self.seq_len > self.model.max_position:
+            raise ValueError(f"pretrain.seq_len: {self.seq_len} exceeds model.max_position {self.model.max_position}")
+        if not self.lr > 0:
+            raise ValueError(f"pretrain.lr: {self.lr} must be > 0")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"pretrain.warmup_steps: {self.warmup_steps} must be in [0, steps={self.steps})")
+
+
+def _suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(choices)})"
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build dataclass `cls` from a nested dict; unknown keys raise ValueError naming the key with a suggestion."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in fields:
+            raise ValueError(f"config: unknown key {path!r}{_suggest(key, list(fields))}")
+        field_type = fields[key].type
+        nested = _dataclass_type(field_type)
+        if nested is not None:
+            value = from_dict(nested, value, path)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _dataclass_type(type_name: Any) -> type | None:
+    known = {"BaseModelConfig": BaseModelConfig}
+    return known.get(type_name if isinstance(type_name, str) else getattr(type_name, "__name__", ""))
+
+
+def load_config(cls: type[T], path: Path | None, overrides: dict[str, Any] | None = None) -> T:
+    """Defaults ← YAML/JSON file ← `overrides` (dotted keys, e.g. `{"model.num_layers": 2}`), validated."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config: {path} does not exist")
+        text = path.read_text(encoding="utf-8")
+        try:
+            data = (json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)) or {}
+        except (json.JSONDecodeError, yaml.YAMLError) as exc:
+            raise ValueError(f"config: {path} cannot be parsed: {exc}") from exc
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return from_dict(cls, data)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain JSON-ready dict of a (nested) config dataclass."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))

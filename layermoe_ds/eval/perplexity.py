@@ -1,0 +1,98 @@
+"""Per-language held-out loss, perplexity and bits per byte of a causal LM.
+
+Every token of a language's stream `EOS doc EOS doc EOS …` is predicted exactly once: windows of `seq_len + 1`
+tokens overlap by one token. Bits per byte divide the summed NLL by the text's UTF-8 bytes (one per separator),
+so models with different tokenizers compare.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from layermoe_ds.data.packing import token_stream
+
+
+@torch.no_grad()
+def language_nll(
+    model, tokenizer, texts: Sequence[str], seq_len: int, batch_size: int = 8, max_tokens: int | None = None
+) -> dict[str, float]:
+    """Summed NLL (nats) and counts over one language's documents; `max_tokens` cuts the stream (and its bytes)."""
+    if max_tokens is not None:
+        kept, total = [], 0
+        for text in texts:
+            kept.append(text)
+            total += len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+            if total >= max_tokens:
+                break
+        texts = kept
+    stream = torch.tensor([tokenizer.eos_token_id, *token_stream(tokenizer, texts)], dtype=torch.long)
+    starts = list(range(0, len(stream) - 1, seq_len))
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for i in range(0, len(starts), batch_size):
+        chunk = [stream[s : s + seq_len + 1] for s in starts[i : i + batch_size]]
+        width = max(len(c) for c in chunk)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, c in enumerate(chunk):
+            ids[row, : len(c)], mask[row, : len(c)] = c, 1
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1]).logits.float()
+        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        nll += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum").item()
+        count += int((targets != -100).sum())
+    nbytes = sum(len(t.encode("utf-8")) + 1 for t in texts)
+    return {"nll": nll, "tokens": count, "bytes": nbytes}
+
+
+def summarise(stats: dict[str, float]) -> dict[str, float]:
+    loss = stats["nll"] / stats["tokens"]
+    return {
+        "loss": loss,
+        "ppl": math.exp(min(loss, 50.0)),
+        "bpb": stats["nll"] / math.log(2) / stats["bytes"],
+        "tokens": stats["tokens"],
+        "bytes": stats["bytes"],
+    }
+
+
+def evaluate_languages(
+    model,
+    tokenizer,
+    texts_per_lang: dict[str, Sequence[str]],
+    seq_len: int,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+) -> dict[str, dict[str, float]]:
+    was_training = model.training
+    model.eval()
+    out = {}
+    for lang, texts in tqdm(texts_per_lang.items(), desc="evaluate", disable=None):
+        out[lang] = summarise(language_nll(model, tokenizer, texts, seq_len, batch_size, max_tokens))
+    model.train(was_training)
+    return out
+
+
+def group_averages(results: dict[str, dict[str, float]], old: Sequence[str], new: Sequence[str]) -> dict:
+    """Old-avg and New-avg of loss and bits per byte (plain means over languages, as in the papers)."""
+    out = {}
+    for name, langs in (("old_avg", old), ("new_avg", new)):
+        langs = [lang for lang in langs if lang in results]
+        if langs:
+            out[name] = {k: sum(results[lang][k] for lang in langs) / len(langs) for k in ("loss", "bpb")}
+    return out
+
+
+def format_table(results: dict[str, dict[str, float]], old: Sequence[str], new: Sequence[str]) -> str:
+    lines = [f"{'lang':<8} {'group':<5} {'tokens':>8} {'loss':>7} {'ppl':>9} {'bits/byte':>9}"]
+    for lang, r in results.items():
+        group = "old" if lang in old else ("new" if lang in new else "-")
+        lines.append(f"{lang:<8} {group:<5} {r['tokens']:>8d} {r['loss']:>7.3f} {r['ppl']:>9.1f} {r['bpb']:>9.3f}")
+    for name, avg in group_averages(results, old, new).items():
+        lines.append(f"{name:<8} {'':<5} {'':>8} {avg['loss']:>7.3f} {'':>9} {avg['bpb']:>9.3f}")
+    return "\n".join(lines)

@@ -1,0 +1,65 @@
+"""Load a user's Hugging Face decoder LM directory, checking it before any work is done."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+WEIGHT_PATTERNS = ("model.safetensors", "model-*.safetensors", "pytorch_model.bin", "pytorch_model-*.bin")
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype: {name!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def check_model_dir(path: Path) -> Path:
+    """A model directory needs `config.json` and weights; say which is missing."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model: {path} is not a directory")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model: {path} has no config.json (not a Hugging Face model directory)")
+    if not any(any(path.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+        raise FileNotFoundError(f"model: {path} has no weights ({', '.join(WEIGHT_PATTERNS)})")
+    return path
+
+
+def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """`AutoModelForCausalLM.from_pretrained` with our checks; LayerMoE directories load through remote code."""
+    from transformers import AutoModelForCausalLM
+
+    path = check_model_dir(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=True)
+    return model.to(device).eval()
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The decoder layers of a HF causal LM (`model.model.layers` for Llama/Qwen2/Mistral and relatives)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None or not len(layers):
+        raise ValueError(f"model: {type(model).__name__} has no model.layers; supported: Llama/Qwen2/Mistral-style")
+    return list(layers)
+
+
+def ffn_module(layer: torch.nn.Module, index: int) -> torch.nn.Module:
+    """The FFN (or LayerMoE MoE block) of a decoder layer: its input is what experts see."""
+    for name in ("mlp", "block_sparse_moe", "feed_forward"):
+        module = getattr(layer, name, None)
+        if module is not None:
+            return module
+    raise ValueError(
+        f"model: layer {index} ({type(layer).__name__}) has no FFN module (looked for mlp, "
+        "block_sparse_moe, feed_forward)"
+    )

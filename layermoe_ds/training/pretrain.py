@@ -1,0 +1,155 @@
+"""Train the tiny dense base model (`layermoe pretrain`) on the old languages only: seeded, fixed steps, resumable.
+
+A kill loses at most `save_every` steps: state is saved atomically and picked up again by the same command.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from layermoe_ds.config import PretrainConfig, to_dict
+from layermoe_ds.data.loading import load_texts
+from layermoe_ds.data.packing import BlockSampler, pack_blocks
+from layermoe_ds.data.tokenizer import load_tokenizer
+from layermoe_ds.io import atomic_write_bytes, write_json
+
+log = logging.getLogger(__name__)
+
+DONE_FILE = "pretrain_done.json"
+STATE_FILE = "pretrain_state.pt"
+
+
+def build_model(config: PretrainConfig, tokenizer) -> torch.nn.Module:
+    """A randomly initialised HF Llama or Qwen2 model with the configured shape."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    m = config.model
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_heads,
+        num_key_value_heads=m.num_kv_heads,
+        max_position_embeddings=m.max_position,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(config.seed)
+    if m.arch == "llama":
+        return LlamaForCausalLM(LlamaConfig(**common))
+    return Qwen2ForCausalLM(Qwen2Config(**common))
+
+
+def lr_at(step: int, config: PretrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def is_done(out: Path, config: PretrainConfig, tokenizer_dir: Path, data: Path) -> bool:
+    marker = Path(out) / DONE_FILE
+    if not marker.is_file():
+        return False
+    info = json.loads(marker.read_text())
+    return (
+        info.get("config") == to_dict(config)
+        and info.get("tokenizer") == str(Path(tokenizer_dir).resolve())
+        and info.get("data") == str(Path(data).resolve())
+    )
+
+
+def pretrain(config: PretrainConfig, data: Path, tokenizer_dir: Path, out: Path) -> dict:
+    """Train and save an HF model directory to `out`, resuming from `out/pretrain_state.pt` when present."""
+    out = Path(out)
+    if (out / DONE_FILE).exists() and not is_done(out, config, tokenizer_dir, data):
+        raise FileExistsError(
+            f"pretrain: {out} holds a base model trained with other settings; choose another --out or delete it"
+        )
+    tokenizer = load_tokenizer(tokenizer_dir)
+    texts = load_texts(data, config.langs, "train")
+    blocks = pack_blocks(tokenizer, texts, config.seq_len)
+    log.info("pretrain data: %s tokens in %d blocks of %d", blocks.tokens_per_lang, len(blocks), config.seq_len)
+    model = build_model(config, tokenizer)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
+    sampler = BlockSampler(len(blocks), config.batch_size, config.seed)
+    step, losses = 0, []
+    state_path = out / STATE_FILE
+    if state_path.is_file():
+        state = torch.load(state_path, weights_only=False)
+        if state["config"] != to_dict(config):
+            raise ValueError(f"pretrain: {state_path} was saved with other settings; delete it to start over")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["rng"])
+        step, losses = state["step"], state["losses"]
+        log.info("resuming pretraining at step %d from %s", step, state_path)
+
+    start, tokens_seen = time.perf_counter(), 0
+    bar = tqdm(total=config.steps, initial=step, desc="pretrain", disable=None)
+    while step < config.steps:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config)
+        batch = blocks.input_ids_NL[sampler.next_indices()]
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        tokens_seen += batch.numel()
+        losses.append(round(loss.item(), 5))
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % config.save_every == 0 and step < config.steps:
+            _save_state(state_path, model, optimizer, sampler, step, losses, config)
+    bar.close()
+    elapsed = time.perf_counter() - start
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    info = {
+        "config": to_dict(config),
+        "tokenizer": str(Path(tokenizer_dir).resolve()),
+        "data": str(Path(data).resolve()),
+        "tokens_per_lang": blocks.tokens_per_lang,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "final_loss": losses[-1],
+        "losses_every_10": losses[::10],
+        "tokens_per_s_this_run": round(tokens_seen / elapsed, 1) if elapsed > 0 else None,
+    }
+    write_json(out / DONE_FILE, info)
+    state_path.unlink(missing_ok=True)
+    return info
+
+
+def _save_state(path: Path, model, optimizer, sampler, step: int, losses: list[float], config) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "sampler": sampler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "step": step,
+            "losses": losses,
+            "config": to_dict(config),
+        },
+        buffer,
+    )
+    atomic_write_bytes(path, buffer.getvalue())

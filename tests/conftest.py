@@ -1,0 +1,60 @@
+"""Shared, session-scoped fixtures: a slice of the real corpus, a small tokenizer and a tiny trained base model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(1)
+
+CACHE = Path(os.environ.get("LAYERMOE_DEB_CACHE", Path.home() / ".cache" / "layermoe_ds" / "debs"))
+OLD, NEW = ("en", "de"), ("fr", "ru", "el")
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """A 300-page slice of the embedded corpus (all five languages), built from the real Debian packages."""
+    from layermoe_ds.data.corpus import CorpusOptions, build_corpus
+
+    out = tmp_path_factory.mktemp("corpus")
+    try:
+        build_corpus(out, CACHE, CorpusOptions(langs=OLD + NEW, max_pages=300))
+    except RuntimeError as exc:
+        if "apt-get" in str(exc):
+            pytest.skip(f"Debian's libreoffice-help packages cannot be fetched here: {exc}")
+        raise
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(corpus_dir, tmp_path_factory) -> Path:
+    from layermoe_ds.data.tokenizer import train_tokenizer
+
+    return train_tokenizer(corpus_dir, OLD + NEW, tmp_path_factory.mktemp("tok") / "tokenizer", vocab_size=1000)
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    from layermoe_ds.config import BaseModelConfig, PretrainConfig
+
+    model = BaseModelConfig(
+        num_layers=3, hidden_size=32, num_heads=2, num_kv_heads=1, intermediate_size=64, max_position=64
+    )
+    return PretrainConfig(
+        model=model, langs=OLD, steps=40, batch_size=8, seq_len=32, lr=1e-2, warmup_steps=4, save_every=20, seed=0
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_base(corpus_dir, tokenizer_dir, tiny_config, tmp_path_factory) -> Path:
+    """A 3-layer, 32-wide Llama trained for 40 steps on en+de: cheap, but old languages already beat new ones."""
+    from layermoe_ds.training.pretrain import pretrain
+
+    out = tmp_path_factory.mktemp("base") / "base"
+    pretrain(tiny_config, corpus_dir, tokenizer_dir, out)
+    return out
