@@ -193,6 +193,134 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+# --- profile / allocate ------------------------------------------------------------------------------------------
+
+
+def _add_profile(sub) -> None:
+    p = sub.add_parser(
+        "profile",
+        help="layer-wise old/new-language similarity of the FFN input (Eq. 8-9)",
+        description="Profile every layer's FFN input on the first T held-out tokens per language "
+        "and write similarity.json. Run under deepspeed/torchrun to split the tokens "
+        "across ranks.",
+    )
+    p.add_argument("--model", type=Path, required=True, help="HF model directory (dense or LayerMoE)")
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--old", type=lang_list, required=True, help="languages the model knows, e.g. en,de")
+    p.add_argument("--new", type=lang_list, required=True, help="languages to add, e.g. fr,ru,el")
+    p.add_argument("--tokens-per-lang", type=int, default=100_000, help="T (default: 100000, as the reference)")
+    p.add_argument("--out", type=Path, required=True, help="similarity.json to write")
+    p.add_argument("--plot", type=Path, default=None, help="PNG of the per-layer and per-pair similarity")
+    p.add_argument("--split", default="valid", choices=("train", "valid", "test"), help="default: valid")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    p.add_argument("--tokenizer", type=Path, default=None, help="default: the model directory's")
+    p.add_argument("--strict", action="store_true", help="fail instead of warning when a language is short")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_profile)
+
+
+def _cmd_profile(args) -> int:
+    from layermoe_ds.analysis.profiling import run_profile
+
+    report = run_profile(
+        args.model,
+        args.data,
+        args.old,
+        args.new,
+        args.tokens_per_lang,
+        args.out,
+        args.plot,
+        args.seq_len,
+        args.batch_size,
+        args.split,
+        args.dtype,
+        args.device,
+        args.strict,
+        args.seed,
+        args.tokenizer,
+    )
+    print(" ".join(f"{score:.3f}" for score in report["layer_score"]))
+    print(f"layer scores ({report['score_rule']}) written to {args.out}")
+    return 0
+
+
+def _add_allocate(sub) -> None:
+    p = sub.add_parser(
+        "allocate",
+        help="experts per layer from similarity (Eq. 10) and classifier layers",
+        description="N_i = ceil((1/T_i) / sum_j (1/T_j) * budget), N_i counting the original FFN "
+        "(N_i = 1 keeps a layer dense).",
+    )
+    p.add_argument("--similarity", type=Path, required=True, help="similarity.json from `layermoe profile`")
+    p.add_argument("--budget", type=int, default=None, help="total experts over all layers incl. expert 0")
+    p.add_argument("--out", type=Path, default=None, help="allocation.json to write")
+    p.add_argument("--method", choices=("layermoe", "uniform", "random"), default="layermoe")
+    p.add_argument(
+        "--classifier-layers",
+        default=None,
+        help="K (top-K by similarity), last-K, or a list 5,6,10; 0 = none (default: 7, the paper's K, "
+        "capped at the number of layers)",
+    )
+    p.add_argument("--min-experts", type=int, default=1)
+    p.add_argument("--max-experts", type=int, default=None)
+    p.add_argument("--align", type=int, default=1, help="round new experts per layer up to a multiple of this")
+    p.add_argument("--seed", type=int, default=0, help="for --method random")
+    p.add_argument("--plot", type=Path, default=None, help="PNG: scores with the allocation as bars")
+    p.add_argument("--sweep", default=None, help="print allocations for several budgets, e.g. 36,72,108")
+    p.set_defaults(func=_cmd_allocate)
+
+
+def _cmd_allocate(args) -> int:
+    from layermoe_ds.analysis.allocation import (
+        AllocationOptions,
+        allocate_from_file,
+        scores_from_similarity,
+        sweep_table,
+    )
+    from layermoe_ds.io import read_json, write_json
+
+    common = dict(
+        method=args.method,
+        classifier_layers=args.classifier_layers,
+        min_experts=args.min_experts,
+        max_experts=args.max_experts,
+        align=args.align,
+        seed=args.seed,
+    )
+    if args.sweep:
+        try:
+            budgets = [int(b) for b in args.sweep.split(",") if b.strip()]
+        except ValueError as exc:
+            raise ValueError(f"--sweep: {args.sweep!r} is not a list of integers like 36,72,108") from exc
+        sim = read_json(args.similarity, "similarity")
+        scores = scores_from_similarity(sim, f"similarity file {args.similarity}")
+        print(sweep_table(scores, budgets, AllocationOptions(budget=budgets[0], **common)))
+        if args.budget is None:
+            return 0
+    if args.budget is None or args.out is None:
+        raise ValueError("allocate: --budget and --out are required (unless only --sweep is given)")
+    if args.out.exists():
+        existing = read_json(args.out, "allocation")
+        if existing.get("source", {}).get("similarity") not in (None, str(args.similarity)):
+            raise FileExistsError(f"allocate: {args.out} was made from another similarity file; choose another --out")
+    result = allocate_from_file(args.similarity, AllocationOptions(budget=args.budget, **common))
+    write_json(args.out, result)
+    if args.plot:
+        from layermoe_ds.analysis.plots import plot_similarity
+
+        plot_similarity(read_json(args.similarity, "similarity"), args.plot, result)
+    print(",".join(map(str, result["experts_per_layer"])))
+    print(
+        f"{result['method']}: Σ N_i = {result['total_experts']} for budget {result['budget']} "
+        f"({result['new_experts']} new experts), classifier layers {result['classifier_layers']}"
+        + (f", alignment added {result['align_extra_experts']}" if args.align > 1 else "")
+    )
+    return 0
+
+
 # --- demo --------------------------------------------------------------------------------------------------------
 
 
@@ -213,7 +341,15 @@ def _cmd_demo(args) -> int:
 
 # --- entry point -------------------------------------------------------------------------------------------------
 
-VERBS: list[Callable] = [_add_data, _add_tokenizer, _add_pretrain, _add_evaluate, _add_demo]
+VERBS: list[Callable] = [
+    _add_data,
+    _add_tokenizer,
+    _add_pretrain,
+    _add_profile,
+    _add_allocate,
+    _add_evaluate,
+    _add_demo,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

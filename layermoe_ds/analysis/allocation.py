@@ -1,0 +1,202 @@
+"""Experts per layer from layer similarity (LayerMoE Eq. 10) and the layers that get a language classifier.
+
+Convention (the reference code's): N_i is the **total** expert count of layer i including the original FFN
+(expert 0), the budget δ is Σ over layers of that total, and N_i = 1 keeps a layer dense. Because of the ceiling,
+Σ N_i can exceed δ; both are reported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from layermoe_ds.analysis.similarity import layer_scores
+from layermoe_ds.io import read_json
+
+METHODS = ("layermoe", "uniform", "random")
+
+
+@dataclass(frozen=True)
+class AllocationOptions:
+    budget: int
+    method: str = "layermoe"
+    # "K" (top-K by score), "last-K", an explicit list "5,6,10", "0" = none; None = the paper's K = 7, capped at the
+    # number of layers (an explicit K larger than that is an error).
+    classifier_layers: str | None = None
+    min_experts: int = 1
+    max_experts: int | None = None
+    align: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"allocate.method: {self.method!r} is not one of {METHODS}")
+        if self.min_experts < 1:
+            raise ValueError(f"allocate.min_experts: {self.min_experts} must be >= 1 (1 = dense layer)")
+        if self.max_experts is not None and self.max_experts < self.min_experts:
+            raise ValueError(f"allocate.max_experts: {self.max_experts} is smaller than min_experts {self.min_experts}")
+        if self.align < 1:
+            raise ValueError(f"allocate.align: {self.align} must be >= 1")
+
+
+def scores_from_similarity(sim: dict, source: str = "similarity") -> list[float]:
+    """T_i from a similarity document: `layer_score` when present, otherwise recomputed from `pairs`."""
+    if not isinstance(sim, dict):
+        raise ValueError(f"{source}: expected a JSON object")
+    if "layer_score" in sim:
+        scores = sim["layer_score"]
+    else:
+        for key in ("pairs", "old", "new"):
+            if key not in sim:
+                raise ValueError(f"{source}: has neither 'layer_score' nor '{key}' to compute it from")
+        if not isinstance(sim["pairs"], dict) or not sim["pairs"]:
+            raise ValueError(f"{source}: 'pairs' must be a non-empty object of per-layer lists")
+        lengths = {len(v) if isinstance(v, list) else -1 for v in sim["pairs"].values()}
+        if len(lengths) != 1 or -1 in lengths:
+            raise ValueError(f"{source}: every entry of 'pairs' must be a list of one float per layer")
+        scores, _ = layer_scores(sim["pairs"], sim["old"], sim["new"])
+    if not isinstance(scores, list) or not scores or not all(isinstance(s, int | float) for s in scores):
+        raise ValueError(f"{source}: 'layer_score' must be a non-empty list of numbers")
+    if "num_layers" in sim and sim["num_layers"] != len(scores):
+        raise ValueError(f"{source}: num_layers is {sim['num_layers']} but there are {len(scores)} layer scores")
+    for i, score in enumerate(scores):
+        if not math.isfinite(score) or score <= 0:
+            raise ValueError(
+                f"{source}: layer {i} has score {score}; Eq. 10 needs positive similarities "
+                "(was the model or data degenerate?)"
+            )
+    return [float(s) for s in scores]
+
+
+def layermoe_counts(scores: Sequence[float], budget: int) -> list[int]:
+    """Eq. 10: N_i = ceil( (1/T_i) / Σ_j (1/T_j) × δ )."""
+    inverse = [1.0 / s for s in scores]
+    total = sum(inverse)
+    # A share that lands on an integer up to float error (e.g. 3.0000000000000004) must not round up.
+    return [max(1, math.ceil(round(inv / total * budget, 9))) for inv in inverse]
+
+
+def random_counts(num_layers: int, total: int, low: int, high: int | None, seed: int) -> list[int]:
+    """Seeded random allocation with a given Σ N_i: start every layer at `low`, add experts to random layers."""
+    counts = [low] * num_layers
+    rng = random.Random(seed)
+    for _ in range(total - low * num_layers):
+        open_layers = [i for i, n in enumerate(counts) if high is None or n < high]
+        counts[rng.choice(open_layers)] += 1
+    return counts
+
+
+def align_counts(counts: Sequence[int], align: int) -> list[int]:
+    """Round each layer's *new* experts (N_i − 1) up to a multiple of `align`: expert 0 stays local on every
+    rank, only new experts are sharded across the expert-parallel group. Dense layers stay dense."""
+    return [n if n == 1 else 1 + math.ceil((n - 1) / align) * align for n in counts]
+
+
+PAPER_CLASSIFIER_LAYERS = 7
+
+
+def classifier_layers(spec: str | None, scores: Sequence[float]) -> list[int]:
+    """`K` → the K highest-scoring layers (ties: lower index), `last-K`, or an explicit comma list; sorted."""
+    num_layers = len(scores)
+    if spec is None:
+        spec = str(min(PAPER_CLASSIFIER_LAYERS, num_layers))
+    spec = str(spec).strip()
+    if spec.startswith("last-"):
+        k = _parse_k(spec[5:], spec, num_layers)
+        return list(range(num_layers - k, num_layers))
+    if "," in spec or not spec.isdigit():
+        try:
+            layers = sorted({int(part) for part in spec.split(",") if part.strip()})
+        except ValueError as exc:
+            raise ValueError(f"classifier_layers: {spec!r} is not K, last-K or a list like 5,6,10") from exc
+        bad = [i for i in layers if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(f"classifier_layers: layers {bad} are outside 0..{num_layers - 1}")
+        return layers
+    k = _parse_k(spec, spec, num_layers)
+    ranked = sorted(range(num_layers), key=lambda i: (-scores[i], i))
+    return sorted(ranked[:k])
+
+
+def _parse_k(text: str, spec: str, num_layers: int) -> int:
+    if not text.isdigit():
+        raise ValueError(f"classifier_layers: {spec!r} is not K, last-K or a list like 5,6,10")
+    k = int(text)
+    if k > num_layers:
+        raise ValueError(f"classifier_layers: K = {k} is larger than the number of layers ({num_layers})")
+    return k
+
+
+def allocate(scores: Sequence[float], options: AllocationOptions) -> dict:
+    """Per-layer expert counts and classifier layers for `scores` under `options` (without source metadata)."""
+    num_layers = len(scores)
+    if options.budget < num_layers:
+        raise ValueError(
+            f"allocate.budget: {options.budget} is smaller than the number of layers ({num_layers}); "
+            "the budget counts every layer's original FFN too"
+        )
+    high, low = options.max_experts, options.min_experts
+
+    def clamp(counts):
+        return [min(max(n, low), high) if high is not None else max(n, low) for n in counts]
+
+    layermoe = clamp(layermoe_counts(scores, options.budget))
+    if options.method == "layermoe":
+        counts = layermoe
+    elif options.method == "uniform":
+        counts = clamp([options.budget // num_layers] * num_layers)
+    else:
+        counts = random_counts(num_layers, sum(layermoe), low, high, options.seed)
+    aligned = align_counts(counts, options.align)
+    result = {
+        "method": options.method,
+        "budget": options.budget,
+        "experts_per_layer": aligned,
+        "total_experts": sum(aligned),
+        "new_experts": sum(n - 1 for n in aligned),
+        "classifier_layers": classifier_layers(options.classifier_layers, scores),
+        "classifier_spec": options.classifier_layers or f"default ({PAPER_CLASSIFIER_LAYERS}, capped at layers)",
+        "layer_score": list(scores),
+        "seed": options.seed,
+        "min_experts": low,
+        "max_experts": high,
+        "align": options.align,
+    }
+    if options.align > 1:
+        result["align_extra_experts"] = sum(aligned) - sum(counts)
+        result["experts_per_layer_unaligned"] = counts
+    return result
+
+
+def allocate_from_file(similarity_path: Path, options: AllocationOptions) -> dict:
+    sim = read_json(similarity_path, "similarity")
+    scores = scores_from_similarity(sim, f"similarity file {similarity_path}")
+    result = allocate(scores, options)
+    result["source"] = {
+        "similarity": str(similarity_path),
+        "sha256": hashlib.sha256(Path(similarity_path).read_bytes()).hexdigest(),
+        "model": sim.get("model"),
+        "old": sim.get("old"),
+        "new": sim.get("new"),
+    }
+    return result
+
+
+def sweep_table(scores: Sequence[float], budgets: Sequence[int], options: AllocationOptions) -> str:
+    """Allocations for several budgets side by side: one row per layer, one column per budget."""
+    results = [allocate(scores, AllocationOptions(**{**options.__dict__, "budget": b})) for b in budgets]
+    header = f"{'layer':>5} {'T_i':>7} " + " ".join(f"{'δ=' + str(b):>7}" for b in budgets)
+    lines = [header]
+    for i, score in enumerate(scores):
+        marks = " ".join(
+            f"{r['experts_per_layer'][i]:>6}{'*' if i in r['classifier_layers'] else ' '}" for r in results
+        )
+        lines.append(f"{i:>5} {score:>7.4f} {marks}")
+    lines.append(f"{'Σ N_i':>13} " + " ".join(f"{r['total_experts']:>7}" for r in results))
+    lines.append(f"{'new':>13} " + " ".join(f"{r['new_experts']:>7}" for r in results))
+    lines.append("* = classifier layer")
+    return "\n".join(lines)

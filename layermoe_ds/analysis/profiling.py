@@ -1,0 +1,106 @@
+"""`layermoe profile`: load a model directory and held-out text, profile every layer, write `similarity.json`.
+
+Under `deepspeed`/`torchrun` (WORLD_SIZE > 1) each rank profiles every world_size-th row and the sums are
+all-reduced, so the result does not depend on the number of ranks; rank 0 writes the files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from layermoe_ds.analysis.similarity import profile_blocks, profile_model, similarity_report
+from layermoe_ds.io import write_json
+
+log = logging.getLogger(__name__)
+
+
+def distributed_context() -> tuple[int, int]:
+    """(rank, world size), initialising torch.distributed when launched with several ranks."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def check_languages(old: Sequence[str], new: Sequence[str]) -> None:
+    if not old or not new:
+        raise ValueError("profile: give at least one old (--old) and one new (--new) language")
+    both = sorted(set(old) & set(new))
+    if both:
+        raise ValueError(f"profile: {both} listed as both old and new")
+    for name, langs in (("--old", old), ("--new", new)):
+        if len(set(langs)) != len(langs):
+            raise ValueError(f"profile: {name} lists a language twice: {list(langs)}")
+
+
+def run_profile(
+    model_dir: Path,
+    data: Path,
+    old: Sequence[str],
+    new: Sequence[str],
+    tokens_per_lang: int,
+    out: Path,
+    plot: Path | None = None,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    split: str = "valid",
+    dtype: str = "float32",
+    device: str | None = None,
+    strict: bool = False,
+    seed: int = 0,
+    tokenizer_dir: Path | None = None,
+) -> dict:
+    from layermoe_ds.data.loading import load_texts
+    from layermoe_ds.data.tokenizer import load_tokenizer
+    from layermoe_ds.modeling.hf_loading import check_model_dir, load_causal_lm, parse_dtype
+
+    check_languages(old, new)
+    if tokens_per_lang < 1 or seq_len < 1 or batch_size < 1:
+        raise ValueError("profile: --tokens-per-lang, --seq-len and --batch-size must be >= 1")
+    check_model_dir(model_dir)
+    langs = [*old, *new]
+    texts = load_texts(data, langs, split)
+    tokenizer = load_tokenizer(tokenizer_dir or model_dir)
+    batches = profile_blocks(tokenizer, texts, tokens_per_lang, seq_len)
+    short = {lang: n for lang, n in batches.tokens.items() if n < tokens_per_lang}
+    if short:
+        message = f"profile: fewer tokens than --tokens-per-lang {tokens_per_lang} in the {split} split: {short}"
+        if strict:
+            raise ValueError(message + " (--strict)")
+        log.warning("%s; profiling what there is", message)
+    rank, world = distributed_context()
+    device = device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    model = load_causal_lm(model_dir, parse_dtype(dtype), device)
+    acc = profile_model(model, batches, batch_size, rank, world)
+    report = similarity_report(
+        acc,
+        langs,
+        old,
+        new,
+        batches.tokens,
+        model_id=str(model_dir),
+        seed=seed,
+        extra={
+            "split": split,
+            "seq_len": seq_len,
+            "dtype": dtype,
+            "tokens_per_lang_requested": tokens_per_lang,
+            "world_size": world,
+        },
+    )
+    if rank == 0:
+        write_json(out, report)
+        if plot is not None:
+            from layermoe_ds.analysis.plots import plot_similarity
+
+            plot_similarity(report, plot)
+    return report

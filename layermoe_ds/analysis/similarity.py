@@ -1,0 +1,186 @@
+"""Layer-wise cross-language similarity of the experts' input (LayerMoE Eq. 8–9).
+
+For languages a, b at layer i: S_ab^i = mean over token pairs of cos(a_p, b_q) = <mean(â), mean(b̂)>, â the unit-
+normalised hidden states. So per layer and language we only keep Σ â and a count: O(layers × languages × hidden)
+memory whatever the token count, sums reducible across ranks. Unit vectors and per-batch sums are computed in fp32,
+accumulation across batches and the final inner products in fp64.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from layermoe_ds.modeling.hf_loading import decoder_layers, ffn_module
+
+log = logging.getLogger(__name__)
+
+SCORE_RULE = "T_i = 0.5 * (mean of new-new pairs + mean of new-old pairs)"
+SCORE_RULE_SINGLE_NEW = "T_i = mean of new-old pairs (a single new language has no new-new pair)"
+
+
+@dataclass
+class ProfileBatches:
+    """Token blocks to profile: `input_ids_NL`, `mask_NL` (1 = real token), `lang_N` index into `langs`."""
+
+    input_ids_NL: torch.Tensor
+    mask_NL: torch.Tensor
+    lang_N: torch.Tensor
+    langs: list[str]
+    tokens: dict[str, int]
+
+
+def profile_blocks(
+    tokenizer, texts_per_lang: dict[str, Sequence[str]], tokens_per_lang: int, seq_len: int
+) -> ProfileBatches:
+    """The first `tokens_per_lang` tokens of each language, cut into `seq_len` rows; the last row right-padded."""
+    from layermoe_ds.data.packing import token_stream
+
+    rows, masks, lang_rows, tokens = [], [], [], {}
+    langs = list(texts_per_lang)
+    for index, lang in enumerate(langs):
+        stream = torch.tensor(token_stream(tokenizer, texts_per_lang[lang], tokens_per_lang), dtype=torch.long)
+        tokens[lang] = len(stream)
+        for start in range(0, len(stream), seq_len):
+            piece = stream[start : start + seq_len]
+            row = torch.full((seq_len,), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros(seq_len, dtype=torch.long)
+            row[: len(piece)], mask[: len(piece)] = piece, 1
+            rows.append(row)
+            masks.append(mask)
+            lang_rows.append(index)
+    return ProfileBatches(torch.stack(rows), torch.stack(masks), torch.tensor(lang_rows), langs, tokens)
+
+
+class SimilarityAccumulator:
+    """Per layer and language: Σ of unit-normalised hidden states (fp64) and the token count."""
+
+    def __init__(self, num_layers: int, num_langs: int, hidden: int):
+        self.sums_LGH = torch.zeros(num_layers, num_langs, hidden, dtype=torch.float64)
+        self.counts_G = torch.zeros(num_langs, dtype=torch.float64)
+
+    def add(self, layer: int, hidden_TH: torch.Tensor, lang_T: torch.Tensor) -> None:
+        """Add tokens `hidden_TH` of languages `lang_T` (padding already removed) to layer `layer`."""
+        unit_TH = F.normalize(hidden_TH.float(), dim=-1)
+        per_lang_GH = torch.zeros(self.sums_LGH.shape[1:], dtype=torch.float32, device=unit_TH.device)
+        per_lang_GH.index_add_(0, lang_T, unit_TH)
+        self.sums_LGH[layer] += per_lang_GH.double().cpu()
+
+    def count(self, lang_T: torch.Tensor) -> None:
+        self.counts_G += torch.bincount(lang_T.cpu(), minlength=len(self.counts_G)).double()
+
+    def all_reduce(self) -> None:
+        """Sum over ranks when torch.distributed is initialised (each rank profiled a shard of the rows)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.sums_LGH)
+            dist.all_reduce(self.counts_G)
+
+    def matrix(self) -> torch.Tensor:
+        """S[i, a, b] = <mean(â), mean(b̂)> for every layer i and language pair (fp64)."""
+        if (self.counts_G == 0).any():
+            raise ValueError("similarity: a language has no profiled tokens")
+        means_LGH = self.sums_LGH / self.counts_G[None, :, None]
+        return torch.einsum("lah,lbh->lab", means_LGH, means_LGH)
+
+
+@torch.no_grad()
+def profile_model(
+    model, batches: ProfileBatches, batch_size: int = 8, rank: int = 0, world_size: int = 1
+) -> SimilarityAccumulator:
+    """Run the model over `batches` (rows rank::world_size on this rank), hooking every FFN's input."""
+    layers = decoder_layers(model)
+    ffns = [ffn_module(layer, i) for i, layer in enumerate(layers)]
+    hidden = model.config.hidden_size
+    acc = SimilarityAccumulator(len(layers), len(batches.langs), hidden)
+    current: dict[str, torch.Tensor] = {}
+
+    def make_hook(layer_index: int):
+        def hook(module, args, kwargs):
+            hidden_BLH = args[0] if args else kwargs["hidden_states"]
+            acc.add(layer_index, hidden_BLH[current["keep_BL"]], current["lang_T"])
+
+        return hook
+
+    handles = [ffn.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, ffn in enumerate(ffns)]
+    # The decoder stack alone: the LM head's logits are not needed to profile, so skip them when we can.
+    body = getattr(model, "model", model)
+    device = next(model.parameters()).device
+    rows = torch.arange(rank, len(batches.input_ids_NL), world_size)
+    try:
+        for start in tqdm(range(0, len(rows), batch_size), desc="profile", disable=None if rank == 0 else True):
+            index = rows[start : start + batch_size]
+            ids, mask = batches.input_ids_NL[index].to(device), batches.mask_NL[index].to(device)
+            keep_BL = mask.bool()
+            lang_T = batches.lang_N[index].to(device)[:, None].expand_as(mask)[keep_BL]
+            current.update(keep_BL=keep_BL, lang_T=lang_T)
+            acc.count(lang_T)
+            body(input_ids=ids, attention_mask=mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+    acc.all_reduce()
+    return acc
+
+
+def pair_names(old: Sequence[str], new: Sequence[str]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """New–new pairs in the order of `new` and new–old pairs, each written once with the new language first."""
+    new_new = [(a, b) for i, a in enumerate(new) for b in new[i + 1 :]]
+    new_old = [(a, b) for a in new for b in old]
+    return new_new, new_old
+
+
+def layer_scores(pairs: dict[str, list[float]], old: Sequence[str], new: Sequence[str]) -> tuple[list[float], str]:
+    """T_i from the per-pair curves (Eq. 9 as in the reference): ½(mean new–new + mean new–old)."""
+    new_new, new_old = pair_names(old, new)
+    missing = [f"{a}&{b}" for a, b in new_new + new_old if f"{a}&{b}" not in pairs]
+    if missing:
+        raise ValueError(f"similarity: pairs {missing} are missing")
+    num_layers = len(pairs[f"{new_old[0][0]}&{new_old[0][1]}"])
+
+    def mean_curve(names):
+        return [sum(pairs[f"{a}&{b}"][i] for a, b in names) / len(names) for i in range(num_layers)]
+
+    cross = mean_curve(new_old)
+    if not new_new:
+        return cross, SCORE_RULE_SINGLE_NEW
+    within = mean_curve(new_new)
+    return [0.5 * (w + c) for w, c in zip(within, cross, strict=True)], SCORE_RULE
+
+
+def similarity_report(
+    acc: SimilarityAccumulator,
+    langs: Sequence[str],
+    old: Sequence[str],
+    new: Sequence[str],
+    tokens: dict[str, int],
+    model_id: str,
+    seed: int,
+    extra: dict | None = None,
+) -> dict:
+    """The `similarity.json` document (schema in shared/DESIGN.md and the profile issue)."""
+    matrix_LGG = acc.matrix()
+    index = {lang: i for i, lang in enumerate(langs)}
+    new_new, new_old = pair_names(old, new)
+    pairs = {f"{a}&{b}": matrix_LGG[:, index[a], index[b]].tolist() for a, b in new_new + new_old}
+    scores, rule = layer_scores(pairs, old, new)
+    return {
+        "model": model_id,
+        "num_layers": matrix_LGG.shape[0],
+        "old": list(old),
+        "new": list(new),
+        "tokens": dict(tokens),
+        "pairs": pairs,
+        "layer_score": scores,
+        "score_rule": rule,
+        "seed": seed,
+        "matrix": {"langs": list(langs), "values": matrix_LGG.tolist()},
+        "precision": "unit vectors and batch sums in fp32, accumulation and inner products in fp64",
+        **(extra or {}),
+    }

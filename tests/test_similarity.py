@@ -1,0 +1,207 @@
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from layermoe_ds.analysis.similarity import (
+    SCORE_RULE_SINGLE_NEW,
+    SimilarityAccumulator,
+    layer_scores,
+    pair_names,
+    profile_blocks,
+    profile_model,
+)
+
+
+def brute_force_similarity(a_TH: torch.Tensor, b_TH: torch.Tensor) -> float:
+    """The slow twin: mean cosine over every token pair, a T_a × T_b matrix."""
+    return torch.nn.functional.cosine_similarity(a_TH[:, None, :], b_TH[None, :, :], dim=-1).double().mean().item()
+
+
+def test_hand_built_states_give_hand_computed_similarity():
+    acc = SimilarityAccumulator(num_layers=1, num_langs=3, hidden=2)
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    hidden = torch.stack([e1, 3 * e1, e1, 5 * e2, -e1, -2 * e1])
+    lang = torch.tensor([0, 0, 1, 1, 2, 2])
+    acc.add(0, hidden, lang)
+    acc.count(lang)
+    s = acc.matrix()[0]
+    assert s[0, 1].item() == pytest.approx(0.5)  # cos(e1,e1)=1 twice, cos(e1,e2)=0 twice
+    assert s[0, 2].item() == pytest.approx(-1.0)
+    assert s[1, 2].item() == pytest.approx(-0.5)
+    assert s[0, 0].item() == pytest.approx(1.0)
+
+
+def test_streaming_equals_brute_force_on_random_inputs():
+    torch.manual_seed(0)
+    acc = SimilarityAccumulator(num_layers=2, num_langs=2, hidden=16)
+    data = {0: [torch.randn(37, 16) * 3 + 1, torch.randn(53, 16)], 1: [torch.randn(37, 16), torch.randn(53, 16) + 2]}
+    for layer, (a, b) in data.items():
+        for chunk in range(0, 37, 10):  # streaming in uneven batches
+            acc.add(layer, a[chunk : chunk + 10], torch.zeros(len(a[chunk : chunk + 10]), dtype=torch.long))
+        acc.add(layer, b, torch.ones(53, dtype=torch.long))
+    acc.count(torch.tensor([0] * 37 + [1] * 53))
+    matrix = acc.matrix()
+    for layer, (a, b) in data.items():
+        assert matrix[layer, 0, 1].item() == pytest.approx(brute_force_similarity(a, b), abs=1e-6)
+        assert matrix[layer, 1, 1].item() == pytest.approx(brute_force_similarity(b, b), abs=1e-6)
+
+
+def test_pairs_are_new_first_and_scores_follow_eq9():
+    new_new, new_old = pair_names(["en", "de"], ["ru", "fr", "el"])
+    assert new_new == [("ru", "fr"), ("ru", "el"), ("fr", "el")]
+    assert new_old == [("ru", "en"), ("ru", "de"), ("fr", "en"), ("fr", "de"), ("el", "en"), ("el", "de")]
+    pairs = {"ru&fr": [0.6], "ru&en": [0.2], "ru&de": [0.4], "fr&en": [0.1], "fr&de": [0.3]}
+    scores, _ = layer_scores(pairs, ["en", "de"], ["ru", "fr"])
+    assert scores == [pytest.approx(0.5 * (0.6 + 0.25))]
+    scores, rule = layer_scores({"ru&en": [0.2, 0.1]}, ["en"], ["ru"])
+    assert scores == [0.2, 0.1] and rule == SCORE_RULE_SINGLE_NEW
+    with pytest.raises(ValueError, match=r"pairs \['ru&de'\] are missing"):
+        layer_scores({"ru&en": [0.2]}, ["en", "de"], ["ru"])
+
+
+@pytest.fixture(scope="module")
+def profiled(tiny_base, corpus_dir):
+    from layermoe_ds.data.loading import load_texts
+    from layermoe_ds.data.tokenizer import load_tokenizer
+    from layermoe_ds.modeling.hf_loading import load_causal_lm
+
+    tokenizer = load_tokenizer(tiny_base)
+    batches = profile_blocks(tokenizer, load_texts(corpus_dir, ["en", "de", "ru", "el"], "valid"), 700, 64)
+    model = load_causal_lm(tiny_base)
+    return model, batches
+
+
+def test_profile_counts_exactly_the_first_t_tokens_without_padding(profiled):
+    model, batches = profiled
+    assert batches.tokens == {"en": 700, "de": 700, "ru": 700, "el": 700}
+    assert int(batches.mask_NL.sum()) == 2800 and batches.mask_NL.shape[1] == 64
+    acc = profile_model(model, batches, batch_size=4)
+    assert acc.counts_G.tolist() == [700.0] * 4
+
+
+def test_profile_hook_sees_the_post_attention_norm_output(profiled):
+    model, batches = profiled
+    acc = profile_model(model, batches, batch_size=64)
+    # The same sums from the post-attention RMSNorm's output, collected independently.
+    layer = model.model.layers[1]
+    seen = []
+    handle = layer.post_attention_layernorm.register_forward_hook(lambda m, i, o: seen.append(o))
+    with torch.no_grad():
+        model(input_ids=batches.input_ids_NL, attention_mask=batches.mask_NL)
+    handle.remove()
+    keep = batches.mask_NL.bool()
+    lang = batches.lang_N[:, None].expand_as(keep)[keep]
+    twin = SimilarityAccumulator(1, 4, model.config.hidden_size)
+    twin.add(0, seen[0][keep], lang)
+    assert torch.allclose(acc.sums_LGH[1], twin.sums_LGH[0], atol=1e-6)
+
+
+def test_profile_is_invariant_to_batch_size(profiled):
+    model, batches = profiled
+    a = profile_model(model, batches, batch_size=3).matrix()
+    b = profile_model(model, batches, batch_size=16).matrix()
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+def _profile_rank(rank: int, world: int, port: int, model_dir: str, data_dir: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from layermoe_ds.data.loading import load_texts
+    from layermoe_ds.data.tokenizer import load_tokenizer
+    from layermoe_ds.modeling.hf_loading import load_causal_lm
+
+    tokenizer = load_tokenizer(model_dir)
+    batches = profile_blocks(tokenizer, load_texts(data_dir, ["en", "de", "ru", "el"], "valid"), 700, 64)
+    acc = profile_model(load_causal_lm(model_dir), batches, batch_size=4, rank=rank, world_size=world)
+    if rank == 0:
+        torch.save(acc.matrix(), out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_two_gloo_ranks_give_the_single_process_result(profiled, tiny_base, corpus_dir, tmp_path):
+    from tests.helpers import free_port
+
+    model, batches = profiled
+    single = profile_model(model, batches, batch_size=4).matrix()
+    out = tmp_path / "matrix.pt"
+    mp.spawn(_profile_rank, args=(2, free_port(), str(tiny_base), str(corpus_dir), str(out)), nprocs=2)
+    assert torch.allclose(torch.load(out), single, atol=1e-6)
+
+
+def test_profile_command_writes_the_schema(tiny_base, corpus_dir, tmp_path, capsys):
+    from layermoe_ds.cli import main
+
+    out, plot = tmp_path / "sim.json", tmp_path / "sim.png"
+    assert (
+        main(
+            [
+                "profile",
+                "--model",
+                str(tiny_base),
+                "--data",
+                str(corpus_dir),
+                "--old",
+                "en,de",
+                "--new",
+                "ru,fr,el",
+                "--tokens-per-lang",
+                "500",
+                "--seq-len",
+                "64",
+                "--out",
+                str(out),
+                "--plot",
+                str(plot),
+            ]
+        )
+        == 0
+    )
+    sim = json.loads(out.read_text())
+    assert sim["num_layers"] == 3 and sim["old"] == ["en", "de"] and sim["new"] == ["ru", "fr", "el"]
+    assert list(sim["pairs"]) == ["ru&fr", "ru&el", "fr&el", "ru&en", "ru&de", "fr&en", "fr&de", "el&en", "el&de"]
+    assert sim["tokens"] == {lang: 500 for lang in ["en", "de", "ru", "fr", "el"]}
+    assert all(len(curve) == 3 for curve in sim["pairs"].values()) and len(sim["layer_score"]) == 3
+    assert isinstance(sim["seed"], int) and plot.stat().st_size > 10_000
+    recomputed, _ = layer_scores(sim["pairs"], sim["old"], sim["new"])
+    assert recomputed == pytest.approx(sim["layer_score"])
+
+
+def test_profile_errors(tiny_base, corpus_dir, tmp_path, capsys):
+    from layermoe_ds.cli import main
+
+    base = ["profile", "--model", str(tiny_base), "--data", str(corpus_dir), "--out", str(tmp_path / "s.json")]
+    assert main([*base, "--old", "en", "--new", "xx"]) == 2
+    assert "['xx'] not found" in capsys.readouterr().err
+    assert main([*base, "--old", "en", "--new", "en"]) == 2
+    assert "both old and new" in capsys.readouterr().err
+    assert main([*base, "--old", "en", "--new", "ru", "--tokens-per-lang", "10000000", "--strict"]) == 2
+    assert "fewer tokens than --tokens-per-lang" in capsys.readouterr().err
+    empty = tmp_path / "empty_model"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    assert (
+        main(
+            [
+                "profile",
+                "--model",
+                str(empty),
+                "--data",
+                str(corpus_dir),
+                "--old",
+                "en",
+                "--new",
+                "ru",
+                "--out",
+                str(tmp_path / "s.json"),
+            ]
+        )
+        == 2
+    )
+    assert "has no weights" in capsys.readouterr().err
+    assert not (tmp_path / "s.json").exists()
