@@ -98,6 +98,18 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="output model directory")
     p.add_argument("--config", type=Path, default=None, help="YAML/JSON with PretrainConfig fields")
     p.add_argument("--langs", type=lang_list, default=None, help="old languages (default: en,de)")
+    p.add_argument(
+        "--low-resource-langs",
+        type=lang_list,
+        default=None,
+        help="languages the model sees only a little of (a real LLM has seen a little of most)",
+    )
+    p.add_argument(
+        "--low-resource-share",
+        type=float,
+        default=None,
+        help="their share of the training blocks, e.g. 0.05 (default: 0)",
+    )
     p.add_argument("--arch", choices=("llama", "qwen2"), default=None)
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--hidden", type=int, default=None)

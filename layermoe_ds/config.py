@@ -49,6 +49,10 @@ class PretrainConfig:
 
     model: BaseModelConfig = dataclasses.field(default_factory=BaseModelConfig)
     langs: tuple[str, ...] = ("en", "de")
+    # Languages the base model sees only a little of, as real LLMs have seen a little of most languages (the paper's
+    # new languages are low-resource for its base models, not absent); their share of the training blocks.
+    low_resource_langs: tuple[str, ...] = ()
+    low_resource_share: float = 0.0
     steps: int = 400
     batch_size: int = 16
     seq_len: int = 128
@@ -61,6 +65,16 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         if not self.langs:
             raise ValueError("pretrain.langs: empty; give the old languages, e.g. en,de")
+        overlap = sorted(set(self.langs) & set(self.low_resource_langs))
+        if overlap:
+            raise ValueError(f"pretrain.low_resource_langs: {overlap} are also in pretrain.langs")
+        if not 0.0 <= self.low_resource_share < 0.5:
+            raise ValueError(f"pretrain.low_resource_share: {self.low_resource_share} must be in [0, 0.5)")
+        if bool(self.low_resource_langs) != (self.low_resource_share > 0):
+            raise ValueError(
+                "pretrain.low_resource_share: set it > 0 exactly when low_resource_langs is given "
+                f"(share {self.low_resource_share}, langs {list(self.low_resource_langs)})"
+            )
         for name in ("steps", "batch_size", "seq_len", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"pretrain.{name}: {getattr(self, name)} must be >= 1")

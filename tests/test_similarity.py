@@ -205,3 +205,55 @@ def test_profile_errors(tiny_base, corpus_dir, tmp_path, capsys):
     )
     assert "has no weights" in capsys.readouterr().err
     assert not (tmp_path / "s.json").exists()
+
+
+@pytest.mark.distributed
+def test_torchrun_profile_launcher_matches_single_process(tiny_base, corpus_dir, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.helpers import free_port
+
+    common = [
+        "--model",
+        str(tiny_base),
+        "--data",
+        str(corpus_dir),
+        "--old",
+        "en,de",
+        "--new",
+        "ru,el",
+        "--tokens-per-lang",
+        "400",
+        "--seq-len",
+        "64",
+        "--batch-size",
+        "2",
+    ]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            str(root / "launchers" / "profile_similarity.py"),
+            *common,
+            "--out",
+            str(tmp_path / "two.json"),
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    from layermoe_ds.cli import main
+
+    assert main(["profile", *common, "--out", str(tmp_path / "one.json")]) == 0
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert two["world_size"] == 2 and one["tokens"] == two["tokens"]
+    assert one["layer_score"] == pytest.approx(two["layer_score"], abs=1e-6)

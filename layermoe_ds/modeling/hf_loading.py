@@ -38,8 +38,10 @@ def check_model_dir(path: Path) -> Path:
 def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """`AutoModelForCausalLM.from_pretrained` with our checks; LayerMoE directories load through remote code."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     path = check_model_dir(path)
+    hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=True)
     return model.to(device).eval()
 

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from layermoe_ds.config import PretrainConfig, to_dict
 from layermoe_ds.data.loading import load_texts
-from layermoe_ds.data.packing import BlockSampler, pack_blocks
+from layermoe_ds.data.packing import BlockSampler, PackedBlocks, pack_blocks
 from layermoe_ds.data.tokenizer import load_tokenizer
 from layermoe_ds.io import atomic_write_bytes, write_json
 
@@ -50,6 +50,30 @@ def build_model(config: PretrainConfig, tokenizer) -> torch.nn.Module:
     return Qwen2ForCausalLM(Qwen2Config(**common))
 
 
+def pretrain_blocks(config: PretrainConfig, data: Path, tokenizer) -> PackedBlocks:
+    """Blocks of the main languages plus, if configured, a `low_resource_share` of low-resource language blocks."""
+    blocks = pack_blocks(tokenizer, load_texts(data, config.langs, "train"), config.seq_len)
+    if not config.low_resource_langs:
+        return blocks
+    n_low = round(len(blocks) * config.low_resource_share / (1 - config.low_resource_share))
+    per_lang = max(1, n_low // len(config.low_resource_langs))
+    texts = load_texts(data, config.low_resource_langs, "train")
+    low = pack_blocks(
+        tokenizer,
+        texts,
+        config.seq_len,
+        max_tokens_per_lang=per_lang * config.seq_len,
+        lang_index=[*config.langs, *config.low_resource_langs],
+    )
+    return PackedBlocks(
+        torch.cat([blocks.input_ids_NL, low.input_ids_NL]),
+        torch.cat([blocks.lang_ids_NL, low.lang_ids_NL]),
+        low.langs,
+        {**blocks.tokens_per_lang, **low.tokens_per_lang},
+        {**blocks.bytes_per_lang, **low.bytes_per_lang},
+    )
+
+
 def lr_at(step: int, config: PretrainConfig) -> float:
     """Linear warm-up, then cosine decay to 10% of the peak."""
     if step < config.warmup_steps:
@@ -78,8 +102,7 @@ def pretrain(config: PretrainConfig, data: Path, tokenizer_dir: Path, out: Path)
             f"pretrain: {out} holds a base model trained with other settings; choose another --out or delete it"
         )
     tokenizer = load_tokenizer(tokenizer_dir)
-    texts = load_texts(data, config.langs, "train")
-    blocks = pack_blocks(tokenizer, texts, config.seq_len)
+    blocks = pretrain_blocks(config, data, tokenizer)
     log.info("pretrain data: %s tokens in %d blocks of %d", blocks.tokens_per_lang, len(blocks), config.seq_len)
     model = build_model(config, tokenizer)
     model.train()
@@ -114,6 +137,8 @@ def pretrain(config: PretrainConfig, data: Path, tokenizer_dir: Path, out: Path)
         losses.append(round(loss.item(), 5))
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % 50 == 0 or step == config.steps:  # plain lines for Slurm/CI logs, where the bar is off
+            log.info("pretrain step %d/%d loss %.4f lr %.2e", step, config.steps, loss.item(), lr_at(step - 1, config))
         if step % config.save_every == 0 and step < config.steps:
             _save_state(state_path, model, optimizer, sampler, step, losses, config)
     bar.close()
