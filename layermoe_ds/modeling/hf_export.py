@@ -1,0 +1,74 @@
+"""Save and load LayerMoE models as Hugging Face directories that load with `trust_remote_code=True`.
+
+`save_pretrained` copies the modeling files (modeling/remote/*.py) next to the weights, so the directory loads with
+plain transformers, without DeepSpeed or layermoe_ds. Inside layermoe_ds, LayerMoE directories load through the
+package's own classes (same code), so `isinstance` checks and the training path see one class.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig
+
+from layermoe_ds.modeling.upcycle import LAYERMOE_TYPES
+
+for _model_type, (_config_cls, _model_cls) in LAYERMOE_TYPES.items():
+    AutoConfig.register(_model_type, _config_cls, exist_ok=True)
+    _config_cls.register_for_auto_class()
+    _model_cls.register_for_auto_class("AutoModelForCausalLM")
+
+
+def save_model(model, out: Path, tokenizer=None) -> Path:
+    """Save weights (safetensors), config with auto_map, the remote modeling code and the tokenizer."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def layermoe_model_type(path: Path) -> str | None:
+    config = json.loads((Path(path) / "config.json").read_text())
+    model_type = config.get("model_type")
+    return model_type if model_type in LAYERMOE_TYPES else None
+
+
+def load_layermoe(path: Path, dtype: torch.dtype = torch.float32):
+    """Load a LayerMoE directory with the package's classes, then check every weight's key and shape."""
+    _, model_cls = LAYERMOE_TYPES[layermoe_model_type(path)]
+    model = model_cls.from_pretrained(path, dtype=dtype)
+    verify_weights(model, path)
+    return model
+
+
+def verify_weights(model, path: Path) -> None:
+    """The checkpoint's tensors must be exactly the model's: a config/weights mismatch names the key and shape."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    files = sorted(path.glob("model*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"model: {path} has no safetensors weights")
+    stored = {}
+    for file in files:
+        with safe_open(file, "pt") as f:
+            for key in f.keys():
+                stored[key] = tuple(f.get_slice(key).get_shape())
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if tied:
+        expected.pop("lm_head.weight", None)
+        stored.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"model: {path} does not match its config.json: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    for key, shape in stored.items():
+        if expected[key] != shape:
+            raise ValueError(f"model: {path}: {key} has shape {shape} but config.json implies {expected[key]}")

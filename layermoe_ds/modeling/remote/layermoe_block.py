@@ -1,0 +1,185 @@
+"""The LayerMoE FFN block: router + optional language classifier (the gate), expert 0 = the original FFN, new experts.
+
+Routing (MoE-LPR / LayerMoE): router logits in fp32, softmax over the layer's N experts, top-k (k clipped to N),
+weights renormalised over the k chosen. With a classifier and classifier routing on, a token classified "old"
+(class 0) goes to expert 0 alone with weight 1; a token of class g may use only experts added by groups ≤ g.
+Each block records its own auxiliary outputs (`block.aux`) for the training loop: load-balance loss with its own
+N, router log-probabilities (for the LPR loss), classifier logits, expert load and dropped-route counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class MoEAux:
+    balance_loss: torch.Tensor  # scalar, N · Σ_e f_e P_e with this layer's N (f_e sums to k, as in the reference)
+    router_log_probs_TE: torch.Tensor  # fp32
+    classifier_logits_TG: torch.Tensor | None  # fp32, None when the layer has no classifier
+    expert_load_E: torch.Tensor  # routes per expert this forward (expert 0 first)
+    dropped: int  # routes dropped for capacity (only the expert-parallel training path drops)
+
+
+@dataclass
+class Routing:
+    expert_ids_TK: torch.Tensor  # long, -1 = unused slot
+    weights_TK: torch.Tensor  # fp32, 0 on unused slots; sums to 1 per token
+
+
+def prefix_mean(hidden_BTH: torch.Tensor) -> torch.Tensor:
+    """Causal running mean over positions: position t sees only tokens ≤ t (no future-token leakage)."""
+    steps = torch.arange(1, hidden_BTH.shape[1] + 1, device=hidden_BTH.device, dtype=torch.float32)
+    return hidden_BTH.float().cumsum(dim=1) / steps[None, :, None]
+
+
+class LayerMoEGate(nn.Module):
+    """Router W_r ∈ R^{h×N} and, on classifier layers, W_c ∈ R^{h×G}; both bias-free.
+
+    Parameter names avoid the word "expert": DeepSpeed's checkpoint code treats such keys as expert tensors.
+    """
+
+    def __init__(
+        self,
+        hidden: int,
+        expert_groups: Sequence[int],
+        top_k: int,
+        num_classes: int,
+        classifier_mode: str = "per-token",
+    ):
+        super().__init__()
+        self.num_experts = len(expert_groups)
+        self.top_k = min(top_k, self.num_experts)
+        self.classifier_mode = classifier_mode
+        self.router = nn.Linear(hidden, self.num_experts, bias=False)
+        self.lang_classifier = nn.Linear(hidden, num_classes, bias=False) if num_classes else None
+        self.register_buffer("group_of", torch.tensor(list(expert_groups), dtype=torch.long), persistent=False)
+
+    def forward(
+        self, hidden_BTH: torch.Tensor, classifier_routing: bool, force_base: bool = False
+    ) -> tuple[Routing, MoEAux]:
+        """Route tokens; `force_base` sends every token to expert 0 alone (reproduces the dense model)."""
+        hidden_TH = hidden_BTH.reshape(-1, hidden_BTH.shape[-1])
+        logits_TE = F.linear(hidden_TH.float(), self.router.weight.float())
+        log_probs_TE = torch.log_softmax(logits_TE, dim=-1)
+        probs_TE = log_probs_TE.exp()
+
+        classifier_logits_TG = None
+        if self.lang_classifier is not None:
+            features = hidden_BTH.float() if self.classifier_mode == "per-token" else prefix_mean(hidden_BTH)
+            classifier_logits_TG = F.linear(features.reshape(hidden_TH.shape), self.lang_classifier.weight.float())
+
+        # Load balance from the router's own choice (before any classifier override), this layer's N.
+        _, plain_ids_TK = probs_TE.topk(self.top_k, dim=-1)
+        chosen_TE = torch.zeros_like(probs_TE).scatter_(1, plain_ids_TK, 1.0)
+        balance = self.num_experts * (chosen_TE.mean(0) * probs_TE.mean(0)).sum()
+
+        if force_base or (classifier_routing and classifier_logits_TG is not None):
+            if force_base:
+                token_class_T = torch.zeros(probs_TE.shape[0], dtype=torch.long, device=probs_TE.device)
+            else:
+                token_class_T = classifier_logits_TG.argmax(dim=-1)
+            allowed_TE = self.group_of[None, :] <= token_class_T[:, None]  # class 0 → expert 0 only
+            masked_TE = probs_TE.masked_fill(~allowed_TE, -1.0)
+            top_p_TK, ids_TK = masked_TE.topk(self.top_k, dim=-1)
+            valid_TK = top_p_TK >= 0
+        else:
+            top_p_TK, ids_TK = probs_TE.topk(self.top_k, dim=-1)
+            valid_TK = torch.ones_like(ids_TK, dtype=torch.bool)
+        top_p_TK = top_p_TK.clamp_min(0.0) * valid_TK
+        weights_TK = top_p_TK / top_p_TK.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        ids_TK = ids_TK.masked_fill(~valid_TK, -1)
+        load_E = torch.bincount(ids_TK[valid_TK], minlength=self.num_experts)
+        aux = MoEAux(balance, log_probs_TE, classifier_logits_TG, load_E, 0)
+        return Routing(ids_TK, weights_TK), aux
+
+
+def grouped_dispatch(
+    hidden_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, experts: Sequence[nn.Module]
+) -> torch.Tensor:
+    """Σ_k w_tk · expert_{id_tk}(x_t): routes sorted by expert, one contiguous GEMM batch per expert, no token loop.
+
+    Slots with id −1 are skipped; accumulation is in fp32; experts with no token are not run.
+    """
+    num_tokens, top_k = ids_TK.shape
+    flat_ids = ids_TK.reshape(-1)
+    valid = flat_ids >= 0
+    token_of_route = torch.arange(num_tokens, device=hidden_TH.device).repeat_interleave(top_k)[valid]
+    expert_of_route = flat_ids[valid]
+    weight_of_route = weights_TK.reshape(-1)[valid]
+    order = torch.argsort(expert_of_route, stable=True)
+    token_sorted, weight_sorted = token_of_route[order], weight_of_route[order]
+    counts = torch.bincount(expert_of_route, minlength=len(experts)).tolist()
+    out_TH = torch.zeros(hidden_TH.shape, dtype=torch.float32, device=hidden_TH.device)
+    start = 0
+    for expert_id, count in enumerate(counts):
+        if count == 0:
+            continue
+        index = token_sorted[start : start + count]
+        routed = experts[expert_id](hidden_TH.index_select(0, index))
+        out_TH.index_add_(0, index, routed.float() * weight_sorted[start : start + count, None])
+        start += count
+    return out_TH
+
+
+class _ModuleShell(nn.Module):
+    """An empty module used only to nest parameter names like DeepSpeed's MoE does."""
+
+
+class LocalNewExperts(nn.Module):
+    """The new experts of one layer, all on this device. Parameter names mirror DeepSpeed's MoE at ep_size 1
+    (`deepspeed_moe.experts.deepspeed_experts.<i>.…`), so a checkpoint from either path loads in the other."""
+
+    def __init__(self, experts: Sequence[nn.Module]):
+        super().__init__()
+        self.deepspeed_moe = _ModuleShell()
+        self.deepspeed_moe.experts = _ModuleShell()
+        self.deepspeed_moe.experts.deepspeed_experts = nn.ModuleList(experts)
+
+    @property
+    def experts(self) -> nn.ModuleList:
+        return self.deepspeed_moe.experts.deepspeed_experts
+
+    def forward(self, hidden_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor):
+        """New-expert ids 0..E−1 (−1 = not a new-expert route) → (fp32 output, dropped routes)."""
+        return grouped_dispatch(hidden_TH, ids_TK, weights_TK, self.experts), 0
+
+
+class LayerMoEBlock(nn.Module):
+    """Replaces a decoder layer's FFN: expert 0 (`base_ffn`, the original FFN) runs locally for the tokens routed
+    to it; the new experts run in `self.moe` (local, or DeepSpeed expert-parallel during training)."""
+
+    def __init__(self, base_ffn: nn.Module, new_experts: nn.Module, gate: LayerMoEGate):
+        super().__init__()
+        self.base_ffn = base_ffn
+        self.gate = gate
+        self.moe = new_experts
+        self.classifier_routing = True
+        self.force_base = False  # every token to expert 0 alone: the original dense model (a diagnostic)
+        self.aux: MoEAux | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate.num_experts
+
+    def forward(self, hidden_BTH: torch.Tensor) -> torch.Tensor:
+        routing, aux = self.gate(hidden_BTH, self.classifier_routing, self.force_base)
+        hidden_TH = hidden_BTH.reshape(-1, hidden_BTH.shape[-1])
+        ids_TK, weights_TK = routing.expert_ids_TK, routing.weights_TK
+        # New experts: ids shifted to 0..E-1; expert-0 and unused slots become -1.
+        new_ids_TK = torch.where(ids_TK >= 1, ids_TK - 1, torch.full_like(ids_TK, -1))
+        out_TH, dropped = self.moe(hidden_TH, new_ids_TK, torch.where(new_ids_TK >= 0, weights_TK, 0.0))
+        # Expert 0 once, locally, for every token that routed to it (no all-to-all; frozen, so no gradient traffic).
+        weight0_T = (weights_TK * (ids_TK == 0)).sum(dim=-1)
+        index0 = torch.nonzero(weight0_T > 0).squeeze(1)
+        if index0.numel():
+            routed = self.base_ffn(hidden_TH.index_select(0, index0))
+            out_TH = out_TH.index_add(0, index0, routed.float() * weight0_T[index0, None])
+        aux.dropped = int(dropped)
+        self.aux = aux
+        return out_TH.to(hidden_BTH.dtype).reshape(hidden_BTH.shape)

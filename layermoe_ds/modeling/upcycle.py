@@ -1,0 +1,213 @@
+"""Dense → LayerMoE (`layermoe upcycle`) and lifelong growth of a LayerMoE model (`layermoe grow`).
+
+Upcycling: layer i gets N_i experts; expert 0 is the original FFN, new experts are copies of it (random init is
+much worse, MoE-LPR's ablation); routers and classifiers are xavier-normal, seeded by (seed, layer) so every rank
+and every rerun builds the same model. Growing: existing experts keep their slots and weights and become "old";
+new experts are again copies of the original FFN; router rows of old experts are kept (`keep`) or everything is
+re-initialised (`reinit`, the reference behaviour); classifiers gain one class.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from layermoe_ds.modeling.remote.configuration_layermoe import (
+    LayerMoELlamaConfig,
+    LayerMoEMistralConfig,
+    LayerMoEQwen2Config,
+)
+from layermoe_ds.modeling.remote.modeling_layermoe import (
+    LayerMoELlamaForCausalLM,
+    LayerMoEMistralForCausalLM,
+    LayerMoEQwen2ForCausalLM,
+)
+
+log = logging.getLogger(__name__)
+
+# dense model_type → (LayerMoE config class, LayerMoE model class)
+ARCHITECTURES = {
+    "llama": (LayerMoELlamaConfig, LayerMoELlamaForCausalLM),
+    "qwen2": (LayerMoEQwen2Config, LayerMoEQwen2ForCausalLM),
+    "mistral": (LayerMoEMistralConfig, LayerMoEMistralForCausalLM),
+}
+LAYERMOE_TYPES = {cfg.model_type: (cfg, cls) for cfg, cls in ARCHITECTURES.values()}
+NEW_EXPERT_PREFIX = "moe.deepspeed_moe.experts.deepspeed_experts"
+_DENSE_CONFIG_DROP = ("model_type", "architectures", "auto_map", "transformers_version")
+
+
+def is_layermoe(model_or_config) -> bool:
+    config = getattr(model_or_config, "config", model_or_config)
+    return getattr(config, "model_type", "") in LAYERMOE_TYPES
+
+
+def _classes_for(dense_config):
+    model_type = getattr(dense_config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"upcycle: architecture {model_type!r} ({type(dense_config).__name__}) is not supported; "
+            f"supported: {sorted(ARCHITECTURES)}"
+        )
+    return ARCHITECTURES[model_type]
+
+
+def _seeded_xavier(weight: torch.Tensor, seed: int, layer: int, salt: int) -> None:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + layer * 101 + salt)
+    fan_out, fan_in = weight.shape
+    std = (2.0 / (fan_in + fan_out)) ** 0.5
+    with torch.no_grad():
+        weight.copy_(torch.randn(weight.shape, generator=generator) * std)
+
+
+def _check_allocation(allocation: dict, num_layers: int) -> tuple[list[int], list[int]]:
+    counts = allocation.get("experts_per_layer")
+    if not isinstance(counts, list) or not all(isinstance(n, int) and n >= 1 for n in counts):
+        raise ValueError(f"allocation: experts_per_layer must be a list of integers >= 1, got {counts!r}")
+    if len(counts) != num_layers:
+        raise ValueError(
+            f"allocation: experts_per_layer has {len(counts)} entries but the model has {num_layers} "
+            "layers (was it made for another model?)"
+        )
+    cls_layers = allocation.get("classifier_layers", [])
+    bad = [i for i in cls_layers if not isinstance(i, int) or not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"allocation: classifier_layers {bad} are outside 0..{num_layers - 1}")
+    return counts, list(cls_layers)
+
+
+def _allocation_record(allocation: dict) -> dict:
+    keep = ("method", "budget", "experts_per_layer", "classifier_layers", "new_experts", "source", "seed")
+    return {k: allocation[k] for k in keep if k in allocation}
+
+
+def _usable_classifier_layers(requested: Sequence[int], counts: Sequence[int]) -> list[int]:
+    dense = sorted(i for i in requested if counts[i] == 1)
+    if dense:
+        log.warning("classifier layers %s are dense (N_i = 1): no router to steer there, no classifier placed", dense)
+    return sorted(i for i in requested if counts[i] > 1)
+
+
+def upcycle(
+    dense: nn.Module, allocation: dict, top_k: int = 2, classifier_mode: str = "per-token", seed: int = 0
+) -> nn.Module:
+    """A LayerMoE model from a dense HF causal LM and an allocation (see `layermoe allocate`)."""
+    config_cls, model_cls = _classes_for(dense.config)
+    dense_config = {k: v for k, v in dense.config.to_dict().items() if k not in _DENSE_CONFIG_DROP}
+    counts, requested = _check_allocation(allocation, dense.config.num_hidden_layers)
+    config = config_cls(
+        **dense_config,
+        experts_per_layer=counts,
+        expert_groups=[[0] + [1] * (n - 1) for n in counts],
+        num_groups=2,
+        classifier_layers=_usable_classifier_layers(requested, counts),
+        classifier_mode=classifier_mode,
+        classifier_routing=False,  # the classifiers are trained in stage 2, which switches this on
+        moe_top_k=top_k,
+        allocation={"history": [_allocation_record(allocation)]},
+    )
+    model = model_cls(config).to(next(dense.parameters()).dtype)
+    state = {}
+    for key, value in dense.state_dict().items():
+        match = re.match(r"model\.layers\.(\d+)\.mlp\.(.+)", key)
+        if match is None or counts[int(match.group(1))] == 1:
+            state[key] = value
+            continue
+        layer, rest = int(match.group(1)), match.group(2)
+        state[f"model.layers.{layer}.mlp.base_ffn.{rest}"] = value
+        for j in range(counts[layer] - 1):
+            state[f"model.layers.{layer}.mlp.{NEW_EXPERT_PREFIX}.{j}.{rest}"] = value.clone()
+    for layer, block in model.moe_blocks().items():
+        _seeded_xavier(block.gate.router.weight, seed, layer, salt=1)
+        state[f"model.layers.{layer}.mlp.gate.router.weight"] = block.gate.router.weight.detach().clone()
+        if block.gate.lang_classifier is not None:
+            _seeded_xavier(block.gate.lang_classifier.weight, seed, layer, salt=2)
+            state[f"model.layers.{layer}.mlp.gate.lang_classifier.weight"] = (
+                block.gate.lang_classifier.weight.detach().clone()
+            )
+    _load_exact(model, state)
+    return model
+
+
+def grow(model: nn.Module, allocation: dict, router: str = "keep", seed: int = 0) -> nn.Module:
+    """Lifelong step: add N_i − 1 experts per layer for a new language group (N_i from the new allocation, counted
+    like any allocation: the original FFN plus the experts to add)."""
+    if router not in ("keep", "reinit"):
+        raise ValueError(f"grow: --router {router!r} must be 'keep' or 'reinit'")
+    if not is_layermoe(model):
+        raise ValueError(f"grow: {type(model).__name__} is not a LayerMoE model; use `layermoe upcycle` first")
+    old = model.config
+    added, requested = _check_allocation(allocation, old.num_hidden_layers)
+    new_group = old.num_groups
+    counts = [n + a - 1 for n, a in zip(old.experts_per_layer, added, strict=True)]
+    groups = [g + [new_group] * (a - 1) for g, a in zip(old.expert_groups, added, strict=True)]
+    classifier_layers = sorted(set(old.classifier_layers) | set(_usable_classifier_layers(requested, counts)))
+    config_cls, model_cls = LAYERMOE_TYPES[old.model_type]
+    config_dict = {k: v for k, v in old.to_dict().items() if k not in _DENSE_CONFIG_DROP}
+    config_dict.update(
+        experts_per_layer=counts,
+        expert_groups=groups,
+        num_groups=new_group + 1,
+        classifier_layers=classifier_layers,
+        classifier_routing=False,
+        allocation={"history": [*(old.allocation or {}).get("history", []), _allocation_record(allocation)]},
+    )
+    grown = model_cls(config_cls(**config_dict)).to(next(model.parameters()).dtype)
+    old_state = model.state_dict()
+    state = {}
+    for key, value in old_state.items():
+        if not is_moe_layer_key(key, counts):  # everything outside the grown model's MoE blocks stays as it is
+            state[key] = value
+    for layer in range(old.num_hidden_layers):
+        prefix = f"model.layers.{layer}.mlp"
+        n_old, n_new = old.experts_per_layer[layer], counts[layer]
+        if n_new == 1:
+            continue
+        base = {k[len(prefix) + 1 :]: v for k, v in old_state.items() if k.startswith(prefix + ".")}
+        if n_old == 1:  # a dense layer becomes MoE: its FFN is expert 0
+            base = {f"base_ffn.{k}": v for k, v in base.items()}
+        ffn = {k[len("base_ffn.") :]: v for k, v in base.items() if k.startswith("base_ffn.")}
+        for key, value in base.items():
+            if not key.startswith("gate."):
+                state[f"{prefix}.{key}"] = value
+        for j in range(n_old - 1, n_new - 1):
+            for rest, value in ffn.items():
+                state[f"{prefix}.{NEW_EXPERT_PREFIX}.{j}.{rest}"] = value.clone()
+        block = grown.moe_blocks()[layer]
+        _seeded_xavier(block.gate.router.weight, seed, layer, salt=10 + new_group)
+        router_weight = block.gate.router.weight.detach().clone()
+        if router == "keep" and n_old > 1:
+            router_weight[:n_old] = base["gate.router.weight"]
+        state[f"{prefix}.gate.router.weight"] = router_weight
+        if block.gate.lang_classifier is not None:
+            _seeded_xavier(block.gate.lang_classifier.weight, seed, layer, salt=20 + new_group)
+            classifier = block.gate.lang_classifier.weight.detach().clone()
+            if "gate.lang_classifier.weight" in base:
+                classifier[:new_group] = base["gate.lang_classifier.weight"]
+            state[f"{prefix}.gate.lang_classifier.weight"] = classifier
+    _load_exact(grown, state)
+    return grown
+
+
+def is_moe_layer_key(key: str, counts: Sequence[int]) -> bool:
+    match = re.match(r"model\.layers\.(\d+)\.mlp\.", key)
+    return match is not None and counts[int(match.group(1))] > 1
+
+
+def _load_exact(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """load_state_dict(strict) with a message that names the first missing/unexpected key or shape mismatch."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"weights do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for key, value in state.items():
+        if own[key].shape != value.shape:
+            raise ValueError(
+                f"weights do not match the model: {key} has shape {tuple(value.shape)}, "
+                f"the model expects {tuple(own[key].shape)}"
+            )
+    model.load_state_dict(state, strict=True)
