@@ -19,7 +19,7 @@ def _validate_layermoe(config) -> None:
     if [len(g) for g in groups] != counts:
         raise ValueError(f"expert_groups: sizes {[len(g) for g in groups]} do not match experts_per_layer {counts}")
     for i, g in enumerate(groups):
-        if g[0] != 0 or any(b < a for a, b in zip(g, g[1:])) or (len(g) > 1 and g[-1] >= config.num_groups):
+        if g[0] != 0 or g != sorted(g) or g[-1] >= config.num_groups:
             raise ValueError(
                 f"expert_groups[{i}]: {g} must start with 0 (the original FFN), never decrease and stay "
                 f"below num_groups {config.num_groups}"
