@@ -1,0 +1,84 @@
+"""DeepSpeed expert parallelism on 2 gloo ranks equals the single-process block (forward and backward)."""
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from tests.helpers import free_port
+from tests.test_moe_block import make_block
+
+pytestmark = pytest.mark.distributed
+
+
+def _worker(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    torch.set_num_threads(1)
+    import deepspeed
+    import torch.distributed as dist
+
+    from layermoe_ds.modeling.moe_layer import block_to_expert_parallel, choose_ep_size
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    reference = make_block(groups=(0, 1, 1, 1, 1), classes=2, seed=0)
+    for g, expert in enumerate(reference.moe.experts):  # make the copies distinct, seeded by global expert id
+        torch.manual_seed(100 + g)
+        for p in expert.parameters():
+            p.data.add_(torch.randn_like(p) * 0.3)
+    reference.classifier_routing = True
+    parallel = copy.deepcopy(reference)
+    assert block_to_expert_parallel(parallel, 16, world, ep_size="auto", drop_tokens=False) == 2
+    assert choose_ep_size(3, 2) == 1
+    with pytest.raises(ValueError, match="does not divide layer 4's 3 new experts"):
+        choose_ep_size(3, 2, requested=2, layer=4)
+
+    inputs = [torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(10 + r)) for r in range(world)]
+    projection = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(99))
+    out = parallel(inputs[rank])
+    (out * projection).sum().backward()
+    full = reference(torch.cat(inputs))
+    (full * projection.repeat(world, 1, 1)).sum().backward()
+    torch.testing.assert_close(out, full[rank * 3 : (rank + 1) * 3], atol=1e-5, rtol=1e-5)
+
+    # Experts live on one rank: their gradient already sums every rank's tokens (the all-to-all brought them).
+    per_rank = 2
+    for local_id, expert in enumerate(parallel.moe.experts):
+        twin = reference.moe.experts[rank * per_rank + local_id]
+        for p, q in zip(expert.parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4)
+    # Replicated tensors (router, classifier, expert 0): data-parallel sum of the per-rank gradients.
+    for p, q in zip(
+        [*parallel.gate.parameters(), *parallel.base_ffn.parameters()],
+        [*reference.gate.parameters(), *reference.base_ffn.parameters()],
+        strict=True,
+    ):
+        if q.grad is None:
+            assert p.grad is None
+            continue
+        grad = p.grad.clone()
+        dist.all_reduce(grad)
+        torch.testing.assert_close(grad, q.grad, atol=1e-5, rtol=1e-4)
+    assert parallel.aux.dropped == 0
+
+    # Training with a tight capacity drops routes and counts them; evaluation never drops.
+    reference.aux = None  # recorded tensors with autograd history cannot be deep-copied
+    tight = copy.deepcopy(reference)
+    block_to_expert_parallel(tight, 16, world, capacity_factor=0.25, min_capacity=1, drop_tokens=True)
+    tight.classifier_routing = False
+    tight(inputs[rank])
+    assert tight.aux.dropped > 0
+    tight.eval()
+    with torch.no_grad():
+        evaluated = tight(inputs[rank])
+    assert tight.aux.dropped == 0
+    with torch.no_grad():
+        reference.classifier_routing = False
+        torch.testing.assert_close(evaluated, reference(inputs[rank]), atol=1e-5, rtol=1e-5)
+    dist.destroy_process_group()
+
+
+def test_two_rank_expert_parallel_block_equals_single_process():
+    mp.spawn(_worker, args=(2, free_port()), nprocs=2)

@@ -1,0 +1,145 @@
+"""The LayerMoE block: gate semantics, the fast dispatch against a per-expert loop, and losses."""
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import LlamaMLP
+
+from layermoe_ds.modeling.remote.layermoe_block import (
+    LayerMoEBlock,
+    LayerMoEGate,
+    LocalNewExperts,
+    grouped_dispatch,
+    prefix_mean,
+)
+
+
+class Cfg:
+    hidden_size, intermediate_size, hidden_act, mlp_bias = 16, 24, "silu", False
+
+
+def make_block(groups=(0, 1, 1, 1, 1), top_k=2, classes=2, mode="per-token", seed=0) -> LayerMoEBlock:
+    torch.manual_seed(seed)
+    base = LlamaMLP(Cfg())
+    new = []
+    for _ in groups[1:]:
+        expert = LlamaMLP(Cfg())
+        new.append(expert)
+    gate = LayerMoEGate(16, groups, top_k, classes, mode)
+    torch.nn.init.normal_(gate.router.weight, std=0.5)
+    if gate.lang_classifier is not None:
+        torch.nn.init.normal_(gate.lang_classifier.weight, std=0.5)
+    return LayerMoEBlock(base, LocalNewExperts(new), gate)
+
+
+def loop_reference(block: LayerMoEBlock, x_BTH: torch.Tensor) -> torch.Tensor:
+    """The slow twin: for each token and each of its slots, run that expert on that one token."""
+    routing, _ = block.gate(x_BTH, block.classifier_routing, block.force_base)
+    experts = [block.base_ffn, *block.moe.experts]
+    x_TH = x_BTH.reshape(-1, 16)
+    out = torch.zeros_like(x_TH)
+    for t in range(x_TH.shape[0]):
+        for e, w in zip(routing.expert_ids_TK[t].tolist(), routing.weights_TK[t], strict=True):
+            if e >= 0:
+                out[t] += w * experts[e](x_TH[t : t + 1])[0]
+    return out.reshape(x_BTH.shape)
+
+
+@pytest.mark.parametrize("top_k,classifier_routing", [(1, False), (2, False), (2, True), (3, True)])
+def test_fast_dispatch_equals_per_expert_loop(top_k, classifier_routing):
+    block = make_block(top_k=top_k)
+    block.classifier_routing = classifier_routing
+    x = torch.randn(3, 7, 16)
+    torch.testing.assert_close(block(x), loop_reference(block, x), atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_dispatch_on_random_routes_matches_loop():
+    torch.manual_seed(1)
+    experts = [torch.nn.Linear(8, 8) for _ in range(5)]
+    x = torch.randn(50, 8)
+    ids = torch.randint(-1, 5, (50, 3))
+    w = torch.rand(50, 3)
+    out = grouped_dispatch(x, ids, w, experts)
+    ref = torch.zeros(50, 8)
+    for t in range(50):
+        for k in range(3):
+            if ids[t, k] >= 0:
+                ref[t] += w[t, k] * experts[ids[t, k]](x[t])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_topk_weights_renormalise_and_k_clips_to_n():
+    block = make_block(groups=(0, 1), top_k=2, classes=0)
+    routing, aux = block.gate(torch.randn(2, 5, 16), classifier_routing=False)
+    assert routing.expert_ids_TK.shape == (10, 2)  # N = 2 uses both
+    assert torch.equal(routing.expert_ids_TK.sort(dim=1).values, torch.tensor([[0, 1]] * 10))
+    torch.testing.assert_close(routing.weights_TK.sum(-1), torch.ones(10))
+    block3 = make_block(top_k=3, classes=0)
+    routing, aux = block3.gate(torch.randn(4, 16)[None], classifier_routing=False)
+    probs = aux.router_log_probs_TE.exp()
+    chosen = probs.gather(1, routing.expert_ids_TK)
+    torch.testing.assert_close(routing.weights_TK, chosen / chosen.sum(-1, keepdim=True))
+    assert aux.router_log_probs_TE.dtype == torch.float32
+
+
+def test_old_class_goes_to_expert0_alone_and_lifelong_classes_are_restricted():
+    block = make_block(groups=(0, 1, 1, 2, 2), classes=3)
+    x = torch.randn(2, 9, 16)
+    routing, aux = block.gate(x, classifier_routing=True)
+    cls = aux.classifier_logits_TG.argmax(-1)
+    ids, w = routing.expert_ids_TK, routing.weights_TK
+    for t in range(ids.shape[0]):
+        used = [e for e in ids[t].tolist() if e >= 0]
+        if cls[t] == 0:
+            assert used == [0] and w[t, ids[t].tolist().index(0)] == 1.0
+        else:
+            assert all(block.gate.group_of[e] <= cls[t] for e in used)
+    assert set(cls.tolist()) >= {0, 1} or len(set(cls.tolist())) >= 2  # the random classifier uses several classes
+
+
+def test_force_base_reproduces_the_dense_ffn_exactly():
+    block = make_block()
+    block.force_base = True
+    x = torch.randn(2, 6, 16)
+    assert torch.equal(block(x), block.base_ffn(x))
+
+
+def test_balance_loss_uses_the_layers_own_expert_count():
+    block = make_block(groups=(0, 1, 1), top_k=1, classes=0)
+    torch.nn.init.zeros_(block.gate.router.weight)  # uniform router: P_e = 1/N; top-1 ties all pick expert 0
+    _, aux = block.gate(torch.randn(1, 4, 16), classifier_routing=False)
+    # f = (1, 0, 0), P = (1/3, 1/3, 1/3) → N Σ f P = 3 · 1/3 = 1
+    assert aux.balance_loss.item() == pytest.approx(1.0)
+    block5 = make_block(groups=(0, 1, 1, 1, 1), top_k=1, classes=0)
+    torch.nn.init.zeros_(block5.gate.router.weight)
+    _, aux5 = block5.gate(torch.randn(1, 4, 16), classifier_routing=False)
+    assert aux5.balance_loss.item() == pytest.approx(1.0)
+
+
+def test_prefix_mean_is_causal():
+    x = torch.randn(2, 5, 4)
+    pm = prefix_mean(x)
+    torch.testing.assert_close(pm[:, 2], x[:, :3].mean(1))
+    y = x.clone()
+    y[:, 3:] += 100.0  # changing the future does not change earlier positions
+    torch.testing.assert_close(prefix_mean(y)[:, :3], pm[:, :3])
+
+
+def test_prefix_mean_classifier_does_not_leak_future_tokens():
+    block = make_block(mode="prefix-mean")
+    block.classifier_routing = True
+    x = torch.randn(1, 8, 16)
+    y = x.clone()
+    y[:, 5:] = torch.randn(1, 3, 16)
+    torch.testing.assert_close(block(x)[:, :5], block(y)[:, :5])
+
+
+def test_block_records_aux_for_the_loop():
+    block = make_block()
+    block.classifier_routing = False  # every token uses both slots
+    x = torch.randn(2, 3, 16)
+    block(x)
+    aux = block.aux
+    assert aux.router_log_probs_TE.shape == (6, 5) and aux.classifier_logits_TG.shape == (6, 2)
+    assert int(aux.expert_load_E.sum()) == 12 and aux.dropped == 0
+    aux.balance_loss.backward()
+    assert block.gate.router.weight.grad is not None
