@@ -160,6 +160,99 @@ def _cmd_pretrain(args) -> int:
     return 0
 
 
+# --- upcycle / grow ----------------------------------------------------------------------------------------------
+
+
+def _add_upcycle(sub) -> None:
+    p = sub.add_parser(
+        "upcycle",
+        help="dense HF model + allocation.json → LayerMoE model directory",
+        description="Layer i gets N_i experts: expert 0 is the original FFN, the new ones copies of "
+        "it; a router per MoE layer and a language classifier on the chosen layers. "
+        "The result loads with AutoModelForCausalLM(..., trust_remote_code=True).",
+    )
+    p.add_argument("--model", type=Path, required=True, help="dense HF model directory (Llama, Qwen2, Mistral)")
+    p.add_argument("--allocation", type=Path, required=True, help="allocation.json from `layermoe allocate`")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--top-k", type=int, default=2, help="experts per token (clipped to N_i; default 2)")
+    p.add_argument(
+        "--classifier",
+        choices=("per-token", "prefix-mean"),
+        default="per-token",
+        help="per-token (the paper) or causal prefix-mean features for the language classifier",
+    )
+    p.add_argument("--seed", type=int, default=0, help="router/classifier initialisation")
+    p.add_argument("--dtype", default="float32")
+    p.set_defaults(func=_cmd_upcycle)
+
+
+def _refuse_overwrite(out: Path) -> None:
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} already exists and is not empty; choose another --out or delete it")
+
+
+def _cmd_upcycle(args) -> int:
+    from layermoe_ds.data.tokenizer import load_tokenizer
+    from layermoe_ds.io import read_json
+    from layermoe_ds.modeling.hf_export import save_model
+    from layermoe_ds.modeling.hf_loading import load_causal_lm, parse_dtype
+    from layermoe_ds.modeling.upcycle import is_layermoe, upcycle
+
+    _refuse_overwrite(args.out)
+    allocation = read_json(args.allocation, "allocation")
+    dense = load_causal_lm(args.model, parse_dtype(args.dtype))
+    if is_layermoe(dense):
+        raise ValueError(f"upcycle: {args.model} is already a LayerMoE model; use `layermoe grow` to add languages")
+    model = upcycle(dense, allocation, args.top_k, args.classifier, args.seed)
+    save_model(model, args.out, load_tokenizer(args.model))
+    config = model.config
+    print(
+        f"LayerMoE model saved to {args.out}: experts per layer {config.experts_per_layer}, "
+        f"classifier layers {config.classifier_layers} ({config.classifier_mode}), top-{config.moe_top_k}"
+    )
+    return 0
+
+
+def _add_grow(sub) -> None:
+    p = sub.add_parser(
+        "grow",
+        help="lifelong expansion: add experts for a new language group",
+        description="Existing experts keep their slots and weights (and become old); each layer "
+        "gains N_i - 1 new experts (N_i from the new allocation), copies of the original "
+        "FFN; classifiers gain one class.",
+    )
+    p.add_argument("--model", type=Path, required=True, help="an expanded LayerMoE model directory")
+    p.add_argument("--allocation", type=Path, required=True, help="allocation for the new language group")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument(
+        "--router",
+        choices=("keep", "reinit"),
+        default="keep",
+        help="keep the old experts' router rows (default) or re-initialise the router (reference)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_grow)
+
+
+def _cmd_grow(args) -> int:
+    from layermoe_ds.data.tokenizer import load_tokenizer
+    from layermoe_ds.io import read_json
+    from layermoe_ds.modeling.hf_export import save_model
+    from layermoe_ds.modeling.hf_loading import load_causal_lm
+    from layermoe_ds.modeling.upcycle import grow
+
+    _refuse_overwrite(args.out)
+    allocation = read_json(args.allocation, "allocation")
+    model = load_causal_lm(args.model)
+    grown = grow(model, allocation, args.router, args.seed)
+    save_model(grown, args.out, load_tokenizer(args.model))
+    print(
+        f"grown model saved to {args.out}: experts per layer {grown.config.experts_per_layer}, "
+        f"{grown.config.num_groups} language groups, classifier layers {grown.config.classifier_layers}"
+    )
+    return 0
+
+
 # --- evaluate ----------------------------------------------------------------------------------------------------
 
 
@@ -359,6 +452,8 @@ VERBS: list[Callable] = [
     _add_pretrain,
     _add_profile,
     _add_allocate,
+    _add_upcycle,
+    _add_grow,
     _add_evaluate,
     _add_demo,
 ]

@@ -33,7 +33,7 @@ def make_block(groups=(0, 1, 1, 1, 1), top_k=2, classes=2, mode="per-token", see
 
 def loop_reference(block: LayerMoEBlock, x_BTH: torch.Tensor) -> torch.Tensor:
     """The slow twin: for each token and each of its slots, run that expert on that one token."""
-    routing, _ = block.gate(x_BTH, block.classifier_routing, block.force_base)
+    routing, _ = block.gate(x_BTH, block.classifier_routing, block.force_base, block.max_group)
     experts = [block.base_ffn, *block.moe.experts]
     x_TH = x_BTH.reshape(-1, 16)
     out = torch.zeros_like(x_TH)
@@ -92,7 +92,7 @@ def test_old_class_goes_to_expert0_alone_and_lifelong_classes_are_restricted():
         if cls[t] == 0:
             assert used == [0] and w[t, ids[t].tolist().index(0)] == 1.0
         else:
-            assert all(block.gate.group_of[e] <= cls[t] for e in used)
+            assert all(block.gate.expert_groups[e] <= cls[t] for e in used)
     assert set(cls.tolist()) >= {0, 1} or len(set(cls.tolist())) >= 2  # the random classifier uses several classes
 
 

@@ -38,11 +38,17 @@ def layermoe_model_type(path: Path) -> str | None:
 
 
 def load_layermoe(path: Path, dtype: torch.dtype = torch.float32):
-    """Load a LayerMoE directory with the package's classes, then check every weight's key and shape."""
-    _, model_cls = LAYERMOE_TYPES[layermoe_model_type(path)]
-    model = model_cls.from_pretrained(path, dtype=dtype)
-    verify_weights(model, path)
-    return model
+    """Load a LayerMoE directory with the package's classes, after checking every stored tensor's key and shape
+    against the model its config.json describes."""
+    config_cls, model_cls = LAYERMOE_TYPES[layermoe_model_type(path)]
+    try:
+        config = config_cls.from_pretrained(path)
+    except ValueError as exc:
+        raise ValueError(f"model: {path}/config.json is not a valid LayerMoE config: {exc}") from exc
+    with torch.device("meta"):
+        skeleton = model_cls(config)
+    verify_weights(skeleton, path)
+    return model_cls.from_pretrained(path, dtype=dtype)
 
 
 def verify_weights(model, path: Path) -> None:
@@ -59,8 +65,7 @@ def verify_weights(model, path: Path) -> None:
             for key in f.keys():
                 stored[key] = tuple(f.get_slice(key).get_shape())
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    tied = getattr(model.config, "tie_word_embeddings", False)
-    if tied:
+    if getattr(model.config, "tie_word_embeddings", False):
         expected.pop("lm_head.weight", None)
         stored.pop("lm_head.weight", None)
     missing = sorted(set(expected) - set(stored))

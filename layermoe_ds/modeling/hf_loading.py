@@ -36,13 +36,18 @@ def check_model_dir(path: Path) -> Path:
 
 
 def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """`AutoModelForCausalLM.from_pretrained` with our checks; LayerMoE directories load through remote code."""
+    """A dense HF causal LM or a LayerMoE directory (through the package's own classes, weights verified)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    from layermoe_ds.modeling.hf_export import layermoe_model_type, load_layermoe
+
     path = check_model_dir(path)
     hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=True)
+    if layermoe_model_type(path):
+        model = load_layermoe(path, dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model.to(device).eval()
 
 

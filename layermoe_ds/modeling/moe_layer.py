@@ -80,11 +80,28 @@ class RouteAdapter(nn.Module):
 class DeepSpeedNewExperts(MoE):
     """A layer's new experts on DeepSpeed MoE; same call as `LocalNewExperts`: (x[T,H], ids[T,k], w[T,k])."""
 
-    def __init__(self, expert: nn.Module, hidden_size: int, num_experts: int, ep_size: int,
-                 capacity_factor: float = 1.25, min_capacity: int = 4, drop_tokens: bool = True):
-        super().__init__(hidden_size, expert, num_experts=num_experts, ep_size=ep_size, k=1,
-                         capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor,
-                         min_capacity=min_capacity, drop_tokens=drop_tokens, use_rts=False)
+    def __init__(
+        self,
+        expert: nn.Module,
+        hidden_size: int,
+        num_experts: int,
+        ep_size: int,
+        capacity_factor: float = 1.25,
+        min_capacity: int = 4,
+        drop_tokens: bool = True,
+    ):
+        super().__init__(
+            hidden_size,
+            expert,
+            num_experts=num_experts,
+            ep_size=ep_size,
+            k=1,
+            capacity_factor=capacity_factor,
+            eval_capacity_factor=capacity_factor,
+            min_capacity=min_capacity,
+            drop_tokens=drop_tokens,
+            use_rts=False,
+        )
         # Replace TopKGate (and its unused wg parameter) before deepspeed.initialize sees the module.
         self.deepspeed_moe.gate = RouteAdapter(num_experts, capacity_factor, min_capacity, drop_tokens)
 
@@ -98,9 +115,16 @@ class DeepSpeedNewExperts(MoE):
         return out.float(), self.deepspeed_moe.gate.dropped
 
 
-def block_to_expert_parallel(block, hidden_size: int, world_size: int, ep_size: int | str = "auto",
-                             capacity_factor: float = 1.25, min_capacity: int = 4, drop_tokens: bool = True,
-                             layer: int = 0) -> int:
+def block_to_expert_parallel(
+    block,
+    hidden_size: int,
+    world_size: int,
+    ep_size: int | str = "auto",
+    capacity_factor: float = 1.25,
+    min_capacity: int = 4,
+    drop_tokens: bool = True,
+    layer: int = 0,
+) -> int:
     """Swap one block's local new experts for DeepSpeed's expert-parallel MoE, keeping this rank's share of the
     weights (global expert g lives on expert-parallel rank g // (E / ep_size)). Returns the ep_size used."""
     from deepspeed.utils import groups
@@ -108,8 +132,9 @@ def block_to_expert_parallel(block, hidden_size: int, world_size: int, ep_size: 
     local = block.moe
     num_new = len(local.experts)
     ep = choose_ep_size(num_new, world_size, ep_size, layer)
-    moe = DeepSpeedNewExperts(copy.deepcopy(local.experts[0]), hidden_size, num_new, ep, capacity_factor,
-                              min_capacity, drop_tokens)
+    moe = DeepSpeedNewExperts(
+        copy.deepcopy(local.experts[0]), hidden_size, num_new, ep, capacity_factor, min_capacity, drop_tokens
+    )
     moe.set_deepspeed_parallelism()
     ep_rank = groups._get_expert_parallel_rank(moe.expert_group_name)
     per_rank = num_new // ep
@@ -122,15 +147,22 @@ def block_to_expert_parallel(block, hidden_size: int, world_size: int, ep_size: 
     return ep
 
 
-def to_expert_parallel(model, world_size: int, ep_size: int | str = "auto", capacity_factor: float = 1.25,
-                       min_capacity: int = 4, drop_tokens: bool = True) -> dict[int, int]:
+def to_expert_parallel(
+    model,
+    world_size: int,
+    ep_size: int | str = "auto",
+    capacity_factor: float = 1.25,
+    min_capacity: int = 4,
+    drop_tokens: bool = True,
+) -> dict[int, int]:
     """Every MoE layer of a LayerMoE model onto DeepSpeed MoE, each with its own ep_size; returns layer → ep_size.
 
     torch.distributed (via deepspeed.init_distributed) must be initialised; expert process groups are created here
     so the weights can be placed before `deepspeed.initialize`.
     """
     return {
-        layer: block_to_expert_parallel(block, model.config.hidden_size, world_size, ep_size, capacity_factor,
-                                        min_capacity, drop_tokens, layer)
+        layer: block_to_expert_parallel(
+            block, model.config.hidden_size, world_size, ep_size, capacity_factor, min_capacity, drop_tokens, layer
+        )
         for layer, block in model.moe_blocks().items()
     }

@@ -58,12 +58,21 @@ class LayerMoEGate(nn.Module):
         self.classifier_mode = classifier_mode
         self.router = nn.Linear(hidden, self.num_experts, bias=False)
         self.lang_classifier = nn.Linear(hidden, num_classes, bias=False) if num_classes else None
-        self.register_buffer("group_of", torch.tensor(list(expert_groups), dtype=torch.long), persistent=False)
+        # A plain attribute, not a buffer: HF's from_pretrained leaves non-persistent buffers uninitialised.
+        self.expert_groups = tuple(int(g) for g in expert_groups)
+        self._group_of: dict[torch.device, torch.Tensor] = {}
+
+    def group_of(self, device: torch.device) -> torch.Tensor:
+        """The language group that added each expert (expert 0: group 0), as a tensor on `device`."""
+        if device not in self._group_of:
+            self._group_of[device] = torch.tensor(self.expert_groups, dtype=torch.long, device=device)
+        return self._group_of[device]
 
     def forward(
-        self, hidden_BTH: torch.Tensor, classifier_routing: bool, force_base: bool = False
+        self, hidden_BTH: torch.Tensor, classifier_routing: bool, force_base: bool = False, max_group: int | None = None
     ) -> tuple[Routing, MoEAux]:
-        """Route tokens; `force_base` sends every token to expert 0 alone (reproduces the dense model)."""
+        """Route tokens. `force_base` sends every token to expert 0 alone (the dense model); `max_group` = g uses
+        only experts and classes of groups ≤ g (the model as it was before later expansions)."""
         hidden_TH = hidden_BTH.reshape(-1, hidden_BTH.shape[-1])
         logits_TE = F.linear(hidden_TH.float(), self.router.weight.float())
         log_probs_TE = torch.log_softmax(logits_TE, dim=-1)
@@ -79,12 +88,19 @@ class LayerMoEGate(nn.Module):
         chosen_TE = torch.zeros_like(probs_TE).scatter_(1, plain_ids_TK, 1.0)
         balance = self.num_experts * (chosen_TE.mean(0) * probs_TE.mean(0)).sum()
 
-        if force_base or (classifier_routing and classifier_logits_TG is not None):
+        use_classifier = classifier_routing and classifier_logits_TG is not None
+        if force_base or use_classifier or max_group is not None:
+            num_tokens = probs_TE.shape[0]
             if force_base:
-                token_class_T = torch.zeros(probs_TE.shape[0], dtype=torch.long, device=probs_TE.device)
+                token_class_T = torch.zeros(num_tokens, dtype=torch.long, device=probs_TE.device)
+            elif use_classifier:
+                usable = classifier_logits_TG if max_group is None else classifier_logits_TG[:, : max_group + 1]
+                token_class_T = usable.argmax(dim=-1)
             else:
-                token_class_T = classifier_logits_TG.argmax(dim=-1)
-            allowed_TE = self.group_of[None, :] <= token_class_T[:, None]  # class 0 → expert 0 only
+                token_class_T = torch.full((num_tokens,), max_group, dtype=torch.long, device=probs_TE.device)
+            if max_group is not None:
+                token_class_T = token_class_T.clamp_max(max_group)
+            allowed_TE = self.group_of(probs_TE.device)[None, :] <= token_class_T[:, None]  # class 0 → expert 0 only
             masked_TE = probs_TE.masked_fill(~allowed_TE, -1.0)
             top_p_TK, ids_TK = masked_TE.topk(self.top_k, dim=-1)
             valid_TK = top_p_TK >= 0
@@ -161,6 +177,7 @@ class LayerMoEBlock(nn.Module):
         self.moe = new_experts
         self.classifier_routing = True
         self.force_base = False  # every token to expert 0 alone: the original dense model (a diagnostic)
+        self.max_group: int | None = None  # only experts of groups ≤ this: the model before later expansions
         self.aux: MoEAux | None = None
 
     @property
@@ -168,7 +185,7 @@ class LayerMoEBlock(nn.Module):
         return self.gate.num_experts
 
     def forward(self, hidden_BTH: torch.Tensor) -> torch.Tensor:
-        routing, aux = self.gate(hidden_BTH, self.classifier_routing, self.force_base)
+        routing, aux = self.gate(hidden_BTH, self.classifier_routing, self.force_base, self.max_group)
         hidden_TH = hidden_BTH.reshape(-1, hidden_BTH.shape[-1])
         ids_TK, weights_TK = routing.expert_ids_TK, routing.weights_TK
         # New experts: ids shifted to 0..E-1; expert-0 and unused slots become -1.

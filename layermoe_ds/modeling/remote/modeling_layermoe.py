@@ -43,6 +43,11 @@ class LayerMoEMixin:
         for block in self.moe_blocks().values():
             block.force_base = enabled
 
+    def set_max_group(self, group: int | None) -> None:
+        """Use only experts (and classifier classes) of language groups ≤ `group`: the model before later growth."""
+        for block in self.moe_blocks().values():
+            block.max_group = group
+
     def set_classifier_routing(self, enabled: bool) -> None:
         """On: class "old" → expert 0 alone (stage 2, inference). Off: router top-k for every token (stage 1)."""
         self.config.classifier_routing = enabled
