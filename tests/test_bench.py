@@ -41,3 +41,17 @@ def test_profile_bench_runs(tiny_base, corpus_dir, tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["tokens"] == 600 and math.isfinite(result["profile_over_forward_throughput"])
     assert "profile throughput / plain forward throughput" in capsys.readouterr().out
+
+
+def test_moe_block_bench_runs(tmp_path, capsys):
+    out = tmp_path / "moe_block_bench.json"
+    assert load_bench("moe_block_bench").main(["--quick", "--repeats", "1", "--out", str(out)]) == 0
+    ratios = json.loads(out.read_text())["widths"]["tiny"]["ratios"]
+    assert set(ratios) == {
+        "expert0_only_over_dense",
+        "top2_of_4_over_dense",
+        "top2_of_8_over_dense",
+        "deepspeed_over_ours_top2_of_8",
+    }
+    assert all(math.isfinite(v) and v > 0 for v in ratios.values())
+    assert "as fast as DeepSpeed's stock MoE" in capsys.readouterr().out
