@@ -40,6 +40,7 @@ def test_profile_bench_runs(tiny_base, corpus_dir, tmp_path, capsys):
     )
     result = json.loads(out.read_text())
     assert result["tokens"] == 600 and math.isfinite(result["profile_over_forward_throughput"])
+    assert math.isfinite(result["hook_overhead_vs_body"])
     assert "profile throughput / plain forward throughput" in capsys.readouterr().out
 
 

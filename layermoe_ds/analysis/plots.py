@@ -38,6 +38,9 @@ def plot_similarity(sim: dict, out: Path, allocation: dict | None = None) -> Pat
     right.set_ylabel("S_ab")
     right.set_title(f"pair similarity (new: {','.join(sim['new'])}; old: {','.join(sim['old'])})")
     right.legend(fontsize=7, ncol=2)
+    if len(layers) <= 40:
+        for axis in (left, right):
+            axis.set_xticks(layers)
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
