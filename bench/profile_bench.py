@@ -50,8 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     @torch.no_grad()
     def body_forward():  # the decoder stack without the LM head, no hooks: isolates the hooks' own cost
         for start in range(0, len(batches.input_ids_NL), args.batch_size):
-            model.model(input_ids=batches.input_ids_NL[start : start + args.batch_size],
-                        attention_mask=batches.mask_NL[start : start + args.batch_size])
+            model.model(
+                input_ids=batches.input_ids_NL[start : start + args.batch_size],
+                attention_mask=batches.mask_NL[start : start + args.batch_size],
+            )
 
     def profile():
         profile_model(model, batches, args.batch_size)

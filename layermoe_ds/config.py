@@ -86,6 +86,83 @@ class PretrainConfig:
             raise ValueError(f"pretrain.warmup_steps: {self.warmup_steps} must be in [0, steps={self.steps})")
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Stage 1 / stage 2 training (`launchers/stage1.py`, `launchers/stage2.py`): the LayerMoE settings.
+
+    DeepSpeed's JSON owns engine settings (ZeRO stage, precision, micro-batch size, gradient accumulation,
+    gradient clipping); this owns what LayerMoE defines. No value has two sources.
+    """
+
+    model: str = ""  # dense HF dir (stage 1 with `allocation`) or a LayerMoE dir
+    allocation: str = ""  # stage 1 from a dense model: upcycle with this allocation.json first
+    data: str = ""
+    out: str = ""  # the run directory
+    # Language groups in expansion order: [[old…], [new…]] (lifelong: [[G0…], [G1…], [G2…]]). The last group is
+    # what this run teaches; tokens are labelled with their group index.
+    language_groups: tuple = ()
+    steps: int = 100
+    seq_len: int = 128
+    lr: float = 5e-5
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    seed: int = 0
+    # Losses (LayerMoE/MoE-LPR): stage 1 NTP + alpha·balance; stage 2 NTP + gamma·LPR + eta·classification.
+    balance_alpha: float = 0.01
+    lpr_gamma: float = 0.1
+    cls_eta: float = 0.1
+    # Stage 2 data: documents per language of every group (the reference replays 50K per old language).
+    stage2_docs_per_lang: int = 50_000
+    # Expert parallelism and capacity (training only; evaluation never drops a token).
+    expert_parallel_size: str = "auto"
+    capacity_factor: float = 1.25
+    drop_tokens: bool = True
+    # Checkpoints and logging.
+    save_every: int = 50
+    keep_last_n: int = 2
+    log_every: int = 10
+    resume: str = "auto"  # auto: the newest complete checkpoint in out/checkpoints; "no": refuse existing ones
+
+    def __post_init__(self) -> None:
+        for name in ("model", "data", "out"):
+            if not getattr(self, name):
+                raise ValueError(f"train.{name}: required (give it in the YAML or as --{name})")
+        groups = self.language_groups
+        if len(groups) < 2 or not all(isinstance(g, list | tuple) and g for g in groups):
+            raise ValueError(
+                f"train.language_groups: {list(groups)!r} needs at least two non-empty groups, "
+                "e.g. [[en, de], [fr, ru, el]]"
+            )
+        langs = [lang for group in groups for lang in group]
+        if len(set(langs)) != len(langs):
+            raise ValueError(f"train.language_groups: a language appears twice in {list(groups)!r}")
+        for name in ("steps", "seq_len", "save_every", "keep_last_n", "log_every", "stage2_docs_per_lang"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}: {getattr(self, name)} must be >= 1")
+        if not self.lr > 0:
+            raise ValueError(f"train.lr: {self.lr} must be > 0")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"train.warmup_steps: {self.warmup_steps} must be in [0, steps={self.steps})")
+        if self.expert_parallel_size != "auto" and not str(self.expert_parallel_size).isdigit():
+            raise ValueError(f"train.expert_parallel_size: {self.expert_parallel_size!r} must be 'auto' or an integer")
+        if self.capacity_factor <= 0:
+            raise ValueError(f"train.capacity_factor: {self.capacity_factor} must be > 0")
+        if self.resume not in ("auto", "no"):
+            raise ValueError(f"train.resume: {self.resume!r} must be 'auto' or 'no'")
+
+    @property
+    def new_langs(self) -> list[str]:
+        return list(self.language_groups[-1])
+
+    @property
+    def old_langs(self) -> list[str]:
+        return [lang for group in self.language_groups[:-1] for lang in group]
+
+    def group_of(self, lang: str) -> int:
+        return next(i for i, group in enumerate(self.language_groups) if lang in group)
+
+
 def _suggest(name: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(name, choices, n=1)
     return f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(choices)})"
@@ -106,7 +183,7 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         if nested is not None:
             value = from_dict(nested, value, path)
         elif isinstance(value, list):
-            value = tuple(value)
+            value = tuple(list(v) if isinstance(v, list | tuple) else v for v in value)
         kwargs[key] = value
     return cls(**kwargs)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -75,6 +76,7 @@ def load_texts(data: Path, langs: Sequence[str], split: str) -> dict[str, list[s
     Errors name the culprit: an unknown language (listing those found), a missing split file, a non-UTF-8 file,
     a language whose split holds no text.
     """
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local files only: never reach for a hub
     import datasets
 
     if split not in SPLITS:

@@ -143,6 +143,7 @@ def block_to_expert_parallel(
         target.load_state_dict(source.state_dict())
         for p_target, p_source in zip(target.parameters(), source.parameters(), strict=True):
             p_target.requires_grad_(p_source.requires_grad)
+    moe.global_ids = [ep_rank * per_rank + local_id for local_id in range(per_rank)]
     block.moe = moe.to(next(block.base_ffn.parameters()).device)
     return ep
 

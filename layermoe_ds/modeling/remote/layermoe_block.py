@@ -156,6 +156,7 @@ class LocalNewExperts(nn.Module):
         self.deepspeed_moe = _ModuleShell()
         self.deepspeed_moe.experts = _ModuleShell()
         self.deepspeed_moe.experts.deepspeed_experts = nn.ModuleList(experts)
+        self.global_ids = list(range(len(experts)))  # all new experts are local here
 
     @property
     def experts(self) -> nn.ModuleList:

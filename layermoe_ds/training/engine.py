@@ -1,0 +1,122 @@
+"""DeepSpeed configuration checks, optimizer parameter groups and `deepspeed.initialize`.
+
+Stage 2 trains only routers and classifiers (a few hundred KB). DeepSpeed's ZeRO and BF16 optimizers refuse a
+model with MoE layers unless some parameter group is an MoE group, and crash on a group whose tensors are all
+frozen — so gates-only training fails under them either way. Keeping the frozen experts in an MoE group with lr 0
+would work but computes and stores gradients and optimizer state for every expert, which stage 2 must not pay.
+Instead stage 2 runs at ZeRO stage 0 (sharding a few hundred KB of optimizer state saves nothing) with the
+trainable gate tensors kept in fp32 (the router and classifier compute in fp32 anyway) and every frozen tensor in
+the precision the DeepSpeed JSON asks for (`bf16.enabled`): DeepSpeed then sees a plain fp32 optimizer over the
+gates and still performs the data-parallel gradient all-reduce.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from layermoe_ds.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def load_ds_config(paths: list[Path]) -> dict:
+    """The DeepSpeed JSON, with later files (e.g. ds_configs/cpu.json) merged over earlier ones."""
+    merged: dict = {}
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"deepspeed_config: {path} does not exist")
+        try:
+            _deep_merge(merged, json.loads(path.read_text()))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"deepspeed_config: {path} is not valid JSON ({exc})") from exc
+    return merged
+
+
+def _deep_merge(base: dict, update: dict) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def check_ds_config(ds_config: dict, stage: int) -> dict:
+    """Validate what LayerMoE depends on and return the config DeepSpeed gets for this stage."""
+    config = copy.deepcopy(ds_config)
+    zero = config.get("zero_optimization", {}).get("stage", 0)
+    if zero == 3:
+        raise ValueError(
+            "deepspeed_config: zero_optimization.stage 3 is not supported with DeepSpeed MoE "
+            '("Native DeepSpeed MoE is not supported with ZeRO Stage 3"); use stage 1 or 2'
+        )
+    if "optimizer" in config or "scheduler" in config:
+        raise ValueError(
+            "deepspeed_config: remove 'optimizer'/'scheduler'; layermoe builds them from the run "
+            "config (lr, warmup_steps, weight_decay) so that MoE parameter groups are right"
+        )
+    if config.get("fp16", {}).get("enabled"):
+        raise ValueError("deepspeed_config: fp16 is not supported (router math is fp32, training bf16 or fp32)")
+    if "train_micro_batch_size_per_gpu" not in config:
+        raise ValueError("deepspeed_config: train_micro_batch_size_per_gpu is required")
+    if stage == 2:
+        if zero:
+            log.warning(
+                "stage 2 trains routers and classifiers only: running ZeRO stage 0 instead of %d "
+                "(see layermoe_ds/training/engine.py)",
+                zero,
+            )
+        config.setdefault("zero_optimization", {})["stage"] = 0
+        config["bf16"] = {"enabled": False}  # frozen tensors are cast by us, trainable gates stay fp32
+    if config.get("zero_optimization", {}).get("stage", 0) == 2:
+        zero_cfg = config["zero_optimization"]
+        for key in ("contiguous_gradients", "reduce_scatter"):
+            if zero_cfg.get(key) is False:
+                raise ValueError(f"deepspeed_config: zero_optimization.{key} must stay true with MoE at ZeRO-2")
+    config.setdefault("zero_allow_untested_optimizer", True)
+    return config
+
+
+def model_dtype(ds_config: dict) -> torch.dtype:
+    return torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
+
+
+def lr_lambda(config: TrainConfig):
+    """Linear warm-up, then cosine decay to `min_lr_ratio` of the peak (as a multiplier of `lr`)."""
+
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def initialize(model, trainable: dict[str, list[torch.nn.Parameter]], config: TrainConfig, ds_config: dict):
+    """Parameter groups (MoE groups split out), AdamW, warm-up+cosine, `deepspeed.initialize`."""
+    import deepspeed
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    groups = [
+        {"params": params, "name": name, "weight_decay": 0.0 if name != "new_experts" else config.weight_decay}
+        for name, params in trainable.items()
+        if params  # ZeRO crashes on a group left with no trainable tensor
+    ]
+    groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
+
+    # A callable: DeepSpeed builds the scheduler over its own (ZeRO-wrapped, regrouped) optimizer.
+    def make_scheduler(wrapped):
+        return torch.optim.lr_scheduler.LambdaLR(wrapped, lr_lambda(config))
+
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=make_scheduler, config=ds_config
+    )
+    return engine, optimizer, scheduler

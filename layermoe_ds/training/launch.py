@@ -1,0 +1,85 @@
+"""Command line shared by `launchers/stage1.py` and `launchers/stage2.py`.
+
+    deepspeed --num_gpus 8 launchers/stage1.py --config run.yaml --deepspeed_config ds_configs/stage1_zero2.json
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 launchers/stage1.py ... --deepspeed_config ds_configs/stage1_zero2.json \
+        ds_configs/cpu.json
+
+The run config (YAML/JSON, `TrainConfig` fields) is overridden by the flags below; later DeepSpeed JSON files are
+merged over earlier ones. Errors are one line (rank 0) and exit 2 before any step runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+OVERRIDES = {  # flag → TrainConfig field
+    "model": str,
+    "allocation": str,
+    "data": str,
+    "out": str,
+    "steps": int,
+    "seq_len": int,
+    "lr": float,
+    "warmup_steps": int,
+    "seed": int,
+    "save_every": int,
+    "keep_last_n": int,
+    "log_every": int,
+    "expert_parallel_size": str,
+    "capacity_factor": float,
+    "stage2_docs_per_lang": int,
+    "resume": str,
+}
+
+
+def build_parser(stage: int) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"launchers/stage{stage}.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", type=Path, default=None, help="run config (YAML or JSON)")
+    parser.add_argument(
+        "--deepspeed_config",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="DeepSpeed JSON; extra files are merged over the first (e.g. ds_configs/cpu.json)",
+    )
+    parser.add_argument(
+        "--language-groups", default=None, help="groups in expansion order, e.g. 'en,de;fr,ru,el' (old;new)"
+    )
+    parser.add_argument("--local_rank", type=int, default=None, help="passed by the launcher; LOCAL_RANK is used")
+    parser.add_argument("--debug", action="store_true")
+    for flag, kind in OVERRIDES.items():
+        parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=kind, default=None)
+    return parser
+
+
+def main(stage: int, argv: list[str] | None = None) -> int:
+    from layermoe_ds.config import TrainConfig, load_config
+    from layermoe_ds.training.engine import load_ds_config
+    from layermoe_ds.training.loop import run_stage
+
+    args = build_parser(stage).parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.DEBUG if args.debug else logging.INFO
+    logging.basicConfig(
+        level=level if rank == 0 else logging.WARNING,
+        force=True,
+        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
+    )
+    overrides = {flag: getattr(args, flag) for flag in OVERRIDES}
+    if args.language_groups:
+        overrides["language_groups"] = [g.split(",") for g in args.language_groups.split(";")]
+    try:
+        config = load_config(TrainConfig, args.config, overrides)
+        return run_stage(stage, config, load_ds_config(args.deepspeed_config))
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        if args.debug:
+            raise
+        if rank == 0:
+            print(f"stage{stage}: error: {exc}", file=sys.stderr)
+        return 2

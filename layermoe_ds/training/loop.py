@@ -1,0 +1,277 @@
+"""Stage 1 / stage 2 training on DeepSpeed: set-up, the step loop, checkpoints, signals and the final export.
+
+Every check that can fail on user input runs before the first step. A SIGTERM/SIGINT (Slurm preemption, the
+DeepSpeed launcher's shutdown) finishes the current step, saves a checkpoint and exits 0; `resume: auto` picks up
+the newest complete checkpoint with the same data order and RNG state, so losses continue bit-identically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from layermoe_ds.config import TrainConfig, to_dict
+from layermoe_ds.io import write_json
+
+log = logging.getLogger("layermoe.train")
+
+RESOLVED = "resolved_config.json"
+
+
+class StopFlag:
+    """SIGTERM/SIGINT set a flag; the loop agrees on it across ranks after each step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        log.warning("received %s: finishing this step, saving and exiting", signal.Signals(signum).name)
+        self.requested = True
+
+    def agreed(self, device) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _check_run_dir(out: Path, resolved: dict) -> None:
+    """A run directory holds one run: the same resolved config resumes, another one is refused."""
+    path = out / RESOLVED
+    if path.is_file():
+        existing = json.loads(path.read_text())
+        if existing.get("fingerprint") != resolved["fingerprint"]:
+            raise FileExistsError(
+                f"{out} already holds a different run (its {RESOLVED} differs); use another --out or delete it"
+            )
+
+
+def _fingerprint(train: dict, ds: dict, stage: int) -> str:
+    stable = {k: v for k, v in train.items() if k not in ("resume", "log_every")}
+    text = json.dumps({"stage": stage, "train": stable, "ds": ds}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _load_model(config: TrainConfig, stage: int, dtype: torch.dtype):
+    from layermoe_ds.io import read_json
+    from layermoe_ds.modeling.hf_loading import load_causal_lm
+    from layermoe_ds.modeling.upcycle import is_layermoe, upcycle
+
+    model = load_causal_lm(Path(config.model), dtype)
+    if not is_layermoe(model):
+        if stage != 1 or not config.allocation:
+            raise ValueError(
+                f"train.model: {config.model} is a dense model; stage 1 upcycles it when "
+                "train.allocation is given, stage 2 needs the stage-1 model"
+            )
+        model = upcycle(model, read_json(Path(config.allocation), "allocation"), seed=config.seed)
+    elif config.allocation:
+        wanted = read_json(Path(config.allocation), "allocation")["experts_per_layer"]
+        history = (model.config.allocation or {}).get("history", [{}])
+        if history[-1].get("experts_per_layer") != wanted:
+            raise ValueError(
+                f"train.allocation: {config.allocation} ({wanted}) is not the allocation "
+                f"{config.model} was built from ({history[-1].get('experts_per_layer')})"
+            )
+    if model.config.num_groups != len(config.language_groups):
+        raise ValueError(
+            f"train.language_groups: {len(config.language_groups)} groups, but the model knows "
+            f"{model.config.num_groups} (old + one per expansion)"
+        )
+    model.set_classifier_routing(stage == 2)
+    return model.train()
+
+
+def run_stage(stage: int, config: TrainConfig, ds_config: dict) -> int:
+    """Train `stage` (1 or 2) as configured; returns a process exit code."""
+    import deepspeed
+
+    from layermoe_ds.data.packing import BlockSampler
+    from layermoe_ds.data.stage_data import stage_blocks
+    from layermoe_ds.data.tokenizer import load_tokenizer
+    from layermoe_ds.modeling.moe_layer import to_expert_parallel
+    from layermoe_ds.training import checkpoint
+    from layermoe_ds.training.engine import check_ds_config, initialize, model_dtype
+    from layermoe_ds.training.losses import stage_losses
+    from layermoe_ds.training.metrics import MetricsLogger
+    from layermoe_ds.training.stages import apply_stage
+
+    # Stage 2 hands DeepSpeed an fp32 config (engine.py explains); the JSON's bf16 still sets the frozen precision.
+    frozen_dtype = model_dtype(ds_config)
+    ds_config = check_ds_config(ds_config, stage)
+    out = Path(config.out)
+    resolved = {"stage": stage, "train": to_dict(config), "deepspeed": ds_config}
+    resolved["fingerprint"] = _fingerprint(resolved["train"], ds_config, stage)
+    _check_run_dir(out, resolved)
+    if config.resume == "no" and checkpoint.complete_checkpoints(out):
+        raise FileExistsError(f"{out} has checkpoints and train.resume is 'no'; use another --out")
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if backend == "nccl" else torch.device("cpu")
+    torch.manual_seed(config.seed)
+    tokenizer = load_tokenizer(Path(config.model))
+    blocks = stage_blocks(config, stage, tokenizer)
+    model = _load_model(config, stage, torch.float32)
+    micro = ds_config["train_micro_batch_size_per_gpu"]
+    sampler = BlockSampler(len(blocks), micro, config.seed, rank, world)
+    ep_sizes = to_expert_parallel(
+        model, world, config.expert_parallel_size, config.capacity_factor, drop_tokens=config.drop_tokens
+    )
+    trainable = apply_stage(model, stage)
+    if stage == 2:  # frozen tensors in the configured precision, trainable gates in fp32 (engine.py explains)
+        for param in model.parameters():
+            if not param.requires_grad:
+                param.data = param.data.to(frozen_dtype)
+    model.to(device)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(
+            out / RESOLVED,
+            {**resolved, "ep_sizes": ep_sizes, "world_size": world, "data_tokens": blocks.tokens_per_lang},
+        )
+    engine, _, scheduler = initialize(model, trainable, config, ds_config)
+
+    state = {"step": 0, "sampler": sampler.state_dict()}
+    marker = checkpoint.load_latest(engine, out, model) if config.resume == "auto" else None
+    if marker is not None:
+        state = {"step": marker["step"], "sampler": marker["sampler"]}
+        sampler.load_state_dict(marker["sampler"])
+    stop = StopFlag()
+    metrics = MetricsLogger(out, rank, config.steps, state["step"], config.log_every)
+    accumulation = engine.gradient_accumulation_steps()
+    step = state["step"]
+    exit_code = 0
+    while step < config.steps:
+        started = time.perf_counter()
+        sums: dict[str, float] = {}
+        for _ in range(accumulation):
+            index = sampler.next_indices()
+            ids = blocks.input_ids_NL[index].to(device)
+            groups = blocks.lang_ids_NL[index].to(device)
+            output = engine(input_ids=ids, labels=ids)
+            losses = stage_losses(
+                model, output.loss, groups, stage, config.balance_alpha, config.lpr_gamma, config.cls_eta
+            )
+            engine.backward(losses.total)
+            engine.step()
+            _accumulate(sums, model, losses, groups, accumulation)
+        step += 1
+        scalars = _reduce_scalars(sums, device)
+        scalars["lr"] = scheduler.get_last_lr()[0]
+        grad_norm = engine.get_global_grad_norm()
+        if grad_norm is not None:
+            scalars["grad_norm"] = float(grad_norm)
+        scalars["tokens_per_s"] = world * accumulation * micro * config.seq_len / (time.perf_counter() - started)
+        metrics.step(step, scalars)
+        stopping = stop.agreed(device)
+        if step % config.save_every == 0 or step == config.steps or stopping:
+            checkpoint.save(
+                engine,
+                out,
+                step,
+                {"sampler": sampler.state_dict(), "layout": checkpoint.layout_of(model), "ep_sizes": ep_sizes},
+                config.keep_last_n,
+            )
+        if stopping and step < config.steps:
+            log.warning("stopped at step %d after a signal; rerun the same command to resume", step)
+            metrics.close()
+            return exit_code
+    metrics.close()
+    export_model(model, tokenizer, out / "model", stage)
+    return exit_code
+
+
+def _accumulate(sums: dict[str, float], model, losses, groups: torch.Tensor, accumulation: int) -> None:
+    """Per-step sums of what gets logged (divided by the accumulation steps; summed over ranks later)."""
+
+    def add(key, value):
+        sums[key] = sums.get(key, 0.0) + float(value) / accumulation
+
+    add("loss/total", losses.total.detach())
+    add("loss/ntp", losses.ntp.detach())
+    add("loss/balance", losses.balance.detach())
+    add("loss/lpr", losses.lpr.detach())
+    add("loss/cls", losses.cls.detach())
+    sums["classifier/correct"] = sums.get("classifier/correct", 0.0) + losses.cls_correct
+    sums["classifier/count"] = sums.get("classifier/count", 0.0) + losses.cls_count
+    old_tokens = groups.reshape(-1) == 0
+    for layer, block in model.moe_blocks().items():
+        aux = block.aux
+        sums["moe/dropped"] = sums.get("moe/dropped", 0.0) + aux.dropped
+        for e, load in enumerate(aux.expert_load_E.tolist()):
+            key = f"moe/layer_{layer:02d}/expert_load/{e:02d}"
+            sums[key] = sums.get(key, 0.0) + load
+        # Share of old-language tokens whose top route is expert 0 (what stage 2 should raise).
+        top = aux.router_log_probs_TE.argmax(dim=-1)
+        key = f"routing/layer_{layer:02d}/old_to_expert0"
+        sums[key + "/hits"] = sums.get(key + "/hits", 0.0) + float(((top == 0) & old_tokens).sum())
+        sums[key + "/count"] = sums.get(key + "/count", 0.0) + float(old_tokens.sum())
+
+
+def _reduce_scalars(sums: dict[str, float], device) -> dict[str, float]:
+    """Average losses over ranks, add up counts, and turn hit/count pairs into shares."""
+    keys = sorted(sums)
+    values = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(values)
+    world = dist.get_world_size()
+    totals = dict(zip(keys, values.tolist(), strict=True))
+    scalars = {k: v / world for k, v in totals.items() if k.startswith("loss/")}
+    scalars["moe/dropped"] = totals.get("moe/dropped", 0.0)
+    for key, value in totals.items():
+        if "/expert_load/" in key:
+            scalars[key] = value
+        elif key.endswith("/hits"):
+            count = totals[key[: -len("/hits")] + "/count"]
+            if count:
+                scalars[key[: -len("/hits")]] = value / count
+    if totals.get("classifier/count"):
+        scalars["classifier/accuracy"] = totals["classifier/correct"] / totals["classifier/count"]
+    return scalars
+
+
+def consolidated_state_dict(model) -> dict[str, torch.Tensor] | None:
+    """The full (ep_size 1) state dict on rank 0: every rank's local experts gathered under their global ids."""
+    from layermoe_ds.modeling.upcycle import NEW_EXPERT_PREFIX
+
+    local = {}
+    for layer, block in model.moe_blocks().items():
+        for local_id, expert in enumerate(block.moe.experts):
+            global_id = block.moe.global_ids[local_id]
+            for name, tensor in expert.state_dict().items():
+                local[f"model.layers.{layer}.mlp.{NEW_EXPERT_PREFIX}.{global_id}.{name}"] = tensor.detach().cpu()
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    if dist.get_rank() != 0:
+        return None
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items() if ".deepspeed_experts." not in k}
+    for part in gathered:
+        state.update(part)
+    return state
+
+
+def export_model(model, tokenizer, out: Path, stage: int) -> None:
+    """Write the trained model as an HF LayerMoE directory (rank 0), classifier routing on after stage 2."""
+    from layermoe_ds.modeling.hf_export import save_model
+    from layermoe_ds.modeling.upcycle import LAYERMOE_TYPES
+
+    state = consolidated_state_dict(model)
+    if state is not None:
+        config = model.config
+        config.classifier_routing = stage == 2
+        _, model_cls = LAYERMOE_TYPES[config.model_type]
+        local = model_cls(config)
+        local.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+        save_model(local, out, tokenizer)
+        log.info("exported %s", out)
+    dist.barrier()

@@ -1,0 +1,65 @@
+"""Stage losses from the blocks' recorded auxiliary outputs (each block computed its own with its own N_i).
+
+Stage 1: NTP + α · mean over MoE layers of the load-balance loss.
+Stage 2: NTP + γ · L_LPR + η · L_cls (no balance loss). L_LPR is the paper's −log G(t) on router probabilities
+(not the reference code's cross-entropy applied to probabilities, a double softmax): for a token of an earlier
+group g it is −log Σ_{experts e of groups ≤ g} p_e, which for the original languages (g = 0) is −log p_0.
+L_cls is the cross-entropy of the classifier logits against each token's language group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class StageLosses:
+    total: torch.Tensor
+    ntp: torch.Tensor
+    balance: torch.Tensor
+    lpr: torch.Tensor
+    cls: torch.Tensor
+    cls_correct: int
+    cls_count: int
+
+
+def lpr_loss(
+    log_probs_TE: torch.Tensor, expert_groups: list[int], token_group_T: torch.Tensor, newest_group: int
+) -> tuple[torch.Tensor, int]:
+    """Σ over tokens of earlier groups of −log Σ_{e: group(e) ≤ group(t)} p_e, and how many tokens counted."""
+    groups_E = torch.tensor(expert_groups, device=log_probs_TE.device)
+    earlier_T = token_group_T < newest_group
+    if not earlier_T.any():
+        return log_probs_TE.new_zeros(()), 0
+    allowed_TE = groups_E[None, :] <= token_group_T[earlier_T, None]
+    kept = log_probs_TE[earlier_T].masked_fill(~allowed_TE, float("-inf"))
+    return -torch.logsumexp(kept, dim=-1).sum(), int(earlier_T.sum())
+
+
+def stage_losses(
+    model, ntp: torch.Tensor, token_group_BT: torch.Tensor, stage: int, alpha: float, gamma: float, eta: float
+) -> StageLosses:
+    blocks = model.moe_blocks()
+    zero = ntp.new_zeros(())
+    balance = torch.stack([b.aux.balance_loss for b in blocks.values()]).mean() if blocks else zero
+    token_group_T = token_group_BT.reshape(-1)
+    newest = model.config.num_groups - 1
+    lpr, cls, correct, count = zero, zero, 0, 0
+    if stage == 2:
+        lpr_terms = [
+            lpr_loss(b.aux.router_log_probs_TE, b.gate.expert_groups, token_group_T, newest) for b in blocks.values()
+        ]
+        counted = sum(n for _, n in lpr_terms)
+        lpr = sum(t for t, _ in lpr_terms) / max(counted, 1) if counted else zero
+        cls_terms = [b.aux.classifier_logits_TG for b in blocks.values() if b.aux.classifier_logits_TG is not None]
+        if cls_terms:
+            cls = torch.stack([F.cross_entropy(logits, token_group_T) for logits in cls_terms]).mean()
+            correct = sum(int((logits.argmax(-1) == token_group_T).sum()) for logits in cls_terms)
+            count = sum(logits.shape[0] for logits in cls_terms)
+        total = ntp + gamma * lpr + eta * cls
+    else:
+        total = ntp + alpha * balance
+    return StageLosses(total, ntp, balance, lpr, cls, correct, count)

@@ -1,0 +1,61 @@
+"""What each training stage trains: a declared table, applied in one place, with counts logged per group.
+
+Stage 1 (learn the new languages): the routers and the new experts of the newest language group.
+Stage 2 (review): the routers and the language classifiers only; every expert, expert 0 included, is frozen.
+Embeddings, attention, norms, the LM head and expert 0 never train.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+ROUTER = re.compile(r"\.mlp\.gate\.router\.weight$")
+CLASSIFIER = re.compile(r"\.mlp\.gate\.lang_classifier\.weight$")
+NEW_EXPERT = re.compile(r"\.mlp\.moe\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.")
+
+# stage → trainable parameter groups: (group name, name pattern, newest language group's experts only)
+STAGE_TABLE: dict[int, tuple[tuple[str, re.Pattern, bool], ...]] = {
+    1: (("routers", ROUTER, False), ("new_experts", NEW_EXPERT, True)),
+    2: (("routers", ROUTER, False), ("classifiers", CLASSIFIER, False)),
+}
+
+
+def _newest_group_expert(model, name: str, match: re.Match) -> bool:
+    """Is this new-expert tensor one of the experts the newest language group added (global id under EP)?"""
+    layer = int(re.match(r"model\.layers\.(\d+)\.", name).group(1))
+    block = model.moe_blocks()[layer]
+    global_id = block.moe.global_ids[int(match.group(1))]
+    return block.gate.expert_groups[1 + global_id] == model.config.num_groups - 1
+
+
+def apply_stage(model: nn.Module, stage: int) -> dict[str, list[nn.Parameter]]:
+    """Freeze everything, then unfreeze what `stage` trains; returns group name → trainable parameters."""
+    if stage not in STAGE_TABLE:
+        raise ValueError(f"stage: {stage} is not one of {sorted(STAGE_TABLE)}")
+    groups: dict[str, list[nn.Parameter]] = {name: [] for name, _, _ in STAGE_TABLE[stage]}
+    frozen = 0
+    for name, param in model.named_parameters():
+        param.requires_grad_(False)
+        for group, pattern, newest_only in STAGE_TABLE[stage]:
+            match = pattern.search(name)
+            if match and (not newest_only or _newest_group_expert(model, name, match)):
+                param.requires_grad_(True)
+                groups[group].append(param)
+                break
+        else:
+            frozen += param.numel()
+    counts = {group: sum(p.numel() for p in params) for group, params in groups.items()}
+    log.info(
+        "stage %d trains %s parameters; %s frozen",
+        stage,
+        ", ".join(f"{g}: {n:,}" for g, n in counts.items()),
+        f"{frozen:,}",
+    )
+    if not any(counts.values()):
+        raise ValueError(f"stage {stage}: the model has nothing to train (no MoE layer or no new experts)")
+    return groups
