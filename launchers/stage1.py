@@ -1,4 +1,7 @@
-"""Stage 1 (learn the new languages: new experts + routers) of LayerMoE training on DeepSpeed (see layermoe_ds/training/launch.py for the options)."""
+"""Stage 1 of LayerMoE training on DeepSpeed: the new experts and routers learn the new languages.
+
+Options: layermoe_ds/training/launch.py (`python launchers/stage1.py --help`).
+"""
 
 import sys
 

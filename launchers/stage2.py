@@ -1,4 +1,7 @@
-"""Stage 2 (review: routers + classifiers on mixed text) of LayerMoE training on DeepSpeed (see layermoe_ds/training/launch.py for the options)."""
+"""Stage 2 of LayerMoE training on DeepSpeed: routers and classifiers review old and new languages.
+
+Options: layermoe_ds/training/launch.py (`python launchers/stage2.py --help`).
+"""
 
 import sys
 

@@ -89,10 +89,12 @@ def load_tokenizer(path: Path):
     """Load any HF tokenizer directory; make sure it has EOS (document separator) and a pad token."""
     from transformers import AutoTokenizer
 
+    import layermoe_ds.modeling.hf_export  # noqa: F401  (registers LayerMoE configs: no remote-code prompt)
+
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer: {path} is not a directory")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer: {path} has no EOS token (needed to separate documents)")
     if tokenizer.pad_token_id is None:
