@@ -110,6 +110,12 @@ def initialize(model, trainable: dict[str, list[torch.nn.Parameter]], config: Tr
         if params  # ZeRO crashes on a group left with no trainable tensor
     ]
     groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    # DeepSpeed collects the expert groups from a set of names, so their order follows Python's per-process string
+    # hashing: two ranks, or a run and its resumption, can order them differently (a resumed ZeRO run then fails
+    # with "parameter-alignment layout does not match"). Put them in a fixed order.
+    groups = [g for g in groups if not g.get("moe")] + sorted(
+        (g for g in groups if g.get("moe")), key=lambda g: g["name"]
+    )
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
 
     # A callable: DeepSpeed builds the scheduler over its own (ZeRO-wrapped, regrouped) optimizer.

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from layermoe_ds.config import TrainConfig, to_dict
-from layermoe_ds.io import write_json
+from layermoe_ds.io import read_json, write_json
 
 log = logging.getLogger("layermoe.train")
 
@@ -62,7 +62,6 @@ def _fingerprint(train: dict, ds: dict, stage: int) -> str:
 
 
 def _load_model(config: TrainConfig, stage: int, dtype: torch.dtype):
-    from layermoe_ds.io import read_json
     from layermoe_ds.modeling.hf_loading import load_causal_lm
     from layermoe_ds.modeling.upcycle import is_layermoe, upcycle
 
@@ -123,6 +122,9 @@ def run_stage(stage: int, config: TrainConfig, ds_config: dict) -> int:
     tokenizer = load_tokenizer(Path(config.model))
     blocks = stage_blocks(config, stage, tokenizer)
     model = _load_model(config, stage, torch.float32)
+    newest = checkpoint.complete_checkpoints(out)
+    if newest and config.resume == "auto":  # refuse another allocation's checkpoint before anything is written
+        checkpoint.check_compatible(read_json(newest[-1] / checkpoint.MARKER, "checkpoint marker"), model, newest[-1])
     micro = ds_config["train_micro_batch_size_per_gpu"]
     sampler = BlockSampler(len(blocks), micro, config.seed, rank, world)
     ep_sizes = to_expert_parallel(

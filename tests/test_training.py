@@ -1,0 +1,281 @@
+"""Stage 1 and stage 2 on DeepSpeed with 2 CPU ranks (gloo), started through the real `deepspeed` launcher."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+CPU = ROOT / "ds_configs" / "cpu.json"
+GROUPS = [["en", "de"], ["fr", "ru", "el"]]
+
+
+def launch_env() -> dict:
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def command(stage: int, config: dict, run_yaml: Path, ds_json: str, ranks: int = 2, port: int | None = None):
+    from tests.helpers import free_port
+
+    run_yaml.write_text(yaml.safe_dump(config))
+    return [
+        str(DEEPSPEED),
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(port or free_port()),
+        str(ROOT / "launchers" / f"stage{stage}.py"),
+        "--config",
+        str(run_yaml),
+        "--deepspeed_config",
+        str(ROOT / "ds_configs" / ds_json),
+        str(CPU),
+    ]
+
+
+def run(stage: int, config: dict, tmp: Path, ds_json: str, ranks: int = 2) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        command(stage, config, tmp / f"run_{time.monotonic_ns()}.yaml", ds_json, ranks),
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"stage {stage} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def metrics(run_dir: Path) -> dict[int, dict]:
+    """Step → record (a resumed run re-logs steps after its checkpoint: the last record wins)."""
+    records = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        records[record["step"]] = record
+    return records
+
+
+@pytest.fixture(scope="module")
+def upcycled(tiny_base, tmp_path_factory) -> Path:
+    """The tiny base upcycled with 3, 2, 3 experts: 2, 1, 2 new, so layers 0 and 2 run expert-parallel on 2 ranks."""
+    from layermoe_ds.cli import main
+
+    tmp = tmp_path_factory.mktemp("upcycled")
+    (tmp / "alloc.json").write_text(
+        json.dumps({"method": "layermoe", "experts_per_layer": [3, 2, 3], "classifier_layers": [0, 2]})
+    )
+    assert (
+        main(
+            ["upcycle", "--model", str(tiny_base), "--allocation", str(tmp / "alloc.json"), "--out", str(tmp / "model")]
+        )
+        == 0
+    )
+    return tmp / "model"
+
+
+def base_config(model: Path, corpus: Path, out: Path, **overrides) -> dict:
+    config = {
+        "model": str(model),
+        "data": str(corpus),
+        "out": str(out),
+        "language_groups": GROUPS,
+        "steps": 30,
+        "seq_len": 32,
+        "lr": 3e-3,
+        "save_every": 10,
+        "log_every": 10,
+        "seed": 0,
+    }
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture(scope="module")
+def stage1_run(upcycled, corpus_dir, tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("stage1")
+    run(1, base_config(upcycled, corpus_dir, tmp / "run"), tmp, "stage1_zero2.json")
+    return tmp / "run"
+
+
+def test_stage1_zero2_expert_parallel_learns_and_freezes(stage1_run, upcycled):
+    records = metrics(stage1_run)
+    first = sum(records[s]["loss/ntp"] for s in range(1, 6)) / 5
+    last = sum(records[s]["loss/ntp"] for s in range(26, 31)) / 5
+    assert last < first - 0.05, (first, last)
+    resolved = json.loads((stage1_run / "resolved_config.json").read_text())
+    assert resolved["ep_sizes"] == {"0": 2, "1": 1, "2": 2} and resolved["world_size"] == 2
+    assert "moe/layer_00/expert_load/02" in records[1] and "routing/layer_00/old_to_expert0" not in records[1]
+    assert list((stage1_run / "tb").glob("events.out.tfevents.*"))
+    before = load_file(upcycled / "model.safetensors")
+    after = load_file(stage1_run / "model" / "model.safetensors")
+    assert before.keys() == after.keys()
+    for key in before:
+        trained = ".gate.router." in key or ".deepspeed_experts." in key
+        if trained:
+            assert not torch.equal(before[key], after[key]), f"{key} did not change"
+        else:
+            assert torch.equal(before[key], after[key]), f"frozen {key} changed"
+    config = json.loads((stage1_run / "model" / "config.json").read_text())
+    assert config["classifier_routing"] is False
+
+
+def test_stage2_trains_only_gates_and_sends_old_tokens_home(stage1_run, corpus_dir, tmp_path):
+    config = base_config(
+        stage1_run / "model", corpus_dir, tmp_path / "run", steps=30, lr=0.05, stage2_docs_per_lang=300
+    )
+    run(2, config, tmp_path, "stage2.json")
+    before = load_file(stage1_run / "model" / "model.safetensors")
+    after = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    for key in before:
+        trained = ".gate.router." in key or ".gate.lang_classifier." in key
+        assert torch.equal(before[key], after[key]) != trained, key
+    records = metrics(tmp_path / "run")
+    layers = [k for k in records[1] if k.startswith("routing/") and k.endswith("old_to_expert0")]
+    assert layers
+
+    def share(steps):
+        return sum(records[s][k] for s in steps for k in layers) / (len(steps) * len(layers))
+
+    assert share(range(26, 31)) > share(range(1, 6)) + 0.05
+    assert records[30]["classifier/accuracy"] > 0.5
+    assert json.loads((tmp_path / "run" / "model" / "config.json").read_text())["classifier_routing"] is True
+
+
+def test_zero1_run_killed_with_sigkill_resumes_bitwise(upcycled, corpus_dir, tmp_path):
+    full = base_config(upcycled, corpus_dir, tmp_path / "full", steps=12, save_every=4, log_every=1)
+    run(1, full, tmp_path, "stage1_zero1.json")
+    killed = {**full, "out": str(tmp_path / "killed")}
+    proc = subprocess.Popen(
+        command(1, killed, tmp_path / "killed.yaml", "stage1_zero1.json"),
+        env=launch_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    marker = tmp_path / "killed" / "checkpoints" / "step_00000004" / "COMPLETE.json"
+    deadline = time.monotonic() + 300
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert marker.exists()
+    run(1, killed, tmp_path, "stage1_zero1.json")
+    expected, resumed = metrics(tmp_path / "full"), metrics(tmp_path / "killed")
+    for step in range(5, 13):
+        assert resumed[step]["loss/total"] == expected[step]["loss/total"], step
+    a = load_file(tmp_path / "full" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "killed" / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len(list((tmp_path / "killed" / "checkpoints").glob("step_*"))) == 2  # keep_last_n
+
+
+def test_sigterm_saves_and_exits_zero(upcycled, corpus_dir, tmp_path):
+    config = base_config(upcycled, corpus_dir, tmp_path / "run", steps=500, save_every=1000, log_every=1)
+    proc = subprocess.Popen(
+        command(1, config, tmp_path / "run.yaml", "stage1_zero2.json"),
+        env=launch_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    log = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while (not log.exists() or len(log.read_text().splitlines()) < 3) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    import psutil
+
+    # The trainers get the signal (as Slurm's --signal or a preemption delivers it to the tasks); the DeepSpeed
+    # launcher sees them exit 0 and exits 0 itself.
+    workers = [
+        p
+        for p in psutil.Process(proc.pid).children(recursive=True)
+        if "stage1.py" in " ".join(p.cmdline()) and "--local_rank" in " ".join(p.cmdline())
+    ]
+    assert len(workers) == 2
+    for worker in workers:
+        worker.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output[-3000:]
+    checkpoints = list((tmp_path / "run" / "checkpoints").glob("step_*/COMPLETE.json"))
+    assert len(checkpoints) == 1
+    step = json.loads(checkpoints[0].read_text())["step"]
+    assert 3 <= step < 500 and not (tmp_path / "run" / "model").exists()
+
+
+# --- bad input: one-line errors before any step, nothing overwritten -------------------------------------------
+
+
+@pytest.fixture()
+def single_rank(monkeypatch):
+    from tests.helpers import free_port
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(key, value)
+    if not torch.distributed.is_initialized():
+        monkeypatch.setenv("MASTER_PORT", str(free_port()))
+
+
+def launch_in_process(stage: int, config: dict, tmp: Path, ds_json: str, capsys) -> tuple[int, str]:
+    from layermoe_ds.training.launch import main
+
+    (tmp / "run.yaml").write_text(yaml.safe_dump(config))
+    code = main(
+        stage, ["--config", str(tmp / "run.yaml"), "--deepspeed_config", str(ROOT / "ds_configs" / ds_json), str(CPU)]
+    )
+    return code, capsys.readouterr().err.strip()
+
+
+def test_bad_inputs_fail_before_any_step(single_rank, tiny_base, upcycled, stage1_run, corpus_dir, tmp_path, capsys):
+    good = base_config(upcycled, corpus_dir, tmp_path / "run", steps=2)
+    cases = [
+        ({**good, "stpes": 3}, "stage1_zero2.json", "unknown key 'stpes' (did you mean 'steps'?)"),
+        ({**good, "language_groups": [["en"], ["xx"]]}, "stage1_zero2.json", "['xx'] not found"),
+        ({**good, "expert_parallel_size": "2"}, "stage1_zero2.json", "expert_parallel_size: 2 does not divide"),
+        ({**good, "language_groups": [["en", "de"], ["fr"], ["ru"]]}, "stage1_zero2.json", "the model knows 2"),
+    ]
+    zero3 = tmp_path / "zero3.json"
+    zero3.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3}}))
+    for config, ds_json, message in cases:
+        code, err = launch_in_process(1, config, tmp_path, ds_json, capsys)
+        assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    code, err = launch_in_process(1, good, tmp_path, str(zero3), capsys)
+    assert code == 2 and "ZeRO Stage 3" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+    # A checkpoint from another allocation is refused, and nothing in that run directory is touched.
+    other = tmp_path / "other"
+    shutil.copytree(stage1_run, other)
+    resolved = json.loads((other / "resolved_config.json").read_text())
+    dense = base_config(tiny_base, corpus_dir, other, steps=30)
+    before = {p: p.stat().st_mtime_ns for p in other.rglob("*") if p.is_file()}
+    (tmp_path / "alloc.json").write_text(json.dumps({"experts_per_layer": [2, 2, 2], "classifier_layers": [0]}))
+    code, err = launch_in_process(
+        1, {**dense, "allocation": str(tmp_path / "alloc.json")}, tmp_path, "stage1_zero2.json", capsys
+    )
+    assert code == 2 and "already holds a different run" in err
+    (other / "resolved_config.json").unlink()
+    code, err = launch_in_process(
+        1, {**dense, "allocation": str(tmp_path / "alloc.json")}, tmp_path, "stage1_zero2.json", capsys
+    )
+    assert code == 2 and "made for another allocation" in err, err
+    (other / "resolved_config.json").write_text(json.dumps(resolved))
+    after = {p: p.stat().st_mtime_ns for p in other.rglob("*") if p.is_file()}
+    assert {p: t for p, t in after.items() if p.name != "resolved_config.json"} == {
+        p: t for p, t in before.items() if p.name != "resolved_config.json"
+    }
