@@ -5,6 +5,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -56,3 +58,39 @@ def test_moe_block_bench_runs(tmp_path, capsys):
     }
     assert all(math.isfinite(v) and v > 0 for v in ratios.values())
     assert "as fast as DeepSpeed's stock MoE" in capsys.readouterr().out
+
+
+@pytest.mark.distributed
+def test_stage_bench_runs(tiny_base, corpus_dir, tmp_path, capsys):
+    from tests.helpers import free_port
+
+    alloc = tmp_path / "alloc.json"
+    alloc.write_text(json.dumps({"experts_per_layer": [3, 2, 3], "classifier_layers": [0, 2]}))
+    out = tmp_path / "stage_bench.json"
+    assert (
+        load_bench("stage_bench").main(
+            [
+                "--model",
+                str(tiny_base),
+                "--allocation",
+                str(alloc),
+                "--data",
+                str(corpus_dir),
+                "--steps",
+                "6",
+                "--seq-len",
+                "32",
+                "--port",
+                str(free_port()),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    result = json.loads(out.read_text())
+    assert result["stage2_over_stage1_step"] > 0 and math.isfinite(result["stage2_over_stage1_step"])
+    # Measured bytes, not times: ZeRO-1 and expert parallelism shrink each rank's share.
+    assert 0.3 < result["zero1_world2_over_world1_optimizer_bytes"] < 0.8
+    assert result["stage2_optimizer_bytes_per_rank"] < 0.05 * result["optimizer_bytes_per_rank_world1"]
+    assert "stage 2 / stage 1" in capsys.readouterr().out

@@ -1,0 +1,152 @@
+"""Stage-2 vs stage-1 step time, and optimizer-state bytes per rank at world 1 vs 2 (ZeRO-1), through the real
+launchers in one invocation.
+
+Goals (issue 6): a stage-2 step ≤ 0.6× a stage-1 step on the same model and batch; ZeRO-1 optimizer state per rank
+at world 2 ≈ 0.5× world 1.
+
+    DS_ACCELERATOR=cpu python bench/stage_bench.py            # demo artifacts: artifacts/base, runs/demo, data
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def launch(stage: int, ranks: int, config: dict, ds_json: str, workdir: Path, port: int) -> Path:
+    import yaml
+
+    run_yaml = workdir / f"stage{stage}_w{ranks}.yaml"
+    run_yaml.write_text(yaml.safe_dump(config))
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+    }
+    cmd = [
+        str(deepspeed),
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(port),
+        str(ROOT / "launchers" / f"stage{stage}.py"),
+        "--config",
+        str(run_yaml),
+        "--deepspeed_config",
+        str(ROOT / "ds_configs" / ds_json),
+    ]
+    if env["DS_ACCELERATOR"] == "cpu":
+        cmd.append(str(ROOT / "ds_configs" / "cpu.json"))
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"stage {stage} on {ranks} ranks failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    return Path(config["out"])
+
+
+def step_seconds(run_dir: Path, skip: int) -> float:
+    """Median seconds per step from the logged throughput, after `skip` warm-up steps."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    resolved = json.loads((run_dir / "resolved_config.json").read_text())
+    tokens = (
+        resolved["world_size"]
+        * resolved["deepspeed"]["train_micro_batch_size_per_gpu"]
+        * resolved["train"]["seq_len"]
+        * resolved["deepspeed"].get("gradient_accumulation_steps", 1)
+    )
+    return statistics.median(tokens / r["tokens_per_s"] for r in records[skip:])
+
+
+def optimizer_bytes_per_rank(run_dir: Path) -> float:
+    """ZeRO: the size of each rank's optimizer-state file. ZeRO stage 0 (stage 2) keeps the optimizer in the model
+    state file: the bytes of its state tensors (replicated, so per rank)."""
+    import torch
+
+    newest = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    files = list(newest.glob("*optim_states.pt"))
+    if files:
+        return sum(f.stat().st_size for f in files) / len(files)
+    state = torch.load(newest / "mp_rank_00_model_states.pt", weights_only=False)["optimizer"]["state"]
+    return float(
+        sum(t.numel() * t.element_size() for s in state.values() for t in s.values() if isinstance(t, torch.Tensor))
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="artifacts/base", help="dense model (upcycled with --allocation)")
+    parser.add_argument("--allocation", default="runs/demo/allocation.json")
+    parser.add_argument("--data", default="data")
+    parser.add_argument("--language-groups", default="en,de;fr,ru,el")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--port", type=int, default=29_611)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "stage_bench.json")
+    args = parser.parse_args(argv)
+    groups = [g.split(",") for g in args.language_groups.split(";")]
+    skip = min(5, args.steps // 3)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        common = {
+            "data": str(Path(args.data).resolve()),
+            "language_groups": groups,
+            "steps": args.steps,
+            "seq_len": args.seq_len,
+            "lr": 1e-3,
+            "save_every": args.steps,
+            "log_every": args.steps,
+            "stage2_docs_per_lang": 100_000,
+        }
+        stage1 = {
+            **common,
+            "model": str(Path(args.model).resolve()),
+            "allocation": str(Path(args.allocation).resolve()),
+        }
+        s1_w2 = launch(1, 2, {**stage1, "out": str(tmp / "s1_w2")}, "stage1_zero1.json", tmp, args.port)
+        s1_w1 = launch(1, 1, {**stage1, "out": str(tmp / "s1_w1")}, "stage1_zero1.json", tmp, args.port + 1)
+        s2_w2 = launch(
+            2,
+            2,
+            {**common, "model": str(s1_w2 / "model"), "out": str(tmp / "s2_w2")},
+            "stage2.json",
+            tmp,
+            args.port + 2,
+        )
+        result = {
+            "stage1_step_s": step_seconds(s1_w2, skip),
+            "stage2_step_s": step_seconds(s2_w2, skip),
+            "optimizer_bytes_per_rank_world1": optimizer_bytes_per_rank(s1_w1),
+            "optimizer_bytes_per_rank_world2": optimizer_bytes_per_rank(s1_w2),
+            "stage2_optimizer_bytes_per_rank": optimizer_bytes_per_rank(s2_w2),
+        }
+    result["stage2_over_stage1_step"] = result["stage2_step_s"] / result["stage1_step_s"]
+    result["zero1_world2_over_world1_optimizer_bytes"] = (
+        result["optimizer_bytes_per_rank_world2"] / result["optimizer_bytes_per_rank_world1"]
+    )
+    result.update(steps=args.steps, seq_len=args.seq_len, model=args.model, allocation=args.allocation)
+    print(
+        f"stage-1 step {result['stage1_step_s'] * 1e3:.1f} ms, stage-2 step {result['stage2_step_s'] * 1e3:.1f} ms"
+        f" (2 ranks): stage 2 / stage 1 = {result['stage2_over_stage1_step']:.2f}x (goal <= 0.6)"
+    )
+    print(
+        f"ZeRO-1 optimizer state per rank: world 1 {result['optimizer_bytes_per_rank_world1'] / 1e6:.2f} MB, "
+        f"world 2 {result['optimizer_bytes_per_rank_world2'] / 1e6:.2f} MB: "
+        f"{result['zero1_world2_over_world1_optimizer_bytes']:.2f}x (goal ~0.5); stage 2: "
+        f"{result['stage2_optimizer_bytes_per_rank'] / 1e6:.3f} MB per rank"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
