@@ -1,0 +1,54 @@
+"""The declared freeze table and the stage losses, on a lifelong (grown) model — no DeepSpeed launch needed."""
+
+import pytest
+import torch
+
+from layermoe_ds.modeling.upcycle import grow, upcycle
+from layermoe_ds.training.losses import lpr_loss, stage_losses
+from layermoe_ds.training.stages import apply_stage
+from tests.test_upcycle import ALLOCATION, IDS, tiny_dense
+
+
+@pytest.fixture(scope="module")
+def grown():
+    model = upcycle(tiny_dense("llama"), ALLOCATION)
+    return grow(model, {"experts_per_layer": [2, 3, 1, 2], "classifier_layers": [1]})
+
+
+def test_stage1_of_a_lifelong_step_trains_only_the_newest_groups_experts_and_routers(grown):
+    groups = apply_stage(grown, 1)
+    trainable = {n for n, p in grown.named_parameters() if p.requires_grad}
+    for layer, block in grown.moe_blocks().items():
+        assert f"model.layers.{layer}.mlp.gate.router.weight" in trainable
+        for j, group in enumerate(block.gate.expert_groups[1:]):
+            name = f"model.layers.{layer}.mlp.moe.deepspeed_moe.experts.deepspeed_experts.{j}.up_proj.weight"
+            assert (name in trainable) == (group == 2), name
+    assert not [n for n in trainable if "base_ffn" in n or "embed" in n or "self_attn" in n or "classifier" in n]
+    assert {k: len(v) for k, v in groups.items()} == {"routers": 4, "new_experts": 3 * 4}  # 1+2+0+1 group-2 experts
+
+
+def test_stage2_trains_routers_and_classifiers_only(grown):
+    apply_stage(grown, 2)
+    trainable = {n for n, p in grown.named_parameters() if p.requires_grad}
+    assert trainable and all(".gate.router." in n or ".gate.lang_classifier." in n for n in trainable)
+    assert sum(".lang_classifier." in n for n in trainable) == 3
+
+
+def test_lpr_is_minus_log_prob_of_allowed_experts():
+    log_probs = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6]]))
+    groups = [0, 1, 2]
+    token_group = torch.tensor([0, 1, 2])  # the last token is of the newest group: no LPR term
+    total, count = lpr_loss(log_probs, groups, token_group, newest_group=2)
+    assert count == 2
+    assert total.item() == pytest.approx(-(torch.log(torch.tensor(0.5)) + torch.log(torch.tensor(0.7))).item())
+
+
+def test_stage_losses_combine_with_the_coefficients(grown):
+    grown.set_classifier_routing(True)
+    output = grown(IDS, labels=IDS)
+    token_groups = torch.tensor([[0] * 12, [2] * 12])
+    s1 = stage_losses(grown, output.loss, token_groups, 1, alpha=0.01, gamma=0.1, eta=0.1)
+    assert s1.total.item() == pytest.approx((output.loss + 0.01 * s1.balance).item())
+    s2 = stage_losses(grown, output.loss, token_groups, 2, alpha=0.01, gamma=0.1, eta=0.1)
+    assert s2.total.item() == pytest.approx((output.loss + 0.1 * s2.lpr + 0.1 * s2.cls).item())
+    assert s2.lpr.item() > 0 and s2.cls.item() > 0 and s2.cls_count == 3 * 24
