@@ -25,6 +25,9 @@ MAX_EXPERTS = 3
 # absent. Trained on old languages alone, the 4-layer model's layer-0 similarity comes out negative (measured
 # T_0 = -0.014), which Eq. 10 cannot use.
 LOW_RESOURCE_SHARE = 0.05
+STAGE1_STEPS, STAGE1_LR = 150, 2e-3
+STAGE2_STEPS, STAGE2_LR, STAGE2_DOCS = 60, 1e-2, 3000
+ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_MARKER = "layermoe_tokenizer.json"
 
 
@@ -45,8 +48,44 @@ def ensure_tokenizer(data: Path, out: Path, langs: tuple[str, ...], vocab: int =
     return out
 
 
+def run_stage_launcher(stage: int, run_config: dict, run_dir: Path) -> Path:
+    """Run a training stage through the real DeepSpeed launcher on 2 CPU ranks (skipped when already exported;
+    a killed run resumes from its newest complete checkpoint when the demo is run again)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    if (run_dir / "model" / "config.json").is_file():
+        return run_dir / "model"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir.parent / f"stage{stage}.yaml").write_text(yaml.safe_dump(run_config))
+    ds_json = "stage1_zero2.json" if stage == 1 else "stage2.json"
+    cmd = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(29_400 + stage),
+        str(ROOT / "launchers" / f"stage{stage}.py"),
+        "--config",
+        str(run_dir.parent / f"stage{stage}.yaml"),
+        "--deepspeed_config",
+        str(ROOT / "ds_configs" / ds_json),
+        str(ROOT / "ds_configs" / "cpu.json"),
+    ]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    with open(run_dir.parent / f"stage{stage}.log", "w") as log_file:
+        result = subprocess.run(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        raise RuntimeError(f"stage {stage} failed (exit {result.returncode}); see {run_dir.parent}/stage{stage}.log")
+    return run_dir / "model"
+
+
 def run_demo(data: Path, artifacts: Path, runs: Path, cache: Path) -> int:
     from layermoe_ds.analysis.allocation import AllocationOptions, allocate_from_file
+    from layermoe_ds.analysis.plots import plot_similarity
     from layermoe_ds.analysis.profiling import run_profile
     from layermoe_ds.data.loading import load_texts
     from layermoe_ds.data.tokenizer import load_tokenizer
@@ -58,32 +97,23 @@ def run_demo(data: Path, artifacts: Path, runs: Path, cache: Path) -> int:
     langs = OLD_LANGS + NEW_LANGS
     options = CorpusOptions(langs=langs)
     if not corpus_is_built(data, options):
-        print(f"[1/5] building the corpus in {data} from Debian's libreoffice-help packages …", flush=True)
+        print(f"[1/7] building the corpus in {data} from Debian's libreoffice-help packages …", flush=True)
         build_corpus(data, cache, options)
-    print(f"[2/5] tokenizer in {artifacts / 'tokenizer'} …", flush=True)
+    print(f"[2/7] tokenizer in {artifacts / 'tokenizer'} …", flush=True)
     tokenizer_dir = ensure_tokenizer(data, artifacts / "tokenizer", langs)
     base = artifacts / "base"
     config = PretrainConfig(langs=OLD_LANGS, low_resource_langs=NEW_LANGS, low_resource_share=LOW_RESOURCE_SHARE)
     if not is_done(base, config, tokenizer_dir, data):
         print(
-            f"[3/5] pretraining the dense base model on {','.join(OLD_LANGS)} (+{LOW_RESOURCE_SHARE:.0%} "
+            f"[3/7] pretraining the dense base model on {','.join(OLD_LANGS)} (+{LOW_RESOURCE_SHARE:.0%} "
             f"{','.join(NEW_LANGS)}; {config.steps} steps) …",
             flush=True,
         )
         pretrain(config, data, tokenizer_dir, base)
-    tokenizer = load_tokenizer(base)
-    model = load_causal_lm(base)
-    results = evaluate_languages(model, tokenizer, load_texts(data, langs, "test"), config.seq_len)
-    runs.mkdir(parents=True, exist_ok=True)
-    write_json(
-        runs / "eval_base.json",
-        {"model": str(base), "split": "test", "languages": results, **group_averages(results, OLD_LANGS, NEW_LANGS)},
-    )
-    print("\nDense base model, held-out test split (old = trained languages, new = to be added):")
-    print(format_table(results, OLD_LANGS, NEW_LANGS))
 
+    runs.mkdir(parents=True, exist_ok=True)
     similarity = runs / "similarity.json"
-    print(f"\n[4/5] profiling layer similarity ({PROFILE_TOKENS} valid tokens per language) …", flush=True)
+    print(f"[4/7] profiling layer similarity ({PROFILE_TOKENS} valid tokens per language) …", flush=True)
     run_profile(
         base,
         data,
@@ -95,15 +125,13 @@ def run_demo(data: Path, artifacts: Path, runs: Path, cache: Path) -> int:
         seq_len=config.seq_len,
     )
     print(
-        f"[5/5] allocating a budget of {BUDGET} experts, {MIN_EXPERTS}-{MAX_EXPERTS} per layer (Eq. 10) …", flush=True
+        f"[5/7] allocating a budget of {BUDGET} experts, {MIN_EXPERTS}-{MAX_EXPERTS} per layer (Eq. 10) …", flush=True
     )
     allocation = allocate_from_file(
         similarity,
         AllocationOptions(budget=BUDGET, classifier_layers="2", min_experts=MIN_EXPERTS, max_experts=MAX_EXPERTS),
     )
     write_json(runs / "allocation.json", allocation)
-    from layermoe_ds.analysis.plots import plot_similarity
-
     plot_similarity(read_json(similarity, "similarity"), runs / "allocation.png", allocation)
     print(f"{'layer':>5} {'T_i':>7} {'N_i':>4}  classifier")
     for i, (score, n) in enumerate(zip(allocation["layer_score"], allocation["experts_per_layer"], strict=True)):
@@ -112,6 +140,66 @@ def run_demo(data: Path, artifacts: Path, runs: Path, cache: Path) -> int:
         f"Σ N_i = {allocation['total_experts']} for budget {BUDGET} ({allocation['new_experts']} new experts; "
         f"MoE-LPR's uniform 3 per layer would add {2 * len(allocation['layer_score'])})"
     )
-    print(f"\nresults in {runs}: eval_base.json, similarity.json/.png, allocation.json/.png")
+
+    common = {
+        "data": str(data.resolve()),
+        "language_groups": [list(OLD_LANGS), list(NEW_LANGS)],
+        "seq_len": config.seq_len,
+        "save_every": 50,
+        "log_every": 25,
+    }
+    print(
+        f"[6/7] stage 1: new experts + routers on {','.join(NEW_LANGS)}, {STAGE1_STEPS} steps on 2 CPU ranks "
+        f"(log: {runs / 'stage1.log'}) …",
+        flush=True,
+    )
+    stage1 = run_stage_launcher(
+        1,
+        {
+            **common,
+            "model": str(base.resolve()),
+            "allocation": str((runs / "allocation.json").resolve()),
+            "out": str((runs / "stage1").resolve()),
+            "steps": STAGE1_STEPS,
+            "lr": STAGE1_LR,
+        },
+        runs / "stage1",
+    )
+    print(
+        f"[7/7] stage 2: routers + classifiers on old+new text, {STAGE2_STEPS} steps (log: {runs / 'stage2.log'}) …",
+        flush=True,
+    )
+    stage2 = run_stage_launcher(
+        2,
+        {
+            **common,
+            "model": str(stage1.resolve()),
+            "out": str((runs / "stage2").resolve()),
+            "steps": STAGE2_STEPS,
+            "lr": STAGE2_LR,
+            "stage2_docs_per_lang": STAGE2_DOCS,
+        },
+        runs / "stage2",
+    )
+
+    test_texts = load_texts(data, langs, "test")
+    tokenizer = load_tokenizer(base)
+    table = {}
+    for name, path in (("dense base", base), ("LayerMoE stage 1", stage1), ("LayerMoE stage 2", stage2)):
+        results = evaluate_languages(load_causal_lm(path), tokenizer, test_texts, config.seq_len)
+        table[name] = {"languages": results, **group_averages(results, OLD_LANGS, NEW_LANGS)}
+        print(f"\n{name} ({path}), held-out test split:")
+        print(format_table(results, OLD_LANGS, NEW_LANGS))
+    write_json(runs / "eval.json", table)
+    print(f"\n{'system':<18} {'Old-avg loss':>12} {'New-avg loss':>12} {'Old bits/byte':>13} {'New bits/byte':>13}")
+    for name, row in table.items():
+        print(
+            f"{name:<18} {row['old_avg']['loss']:>12.3f} {row['new_avg']['loss']:>12.3f} "
+            f"{row['old_avg']['bpb']:>13.3f} {row['new_avg']['bpb']:>13.3f}"
+        )
+    print(
+        f"\nresults in {runs}: eval.json, similarity.json/.png, allocation.json/.png, stage1/, stage2/ "
+        f"(TensorBoard: tensorboard --logdir {runs})"
+    )
     print(f"wall time: {time.perf_counter() - started:.0f} s")
     return 0
