@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
-from transformers import LlamaConfig, MistralConfig, Qwen2Config
+from transformers import LlamaConfig, MistralConfig, PreTrainedConfig, Qwen2Config
 
 CLASSIFIER_MODES = ("per-token", "prefix-mean")
 
@@ -36,8 +36,9 @@ def _validate_layermoe(config) -> None:
 
 
 @strict
-class LayerMoELlamaConfig(LlamaConfig):
-    model_type = "layermoe_llama"
+class LayerMoEFields(PreTrainedConfig):
+    """The LayerMoE fields, mixed in before each dense architecture's config."""
+
     experts_per_layer: list | None = None  # N_i, total experts of layer i including the original FFN (expert 0)
     expert_groups: list | None = None  # per layer: the language group that added each expert (expert 0: group 0)
     num_groups: int = 2  # language groups known so far: old + one per expansion
@@ -45,7 +46,7 @@ class LayerMoELlamaConfig(LlamaConfig):
     classifier_mode: str = "per-token"
     classifier_routing: bool = True  # class "old" → expert 0 alone (stage 2 and inference); off in stage 1
     moe_top_k: int = 2
-    allocation: dict | None = None  # the allocation.json this model was upcycled or grown from
+    allocation: dict | None = None  # the allocation.json history this model was upcycled and grown from
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -53,34 +54,15 @@ class LayerMoELlamaConfig(LlamaConfig):
 
 
 @strict
-class LayerMoEQwen2Config(Qwen2Config):
+class LayerMoELlamaConfig(LayerMoEFields, LlamaConfig):
+    model_type = "layermoe_llama"
+
+
+@strict
+class LayerMoEQwen2Config(LayerMoEFields, Qwen2Config):
     model_type = "layermoe_qwen2"
-    experts_per_layer: list | None = None
-    expert_groups: list | None = None
-    num_groups: int = 2
-    classifier_layers: list | None = None
-    classifier_mode: str = "per-token"
-    classifier_routing: bool = True
-    moe_top_k: int = 2
-    allocation: dict | None = None
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        _validate_layermoe(self)
 
 
 @strict
-class LayerMoEMistralConfig(MistralConfig):
+class LayerMoEMistralConfig(LayerMoEFields, MistralConfig):
     model_type = "layermoe_mistral"
-    experts_per_layer: list | None = None
-    expert_groups: list | None = None
-    num_groups: int = 2
-    classifier_layers: list | None = None
-    classifier_mode: str = "per-token"
-    classifier_routing: bool = True
-    moe_top_k: int = 2
-    allocation: dict | None = None
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        _validate_layermoe(self)
