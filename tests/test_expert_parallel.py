@@ -26,7 +26,7 @@ def _worker(rank: int, world: int, port: int) -> None:
     import deepspeed
     import torch.distributed as dist
 
-    from layermoe_ds.modeling.moe_layer import block_to_expert_parallel, choose_ep_size
+    from layermoe_ds.modeling.moe_layer import block_to_expert_parallel, choose_ep_size, expert_placement
 
     deepspeed.init_distributed(dist_backend="gloo")
     reference = make_block(groups=(0, 1, 1, 1, 1), classes=2, seed=0)
@@ -37,7 +37,8 @@ def _worker(rank: int, world: int, port: int) -> None:
     reference.classifier_routing = True
     parallel = copy.deepcopy(reference)
     assert block_to_expert_parallel(parallel, 16, world, ep_size="auto", drop_tokens=False) == 2
-    assert choose_ep_size(3, 2) == 1
+    assert choose_ep_size(3, 2) == 1 and choose_ep_size(4, 2, trainable=1) == 1
+    assert expert_placement([1, 1, 2, 2], 2) == [0, 2, 1, 3]  # each rank: one G1 and one G2 expert
     with pytest.raises(ValueError, match="does not divide layer 4's 3 new experts"):
         choose_ep_size(3, 2, requested=2, layer=4)
 
@@ -50,9 +51,9 @@ def _worker(rank: int, world: int, port: int) -> None:
     torch.testing.assert_close(out, full[rank * 3 : (rank + 1) * 3], atol=1e-5, rtol=1e-5)
 
     # Experts live on one rank: their gradient already sums every rank's tokens (the all-to-all brought them).
-    per_rank = 2
-    for local_id, expert in enumerate(parallel.moe.experts):
-        twin = reference.moe.experts[rank * per_rank + local_id]
+    assert parallel.moe.global_ids == [[0, 2], [1, 3]][rank]  # dealt round-robin over the ranks
+    for expert, global_id in zip(parallel.moe.experts, parallel.moe.global_ids, strict=True):
+        twin = reference.moe.experts[global_id]
         for p, q in zip(expert.parameters(), twin.parameters(), strict=True):
             torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4)
     # Replicated tensors (router, classifier, expert 0): data-parallel sum of the per-rank gradients.

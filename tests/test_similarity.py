@@ -257,3 +257,15 @@ def test_torchrun_profile_launcher_matches_single_process(tiny_base, corpus_dir,
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert two["world_size"] == 2 and one["tokens"] == two["tokens"]
     assert one["layer_score"] == pytest.approx(two["layer_score"], abs=1e-6)
+
+
+def test_profiling_an_expanded_layermoe_model_works_like_the_dense_one(profiled, tmp_path):
+    """The lifelong case: hooks land on LayerMoE blocks; with new experts still copies of the FFN, every layer's
+    FFN input (and so the similarity) is the dense model's."""
+    from layermoe_ds.modeling.upcycle import upcycle
+
+    model, batches = profiled
+    moe = upcycle(model, {"experts_per_layer": [3, 1, 2], "classifier_layers": [0]}).eval()
+    dense_matrix = profile_model(model, batches, batch_size=8).matrix()
+    moe_matrix = profile_model(moe, batches, batch_size=8).matrix()
+    assert torch.allclose(dense_matrix, moe_matrix, atol=1e-5)

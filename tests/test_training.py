@@ -279,3 +279,43 @@ def test_bad_inputs_fail_before_any_step(single_rank, tiny_base, upcycled, stage
     assert {p: t for p, t in after.items() if p.name != "resolved_config.json"} == {
         p: t for p, t in before.items() if p.name != "resolved_config.json"
     }
+
+
+def test_lifelong_step_trains_only_the_new_groups_experts(stage1_run, corpus_dir, tmp_path):
+    """G0 → G1 (the stage-1 run) → G2: grow, then stage 1 again with three language groups."""
+    from layermoe_ds.cli import main
+
+    (tmp_path / "alloc_g2.json").write_text(json.dumps({"experts_per_layer": [2, 1, 3], "classifier_layers": [2]}))
+    grown = tmp_path / "grown"
+    assert (
+        main(
+            [
+                "grow",
+                "--model",
+                str(stage1_run / "model"),
+                "--allocation",
+                str(tmp_path / "alloc_g2.json"),
+                "--out",
+                str(grown),
+            ]
+        )
+        == 0
+    )
+    config = base_config(
+        grown, corpus_dir, tmp_path / "run", steps=8, save_every=8, language_groups=[["en", "de"], ["fr", "ru"], ["el"]]
+    )
+    run(1, config, tmp_path, "stage1_zero2.json")
+    groups = json.loads((grown / "config.json").read_text())["expert_groups"]
+    before = load_file(grown / "model.safetensors")
+    after = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    changed_g2_layers = set()
+    for key in before:
+        if ".deepspeed_experts." in key:
+            layer, expert = int(key.split(".")[2]), int(key.split("deepspeed_experts.")[1].split(".")[0])
+            if groups[layer][1 + expert] != 2:
+                assert torch.equal(before[key], after[key]), f"earlier group's expert changed: {key}"
+            elif not torch.equal(before[key], after[key]):
+                changed_g2_layers.add(layer)
+        elif ".gate.router." not in key:
+            assert torch.equal(before[key], after[key]), key
+    assert changed_g2_layers == {0, 2}  # the layers that gained G2 experts

@@ -19,18 +19,32 @@ from deepspeed.moe.layer import MoE
 from torch import nn
 
 
-def choose_ep_size(num_new_experts: int, world_size: int, requested: int | str = "auto", layer: int = 0) -> int:
-    """`auto`: the largest divisor of both the layer's new-expert count and the world size; an explicit size must
-    divide both (a clear error otherwise, naming the layer)."""
+def choose_ep_size(
+    num_new_experts: int, world_size: int, requested: int | str = "auto", layer: int = 0, trainable: int | None = None
+) -> int:
+    """`auto`: the largest divisor of the layer's new-expert count, the world size and (lifelong) the number of
+    experts this run trains in the layer, so every rank holds the same number of them — ZeRO needs the same
+    parameter groups on every rank. An explicit size must divide all of them (a clear error names the layer)."""
+    counts = [num_new_experts, world_size] + ([trainable] if trainable else [])
     if requested == "auto":
-        return math.gcd(num_new_experts, world_size)
+        return math.gcd(*counts)
     size = int(requested)
-    if size < 1 or num_new_experts % size or world_size % size:
+    if size < 1 or any(n % size for n in counts):
         raise ValueError(
-            f"expert_parallel_size: {size} does not divide layer {layer}'s {num_new_experts} new experts and the "
-            f"world size {world_size}; use 'auto' or re-allocate with `layermoe allocate --align {size}`"
+            f"expert_parallel_size: {size} does not divide layer {layer}'s {num_new_experts} new experts "
+            f"({trainable or num_new_experts} trained now) and the world size {world_size}; use 'auto' or "
+            f"re-allocate with `layermoe allocate --align {size}`"
         )
     return size
+
+
+def expert_placement(expert_groups: list[int], ep_size: int) -> list[int]:
+    """DeepSpeed slot → our new-expert id. Slots are split into contiguous per-rank chunks; dealing the experts,
+    sorted by language group, round-robin over ranks spreads every group evenly (a lifelong run trains the newest
+    group only, and each rank must own an equal share of what trains)."""
+    order = sorted(range(len(expert_groups)), key=lambda e: (expert_groups[e], e))
+    per_rank = [order[r::ep_size] for r in range(ep_size)]
+    return [e for chunk in per_rank for e in chunk]
 
 
 class RouteAdapter(nn.Module):
@@ -110,7 +124,8 @@ class DeepSpeedNewExperts(MoE):
         return self.deepspeed_moe.experts.deepspeed_experts
 
     def forward(self, hidden_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor):
-        routes = torch.cat([ids_TK.to(weights_TK.dtype), weights_TK], dim=1)
+        slots_TK = torch.where(ids_TK >= 0, self.slot_of_expert.to(ids_TK.device)[ids_TK.clamp_min(0)], ids_TK)
+        routes = torch.cat([slots_TK.to(weights_TK.dtype), weights_TK], dim=1)
         out, _, _ = super().forward(hidden_TH, routes)
         return out.float(), self.deepspeed_moe.gate.dropped
 
@@ -124,26 +139,34 @@ def block_to_expert_parallel(
     min_capacity: int = 4,
     drop_tokens: bool = True,
     layer: int = 0,
+    trained_group: int | None = None,
 ) -> int:
     """Swap one block's local new experts for DeepSpeed's expert-parallel MoE, keeping this rank's share of the
-    weights (global expert g lives on expert-parallel rank g // (E / ep_size)). Returns the ep_size used."""
+    weights (placement: `expert_placement`). `trained_group`: the language group whose experts this run trains
+    (each rank gets an equal share of them). Returns the ep_size used."""
     from deepspeed.utils import groups
 
     local = block.moe
     num_new = len(local.experts)
-    ep = choose_ep_size(num_new, world_size, ep_size, layer)
+    expert_groups = list(block.gate.expert_groups[1:])
+    trainable = sum(g == trained_group for g in expert_groups) if trained_group is not None else None
+    ep = choose_ep_size(num_new, world_size, ep_size, layer, trainable)
     moe = DeepSpeedNewExperts(
         copy.deepcopy(local.experts[0]), hidden_size, num_new, ep, capacity_factor, min_capacity, drop_tokens
     )
     moe.set_deepspeed_parallelism()
     ep_rank = groups._get_expert_parallel_rank(moe.expert_group_name)
     per_rank = num_new // ep
-    for local_id, target in enumerate(moe.experts):
-        source = local.experts[ep_rank * per_rank + local_id]
+    placement = expert_placement(expert_groups, ep)
+    moe.global_ids = placement[ep_rank * per_rank : (ep_rank + 1) * per_rank]
+    slot_of_expert = torch.empty(num_new, dtype=torch.long)
+    slot_of_expert[torch.tensor(placement)] = torch.arange(num_new)
+    moe.register_buffer("slot_of_expert", slot_of_expert, persistent=False)
+    for target, source_id in zip(moe.experts, moe.global_ids, strict=True):
+        source = local.experts[source_id]
         target.load_state_dict(source.state_dict())
         for p_target, p_source in zip(target.parameters(), source.parameters(), strict=True):
             p_target.requires_grad_(p_source.requires_grad)
-    moe.global_ids = [ep_rank * per_rank + local_id for local_id in range(per_rank)]
     block.moe = moe.to(next(block.base_ffn.parameters()).device)
     return ep
 
@@ -157,13 +180,23 @@ def to_expert_parallel(
     drop_tokens: bool = True,
 ) -> dict[int, int]:
     """Every MoE layer of a LayerMoE model onto DeepSpeed MoE, each with its own ep_size; returns layer → ep_size.
+    The newest language group's experts (what a run trains) are spread evenly over each layer's ranks.
 
     torch.distributed (via deepspeed.init_distributed) must be initialised; expert process groups are created here
     so the weights can be placed before `deepspeed.initialize`.
     """
+    newest = model.config.num_groups - 1
     return {
         layer: block_to_expert_parallel(
-            block, model.config.hidden_size, world_size, ep_size, capacity_factor, min_capacity, drop_tokens, layer
+            block,
+            model.config.hidden_size,
+            world_size,
+            ep_size,
+            capacity_factor,
+            min_capacity,
+            drop_tokens,
+            layer,
+            trained_group=newest,
         )
         for layer, block in model.moe_blocks().items()
     }
