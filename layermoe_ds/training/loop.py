@@ -153,7 +153,6 @@ def run_stage(stage: int, config: TrainConfig, ds_config: dict) -> int:
     metrics = MetricsLogger(out, rank, config.steps, state["step"], config.log_every)
     accumulation = engine.gradient_accumulation_steps()
     step = state["step"]
-    exit_code = 0
     while step < config.steps:
         started = time.perf_counter()
         sums: dict[str, float] = {}
@@ -188,10 +187,10 @@ def run_stage(stage: int, config: TrainConfig, ds_config: dict) -> int:
         if stopping and step < config.steps:
             log.warning("stopped at step %d after a signal; rerun the same command to resume", step)
             metrics.close()
-            return exit_code
+            return 0
     metrics.close()
     export_model(model, tokenizer, out / "model", stage)
-    return exit_code
+    return 0
 
 
 def _accumulate(sums: dict[str, float], model, losses, groups: torch.Tensor, accumulation: int) -> None:
