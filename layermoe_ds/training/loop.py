@@ -115,6 +115,8 @@ def run_stage(stage: int, config: TrainConfig, ds_config: dict) -> int:
         raise FileExistsError(f"{out} has checkpoints and train.resume is 'no'; use another --out")
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":  # before any collective: NCCL binds each rank to its device
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     deepspeed.init_distributed(dist_backend=backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if backend == "nccl" else torch.device("cpu")
