@@ -373,6 +373,12 @@ def _add_allocate(sub) -> None:
     p.add_argument("--max-experts", type=int, default=None)
     p.add_argument("--align", type=int, default=1, help="round new experts per layer up to a multiple of this")
     p.add_argument("--seed", type=int, default=0, help="for --method random")
+    p.add_argument(
+        "--min-score",
+        type=float,
+        default=None,
+        help="raise layer scores below this to it (recorded); without it a score <= 0 is an error",
+    )
     p.add_argument("--plot", type=Path, default=None, help="PNG: scores with the allocation as bars")
     p.add_argument("--sweep", default=None, help="print allocations for several budgets, e.g. 36,72,108")
     p.set_defaults(func=_cmd_allocate)
@@ -394,6 +400,7 @@ def _cmd_allocate(args) -> int:
         max_experts=args.max_experts,
         align=args.align,
         seed=args.seed,
+        min_score=args.min_score,
     )
     if args.sweep:
         try:
@@ -401,7 +408,7 @@ def _cmd_allocate(args) -> int:
         except ValueError as exc:
             raise ValueError(f"--sweep: {args.sweep!r} is not a list of integers like 36,72,108") from exc
         sim = read_json(args.similarity, "similarity")
-        scores = scores_from_similarity(sim, f"similarity file {args.similarity}")
+        scores = scores_from_similarity(sim, f"similarity file {args.similarity}", args.min_score is not None)
         print(sweep_table(scores, budgets, AllocationOptions(budget=budgets[0], **common)))
         if args.budget is None:
             return 0
@@ -417,6 +424,11 @@ def _cmd_allocate(args) -> int:
         from layermoe_ds.analysis.plots import plot_similarity
 
         plot_similarity(read_json(args.similarity, "similarity"), args.plot, result)
+    if result.get("floored_layers"):
+        print(
+            f"note: layers {result['floored_layers']} had scores below --min-score {args.min_score} "
+            f"({[round(result['raw_layer_score'][i], 4) for i in result['floored_layers']]}) and were raised to it"
+        )
     print(",".join(map(str, result["experts_per_layer"])))
     print(
         f"{result['method']}: Σ N_i = {result['total_experts']} for budget {result['budget']} "

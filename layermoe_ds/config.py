@@ -30,6 +30,7 @@ class BaseModelConfig:
     num_kv_heads: int = 2
     intermediate_size: int = 352
     max_position: int = 512
+    tie_embeddings: bool = True
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:

@@ -157,3 +157,34 @@ def test_allocate_command(tmp_path, capsys):
     assert main(["allocate", "--similarity", str(bad), "--budget", "70", "--out", str(tmp_path / "y.json")]) == 2
     assert "is not valid JSON" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "y.json").exists()
+
+
+def test_min_score_raises_nonpositive_scores_explicitly(tmp_path, capsys):
+    with pytest.raises(ValueError, match="non-positive"):
+        allocate([-0.1, 0.2, 0.3], AllocationOptions(budget=6))
+    result = allocate([-0.1, 0.2, 0.005], AllocationOptions(budget=6, min_score=0.01))
+    assert result["floored_layers"] == [0, 2] and result["raw_layer_score"] == [-0.1, 0.2, 0.005]
+    assert result["layer_score"] == [0.01, 0.2, 0.01]
+    sim = tmp_path / "sim.json"
+    sim.write_text(json.dumps({"layer_score": [-0.1, 0.2, 0.3], "num_layers": 3}))
+    assert main(["allocate", "--similarity", str(sim), "--budget", "6", "--out", str(tmp_path / "a.json")]) == 2
+    assert "--min-score raises such scores explicitly" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "allocate",
+                "--similarity",
+                str(sim),
+                "--budget",
+                "6",
+                "--out",
+                str(tmp_path / "a.json"),
+                "--min-score",
+                "0.05",
+            ]
+        )
+        == 0
+    )
+    assert "layers [0] had scores below --min-score 0.05" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="min_score"):
+        AllocationOptions(budget=4, min_score=0.0)

@@ -20,3 +20,10 @@ def test_every_language_gets_real_pieces(tokenizer_dir, corpus_dir):
         byte_share = sum(p.startswith("<0x") for p in pieces) / len(pieces)
         assert byte_share < 0.02, (lang, byte_share)  # the script is covered by real pieces, not byte fallback
         assert len(text) / len(pieces) > 1.0, lang
+
+
+def test_training_is_deterministic(tokenizer_dir, corpus_dir, tmp_path):
+    from layermoe_ds.data.tokenizer import train_tokenizer
+
+    again = train_tokenizer(corpus_dir, ("en", "de", "fr", "ru", "el"), tmp_path / "again", vocab_size=1000)
+    assert (again / "tokenizer.json").read_bytes() == (tokenizer_dir / "tokenizer.json").read_bytes()

@@ -31,6 +31,9 @@ class AllocationOptions:
     max_experts: int | None = None
     align: int = 1
     seed: int = 0
+    # Eq. 10 needs T_i > 0. A model without the anisotropy of real LLMs (e.g. a tiny demo model) can have T_i ≤ 0;
+    # only when this is set are such scores raised to it (recorded in the output); otherwise they are an error.
+    min_score: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -41,9 +44,11 @@ class AllocationOptions:
             raise ValueError(f"allocate.max_experts: {self.max_experts} is smaller than min_experts {self.min_experts}")
         if self.align < 1:
             raise ValueError(f"allocate.align: {self.align} must be >= 1")
+        if self.min_score is not None and not self.min_score > 0:
+            raise ValueError(f"allocate.min_score: {self.min_score} must be > 0")
 
 
-def scores_from_similarity(sim: dict, source: str = "similarity") -> list[float]:
+def scores_from_similarity(sim: dict, source: str = "similarity", allow_nonpositive: bool = False) -> list[float]:
     """T_i from a similarity document: `layer_score` when present, otherwise recomputed from `pairs`."""
     if not isinstance(sim, dict):
         raise ValueError(f"{source}: expected a JSON object")
@@ -64,10 +69,10 @@ def scores_from_similarity(sim: dict, source: str = "similarity") -> list[float]
     if "num_layers" in sim and sim["num_layers"] != len(scores):
         raise ValueError(f"{source}: num_layers is {sim['num_layers']} but there are {len(scores)} layer scores")
     for i, score in enumerate(scores):
-        if not math.isfinite(score) or score <= 0:
+        if not math.isfinite(score) or (score <= 0 and not allow_nonpositive):
             raise ValueError(
                 f"{source}: layer {i} has score {score}; Eq. 10 needs positive similarities "
-                "(was the model or data degenerate?)"
+                "(was the model or data degenerate? --min-score raises such scores explicitly)"
             )
     return [float(s) for s in scores]
 
@@ -140,6 +145,13 @@ def allocate(scores: Sequence[float], options: AllocationOptions) -> dict:
             "the budget counts every layer's original FFN too"
         )
     high, low = options.max_experts, options.min_experts
+    floored = [i for i, score in enumerate(scores) if options.min_score is not None and score < options.min_score]
+    raw_scores = list(scores)
+    if floored:
+        scores = [max(score, options.min_score) for score in scores]
+    bad = [i for i, score in enumerate(scores) if not score > 0]
+    if bad:
+        raise ValueError(f"allocate: layers {bad} have non-positive scores; Eq. 10 needs T_i > 0 (see --min-score)")
 
     def clamp(counts):
         return [min(max(n, low), high) if high is not None else max(n, low) for n in counts]
@@ -166,6 +178,8 @@ def allocate(scores: Sequence[float], options: AllocationOptions) -> dict:
         "max_experts": high,
         "align": options.align,
     }
+    if floored:
+        result.update(min_score=options.min_score, floored_layers=floored, raw_layer_score=raw_scores)
     if options.align > 1:
         result["align_extra_experts"] = sum(aligned) - sum(counts)
         result["experts_per_layer_unaligned"] = counts
@@ -174,7 +188,7 @@ def allocate(scores: Sequence[float], options: AllocationOptions) -> dict:
 
 def allocate_from_file(similarity_path: Path, options: AllocationOptions) -> dict:
     sim = read_json(similarity_path, "similarity")
-    scores = scores_from_similarity(sim, f"similarity file {similarity_path}")
+    scores = scores_from_similarity(sim, f"similarity file {similarity_path}", options.min_score is not None)
     result = allocate(scores, options)
     result["source"] = {
         "similarity": str(similarity_path),

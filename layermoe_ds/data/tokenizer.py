@@ -22,6 +22,7 @@ def train_tokenizer(
     vocab_size: int = 8000,
     model_type: str = "unigram",
     seed_sentences: int = 200_000,
+    seed: int = 0,
 ) -> Path:
     """Train a byte-fallback SentencePiece model on the train split of `langs` and save an HF tokenizer to `out`.
 
@@ -48,6 +49,9 @@ def train_tokenizer(
                     f.write(line.replace("\n", " ") + "\n")
                     used += len(line)
         prefix = Path(tmp) / "spm"
+        # Seeded sampling and one thread: the same data gives the same tokenizer on every machine (with several
+        # threads the EM statistics are summed in a varying order and the pieces can differ).
+        spm.set_random_generator_seed(seed)
         spm.SentencePieceTrainer.train(
             input=str(corpus),
             model_prefix=str(prefix),
@@ -57,7 +61,7 @@ def train_tokenizer(
             character_coverage=0.9995,
             input_sentence_size=seed_sentences,
             shuffle_input_sentence=True,
-            num_threads=2,
+            num_threads=1,
             pad_id=0,
             unk_id=1,
             bos_id=2,

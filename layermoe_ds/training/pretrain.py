@@ -39,7 +39,7 @@ def build_model(config: PretrainConfig, tokenizer) -> torch.nn.Module:
         num_attention_heads=m.num_heads,
         num_key_value_heads=m.num_kv_heads,
         max_position_embeddings=m.max_position,
-        tie_word_embeddings=True,
+        tie_word_embeddings=m.tie_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
