@@ -146,15 +146,14 @@ def run_stage(stage: int, config: TrainConfig, ds_config: dict) -> int:
         )
     engine, _, scheduler = initialize(model, trainable, config, ds_config)
 
-    state = {"step": 0, "sampler": sampler.state_dict()}
+    step = 0
     marker = checkpoint.load_latest(engine, out, model) if config.resume == "auto" else None
     if marker is not None:
-        state = {"step": marker["step"], "sampler": marker["sampler"]}
+        step = marker["step"]
         sampler.load_state_dict(marker["sampler"])
     stop = StopFlag()
-    metrics = MetricsLogger(out, rank, config.steps, state["step"], config.log_every)
+    metrics = MetricsLogger(out, rank, config.steps, step, config.log_every)
     accumulation = engine.gradient_accumulation_steps()
-    step = state["step"]
     while step < config.steps:
         started = time.perf_counter()
         sums: dict[str, float] = {}
