@@ -14,4 +14,10 @@ fi
 if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
     "$VENV/bin/python" -m pip install --quiet "torch==$TORCH_VERSION" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 fi
+if env | grep -q '^DS_BUILD_'; then
+    # Prebuilding DeepSpeed ops (the Dockerfile's DS_BUILD_FUSED_ADAM=1) needs torch visible to DeepSpeed's setup:
+    # no build isolation. The version is setup.cfg's.
+    DEEPSPEED_PIN="$(grep -Eo 'deepspeed==[0-9.]+' setup.cfg)"
+    "$VENV/bin/python" -m pip install --quiet --no-build-isolation "$DEEPSPEED_PIN"
+fi
 "$VENV/bin/python" -m pip install --quiet -e ".[${EXTRAS}]"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -58,3 +59,21 @@ def tiny_base(corpus_dir, tokenizer_dir, tiny_config, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("base") / "base"
     pretrain(tiny_config, corpus_dir, tokenizer_dir, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def upcycled(tiny_base, tmp_path_factory) -> Path:
+    """The tiny base upcycled with 3, 2, 3 experts: 2, 1, 2 new, so layers 0 and 2 run expert-parallel on 2 ranks."""
+    from layermoe_ds.cli import main
+
+    tmp = tmp_path_factory.mktemp("upcycled")
+    (tmp / "alloc.json").write_text(
+        json.dumps({"method": "layermoe", "experts_per_layer": [3, 2, 3], "classifier_layers": [0, 2]})
+    )
+    assert (
+        main(
+            ["upcycle", "--model", str(tiny_base), "--allocation", str(tmp / "alloc.json"), "--out", str(tmp / "model")]
+        )
+        == 0
+    )
+    return tmp / "model"

@@ -16,16 +16,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from tests.helpers import launch_env, metrics
+
 pytestmark = pytest.mark.distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 CPU = ROOT / "ds_configs" / "cpu.json"
 GROUPS = [["en", "de"], ["fr", "ru", "el"]]
-
-
-def launch_env() -> dict:
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
 def command(stage: int, config: dict, run_yaml: Path, ds_json: str, ranks: int = 2, port: int | None = None):
@@ -58,33 +56,6 @@ def run(stage: int, config: dict, tmp: Path, ds_json: str, ranks: int = 2) -> su
     if result.returncode != 0:
         raise AssertionError(f"stage {stage} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
-
-
-def metrics(run_dir: Path) -> dict[int, dict]:
-    """Step → record (a resumed run re-logs steps after its checkpoint: the last record wins)."""
-    records = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        records[record["step"]] = record
-    return records
-
-
-@pytest.fixture(scope="module")
-def upcycled(tiny_base, tmp_path_factory) -> Path:
-    """The tiny base upcycled with 3, 2, 3 experts: 2, 1, 2 new, so layers 0 and 2 run expert-parallel on 2 ranks."""
-    from layermoe_ds.cli import main
-
-    tmp = tmp_path_factory.mktemp("upcycled")
-    (tmp / "alloc.json").write_text(
-        json.dumps({"method": "layermoe", "experts_per_layer": [3, 2, 3], "classifier_layers": [0, 2]})
-    )
-    assert (
-        main(
-            ["upcycle", "--model", str(tiny_base), "--allocation", str(tmp / "alloc.json"), "--out", str(tmp / "model")]
-        )
-        == 0
-    )
-    return tmp / "model"
 
 
 def base_config(model: Path, corpus: Path, out: Path, **overrides) -> dict:

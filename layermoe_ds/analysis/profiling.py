@@ -1,6 +1,6 @@
 """`layermoe profile`: load a model directory and held-out text, profile every layer, write `similarity.json`.
 
-Under `deepspeed`/`torchrun` (WORLD_SIZE > 1) each rank profiles every world_size-th row and the sums are
+Under `deepspeed`/`torchrun`/`mpirun` (WORLD_SIZE > 1) each rank profiles every world_size-th row and the sums are
 all-reduced, so the result does not depend on the number of ranks; rank 0 writes the files.
 """
 
@@ -23,6 +23,9 @@ def distributed_context() -> tuple[int, int]:
     """(rank, world size), initialising torch.distributed when launched with several ranks."""
     import torch.distributed as dist
 
+    from layermoe_ds.distributed import adopt_launcher_env
+
+    adopt_launcher_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1

@@ -8,6 +8,8 @@ package's own classes (same code), so `isinstance` checks and the training path 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -22,12 +24,24 @@ for _model_type, (_config_cls, _model_cls) in LAYERMOE_TYPES.items():
 
 
 def save_model(model, out: Path, tokenizer=None) -> Path:
-    """Save weights (safetensors), config with auto_map, the remote modeling code and the tokenizer."""
+    """Save weights (safetensors), config with auto_map, the remote modeling code and the tokenizer.
+
+    Written next to `out` and renamed into place, so `out/config.json` existing means the directory is whole (a
+    kill during the export leaves the previous directory, or none)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
     if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+        tokenizer.save_pretrained(partial)
+    if out.exists():
+        previous = out.with_name(f".{out.name}.previous-{os.getpid()}")
+        out.rename(previous)
+        partial.rename(out)
+        shutil.rmtree(previous)
+    else:
+        partial.rename(out)
     return out
 
 

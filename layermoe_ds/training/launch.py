@@ -60,10 +60,12 @@ def build_parser(stage: int) -> argparse.ArgumentParser:
 
 def main(stage: int, argv: list[str] | None = None) -> int:
     from layermoe_ds.config import TrainConfig, load_config
+    from layermoe_ds.distributed import adopt_launcher_env
     from layermoe_ds.training.engine import load_ds_config
     from layermoe_ds.training.loop import run_stage
 
     args = build_parser(stage).parse_args(argv)
+    adopt_launcher_env()  # mpirun / bare srun: ranks from mpi4py or Slurm's variables
     rank = int(os.environ.get("RANK", "0"))
     level = logging.DEBUG if args.debug else logging.INFO
     logging.basicConfig(

@@ -1,0 +1,79 @@
+"""How a process learns its place in the job, whichever way it was started.
+
+`deepspeed`/`torchrun` set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. `mpirun` (Open MPI, MPICH,
+Intel MPI, and `deepspeed --launcher openmpi|mpich`) sets none of them: the ranks are found through mpi4py, and rank
+0's address is broadcast as the rendezvous (as DeepSpeed's own `mpi_discovery` does, but keeping a MASTER_PORT the
+user chose). `srun` without a launcher sets SLURM_PROCID/SLURM_STEP_NUM_TASKS/SLURM_LOCALID; those are adopted when
+MASTER_ADDR is given (the sbatch scripts export it). Call `adopt_launcher_env()` before anything reads RANK.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+from collections.abc import MutableMapping
+
+MPI_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
+SLURM_STEP = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID")
+DEFAULT_PORT = "29500"
+
+
+def launcher_kind(environ: MutableMapping[str, str] = os.environ) -> str:
+    """'torch' (RANK already set), 'mpi', 'slurm' (srun without a launcher), or 'single'."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return "torch"
+    if any(name in environ for name in MPI_MARKERS):
+        return "mpi"
+    if all(name in environ for name in SLURM_STEP) and "MASTER_ADDR" in environ:
+        return "slurm"
+    return "single"
+
+
+def _first_address() -> str:
+    try:
+        return subprocess.check_output(["hostname", "-I"], text=True).split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return socket.gethostbyname(socket.gethostname())
+
+
+def adopt_launcher_env(environ: MutableMapping[str, str] = os.environ) -> str:
+    """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT for an MPI or bare-srun start; return the kind."""
+    kind = launcher_kind(environ)
+    if kind == "mpi":
+        try:
+            from mpi4py import MPI
+        except ImportError as exc:
+            raise RuntimeError(
+                "started by mpirun but mpi4py is missing: pip install 'layermoe_ds[mpi]' (needs an MPI library)"
+            ) from exc
+        comm = MPI.COMM_WORLD
+        rank = comm.Get_rank()
+        local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+        address = comm.bcast(environ.get("MASTER_ADDR") or (_first_address() if rank == 0 else None), root=0)
+        port = comm.bcast(environ.get("MASTER_PORT", DEFAULT_PORT) if rank == 0 else None, root=0)
+        values = (rank, comm.Get_size(), local.Get_rank(), local.Get_size(), address, port)
+        local.Free()
+    elif kind == "slurm":
+        values = (
+            environ["SLURM_PROCID"],
+            environ["SLURM_STEP_NUM_TASKS"],
+            environ["SLURM_LOCALID"],
+            re.match(r"\d+", environ.get("SLURM_STEP_TASKS_PER_NODE", "1")).group(),  # "4(x2)" → 4
+            environ["MASTER_ADDR"],
+            environ.get("MASTER_PORT", DEFAULT_PORT),
+        )
+    else:
+        return kind
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    environ.update({name: str(value) for name, value in zip(names, values, strict=True)})
+    return kind
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))

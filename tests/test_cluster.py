@@ -1,0 +1,415 @@
+"""Cluster launches on one machine: the Slurm scripts against a faked Slurm, a real SSH-less 2-"node" DeepSpeed
+run, mpirun / `deepspeed --launcher openmpi` through mpi4py, and lint of the shell scripts and the Dockerfile."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.specifiers import SpecifierSet
+
+from tests.helpers import ROOT, free_port, launch_env, metrics
+
+BIN = Path(sys.executable).parent
+SLURM = ROOT / "launchers" / "slurm"
+CPU_CONFIGS = "ds_configs/stage1_zero2.json ds_configs/cpu.json"
+
+# A stand-in for srun: one copy of the command per node (SLURM_NODEID = 0..N-1), concurrently, as srun starts one
+# task per node; SIGTERM is forwarded to every task, as srun does; exit status = the worst task's.
+SRUN = """\
+#!{python}
+import os, signal, subprocess, sys
+argv = sys.argv[1:]
+nodes, tasks = 1, None
+while argv and argv[0].startswith("--"):
+    flag = argv.pop(0)
+    if flag.startswith("--nodes="):
+        nodes = int(flag.split("=")[1])
+    elif flag.startswith("--ntasks="):
+        tasks = int(flag.split("=")[1])
+with open(os.environ["SRUN_LOG"], "a") as log:
+    log.write(" ".join(sys.argv[1:]) + "\\n")
+procs = []
+for node in range(tasks or nodes):
+    env = {{**os.environ, "SLURM_NODEID": str(node), "SLURM_PROCID": str(node), "SLURM_LOCALID": "0"}}
+    procs.append(subprocess.Popen(argv, env=env))
+signal.signal(signal.SIGTERM, lambda *_: [p.send_signal(signal.SIGTERM) for p in procs])
+sys.exit(max(p.wait() for p in procs))
+"""
+
+SCONTROL = """\
+#!/usr/bin/env bash
+echo "scontrol $*" >> "$SCONTROL_LOG"
+if [ "$1 $2" = "show hostnames" ]; then printf '%s\\n' $FAKE_HOSTS; fi
+"""
+
+
+def fake_slurm(tmp: Path, hosts: list[str], **env: str) -> dict:
+    """PATH with stub srun/scontrol, and the variables an sbatch job sees."""
+    stubs = tmp / "stubs"
+    stubs.mkdir(exist_ok=True)
+    (stubs / "srun").write_text(SRUN.format(python=sys.executable))
+    (stubs / "scontrol").write_text(SCONTROL)
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    inherited = {k: v for k, v in launch_env().items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    return {
+        **inherited,
+        "PATH": f"{stubs}:{BIN}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "fake[01-02]",
+        "SLURM_SUBMIT_DIR": str(ROOT),
+        "FAKE_HOSTS": " ".join(hosts),
+        "SRUN_LOG": str(tmp / "srun.log"),
+        "SCONTROL_LOG": str(tmp / "scontrol.log"),
+        "HOSTFILE_DIR": str(tmp / "hostfiles"),
+        "LAYERMOE_VENV": str(tmp / "no-venv"),
+        **env,
+    }
+
+
+def recording_stub(path: Path, body: str = "") -> Path:
+    """A command that appends its node, arguments and rendezvous to $STUB_LOG, then runs `body`."""
+    path.write_text(
+        "#!/usr/bin/env bash\n"
+        'echo "$(basename "$0") node=${SLURM_NODEID:-} master=${MASTER_ADDR:-}:${MASTER_PORT:-} $*" >> "$STUB_LOG"\n'
+        + body
+    )
+    path.chmod(0o755)
+    return path
+
+
+def stub_log(tmp: Path) -> list[str]:
+    return sorted((tmp / "stub.log").read_text().splitlines())
+
+
+def test_stage_sbatch_builds_hostfile_and_one_ssh_less_launcher_per_node(tmp_path):
+    deepspeed = recording_stub(tmp_path / "deepspeed")
+    env = fake_slurm(
+        tmp_path,
+        ["gpu-a01", "gpu-a02"],
+        GPUS_PER_NODE="4",
+        DEEPSPEED=str(deepspeed),
+        STUB_LOG=str(tmp_path / "stub.log"),
+    )
+    result = subprocess.run(
+        ["bash", str(SLURM / "stage1.sbatch"), "--config", "runs/x/stage1.yaml", "--steps", "9"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "hostfiles" / "hostfile.4242").read_text() == "gpu-a01 slots=4\ngpu-a02 slots=4\n"
+    assert (tmp_path / "scontrol.log").read_text() == "scontrol show hostnames fake[01-02]\n"
+    srun = (tmp_path / "srun.log").read_text().splitlines()
+    assert srun == [f"--nodes=2 --ntasks-per-node=1 --kill-on-bad-exit=1 --export=ALL bash {SLURM}/node.sh "
+                    "launchers/stage1.py --resume auto --config runs/x/stage1.yaml --steps 9 "
+                    "--deepspeed_config ds_configs/stage1_zero2.json"]  # fmt: skip
+    hostfile = tmp_path / "hostfiles" / "hostfile.4242"
+    assert stub_log(tmp_path) == [
+        f"deepspeed node={n} master=gpu-a01:{29500 + 4242 % 1000} --hostfile {hostfile} --no_ssh --node_rank {n} "
+        f"--master_addr gpu-a01 --master_port 29742 launchers/stage1.py --resume auto --config runs/x/stage1.yaml "
+        "--steps 9 --deepspeed_config ds_configs/stage1_zero2.json"
+        for n in (0, 1)
+    ]
+    assert "on 2 node(s) x 4 ranks, rendezvous gpu-a01:29742" in result.stdout
+
+
+def test_stage_sbatch_outside_slurm_names_what_is_missing(tmp_path):
+    env = {k: v for k, v in fake_slurm(tmp_path, ["a"]).items() if k != "SLURM_JOB_NODELIST"}
+    result = subprocess.run(["bash", str(SLURM / "stage2.sbatch")], env=env, capture_output=True, text=True)
+    assert result.returncode != 0 and "SLURM_JOB_NODELIST: not inside a Slurm allocation" in result.stderr
+
+
+def test_pipeline_sbatch_runs_dependent_steps_once(tmp_path):
+    """profile → allocate → stage 1 → stage 2 → evaluate, each writing what the next reads; a rerun skips them all."""
+    run_dir = tmp_path / "run"
+    writes = textwrap.dedent(
+        """\
+        out=""; prev=""
+        for arg in "$@"; do [ "$prev" = --out ] && out="$arg"; prev="$arg"; done
+        case "$*" in
+          *profile_similarity.py*|*allocate*|*evaluate*) echo '{}' > "$out" ;;
+          *stage[12].py*) mkdir -p "$out/model" && echo '{}' > "$out/model/config.json" ;;
+        esac
+        """
+    )
+    stubs = {name: recording_stub(tmp_path / name, writes) for name in ("deepspeed", "layermoe")}
+    env = fake_slurm(
+        tmp_path,
+        ["n1", "n2"],
+        GPUS_PER_NODE="8",
+        DEEPSPEED=str(stubs["deepspeed"]),
+        STUB_LOG=str(tmp_path / "stub.log"),
+        PATH=f"{tmp_path}:{fake_slurm(tmp_path, [])['PATH']}",
+        MODEL="/models/base",
+        DATA="/data/text",
+        OLD="en,de",
+        NEW="fr,ru",
+        RUN_DIR=str(run_dir),
+        BUDGET="12",
+        DS_CONFIG2="ds_configs/stage2.json ds_configs/cpu.json",
+    )
+    for _ in range(2):
+        result = subprocess.run(
+            ["bash", str(SLURM / "pipeline.sbatch")], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stderr
+    log = (tmp_path / "stub.log").read_text().splitlines()
+    steps = [re.sub(r"node=\d ", "", line).split(" --")[0] for line in log]
+    ds = "deepspeed master=n1:29742"
+    # Two launchers for each distributed step, one process for allocate/evaluate, and nothing on the second run.
+    assert steps == [ds] * 2 + ["layermoe master=n1:29742 allocate"] + [ds] * 4 + ["layermoe master=n1:29742 evaluate"]
+    assert "launchers/profile_similarity.py --model /models/base --data /data/text --old en,de --new fr,ru" in log[0]
+    assert f"--budget 12 --classifier-layers 7 --out {run_dir}/allocation.json" in log[2]
+    stage2 = [line for line in log if "stage2.py" in line]
+    assert len(stage2) == 2 and all(
+        f"--model {run_dir}/stage1/model" in line
+        and "--language-groups en,de;fr,ru --deepspeed_config ds_configs/stage2.json ds_configs/cpu.json" in line
+        for line in stage2
+    )
+    assert log[-1].endswith(f"--langs en,de,fr,ru --old en,de --out {run_dir}/eval.json")
+    assert "pipeline done" in result.stdout
+
+
+TRAINER = """\
+import pathlib, signal, sys, time
+out = pathlib.Path(sys.argv[1])
+def save(*_):
+    out.joinpath("saved").write_text("checkpoint")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, save)
+out.joinpath("started").write_text("")
+time.sleep(120)
+"""
+
+
+def test_sigterm_reaches_the_trainers_and_requeues(tmp_path):
+    """`--signal=B:TERM@N` signals the batch shell only: it must reach the trainers under srun → node.sh → the
+    DeepSpeed runner (which does not forward it) → its per-node launcher, and the job must be requeued."""
+    (tmp_path / "trainer.py").write_text(TRAINER)
+    # Like the runner: starts the "trainer" (a --local_rank process) and dies on SIGTERM without passing it on.
+    deepspeed = recording_stub(
+        tmp_path / "deepspeed", f"{sys.executable} {tmp_path}/trainer.py {tmp_path} --local_rank=0\n"
+    )
+    env = fake_slurm(
+        tmp_path, ["solo"], GPUS_PER_NODE="1", DEEPSPEED=str(deepspeed), STUB_LOG=str(tmp_path / "stub.log")
+    )
+    batch = subprocess.Popen(
+        ["bash", str(SLURM / "stage1.sbatch"), "--config", "x.yaml"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    batch.send_signal(signal.SIGTERM)
+    output, _ = batch.communicate(timeout=60)
+    assert batch.returncode == 0, output
+    assert (tmp_path / "saved").read_text() == "checkpoint"
+    assert (tmp_path / "scontrol.log").read_text().splitlines()[-1] == "scontrol requeue 4242"
+    assert "requeueing job 4242" in output
+
+
+def test_launcher_env_adopts_bare_srun_and_leaves_torch_launchers_alone(monkeypatch):
+    from deepspeed.launcher.runner import fetch_hostfile
+
+    from layermoe_ds.distributed import adopt_launcher_env
+
+    srun = {
+        "SLURM_PROCID": "5",
+        "SLURM_STEP_NUM_TASKS": "8",
+        "SLURM_LOCALID": "1",
+        "SLURM_STEP_TASKS_PER_NODE": "4(x2)",
+    }
+    env = {**srun, "MASTER_ADDR": "node-01"}
+    assert adopt_launcher_env(env) == "slurm"
+    assert {k: env[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT")} == {
+        "RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "MASTER_PORT": "29500"
+    }  # fmt: skip
+    assert adopt_launcher_env(dict(srun)) == "single"  # the batch shell: no rendezvous given, no guessing
+    torch_env = {"RANK": "3", "WORLD_SIZE": "4", "OMPI_COMM_WORLD_SIZE": "2"}
+    assert adopt_launcher_env(torch_env) == "torch" and torch_env["RANK"] == "3"
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    with pytest.raises(RuntimeError, match=r"mpi4py is missing: pip install 'layermoe_ds\[mpi\]'"):
+        adopt_launcher_env({"OMPI_COMM_WORLD_SIZE": "2"})
+    assert list(fetch_hostfile(str(ROOT / "launchers" / "hostfile.example")).values()) == [8, 8]
+
+
+# --- real launches: 2 "nodes" over loopback, mpirun, deepspeed --launcher openmpi ----------------------------------
+
+
+def stage1_config(model: Path, corpus: Path, out: Path) -> dict:
+    return {
+        "model": str(model),
+        "data": str(corpus),
+        "out": str(out),
+        "language_groups": [["en", "de"], ["fr", "ru", "el"]],
+        "steps": 4,
+        "seq_len": 32,
+        "lr": 3e-3,
+        "save_every": 4,
+        "log_every": 1,
+        "seed": 0,
+    }
+
+
+def losses(run_dir: Path) -> list[float]:
+    records = metrics(run_dir)
+    return [records[step]["loss/total"] for step in sorted(records)]
+
+
+def check(result: subprocess.CompletedProcess, what: str) -> None:
+    if result.returncode != 0:
+        raise AssertionError(f"{what} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def single_node(upcycled, corpus_dir, tmp_path_factory) -> tuple[Path, list[float]]:
+    """The reference: 2 ranks on one node through `deepspeed --num_gpus 2`; (run yaml, losses)."""
+    tmp = tmp_path_factory.mktemp("single")
+    (tmp / "run.yaml").write_text(yaml.safe_dump(stage1_config(upcycled, corpus_dir, tmp / "run")))
+    command = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
+    command += ["launchers/stage1.py", "--config", str(tmp / "run.yaml"), "--deepspeed_config", *CPU_CONFIGS.split()]
+    check(subprocess.run(command, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=600), "ref")
+    return tmp / "run.yaml", losses(tmp / "run")
+
+
+def run_yaml_for(single_node, out: Path) -> Path:
+    config = yaml.safe_load(single_node[0].read_text())
+    path = out.parent / "run.yaml"
+    path.write_text(yaml.safe_dump({**config, "out": str(out)}))
+    return path
+
+
+def loopback_alias_usable() -> bool:
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.2", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.distributed
+def test_two_nodes_ssh_less_through_the_sbatch_script_match_one_node(single_node, tmp_path):
+    """Two hosts (127.0.0.1 and 127.0.0.2, both this machine), one rank each, one SSH-less launcher per node started
+    by stage1.sbatch under the srun stand-in: the same losses as 2 ranks on one node."""
+    if not loopback_alias_usable():
+        pytest.skip("127.0.0.2 is not usable as a second loopback host here")
+    env = fake_slurm(
+        tmp_path,
+        ["127.0.0.1", "127.0.0.2"],
+        GPUS_PER_NODE="1",
+        MASTER_PORT=str(free_port()),
+        DEEPSPEED=str(BIN / "deepspeed"),
+        DS_CONFIG=CPU_CONFIGS,
+    )
+    run_yaml = run_yaml_for(single_node, tmp_path / "run")
+    result = subprocess.run(
+        ["bash", str(SLURM / "stage1.sbatch"), "--config", str(run_yaml)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    check(result, "2-node stage 1")
+    assert (tmp_path / "hostfiles" / "hostfile.4242").read_text() == "127.0.0.1 slots=1\n127.0.0.2 slots=1\n"
+    assert "--node_rank=1" in result.stdout + result.stderr  # the second node's launcher ran the second rank
+    assert json.loads((tmp_path / "run" / "resolved_config.json").read_text())["world_size"] == 2
+    assert losses(tmp_path / "run") == single_node[1]
+
+
+@pytest.fixture(scope="session")
+def open_mpi() -> str:
+    """mpirun (Debian's Open MPI, installed here when missing and we are root) and mpi4py in this environment."""
+    if shutil.which("mpirun") is None:
+        if os.geteuid() != 0 or shutil.which("apt-get") is None:
+            pytest.skip("mpirun is missing and Open MPI cannot be installed (needs root and apt-get)")
+        for command in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends",
+                                                 "openmpi-bin", "libopenmpi-dev"]):  # fmt: skip
+            result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+            if result.returncode != 0:
+                pytest.skip(f"could not install Open MPI ({' '.join(command)}): {result.stderr.strip()[-300:]}")
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        pip = [sys.executable, "-m", "pip", "install", "--quiet", "mpi4py>=4.0"]
+        result = subprocess.run(pip, capture_output=True, text=True, timeout=600)
+        if result.returncode != 0:
+            pytest.skip(f"could not install mpi4py: {result.stderr.strip()[-300:]}")
+    return shutil.which("mpirun")
+
+
+MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMPI_MCA_btl": "self,tcp"}
+
+
+@pytest.mark.distributed
+def test_mpirun_finds_ranks_through_mpi4py(open_mpi, single_node, tmp_path):
+    run_yaml = run_yaml_for(single_node, tmp_path / "run")
+    command = [open_mpi, "-n", "2", "--oversubscribe", "-x", "MASTER_PORT", "-x", "DS_ACCELERATOR"]
+    command += ["-x", "OMP_NUM_THREADS", "-x", "PYTHONPATH", sys.executable, "launchers/stage1.py"]
+    command += ["--config", str(run_yaml), "--deepspeed_config", *CPU_CONFIGS.split()]
+    env = launch_env(MASTER_PORT=str(free_port()), **MPI_ENV)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
+        env.pop(name, None)
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    check(result, "mpirun stage 1")
+    assert json.loads((tmp_path / "run" / "resolved_config.json").read_text())["world_size"] == 2
+    assert losses(tmp_path / "run") == single_node[1]
+
+
+@pytest.mark.distributed
+def test_deepspeed_openmpi_launcher(open_mpi, single_node, tmp_path):
+    run_yaml = run_yaml_for(single_node, tmp_path / "run")
+    (tmp_path / "hostfile").write_text("localhost slots=2\n")
+    command = [str(BIN / "deepspeed"), "--hostfile", str(tmp_path / "hostfile"), "--launcher", "openmpi"]
+    command += ["--force_multi", "--no_ssh_check", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    command += ["--launcher_args=--oversubscribe", "launchers/stage1.py", "--config", str(run_yaml)]
+    command += ["--deepspeed_config", *CPU_CONFIGS.split()]
+    result = subprocess.run(command, cwd=ROOT, env=launch_env(**MPI_ENV), capture_output=True, text=True, timeout=600)
+    check(result, "deepspeed --launcher openmpi stage 1")
+    assert losses(tmp_path / "run") == single_node[1]
+
+
+# --- lint: shell scripts and the Dockerfile ---------------------------------------------------------------------
+
+
+def test_shell_scripts_pass_shellcheck():
+    scripts = [*SLURM.glob("*.sh"), *SLURM.glob("*.sbatch"), ROOT / "scripts" / "install.sh", ROOT / ".ci" / "run"]
+    result = subprocess.run(
+        [str(BIN / "shellcheck"), "-x", *map(str, scripts)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout
+
+
+def test_dockerfile_passes_hadolint_and_takes_versions_from_the_install_script():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    result = subprocess.run([str(BIN / "hadolint"), "Dockerfile"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+    # One place per version: torch in scripts/install.sh, DeepSpeed in setup.cfg; the image reuses the script.
+    assert "bash scripts/install.sh" in dockerfile
+    assert not re.search(r"(torch|deepspeed)\s*==", dockerfile, re.I)
+    torch_pin = re.search(r'TORCH_VERSION="\$\{TORCH_VERSION:-([0-9.]+)\}"', (ROOT / "scripts/install.sh").read_text())
+    torch_range = re.search(r"^\s+torch(\S+)$", (ROOT / "setup.cfg").read_text(), re.M)
+    assert torch_pin and torch_range and SpecifierSet(torch_range.group(1)).contains(torch_pin.group(1))
+    base = re.search(r"^ARG CUDA_IMAGE=(\S+)$", dockerfile, re.M)
+    assert base and re.fullmatch(r"nvidia/cuda:\d+\.\d+\.\d+-\S+-devel-\S+", base.group(1)), "pinned CUDA devel"
+    assert "TORCH_CUDA_ARCH_LIST" in dockerfile and "DS_BUILD_FUSED_ADAM=1" in dockerfile and "ds_report" in dockerfile
+    assert re.search(r"^USER (?!root|0)", dockerfile, re.M)
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".git", ".venv", "data", "runs", "artifacts"} <= set(ignored)
