@@ -253,6 +253,89 @@ def _cmd_grow(args) -> int:
     return 0
 
 
+# --- export / check-hostfile -------------------------------------------------------------------------------------
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="DeepSpeed MoE checkpoint → HF LayerMoE directory (no DeepSpeed, no zero_to_fp32)",
+        description="Merge mp_rank_00_model_states.pt with every layer_*_expert_* file into one ep_size-1 state "
+        "dict and save it as a Hugging Face LayerMoE directory, after checking the checkpoint's files against its "
+        "manifest (sizes and SHA-256).",
+    )
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        required=True,
+        help="a checkpoint directory (RUN/checkpoints/step_N) or a run directory (its newest complete checkpoint)",
+    )
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args) -> int:
+    from layermoe_ds.data.tokenizer import load_tokenizer
+    from layermoe_ds.io import read_json
+    from layermoe_ds.modeling.hf_export import layermoe_model_type, save_model
+    from layermoe_ds.modeling.hf_loading import parse_dtype
+    from layermoe_ds.modeling.upcycle import LAYERMOE_TYPES
+    from layermoe_ds.training import checkpoint
+
+    _refuse_overwrite(args.out)
+    path = args.checkpoint
+    if not (path / checkpoint.MARKER).is_file():
+        found = checkpoint.complete_checkpoints(path)
+        if not found:
+            raise FileNotFoundError(
+                f"export: {path} is neither a complete checkpoint (no {checkpoint.MARKER}) nor a run directory "
+                "with one under checkpoints/"
+            )
+        path = found[-1]
+    marker = read_json(path / checkpoint.MARKER, "checkpoint marker")
+    problem = checkpoint.verify_files(path, marker)
+    if problem:
+        raise ValueError(f"export: checkpoint {path} is damaged: {problem}")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"export: {path} has no config.json (a checkpoint from before self-contained saves)")
+    model_type = layermoe_model_type(path)
+    if model_type is None:
+        raise ValueError(f"export: {path}/config.json is not a LayerMoE config")
+    config_cls, model_cls = LAYERMOE_TYPES[model_type]
+    model = model_cls(config_cls.from_pretrained(path))
+    state = checkpoint.consolidated_from_checkpoint(path)
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"export: checkpoint {path} does not match its config.json: missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}"
+        )
+    save_model(model.to(parse_dtype(args.dtype)), args.out, load_tokenizer(path))
+    print(f"exported {path} (step {marker['step']}) to {args.out}")
+    return 0
+
+
+def _add_check_hostfile(sub) -> None:
+    p = sub.add_parser(
+        "check-hostfile",
+        help="validate a DeepSpeed hostfile before launching ('<host> slots=<N>' per line)",
+    )
+    p.add_argument("hostfile", type=Path)
+    p.set_defaults(func=_cmd_check_hostfile)
+
+
+def _cmd_check_hostfile(args) -> int:
+    from layermoe_ds.distributed import read_hostfile
+
+    hosts = read_hostfile(args.hostfile)
+    print(
+        f"{args.hostfile}: {len(hosts)} node(s), {sum(hosts.values())} ranks: "
+        + ", ".join(f"{host}×{slots}" for host, slots in hosts.items())
+    )
+    return 0
+
+
 # --- evaluate ----------------------------------------------------------------------------------------------------
 
 
@@ -467,6 +550,8 @@ VERBS: list[Callable] = [
     _add_upcycle,
     _add_grow,
     _add_evaluate,
+    _add_export,
+    _add_check_hostfile,
     _add_demo,
 ]
 

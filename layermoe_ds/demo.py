@@ -79,7 +79,9 @@ def run_stage_launcher(stage: int, run_config: dict, run_dir: Path) -> Path:
         str(ROOT / "ds_configs" / ds_json),
         str(ROOT / "ds_configs" / "cpu.json"),
     ]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    # This environment's bin first: DeepSpeed JIT-builds its shm op with the `ninja` on PATH (two versions rebuild).
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PATH": path}
     with open(run_dir.parent / f"stage{stage}.log", "w") as log_file:
         result = subprocess.run(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     if result.returncode != 0:

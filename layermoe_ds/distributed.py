@@ -14,6 +14,7 @@ import re
 import socket
 import subprocess
 from collections.abc import MutableMapping
+from pathlib import Path
 
 MPI_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
 SLURM_STEP = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID")
@@ -21,8 +22,11 @@ DEFAULT_PORT = "29500"
 
 
 def launcher_kind(environ: MutableMapping[str, str] = os.environ) -> str:
-    """'torch' (RANK already set), 'mpi', 'slurm' (srun without a launcher), or 'single'."""
-    if "RANK" in environ and "WORLD_SIZE" in environ:
+    """'torch' (RANK already set), 'mpi', 'slurm' (srun without a launcher), or 'single'.
+
+    RANK/WORLD_SIZE inherited from a parent shell do not hide an MPI start: an MPI world of another size wins."""
+    mpi_size = next((environ[name] for name in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE") if name in environ), None)
+    if "RANK" in environ and "WORLD_SIZE" in environ and mpi_size in (None, environ["WORLD_SIZE"]):
         return "torch"
     if any(name in environ for name in MPI_MARKERS):
         return "mpi"
@@ -71,9 +75,29 @@ def adopt_launcher_env(environ: MutableMapping[str, str] = os.environ) -> str:
     return kind
 
 
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+HOSTFILE_LINE = re.compile(r"(?P<host>[A-Za-z0-9_.:\-\[\]]+)\s+slots=(?P<slots>\d+)")
 
 
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
+def read_hostfile(path: Path) -> dict[str, int]:
+    """host → slots from a DeepSpeed hostfile ('<host> slots=<N>' per line, # comments, blank lines); one-line
+    errors naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"hostfile: {path} does not exist")
+    hosts: dict[str, int] = {}
+    for number, raw in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        match = HOSTFILE_LINE.fullmatch(line)
+        if match is None:
+            raise ValueError(f"hostfile {path}, line {number}: {raw.strip()!r} is not '<host> slots=<N>'")
+        host, slots = match["host"], int(match["slots"])
+        if slots < 1:
+            raise ValueError(f"hostfile {path}, line {number}: {host} has slots={slots}; it must be at least 1")
+        if host in hosts:
+            raise ValueError(f"hostfile {path}, line {number}: {host} is listed twice")
+        hosts[host] = slots
+    if not hosts:
+        raise ValueError(f"hostfile {path}: no hosts (expected '<host> slots=<N>' lines)")
+    return hosts

@@ -77,3 +77,14 @@ def upcycled(tiny_base, tmp_path_factory) -> Path:
         == 0
     )
     return tmp / "model"
+
+
+@pytest.fixture()
+def single_rank(monkeypatch):
+    from tests.helpers import free_port
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(key, value)
+    if not torch.distributed.is_initialized():
+        monkeypatch.setenv("MASTER_PORT", str(free_port()))

@@ -3,9 +3,18 @@
 import json
 import os
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
+DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+CPU = ROOT / "ds_configs" / "cpu.json"
+GROUPS = [["en", "de"], ["fr", "ru", "el"]]
+RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def free_port() -> int:
@@ -15,8 +24,14 @@ def free_port() -> int:
 
 
 def launch_env(**extra: str) -> dict:
-    """The environment of a CPU DeepSpeed launch: gloo ranks, one thread each, the checkout importable."""
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **extra}
+    """The environment of a CPU DeepSpeed launch: gloo ranks, one thread each, the checkout importable, and this
+    environment's bin first on PATH: DeepSpeed JIT-builds its shm op with whichever `ninja` PATH finds, and two
+    ninja versions (the venv's and the system's) discard each other's build log, rebuilding for ~2 min each time."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PATH": path}
+    # An in-process DeepSpeed run (bad-input and benchmark tests) leaves RANK, WORLD_SIZE, … in os.environ.
+    inherited = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
+    return {**inherited, **env, **extra}
 
 
 def metrics(run_dir: Path) -> dict[int, dict]:
@@ -26,3 +41,60 @@ def metrics(run_dir: Path) -> dict[int, dict]:
         record = json.loads(line)
         records[record["step"]] = record
     return records
+
+
+def command(stage: int, config: dict, run_yaml: Path, ds_json: str, ranks: int = 2, port: int | None = None):
+    run_yaml.write_text(yaml.safe_dump(config))
+    return [
+        str(DEEPSPEED),
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(port or free_port()),
+        str(ROOT / "launchers" / f"stage{stage}.py"),
+        "--config",
+        str(run_yaml),
+        "--deepspeed_config",
+        str(ROOT / "ds_configs" / ds_json),
+        str(CPU),
+    ]
+
+
+def run(stage: int, config: dict, tmp: Path, ds_json: str, ranks: int = 2) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        command(stage, config, tmp / f"run_{time.monotonic_ns()}.yaml", ds_json, ranks),
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"stage {stage} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def base_config(model: Path, corpus: Path, out: Path, **overrides) -> dict:
+    config = {
+        "model": str(model),
+        "data": str(corpus),
+        "out": str(out),
+        "language_groups": GROUPS,
+        "steps": 30,
+        "seq_len": 32,
+        "lr": 3e-3,
+        "save_every": 10,
+        "log_every": 10,
+        "seed": 0,
+    }
+    config.update(overrides)
+    return config
+
+
+def launch_in_process(stage: int, config: dict, tmp: Path, ds_json: str, capsys) -> tuple[int, str]:
+    from layermoe_ds.training.launch import main
+
+    (tmp / "run.yaml").write_text(yaml.safe_dump(config))
+    code = main(
+        stage, ["--config", str(tmp / "run.yaml"), "--deepspeed_config", str(ROOT / "ds_configs" / ds_json), str(CPU)]
+    )
+    return code, capsys.readouterr().err.strip()

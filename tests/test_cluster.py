@@ -63,9 +63,8 @@ def fake_slurm(tmp: Path, hosts: list[str], **env: str) -> dict:
     (stubs / "scontrol").write_text(SCONTROL)
     for stub in stubs.iterdir():
         stub.chmod(0o755)
-    inherited = {k: v for k, v in launch_env().items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     return {
-        **inherited,
+        **launch_env(),
         "PATH": f"{stubs}:{BIN}:{os.environ['PATH']}",
         "SLURM_JOB_ID": "4242",
         "SLURM_JOB_NODELIST": "fake[01-02]",
@@ -228,7 +227,7 @@ def test_sigterm_reaches_the_trainers_and_requeues(tmp_path):
 def test_launcher_env_adopts_bare_srun_and_leaves_torch_launchers_alone(monkeypatch):
     from deepspeed.launcher.runner import fetch_hostfile
 
-    from layermoe_ds.distributed import adopt_launcher_env
+    from layermoe_ds.distributed import adopt_launcher_env, launcher_kind
 
     srun = {
         "SLURM_PROCID": "5",
@@ -242,8 +241,9 @@ def test_launcher_env_adopts_bare_srun_and_leaves_torch_launchers_alone(monkeypa
         "RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "MASTER_PORT": "29500"
     }  # fmt: skip
     assert adopt_launcher_env(dict(srun)) == "single"  # the batch shell: no rendezvous given, no guessing
-    torch_env = {"RANK": "3", "WORLD_SIZE": "4", "OMPI_COMM_WORLD_SIZE": "2"}
+    torch_env = {"RANK": "3", "WORLD_SIZE": "4", "OMPI_COMM_WORLD_SIZE": "4"}
     assert adopt_launcher_env(torch_env) == "torch" and torch_env["RANK"] == "3"
+    assert launcher_kind({"RANK": "0", "WORLD_SIZE": "1", "OMPI_COMM_WORLD_SIZE": "2"}) == "mpi"  # leaked RANK
     monkeypatch.setitem(sys.modules, "mpi4py", None)
     with pytest.raises(RuntimeError, match=r"mpi4py is missing: pip install 'layermoe_ds\[mpi\]'"):
         adopt_launcher_env({"OMPI_COMM_WORLD_SIZE": "2"})
@@ -365,8 +365,6 @@ def test_mpirun_finds_ranks_through_mpi4py(open_mpi, single_node, tmp_path):
     command += ["-x", "OMP_NUM_THREADS", "-x", "PYTHONPATH", sys.executable, "launchers/stage1.py"]
     command += ["--config", str(run_yaml), "--deepspeed_config", *CPU_CONFIGS.split()]
     env = launch_env(MASTER_PORT=str(free_port()), **MPI_ENV)
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
-        env.pop(name, None)
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     check(result, "mpirun stage 1")
     assert json.loads((tmp_path / "run" / "resolved_config.json").read_text())["world_size"] == 2

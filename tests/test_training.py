@@ -3,76 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from tests.helpers import launch_env, metrics
+from tests.helpers import base_config, launch_in_process, metrics, run
 
 pytestmark = pytest.mark.distributed
-
-ROOT = Path(__file__).resolve().parents[1]
-DEEPSPEED = Path(sys.executable).parent / "deepspeed"
-CPU = ROOT / "ds_configs" / "cpu.json"
-GROUPS = [["en", "de"], ["fr", "ru", "el"]]
-
-
-def command(stage: int, config: dict, run_yaml: Path, ds_json: str, ranks: int = 2, port: int | None = None):
-    from tests.helpers import free_port
-
-    run_yaml.write_text(yaml.safe_dump(config))
-    return [
-        str(DEEPSPEED),
-        "--num_gpus",
-        str(ranks),
-        "--master_port",
-        str(port or free_port()),
-        str(ROOT / "launchers" / f"stage{stage}.py"),
-        "--config",
-        str(run_yaml),
-        "--deepspeed_config",
-        str(ROOT / "ds_configs" / ds_json),
-        str(CPU),
-    ]
-
-
-def run(stage: int, config: dict, tmp: Path, ds_json: str, ranks: int = 2) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        command(stage, config, tmp / f"run_{time.monotonic_ns()}.yaml", ds_json, ranks),
-        env=launch_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if result.returncode != 0:
-        raise AssertionError(f"stage {stage} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
-
-
-def base_config(model: Path, corpus: Path, out: Path, **overrides) -> dict:
-    config = {
-        "model": str(model),
-        "data": str(corpus),
-        "out": str(out),
-        "language_groups": GROUPS,
-        "steps": 30,
-        "seq_len": 32,
-        "lr": 3e-3,
-        "save_every": 10,
-        "log_every": 10,
-        "seed": 0,
-    }
-    config.update(overrides)
-    return config
 
 
 @pytest.fixture(scope="module")
@@ -126,90 +66,10 @@ def test_stage2_trains_only_gates_and_sends_old_tokens_home(stage1_run, corpus_d
     assert json.loads((tmp_path / "run" / "model" / "config.json").read_text())["classifier_routing"] is True
 
 
-def test_zero1_run_killed_with_sigkill_resumes_bitwise(upcycled, corpus_dir, tmp_path):
-    full = base_config(upcycled, corpus_dir, tmp_path / "full", steps=12, save_every=4, log_every=1)
-    run(1, full, tmp_path, "stage1_zero1.json")
-    killed = {**full, "out": str(tmp_path / "killed")}
-    proc = subprocess.Popen(
-        command(1, killed, tmp_path / "killed.yaml", "stage1_zero1.json"),
-        env=launch_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    marker = tmp_path / "killed" / "checkpoints" / "step_00000004" / "COMPLETE.json"
-    deadline = time.monotonic() + 300
-    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert marker.exists()
-    run(1, killed, tmp_path, "stage1_zero1.json")
-    expected, resumed = metrics(tmp_path / "full"), metrics(tmp_path / "killed")
-    for step in range(5, 13):
-        assert resumed[step]["loss/total"] == expected[step]["loss/total"], step
-    a = load_file(tmp_path / "full" / "model" / "model.safetensors")
-    b = load_file(tmp_path / "killed" / "model" / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert len(list((tmp_path / "killed" / "checkpoints").glob("step_*"))) == 2  # keep_last_n
-
-
-def test_sigterm_saves_and_exits_zero(upcycled, corpus_dir, tmp_path):
-    config = base_config(upcycled, corpus_dir, tmp_path / "run", steps=500, save_every=1000, log_every=1)
-    proc = subprocess.Popen(
-        command(1, config, tmp_path / "run.yaml", "stage1_zero2.json"),
-        env=launch_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    log = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while (not log.exists() or len(log.read_text().splitlines()) < 3) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    import psutil
-
-    # The trainers get the signal (as Slurm's --signal or a preemption delivers it to the tasks); the DeepSpeed
-    # launcher sees them exit 0 and exits 0 itself.
-    workers = [
-        p
-        for p in psutil.Process(proc.pid).children(recursive=True)
-        if "stage1.py" in " ".join(p.cmdline()) and "--local_rank" in " ".join(p.cmdline())
-    ]
-    assert len(workers) == 2
-    for worker in workers:
-        worker.send_signal(signal.SIGTERM)
-    output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, output[-3000:]
-    checkpoints = list((tmp_path / "run" / "checkpoints").glob("step_*/COMPLETE.json"))
-    assert len(checkpoints) == 1
-    step = json.loads(checkpoints[0].read_text())["step"]
-    assert 3 <= step < 500 and not (tmp_path / "run" / "model").exists()
+# Kills, SIGTERM, damaged checkpoints, a full disk and world-size changes: tests/test_faults.py.
 
 
 # --- bad input: one-line errors before any step, nothing overwritten -------------------------------------------
-
-
-@pytest.fixture()
-def single_rank(monkeypatch):
-    from tests.helpers import free_port
-
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
-        monkeypatch.setenv(key, value)
-    if not torch.distributed.is_initialized():
-        monkeypatch.setenv("MASTER_PORT", str(free_port()))
-
-
-def launch_in_process(stage: int, config: dict, tmp: Path, ds_json: str, capsys) -> tuple[int, str]:
-    from layermoe_ds.training.launch import main
-
-    (tmp / "run.yaml").write_text(yaml.safe_dump(config))
-    code = main(
-        stage, ["--config", str(tmp / "run.yaml"), "--deepspeed_config", str(ROOT / "ds_configs" / ds_json), str(CPU)]
-    )
-    return code, capsys.readouterr().err.strip()
 
 
 def test_bad_inputs_fail_before_any_step(single_rank, tiny_base, upcycled, stage1_run, corpus_dir, tmp_path, capsys):

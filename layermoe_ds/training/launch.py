@@ -61,6 +61,7 @@ def build_parser(stage: int) -> argparse.ArgumentParser:
 def main(stage: int, argv: list[str] | None = None) -> int:
     from layermoe_ds.config import TrainConfig, load_config
     from layermoe_ds.distributed import adopt_launcher_env
+    from layermoe_ds.training.checkpoint import CheckpointWriteError
     from layermoe_ds.training.engine import load_ds_config
     from layermoe_ds.training.loop import run_stage
 
@@ -82,6 +83,15 @@ def main(stage: int, argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         if args.debug:
             raise
-        if rank == 0:
-            print(f"stage{stage}: error: {exc}", file=sys.stderr)
+        # Before the process group exists every rank read the same inputs: rank 0 speaks for all. After, an error
+        # may be one rank's own (a file only it reads) and would be lost: every rank says it, with its rank.
+        import torch.distributed as dist
+
+        if rank == 0 or dist.is_initialized():
+            print(f"stage{stage}: error{f' (rank {rank})' if rank else ''}: {exc}", file=sys.stderr)
         return 2
+    except CheckpointWriteError as exc:  # every rank that saw it says so: the disk may be full on one node only
+        if args.debug:
+            raise
+        print(f"stage{stage}: error (rank {rank}): {exc}", file=sys.stderr)
+        return 1

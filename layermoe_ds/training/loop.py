@@ -7,6 +7,7 @@ the newest complete checkpoint with the same data order and RNG state, so losses
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -50,13 +51,24 @@ def _check_run_dir(out: Path, resolved: dict) -> None:
     if path.is_file():
         existing = json.loads(path.read_text())
         if existing.get("fingerprint") != resolved["fingerprint"]:
+            old, new = existing.get("train", {}), resolved["train"]
+            changed = [k for k in sorted(set(old) | set(new)) if k not in UNFINGERPRINTED and old.get(k) != new.get(k)]
+            if existing.get("stage") != resolved["stage"]:
+                changed.insert(0, "stage")
+            if existing.get("deepspeed") != resolved["deepspeed"]:
+                changed.append("the DeepSpeed config")
             raise FileExistsError(
-                f"{out} already holds a different run (its {RESOLVED} differs); use another --out or delete it"
+                f"{out} already holds a different run (its {RESOLVED} differs in: {', '.join(changed) or 'version'}); "
+                "use another --out or delete it"
             )
 
 
+# Settings that may change between a run and its resumption: how it resumes and logs, and where the directory is.
+UNFINGERPRINTED = ("resume", "log_every", "out")
+
+
 def _fingerprint(train: dict, ds: dict, stage: int) -> str:
-    stable = {k: v for k, v in train.items() if k not in ("resume", "log_every")}
+    stable = {k: v for k, v in train.items() if k not in UNFINGERPRINTED}
     text = json.dumps({"stage": stage, "train": stable, "ds": ds}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -147,7 +159,11 @@ def run_stage(stage: int, config: TrainConfig, ds_config: dict) -> int:
     engine, _, scheduler = initialize(model, trainable, config, ds_config)
 
     step = 0
-    marker = checkpoint.load_latest(engine, out, model) if config.resume == "auto" else None
+    # Only replicated gate weights trained at ZeRO 0 (stage 2): optimizer state is valid on any world size.
+    reshardable = ds_config.get("zero_optimization", {}).get("stage", 0) == 0 and not any(
+        ".deepspeed_experts." in name for name, p in model.named_parameters() if p.requires_grad
+    )
+    marker = checkpoint.load_latest(engine, out, model, scheduler, reshardable) if config.resume == "auto" else None
     if marker is not None:
         step = marker["step"]
         sampler.load_state_dict(marker["sampler"])
@@ -182,8 +198,14 @@ def run_stage(stage: int, config: TrainConfig, ds_config: dict) -> int:
                 engine,
                 out,
                 step,
-                {"sampler": sampler.state_dict(), "layout": checkpoint.layout_of(model), "ep_sizes": ep_sizes},
+                {
+                    "stage": stage,
+                    "sampler": sampler.state_dict(),
+                    "layout": checkpoint.layout_of(model),
+                    "ep_sizes": ep_sizes,
+                },
                 config.keep_last_n,
+                model_files=lambda directory: _write_model_files(model, tokenizer, directory, stage),
             )
         if stopping and step < config.steps:
             log.warning("stopped at step %d after a signal; rerun the same command to resume", step)
@@ -260,6 +282,14 @@ def consolidated_state_dict(model) -> dict[str, torch.Tensor] | None:
     for part in gathered:
         state.update(part)
     return state
+
+
+def _write_model_files(model, tokenizer, directory: Path, stage: int) -> None:
+    """config.json (as the export will set it) and the tokenizer, so a checkpoint exports on its own."""
+    config = copy.deepcopy(model.config)
+    config.classifier_routing = stage == 2
+    config.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
 
 
 def export_model(model, tokenizer, out: Path, stage: int) -> None:
