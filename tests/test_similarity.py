@@ -209,11 +209,16 @@ def test_profile_errors(tiny_base, corpus_dir, tmp_path, capsys):
 
 @pytest.mark.distributed
 def test_torchrun_profile_launcher_matches_single_process(tiny_base, corpus_dir, tmp_path):
+    import random
+    import signal
     import subprocess
     import sys
+    import time
     from pathlib import Path
 
-    from tests.helpers import free_port
+    import psutil
+
+    from tests.helpers import free_port, launch_env
 
     common = [
         "--model",
@@ -232,25 +237,27 @@ def test_torchrun_profile_launcher_matches_single_process(tiny_base, corpus_dir,
         "2",
     ]
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
-            str(root / "launchers" / "profile_similarity.py"),
-            *common,
-            "--out",
-            str(tmp_path / "two.json"),
-        ],
-        check=True,
-        env=env,
-        capture_output=True,
-    )
+    env = launch_env()
+
+    def torchrun():
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+        script = [str(root / "launchers" / "profile_similarity.py"), *common, "--out", str(tmp_path / "two.json")]
+        return [*launcher, "--master_port", str(free_port()), *script]
+
+    # The fault matrix's profile case: SIGKILL the whole job at a random moment while the ranks run; no partial
+    # similarity.json may be left (atomic write), and the rerun gives the full result.
+    killed = subprocess.Popen(torchrun(), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while len(psutil.Process(killed.pid).children(recursive=True)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(random.Random(4).uniform(0.5, 3.0))
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    if (tmp_path / "two.json").exists():  # finished before the kill: then it is whole
+        json.loads((tmp_path / "two.json").read_text())
+        (tmp_path / "two.json").unlink()
+    subprocess.run(torchrun(), check=True, env=env, capture_output=True)
     from layermoe_ds.cli import main
 
     assert main(["profile", *common, "--out", str(tmp_path / "one.json")]) == 0

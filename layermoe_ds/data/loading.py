@@ -96,6 +96,8 @@ def load_texts(data: Path, langs: Sequence[str], split: str) -> dict[str, list[s
             texts = [r["text"] for r in _iter_jsonl(path, need_lang=True) if r["lang"] == lang and r.get("split", "train") == split]
         else:
             _check_utf8(path)
+            if not path.read_bytes().strip():  # HF datasets cannot build an empty file ("SchemaInferenceError")
+                raise ValueError(f"data: language {lang!r} has no text in its {split} split ({path} is empty)")
             if path.suffix == ".txt":
                 ds = datasets.load_dataset("text", data_files=str(path), split="train")
             else:

@@ -1,0 +1,200 @@
+"""The bad-input matrix (README, Troubleshooting): every case is one line naming the culprit, a non-zero exit before
+any work, and no existing file touched."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT, base_config, launch_in_process
+
+SIMILARITY = {"layer_score": [0.3, 0.5, 0.4], "num_layers": 3}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, corpus_dir, tiny_base, upcycled) -> dict[str, Path]:
+    """Broken and good inputs side by side."""
+    tmp = tmp_path_factory.mktemp("bad_inputs")
+    for name, damage in (("empty_data", b""), ("binary_data", b"ok line\n\xff\xfe not utf-8\n")):
+        shutil.copytree(corpus_dir, tmp / name)
+        (tmp / name / "fr.test.txt").write_bytes(damage)
+    (tmp / "no_weights").mkdir()
+    shutil.copy(tiny_base / "config.json", tmp / "no_weights" / "config.json")
+    shutil.copytree(tiny_base, tmp / "gpt2")
+    config = json.loads((tiny_base / "config.json").read_text())
+    (tmp / "gpt2" / "config.json").write_text(json.dumps({**config, "model_type": "gpt2", "architectures": ["GPT2"]}))
+    (tmp / "broken.json").write_text('{"layer_score": [0.3, 0.5,')
+    (tmp / "similarity.json").write_text(json.dumps(SIMILARITY))
+    (tmp / "no_scores.json").write_text(json.dumps({"num_layers": 3}))
+    (tmp / "alloc_5_layers.json").write_text(json.dumps({"experts_per_layer": [2] * 5, "classifier_layers": [0]}))
+    (tmp / "hostfile").write_text("node-01 slots=8\nnode-02 slots=eight\n")
+    (tmp / "ds_broken.json").write_text('{"train_micro_batch_size_per_gpu": 4,,}')
+    (tmp / "ds_zero3.json").write_text(
+        json.dumps({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3}})
+    )
+    (tmp / "ds_optimizer.json").write_text(
+        json.dumps({"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "Adam", "params": {"lr": 1e-3}}})
+    )
+    (tmp / "other_run").mkdir()
+    (tmp / "other_run" / "resolved_config.json").write_text(
+        json.dumps({"stage": 1, "fingerprint": "0123456789abcdef", "train": {"steps": 999}, "deepspeed": {}})
+    )
+    (tmp / "pretrain.yaml").write_text("stpes: 10\n")
+    (tmp / "out_dir").mkdir()
+    (tmp / "out_dir" / "keep.txt").write_text("a previous result")
+    (tmp / "existing.json").write_text('{"a previous": "result"}')
+    return {"tmp": tmp, "corpus": corpus_dir, "base": tiny_base, "moe": upcycled}
+
+
+def cli_cases(i: dict[str, Path]) -> list[tuple[str, list[str], str]]:
+    t, base, corpus, moe = i["tmp"], str(i["base"]), str(i["corpus"]), str(i["moe"])
+    evaluate = ["evaluate", "--model", base, "--langs", "en,fr", "--old", "en"]
+    profile = ["profile", "--model", base, "--data", corpus, "--old", "en,de", "--new", "fr", "--out"]
+    allocate = ["allocate", "--similarity", str(t / "similarity.json"), "--out", str(t / "existing.json")]
+    return [
+        ("data dir missing", [*evaluate, "--data", str(t / "nowhere")], "nowhere"),
+        ("data file empty (a language with no text)", [*evaluate, "--data", str(t / "empty_data")], "fr"),
+        ("data file not UTF-8", [*evaluate, "--data", str(t / "binary_data")], "fr.test.txt"),
+        ("language not in the data", [*evaluate[:4], "en,xx", "--data", corpus], "xx"),
+        (
+            "model without weights",
+            [*profile[:2], str(t / "no_weights"), *profile[3:], str(t / "existing.json")],
+            "no weights",
+        ),  # fmt: skip
+        (
+            "unsupported architecture",
+            [
+                "upcycle",
+                "--model",
+                str(t / "gpt2"),
+                "--allocation",
+                str(t / "alloc_5_layers.json"),
+                "--out",
+                str(t / "new_model"),
+            ],
+            "gpt2",
+        ),  # fmt: skip
+        ("same language old and new", [*profile[:8], "en", *profile[9:], str(t / "existing.json")], "both old and new"),
+        (
+            "malformed similarity JSON",
+            [*allocate[:1], "--similarity", str(t / "broken.json"), *allocate[3:], "--budget", "9"],
+            "broken.json is not valid JSON",
+        ),  # fmt: skip
+        (
+            "similarity JSON without scores",
+            [*allocate[:1], "--similarity", str(t / "no_scores.json"), *allocate[3:], "--budget", "9"],
+            "no_scores.json",
+        ),  # fmt: skip
+        ("budget < layers", [*allocate, "--budget", "2"], "budget"),
+        ("K > layers", [*allocate, "--budget", "9", "--classifier-layers", "5"], "classifier"),
+        (
+            "malformed allocation JSON",
+            ["upcycle", "--model", base, "--allocation", str(t / "broken.json"), "--out", str(t / "new_model")],
+            "broken.json is not valid JSON",
+        ),  # fmt: skip
+        (
+            "allocation for another model",
+            ["upcycle", "--model", base, "--allocation", str(t / "alloc_5_layers.json"), "--out", str(t / "new_model")],
+            "5",
+        ),  # fmt: skip
+        (
+            "output dir not empty",
+            ["upcycle", "--model", base, "--allocation", str(t / "alloc_5_layers.json"), "--out", str(t / "out_dir")],
+            "out_dir already exists",
+        ),  # fmt: skip
+        (
+            "unknown pretrain key",
+            [
+                "pretrain",
+                "--config",
+                str(t / "pretrain.yaml"),
+                "--data",
+                corpus,
+                "--tokenizer",
+                base,
+                "--out",
+                str(t / "new_model"),
+            ],
+            "did you mean 'steps'",
+        ),  # fmt: skip
+        ("hostfile bad line", ["check-hostfile", str(t / "hostfile")], "line 2: 'node-02 slots=eight'"),
+        (
+            "export from a non-checkpoint",
+            ["export", "--checkpoint", moe, "--out", str(t / "new_model")],
+            "neither a complete checkpoint",
+        ),  # fmt: skip
+    ]
+
+
+def stage_cases(i: dict[str, Path]) -> list[tuple[str, dict, str, str]]:
+    t = i["tmp"]
+    good = base_config(i["moe"], i["corpus"], t / "new_run", steps=2)
+    return [
+        ("unknown run-config key", {**good, "stpes": 3}, "stage1_zero2.json", "did you mean 'steps'"),
+        ("ZeRO-3 with MoE", good, str(t / "ds_zero3.json"), "ZeRO Stage 3"),
+        ("optimizer in the DeepSpeed JSON", good, str(t / "ds_optimizer.json"), "optimizer"),
+        ("malformed DeepSpeed JSON", good, str(t / "ds_broken.json"), "ds_broken.json"),
+        (
+            "ep_size not dividing experts",
+            {**good, "expert_parallel_size": "2"},
+            "stage1_zero2.json",
+            "expert_parallel_size: 2 does not divide",
+        ),  # fmt: skip
+        (
+            "run dir holds another run",
+            {**good, "out": str(t / "other_run")},
+            "stage1_zero2.json",
+            "already holds a different run",
+        ),  # fmt: skip
+        (
+            "language missing from the data",
+            {**good, "language_groups": [["en"], ["xx"]]},
+            "stage1_zero2.json",
+            "['xx'] not found",
+        ),  # fmt: skip
+    ]
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+def one_error_line(err: str, prefix: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith(prefix)]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_cli_bad_inputs(inputs, capsys):
+    from layermoe_ds.cli import main
+
+    cases = cli_cases(inputs)
+    assert len(cases) + len(stage_cases(inputs)) >= 20
+    before = snapshot(inputs["tmp"])
+    for name, argv, culprit in cases:
+        code = main(argv)
+        line = one_error_line(capsys.readouterr().err, f"layermoe {argv[0]}: error")
+        assert code == 2 and culprit in line, f"{name}: {line}"
+        assert snapshot(inputs["tmp"]) == before, f"{name} touched a file"
+
+
+def test_training_bad_inputs(inputs, single_rank, capsys):
+    before = snapshot(inputs["tmp"])
+    for name, config, ds_json, culprit in stage_cases(inputs):
+        code, err = launch_in_process(1, config, inputs["tmp"], ds_json, capsys)
+        line = one_error_line(err, "stage1: error")
+        assert code == 2 and culprit in line, f"{name}: {line}"
+        assert not (inputs["tmp"] / "new_run" / "checkpoints").exists(), name
+        after = snapshot(inputs["tmp"])
+        assert {k: v for k, v in after.items() if k != "run.yaml"} == {
+            k: v for k, v in before.items() if k != "run.yaml"
+        }, f"{name} touched a file"
+
+
+def test_readme_lists_every_case(inputs):
+    readme = (ROOT / "README.md").read_text()
+    for name, *_ in cli_cases(inputs) + stage_cases(inputs):
+        assert f"| {name} |" in readme, f"README's troubleshooting table lacks '{name}'"
