@@ -4,7 +4,8 @@ from collections import Counter
 
 import pytest
 
-from layermoe_ds.data.corpus import CorpusOptions, corpus_is_built, select_paragraphs, sha256_file, split_of
+from layermoe_ds.data.corpus import CorpusOptions, corpus_is_built, select_paragraphs, split_of
+from layermoe_ds.io import sha256_file
 
 LONG = "a paragraph long enough to keep"
 

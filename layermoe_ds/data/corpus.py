@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from layermoe_ds.data.help_html import extract_paragraphs, latin_fraction
-from layermoe_ds.io import atomic_write_text
+from layermoe_ds.io import atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +76,6 @@ def split_of(page: str) -> str:
     """Deterministic page → split (≈ 90/5/5) from a hash of the page's path, the same in every language."""
     bucket = int(hashlib.sha256(page.encode()).hexdigest(), 16) % 100
     return "train" if bucket < 90 else ("valid" if bucket < 95 else "test")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _run(cmd: Sequence[str], cwd: Path | None = None) -> subprocess.CompletedProcess:

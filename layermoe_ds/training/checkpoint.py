@@ -13,7 +13,6 @@ after the newer one is complete. A failed write (disk full) leaves no marker and
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import json
 import logging
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from layermoe_ds.io import atomic_write_bytes, read_json, write_json
+from layermoe_ds.io import atomic_write_bytes, read_json, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -73,21 +72,13 @@ def layout_of(model) -> dict:
     }
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _manifest_share(directory: Path, names: list[str]) -> dict[str, dict]:
     """Size and SHA-256 of this rank's share of `names` (every world_size-th), gathered on every rank."""
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = {}
     for name in names[rank::world]:
         file = directory / name
-        mine[name] = {"size": file.stat().st_size, "sha256": sha256_of(file)} if file.is_file() else {"missing": True}
+        mine[name] = {"size": file.stat().st_size, "sha256": sha256_file(file)} if file.is_file() else {"missing": True}
     parts: list = [None] * world
     dist.all_gather_object(parts, mine)
     return {name: entry for part in parts for name, entry in part.items()}
@@ -152,7 +143,7 @@ def verify_files(path: Path, marker: dict, files: dict[str, dict] | None = None)
         file = path / name
         if not file.is_file():
             return f"{name} is missing"
-        actual = files[name] if files is not None else {"size": file.stat().st_size, "sha256": sha256_of(file)}
+        actual = files[name] if files is not None else {"size": file.stat().st_size, "sha256": sha256_file(file)}
         if actual.get("size") != expected["size"]:
             return f"{name} has {actual.get('size')} bytes, the manifest says {expected['size']} (truncated?)"
         if "sha256" in expected and actual.get("sha256") != expected["sha256"]:
