@@ -277,40 +277,12 @@ def _add_export(sub) -> None:
 
 def _cmd_export(args) -> int:
     from layermoe_ds.data.tokenizer import load_tokenizer
-    from layermoe_ds.io import read_json
-    from layermoe_ds.modeling.hf_export import layermoe_model_type, save_model
+    from layermoe_ds.modeling.hf_export import save_model
     from layermoe_ds.modeling.hf_loading import parse_dtype
-    from layermoe_ds.modeling.upcycle import LAYERMOE_TYPES
-    from layermoe_ds.training import checkpoint
+    from layermoe_ds.training.checkpoint import model_from_checkpoint
 
     _refuse_overwrite(args.out)
-    path = args.checkpoint
-    if not (path / checkpoint.MARKER).is_file():
-        found = checkpoint.complete_checkpoints(path)
-        if not found:
-            raise FileNotFoundError(
-                f"export: {path} is neither a complete checkpoint (no {checkpoint.MARKER}) nor a run directory "
-                "with one under checkpoints/"
-            )
-        path = found[-1]
-    marker = read_json(path / checkpoint.MARKER, "checkpoint marker")
-    problem = checkpoint.verify_files(path, marker)
-    if problem:
-        raise ValueError(f"export: checkpoint {path} is damaged: {problem}")
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"export: {path} has no config.json (a checkpoint from before self-contained saves)")
-    model_type = layermoe_model_type(path)
-    if model_type is None:
-        raise ValueError(f"export: {path}/config.json is not a LayerMoE config")
-    config_cls, model_cls = LAYERMOE_TYPES[model_type]
-    model = model_cls(config_cls.from_pretrained(path))
-    state = checkpoint.consolidated_from_checkpoint(path)
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"export: checkpoint {path} does not match its config.json: missing {sorted(missing)[:3]}, "
-            f"unexpected {sorted(unexpected)[:3]}"
-        )
+    model, path, marker = model_from_checkpoint(args.checkpoint)
     save_model(model.to(parse_dtype(args.dtype)), args.out, load_tokenizer(path))
     print(f"exported {path} (step {marker['step']}) to {args.out}")
     return 0
@@ -340,11 +312,19 @@ def _cmd_check_hostfile(args) -> int:
 
 
 def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="per-language held-out loss, perplexity and bits per byte")
-    p.add_argument("--model", type=Path, required=True, help="HF model directory")
+    p = sub.add_parser(
+        "evaluate",
+        help="per-language held-out loss, perplexity, bits per byte and routing statistics",
+        description="Evaluate a dense HF model, a LayerMoE model, a DeepSpeed checkpoint (RUN/checkpoints/step_N) "
+        "or a run directory (its newest complete checkpoint) on held-out text. Every token is scored once; LayerMoE "
+        "models also report, per layer and language, the share of tokens routed to expert 0, the expert load and "
+        "the classifier accuracy.",
+    )
+    p.add_argument("--model", type=Path, required=True, help="model directory, checkpoint or run directory")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--langs", type=lang_list, required=True)
-    p.add_argument("--old", type=lang_list, default=[], help="old languages (for Old-avg)")
+    p.add_argument("--old", type=lang_list, default=[], help="old languages (group 0, for Old-avg)")
+    p.add_argument("--groups", default=None, help="lifelong language groups in expansion order, e.g. 'en,de;fr,ru;el'")
     p.add_argument("--split", default="test", choices=("valid", "test"))
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
@@ -357,27 +337,21 @@ def _add_evaluate(sub) -> None:
 def _cmd_evaluate(args) -> int:
     from layermoe_ds.data.loading import load_texts
     from layermoe_ds.data.tokenizer import load_tokenizer
-    from layermoe_ds.eval.perplexity import evaluate_languages, format_table, group_averages
+    from layermoe_ds.eval.evaluate import evaluate_model, format_report, language_groups, load_for_evaluation
     from layermoe_ds.io import write_json
-    from layermoe_ds.modeling.hf_loading import check_model_dir, load_causal_lm, parse_dtype
+    from layermoe_ds.modeling.hf_loading import parse_dtype
 
-    check_model_dir(args.model)
+    groups_arg = [g.split(",") for g in args.groups.split(";")] if args.groups else None
+    groups = language_groups(args.langs, args.old, groups_arg)
     texts = load_texts(args.data, args.langs, args.split)
-    tokenizer = load_tokenizer(args.model)
-    model = load_causal_lm(args.model, parse_dtype(args.dtype))
-    results = evaluate_languages(model, tokenizer, texts, args.seq_len, args.batch_size, args.max_tokens)
-    new = [lang for lang in args.langs if lang not in args.old]
-    print(format_table(results, args.old, new))
+    model, tokenizer_dir, described = load_for_evaluation(args.model, parse_dtype(args.dtype))
+    report = evaluate_model(
+        model, load_tokenizer(tokenizer_dir), texts, groups, args.seq_len, args.batch_size, args.max_tokens
+    )
+    print(f"{described}, {args.split} split:")
+    print(format_report(report, groups))
     if args.out:
-        write_json(
-            args.out,
-            {
-                "model": str(args.model),
-                "split": args.split,
-                "languages": results,
-                **group_averages(results, args.old, new),
-            },
-        )
+        write_json(args.out, {"model": described, "split": args.split, "groups": groups, **report})
     return 0
 
 

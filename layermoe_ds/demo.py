@@ -95,7 +95,7 @@ def run_demo(data: Path, artifacts: Path, runs: Path, cache: Path) -> int:
     from layermoe_ds.analysis.profiling import run_profile
     from layermoe_ds.data.loading import load_texts
     from layermoe_ds.data.tokenizer import load_tokenizer
-    from layermoe_ds.eval.perplexity import evaluate_languages, format_table, group_averages
+    from layermoe_ds.eval.evaluate import evaluate_model, format_report
     from layermoe_ds.modeling.hf_loading import load_causal_lm
     from layermoe_ds.training.pretrain import is_done, pretrain
 
@@ -199,11 +199,11 @@ def run_demo(data: Path, artifacts: Path, runs: Path, cache: Path) -> int:
     test_texts = load_texts(data, langs, "test")
     tokenizer = load_tokenizer(base)
     table = {}
+    groups = {lang: 0 if lang in OLD_LANGS else 1 for lang in test_texts}
     for name, path in (("dense base", base), ("LayerMoE stage 1", stage1), ("LayerMoE stage 2", stage2)):
-        results = evaluate_languages(load_causal_lm(path), tokenizer, test_texts, config.seq_len)
-        table[name] = {"languages": results, **group_averages(results, OLD_LANGS, NEW_LANGS)}
+        table[name] = evaluate_model(load_causal_lm(path), tokenizer, test_texts, groups, config.seq_len)
         print(f"\n{name} ({path}), held-out test split:")
-        print(format_table(results, OLD_LANGS, NEW_LANGS))
+        print(format_report(table[name], groups))
     write_json(runs / "eval.json", table)
     print(f"\n{'system':<18} {'Old-avg loss':>12} {'New-avg loss':>12} {'Old bits/byte':>13} {'New bits/byte':>13}")
     for name, row in table.items():

@@ -223,7 +223,7 @@ def test_resume_on_another_world_size(stage, single_rank, reference, upcycled, c
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_export_from_a_deepspeed_checkpoint_gives_the_same_logits(reference, tmp_path):
+def test_export_and_evaluate_from_a_deepspeed_checkpoint(reference, corpus_dir, tmp_path):
     from layermoe_ds.cli import main
     from layermoe_ds.modeling.hf_loading import load_causal_lm
 
@@ -235,3 +235,11 @@ def test_export_from_a_deepspeed_checkpoint_gives_the_same_logits(reference, tmp
         assert torch.equal(exported(input_ids=ids).logits, trained(input_ids=ids).logits)
     a = load_file(tmp_path / "exported" / "model.safetensors")
     assert any(".deepspeed_experts.1." in key for key in a)  # expert files merged under their global ids
+
+    # `layermoe evaluate` reads a run directory's newest checkpoint directly: the numbers of the exported model.
+    common = ["evaluate", "--data", str(corpus_dir), "--langs", "en,fr", "--old", "en", "--max-tokens", "300"]
+    for name, model in (("run", reference[1]), ("model", reference[1] / "model")):
+        assert main([*common, "--model", str(model), "--out", str(tmp_path / f"{name}.json")]) == 0
+    from_run, from_model = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("run", "model"))
+    assert from_run["model"].startswith("checkpoint ") and "(step 10)" in from_run["model"]
+    assert {k: v for k, v in from_run.items() if k != "model"} == {k: v for k, v in from_model.items() if k != "model"}

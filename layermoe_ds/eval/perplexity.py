@@ -8,7 +8,7 @@ so models with different tokenizers compare.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +19,16 @@ from layermoe_ds.data.packing import token_stream
 
 @torch.no_grad()
 def language_nll(
-    model, tokenizer, texts: Sequence[str], seq_len: int, batch_size: int = 8, max_tokens: int | None = None
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    seq_len: int,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+    after_forward: Callable[[torch.Tensor], None] | None = None,
 ) -> dict[str, float]:
-    """Summed NLL (nats) and counts over one language's documents; `max_tokens` cuts the stream (and its bytes)."""
+    """Summed NLL (nats) and counts over one language's documents; `max_tokens` cuts the stream (and its bytes).
+    `after_forward(valid_T)` runs after each batch with the flattened mask of the input positions that are scored."""
     if max_tokens is not None:
         kept, total = [], 0
         for text in texts:
@@ -43,6 +50,8 @@ def language_nll(
             ids[row, : len(c)], mask[row, : len(c)] = c, 1
         ids, mask = ids.to(device), mask.to(device)
         logits = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1]).logits.float()
+        if after_forward is not None:
+            after_forward(mask[:, 1:].reshape(-1).bool())  # input positions that predict a real token
         targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         nll += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum").item()
         count += int((targets != -100).sum())
@@ -68,12 +77,16 @@ def evaluate_languages(
     seq_len: int,
     batch_size: int = 8,
     max_tokens: int | None = None,
+    routing=None,
 ) -> dict[str, dict[str, float]]:
+    """Per-language loss, perplexity and bits per byte; `routing` (a RoutingStats) also records each language's
+    routing on a LayerMoE model."""
     was_training = model.training
     model.eval()
     out = {}
     for lang, texts in tqdm(texts_per_lang.items(), desc="evaluate", disable=None):
-        out[lang] = summarise(language_nll(model, tokenizer, texts, seq_len, batch_size, max_tokens))
+        hook = None if routing is None else (lambda valid, lang=lang: routing.update(model, lang, valid))
+        out[lang] = summarise(language_nll(model, tokenizer, texts, seq_len, batch_size, max_tokens, hook))
     model.train(was_training)
     return out
 

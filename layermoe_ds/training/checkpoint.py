@@ -232,3 +232,49 @@ def consolidated_from_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     for expert_file in sorted(path.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
         state.update(torch.load(expert_file, map_location="cpu", weights_only=False))
     return state
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint directory, or a run directory's newest complete checkpoint."""
+    path = Path(path)
+    if (path / MARKER).is_file():
+        return path
+    found = complete_checkpoints(path)
+    if not found:
+        raise FileNotFoundError(
+            f"{path} is neither a complete checkpoint (no {MARKER}) nor a run directory with one under checkpoints/"
+        )
+    return found[-1]
+
+
+def is_checkpoint(path: Path) -> bool:
+    path = Path(path)
+    return (path / MARKER).is_file() or bool(complete_checkpoints(path))
+
+
+def model_from_checkpoint(path: Path) -> tuple[torch.nn.Module, Path, dict]:
+    """(LayerMoE model in fp32 on CPU, the checkpoint directory, its marker) from a checkpoint or run directory,
+    after verifying the files against the manifest. Needs neither DeepSpeed nor a process group."""
+    from layermoe_ds.modeling.hf_export import layermoe_model_type
+    from layermoe_ds.modeling.upcycle import LAYERMOE_TYPES
+
+    path = resolve_checkpoint(path)
+    marker = read_json(path / MARKER, "checkpoint marker")
+    problem = verify_files(path, marker)
+    if problem:
+        raise ValueError(f"checkpoint {path} is damaged: {problem}")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"checkpoint {path} has no config.json (saved before checkpoints carried one)")
+    model_type = layermoe_model_type(path)
+    if model_type is None:
+        raise ValueError(f"checkpoint {path}: config.json is not a LayerMoE config")
+    config_cls, model_cls = LAYERMOE_TYPES[model_type]
+    model = model_cls(config_cls.from_pretrained(path))
+    state = consolidated_from_checkpoint(path)
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {path} does not match its config.json: missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}"
+        )
+    return model.eval(), path, marker

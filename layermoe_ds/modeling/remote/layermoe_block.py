@@ -24,6 +24,7 @@ class MoEAux:
     classifier_logits_TG: torch.Tensor | None  # fp32, None when the layer has no classifier
     expert_load_E: torch.Tensor  # routes per expert this forward (expert 0 first)
     dropped: int  # routes dropped for capacity (only the expert-parallel training path drops)
+    expert_ids_TK: torch.Tensor | None = None  # the routes taken (after any classifier override), for evaluation
 
 
 @dataclass
@@ -199,5 +200,6 @@ class LayerMoEBlock(nn.Module):
             routed = self.base_ffn(hidden_TH.index_select(0, index0))
             out_TH = out_TH.index_add(0, index0, routed.float() * weight0_T[index0, None])
         aux.dropped = int(dropped)
+        aux.expert_ids_TK = ids_TK
         self.aux = aux
         return out_TH.to(hidden_BTH.dtype).reshape(hidden_BTH.shape)

@@ -1,0 +1,68 @@
+"""`layermoe evaluate`: one model — a dense HF directory, a LayerMoE directory or a DeepSpeed checkpoint — on
+held-out text: per-language loss, perplexity and bits per byte, Old-avg/New-avg, and for LayerMoE models the routing
+statistics per layer and language (eval/routing.py). One JSON layout for the CLI, the demo and the experiments."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from layermoe_ds.eval.perplexity import evaluate_languages, format_table, group_averages
+from layermoe_ds.eval.routing import RoutingStats, format_routing
+
+
+def load_for_evaluation(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """(model, the directory holding its tokenizer, what was loaded): model directories and checkpoints alike."""
+    from layermoe_ds.modeling.hf_loading import load_causal_lm
+    from layermoe_ds.training.checkpoint import is_checkpoint, model_from_checkpoint
+
+    path = Path(path)
+    # A checkpoint carries a config.json too; a run directory has none but holds checkpoints/.
+    if (path / "COMPLETE.json").is_file() or (not (path / "config.json").is_file() and is_checkpoint(path)):
+        model, checkpoint_dir, marker = model_from_checkpoint(path)
+        described = f"checkpoint {checkpoint_dir} (step {marker['step']})"
+        return model.to(dtype=dtype, device=device), checkpoint_dir, described
+    return load_causal_lm(path, dtype, device), path, str(path)
+
+
+def language_groups(langs: Sequence[str], old: Sequence[str], groups: Sequence[Sequence[str]] | None) -> dict[str, int]:
+    """language → group index: from explicit lifelong groups, else old languages 0 and the rest 1."""
+    if groups:
+        index = {lang: g for g, members in enumerate(groups) for lang in members}
+        missing = [lang for lang in langs if lang not in index]
+        if missing:
+            raise ValueError(f"groups: {missing} are evaluated but in no group of {list(map(list, groups))}")
+        return {lang: index[lang] for lang in langs}
+    return {lang: 0 if lang in old else 1 for lang in langs}
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    texts: dict[str, Sequence[str]],
+    groups: dict[str, int],
+    seq_len: int,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+) -> dict:
+    """{"languages": {lang: {loss, ppl, bpb, tokens, bytes}}, "old_avg", "new_avg", "routing" (LayerMoE only)}."""
+    routing = RoutingStats(groups) if hasattr(model, "moe_blocks") else None
+    results = evaluate_languages(model, tokenizer, texts, seq_len, batch_size, max_tokens, routing)
+    old = [lang for lang in texts if groups[lang] == 0]
+    new = [lang for lang in texts if groups[lang] > 0]
+    report = {"languages": results, **group_averages(results, old, new)}
+    if routing is not None:
+        report["routing"] = routing.result()
+    return report
+
+
+def format_report(report: dict, groups: dict[str, int]) -> str:
+    old = [lang for lang, g in groups.items() if g == 0]
+    new = [lang for lang, g in groups.items() if g > 0]
+    text = format_table(report["languages"], old, new)
+    if "routing" in report:
+        text += "\n\nrouting (share of tokens whose top route is expert 0; classifier accuracy)\n"
+        text += format_routing(report["routing"], old, new)
+    return text
