@@ -499,18 +499,37 @@ def _cmd_allocate(args) -> int:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="the whole pipeline on the embedded corpus, on CPU (cached steps)")
+    p = sub.add_parser("demo", help="the `demo` experiment preset on the embedded corpus, on CPU (cached steps)")
+    _experiment_arguments(p, default_out=Path("runs/demo"))
+    p.set_defaults(func=_cmd_demo, preset="demo")
+
+
+def _add_experiment(sub) -> None:
+    p = sub.add_parser(
+        "experiment",
+        help="several systems (baselines, LayerMoE, ablations) on the same data and budget, one report",
+        description="Profile once, then per system allocate → stage 1 → stage 2 (deepspeed, 2 CPU ranks) → evaluate; "
+        "every finished step is cached so a rerun resumes; writes OUT/report.md, results.json and plots. Without "
+        "--base the embedded corpus, tokenizer and tiny base model are built (or reused) first.",
+    )
+    p.add_argument("--preset", choices=("demo", "full"), default="demo", help="demo: dense, uniform, LayerMoE; "
+                   "full: + random allocation, no classifier, last-K classifiers")  # fmt: skip
+    _experiment_arguments(p, default_out=None)
+    p.set_defaults(func=_cmd_demo)
+
+
+def _experiment_arguments(p, default_out: Path | None) -> None:
+    p.add_argument("--out", "--runs", dest="runs", type=Path, default=default_out, required=default_out is None)
     p.add_argument("--data", type=Path, default=Path("data"))
     p.add_argument("--artifacts", type=Path, default=Path("artifacts"))
-    p.add_argument("--runs", type=Path, default=Path("runs/demo"))
+    p.add_argument("--base", type=Path, default=None, help="a dense base model directory (default: build the tiny one)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
-    p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args) -> int:
     from layermoe_ds.demo import run_demo
 
-    return run_demo(args.data, args.artifacts, args.runs, args.cache)
+    return run_demo(args.data, args.artifacts, args.runs, args.cache, args.preset, args.base)
 
 
 # --- entry point -------------------------------------------------------------------------------------------------
@@ -526,6 +545,7 @@ VERBS: list[Callable] = [
     _add_evaluate,
     _add_export,
     _add_check_hostfile,
+    _add_experiment,
     _add_demo,
 ]
 

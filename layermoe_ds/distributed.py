@@ -101,3 +101,21 @@ def read_hostfile(path: Path) -> dict[str, int]:
     if not hosts:
         raise ValueError(f"hostfile {path}: no hosts (expected '<host> slots=<N>' lines)")
     return hosts
+
+
+def release_shm_buffers(shm_dir: Path = Path("/dev/shm")) -> int:
+    """Unlink the shared-memory segments DeepSpeed's CPU all-reduce (`deepspeed_shm_comm`) created for this job;
+    returns how many. DeepSpeed never unlinks them: every CPU run, killed or not, left ~69 MB per rank in /dev/shm
+    (measured: 287 segments, 19 GiB of RAM after a day of test runs here). Call once every rank has initialised:
+    the ranks keep their mappings, only the names go, so nothing is left behind even after a SIGKILL."""
+    address, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not address or not port or not shm_dir.is_dir():
+        return 0
+    removed = 0
+    for path in shm_dir.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_*"):
+        try:
+            path.unlink()
+            removed += 1
+        except FileNotFoundError:  # another rank of this job got it first
+            pass
+    return removed

@@ -88,3 +88,14 @@ def single_rank(monkeypatch):
         monkeypatch.setenv(key, value)
     if not torch.distributed.is_initialized():
         monkeypatch.setenv("MASTER_PORT", str(free_port()))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_shm_leftovers():
+    """Runs killed before DeepSpeed's shm init completed can still leave segments: remove this session's."""
+    from tests.helpers import shm_buffers
+
+    before = shm_buffers()
+    yield
+    for path in shm_buffers() - before:
+        path.unlink(missing_ok=True)

@@ -60,7 +60,13 @@ def command(stage: int, config: dict, run_yaml: Path, ds_json: str, ranks: int =
     ]
 
 
+def shm_buffers() -> set[Path]:
+    """DeepSpeed's CPU all-reduce segments in /dev/shm (the trainers unlink theirs once every rank has them)."""
+    return set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+
+
 def run(stage: int, config: dict, tmp: Path, ds_json: str, ranks: int = 2) -> subprocess.CompletedProcess:
+    before = shm_buffers()
     result = subprocess.run(
         command(stage, config, tmp / f"run_{time.monotonic_ns()}.yaml", ds_json, ranks),
         env=launch_env(),
@@ -70,6 +76,7 @@ def run(stage: int, config: dict, tmp: Path, ds_json: str, ranks: int = 2) -> su
     )
     if result.returncode != 0:
         raise AssertionError(f"stage {stage} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    assert shm_buffers() <= before, f"the run left {sorted(shm_buffers() - before)} in /dev/shm"
     return result
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from layermoe_ds.config import TrainConfig, to_dict
+from layermoe_ds.distributed import release_shm_buffers
 from layermoe_ds.io import read_json, write_json
 
 log = logging.getLogger("layermoe.train")
@@ -131,6 +132,9 @@ def run_stage(stage: int, config: TrainConfig, ds_config: dict) -> int:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     deepspeed.init_distributed(dist_backend=backend)
     rank, world = dist.get_rank(), dist.get_world_size()
+    if backend == "gloo":  # every rank has mapped the CPU all-reduce segments by now: drop their names
+        dist.barrier()
+        release_shm_buffers()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if backend == "nccl" else torch.device("cpu")
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(Path(config.model))
