@@ -209,6 +209,7 @@ def test_profile_errors(tiny_base, corpus_dir, tmp_path, capsys):
 
 @pytest.mark.distributed
 def test_torchrun_profile_launcher_matches_single_process(tiny_base, corpus_dir, tmp_path):
+    import contextlib
     import random
     import signal
     import subprocess
@@ -252,7 +253,10 @@ def test_torchrun_profile_launcher_matches_single_process(tiny_base, corpus_dir,
     while len(psutil.Process(killed.pid).children(recursive=True)) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(random.Random(4).uniform(0.5, 3.0))
-    os.killpg(killed.pid, signal.SIGKILL)
+    # torchrun starts its workers in their own sessions: kill the whole tree, not just the launcher's group.
+    for process in [*psutil.Process(killed.pid).children(recursive=True), psutil.Process(killed.pid)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signal.SIGKILL)
     killed.wait()
     if (tmp_path / "two.json").exists():  # finished before the kill: then it is whole
         json.loads((tmp_path / "two.json").read_text())
