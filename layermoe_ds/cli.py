@@ -337,12 +337,19 @@ def _add_evaluate(sub) -> None:
 def _cmd_evaluate(args) -> int:
     from layermoe_ds.data.loading import load_texts
     from layermoe_ds.data.tokenizer import load_tokenizer
-    from layermoe_ds.eval.evaluate import evaluate_model, format_report, language_groups, load_for_evaluation
+    from layermoe_ds.eval.evaluate import (
+        check_source,
+        evaluate_model,
+        format_report,
+        language_groups,
+        load_for_evaluation,
+    )
     from layermoe_ds.io import write_json
     from layermoe_ds.modeling.hf_loading import parse_dtype
 
     groups_arg = [g.split(",") for g in args.groups.split(";")] if args.groups else None
     groups = language_groups(args.langs, args.old, groups_arg)
+    check_source(args.model)
     texts = load_texts(args.data, args.langs, args.split)
     model, tokenizer_dir, described = load_for_evaluation(args.model, parse_dtype(args.dtype))
     report = evaluate_model(

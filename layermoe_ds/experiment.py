@@ -51,8 +51,12 @@ class Preset:
     extra_train: dict = field(default_factory=dict)
 
 
-UNIFORM = System("MoE-LPR uniform (3/layer)", "uniform", 3, "0", min_experts=3, max_experts=3)
-LAYERMOE = System("LayerMoE", "layermoe", 2, "2", min_experts=1, max_experts=3)
+# 4-layer demo model: uniform MoE-LPR with 4 experts per layer (12 new) against LayerMoE at a budget of 2.5 per
+# layer (10: 6 new, half as many), at least 2 per layer as in the paper's allocations (so the classifier layers,
+# the most similar ones, have a router to steer) and at most 4 (the tiny model's layer-0 similarity is near zero,
+# and Eq. 10's 1/T_i would give it everything).
+UNIFORM = System("MoE-LPR uniform (4/layer)", "uniform", 4, "0", min_experts=4, max_experts=4)
+LAYERMOE = System("LayerMoE", "layermoe", 2.5, "2", min_experts=2, max_experts=4)
 PRESETS = {
     # make demo: the dense base, MoE-LPR's uniform allocation, LayerMoE with half the new experts.
     "demo": Preset(systems=(UNIFORM, LAYERMOE)),
@@ -89,6 +93,8 @@ def launch_stage(stage: int, run_config: dict, run_dir: Path, ranks: int, port: 
     # This environment's bin first: DeepSpeed JIT-builds its shm op with the `ninja` on PATH (two versions rebuild).
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PATH": path}
+    # DeepSpeed's JIT-built shm op per environment: venvs sharing ~/.cache/torch_extensions rebuild it in turn.
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     log_file = run_dir.parent / f"stage{stage}.log"
@@ -244,6 +250,13 @@ def _row(name: str, result: dict, dense: dict, preset: Preset) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def compare(ours: float, theirs: float, tolerance: float = 0.01) -> str:
+    """'better', 'matched' (within `tolerance` relative) or 'worse', for a lower-is-better number."""
+    if ours < theirs * (1 - tolerance):
+        return "better"
+    return "matched" if ours <= theirs * (1 + tolerance) else "worse"
+
+
 def reading(results: dict, preset: Preset) -> list[str]:
     """The paper's claims checked against these numbers: each line says whether it replicated here."""
     dense = results["dense base"]["eval"]
@@ -253,15 +266,16 @@ def reading(results: dict, preset: Preset) -> list[str]:
     if uniform and layermoe:
         fewer = 1 - layermoe["allocation"]["new_experts"] / uniform["allocation"]["new_experts"]
         u, lm = uniform["eval"], layermoe["eval"]
-        better_new = lm["new_avg"]["bpb"] <= u["new_avg"]["bpb"]
-        better_old = lm["old_avg"]["bpb"] <= u["old_avg"]["bpb"]
+        # "As good" = no worse than uniform by more than 1% relative on either average (the paper's claim is
+        # comparable-or-better at fewer experts, not a strict win on every number).
+        verdicts = {group: compare(lm[f"{group}_avg"]["bpb"], u[f"{group}_avg"]["bpb"]) for group in ("new", "old")}
+        replicated = all(v != "worse" for v in verdicts.values())
         lines.append(
             f"- *Fewer experts, as good* (LayerMoE with {fewer:.0%} fewer new experts vs uniform MoE-LPR): New-avg "
-            f"{lm['new_avg']['bpb']:.3f} vs {u['new_avg']['bpb']:.3f} bits/byte, Old-avg {lm['old_avg']['bpb']:.3f} "
-            f"vs {u['old_avg']['bpb']:.3f} — "
-            + ("replicated." if better_new and better_old else
-               f"not replicated here ({'new' if not better_new else 'old'} languages worse).")
-        )  # fmt: skip
+            f"{lm['new_avg']['bpb']:.3f} vs {u['new_avg']['bpb']:.3f} bits/byte ({verdicts['new']}), Old-avg "
+            f"{lm['old_avg']['bpb']:.3f} vs {u['old_avg']['bpb']:.3f} ({verdicts['old']}) — "
+            + ("replicated." if replicated else "not replicated here.")
+        )
     for name, result in results.items():
         if "eval_stage1" not in result:
             continue

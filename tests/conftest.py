@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))  # see helpers.extensions_dir
 torch.set_num_threads(1)
 
 CACHE = Path(os.environ.get("LAYERMOE_DEB_CACHE", Path.home() / ".cache" / "layermoe_ds" / "debs"))

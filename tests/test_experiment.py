@@ -15,7 +15,7 @@ def test_mini_experiment_report(tiny_base, corpus_dir, tmp_path, capsys):
     from layermoe_ds.experiment import LAYERMOE, UNIFORM, Preset, finite_table, run_experiment
 
     preset = Preset(
-        systems=(UNIFORM, replace(LAYERMOE, classifier_layers="1")),
+        systems=(UNIFORM, replace(LAYERMOE, classifier_layers="1", budget_per_layer=2, max_experts=3)),
         old=("en", "de"),
         new=("fr", "ru"),
         profile_tokens=2000,
