@@ -284,27 +284,19 @@ def reading(results: dict, preset: Preset) -> list[str]:
             f"- *Stage 2 restores old languages* ({name}): Old-avg {s1:.3f} after stage 1 → {s2:.3f} after stage 2 "
             f"(dense {dense['old_avg']['bpb']:.3f}) — " + ("replicated." if s2 <= s1 else "not replicated here.")
         )
-    no_cls = results.get("LayerMoE w/o classifier")
-    if layermoe and no_cls:
-        with_c, without = layermoe["eval"]["old_avg"]["bpb"], no_cls["eval"]["old_avg"]["bpb"]
-        lines.append(
-            f"- *The classifier protects old languages*: Old-avg {with_c:.3f} with vs {without:.3f} without — "
-            + ("replicated." if with_c <= without else "not replicated here.")
-        )
-    last = results.get("LayerMoE, classifier on last-2 layers")
-    if layermoe and last:
-        top, tail = layermoe["eval"]["old_avg"]["bpb"], last["eval"]["old_avg"]["bpb"]
-        lines.append(
-            f"- *Classifiers on the most similar layers beat the last layers*: Old-avg {top:.3f} vs {tail:.3f} — "
-            + ("replicated." if top <= tail else "not replicated here.")
-        )
-    rand = results.get("LayerMoE w/ random allocation")
-    if layermoe and rand:
-        a, b = layermoe["eval"]["new_avg"]["bpb"], rand["eval"]["new_avg"]["bpb"]
-        lines.append(
-            f"- *Similarity-based allocation beats random at equal budget*: New-avg {a:.3f} vs {b:.3f} — "
-            + ("replicated." if a <= b else "not replicated here.")
-        )
+    ablations = (  # (claim, the ablated system, the average it should lose on)
+        ("The classifier protects old languages", "LayerMoE w/o classifier", "old"),
+        ("Classifiers on the most similar layers beat the last layers", "LayerMoE, classifier on last-2 layers", "old"),
+        ("Similarity-based allocation beats random at equal budget", "LayerMoE w/ random allocation", "new"),
+    )
+    for claim, other_name, group in ablations:
+        other = results.get(other_name)
+        if layermoe and other:
+            ours, theirs = layermoe["eval"][f"{group}_avg"]["bpb"], other["eval"][f"{group}_avg"]["bpb"]
+            lines.append(
+                f"- *{claim}*: {group.capitalize()}-avg {ours:.3f} (LayerMoE) vs {theirs:.3f} ({other_name}) — "
+                + ("replicated." if ours <= theirs else "not replicated here.")
+            )
     return lines
 
 

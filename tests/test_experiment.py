@@ -47,3 +47,29 @@ def test_mini_experiment_report(tiny_base, corpus_dir, tmp_path, capsys):
     again = run_experiment(preset, tiny_base, corpus_dir, out)
     assert json.dumps(again, sort_keys=True) == json.dumps(results, sort_keys=True)
     assert {p: p.stat().st_mtime_ns for p in before} == before
+
+
+def test_reading_judges_each_claim_from_the_numbers():
+    from layermoe_ds.experiment import LAYERMOE, PRESETS, UNIFORM, compare, reading
+
+    def system(old, new, new_experts, method, stage1_old=None):
+        result = {"eval": {"old_avg": {"bpb": old}, "new_avg": {"bpb": new}}}
+        result["allocation"] = {"new_experts": new_experts, "method": method}
+        if stage1_old is not None:
+            result["eval_stage1"] = {"old_avg": {"bpb": stage1_old}}
+        return result
+
+    results = {
+        "dense base": system(2.0, 3.0, 0, "dense"),
+        UNIFORM.name: system(2.10, 2.50, 12, "uniform", stage1_old=2.9),
+        LAYERMOE.name: system(2.08, 2.52, 6, "layermoe", stage1_old=2.8),
+        "LayerMoE w/o classifier": system(2.05, 2.5, 6, "layermoe"),  # better without: the claim fails
+        "LayerMoE w/ random allocation": system(2.2, 2.7, 6, "random"),
+    }
+    lines = "\n".join(reading(results, PRESETS["full"]))
+    assert "50% fewer new experts" in lines and "(matched), Old-avg 2.080 vs 2.100 (matched) — replicated." in lines
+    assert "The classifier protects old languages*: Old-avg 2.080 (LayerMoE) vs 2.050" in lines
+    assert "vs 2.050 (LayerMoE w/o classifier) — not replicated here." in lines
+    assert "Similarity-based allocation beats random at equal budget*: New-avg 2.520 (LayerMoE) vs 2.700" in lines
+    assert "last-2" not in lines  # no such row, no such claim
+    assert (compare(0.98, 1.0), compare(1.005, 1.0), compare(1.02, 1.0)) == ("better", "matched", "worse")
