@@ -96,6 +96,15 @@ def test_classifier_layer_choices():
         classifier_layers("top", scores)
 
 
+def test_a_classifier_on_a_single_expert_layer_is_flagged(caplog):
+    # The most similar layers get the fewest experts; with min_experts=1 they can end up dense.
+    result = allocate([0.05, 0.9, 0.8], AllocationOptions(budget=5, classifier_layers="1", max_experts=3))
+    assert result["experts_per_layer"][1] == 1 and result["classifier_layers"] == [1]
+    assert result["classifier_on_dense_layers"] == [1] and "single expert" in caplog.text
+    ok = allocate([0.05, 0.9, 0.8], AllocationOptions(budget=6, classifier_layers="1", min_experts=2))
+    assert "classifier_on_dense_layers" not in ok
+
+
 def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="budget: 3 is smaller than the number of layers"):
         allocate([0.5] * 4, AllocationOptions(budget=3))

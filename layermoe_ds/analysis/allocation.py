@@ -8,6 +8,7 @@ Convention (the reference code's): N_i is the **total** expert count of layer i 
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import random
 from collections.abc import Sequence
@@ -16,6 +17,8 @@ from pathlib import Path
 
 from layermoe_ds.analysis.similarity import layer_scores
 from layermoe_ds.io import read_json
+
+log = logging.getLogger(__name__)
 
 METHODS = ("layermoe", "uniform", "random")
 
@@ -180,6 +183,14 @@ def allocate(scores: Sequence[float], options: AllocationOptions) -> dict:
     }
     if floored:
         result.update(min_score=options.min_score, floored_layers=floored, raw_layer_score=raw_scores)
+    dense_classifiers = [i for i in result["classifier_layers"] if aligned[i] == 1]
+    if dense_classifiers:  # only expert 0 there: the classifier has no route to steer
+        result["classifier_on_dense_layers"] = dense_classifiers
+        log.warning(
+            "allocate: classifier layers %s have a single expert (N_i = 1), where a classifier changes nothing; "
+            "raise --min-experts to 2 or choose other --classifier-layers",
+            dense_classifiers,
+        )
     if options.align > 1:
         result["align_extra_experts"] = sum(aligned) - sum(counts)
         result["experts_per_layer_unaligned"] = counts
