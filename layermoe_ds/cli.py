@@ -526,7 +526,9 @@ def _add_experiment(sub) -> None:
 
 
 def _experiment_arguments(p, default_out: Path | None) -> None:
-    p.add_argument("--out", "--runs", dest="runs", type=Path, default=default_out, required=default_out is None)
+    p.add_argument(
+        "--out", "--runs", dest="runs", metavar="DIR", type=Path, default=default_out, required=default_out is None
+    )
     p.add_argument("--data", type=Path, default=Path("data"))
     p.add_argument("--artifacts", type=Path, default=Path("artifacts"))
     p.add_argument("--base", type=Path, default=None, help="a dense base model directory (default: build the tiny one)")
