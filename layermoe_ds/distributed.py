@@ -13,6 +13,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 from collections.abc import MutableMapping
 from pathlib import Path
 
@@ -119,3 +120,19 @@ def release_shm_buffers(shm_dir: Path = Path("/dev/shm")) -> int:
         except FileNotFoundError:  # another rank of this job got it first
             pass
     return removed
+
+
+RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def cpu_launch_env(**extra: str) -> dict[str, str]:
+    """The environment for starting a CPU DeepSpeed job from Python: gloo ranks with one thread each; no rendezvous
+    variables inherited (an in-process DeepSpeed run leaves RANK, WORLD_SIZE, … in os.environ); this environment's
+    bin first on PATH (DeepSpeed JIT-builds its shm op with whichever `ninja` PATH finds, and the venv's and the
+    system's ninja discard each other's build log, rebuilding for ~2 min each time); and the op built per
+    environment (venvs sharing ~/.cache/torch_extensions rebuild it whenever they alternate)."""
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    return {**env, **extra}

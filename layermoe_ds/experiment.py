@@ -9,13 +9,13 @@ experiment is resumable. `report.md` (+ `results.json`, plots) is rewritten at t
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from layermoe_ds.distributed import cpu_launch_env
 from layermoe_ds.io import atomic_write_text, read_json, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,13 +90,7 @@ def launch_stage(stage: int, run_config: dict, run_dir: Path, ranks: int, port: 
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port)]
     cmd += [str(ROOT / "launchers" / f"stage{stage}.py"), "--config", str(config_file), "--deepspeed_config"]
     cmd += [str(ROOT / "ds_configs" / ds_json), str(ROOT / "ds_configs" / "cpu.json")]
-    # This environment's bin first: DeepSpeed JIT-builds its shm op with the `ninja` on PATH (two versions rebuild).
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PATH": path}
-    # DeepSpeed's JIT-built shm op per environment: venvs sharing ~/.cache/torch_extensions rebuild it in turn.
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
+    env = cpu_launch_env()
     log_file = run_dir.parent / f"stage{stage}.log"
     with open(log_file, "w") as log:
         result = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)

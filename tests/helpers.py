@@ -1,7 +1,6 @@
 """Helpers shared by tests."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -10,11 +9,12 @@ from pathlib import Path
 
 import yaml
 
+from layermoe_ds.distributed import cpu_launch_env
+
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 CPU = ROOT / "ds_configs" / "cpu.json"
 GROUPS = [["en", "de"], ["fr", "ru", "el"]]
-RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def free_port() -> int:
@@ -23,22 +23,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def extensions_dir() -> str:
-    """DeepSpeed's JIT ops (the CPU shm all-reduce) built per environment: two checkouts' venvs sharing
-    ~/.cache/torch_extensions rebuild it (~2 min) every time they alternate (different include paths)."""
-    return str(Path(sys.prefix) / "torch_extensions")
-
-
 def launch_env(**extra: str) -> dict:
-    """The environment of a CPU DeepSpeed launch: gloo ranks, one thread each, the checkout importable, and this
-    environment's bin first on PATH: DeepSpeed JIT-builds its shm op with whichever `ninja` PATH finds, and two
-    ninja versions (the venv's and the system's) discard each other's build log, rebuilding for ~2 min each time."""
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PATH": path}
-    env["TORCH_EXTENSIONS_DIR"] = os.environ.get("TORCH_EXTENSIONS_DIR", extensions_dir())
-    # An in-process DeepSpeed run (bad-input and benchmark tests) leaves RANK, WORLD_SIZE, … in os.environ.
-    inherited = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
-    return {**inherited, **env, **extra}
+    """A CPU DeepSpeed launch from a test: the package's environment plus the checkout importable."""
+    return cpu_launch_env(PYTHONPATH=str(ROOT), **extra)
 
 
 def metrics(run_dir: Path) -> dict[int, dict]:
