@@ -119,6 +119,8 @@ class TrainConfig:
     expert_parallel_size: str = "auto"
     capacity_factor: float = 1.25
     drop_tokens: bool = True
+    # The forgetting baseline: stage 1 trains every parameter of the dense model (no upcycling, nothing frozen).
+    full_finetune: bool = False
     # Checkpoints and logging.
     save_every: int = 50
     keep_last_n: int = 2
@@ -149,6 +151,10 @@ class TrainConfig:
             raise ValueError(f"train.expert_parallel_size: {self.expert_parallel_size!r} must be 'auto' or an integer")
         if self.capacity_factor <= 0:
             raise ValueError(f"train.capacity_factor: {self.capacity_factor} must be > 0")
+        if self.full_finetune and self.allocation:
+            raise ValueError(
+                f"train.full_finetune: trains the dense model itself; remove train.allocation ({self.allocation})"
+            )
         if self.resume not in ("auto", "no"):
             raise ValueError(f"train.resume: {self.resume!r} must be 'auto' or 'no'")
 

@@ -79,6 +79,12 @@ def test_bad_inputs_fail_before_any_step(single_rank, tiny_base, upcycled, stage
         ({**good, "language_groups": [["en"], ["xx"]]}, "stage1_zero2.json", "['xx'] not found"),
         ({**good, "expert_parallel_size": "2"}, "stage1_zero2.json", "expert_parallel_size: 2 does not divide"),
         ({**good, "language_groups": [["en", "de"], ["fr"], ["ru"]]}, "stage1_zero2.json", "the model knows 2"),
+        ({**good, "full_finetune": True}, "stage1_zero2.json", "is a LayerMoE"),
+        (
+            {**good, "model": str(tiny_base), "allocation": "alloc.json", "full_finetune": True},
+            "stage1_zero2.json",
+            "train.full_finetune: trains the dense model itself; remove train.allocation",
+        ),
     ]
     zero3 = tmp_path / "zero3.json"
     zero3.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3}}))
@@ -150,3 +156,25 @@ def test_lifelong_step_trains_only_the_new_groups_experts(stage1_run, corpus_dir
         elif ".gate.router." not in key:
             assert torch.equal(before[key], after[key]), key
     assert changed_g2_layers == {0, 2}  # the layers that gained G2 experts
+
+
+def test_full_finetune_baseline_trains_every_parameter_of_the_dense_model(tiny_base, corpus_dir, tmp_path):
+    """The forgetting baseline: stage 1 with `full_finetune` on 2 ranks (ZeRO-2) trains and exports a dense model,
+    and its checkpoint evaluates like any other."""
+    from layermoe_ds.eval.evaluate import load_for_evaluation
+    from layermoe_ds.modeling.upcycle import is_layermoe
+
+    config = base_config(tiny_base, corpus_dir, tmp_path / "run", steps=10, save_every=10, full_finetune=True)
+    run(1, config, tmp_path, "stage1_zero2.json")
+    before = load_file(tiny_base / "model.safetensors")
+    after = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    assert before.keys() == after.keys()
+    assert all(not torch.equal(before[key], after[key]) for key in before), "a parameter did not train"
+    records = metrics(tmp_path / "run")
+    assert records[10]["loss/ntp"] < records[1]["loss/ntp"]
+    assert not any(key.startswith("moe/") and key != "moe/dropped" for key in records[1])
+    exported, _, _ = load_for_evaluation(tmp_path / "run" / "model")
+    from_checkpoint, _, described = load_for_evaluation(tmp_path / "run")
+    assert not is_layermoe(exported) and "step 10" in described
+    for (name, a), (_, b) in zip(exported.state_dict().items(), from_checkpoint.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name

@@ -64,7 +64,10 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def layout_of(model) -> dict:
+    """The expert layout a checkpoint belongs to (all None for a dense model: the full fine-tune baseline)."""
     config = model.config
+    if not hasattr(config, "experts_per_layer"):
+        return {"experts_per_layer": None, "expert_groups": None, "classifier_layers": None}
     return {
         "experts_per_layer": list(config.experts_per_layer),
         "expert_groups": [list(g) for g in config.expert_groups],
@@ -253,8 +256,9 @@ def is_checkpoint(path: Path) -> bool:
 
 
 def model_from_checkpoint(path: Path) -> tuple[torch.nn.Module, Path, dict]:
-    """(LayerMoE model in fp32 on CPU, the checkpoint directory, its marker) from a checkpoint or run directory,
-    after verifying the files against the manifest. Needs neither DeepSpeed nor a process group."""
+    """(model in fp32 on CPU, the checkpoint directory, its marker) from a checkpoint or run directory, after
+    verifying the files against the manifest: a LayerMoE model, or the dense model of a full fine-tune run. Needs
+    neither DeepSpeed nor a process group."""
     from layermoe_ds.modeling.hf_export import layermoe_model_type
     from layermoe_ds.modeling.upcycle import LAYERMOE_TYPES
 
@@ -266,10 +270,13 @@ def model_from_checkpoint(path: Path) -> tuple[torch.nn.Module, Path, dict]:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"checkpoint {path} has no config.json (saved before checkpoints carried one)")
     model_type = layermoe_model_type(path)
-    if model_type is None:
-        raise ValueError(f"checkpoint {path}: config.json is not a LayerMoE config")
-    config_cls, model_cls = LAYERMOE_TYPES[model_type]
-    model = model_cls(config_cls.from_pretrained(path))
+    if model_type is None:  # the dense full fine-tune baseline
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    else:
+        config_cls, model_cls = LAYERMOE_TYPES[model_type]
+        model = model_cls(config_cls.from_pretrained(path))
     state = consolidated_from_checkpoint(path)
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     if missing or unexpected:

@@ -24,6 +24,8 @@ from layermoe_ds.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
+DECAYED = ("new_experts", "all")  # parameter groups with weight decay: FFN experts, or the whole dense model
+
 
 def load_ds_config(paths: list[Path]) -> dict:
     """The DeepSpeed JSON, with later files (e.g. ds_configs/cpu.json) merged over earlier ones."""
@@ -105,7 +107,7 @@ def initialize(model, trainable: dict[str, list[torch.nn.Parameter]], config: Tr
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     groups = [
-        {"params": params, "name": name, "weight_decay": 0.0 if name != "new_experts" else config.weight_decay}
+        {"params": params, "name": name, "weight_decay": config.weight_decay if name in DECAYED else 0.0}
         for name, params in trainable.items()
         if params  # ZeRO crashes on a group left with no trainable tensor
     ]

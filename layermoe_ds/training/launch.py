@@ -53,6 +53,14 @@ def build_parser(stage: int) -> argparse.ArgumentParser:
     )
     parser.add_argument("--local_rank", type=int, default=None, help="passed by the launcher; LOCAL_RANK is used")
     parser.add_argument("--debug", action="store_true")
+    if stage == 1:
+        parser.add_argument(
+            "--full-finetune",
+            dest="full_finetune",
+            action="store_true",
+            default=None,
+            help="the forgetting baseline: train every parameter of the dense --model (no --allocation)",
+        )
     for flag, kind in OVERRIDES.items():
         parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=kind, default=None)
     return parser
@@ -75,6 +83,7 @@ def main(stage: int, argv: list[str] | None = None) -> int:
         format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
     )
     overrides = {flag: getattr(args, flag) for flag in OVERRIDES}
+    overrides["full_finetune"] = getattr(args, "full_finetune", None)
     if args.language_groups:
         overrides["language_groups"] = [g.split(",") for g in args.language_groups.split(";")]
     try:

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from layermoe_ds.config import TrainConfig, to_dict
 from layermoe_ds.distributed import release_shm_buffers
 from layermoe_ds.io import read_json, write_json
+from layermoe_ds.training.losses import moe_blocks, stage_losses
 
 log = logging.getLogger("layermoe.train")
 
@@ -79,6 +80,13 @@ def _load_model(config: TrainConfig, stage: int, dtype: torch.dtype):
     from layermoe_ds.modeling.upcycle import is_layermoe, upcycle
 
     model = load_causal_lm(Path(config.model), dtype)
+    if config.full_finetune:
+        if stage != 1 or is_layermoe(model):
+            raise ValueError(
+                f"train.full_finetune: the dense baseline is a stage-1 run from a dense model "
+                f"(stage {stage}, model {config.model} is {'a LayerMoE' if is_layermoe(model) else 'dense'})"
+            )
+        return model.train()
     if not is_layermoe(model):
         if stage != 1 or not config.allocation:
             raise ValueError(
@@ -113,9 +121,8 @@ def run_stage(stage: int, config: TrainConfig, ds_config: dict) -> int:
     from layermoe_ds.modeling.moe_layer import to_expert_parallel
     from layermoe_ds.training import checkpoint
     from layermoe_ds.training.engine import check_ds_config, initialize, model_dtype
-    from layermoe_ds.training.losses import stage_losses
     from layermoe_ds.training.metrics import MetricsLogger
-    from layermoe_ds.training.stages import apply_stage
+    from layermoe_ds.training.stages import apply_full_finetune, apply_stage
 
     # Stage 2 hands DeepSpeed an fp32 config (engine.py explains); the JSON's bf16 still sets the frozen precision.
     frozen_dtype = model_dtype(ds_config)
@@ -145,10 +152,13 @@ def run_stage(stage: int, config: TrainConfig, ds_config: dict) -> int:
         checkpoint.check_compatible(read_json(newest[-1] / checkpoint.MARKER, "checkpoint marker"), model, newest[-1])
     micro = ds_config["train_micro_batch_size_per_gpu"]
     sampler = BlockSampler(len(blocks), micro, config.seed, rank, world)
-    ep_sizes = to_expert_parallel(
-        model, world, config.expert_parallel_size, config.capacity_factor, drop_tokens=config.drop_tokens
-    )
-    trainable = apply_stage(model, stage)
+    if config.full_finetune:
+        ep_sizes, trainable = {}, apply_full_finetune(model)
+    else:
+        ep_sizes = to_expert_parallel(
+            model, world, config.expert_parallel_size, config.capacity_factor, drop_tokens=config.drop_tokens
+        )
+        trainable = apply_stage(model, stage)
     if stage == 2:  # frozen tensors in the configured precision, trainable gates in fp32 (engine.py explains)
         for param in model.parameters():
             if not param.requires_grad:
@@ -234,7 +244,7 @@ def _accumulate(sums: dict[str, float], model, losses, groups: torch.Tensor, acc
     sums["classifier/correct"] = sums.get("classifier/correct", 0.0) + losses.cls_correct
     sums["classifier/count"] = sums.get("classifier/count", 0.0) + losses.cls_count
     old_tokens = groups.reshape(-1) == 0
-    for layer, block in model.moe_blocks().items():
+    for layer, block in moe_blocks(model).items():
         aux = block.aux
         sums["moe/dropped"] = sums.get("moe/dropped", 0.0) + aux.dropped
         for e, load in enumerate(aux.expert_load_E.tolist()):
@@ -291,16 +301,24 @@ def consolidated_state_dict(model) -> dict[str, torch.Tensor] | None:
 def _write_model_files(model, tokenizer, directory: Path, stage: int) -> None:
     """config.json (as the export will set it) and the tokenizer, so a checkpoint exports on its own."""
     config = copy.deepcopy(model.config)
-    config.classifier_routing = stage == 2
+    if moe_blocks(model):
+        config.classifier_routing = stage == 2
     config.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
 
 
 def export_model(model, tokenizer, out: Path, stage: int) -> None:
-    """Write the trained model as an HF LayerMoE directory (rank 0), classifier routing on after stage 2."""
+    """Write the trained model as an HF LayerMoE directory (rank 0), classifier routing on after stage 2; a dense
+    full fine-tune as the dense HF model it is (ZeRO 1/2 keep every parameter whole on every rank)."""
     from layermoe_ds.modeling.hf_export import save_model
     from layermoe_ds.modeling.upcycle import LAYERMOE_TYPES
 
+    if not moe_blocks(model):
+        if dist.get_rank() == 0:
+            save_model(model, out, tokenizer)
+            log.info("exported %s", out)
+        dist.barrier()
+        return
     state = consolidated_state_dict(model)
     if state is not None:
         config = model.config

@@ -39,16 +39,21 @@ def lpr_loss(
     return -torch.logsumexp(kept, dim=-1).sum(), int(earlier_T.sum())
 
 
+def moe_blocks(model) -> dict:
+    """Layer → LayerMoE block; empty for a dense model (the full fine-tune baseline)."""
+    return model.moe_blocks() if hasattr(model, "moe_blocks") else {}
+
+
 def stage_losses(
     model, ntp: torch.Tensor, token_group_BT: torch.Tensor, stage: int, alpha: float, gamma: float, eta: float
 ) -> StageLosses:
-    blocks = model.moe_blocks()
+    blocks = moe_blocks(model)
     zero = ntp.new_zeros(())
     balance = torch.stack([b.aux.balance_loss for b in blocks.values()]).mean() if blocks else zero
     token_group_T = token_group_BT.reshape(-1)
-    newest = model.config.num_groups - 1
     lpr, cls, correct, count = zero, zero, 0, 0
     if stage == 2:
+        newest = model.config.num_groups - 1
         lpr_terms = [
             lpr_loss(b.aux.router_log_probs_TE, b.gate.expert_groups, token_group_T, newest) for b in blocks.values()
         ]

@@ -3,6 +3,7 @@
 Stage 1 (learn the new languages): the routers and the new experts of the newest language group.
 Stage 2 (review): the routers and the language classifiers only; every expert, expert 0 included, is frozen.
 Embeddings, attention, norms, the LM head and expert 0 never train.
+The dense full fine-tune (`train.full_finetune`, the forgetting baseline) trains every parameter instead.
 """
 
 from __future__ import annotations
@@ -59,3 +60,10 @@ def apply_stage(model: nn.Module, stage: int) -> dict[str, list[nn.Parameter]]:
     if not any(counts.values()):
         raise ValueError(f"stage {stage}: the model has nothing to train (no MoE layer or no new experts)")
     return groups
+
+
+def apply_full_finetune(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """The forgetting baseline: every parameter of the dense model trains, as one group."""
+    params = [param.requires_grad_(True) for param in model.parameters()]
+    log.info("full fine-tune trains all %s parameters", f"{sum(p.numel() for p in params):,}")
+    return {"all": params}
