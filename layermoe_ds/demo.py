@@ -16,10 +16,11 @@ log = logging.getLogger(__name__)
 
 OLD_LANGS = ("en", "de")
 NEW_LANGS = ("fr", "ru", "el")
-# The base model sees 5% new-language text: the paper's new languages are low-resource for its base models, not
-# absent. Trained on old languages alone, the 4-layer model's layer-0 similarity comes out negative (measured
-# T_0 = -0.014), which Eq. 10 cannot use.
-LOW_RESOURCE_SHARE = 0.05
+LIFELONG_LANGS = ("es", "it")  # the third group of the full preset's lifelong rows
+# The base model sees 8% text of the later languages (1.6% each): the paper's new languages are low-resource for
+# its base models, not absent. Trained on old languages alone, the 4-layer model's layer-0 similarity comes out
+# negative (measured T_0 = -0.014), which Eq. 10 cannot use.
+LOW_RESOURCE_SHARE = 0.08
 TOKENIZER_MARKER = "layermoe_tokenizer.json"
 
 
@@ -44,7 +45,7 @@ def prepare_base(data: Path, artifacts: Path, cache: Path) -> Path:
     """The embedded corpus, its tokenizer and the dense base model (each built once, then reused)."""
     from layermoe_ds.training.pretrain import is_done, pretrain
 
-    langs = OLD_LANGS + NEW_LANGS
+    langs = OLD_LANGS + NEW_LANGS + LIFELONG_LANGS  # the tokenizer covers every language, like an LLM's
     options = CorpusOptions(langs=langs)
     if not corpus_is_built(data, options):
         print(f"building the corpus in {data} from Debian's libreoffice-help packages …", flush=True)
@@ -52,11 +53,12 @@ def prepare_base(data: Path, artifacts: Path, cache: Path) -> Path:
     print(f"tokenizer in {artifacts / 'tokenizer'} …", flush=True)
     tokenizer_dir = ensure_tokenizer(data, artifacts / "tokenizer", langs)
     base = artifacts / "base"
-    config = PretrainConfig(langs=OLD_LANGS, low_resource_langs=NEW_LANGS, low_resource_share=LOW_RESOURCE_SHARE)
+    later = NEW_LANGS + LIFELONG_LANGS
+    config = PretrainConfig(langs=OLD_LANGS, low_resource_langs=later, low_resource_share=LOW_RESOURCE_SHARE)
     if not is_done(base, config, tokenizer_dir, data):
         print(
             f"pretraining the dense base model on {','.join(OLD_LANGS)} (+{LOW_RESOURCE_SHARE:.0%} "
-            f"{','.join(NEW_LANGS)}; {config.steps} steps) …",
+            f"{','.join(later)}; {config.steps} steps) …",
             flush=True,
         )
         pretrain(config, data, tokenizer_dir, base)

@@ -9,6 +9,7 @@ experiment is resumable. `report.md` (+ `results.json`, plots) is rewritten at t
 from __future__ import annotations
 
 import math
+import statistics
 import subprocess
 import sys
 import time
@@ -26,11 +27,20 @@ class System:
     """One row: how its experts are allocated; everything else (data, steps, learning rates) is the preset's."""
 
     name: str
-    method: str  # "layermoe" (Eq. 10), "uniform" (MoE-LPR), "random"
-    budget_per_layer: float  # total experts (incl. expert 0) = round(this × layers)
-    classifier_layers: str  # allocate's --classifier-layers: "K", "last-K", "0" (none)
+    method: str  # "layermoe" (Eq. 10), "uniform" (MoE-LPR), "random", or FULL_FINETUNE (dense, no experts)
+    budget_per_layer: float = 0.0  # total experts (incl. expert 0) = round(this × layers)
+    classifier_layers: str = "0"  # allocate's --classifier-layers: "K", "last-K", "0" (none)
     min_experts: int = 1
     max_experts: int | None = None
+    seed: int = 0  # training seed (data order, router initialisation, random allocation)
+    lifelong: bool = False  # then expand again to the preset's third language group, allocated the same way
+
+    @property
+    def label(self) -> str:
+        return self.name if self.seed == 0 else f"{self.name} [seed {self.seed}]"
+
+
+FULL_FINETUNE = "full-finetune"
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,7 @@ class Preset:
     systems: tuple[System, ...]
     old: tuple[str, ...] = ("en", "de")
     new: tuple[str, ...] = ("fr", "ru", "el")
+    lifelong: tuple[str, ...] = ()  # the third group (G2) that `lifelong` systems expand to after G1
     profile_tokens: int = 20_000
     min_score: float | None = 0.01  # a toy model's layer-0 similarity can be ≤ 0 (README, honest limitations)
     seq_len: int = 128
@@ -50,6 +61,10 @@ class Preset:
     ranks: int = 2
     extra_train: dict = field(default_factory=dict)
 
+    @property
+    def langs(self) -> tuple[str, ...]:
+        return (*self.old, *self.new, *self.lifelong)
+
 
 # 4-layer demo model: uniform MoE-LPR with 4 experts per layer (12 new) against LayerMoE at a budget of 2.5 per
 # layer (10: 6 new, half as many), at least 2 per layer as in the paper's allocations (so the classifier layers,
@@ -57,18 +72,24 @@ class Preset:
 # and Eq. 10's 1/T_i would give it everything).
 UNIFORM = System("MoE-LPR uniform (4/layer)", "uniform", 4, "0", min_experts=4, max_experts=4)
 LAYERMOE = System("LayerMoE", "layermoe", 2.5, "2", min_experts=2, max_experts=4)
+DENSE_FINETUNE = System("Dense full fine-tune", FULL_FINETUNE)
+SEEDS = (1, 2)  # extra training seeds of the two main systems in the full preset (seed 0 is the main row)
 PRESETS = {
     # make demo: the dense base, MoE-LPR's uniform allocation, LayerMoE with half the new experts.
     "demo": Preset(systems=(UNIFORM, LAYERMOE)),
-    # plus the ablations: random allocation at LayerMoE's budget, no classifier, classifiers on the last layers.
+    # plus: the forgetting baseline; the ablations (random allocation at LayerMoE's budget, no classifier,
+    # classifiers on the last layers); the lifelong G0 → G1 → G2 expansion of both; more seeds of both.
     "full": Preset(
         systems=(
-            UNIFORM,
-            LAYERMOE,
+            replace(UNIFORM, lifelong=True),
+            replace(LAYERMOE, lifelong=True),
+            DENSE_FINETUNE,
             replace(LAYERMOE, name="LayerMoE w/ random allocation", method="random"),
             replace(LAYERMOE, name="LayerMoE w/o classifier", classifier_layers="0"),
             replace(LAYERMOE, name="LayerMoE, classifier on last-2 layers", classifier_layers="last-2"),
-        )
+            *(replace(system, seed=seed) for seed in SEEDS for system in (UNIFORM, LAYERMOE)),
+        ),
+        lifelong=("es", "it"),
     ),
 }
 
@@ -110,16 +131,15 @@ def timed(timing_file: Path, step: str, fn, *args):
     return result
 
 
-def evaluate_cached(model_dir: Path, out: Path, preset: Preset, data: Path, tokenizer) -> dict:
+def evaluate_cached(model_dir: Path, out: Path, groups: dict[str, int], preset: Preset, data: Path, tokenizer) -> dict:
+    """Evaluate `model_dir` on the test split of the languages in `groups` (language → group), once."""
     from layermoe_ds.data.loading import load_texts
     from layermoe_ds.eval.evaluate import evaluate_model
     from layermoe_ds.modeling.hf_loading import load_causal_lm
 
     if out.is_file():
         return read_json(out, "evaluation")
-    langs = [*preset.old, *preset.new]
-    groups = {lang: 0 if lang in preset.old else 1 for lang in langs}
-    texts = load_texts(data, langs, "test")
+    texts = load_texts(data, list(groups), "test")
     model = load_causal_lm(model_dir)
     report = evaluate_model(model, tokenizer, texts, groups, preset.seq_len, max_tokens=preset.eval_max_tokens)
     report = {"model": str(model_dir), "groups": groups, **report, **parameter_counts(model)}
@@ -138,90 +158,170 @@ def parameter_counts(model) -> dict:
     return {"params_total": total, "params_active": total - inactive}
 
 
-def run_experiment(preset: Preset, base: Path, data: Path, out: Path, port: int = 29_400) -> dict:
-    """Run (or resume) every system of `preset` from the dense `base` model; write the report; return results."""
+@dataclass
+class Context:
+    """What every system of one experiment shares."""
+
+    preset: Preset
+    base: Path
+    data: Path
+    out: Path
+    tokenizer: object
+    port: int
+
+    def next_port(self) -> int:  # a fresh rendezvous port per launch: a killed run's port may linger
+        self.port += 1
+        return self.port
+
+    def common(self, groups: list[list[str]], seed: int) -> dict:
+        return {
+            "data": str(self.data.resolve()),
+            "language_groups": [list(g) for g in groups],
+            "seq_len": self.preset.seq_len,
+            "save_every": 50,
+            "log_every": 25,
+            "seed": seed,
+            **self.preset.extra_train,
+        }
+
+
+def profile_cached(ctx: Context, model: Path, old: tuple[str, ...], new: tuple[str, ...], home: Path) -> Path:
+    from layermoe_ds.analysis.profiling import run_profile
+
+    similarity = home / "similarity.json"
+    if not similarity.is_file():
+        print(f"profiling {model} ({ctx.preset.profile_tokens} valid tokens per language) …", flush=True)
+        args = (model, ctx.data, old, new, ctx.preset.profile_tokens, similarity)
+        timed(home / "timing.json", "profile", lambda: run_profile(
+            *args, plot=home / "similarity.png", seq_len=ctx.preset.seq_len
+        ))  # fmt: skip
+    return similarity
+
+
+def allocate_cached(ctx: Context, system: System, similarity: Path, home: Path) -> tuple[Path, dict]:
     from layermoe_ds.analysis.allocation import AllocationOptions, allocate_from_file
     from layermoe_ds.analysis.plots import plot_similarity
-    from layermoe_ds.analysis.profiling import run_profile
+
+    allocation_file = home / "allocation.json"
+    if not allocation_file.is_file():
+        profile = read_json(similarity, "similarity")
+        options = AllocationOptions(
+            budget=round(system.budget_per_layer * len(profile["layer_score"])),
+            method=system.method,
+            classifier_layers=system.classifier_layers,
+            min_experts=system.min_experts,
+            max_experts=system.max_experts,
+            min_score=ctx.preset.min_score,
+            seed=system.seed,
+        )
+        allocation = allocate_from_file(similarity, options)
+        write_json(allocation_file, allocation)
+        plot_similarity(profile, home / "allocation.png", allocation)
+    return allocation_file, read_json(allocation_file, "allocation")
+
+
+def train_and_evaluate(ctx: Context, system: System, home: Path, model: Path, groups: list[list[str]]) -> dict:
+    """Stage 1 (+ stage 2 for MoE systems) from `model`, teaching the last of `groups`; evaluated after each."""
+    preset, timing, tag = ctx.preset, home / "timing.json", f"[{system.label}{' → G2' if len(groups) > 2 else ''}]"
+    index = {lang: g for g, members in enumerate(groups) for lang in members}
+    stage1_config = {**ctx.common(groups, system.seed), "model": str(model.resolve()), "steps": preset.stage1_steps}
+    stage1_config.update(out=str((home / "stage1").resolve()), lr=preset.stage1_lr)
+    result: dict = {}
+    if system.method == FULL_FINETUNE:
+        stage1_config["full_finetune"] = True
+    else:
+        if len(groups) == 2:  # from the dense base: allocate on its profile, stage 1 upcycles
+            similarity = profile_cached(ctx, ctx.base, preset.old, preset.new, ctx.out)
+        else:  # lifelong: profile the expanded model on everything it knows against the next group
+            known = tuple(lang for group in groups[:-1] for lang in group)
+            similarity = profile_cached(ctx, model, known, tuple(groups[-1]), home)
+        allocation_file, result["allocation"] = allocate_cached(ctx, system, similarity, home)
+        allocation = result["allocation"]
+        print(
+            f"{tag} experts per layer {allocation['experts_per_layer']} ({allocation['new_experts']} new), "
+            f"classifier layers {allocation['classifier_layers']}",
+            flush=True,
+        )
+        if len(groups) > 2:
+            model = grow_cached(model, allocation, home / "grown")
+            stage1_config["model"] = str(model.resolve())
+        stage1_config["allocation"] = str(allocation_file.resolve())
+    print(f"{tag} stage 1: {preset.stage1_steps} steps (log: {home / 'stage1.log'}) …", flush=True)
+    final = timed(timing, "stage1", launch_stage, 1, stage1_config, home / "stage1", preset.ranks, ctx.next_port())
+    if system.method != FULL_FINETUNE:
+        stage2_config = {**ctx.common(groups, system.seed), "model": str(final.resolve()), "lr": preset.stage2_lr}
+        stage2_config.update(
+            out=str((home / "stage2").resolve()), steps=preset.stage2_steps, stage2_docs_per_lang=preset.stage2_docs
+        )
+        print(f"{tag} stage 2: {preset.stage2_steps} steps (log: {home / 'stage2.log'}) …", flush=True)
+        stage1 = final
+        final = timed(timing, "stage2", launch_stage, 2, stage2_config, home / "stage2", preset.ranks, ctx.next_port())
+        result["eval_stage1"] = evaluate_cached(
+            stage1, home / "eval_stage1.json", index, preset, ctx.data, ctx.tokenizer
+        )
+    print(f"{tag} evaluating …", flush=True)
+    result["eval"] = evaluate_cached(final, home / "eval.json", index, preset, ctx.data, ctx.tokenizer)
+    result["model"] = str(final)
+    result["wall_s"] = sum(v for k, v in read_json(timing, "timing").items() if k.startswith("stage"))
+    return result
+
+
+def grow_cached(model: Path, allocation: dict, out: Path) -> Path:
+    from layermoe_ds.data.tokenizer import load_tokenizer
+    from layermoe_ds.modeling.hf_export import save_model
+    from layermoe_ds.modeling.hf_loading import load_causal_lm
+    from layermoe_ds.modeling.upcycle import grow
+
+    if not (out / "config.json").is_file():
+        save_model(grow(load_causal_lm(model), allocation), out, load_tokenizer(model))
+    return out
+
+
+def run_experiment(preset: Preset, base: Path, data: Path, out: Path, port: int = 29_400) -> dict:
+    """Run (or resume) every system of `preset` from the dense `base` model; write the report; return results."""
     from layermoe_ds.data.tokenizer import load_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(base)
-    similarity = out / "similarity.json"
-    if not similarity.is_file():
-        print(f"profiling layer similarity ({preset.profile_tokens} valid tokens per language) …", flush=True)
-        profile_args = (base, data, preset.old, preset.new, preset.profile_tokens, similarity)
-        timed(out / "timing.json", "profile", lambda: run_profile(
-            *profile_args, plot=out / "similarity.png", seq_len=preset.seq_len
-        ))  # fmt: skip
-    num_layers = len(read_json(similarity, "similarity")["layer_score"])
+    ctx = Context(preset, base, data, out, load_tokenizer(base), port)
+    groups = [list(preset.old), list(preset.new)]
+    first = {lang: g for g, members in enumerate(groups) for lang in members}
+    profile_cached(ctx, base, preset.old, preset.new, out)
     print("evaluating the dense base …", flush=True)
-    results = {"dense base": {"eval": evaluate_cached(base, out / "dense" / "eval.json", preset, data, tokenizer)}}
-    common = {
-        "data": str(data.resolve()),
-        "language_groups": [list(preset.old), list(preset.new)],
-        "seq_len": preset.seq_len,
-        "save_every": 50,
-        "log_every": 25,
-        **preset.extra_train,
+    results = {
+        "dense base": {"eval": evaluate_cached(base, out / "dense" / "eval.json", first, preset, data, ctx.tokenizer)}
     }
-    for index, system in enumerate(preset.systems):
-        home = out / "systems" / slug(system.name)
+    lifelong: dict = {}
+    if preset.lifelong:  # the dense base on the third group's languages, for the lifelong table
+        later = {lang: 1 for lang in preset.lifelong}
+        lifelong["dense base"] = merge_evals(
+            results["dense base"]["eval"],
+            evaluate_cached(base, out / "dense" / "eval_g2.json", later, preset, data, ctx.tokenizer),
+        )
+    for system in preset.systems:
+        home = out / "systems" / slug(system.label)
         home.mkdir(parents=True, exist_ok=True)
-        timing = home / "timing.json"
-        allocation_file = home / "allocation.json"
-        if not allocation_file.is_file():
-            options = AllocationOptions(
-                budget=round(system.budget_per_layer * num_layers),
-                method=system.method,
-                classifier_layers=system.classifier_layers,
-                min_experts=system.min_experts,
-                max_experts=system.max_experts,
-                min_score=preset.min_score,
+        results[system.label] = train_and_evaluate(ctx, system, home, base, groups)
+        if system.lifelong and preset.lifelong:
+            g1_model = Path(results[system.label]["model"])
+            lifelong[f"{system.label} after G1"] = merge_evals(
+                results[system.label]["eval"],
+                evaluate_cached(g1_model, home / "eval_g2.json", later, preset, data, ctx.tokenizer),
             )
-            allocation = allocate_from_file(similarity, options)
-            write_json(allocation_file, allocation)
-            plot_similarity(read_json(similarity, "similarity"), home / "allocation.png", allocation)
-        allocation = read_json(allocation_file, "allocation")
-        print(
-            f"[{system.name}] experts per layer {allocation['experts_per_layer']} "
-            f"({allocation['new_experts']} new), classifier layers {allocation['classifier_layers']}",
-            flush=True,
-        )
-        stage1_config = {
-            **common,
-            "model": str(base.resolve()),
-            "allocation": str(allocation_file.resolve()),
-            "out": str((home / "stage1").resolve()),
-            "steps": preset.stage1_steps,
-            "lr": preset.stage1_lr,
-        }
-        print(f"[{system.name}] stage 1: {preset.stage1_steps} steps (log: {home / 'stage1.log'}) …", flush=True)
-        stage1 = timed(
-            timing, "stage1", launch_stage, 1, stage1_config, home / "stage1", preset.ranks, port + 2 * index
-        )
-        stage2_config = {
-            **common,
-            "model": str(stage1.resolve()),
-            "out": str((home / "stage2").resolve()),
-            "steps": preset.stage2_steps,
-            "lr": preset.stage2_lr,
-            "stage2_docs_per_lang": preset.stage2_docs,
-        }
-        print(f"[{system.name}] stage 2: {preset.stage2_steps} steps (log: {home / 'stage2.log'}) …", flush=True)
-        stage2 = timed(
-            timing, "stage2", launch_stage, 2, stage2_config, home / "stage2", preset.ranks, port + 2 * index + 1
-        )
-        print(f"[{system.name}] evaluating after stage 1 and stage 2 …", flush=True)
-        results[system.name] = {
-            "allocation": allocation,
-            "eval_stage1": evaluate_cached(stage1, home / "eval_stage1.json", preset, data, tokenizer),
-            "eval": evaluate_cached(stage2, home / "eval.json", preset, data, tokenizer),
-            "wall_s": sum(read_json(timing, "timing").values()),
-        }
-    write_json(out / "results.json", results)
-    write_report(results, preset, out)
+            expanded = train_and_evaluate(ctx, system, home / "lifelong", g1_model, [*groups, list(preset.lifelong)])
+            new_experts = results[system.label]["allocation"]["new_experts"] + expanded["allocation"]["new_experts"]
+            lifelong[f"{system.label} after G2"] = {**expanded["eval"], "new_experts": new_experts}
+            lifelong[f"{system.label} after G1"]["new_experts"] = results[system.label]["allocation"]["new_experts"]
+    write_json(out / "results.json", {"systems": results, "lifelong": lifelong})
+    write_report(results, preset, out, lifelong)
     return results
+
+
+def merge_evals(*reports: dict) -> dict:
+    """One evaluation's languages, from several evaluations of the same model on disjoint languages."""
+    merged = {**reports[0], "languages": {}}
+    for report in reports:
+        merged["languages"].update(report["languages"])
+    return merged
 
 
 # --- the report ---------------------------------------------------------------------------------------------------
@@ -291,10 +391,94 @@ def reading(results: dict, preset: Preset) -> list[str]:
                 f"- *{claim}*: {group.capitalize()}-avg {ours:.3f} (LayerMoE) vs {theirs:.3f} ({other_name}) — "
                 + ("replicated." if ours <= theirs else "not replicated here.")
             )
+    finetuned = results.get(DENSE_FINETUNE.name)
+    if layermoe and finetuned:
+        base_old = dense["old_avg"]["bpb"]
+        ft, lm = finetuned["eval"], layermoe["eval"]
+        lines.append(
+            f"- *Dense fine-tuning forgets, LayerMoE does not*: Old-avg {base_old:.3f} (dense base) → "
+            f"{ft['old_avg']['bpb']:.3f} after full fine-tuning ({ft['old_avg']['bpb'] - base_old:+.3f}) vs "
+            f"{lm['old_avg']['bpb']:.3f} with LayerMoE ({lm['old_avg']['bpb'] - base_old:+.3f}); New-avg "
+            f"{ft['new_avg']['bpb']:.3f} vs {lm['new_avg']['bpb']:.3f} — "
+            + ("replicated." if ft["old_avg"]["bpb"] > lm["old_avg"]["bpb"] else "not replicated here.")
+        )
     return lines
 
 
-def write_report(results: dict, preset: Preset, out: Path) -> Path:
+def group_means(languages: dict, groups: list[tuple[str, ...]]) -> list[float | None]:
+    """Plain mean bits per byte over each group's languages (None where a group was not evaluated)."""
+    means = []
+    for group in groups:
+        values = [languages[lang]["bpb"] for lang in group if lang in languages]
+        means.append(sum(values) / len(values) if len(values) == len(group) else None)
+    return means
+
+
+def lifelong_reading(lifelong: dict, preset: Preset) -> list[str]:
+    """The lifelong claims: earlier groups survive the next expansion, and LayerMoE needs fewer experts for it."""
+    groups = [preset.old, preset.new, preset.lifelong]
+    lines, after_g2 = [], {}
+    for name, ev in lifelong.items():
+        if not name.endswith(" after G2"):
+            continue
+        system = name[: -len(" after G2")]
+        before = group_means(lifelong[f"{system} after G1"]["languages"], groups)
+        after = group_means(ev["languages"], groups)
+        after_g2[system] = (after, ev["new_experts"])
+        kept = after[0] <= before[0] * 1.01 and after[1] <= before[1] * 1.01
+        lines.append(
+            f"- *Lifelong expansion keeps earlier groups* ({system}): G0-avg {before[0]:.3f} → {after[0]:.3f}, "
+            f"G1-avg {before[1]:.3f} → {after[1]:.3f}, G2-avg {before[2]:.3f} → {after[2]:.3f} — "
+            + ("replicated (within 1%)." if kept else "not replicated here.")
+        )
+    uniform = next((v for k, v in after_g2.items() if k.startswith("MoE-LPR uniform")), None)
+    layermoe = after_g2.get(LAYERMOE.name)
+    if uniform and layermoe:
+        (lm, lm_experts), (u, u_experts) = layermoe, uniform
+        verdicts = [compare(a, b) for a, b in zip(lm, u, strict=True)]
+        lines.append(
+            f"- *Lifelong, fewer experts, as good* (LayerMoE {lm_experts} new experts in total vs uniform "
+            f"{u_experts}): G0/G1/G2-avg {lm[0]:.3f}/{lm[1]:.3f}/{lm[2]:.3f} vs {u[0]:.3f}/{u[1]:.3f}/{u[2]:.3f} "
+            f"({'/'.join(verdicts)}) — " + ("replicated." if "worse" not in verdicts else "not replicated here.")
+        )
+    return lines
+
+
+def seed_spread(results: dict) -> dict[str, dict]:
+    """System name → {seeds, old/new mean and sample standard deviation} for systems run with several seeds."""
+    by_name: dict[str, list[dict]] = {}
+    for label, result in results.items():
+        by_name.setdefault(label.split(" [seed ")[0], []).append(result["eval"])
+    spread = {}
+    for name, evals in by_name.items():
+        if len(evals) < 2:
+            continue
+        entry = {"seeds": len(evals)}
+        for group in ("old", "new"):
+            values = [ev[f"{group}_avg"]["bpb"] for ev in evals]
+            entry[group] = (statistics.mean(values), statistics.stdev(values))
+        spread[name] = entry
+    return spread
+
+
+def seed_reading(spread: dict) -> list[str]:
+    uniform = next((v for k, v in spread.items() if k.startswith("MoE-LPR uniform")), None)
+    layermoe = spread.get(LAYERMOE.name)
+    if not (uniform and layermoe):
+        return []
+    lines = []
+    for group in ("new", "old"):
+        gap = layermoe[group][0] - uniform[group][0]
+        noise = max(layermoe[group][1], uniform[group][1])
+        lines.append(
+            f"- *Over {layermoe['seeds']} seeds* ({group.capitalize()}-avg): LayerMoE − uniform = {gap:+.3f} bits/byte "
+            f"against a seed spread (sd) of up to {noise:.3f} — "
+            + ("a difference beyond the seed noise." if abs(gap) > 2 * noise else "within the seed noise.")
+        )
+    return lines
+
+
+def write_report(results: dict, preset: Preset, out: Path, lifelong: dict | None = None) -> Path:
     langs = [*preset.old, *preset.new]
     dense = results["dense base"]["eval"]
     header = ["system", "new experts", "params", "active"] + [f"{lang} bpb" for lang in langs]
@@ -311,13 +495,44 @@ def write_report(results: dict, preset: Preset, out: Path) -> Path:
         "|" + "---|" * len(header),
     ]
     lines += [_row(name, result, dense, preset) for name, result in results.items()]
-    lines += ["", "## Reading", "", *reading(results, preset), ""]
+    spread = seed_spread(results)
+    if spread:
+        lines += ["", "## Seeds", "", "| system | seeds | Old-avg mean ± sd | New-avg mean ± sd |", "|---|---|---|---|"]
+        for name, entry in spread.items():
+            cells = [f"{entry[g][0]:.3f} ± {entry[g][1]:.3f}" for g in ("old", "new")]
+            lines.append(f"| {name} | {entry['seeds']} | {cells[0]} | {cells[1]} |")
+    if lifelong:
+        lines += ["", *lifelong_table(lifelong, preset)]
+    lines += ["", "## Reading", "", *reading(results, preset), *seed_reading(spread)]
+    lines += [*lifelong_reading(lifelong or {}, preset), ""]
     lines += ["## Figures", "", "![similarity](similarity.png)", "", "![per-language](per_language.png)", ""]
     lines += ["![routing](routing.png)", ""]
     plot_report(results, preset, out)
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path
+
+
+def lifelong_table(lifelong: dict, preset: Preset) -> list[str]:
+    groups = [preset.old, preset.new, preset.lifelong]
+    header = ["model", "new experts", *(f"{lang} bpb" for lang in preset.langs), "G0-avg", "G1-avg", "G2-avg"]
+    lines = [
+        f"## Lifelong expansion: G0 = {','.join(preset.old)} → G1 = {','.join(preset.new)} → "
+        f"G2 = {','.join(preset.lifelong)}",
+        "",
+        "Each system expands again from its G1 model: profile it (G0+G1 against G2), allocate the same way, grow, "
+        "stage 1 on G2, stage 2 on all three groups. Bits per byte on the test split; '-' = not evaluated.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for name, ev in lifelong.items():
+        langs = ev["languages"]
+        cells = [name, str(ev.get("new_experts", 0))]
+        cells += [f"{langs[lang]['bpb']:.3f}" if lang in langs else "-" for lang in preset.langs]
+        cells += [f"{m:.3f}" if m is not None else "-" for m in group_means(langs, groups)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot_report(results: dict, preset: Preset, out: Path) -> None:
@@ -338,7 +553,7 @@ def plot_report(results: dict, preset: Preset, out: Path) -> None:
     fig.savefig(out / "per_language.png", dpi=120)
     plt.close(fig)
 
-    moe = [n for n in names if "routing" in results[n]["eval"]]
+    moe = [n for n in names if "routing" in results[n]["eval"] and " [seed " not in n]
     if not moe:
         return
     fig, axes = plt.subplots(1, len(moe), figsize=(3.2 * len(moe), 3.2), squeeze=False)
