@@ -9,7 +9,7 @@ export OMP_NUM_THREADS ?= 2
 install: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml scripts/install.sh
-	bash scripts/install.sh $(VENV) dev
+	bash scripts/install.sh $(VENV) dev,eval
 	touch $(STAMP)
 
 demo: $(STAMP)

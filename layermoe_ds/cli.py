@@ -362,6 +362,29 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _add_lm_eval_tasks(sub) -> None:
+    p = sub.add_parser(
+        "lm-eval-tasks",
+        help="lm-evaluation-harness perplexity tasks over local held-out text (offline)",
+        description="Write one loglikelihood_rolling task per language (word/byte perplexity, bits per byte) and a "
+        "group `layermoe_heldout` over local files, for `lm_eval --include_path OUT` (install the [eval] extra).",
+    )
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--langs", type=lang_list, required=True)
+    p.add_argument("--split", default="test", choices=("valid", "test"))
+    p.add_argument("--out", type=Path, required=True, help="task directory (YAML files + the text as jsonl)")
+    p.set_defaults(func=_cmd_lm_eval_tasks)
+
+
+def _cmd_lm_eval_tasks(args) -> int:
+    from layermoe_ds.eval.lm_harness import command, write_tasks
+
+    names = write_tasks(args.data, args.langs, args.out, args.split)
+    print(f"wrote {len(names) - 1} tasks and the group {names[-1]} to {args.out}; run them with")
+    print(f"  {command(Path('MODEL_DIR'), args.out)}")
+    return 0
+
+
 # --- profile / allocate ------------------------------------------------------------------------------------------
 
 
@@ -552,6 +575,7 @@ VERBS: list[Callable] = [
     _add_upcycle,
     _add_grow,
     _add_evaluate,
+    _add_lm_eval_tasks,
     _add_export,
     _add_check_hostfile,
     _add_experiment,

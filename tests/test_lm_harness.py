@@ -1,0 +1,67 @@
+"""lm-evaluation-harness (the `[eval]` extra) on local held-out tasks: a dense model and a LayerMoE export loaded
+through `trust_remote_code`, offline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from layermoe_ds.cli import main
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+
+
+def harness_bpb(model_dir, tasks_dir, limit: int) -> tuple[dict[str, float], object]:
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from layermoe_ds.eval.lm_harness import GROUP
+
+    lm = HFLM(pretrained=str(model_dir), trust_remote_code=True, device="cpu", batch_size=8, max_length=32)
+    results = simple_evaluate(
+        model=lm, tasks=[GROUP], task_manager=TaskManager(include_path=str(tasks_dir)), limit=limit
+    )["results"]
+    return {name: row["bits_per_byte,none"] for name, row in results.items() if name != GROUP}, lm
+
+
+def test_local_tasks_run_on_dense_and_layermoe_models(tiny_base, upcycled, corpus_dir, tmp_path, capsys):
+    from layermoe_ds.data.loading import load_texts
+    from layermoe_ds.data.tokenizer import load_tokenizer
+    from layermoe_ds.eval.evaluate import evaluate_model
+    from layermoe_ds.eval.lm_harness import task_name
+    from layermoe_ds.modeling.hf_loading import load_causal_lm
+
+    tasks = tmp_path / "tasks"
+    assert main(["lm-eval-tasks", "--data", str(corpus_dir), "--langs", "en,fr", "--out", str(tasks)]) == 0
+    assert f"--include_path {tasks}" in capsys.readouterr().out
+    docs = [json.loads(line)["text"] for line in (tasks / "fr.test.jsonl").read_text().splitlines()]
+    assert docs == load_texts(corpus_dir, ["fr"], "test")["fr"]
+
+    dense, _ = harness_bpb(tiny_base, tasks, limit=24)
+    moe, lm = harness_bpb(upcycled, tasks, limit=24)
+    assert type(lm.model).__module__.startswith("transformers_modules")  # the exported remote code, not ours
+    assert set(dense) == {task_name("en"), task_name("fr")}
+    # Fresh experts are copies of the FFN: through the harness too, the upcycled model is the dense function.
+    for name, value in dense.items():
+        assert moe[name] == pytest.approx(value, rel=1e-4)
+    # The harness scores documents one by one (rolling windows), `layermoe evaluate` packs them into blocks: close,
+    # not equal; and the model knows English better than French either way.
+    ours = {}
+    for lang in ("en", "fr"):
+        texts = {lang: load_texts(corpus_dir, [lang], "test")[lang][:24]}
+        report = evaluate_model(load_causal_lm(tiny_base), load_tokenizer(tiny_base), texts, {lang: 0}, seq_len=32)
+        ours[lang] = report["languages"][lang]["bpb"]
+        assert dense[task_name(lang)] == pytest.approx(ours[lang], rel=0.02)  # measured: 0.3% apart
+    assert dense[task_name("en")] < dense[task_name("fr")] and ours["en"] < ours["fr"]
+
+
+def test_task_writer_errors_name_the_language(corpus_dir, tmp_path, capsys):
+    assert main(["lm-eval-tasks", "--data", str(corpus_dir), "--langs", "en,xx", "--out", str(tmp_path / "t")]) == 2
+    assert "['xx'] not found" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
