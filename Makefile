@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install demo test lint format clean-artifacts
+.PHONY: install demo test bench bench-gpu lint format clean-artifacts
 
 install: $(STAMP)
 
@@ -17,6 +17,27 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# CPU benchmarks: ratios measured side by side, written to bench/results/*.json. They read the demo's corpus, base
+# model and allocation, so `make demo` runs first (every step cached).
+bench: $(STAMP)
+	$(VENV)/bin/layermoe demo
+	DS_ACCELERATOR=cpu $(PY) bench/profile_bench.py
+	$(PY) bench/moe_block_bench.py
+	DS_ACCELERATOR=cpu $(PY) bench/stage_bench.py
+	DS_ACCELERATOR=cpu $(PY) bench/memory_bench.py
+	DS_ACCELERATOR=cpu $(PY) bench/gpu_bench.py --smoke
+
+# On a GPU machine: the corpus and tokenizer (no CPU demo), then dispatch, 1.8B-class throughput/MFU and memory.
+GPUS ?= 1
+bench-gpu: $(STAMP)
+	test -f data/manifest.json || $(VENV)/bin/layermoe data build --out data
+	test -f artifacts/tokenizer/tokenizer.json || \
+		$(VENV)/bin/layermoe tokenizer train --data data --out artifacts/tokenizer
+	$(PY) bench/moe_block_bench.py --device cuda
+	$(PY) bench/gpu_bench.py --gpus $(GPUS)
+	$(PY) bench/memory_bench.py --ranks $(GPUS) --hidden 2048 --ffn 5504 --layers 24 --heads 16 --seq-len 1024 \
+		--out bench/results/memory_bench_gpu.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -69,17 +69,26 @@ class DeepSpeedStock(torch.nn.Module):
         return self.moe(x)[0]
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def time_fwd_bwd(module: torch.nn.Module, x: torch.Tensor, projection: torch.Tensor) -> float:
     x = x.detach().requires_grad_(True)
+    _sync(x.device)
     start = time.perf_counter()
     out = module(x)
     (out * projection).sum().backward()
+    _sync(x.device)
     elapsed = time.perf_counter() - start
     module.zero_grad(set_to_none=True)
     return elapsed
 
 
-def bench_width(name: str, hidden: int, ffn: int, tokens: int, repeats: int) -> dict:
+def bench_width(
+    name: str, hidden: int, ffn: int, tokens: int, repeats: int, device: str = "cpu", dtype=torch.float32
+) -> dict:
     torch.manual_seed(0)
     dense = LlamaMLP(_MLPConfig(hidden, ffn))
     variants = {
@@ -89,8 +98,9 @@ def bench_width(name: str, hidden: int, ffn: int, tokens: int, repeats: int) -> 
         "ours: top-2 of 8": ours(dense, hidden, 8),
         "DeepSpeed stock: top-2 of 8": DeepSpeedStock(dense, hidden, 8),
     }
-    x = torch.randn(1, tokens, hidden)
-    projection = torch.randn(1, tokens, hidden)
+    variants = {label: module.to(device=device, dtype=dtype) for label, module in variants.items()}
+    x = torch.randn(1, tokens, hidden, device=device, dtype=dtype)
+    projection = torch.randn(1, tokens, hidden, device=device, dtype=dtype)
     for module in variants.values():  # warm-up
         time_fwd_bwd(module, x, projection)
     times = {label: [] for label in variants}
@@ -105,7 +115,10 @@ def bench_width(name: str, hidden: int, ffn: int, tokens: int, repeats: int) -> 
         "top2_of_8_over_dense": median["ours: top-2 of 8"] / dense_s,
         "deepspeed_over_ours_top2_of_8": median["DeepSpeed stock: top-2 of 8"] / median["ours: top-2 of 8"],
     }
-    print(f"\n{name}: hidden {hidden}, ffn {ffn}, {tokens} tokens, median of {repeats} (forward+backward)")
+    print(
+        f"\n{name}: hidden {hidden}, ffn {ffn}, {tokens} tokens, {device} {str(dtype).removeprefix('torch.')}, "
+        f"median of {repeats} (forward+backward)"
+    )
     for label, seconds in median.items():
         print(f"  {label:<32} {seconds * 1e3:>9.1f} ms  {seconds / dense_s:>5.2f}x dense")
     print(f"  ours is {ratios['deepspeed_over_ours_top2_of_8']:.2f}x as fast as DeepSpeed's stock MoE (goal >= 1.0)")
@@ -116,9 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, for the test suite")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "moe_block_bench.json")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: bf16, NCCL")
+    parser.add_argument("--out", type=Path, default=None, help="default bench/results/moe_block_bench[_gpu].json")
     args = parser.parse_args(argv)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    gpu = args.device == "cuda"
+    out = args.out or ROOT / "bench" / "results" / f"moe_block_bench{'_gpu' if gpu else ''}.json"
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if gpu else "cpu")
     import deepspeed
     import torch.distributed as dist
 
@@ -126,10 +142,14 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29_500 + os.getpid() % 1000))
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+        deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", verbose=False)
     widths = [("tiny", 32, 48, 64)] if args.quick else [("tiny", 128, 352, 4096), ("1.8B-like", 2048, 5504, 1024)]
-    results = {name: bench_width(name, h, f, t, args.repeats) for name, h, f, t in widths}
+    if gpu and not args.quick:  # a GPU needs more tokens to be busy: a micro-batch of 4 × 1024 and of 16 × 1024
+        widths = [("1.8B-like", 2048, 5504, 4096), ("1.8B-like, 16K tokens", 2048, 5504, 16_384)]
+    dtype = torch.bfloat16 if gpu else torch.float32
+    results = {name: bench_width(name, h, f, t, args.repeats, args.device, dtype) for name, h, f, t in widths}
     record = {
+        "device": torch.cuda.get_device_name() if gpu else "cpu",
         "machine": platform.machine(),
         "processor": platform.processor(),
         "threads": torch.get_num_threads(),
@@ -137,9 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         "deepspeed": deepspeed.__version__,
         "widths": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"\nwritten {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"\nwritten {out}")
     return 0
 
 

@@ -11,80 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
 
-
-def launch(stage: int, ranks: int, config: dict, ds_json: str, workdir: Path, port: int) -> Path:
-    import yaml
-
-    run_yaml = workdir / f"stage{stage}_w{ranks}.yaml"
-    run_yaml.write_text(yaml.safe_dump(config))
-    deepspeed = Path(sys.executable).parent / "deepspeed"
-    env = {
-        **os.environ,
-        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(ROOT),
-    }
-    cmd = [
-        str(deepspeed),
-        "--num_gpus",
-        str(ranks),
-        "--master_port",
-        str(port),
-        str(ROOT / "launchers" / f"stage{stage}.py"),
-        "--config",
-        str(run_yaml),
-        "--deepspeed_config",
-        str(ROOT / "ds_configs" / ds_json),
-    ]
-    if env["DS_ACCELERATOR"] == "cpu":
-        cmd.append(str(ROOT / "ds_configs" / "cpu.json"))
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"stage {stage} on {ranks} ranks failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
-    return Path(config["out"])
-
-
-def step_seconds(run_dir: Path, skip: int) -> float:
-    """Median seconds per step from the logged throughput, after `skip` warm-up steps."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    resolved = json.loads((run_dir / "resolved_config.json").read_text())
-    tokens = (
-        resolved["world_size"]
-        * resolved["deepspeed"]["train_micro_batch_size_per_gpu"]
-        * resolved["train"]["seq_len"]
-        * resolved["deepspeed"].get("gradient_accumulation_steps", 1)
-    )
-    return statistics.median(tokens / r["tokens_per_s"] for r in records[skip:])
-
-
-def optimizer_bytes_per_rank(run_dir: Path) -> float:
-    """ZeRO: the size of each rank's optimizer-state file. ZeRO stage 0 (stage 2) keeps the optimizer in the model
-    state file: the bytes of its state tensors (replicated, so per rank)."""
-    import torch
-
-    newest = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
-    files = list(newest.glob("*optim_states.pt"))
-    if files:
-        return sum(f.stat().st_size for f in files) / len(files)
-    state = torch.load(newest / "mp_rank_00_model_states.pt", weights_only=False)["optimizer"]["state"]
-    return float(
-        sum(t.numel() * t.element_size() for s in state.values() for t in s.values() if isinstance(t, torch.Tensor))
-    )
+from benchlib import launch, optimizer_bytes_per_rank, step_seconds  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="artifacts/base", help="dense model (upcycled with --allocation)")
-    parser.add_argument("--allocation", default="runs/demo/allocation.json")
+    parser.add_argument("--allocation", default="runs/demo/systems/layermoe/allocation.json")
     parser.add_argument("--data", default="data")
     parser.add_argument("--language-groups", default="en,de;fr,ru,el")
     parser.add_argument("--steps", type=int, default=30)

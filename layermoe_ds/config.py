@@ -121,6 +121,9 @@ class TrainConfig:
     drop_tokens: bool = True
     # The forgetting baseline: stage 1 trains every parameter of the dense model (no upcycling, nothing frozen).
     full_finetune: bool = False
+    # Recompute each decoder layer's activations in the backward pass instead of storing them (less memory, about
+    # one more forward of compute); both stages, and the dense baseline.
+    activation_checkpointing: bool = False
     # Checkpoints and logging.
     save_every: int = 50
     keep_last_n: int = 2

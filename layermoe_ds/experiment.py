@@ -385,12 +385,26 @@ def reading(results: dict, preset: Preset) -> list[str]:
     )
     for claim, other_name, group in ablations:
         other = results.get(other_name)
-        if layermoe and other:
-            ours, theirs = layermoe["eval"][f"{group}_avg"]["bpb"], other["eval"][f"{group}_avg"]["bpb"]
-            lines.append(
-                f"- *{claim}*: {group.capitalize()}-avg {ours:.3f} (LayerMoE) vs {theirs:.3f} ({other_name}) — "
-                + ("replicated." if ours <= theirs else "not replicated here.")
-            )
+        if not (layermoe and other):
+            continue
+        ours, theirs = layermoe["eval"][f"{group}_avg"]["bpb"], other["eval"][f"{group}_avg"]["bpb"]
+        text = f"- *{claim}*: {group.capitalize()}-avg {ours:.3f} (LayerMoE) vs {theirs:.3f} ({other_name}) — "
+        same = {
+            k: layermoe["allocation"][k] == other["allocation"][k] for k in ("experts_per_layer", "classifier_layers")
+        }
+        if all(same.values()):  # e.g. the most similar layers are the last ones: the ablation is the same model
+            layers = layermoe["allocation"]["classifier_layers"]
+            lines.append(text + f"not testable on this model: both put the same experts and classifiers ({layers}).")
+            continue
+        verdict = compare(ours, theirs)
+        lines.append(
+            text
+            + {
+                "better": "replicated.",
+                "matched": "no difference beyond 1% here.",
+                "worse": "not replicated here.",
+            }[verdict]
+        )
     finetuned = results.get(DENSE_FINETUNE.name)
     if layermoe and finetuned:
         base_old = dense["old_avg"]["bpb"]

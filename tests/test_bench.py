@@ -94,3 +94,63 @@ def test_stage_bench_runs(tiny_base, corpus_dir, tmp_path, capsys):
     assert 0.3 < result["zero1_world2_over_world1_optimizer_bytes"] < 0.8
     assert result["stage2_optimizer_bytes_per_rank"] < 0.05 * result["optimizer_bytes_per_rank_world1"]
     assert "stage 2 / stage 1" in capsys.readouterr().out
+
+
+@pytest.mark.distributed
+def test_memory_bench_runs(tiny_base, corpus_dir, tmp_path, capsys):
+    from tests.helpers import free_port
+
+    out = tmp_path / "memory_bench.json"
+    argv = ["--tokenizer-from", str(tiny_base), "--data", str(corpus_dir), "--language-groups", "en,de;fr,ru"]
+    argv += ["--hidden", "32", "--ffn", "64", "--layers", "2", "--heads", "2", "--experts", "4", "--steps", "2"]
+    argv += ["--seq-len", "32", "--port", str(free_port()), "--out", str(out)]
+    assert load_bench("memory_bench").main(argv) == 0
+    report = json.loads(out.read_text())
+    variants, summary = report["variants"], report["summary"]
+    assert list(variants) == ["no ZeRO", "ZeRO-1", "ZeRO-2", "ZeRO-2 + activation checkpointing"]
+    assert all(
+        math.isfinite(v["peak_mib_max_over_ranks"]) and v["peak_mib_max_over_ranks"] > 0 for v in variants.values()
+    )
+    # Bytes, not times. 3 new experts on 2 ranks run replicated (ep_size gcd(3, 2) = 1): without ZeRO each rank holds
+    # Adam's two fp32 moments for every trainable parameter, and only those (frozen parameters hold none). ZeRO adds
+    # an fp32 master copy and shards the three over 2 ranks: (4 + 8) / 2 = 6 bytes per parameter, 0.75x.
+    assert variants["no ZeRO"]["optimizer_bytes_per_rank"] == pytest.approx(summary["adam_bytes_if_unsharded"], rel=0.1)
+    assert summary["zero1_over_none_optimizer_bytes"] == pytest.approx(0.75, rel=0.1)
+    assert summary["zero2_over_none_optimizer_bytes"] == pytest.approx(0.75, rel=0.1)
+    assert "activation checkpointing" in capsys.readouterr().out
+
+
+@pytest.mark.distributed
+def test_gpu_bench_smoke_path_runs_on_cpu(tiny_base, corpus_dir, tmp_path, capsys):
+    from tests.helpers import free_port
+
+    out = tmp_path / "gpu_bench.json"
+    bench = load_bench("gpu_bench")
+    argv = ["--smoke", "--tokenizer-from", str(tiny_base), "--data", str(corpus_dir)]
+    argv += ["--language-groups", "en,de;fr,ru", "--steps", "3", "--port", str(free_port()), "--out", str(out)]
+    assert bench.main(argv) == 0
+    report = json.loads(out.read_text())
+    dense, moe = report["systems"].values()
+    assert report["experts_per_layer"] == [5, 3, 2, 3]  # the published list's shape at 4 layers
+    for row in (dense, moe):
+        assert row["tokens_per_s_per_gpu"] > 0 and row["peak_mib"] > 0
+        assert row["mfu_model"] is None  # no peak FLOP/s for a CPU: no made-up MFU
+    # Counted, not timed: a token's active parameters in the MoE model exceed the dense model's (top-2 per layer),
+    # and stage 1 needs fewer FLOPs than 6·N_active (frozen weights get no gradient).
+    assert moe["params_active"] > dense["params_active"] and moe["needed_flops"] < moe["model_flops"]
+    assert dense["needed_flops"] == dense["model_flops"]
+    assert all(math.isfinite(v) and v > 0 for v in report["ratios"].values())
+    assert "at equal active parameters" in capsys.readouterr().out
+
+
+def test_flop_counts_match_hand_computation():
+    bench = load_bench("gpu_bench")
+    shape = {"hidden": 4, "ffn": 8, "layers": 2, "vocab": 10, "seq_len": 3}
+    dense = bench.flops_per_token(shape, None)
+    per_layer = 4 * 16 + 2 * 4 + 3 * 4 * 8  # attention + norms, FFN
+    assert dense["params_active"] == 2 * per_layer + 40
+    assert dense["model_flops"] == 6 * (2 * per_layer + 40) + 12 * 2 * 4 * 3
+    moe = bench.flops_per_token(shape, [3, 1])  # layer 0: top-2 of 3 (+ a 4×3 router), layer 1 dense
+    assert moe["params_active"] == (72 + 2 * 96 + 12) + (72 + 96) + 40
+    assert moe["params_trainable_active"] == 2 * 96 + 12  # two new experts can be active in layer 0, + router
+    assert moe["needed_flops"] == 4 * moe["params_active"] + 2 * (2 * 96 + 12) + 12 * 2 * 4 * 3

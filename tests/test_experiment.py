@@ -70,9 +70,10 @@ def test_mini_experiment_report(tiny_base, corpus_dir, tmp_path, capsys):
 def test_reading_judges_each_claim_from_the_numbers():
     from layermoe_ds.experiment import LAYERMOE, PRESETS, UNIFORM, compare, reading
 
-    def system(old, new, new_experts, method, stage1_old=None):
+    def system(old, new, new_experts, method, stage1_old=None, experts=(4, 2, 2, 2), classifiers=(2, 3)):
         result = {"eval": {"old_avg": {"bpb": old}, "new_avg": {"bpb": new}}}
-        result["allocation"] = {"new_experts": new_experts, "method": method}
+        result["allocation"] = {"new_experts": new_experts, "method": method, "experts_per_layer": list(experts)}
+        result["allocation"]["classifier_layers"] = list(classifiers)
         if stage1_old is not None:
             result["eval_stage1"] = {"old_avg": {"bpb": stage1_old}}
         return result
@@ -81,15 +82,21 @@ def test_reading_judges_each_claim_from_the_numbers():
         "dense base": system(2.0, 3.0, 0, "dense"),
         UNIFORM.name: system(2.10, 2.50, 12, "uniform", stage1_old=2.9),
         LAYERMOE.name: system(2.08, 2.52, 6, "layermoe", stage1_old=2.8),
-        "LayerMoE w/o classifier": system(2.05, 2.5, 6, "layermoe"),  # better without: the claim fails
-        "LayerMoE w/ random allocation": system(2.2, 2.7, 6, "random"),
+        "LayerMoE w/o classifier": system(2.05, 2.5, 6, "layermoe", classifiers=()),  # better without: fails
+        "LayerMoE w/ random allocation": system(2.2, 2.7, 6, "random", experts=(2, 2, 2, 4)),
+        "LayerMoE, classifier on last-2 layers": system(2.08, 2.52, 6, "layermoe"),  # the same layers as LayerMoE
     }
     lines = "\n".join(reading(results, PRESETS["full"]))
     assert "50% fewer new experts" in lines and "(matched), Old-avg 2.080 vs 2.100 (matched) — replicated." in lines
     assert "The classifier protects old languages*: Old-avg 2.080 (LayerMoE) vs 2.050" in lines
     assert "vs 2.050 (LayerMoE w/o classifier) — not replicated here." in lines
     assert "Similarity-based allocation beats random at equal budget*: New-avg 2.520 (LayerMoE) vs 2.700" in lines
-    assert "last-2" not in lines  # no such row, no such claim
+    assert "(LayerMoE, classifier on last-2 layers) — not testable on this model: both put the same" in lines
+    results["LayerMoE w/o classifier"]["eval"]["old_avg"]["bpb"] = 2.09  # 0.5% apart: no claim either way
+    lines = "\n".join(reading(results, PRESETS["full"]))
+    assert "vs 2.090 (LayerMoE w/o classifier) — no difference beyond 1% here." in lines
+    del results["LayerMoE, classifier on last-2 layers"]
+    assert "last-2" not in "\n".join(reading(results, PRESETS["full"]))  # no such row, no such claim
     assert (compare(0.98, 1.0), compare(1.005, 1.0), compare(1.02, 1.0)) == ("better", "matched", "worse")
 
 

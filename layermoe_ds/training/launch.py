@@ -53,6 +53,13 @@ def build_parser(stage: int) -> argparse.ArgumentParser:
     )
     parser.add_argument("--local_rank", type=int, default=None, help="passed by the launcher; LOCAL_RANK is used")
     parser.add_argument("--debug", action="store_true")
+    parser.add_argument(
+        "--activation-checkpointing",
+        dest="activation_checkpointing",
+        action="store_true",
+        default=None,
+        help="recompute decoder-layer activations in the backward pass (less memory, ~1 more forward)",
+    )
     if stage == 1:
         parser.add_argument(
             "--full-finetune",
@@ -84,6 +91,7 @@ def main(stage: int, argv: list[str] | None = None) -> int:
     )
     overrides = {flag: getattr(args, flag) for flag in OVERRIDES}
     overrides["full_finetune"] = getattr(args, "full_finetune", None)
+    overrides["activation_checkpointing"] = args.activation_checkpointing
     if args.language_groups:
         overrides["language_groups"] = [g.split(",") for g in args.language_groups.split(";")]
     try:

@@ -65,8 +65,9 @@ def _check_run_dir(out: Path, resolved: dict) -> None:
             )
 
 
-# Settings that may change between a run and its resumption: how it resumes and logs, and where the directory is.
-UNFINGERPRINTED = ("resume", "log_every", "out")
+# Settings that may change between a run and its resumption: how it resumes and logs, where the directory is, and
+# activation checkpointing (memory, not numbers: a run that ran out of memory resumes with it on).
+UNFINGERPRINTED = ("resume", "log_every", "out", "activation_checkpointing")
 
 
 def _fingerprint(train: dict, ds: dict, stage: int) -> str:
@@ -159,6 +160,10 @@ def run_stage(stage: int, config: TrainConfig, ds_config: dict) -> int:
             model, world, config.expert_parallel_size, config.capacity_factor, drop_tokens=config.drop_tokens
         )
         trainable = apply_stage(model, stage)
+    if config.activation_checkpointing:
+        # Non-reentrant: the embeddings are frozen, so a layer's input needs no gradient; the reentrant variant
+        # would then drop the gradients of everything inside the layer.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if stage == 2:  # frozen tensors in the configured precision, trainable gates in fp32 (engine.py explains)
         for param in model.parameters():
             if not param.requires_grad:
@@ -205,6 +210,7 @@ def run_stage(stage: int, config: TrainConfig, ds_config: dict) -> int:
         if grad_norm is not None:
             scalars["grad_norm"] = float(grad_norm)
         scalars["tokens_per_s"] = world * accumulation * micro * config.seq_len / (time.perf_counter() - started)
+        scalars["memory/peak_mib"] = peak_memory_mib(device)
         metrics.step(step, scalars)
         stopping = stop.agreed(device)
         if step % config.save_every == 0 or step == config.steps or stopping:
@@ -255,6 +261,20 @@ def _accumulate(sums: dict[str, float], model, losses, groups: torch.Tensor, acc
         key = f"routing/layer_{layer:02d}/old_to_expert0"
         sums[key + "/hits"] = sums.get(key + "/hits", 0.0) + float(((top == 0) & old_tokens).sum())
         sums[key + "/count"] = sums.get(key + "/count", 0.0) + float(old_tokens.sum())
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """The largest peak memory of any rank so far, in MiB: allocated GPU memory (torch.cuda.max_memory_allocated),
+    or on CPU the process's peak resident set (everything: libraries, model, optimizer, activations)."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    value = torch.tensor([peak], dtype=torch.float64, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return float(value.item())
 
 
 def _reduce_scalars(sums: dict[str, float], device) -> dict[str, float]:

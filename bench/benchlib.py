@@ -1,0 +1,120 @@
+"""What the benchmark scripts share: runs through the real `deepspeed` launcher, and what is read back from them."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def launch(
+    stage: int, ranks: int, config: dict, ds_json: str, workdir: Path, port: int, extra_json: list[Path] = ()
+) -> Path:
+    """One run through the real `deepspeed` launcher; `extra_json` files are merged over the DeepSpeed JSON."""
+    import yaml
+
+    run_yaml = workdir / f"stage{stage}_w{ranks}_{port}.yaml"
+    run_yaml.write_text(yaml.safe_dump(config))
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+    }
+    cmd = [
+        str(deepspeed),
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(port),
+        str(ROOT / "launchers" / f"stage{stage}.py"),
+        "--config",
+        str(run_yaml),
+        "--deepspeed_config",
+        str(ROOT / "ds_configs" / ds_json),
+    ]
+    if env["DS_ACCELERATOR"] == "cpu":
+        cmd.append(str(ROOT / "ds_configs" / "cpu.json"))
+    cmd += [str(path) for path in extra_json]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"stage {stage} on {ranks} ranks failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    return Path(config["out"])
+
+
+def step_seconds(run_dir: Path, skip: int) -> float:
+    """Median seconds per step from the logged throughput, after `skip` warm-up steps."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    resolved = json.loads((run_dir / "resolved_config.json").read_text())
+    tokens = (
+        resolved["world_size"]
+        * resolved["deepspeed"]["train_micro_batch_size_per_gpu"]
+        * resolved["train"]["seq_len"]
+        * resolved["deepspeed"].get("gradient_accumulation_steps", 1)
+    )
+    return statistics.median(tokens / r["tokens_per_s"] for r in records[skip:])
+
+
+def optimizer_bytes_per_rank(run_dir: Path) -> float:
+    """ZeRO: the size of each rank's optimizer-state file. ZeRO stage 0 (stage 2) keeps the optimizer in the model
+    state file: the bytes of its state tensors (replicated, so per rank)."""
+    import torch
+
+    newest = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    files = list(newest.glob("*optim_states.pt"))
+    if files:
+        return sum(f.stat().st_size for f in files) / len(files)
+    state = torch.load(newest / "mp_rank_00_model_states.pt", weights_only=False)["optimizer"]["state"]
+    return float(
+        sum(t.numel() * t.element_size() for s in state.values() for t in s.values() if isinstance(t, torch.Tensor))
+    )
+
+
+def peak_mib(run_dir: Path) -> float:
+    """The largest `memory/peak_mib` the run logged (itself the maximum over ranks)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return max(r["memory/peak_mib"] for r in records)
+
+
+def random_base(
+    tokenizer_from: Path,
+    out: Path,
+    hidden: int,
+    ffn: int,
+    layers: int,
+    heads: int,
+    kv_heads: int | None = None,
+    arch: str = "llama",
+    vocab: int | None = None,
+    tie_embeddings: bool = True,
+) -> Path:
+    """A randomly initialised dense model of the given shape, saved with the tokenizer of `tokenizer_from`
+    (`vocab` may exceed the tokenizer's size: real shapes, e.g. Qwen2's ~152K, with a small tokenizer)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
+    config = config_cls(
+        vocab_size=max(vocab or 0, len(tokenizer)),
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads,
+        max_position_embeddings=4096,
+        tie_word_embeddings=tie_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model_cls(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
