@@ -543,7 +543,8 @@ def _add_experiment(sub) -> None:
         "--base the embedded corpus, tokenizer and tiny base model are built (or reused) first.",
     )
     p.add_argument("--preset", choices=("demo", "full"), default="demo", help="demo: dense, uniform, LayerMoE; "
-                   "full: + random allocation, no classifier, last-K classifiers")  # fmt: skip
+                   "full: + dense full fine-tune, random allocation, no classifier, last-K classifiers, seeds 1-2 "
+                   "of uniform and LayerMoE, lifelong G0->G1->G2 (es,it) of both")  # fmt: skip
     _experiment_arguments(p, default_out=None)
     p.set_defaults(func=_cmd_demo)
 
