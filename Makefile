@@ -25,6 +25,8 @@ bench: $(STAMP)
 	DS_ACCELERATOR=cpu $(PY) bench/profile_bench.py
 	$(PY) bench/moe_block_bench.py
 	DS_ACCELERATOR=cpu $(PY) bench/stage_bench.py
+	DS_ACCELERATOR=cpu $(PY) bench/stage_bench.py --random-shape 512,1408,8 --experts 4 --steps 12 \
+		--out bench/results/stage_bench_h512.json
 	DS_ACCELERATOR=cpu $(PY) bench/memory_bench.py
 	DS_ACCELERATOR=cpu $(PY) bench/gpu_bench.py --smoke
 

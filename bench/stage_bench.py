@@ -5,6 +5,8 @@ Goals (issue 6): a stage-2 step ≤ 0.6× a stage-1 step on the same model and b
 at world 2 ≈ 0.5× world 1.
 
     DS_ACCELERATOR=cpu python bench/stage_bench.py            # demo artifacts: artifacts/base, runs/demo, data
+    DS_ACCELERATOR=cpu python bench/stage_bench.py --random-shape 512,1408,8 --experts 4 --steps 12 \
+        --out bench/results/stage_bench_h512.json               # a random FFN-dominated model, uniform experts
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from benchlib import launch, optimizer_bytes_per_rank, step_seconds  # noqa: E402
+from benchlib import launch, optimizer_bytes_per_rank, random_base, step_seconds  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--language-groups", default="en,de;fr,ru,el")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument(
+        "--random-shape",
+        default=None,
+        help="HIDDEN,FFN,LAYERS: a randomly initialised Llama of this shape (tokenizer from --model) with --experts "
+        "experts per layer, instead of --model/--allocation as they are",
+    )
+    parser.add_argument("--experts", type=int, default=4, help="with --random-shape: experts per layer")
     parser.add_argument("--port", type=int, default=29_611)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "stage_bench.json")
     args = parser.parse_args(argv)
@@ -36,6 +45,15 @@ def main(argv: list[str] | None = None) -> int:
     skip = min(5, args.steps // 3)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        if args.random_shape:
+            hidden, ffn, layers = (int(v) for v in args.random_shape.split(","))
+            args.model = str(
+                random_base(Path(args.model), tmp / "random_base", hidden, ffn, layers, max(1, hidden // 64))
+            )
+            args.allocation = str(tmp / "allocation.json")
+            Path(args.allocation).write_text(
+                json.dumps({"experts_per_layer": [args.experts] * layers, "classifier_layers": [layers - 1]})
+            )
         common = {
             "data": str(Path(args.data).resolve()),
             "language_groups": groups,
@@ -72,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     result["zero1_world2_over_world1_optimizer_bytes"] = (
         result["optimizer_bytes_per_rank_world2"] / result["optimizer_bytes_per_rank_world1"]
     )
-    result.update(steps=args.steps, seq_len=args.seq_len, model=args.model, allocation=args.allocation)
+    result.update(steps=args.steps, seq_len=args.seq_len, model=args.random_shape or args.model)
+    result["allocation"] = f"{args.experts} per layer" if args.random_shape else args.allocation
     print(
         f"stage-1 step {result['stage1_step_s'] * 1e3:.1f} ms, stage-2 step {result['stage2_step_s'] * 1e3:.1f} ms"
         f" (2 ranks): stage 2 / stage 1 = {result['stage2_over_stage1_step']:.2f}x (goal <= 0.6)"

@@ -60,39 +60,25 @@ def test_moe_block_bench_runs(tmp_path, capsys):
     assert "as fast as DeepSpeed's stock MoE" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("shape", [None, "32,64,2"], ids=["demo-like", "random-shape"])
 @pytest.mark.distributed
-def test_stage_bench_runs(tiny_base, corpus_dir, tmp_path, capsys):
+def test_stage_bench_runs(tiny_base, corpus_dir, tmp_path, capsys, shape):
     from tests.helpers import free_port
 
     alloc = tmp_path / "alloc.json"
     alloc.write_text(json.dumps({"experts_per_layer": [3, 2, 3], "classifier_layers": [0, 2]}))
     out = tmp_path / "stage_bench.json"
-    assert (
-        load_bench("stage_bench").main(
-            [
-                "--model",
-                str(tiny_base),
-                "--allocation",
-                str(alloc),
-                "--data",
-                str(corpus_dir),
-                "--steps",
-                "6",
-                "--seq-len",
-                "32",
-                "--port",
-                str(free_port()),
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    argv = ["--model", str(tiny_base), "--allocation", str(alloc), "--data", str(corpus_dir), "--steps", "6"]
+    argv += ["--seq-len", "32", "--port", str(free_port()), "--out", str(out)]
+    if shape:  # a random model of that shape with 4 experts per layer (the tokenizer from --model)
+        argv += ["--random-shape", shape, "--experts", "4"]
+    assert load_bench("stage_bench").main(argv) == 0
     result = json.loads(out.read_text())
     assert result["stage2_over_stage1_step"] > 0 and math.isfinite(result["stage2_over_stage1_step"])
     # Measured bytes, not times: ZeRO-1 and expert parallelism shrink each rank's share.
     assert 0.3 < result["zero1_world2_over_world1_optimizer_bytes"] < 0.8
     assert result["stage2_optimizer_bytes_per_rank"] < 0.05 * result["optimizer_bytes_per_rank_world1"]
+    assert result["model"] == (shape or str(tiny_base))
     assert "stage 2 / stage 1" in capsys.readouterr().out
 
 
