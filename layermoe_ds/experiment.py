@@ -389,10 +389,9 @@ def reading(results: dict, preset: Preset) -> list[str]:
             continue
         ours, theirs = layermoe["eval"][f"{group}_avg"]["bpb"], other["eval"][f"{group}_avg"]["bpb"]
         text = f"- *{claim}*: {group.capitalize()}-avg {ours:.3f} (LayerMoE) vs {theirs:.3f} ({other_name}) — "
-        same = {
-            k: layermoe["allocation"][k] == other["allocation"][k] for k in ("experts_per_layer", "classifier_layers")
-        }
-        if all(same.values()):  # e.g. the most similar layers are the last ones: the ablation is the same model
+        keys = ("experts_per_layer", "classifier_layers")
+        if all(layermoe["allocation"][k] == other["allocation"][k] for k in keys):  # e.g. the most similar layers
+            # are the last ones: the "ablation" builds the same model
             layers = layermoe["allocation"]["classifier_layers"]
             lines.append(text + f"not testable on this model: both put the same experts and classifiers ({layers}).")
             continue

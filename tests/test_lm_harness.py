@@ -61,6 +61,27 @@ def test_local_tasks_run_on_dense_and_layermoe_models(tiny_base, upcycled, corpu
     assert dense[task_name("en")] < dense[task_name("fr")] and ours["en"] < ours["fr"]
 
 
+def test_the_documented_command_line_runs(upcycled, corpus_dir, tmp_path):
+    """`lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True --include_path TASKS …`, as printed."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from layermoe_ds.eval.lm_harness import GROUP, command, write_tasks
+
+    tasks = tmp_path / "tasks"
+    write_tasks(corpus_dir, ["en"], tasks)
+    argv = command(upcycled, tasks).split()
+    assert argv[0] == "lm_eval" and f"pretrained={upcycled},trust_remote_code=True" in argv
+    lm_eval = str(Path(sys.executable).parent / "lm_eval")
+    extra = ["--limit", "4", "--output_path", str(tmp_path / "out")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    result = subprocess.run([lm_eval, *argv[1:], *extra], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{GROUP}_en" in result.stdout and "bits_per_byte" in result.stdout
+
+
 def test_task_writer_errors_name_the_language(corpus_dir, tmp_path, capsys):
     assert main(["lm-eval-tasks", "--data", str(corpus_dir), "--langs", "en,xx", "--out", str(tmp_path / "t")]) == 2
     assert "['xx'] not found" in capsys.readouterr().err

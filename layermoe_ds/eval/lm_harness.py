@@ -3,8 +3,9 @@
 Hub datasets are out of reach on an offline cluster, so `layermoe lm-eval-tasks` writes one perplexity task per
 language (`loglikelihood_rolling`: word/byte perplexity and bits per byte) over local files, and a group that runs
 them all. The text goes through the same loader as training and `layermoe evaluate` (every supported data layout,
-the same errors), and is copied next to the task files as `<lang>.<split>.jsonl`, so a task directory is
-self-contained. Any model lm-eval can load then runs on them, a LayerMoE export included:
+the same errors), and is copied next to the task files as `<lang>.<split>.jsonl`, so the task directory needs
+nothing else (its YAML files name the copies by absolute path: write it where it will be used). Any model lm-eval
+can load then runs on them, a LayerMoE export included:
 
     lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True --include_path TASKS --tasks layermoe_heldout
 """

@@ -161,8 +161,9 @@ def run_stage(stage: int, config: TrainConfig, ds_config: dict) -> int:
         )
         trainable = apply_stage(model, stage)
     if config.activation_checkpointing:
-        # Non-reentrant: the embeddings are frozen, so a layer's input needs no gradient; the reentrant variant
-        # would then drop the gradients of everything inside the layer.
+        # Non-reentrant: the reentrant variant runs the forward without autograd, so the balance, LPR and
+        # classifier losses the blocks record on the side (block.aux) would get no gradient (tested), and with
+        # frozen embeddings a layer's input needs none either, which it needs to backpropagate at all.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if stage == 2:  # frozen tensors in the configured precision, trainable gates in fp32 (engine.py explains)
         for param in model.parameters():
