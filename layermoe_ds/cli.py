@@ -33,7 +33,7 @@ def _add_data(sub) -> None:
         "libreoffice-help-* packages (MPL-2.0), split by page ≈ 90/5/5.",
     )
     b.add_argument("--out", type=Path, default=Path("data"), help="output directory (default: data)")
-    b.add_argument("--langs", type=lang_list, default=None, help="languages (default: en,de,fr,ru,el; also es,it,zh)")
+    b.add_argument("--langs", type=lang_list, default=None, help="languages (default: en,de,fr,ru,el,es,it; also zh)")
     b.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"where .deb files are kept ({DEFAULT_CACHE})")
     b.add_argument("--max-pages", type=int, default=None, help="a deterministic slice of help pages (tests)")
     b.add_argument("--min-chars", type=int, default=24, help="drop paragraphs shorter than this (default: 24)")

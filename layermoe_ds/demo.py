@@ -45,7 +45,7 @@ def prepare_base(data: Path, artifacts: Path, cache: Path) -> Path:
     """The embedded corpus, its tokenizer and the dense base model (each built once, then reused)."""
     from layermoe_ds.training.pretrain import is_done, pretrain
 
-    langs = OLD_LANGS + NEW_LANGS + LIFELONG_LANGS  # the tokenizer covers every language, like an LLM's
+    langs = OLD_LANGS + NEW_LANGS + LIFELONG_LANGS  # = `data build`'s default; the tokenizer covers them all
     options = CorpusOptions(langs=langs)
     if not corpus_is_built(data, options):
         print(f"building the corpus in {data} from Debian's libreoffice-help packages …", flush=True)

@@ -50,7 +50,7 @@ LANGUAGES = {
         HelpLanguage("zh", "zh-cn", "zh-CN", False),
     )
 }
-DEFAULT_LANGS = ("en", "de", "fr", "ru", "el")
+DEFAULT_LANGS = ("en", "de", "fr", "ru", "el", "es", "it")  # the demo's: old, new, and the lifelong third group
 
 
 @dataclass(frozen=True)
