@@ -37,7 +37,15 @@ class System:
 
     @property
     def label(self) -> str:
-        return self.name if self.seed == 0 else f"{self.name} [seed {self.seed}]"
+        return self.name if self.seed == 0 else f"{self.name}{SEED_TAG}{self.seed}]"
+
+
+SEED_TAG = " [seed "  # a row label's seed suffix: "LayerMoE [seed 1]"
+
+
+def seed_family(label: str) -> str:
+    """The system a row label belongs to, without its seed suffix."""
+    return label.split(SEED_TAG)[0]
 
 
 FULL_FINETUNE = "full-finetune"
@@ -300,17 +308,14 @@ def run_experiment(preset: Preset, base: Path, data: Path, out: Path, port: int 
     for system in preset.systems:
         home = out / "systems" / slug(system.label)
         home.mkdir(parents=True, exist_ok=True)
-        results[system.label] = train_and_evaluate(ctx, system, home, base, groups)
+        g1 = results[system.label] = train_and_evaluate(ctx, system, home, base, groups)
         if system.lifelong and preset.lifelong:
-            g1_model = Path(results[system.label]["model"])
-            lifelong[f"{system.label} after G1"] = merge_evals(
-                results[system.label]["eval"],
-                evaluate_cached(g1_model, home / "eval_g2.json", later, preset, data, ctx.tokenizer),
-            )
+            g1_model, g1_experts = Path(g1["model"]), g1["allocation"]["new_experts"]
+            g2_langs = evaluate_cached(g1_model, home / "eval_g2.json", later, preset, data, ctx.tokenizer)
+            lifelong[f"{system.label} after G1"] = {**merge_evals(g1["eval"], g2_langs), "new_experts": g1_experts}
             expanded = train_and_evaluate(ctx, system, home / "lifelong", g1_model, [*groups, list(preset.lifelong)])
-            new_experts = results[system.label]["allocation"]["new_experts"] + expanded["allocation"]["new_experts"]
-            lifelong[f"{system.label} after G2"] = {**expanded["eval"], "new_experts": new_experts}
-            lifelong[f"{system.label} after G1"]["new_experts"] = results[system.label]["allocation"]["new_experts"]
+            g2_experts = g1_experts + expanded["allocation"]["new_experts"]
+            lifelong[f"{system.label} after G2"] = {**expanded["eval"], "new_experts": g2_experts}
     write_json(out / "results.json", {"systems": results, "lifelong": lifelong})
     write_report(results, preset, out, lifelong)
     return results
@@ -444,7 +449,7 @@ def lifelong_reading(lifelong: dict, preset: Preset) -> list[str]:
             f"G1-avg {before[1]:.3f} → {after[1]:.3f}, G2-avg {before[2]:.3f} → {after[2]:.3f} — "
             + ("replicated (within 1%)." if kept else "not replicated here.")
         )
-    uniform = next((v for k, v in after_g2.items() if k.startswith("MoE-LPR uniform")), None)
+    uniform = after_g2.get(UNIFORM.name)
     layermoe = after_g2.get(LAYERMOE.name)
     if uniform and layermoe:
         (lm, lm_experts), (u, u_experts) = layermoe, uniform
@@ -461,7 +466,7 @@ def seed_spread(results: dict) -> dict[str, dict]:
     """System name → {seeds, old/new mean and sample standard deviation} for systems run with several seeds."""
     by_name: dict[str, list[dict]] = {}
     for label, result in results.items():
-        by_name.setdefault(label.split(" [seed ")[0], []).append(result["eval"])
+        by_name.setdefault(seed_family(label), []).append(result["eval"])
     spread = {}
     for name, evals in by_name.items():
         if len(evals) < 2:
@@ -475,7 +480,7 @@ def seed_spread(results: dict) -> dict[str, dict]:
 
 
 def seed_reading(spread: dict) -> list[str]:
-    uniform = next((v for k, v in spread.items() if k.startswith("MoE-LPR uniform")), None)
+    uniform = spread.get(UNIFORM.name)
     layermoe = spread.get(LAYERMOE.name)
     if not (uniform and layermoe):
         return []
@@ -566,7 +571,7 @@ def plot_report(results: dict, preset: Preset, out: Path) -> None:
     fig.savefig(out / "per_language.png", dpi=120)
     plt.close(fig)
 
-    moe = [n for n in names if "routing" in results[n]["eval"] and " [seed " not in n]
+    moe = [n for n in names if "routing" in results[n]["eval"] and seed_family(n) == n]
     if not moe:
         return
     fig, axes = plt.subplots(1, len(moe), figsize=(3.2 * len(moe), 3.2), squeeze=False)
