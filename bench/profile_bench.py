@@ -29,13 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from layermoe_ds.analysis.similarity import profile_blocks, profile_model
-    from layermoe_ds.data.loading import load_texts
+    from layermoe_ds.data.prepare import open_streams
     from layermoe_ds.data.tokenizer import load_tokenizer
     from layermoe_ds.modeling.hf_loading import load_causal_lm
 
     tokenizer = load_tokenizer(args.model)
     langs = args.langs.split(",")
-    batches = profile_blocks(tokenizer, load_texts(args.data, langs, "valid"), args.tokens_per_lang, args.seq_len)
+    streams = open_streams(args.data, tokenizer, args.model, langs, "valid")
+    batches = profile_blocks(streams, args.tokens_per_lang, args.seq_len, tokenizer.pad_token_id)
     model = load_causal_lm(args.model)
     tokens = int(batches.mask_NL.sum())
 

@@ -24,7 +24,7 @@ def lang_list(text: str) -> list[str]:
 
 
 def _add_data(sub) -> None:
-    p = sub.add_parser("data", help="build the embedded multilingual corpus")
+    p = sub.add_parser("data", help="build the embedded corpus; tokenize text once into memory-mapped shards")
     verbs = p.add_subparsers(dest="data_verb", required=True)
     b = verbs.add_parser(
         "build",
@@ -39,6 +39,27 @@ def _add_data(sub) -> None:
     b.add_argument("--min-chars", type=int, default=24, help="drop paragraphs shorter than this (default: 24)")
     b.add_argument("--force", action="store_true", help="rebuild even if a matching corpus exists")
     b.set_defaults(func=_cmd_data_build)
+    t = verbs.add_parser(
+        "tokenize",
+        help="tokenize raw text once into memory-mapped token shards (what every later step reads)",
+        description="Stream the raw files of --data (a directory of <lang>.<split>.txt/.jsonl or one jsonl), "
+        "tokenize them in worker processes and write per language and split: token shards (uint16 ids when the "
+        "vocabulary fits, else uint32), a document index and token_manifest.json (sources' sizes and SHA-256, the "
+        "tokenizer's fingerprint, counts). Give OUT as `data:` of any step. A killed run: run it again.",
+    )
+    t.add_argument("--data", type=Path, required=True, help="raw data directory or jsonl")
+    t.add_argument("--tokenizer", type=Path, required=True, help="HF tokenizer (or model) directory")
+    t.add_argument("--out", type=Path, required=True, help="the prepared directory to write")
+    t.add_argument("--langs", type=lang_list, default=None, help="languages (default: every one in --data)")
+    t.add_argument("--splits", type=lang_list, default=None, help="e.g. train,valid (default: every split found)")
+    t.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: CPUs, at most 8)")
+    t.add_argument("--chunk-mb", type=float, default=32.0, help="input MB a worker takes at a time (default: 32)")
+    t.set_defaults(func=_cmd_data_tokenize)
+    v = verbs.add_parser(
+        "verify", help="check every shard of a prepared directory against its manifest (sizes, SHA-256)"
+    )
+    v.add_argument("prepared", type=Path)
+    v.set_defaults(func=_cmd_data_verify)
 
 
 def _cmd_data_build(args) -> int:
@@ -53,6 +74,48 @@ def _cmd_data_build(args) -> int:
     manifest = build_corpus(args.out, args.cache, options)
     for name, meta in manifest["files"].items():
         print(f"{name:<16} {meta['paragraphs']:>7} paragraphs {meta['bytes'] / 1e6:>7.2f} MB")
+    return 0
+
+
+def _cmd_data_tokenize(args) -> int:
+    from layermoe_ds.data.loading import available_languages, raw_sources
+    from layermoe_ds.data.prepare import default_workers, tokenize
+
+    if args.data.is_file():  # one jsonl: its records say language and split
+        sources = raw_sources(args.data, [], [])
+    else:
+        found = available_languages(args.data)
+        langs = args.langs or sorted(found)
+        sources = [
+            source
+            for lang in langs
+            for source in raw_sources(args.data, [lang], args.splits or sorted(found.get(lang, {})))
+        ]
+    manifest = tokenize(
+        sources,
+        args.tokenizer,
+        args.out,
+        workers=args.workers or default_workers(),
+        langs=args.langs,
+        chunk_bytes=max(1, int(args.chunk_mb * 2**20)),
+    )
+    for lang, splits in sorted(manifest["streams"].items()):
+        for split, entry in sorted(splits.items()):
+            print(f"{lang:<8} {split:<6} {entry['documents']:>9} documents {entry['tokens']:>12} tokens")
+    totals, run = manifest["totals"], manifest["run"]
+    speed = f"{run['mb_per_s']:.2f} MB/s with {run['workers']} workers" if run.get("mb_per_s") else "nothing to do"
+    print(
+        f"{totals['tokens']} tokens ({manifest['dtype']}), {totals['disk_bytes'] / 1e6:.1f} MB on disk "
+        f"({totals['disk_bytes_per_token']} bytes a token with the index); {speed}; manifest: "
+        f"{args.out / 'token_manifest.json'}"
+    )
+    return 0
+
+
+def _cmd_data_verify(args) -> int:
+    from layermoe_ds.data.prepare import verify
+
+    print(f"{args.prepared}: {verify(args.prepared)} shards match the manifest")
     return 0
 
 
@@ -335,7 +398,7 @@ def _add_evaluate(sub) -> None:
 
 
 def _cmd_evaluate(args) -> int:
-    from layermoe_ds.data.loading import load_texts
+    from layermoe_ds.data.prepare import open_streams
     from layermoe_ds.data.tokenizer import load_tokenizer
     from layermoe_ds.eval.evaluate import (
         check_source,
@@ -350,11 +413,10 @@ def _cmd_evaluate(args) -> int:
     groups_arg = [g.split(",") for g in args.groups.split(";")] if args.groups else None
     groups = language_groups(args.langs, args.old, groups_arg)
     check_source(args.model)
-    texts = load_texts(args.data, args.langs, args.split)
     model, tokenizer_dir, described = load_for_evaluation(args.model, parse_dtype(args.dtype))
-    report = evaluate_model(
-        model, load_tokenizer(tokenizer_dir), texts, groups, args.seq_len, args.batch_size, args.max_tokens
-    )
+    tokenizer = load_tokenizer(tokenizer_dir)
+    streams = open_streams(args.data, tokenizer, tokenizer_dir, args.langs, args.split)
+    report = evaluate_model(model, tokenizer, streams, groups, args.seq_len, args.batch_size, args.max_tokens)
     print(f"{described}, {args.split} split:")
     print(format_report(report, groups))
     if args.out:
@@ -373,13 +435,19 @@ def _add_lm_eval_tasks(sub) -> None:
     p.add_argument("--langs", type=lang_list, required=True)
     p.add_argument("--split", default="test", choices=("valid", "test"))
     p.add_argument("--out", type=Path, required=True, help="task directory (YAML files + the text as jsonl)")
+    p.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="for prepared --data: the tokenizer that decodes it (default: the one its manifest names)",
+    )
     p.set_defaults(func=_cmd_lm_eval_tasks)
 
 
 def _cmd_lm_eval_tasks(args) -> int:
     from layermoe_ds.eval.lm_harness import command, write_tasks
 
-    names = write_tasks(args.data, args.langs, args.out, args.split)
+    names = write_tasks(args.data, args.langs, args.out, args.split, args.tokenizer)
     print(f"wrote {len(names) - 1} tasks and the group {names[-1]} to {args.out}; run them with")
     print(f"  {command(Path('MODEL_DIR'), args.out)}")
     return 0

@@ -141,15 +141,15 @@ def timed(timing_file: Path, step: str, fn, *args):
 
 def evaluate_cached(model_dir: Path, out: Path, groups: dict[str, int], preset: Preset, data: Path, tokenizer) -> dict:
     """Evaluate `model_dir` on the test split of the languages in `groups` (language → group), once."""
-    from layermoe_ds.data.loading import load_texts
+    from layermoe_ds.data.prepare import open_streams
     from layermoe_ds.eval.evaluate import evaluate_model
     from layermoe_ds.modeling.hf_loading import load_causal_lm
 
     if out.is_file():
         return read_json(out, "evaluation")
-    texts = load_texts(data, list(groups), "test")
+    streams = open_streams(data, tokenizer, model_dir, list(groups), "test")
     model = load_causal_lm(model_dir)
-    report = evaluate_model(model, tokenizer, texts, groups, preset.seq_len, max_tokens=preset.eval_max_tokens)
+    report = evaluate_model(model, tokenizer, streams, groups, preset.seq_len, max_tokens=preset.eval_max_tokens)
     report = {"model": str(model_dir), "groups": groups, **report, **parameter_counts(model)}
     write_json(out, report)
     return report

@@ -102,3 +102,11 @@ def no_shm_leftovers():
     yield
     for path in shm_buffers() - before:
         path.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def token_cache(tmp_path_factory):
+    """Raw text is tokenized into a cache (data/prepare.py): this session's, not the user's home."""
+    path = tmp_path_factory.mktemp("token_cache")
+    os.environ["LAYERMOE_DATA_CACHE"] = str(path)
+    yield path

@@ -99,3 +99,39 @@ def launch_in_process(stage: int, config: dict, tmp: Path, ds_json: str, capsys)
         stage, ["--config", str(tmp / "run.yaml"), "--deepspeed_config", str(ROOT / "ds_configs" / ds_json), str(CPU)]
     )
     return code, capsys.readouterr().err.strip()
+
+
+class CharTokenizer:
+    """One token per character (code point mod `vocab`, above the specials); EOS = 0, pad = 1."""
+
+    eos_token_id, pad_token_id = 0, 1
+
+    def __init__(self, vocab: int = 1200, offset: int = 0):
+        self.vocab, self.offset = vocab, offset
+
+    def ids(self, text: str) -> list[int]:
+        return [(ord(c) - self.offset) % self.vocab for c in text]
+
+    def __call__(self, texts, add_special_tokens=False):
+        if isinstance(texts, str):
+            return {"input_ids": self.ids(texts)}
+        return {"input_ids": [self.ids(t) for t in texts]}
+
+    def __len__(self):
+        return self.vocab
+
+    def get_vocab(self):
+        return {f"c{self.offset}_{i}": i for i in range(self.vocab)}
+
+
+def token_streams(tmp: Path, docs: dict[str, list[str]], tokenizer, split: str = "train") -> dict:
+    """language → TokenStream of `docs` (one jsonl file a language), prepared with `tokenizer` in this process."""
+    from layermoe_ds.data.loading import raw_sources
+    from layermoe_ds.data.prepare import open_streams, tokenize
+
+    raw, prepared = Path(tmp) / "raw", Path(tmp) / "prepared"
+    raw.mkdir(parents=True, exist_ok=True)
+    for lang, texts in docs.items():
+        (raw / f"{lang}.{split}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    tokenize(raw_sources(raw, list(docs), [split]), raw, prepared, tokenizer=tokenizer, progress=False)
+    return open_streams(prepared, tokenizer, raw, list(docs), split)

@@ -31,7 +31,8 @@ def harness_bpb(model_dir, tasks_dir, limit: int) -> tuple[dict[str, float], obj
 
 
 def test_local_tasks_run_on_dense_and_layermoe_models(tiny_base, upcycled, corpus_dir, tmp_path, capsys):
-    from layermoe_ds.data.loading import load_texts
+    from layermoe_ds.data.loading import iter_documents
+    from layermoe_ds.data.prepare import open_streams
     from layermoe_ds.data.tokenizer import load_tokenizer
     from layermoe_ds.eval.evaluate import evaluate_model
     from layermoe_ds.eval.lm_harness import task_name
@@ -41,7 +42,7 @@ def test_local_tasks_run_on_dense_and_layermoe_models(tiny_base, upcycled, corpu
     assert main(["lm-eval-tasks", "--data", str(corpus_dir), "--langs", "en,fr", "--out", str(tasks)]) == 0
     assert f"--include_path {tasks}" in capsys.readouterr().out
     docs = [json.loads(line)["text"] for line in (tasks / "fr.test.jsonl").read_text().splitlines()]
-    assert docs == load_texts(corpus_dir, ["fr"], "test")["fr"]
+    assert docs == list(iter_documents(corpus_dir, "fr", "test"))
 
     dense, _ = harness_bpb(tiny_base, tasks, limit=24)
     moe, lm = harness_bpb(upcycled, tasks, limit=24)
@@ -54,8 +55,12 @@ def test_local_tasks_run_on_dense_and_layermoe_models(tiny_base, upcycled, corpu
     # not equal; and the model knows English better than French either way.
     ours = {}
     for lang in ("en", "fr"):
-        texts = {lang: load_texts(corpus_dir, [lang], "test")[lang][:24]}
-        report = evaluate_model(load_causal_lm(tiny_base), load_tokenizer(tiny_base), texts, {lang: 0}, seq_len=32)
+        tokenizer = load_tokenizer(tiny_base)
+        streams = open_streams(corpus_dir, tokenizer, tiny_base, [lang], "test")
+        first_24 = streams[lang].documents_prefix(24)[0]  # the harness's limit: the first 24 documents
+        report = evaluate_model(
+            load_causal_lm(tiny_base), tokenizer, streams, {lang: 0}, seq_len=32, max_tokens=first_24
+        )
         ours[lang] = report["languages"][lang]["bpb"]
         assert dense[task_name(lang)] == pytest.approx(ours[lang], rel=0.02)  # measured: 0.3% apart
     assert dense[task_name("en")] < dense[task_name("fr")] and ours["en"] < ours["fr"]

@@ -2,7 +2,23 @@ import json
 
 import pytest
 
-from layermoe_ds.data.loading import available_languages, load_texts
+from layermoe_ds.data.loading import available_languages, iter_documents
+from layermoe_ds.data.prepare import open_streams
+from tests.helpers import CharTokenizer
+
+
+def load_texts(data, langs, split):
+    """Every document of `langs` as a run reads it: through the token cache (the errors under test come from
+    there), decoded back from the character tokens, checked against the plain streaming reader."""
+    tokenizer = CharTokenizer(vocab=1 << 17)
+    out = {}
+    for lang, stream in open_streams(data, tokenizer, data, langs, split).items():
+        lengths, _ = stream.document_lengths()
+        ends = lengths.cumsum()
+        ids = stream.read(0, stream.num_tokens)
+        out[lang] = ["".join(map(chr, ids[end - length : end - 1])) for length, end in zip(lengths, ends)]
+        assert out[lang] == list(iter_documents(data, lang, split))
+    return out
 
 
 def _write(path, text, encoding="utf-8"):

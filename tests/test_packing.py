@@ -1,37 +1,37 @@
 import pytest
 import torch
 
-from layermoe_ds.data.packing import BlockSampler, pack_blocks, token_stream
+from layermoe_ds.data.packing import BlockDataset, BlockSampler, block_part
+from tests.helpers import CharTokenizer, token_streams
 
 
-class CharTokenizer:
-    """One token per character; EOS = 0."""
-
-    eos_token_id = 0
-
-    def __call__(self, texts, add_special_tokens=False):
-        return {"input_ids": [[ord(c) for c in t] for t in texts]}
+def test_stream_joins_documents_with_eos(tmp_path):
+    streams = token_streams(tmp_path, {"en": ["ab", "c"]}, CharTokenizer())
+    assert streams["en"].read(0, 5).tolist() == [97, 98, 0, 99, 0]
+    assert streams["en"].read(1, 4).tolist() == [98, 0, 99]
 
 
-def test_stream_joins_documents_with_eos_and_cuts():
-    tok = CharTokenizer()
-    assert token_stream(tok, ["ab", "c"]) == [97, 98, 0, 99, 0]
-    assert token_stream(tok, ["ab", "c"], max_tokens=4) == [97, 98, 0, 99]
-
-
-def test_blocks_carry_language_labels():
-    tok = CharTokenizer()
-    blocks = pack_blocks(tok, {"en": ["abcdefg"], "ru": ["жзийклмнопр"]}, seq_len=4, lang_index=["ru", "en"])
-    assert blocks.input_ids_NL.shape == (2 + 3, 4)
-    assert blocks.lang_ids_NL[:2].unique().tolist() == [1] and blocks.lang_ids_NL[2:].unique().tolist() == [0]
-    assert blocks.input_ids_NL[1].tolist() == [101, 102, 103, 0]
+def test_blocks_carry_language_labels(tmp_path):
+    streams = token_streams(tmp_path, {"en": ["abcdefg"], "ru": ["жзийклмнопр"]}, CharTokenizer())
+    parts = [block_part("ru", 0, streams["ru"], 4), block_part("en", 1, streams["en"], 4)]
+    blocks = BlockDataset(parts, 4)
+    assert len(blocks) == 3 + 2
+    ids, labels = blocks.batch(torch.arange(5))
+    assert ids.shape == (5, 4) and ids.dtype == torch.long
+    assert labels.tolist() == [0, 0, 0, 1, 1]
+    assert ids[4].tolist() == [101, 102, 103, 0]
     assert blocks.tokens_per_lang == {"en": 8, "ru": 12}
-    assert blocks.bytes_per_lang == {"en": 8, "ru": 23}
+    # A limit keeps the first blocks only; a batch reads just its blocks' tokens from the shards.
+    assert block_part("ru", 0, streams["ru"], 4, max_tokens=9).blocks == 2
+    before = streams["ru"].tokens_read
+    blocks.batch(torch.tensor([1]))
+    assert streams["ru"].tokens_read - before == 4
 
 
-def test_too_little_text_for_a_block():
+def test_too_little_text_for_a_block(tmp_path):
+    streams = token_streams(tmp_path, {"en": ["ab"]}, CharTokenizer())
     with pytest.raises(ValueError, match="'en' has 3 tokens"):
-        pack_blocks(CharTokenizer(), {"en": ["ab"]}, seq_len=8)
+        block_part("en", 0, streams["en"], 8)
 
 
 def test_sampler_resumes_with_the_same_batches():

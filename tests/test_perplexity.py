@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from layermoe_ds.eval.perplexity import format_table, group_averages, language_nll, summarise
+from tests.helpers import CharTokenizer, token_streams
 
 
 class UniformLM(torch.nn.Module):
@@ -20,19 +21,16 @@ class UniformLM(torch.nn.Module):
         return type("Out", (), {"logits": torch.zeros(*input_ids.shape, self.vocab)})()
 
 
-class CharTokenizer:
-    eos_token_id, pad_token_id = 0, 1
-
-    def __call__(self, texts, add_special_tokens=False):
-        if isinstance(texts, str):
-            return {"input_ids": [ord(c) % 50 + 2 for c in texts]}
-        return {"input_ids": [[ord(c) % 50 + 2 for c in t] for t in texts]}
+def char_tokenizer():
+    """One token a character, vocabulary 60 (the uniform model's)."""
+    return CharTokenizer(vocab=60)
 
 
 @pytest.mark.parametrize("seq_len", [3, 4, 100])
-def test_every_token_is_predicted_once_and_bpb_is_exact(seq_len):
+def test_every_token_is_predicted_once_and_bpb_is_exact(seq_len, tmp_path):
     texts = ["hello", "wörld", "ok"]  # 5 + 5 + 2 characters, "ö" is 2 bytes
-    stats = language_nll(UniformLM(60), CharTokenizer(), texts, seq_len, batch_size=2)
+    stream = token_streams(tmp_path, {"en": texts}, char_tokenizer())["en"]
+    stats = language_nll(UniformLM(60), char_tokenizer(), stream, seq_len, batch_size=2)
     assert stats["tokens"] == 12 + 3  # every character and every EOS, each predicted once
     assert stats["bytes"] == 13 + 3
     assert stats["nll"] == pytest.approx(15 * math.log(60), rel=1e-6)

@@ -8,7 +8,7 @@ from layermoe_ds.training import pretrain as pretrain_mod
 
 
 def test_base_model_is_a_loadable_hf_model_and_old_beats_new(tiny_base, corpus_dir):
-    from layermoe_ds.data.loading import load_texts
+    from layermoe_ds.data.prepare import open_streams
     from layermoe_ds.data.tokenizer import load_tokenizer
     from layermoe_ds.eval.perplexity import evaluate_languages
     from layermoe_ds.modeling.hf_loading import load_causal_lm
@@ -17,7 +17,8 @@ def test_base_model_is_a_loadable_hf_model_and_old_beats_new(tiny_base, corpus_d
     assert info["losses_every_10"][0] > info["final_loss"] + 1.0
     model = load_causal_lm(tiny_base)
     tokenizer = load_tokenizer(tiny_base)
-    results = evaluate_languages(model, tokenizer, load_texts(corpus_dir, ["en", "ru"], "valid"), 32, max_tokens=2000)
+    streams = open_streams(corpus_dir, tokenizer, tiny_base, ["en", "ru"], "valid")
+    results = evaluate_languages(model, tokenizer, streams, 32, max_tokens=2000)
     assert results["en"]["bpb"] < results["ru"]["bpb"]
 
 

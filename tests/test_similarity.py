@@ -65,12 +65,13 @@ def test_pairs_are_new_first_and_scores_follow_eq9():
 
 @pytest.fixture(scope="module")
 def profiled(tiny_base, corpus_dir):
-    from layermoe_ds.data.loading import load_texts
+    from layermoe_ds.data.prepare import open_streams
     from layermoe_ds.data.tokenizer import load_tokenizer
     from layermoe_ds.modeling.hf_loading import load_causal_lm
 
     tokenizer = load_tokenizer(tiny_base)
-    batches = profile_blocks(tokenizer, load_texts(corpus_dir, ["en", "de", "ru", "el"], "valid"), 700, 64)
+    streams = open_streams(corpus_dir, tokenizer, tiny_base, ["en", "de", "ru", "el"], "valid")
+    batches = profile_blocks(streams, 700, 64, tokenizer.pad_token_id)
     model = load_causal_lm(tiny_base)
     return model, batches
 
@@ -111,12 +112,13 @@ def _profile_rank(rank: int, world: int, port: int, model_dir: str, data_dir: st
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from layermoe_ds.data.loading import load_texts
+    from layermoe_ds.data.prepare import open_streams
     from layermoe_ds.data.tokenizer import load_tokenizer
     from layermoe_ds.modeling.hf_loading import load_causal_lm
 
     tokenizer = load_tokenizer(model_dir)
-    batches = profile_blocks(tokenizer, load_texts(data_dir, ["en", "de", "ru", "el"], "valid"), 700, 64)
+    streams = open_streams(data_dir, tokenizer, model_dir, ["en", "de", "ru", "el"], "valid")
+    batches = profile_blocks(streams, 700, 64, tokenizer.pad_token_id)
     acc = profile_model(load_causal_lm(model_dir), batches, batch_size=4, rank=rank, world_size=world)
     if rank == 0:
         torch.save(acc.matrix(), out)

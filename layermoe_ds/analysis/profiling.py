@@ -62,7 +62,7 @@ def run_profile(
     seed: int = 0,
     tokenizer_dir: Path | None = None,
 ) -> dict:
-    from layermoe_ds.data.loading import load_texts
+    from layermoe_ds.data.prepare import open_streams
     from layermoe_ds.data.tokenizer import load_tokenizer
     from layermoe_ds.modeling.hf_loading import check_model_dir, load_causal_lm, parse_dtype
 
@@ -71,9 +71,10 @@ def run_profile(
         raise ValueError("profile: --tokens-per-lang, --seq-len and --batch-size must be >= 1")
     check_model_dir(model_dir)
     langs = [*old, *new]
-    texts = load_texts(data, langs, split)
-    tokenizer = load_tokenizer(tokenizer_dir or model_dir)
-    batches = profile_blocks(tokenizer, texts, tokens_per_lang, seq_len)
+    tokenizer_dir = tokenizer_dir or model_dir
+    tokenizer = load_tokenizer(tokenizer_dir)
+    streams = open_streams(data, tokenizer, tokenizer_dir, langs, split)
+    batches = profile_blocks(streams, tokens_per_lang, seq_len, tokenizer.pad_token_id)
     short = {lang: n for lang, n in batches.tokens.items() if n < tokens_per_lang}
     if short:
         message = f"profile: fewer tokens than --tokens-per-lang {tokens_per_lang} in the {split} split: {short}"

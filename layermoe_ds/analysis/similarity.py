@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from layermoe_ds.data.tokens import TokenStream
 from layermoe_ds.modeling.hf_loading import decoder_layers, ffn_module
 
 log = logging.getLogger(__name__)
@@ -35,20 +36,17 @@ class ProfileBatches:
     tokens: dict[str, int]
 
 
-def profile_blocks(
-    tokenizer, texts_per_lang: dict[str, Sequence[str]], tokens_per_lang: int, seq_len: int
-) -> ProfileBatches:
-    """The first `tokens_per_lang` tokens of each language, cut into `seq_len` rows; the last row right-padded."""
-    from layermoe_ds.data.packing import token_stream
-
+def profile_blocks(streams: dict[str, TokenStream], tokens_per_lang: int, seq_len: int, pad_id: int) -> ProfileBatches:
+    """The first `tokens_per_lang` tokens of each language's stream, cut into `seq_len` rows; the last row
+    right-padded with `pad_id`. Only those tokens are read."""
     rows, masks, lang_rows, tokens = [], [], [], {}
-    langs = list(texts_per_lang)
+    langs = list(streams)
     for index, lang in enumerate(langs):
-        stream = torch.tensor(token_stream(tokenizer, texts_per_lang[lang], tokens_per_lang), dtype=torch.long)
+        stream = torch.from_numpy(streams[lang].read(0, min(tokens_per_lang, streams[lang].num_tokens)))
         tokens[lang] = len(stream)
         for start in range(0, len(stream), seq_len):
             piece = stream[start : start + seq_len]
-            row = torch.full((seq_len,), tokenizer.pad_token_id, dtype=torch.long)
+            row = torch.full((seq_len,), pad_id, dtype=torch.long)
             mask = torch.zeros(seq_len, dtype=torch.long)
             row[: len(piece)], mask[: len(piece)] = piece, 1
             rows.append(row)

@@ -1,35 +1,138 @@
-"""Read a user's text data (or the embedded corpus) per language and split, through HF `datasets` on local files.
+"""Find a user's raw text per language and split, and stream its documents without holding a file in memory.
 
 Accepted layouts, which languages are old or new being config, not layout:
 - a directory of `<lang>.<split>.txt` (one document a line) or `<lang>.<split>.jsonl` (`{"text": ...}` a line);
 - one `.jsonl` file with `{"text", "lang"}` records (and an optional `"split"`; without it every record is "train").
+
+A document is one line (txt) or one record's text (jsonl); documents that are empty or only whitespace are dropped.
+Everything reads line by line, in byte ranges that start after a newline, so several workers can share a file
+(data/prepare.py tokenizes them that way). Errors name the file and the line.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
 TEXT_SUFFIXES = (".txt", ".jsonl")
 
 
-def _check_utf8(path: Path) -> None:
-    data = path.read_bytes()
+@dataclass(frozen=True)
+class Source:
+    """One raw file: `lang`/`split` are fixed for a per-language file and None for a mixed jsonl (per record)."""
+
+    path: Path
+    kind: str  # "txt", "jsonl" (one language) or "mixed" (records carry lang and split)
+    lang: str | None = None
+    split: str | None = None
+
+
+def line_number(path: Path, offset: int) -> int:
+    """1-based line of byte `offset` (only on error paths: it reads the file up to there)."""
+    count, done = 1, 0
+    with open(path, "rb") as f:
+        while done < offset:
+            chunk = f.read(min(1 << 22, offset - done))
+            if not chunk:
+                break
+            count += chunk.count(b"\n")
+            done += len(chunk)
+    return count
+
+
+def _decode(path: Path, raw: bytes, offset: int) -> str:
     try:
-        data.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise ValueError(f"{path}: not UTF-8 (byte {exc.start}, line {line}): convert it with iconv") from exc
+        at = offset + exc.start
+        raise ValueError(
+            f"{path}: not UTF-8 (byte {at}, line {line_number(path, at)}): convert it with iconv"
+        ) from exc
+
+
+def _record(path: Path, text: str, offset: int, need_lang: bool) -> dict | None:
+    if not text.strip():
+        return None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}:{line_number(path, offset)}: invalid JSON ({exc.msg})") from exc
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise ValueError(f"{path}:{line_number(path, offset)}: a record needs a string field 'text'")
+    if need_lang:
+        if not isinstance(record.get("lang"), str):
+            raise ValueError(f"{path}:{line_number(path, offset)}: a record needs a string field 'lang'")
+        split = record.get("split", "train")
+        if split not in SPLITS:
+            raise ValueError(f"{path}:{line_number(path, offset)}: split {split!r} is not one of {SPLITS}")
+    return record
+
+
+def iter_records(source: Source, start: int = 0, end: int | None = None) -> Iterator[tuple[str, str, str, int]]:
+    """(lang, split, text, nbytes) of every non-empty document whose line starts in [start, end) of the file.
+
+    `start` must be 0 or just after a newline (see `line_boundaries`); `nbytes` is the text's UTF-8 length.
+    """
+    path = source.path
+    with open(path, "rb") as f:
+        f.seek(start)
+        offset = start
+        for raw in f:
+            if end is not None and offset >= end:
+                break
+            line_offset, offset = offset, offset + len(raw)
+            body = raw[:-1] if raw.endswith(b"\n") else raw
+            if body.endswith(b"\r"):
+                body = body[:-1]
+            text = _decode(path, body, line_offset)
+            if source.kind == "txt":
+                if text.strip():
+                    yield source.lang, source.split, text, len(body)
+                continue
+            record = _record(path, text, line_offset, need_lang=source.kind == "mixed")
+            if record is None or not record["text"].strip():
+                continue
+            doc = record["text"]
+            if source.kind == "mixed":
+                yield record["lang"], record.get("split", "train"), doc, len(doc.encode("utf-8"))
+            else:
+                yield source.lang, source.split, doc, len(doc.encode("utf-8"))
+
+
+def line_boundaries(path: Path, chunk_bytes: int) -> list[tuple[int, int]]:
+    """[start, end) byte ranges of about `chunk_bytes` each, every one starting at a line start."""
+    size = Path(path).stat().st_size
+    starts = [0]
+    with open(path, "rb") as f:
+        while starts[-1] + chunk_bytes < size:
+            f.seek(starts[-1] + chunk_bytes)
+            f.readline()  # to the end of the line the cut fell in
+            position = f.tell()
+            if position >= size:
+                break
+            starts.append(position)
+    return list(zip(starts, [*starts[1:], size], strict=True))
+
+
+def _directory_sources(data: Path) -> dict[str, dict[str, Source]]:
+    found: dict[str, dict[str, Source]] = {}
+    for path in sorted(data.iterdir()):
+        parts = path.name.split(".")
+        if len(parts) == 3 and parts[1] in SPLITS and path.suffix in TEXT_SUFFIXES:
+            lang, split = parts[0], parts[1]
+            if split in found.get(lang, {}):
+                raise ValueError(f"data: both {found[lang][split].path.name} and {path.name} hold {lang}/{split}")
+            found.setdefault(lang, {})[split] = Source(path, path.suffix[1:], lang, split)
+    if not found:
+        raise FileNotFoundError(f"data: {data} holds no <lang>.<train|valid|test>.<txt|jsonl> files")
+    return found
 
 
 def available_languages(data: Path) -> dict[str, dict[str, Path]]:
-    """Map language → split → file for a data directory (a single jsonl file maps every language to itself)."""
+    """Map language → split → file for a raw data directory or a single jsonl (read once, record by record)."""
     data = Path(data)
     if not data.exists():
         raise FileNotFoundError(f"data: {data} does not exist")
@@ -37,75 +140,43 @@ def available_languages(data: Path) -> dict[str, dict[str, Path]]:
         if data.suffix != ".jsonl":
             raise ValueError(f"data: {data} is a file but not .jsonl; give a directory or a jsonl with text+lang")
         langs: dict[str, dict[str, Path]] = {}
-        for record in _iter_jsonl(data, need_lang=True):
-            langs.setdefault(record["lang"], {})[record.get("split", "train")] = data
+        for lang, split, _, _ in iter_records(Source(data, "mixed")):
+            langs.setdefault(lang, {})[split] = data
         return langs
-    found: dict[str, dict[str, Path]] = {}
-    for path in sorted(data.iterdir()):
-        parts = path.name.split(".")
-        if len(parts) == 3 and parts[1] in SPLITS and path.suffix in TEXT_SUFFIXES:
-            lang, split = parts[0], parts[1]
-            if split in found.get(lang, {}):
-                raise ValueError(f"data: both {found[lang][split].name} and {path.name} hold {lang}/{split}")
-            found.setdefault(lang, {})[split] = path
-    if not found:
-        raise FileNotFoundError(f"data: {data} holds no <lang>.<train|valid|test>.<txt|jsonl> files")
-    return found
+    return {lang: {split: s.path for split, s in splits.items()} for lang, splits in _directory_sources(data).items()}
 
 
-def _iter_jsonl(path: Path, need_lang: bool):
-    _check_utf8(path)
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: invalid JSON ({exc.msg})") from exc
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{path}:{number}: a record needs a string field 'text'")
-            if need_lang and not isinstance(record.get("lang"), str):
-                raise ValueError(f"{path}:{number}: a record needs a string field 'lang'")
-            yield record
-
-
-def load_texts(data: Path, langs: Sequence[str], split: str) -> dict[str, list[str]]:
-    """Documents of each language in `langs` for `split`, in file order; empty documents are dropped.
-
-    Errors name the culprit: an unknown language (listing those found), a missing split file, a non-UTF-8 file,
-    a language whose split holds no text.
-    """
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local files only: never reach for a hub
-    import datasets
-
-    if split not in SPLITS:
-        raise ValueError(f"split: {split!r} is not one of {SPLITS}")
-    found = available_languages(Path(data))
+def raw_sources(data: Path, langs: Sequence[str], splits: Sequence[str]) -> list[Source]:
+    """The files that hold `langs` × `splits`, checked before any work: unknown languages (listing those found) and
+    missing split files are errors. A single jsonl is one mixed source (its languages are checked after reading)."""
+    data = Path(data)
+    for split in splits:
+        if split not in SPLITS:
+            raise ValueError(f"split: {split!r} is not one of {SPLITS}")
+    if not data.exists():
+        raise FileNotFoundError(f"data: {data} does not exist")
+    if data.is_file():
+        if data.suffix != ".jsonl":
+            raise ValueError(f"data: {data} is a file but not .jsonl; give a directory or a jsonl with text+lang")
+        return [Source(data, "mixed")]
+    found = _directory_sources(data)
     missing = [lang for lang in langs if lang not in found]
     if missing:
         raise ValueError(f"languages {missing} not found in {data}; found: {sorted(found)}")
-    datasets.disable_progress_bars()
-    out: dict[str, list[str]] = {}
+    sources = []
     for lang in langs:
-        path = found[lang].get(split)
-        if path is None:
-            raise FileNotFoundError(f"data: no {split} split for language {lang!r} in {data} "
-                                    f"(expected {lang}.{split}.txt or .jsonl)")
-        if Path(data).is_file():
-            texts = [r["text"] for r in _iter_jsonl(path, need_lang=True) if r["lang"] == lang and r.get("split", "train") == split]
-        else:
-            _check_utf8(path)
-            if not path.read_bytes().strip():  # HF datasets cannot build an empty file ("SchemaInferenceError")
-                raise ValueError(f"data: language {lang!r} has no text in its {split} split ({path} is empty)")
-            if path.suffix == ".txt":
-                ds = datasets.load_dataset("text", data_files=str(path), split="train")
-            else:
-                list(_iter_jsonl(path, need_lang=False))  # validates every record with line numbers before datasets parses it
-                ds = datasets.load_dataset("json", data_files=str(path), split="train")
-            texts = ds["text"]
-        texts = [t for t in texts if t and t.strip()]
-        if not texts:
-            raise ValueError(f"data: language {lang!r} has no text in its {split} split ({path})")
-        out[lang] = texts
-    return out
+        for split in splits:
+            if split not in found[lang]:
+                raise FileNotFoundError(
+                    f"data: no {split} split for language {lang!r} in {data} (expected {lang}.{split}.txt or .jsonl)"
+                )
+            sources.append(found[lang][split])
+    return sources
+
+
+def iter_documents(data: Path, lang: str, split: str) -> Iterator[str]:
+    """The documents of one language and split, streamed in file order (nothing else is kept in memory)."""
+    for source in raw_sources(data, [lang], [split]):
+        for record_lang, record_split, text, _ in iter_records(source):
+            if record_lang == lang and record_split == split:
+                yield text

@@ -1,7 +1,8 @@
-"""Tokenise documents and pack them into fixed-length blocks carrying a per-token language label.
+"""Fixed-length training blocks over memory-mapped token streams, each block of one language, and their sampler.
 
-Every block holds one language (its documents joined by EOS), so per-token labels are exact and a batch can mix
-languages freely. Fixed-length blocks matter for DeepSpeed MoE: every rank must see the same token count.
+A language's stream is `doc EOS doc EOS …` (data/tokens.py); its blocks are consecutive `seq_len` windows of it,
+the trailing partial block dropped, so every rank sees the same token count (DeepSpeed MoE needs that). A block's
+language is known from which stream it is in: no label is stored per token, and nothing is read until a batch asks.
 """
 
 from __future__ import annotations
@@ -9,63 +10,53 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from layermoe_ds.data.tokens import TokenStream
 
-@dataclass
-class PackedBlocks:
-    """`input_ids_NL` token blocks and `lang_ids_NL` indices into `langs`; `bytes_per_lang` counts UTF-8 bytes."""
 
-    input_ids_NL: torch.Tensor
-    lang_ids_NL: torch.Tensor
-    langs: list[str]
-    tokens_per_lang: dict[str, int]
-    bytes_per_lang: dict[str, int]
+@dataclass(frozen=True)
+class BlockPart:
+    """The first `blocks` blocks of `stream`, labelled `label` (a language or group index)."""
+
+    lang: str
+    label: int
+    stream: TokenStream
+    blocks: int
+
+
+class BlockDataset:
+    """Blocks of several languages end to end: part 0's blocks, then part 1's, … (the sampler's index space)."""
+
+    def __init__(self, parts: Sequence[BlockPart], seq_len: int):
+        self.parts, self.seq_len = list(parts), seq_len
+        self._ends = np.cumsum([p.blocks for p in self.parts], dtype=np.int64)
+        self.tokens_per_lang = {p.lang: p.blocks * seq_len for p in self.parts}
 
     def __len__(self) -> int:
-        return self.input_ids_NL.shape[0]
+        return int(self._ends[-1]) if self.parts else 0
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`input_ids_NL`, `labels_N`) of the blocks at `indices`, read from the mapped shards."""
+        which = np.searchsorted(self._ends, indices.numpy(), side="right")
+        rows, labels = [], []
+        for index, part_no in zip(indices.tolist(), which.tolist(), strict=True):
+            part = self.parts[part_no]
+            local = index - int(self._ends[part_no] - part.blocks)
+            rows.append(part.stream.read(local * self.seq_len, (local + 1) * self.seq_len))
+            labels.append(part.label)
+        return torch.from_numpy(np.stack(rows)), torch.tensor(labels, dtype=torch.long)
 
 
-def token_stream(tokenizer, texts: Sequence[str], max_tokens: int | None = None) -> list[int]:
-    """Documents joined as `doc EOS doc EOS …`, cut at `max_tokens` (None = all)."""
-    stream: list[int] = []
-    batch = 256
-    for start in range(0, len(texts), batch):
-        encoded = tokenizer(list(texts[start : start + batch]), add_special_tokens=False)["input_ids"]
-        for ids in encoded:
-            stream.extend(ids)
-            stream.append(tokenizer.eos_token_id)
-        if max_tokens is not None and len(stream) >= max_tokens:
-            return stream[:max_tokens]
-    return stream
-
-
-def pack_blocks(
-    tokenizer,
-    texts_per_lang: dict[str, Sequence[str]],
-    seq_len: int,
-    max_tokens_per_lang: int | None = None,
-    lang_index: Sequence[str] | None = None,
-) -> PackedBlocks:
-    """Pack each language's stream into `seq_len` blocks; the trailing partial block is dropped.
-
-    `lang_index` fixes the label numbering (default: the order of `texts_per_lang`).
-    """
+def block_part(lang: str, label: int, stream: TokenStream, seq_len: int, max_tokens: int | None = None) -> BlockPart:
+    """`stream`'s blocks of `seq_len` (of its first `max_tokens` tokens when given); too little text is an error."""
     if seq_len < 2:
         raise ValueError(f"seq_len: {seq_len} must be >= 2")
-    langs = list(lang_index) if lang_index is not None else list(texts_per_lang)
-    blocks, labels, tokens, nbytes = [], [], {}, {}
-    for lang, texts in texts_per_lang.items():
-        stream = token_stream(tokenizer, texts, max_tokens_per_lang)
-        n = len(stream) // seq_len
-        if n == 0:
-            raise ValueError(f"data: language {lang!r} has {len(stream)} tokens, fewer than one block of {seq_len}")
-        ids = torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
-        blocks.append(ids)
-        labels.append(torch.full_like(ids, langs.index(lang)))
-        tokens[lang] = n * seq_len
-        nbytes[lang] = sum(len(t.encode("utf-8")) + 1 for t in texts)
-    return PackedBlocks(torch.cat(blocks), torch.cat(labels), langs, tokens, nbytes)
+    tokens = stream.num_tokens if max_tokens is None else min(max_tokens, stream.num_tokens)
+    if tokens < seq_len:
+        raise ValueError(f"data: language {lang!r} has {tokens} tokens, fewer than one block of {seq_len}")
+    return BlockPart(lang, label, stream, tokens // seq_len)
 
 
 class BlockSampler:

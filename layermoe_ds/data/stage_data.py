@@ -1,29 +1,25 @@
-"""The token blocks each training stage reads, labelled per token with the language *group* (0 = original).
+"""The token blocks each training stage reads, labelled with the language *group* (0 = original).
 
 Stage 1 reads the newest group's languages only. Stage 2 reads a balanced review set: the first
-`stage2_docs_per_lang` documents of every language of every group (old languages are replayed, new ones kept).
+`stage2_docs_per_lang` documents of every language of every group (old languages are replayed, new ones kept),
+found through the document index without reading the rest.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from layermoe_ds.config import TrainConfig
-from layermoe_ds.data.loading import load_texts
-from layermoe_ds.data.packing import PackedBlocks, pack_blocks
+from layermoe_ds.data.packing import BlockDataset, block_part
+from layermoe_ds.data.prepare import open_streams
 
 
-def stage_blocks(config: TrainConfig, stage: int, tokenizer) -> PackedBlocks:
-    """Blocks for `stage`; `lang_ids_NL` holds each token's language group (not its language)."""
-    if stage == 1:
-        texts = load_texts(Path(config.data), config.new_langs, "train")
-    else:
-        langs = [*config.old_langs, *config.new_langs]
-        texts = {lang: docs[: config.stage2_docs_per_lang]
-                 for lang, docs in load_texts(Path(config.data), langs, "train").items()}
-    blocks = pack_blocks(tokenizer, texts, config.seq_len)
-    group_of_lang = torch.tensor([config.group_of(lang) for lang in blocks.langs])
-    return PackedBlocks(blocks.input_ids_NL, group_of_lang[blocks.lang_ids_NL], blocks.langs,
-                        blocks.tokens_per_lang, blocks.bytes_per_lang)
+def stage_blocks(config: TrainConfig, stage: int, tokenizer, tokenizer_dir: Path) -> BlockDataset:
+    """Blocks for `stage`; each block's label is its language's group."""
+    langs = config.new_langs if stage == 1 else [*config.old_langs, *config.new_langs]
+    streams = open_streams(Path(config.data), tokenizer, tokenizer_dir, langs, "train")
+    parts = []
+    for lang, stream in streams.items():
+        limit = None if stage == 1 else stream.documents_prefix(config.stage2_docs_per_lang)[0]
+        parts.append(block_part(lang, config.group_of(lang), stream, config.seq_len, limit))
+    return BlockDataset(parts, config.seq_len)

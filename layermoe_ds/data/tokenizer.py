@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from layermoe_ds.data.loading import load_texts
+from layermoe_ds.data.loading import iter_documents, raw_sources
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,8 @@ def train_tokenizer(
     """Train a byte-fallback SentencePiece model on the train split of `langs` and save an HF tokenizer to `out`.
 
     Every language contributes equally many characters (the largest language is subsampled by line order),
-    so a new language is not split into bytes just because the old ones have more text.
+    so a new language is not split into bytes just because the old ones have more text. The text is streamed
+    twice (counting, then writing SentencePiece's input file), never held in memory.
     """
     import sentencepiece as spm
     from transformers import LlamaTokenizer
@@ -36,14 +37,17 @@ def train_tokenizer(
         raise ValueError(f"tokenizer.model_type: {model_type!r} must be 'unigram' or 'bpe'")
     if vocab_size < 300:
         raise ValueError(f"tokenizer.vocab_size: {vocab_size} is too small (byte fallback alone needs 259)")
-    texts = load_texts(data, langs, "train")
-    chars_per_lang = min(sum(map(len, t)) for t in texts.values())
+    raw_sources(data, langs, ["train"])  # every language's train split exists, before the first pass
+    chars_per_lang = min(sum(map(len, iter_documents(data, lang, "train"))) for lang in langs)
+    if chars_per_lang == 0:
+        empty = [lang for lang in langs if next(iter_documents(data, lang, "train"), None) is None]
+        raise ValueError(f"data: language {empty[0]!r} has no text in its train split ({data})")
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus.txt"
         with open(corpus, "w", encoding="utf-8") as f:
             for lang in langs:
                 used = 0
-                for line in texts[lang]:
+                for line in iter_documents(data, lang, "train"):
                     if used >= chars_per_lang:
                         break
                     f.write(line.replace("\n", " ") + "\n")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from layermoe_ds.data.tokens import TokenStream
 from layermoe_ds.eval.perplexity import evaluate_languages, format_table, group_averages
 from layermoe_ds.eval.routing import RoutingStats, format_routing
 
@@ -56,7 +57,7 @@ def language_groups(langs: Sequence[str], old: Sequence[str], groups: Sequence[S
 def evaluate_model(
     model,
     tokenizer,
-    texts: dict[str, Sequence[str]],
+    streams: dict[str, TokenStream],
     groups: dict[str, int],
     seq_len: int,
     batch_size: int = 8,
@@ -64,9 +65,9 @@ def evaluate_model(
 ) -> dict:
     """{"languages": {lang: {loss, ppl, bpb, tokens, bytes}}, "old_avg", "new_avg", "routing" (LayerMoE only)}."""
     routing = RoutingStats(groups) if hasattr(model, "moe_blocks") else None
-    results = evaluate_languages(model, tokenizer, texts, seq_len, batch_size, max_tokens, routing)
-    old = [lang for lang in texts if groups[lang] == 0]
-    new = [lang for lang in texts if groups[lang] > 0]
+    results = evaluate_languages(model, tokenizer, streams, seq_len, batch_size, max_tokens, routing)
+    old = [lang for lang in streams if groups[lang] == 0]
+    new = [lang for lang in streams if groups[lang] > 0]
     report = {"languages": results, **group_averages(results, old, new)}
     if routing is not None:
         report["routing"] = routing.result()

@@ -3,9 +3,9 @@
 Hub datasets are out of reach on an offline cluster, so `layermoe lm-eval-tasks` writes one perplexity task per
 language (`loglikelihood_rolling`: word/byte perplexity and bits per byte) over local files, and a group that runs
 them all. The text goes through the same loader as training and `layermoe evaluate` (every supported data layout,
-the same errors), and is copied next to the task files as `<lang>.<split>.jsonl`, so the task directory needs
-nothing else (its YAML files name the copies by absolute path: write it where it will be used). Any model lm-eval
-can load then runs on them, a LayerMoE export included:
+the same errors; a prepared directory is decoded), and is copied next to the task files as
+`<lang>.<split>.jsonl`, so the task directory needs nothing else (its YAML files name the copies by absolute path:
+write it where it will be used). Any model lm-eval can load then runs on them, a LayerMoE export included:
 
     lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True --include_path TASKS --tasks layermoe_heldout
 """
@@ -13,12 +13,12 @@ can load then runs on them, a LayerMoE export included:
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import yaml
 
-from layermoe_ds.io import atomic_write_text
+from layermoe_ds.io import atomic_output, atomic_write_text
 
 GROUP = "layermoe_heldout"
 
@@ -27,17 +27,60 @@ def task_name(lang: str) -> str:
     return f"{GROUP}_{lang}"
 
 
-def write_tasks(data: Path, langs: Sequence[str], out: Path, split: str = "test") -> list[str]:
-    """Write the per-language tasks and their group into `out`; returns the task names (the group last)."""
-    from layermoe_ds.data.loading import load_texts
+def prepared_documents(data: Path, lang: str, split: str, tokenizer_dir: Path | None = None) -> Iterator[str]:
+    """The documents of a prepared directory, decoded from their tokens by the tokenizer that made them (the
+    manifest's, or `tokenizer_dir`); a document that does not decode to its recorded UTF-8 length is an error
+    (that tokenizer is not lossless: give the raw text instead)."""
+    from layermoe_ds.data.tokenizer import load_tokenizer
+    from layermoe_ds.data.tokens import PreparedData, tokenizer_fingerprint
 
-    texts = load_texts(Path(data), list(langs), split)  # validates languages, split, encoding before writing
-    out = Path(out)
+    prepared = PreparedData(data)
+    tokenizer_dir = Path(tokenizer_dir or prepared.manifest["tokenizer"]["name"])
+    tokenizer = load_tokenizer(tokenizer_dir)
+    prepared.check_tokenizer(tokenizer_fingerprint(tokenizer), str(tokenizer_dir))
+    found = prepared.languages()
+    if lang not in found:
+        raise ValueError(f"languages [{lang!r}] not found in {data}; found: {sorted(found)}")
+    stream = prepared.stream(lang, split)
+    lengths, nbytes = stream.document_lengths()
+    start = 0
+    for length, size in zip(lengths.tolist(), nbytes.tolist(), strict=True):
+        text = tokenizer.decode(stream.read(start, start + length - 1).tolist())
+        if len(text.encode("utf-8")) != size:
+            raise ValueError(
+                f"{data}: document at token {start} of {lang}/{split} decodes to {len(text.encode('utf-8'))} bytes, "
+                f"not its {size}: {tokenizer_dir} does not decode losslessly; give the raw text as --data"
+            )
+        start += length
+        yield text
+
+
+def write_tasks(
+    data: Path, langs: Sequence[str], out: Path, split: str = "test", tokenizer: Path | None = None
+) -> list[str]:
+    """Write the per-language tasks and their group into `out`; returns the task names (the group last).
+
+    Raw text is streamed document by document; a prepared directory is decoded (`prepared_documents`)."""
+    from layermoe_ds.data.loading import iter_documents, raw_sources
+    from layermoe_ds.data.tokens import is_prepared
+
+    data, out = Path(data), Path(out)
+    prepared = is_prepared(data)
+    if not prepared:
+        raw_sources(data, list(langs), [split])  # languages, split files: checked before anything is written
     out.mkdir(parents=True, exist_ok=True)
     names = []
-    for lang, docs in texts.items():
+    for lang in langs:
         docs_file = out / f"{lang}.{split}.jsonl"
-        atomic_write_text(docs_file, "".join(json.dumps({"text": doc}, ensure_ascii=False) + "\n" for doc in docs))
+        docs = prepared_documents(data, lang, split, tokenizer) if prepared else iter_documents(data, lang, split)
+        count = 0
+        with atomic_output(docs_file) as f:
+            for doc in docs:
+                f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
+                count += 1
+        if count == 0:
+            docs_file.unlink()
+            raise ValueError(f"data: language {lang!r} has no text in its {split} split ({data})")
         task = {
             "task": task_name(lang),
             "dataset_path": "json",

@@ -14,35 +14,34 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from layermoe_ds.data.packing import token_stream
+from layermoe_ds.data.tokens import TokenStream
 
 
 @torch.no_grad()
 def language_nll(
     model,
     tokenizer,
-    texts: Sequence[str],
+    stream: TokenStream,
     seq_len: int,
     batch_size: int = 8,
     max_tokens: int | None = None,
     after_forward: Callable[[torch.Tensor], None] | None = None,
 ) -> dict[str, float]:
-    """Summed NLL (nats) and counts over one language's documents; `max_tokens` cuts the stream (and its bytes).
-    `after_forward(valid_T)` runs after each batch with the flattened mask of the input positions that are scored."""
-    if max_tokens is not None:
-        kept, total = [], 0
-        for text in texts:
-            kept.append(text)
-            total += len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
-            if total >= max_tokens:
-                break
-        texts = kept
-    stream = torch.tensor([tokenizer.eos_token_id, *token_stream(tokenizer, texts)], dtype=torch.long)
-    starts = list(range(0, len(stream) - 1, seq_len))
+    """Summed NLL (nats) and counts over one language's documents; `max_tokens` cuts at the first whole document
+    that reaches it (and counts that prefix's bytes). `after_forward(valid_T)` runs after each batch with the
+    flattened mask of the input positions that are scored."""
+    kept, nbytes = stream.documents_covering(max_tokens)
+    eos_1 = torch.tensor([tokenizer.eos_token_id])
+
+    def window(start: int) -> torch.Tensor:  # positions [start, start + seq_len + 1) of `EOS + the kept tokens`
+        piece = torch.from_numpy(stream.read(max(start - 1, 0), min(start + seq_len, kept)))
+        return torch.cat([eos_1, piece]) if start == 0 else piece
+
+    starts = list(range(0, kept, seq_len))  # the scored stream is kept + 1 tokens long
     device = next(model.parameters()).device
     nll, count = 0.0, 0
     for i in range(0, len(starts), batch_size):
-        chunk = [stream[s : s + seq_len + 1] for s in starts[i : i + batch_size]]
+        chunk = [window(s) for s in starts[i : i + batch_size]]
         width = max(len(c) for c in chunk)
         ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -55,7 +54,6 @@ def language_nll(
         targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         nll += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum").item()
         count += int((targets != -100).sum())
-    nbytes = sum(len(t.encode("utf-8")) + 1 for t in texts)
     return {"nll": nll, "tokens": count, "bytes": nbytes}
 
 
@@ -73,7 +71,7 @@ def summarise(stats: dict[str, float]) -> dict[str, float]:
 def evaluate_languages(
     model,
     tokenizer,
-    texts_per_lang: dict[str, Sequence[str]],
+    streams: dict[str, TokenStream],
     seq_len: int,
     batch_size: int = 8,
     max_tokens: int | None = None,
@@ -84,9 +82,9 @@ def evaluate_languages(
     was_training = model.training
     model.eval()
     out = {}
-    for lang, texts in tqdm(texts_per_lang.items(), desc="evaluate", disable=None):
+    for lang, stream in tqdm(streams.items(), desc="evaluate", disable=None):
         hook = None if routing is None else (lambda valid, lang=lang: routing.update(model, lang, valid))
-        out[lang] = summarise(language_nll(model, tokenizer, texts, seq_len, batch_size, max_tokens, hook))
+        out[lang] = summarise(language_nll(model, tokenizer, stream, seq_len, batch_size, max_tokens, hook))
     model.train(was_training)
     return out
 

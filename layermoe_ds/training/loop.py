@@ -134,6 +134,10 @@ def run_stage(stage: int, config: TrainConfig, ds_config: dict) -> int:
     _check_run_dir(out, resolved)
     if config.resume == "no" and checkpoint.complete_checkpoints(out):
         raise FileExistsError(f"{out} has checkpoints and train.resume is 'no'; use another --out")
+    # Data before any process group: raw text is tokenized into the cache by the first rank to get there while the
+    # others wait on its lock, not in a collective that could time out.
+    tokenizer = load_tokenizer(Path(config.model))
+    blocks = stage_blocks(config, stage, tokenizer, Path(config.model))
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":  # before any collective: NCCL binds each rank to its device
@@ -145,8 +149,6 @@ def run_stage(stage: int, config: TrainConfig, ds_config: dict) -> int:
         release_shm_buffers()
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if backend == "nccl" else torch.device("cpu")
     torch.manual_seed(config.seed)
-    tokenizer = load_tokenizer(Path(config.model))
-    blocks = stage_blocks(config, stage, tokenizer)
     model = _load_model(config, stage, torch.float32)
     newest = checkpoint.complete_checkpoints(out)
     if newest and config.resume == "auto":  # refuse another allocation's checkpoint before anything is written
@@ -194,9 +196,9 @@ def run_stage(stage: int, config: TrainConfig, ds_config: dict) -> int:
         started = time.perf_counter()
         sums: dict[str, float] = {}
         for _ in range(accumulation):
-            index = sampler.next_indices()
-            ids = blocks.input_ids_NL[index].to(device)
-            groups = blocks.lang_ids_NL[index].to(device)
+            ids, labels = blocks.batch(sampler.next_indices())
+            ids = ids.to(device)
+            groups = labels[:, None].expand_as(ids).to(device)
             output = engine(input_ids=ids, labels=ids)
             losses = stage_losses(
                 model, output.loss, groups, stage, config.balance_alpha, config.lpr_gamma, config.cls_eta

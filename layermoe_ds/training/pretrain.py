@@ -15,8 +15,8 @@ import torch
 from tqdm import tqdm
 
 from layermoe_ds.config import PretrainConfig, to_dict
-from layermoe_ds.data.loading import load_texts
-from layermoe_ds.data.packing import BlockSampler, PackedBlocks, pack_blocks
+from layermoe_ds.data.packing import BlockDataset, BlockSampler, block_part
+from layermoe_ds.data.prepare import open_streams
 from layermoe_ds.data.tokenizer import load_tokenizer
 from layermoe_ds.io import atomic_write_bytes, write_json
 
@@ -50,28 +50,21 @@ def build_model(config: PretrainConfig, tokenizer) -> torch.nn.Module:
     return Qwen2ForCausalLM(Qwen2Config(**common))
 
 
-def pretrain_blocks(config: PretrainConfig, data: Path, tokenizer) -> PackedBlocks:
-    """Blocks of the main languages plus, if configured, a `low_resource_share` of low-resource language blocks."""
-    blocks = pack_blocks(tokenizer, load_texts(data, config.langs, "train"), config.seq_len)
-    if not config.low_resource_langs:
-        return blocks
-    n_low = round(len(blocks) * config.low_resource_share / (1 - config.low_resource_share))
-    per_lang = max(1, n_low // len(config.low_resource_langs))
-    texts = load_texts(data, config.low_resource_langs, "train")
-    low = pack_blocks(
-        tokenizer,
-        texts,
-        config.seq_len,
-        max_tokens_per_lang=per_lang * config.seq_len,
-        lang_index=[*config.langs, *config.low_resource_langs],
-    )
-    return PackedBlocks(
-        torch.cat([blocks.input_ids_NL, low.input_ids_NL]),
-        torch.cat([blocks.lang_ids_NL, low.lang_ids_NL]),
-        low.langs,
-        {**blocks.tokens_per_lang, **low.tokens_per_lang},
-        {**blocks.bytes_per_lang, **low.bytes_per_lang},
-    )
+def pretrain_blocks(config: PretrainConfig, data: Path, tokenizer, tokenizer_dir: Path) -> BlockDataset:
+    """Blocks of the main languages plus, if configured, a `low_resource_share` of low-resource language blocks
+    (the first ones of each low-resource language's stream); labels index `langs + low_resource_langs`."""
+    langs = [*config.langs, *config.low_resource_langs]
+    streams = open_streams(data, tokenizer, tokenizer_dir, langs, "train")
+    parts = [block_part(lang, i, streams[lang], config.seq_len) for i, lang in enumerate(config.langs)]
+    if config.low_resource_langs:
+        main_blocks = sum(p.blocks for p in parts)
+        n_low = round(main_blocks * config.low_resource_share / (1 - config.low_resource_share))
+        per_lang = max(1, n_low // len(config.low_resource_langs))
+        parts += [
+            block_part(lang, langs.index(lang), streams[lang], config.seq_len, per_lang * config.seq_len)
+            for lang in config.low_resource_langs
+        ]
+    return BlockDataset(parts, config.seq_len)
 
 
 def lr_at(step: int, config: PretrainConfig) -> float:
@@ -102,7 +95,7 @@ def pretrain(config: PretrainConfig, data: Path, tokenizer_dir: Path, out: Path)
             f"pretrain: {out} holds a base model trained with other settings; choose another --out or delete it"
         )
     tokenizer = load_tokenizer(tokenizer_dir)
-    blocks = pretrain_blocks(config, data, tokenizer)
+    blocks = pretrain_blocks(config, data, tokenizer, tokenizer_dir)
     log.info("pretrain data: %s tokens in %d blocks of %d", blocks.tokens_per_lang, len(blocks), config.seq_len)
     model = build_model(config, tokenizer)
     model.train()
@@ -126,7 +119,7 @@ def pretrain(config: PretrainConfig, data: Path, tokenizer_dir: Path, out: Path)
     while step < config.steps:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config)
-        batch = blocks.input_ids_NL[sampler.next_indices()]
+        batch, _ = blocks.batch(sampler.next_indices())
         loss = model(input_ids=batch, labels=batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,0 +1,228 @@
+"""Prepared token data: memory-mapped token shards with a document index, and the manifest that describes them.
+
+Format (one directory, `layermoe data tokenize` writes it, data/prepare.py explains how):
+
+    token_manifest.json                    format, tokenizer fingerprint, sources (size, SHA-256), every stream
+    shards/<lang>.<split>.<chunk>.bin      raw token ids, little-endian uint16 (vocabulary ≤ 65,536) or uint32:
+                                           `doc EOS doc EOS …`, the documents of one input chunk in file order
+    shards/<lang>.<split>.<chunk>.idx.npy  one row per document: (tokens incl. its EOS, UTF-8 bytes of the text),
+                                           each field in the smallest unsigned type that holds the shard's values
+
+Why this format: nanoGPT's and OLMo-core's flat token arrays are the simplest thing numpy can memory-map, and
+training only ever needs token positions (a block is `seq_len` consecutive tokens of one language's stream);
+per-document lengths rather than Megatron's 8-byte pointers keep the index at 2–8 bytes a document, and the byte
+counts give bits per byte without the text. One file per input chunk lets workers write in parallel, and the
+stream of a language is its shards in chunk order: the same tokens whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from layermoe_ds.io import read_json
+
+MANIFEST = "token_manifest.json"
+FORMAT = "layermoe-tokens"
+VERSION = 1
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def index_dtype(max_tokens: int, max_bytes: int) -> np.dtype:
+    """The document index's row type: each field the smallest unsigned type for the shard's largest value."""
+
+    def smallest(value: int) -> str:
+        return next(t for t in ("<u1", "<u2", "<u4", "<u8") if value < 1 << (8 * int(t[-1])))
+
+    return np.dtype([("tokens", smallest(max_tokens)), ("bytes", smallest(max_bytes))])
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """What decides the token ids: a fast tokenizer's full serialisation (vocabulary, merges, normaliser,
+    pre-tokeniser, added tokens) and its EOS id; two copies of one tokenizer share it wherever they are saved."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = backend.to_str()
+    else:  # a slow tokenizer: its vocabulary is what we can see
+        spec = json.dumps(sorted(tokenizer.get_vocab().items()))
+    text = f"{type(tokenizer).__name__}\n{tokenizer.eos_token_id}\n{spec}"
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def is_prepared(data: Path) -> bool:
+    return (Path(data) / MANIFEST).is_file()
+
+
+@dataclass
+class Shard:
+    """One `.bin` + `.idx.npy` pair; opened lazily, checked against the manifest when opened."""
+
+    bin_path: Path
+    idx_path: Path
+    tokens: int
+    documents: int
+    dtype: np.dtype
+    # How many tokens have been read from this shard: the tests count what a run materialises.
+    tokens_read: int = field(default=0, compare=False)
+
+    @cached_property
+    def ids(self) -> np.memmap:
+        if not self.bin_path.is_file():
+            raise FileNotFoundError(f"{self.bin_path}: missing token shard; run `layermoe data tokenize` again")
+        size = self.bin_path.stat().st_size
+        if size != self.tokens * self.dtype.itemsize:
+            raise ValueError(
+                f"{self.bin_path}: {size} bytes, the manifest says {self.tokens * self.dtype.itemsize} "
+                f"({self.tokens} tokens): truncated or replaced; run `layermoe data tokenize` again"
+            )
+        if self.tokens == 0:
+            return np.zeros(0, dtype=self.dtype)
+        return np.memmap(self.bin_path, dtype=self.dtype, mode="r")
+
+    @cached_property
+    def index(self) -> np.ndarray:
+        try:
+            index = np.load(self.idx_path, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{self.idx_path}: unreadable document index ({exc}); run `layermoe data tokenize` again")
+        if index.shape != (self.documents,) or index.dtype.names != ("tokens", "bytes"):
+            raise ValueError(
+                f"{self.idx_path}: document index of shape {index.shape}, the manifest says {self.documents} "
+                "documents: corrupt; run `layermoe data tokenize` again"
+            )
+        return index
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        self.tokens_read += stop - start
+        return np.asarray(self.ids[start:stop])
+
+
+class TokenStream:
+    """One language and split: the tokens `doc EOS doc EOS …` over its shards in order, with the document index.
+
+    Nothing is read until asked for; `read(start, stop)` maps only the shards it touches."""
+
+    def __init__(self, name: str, shards: list[Shard], vocab_size: int, num_bytes: int):
+        self.name, self.shards, self.vocab_size, self.num_bytes = name, shards, vocab_size, num_bytes
+        self._ends = np.cumsum([s.tokens for s in shards], dtype=np.int64)
+        self.num_tokens = int(self._ends[-1]) if shards else 0
+        self.num_documents = sum(s.documents for s in shards)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Tokens [start, stop) as int64, checked against the vocabulary (a corrupt shard names itself)."""
+        if not 0 <= start <= stop <= self.num_tokens:
+            raise IndexError(f"{self.name}: tokens [{start}, {stop}) outside [0, {self.num_tokens})")
+        pieces = []
+        first = int(np.searchsorted(self._ends, start, side="right"))
+        for i in range(first, len(self.shards)):
+            shard_start = int(self._ends[i] - self.shards[i].tokens)
+            if shard_start >= stop:
+                break
+            lo, hi = max(start, shard_start) - shard_start, min(stop, int(self._ends[i])) - shard_start
+            piece = self.shards[i].read(lo, hi)
+            if piece.size and int(piece.max()) >= self.vocab_size:
+                raise ValueError(
+                    f"{self.shards[i].bin_path}: token id {int(piece.max())} >= the vocabulary size {self.vocab_size}: "
+                    "corrupt; run `layermoe data tokenize` again"
+                )
+            pieces.append(piece)
+        out = np.concatenate(pieces) if len(pieces) != 1 else pieces[0]
+        return out.astype(np.int64)
+
+    def document_lengths(self, max_documents: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens incl. EOS, UTF-8 bytes) of the first `max_documents` documents (all by default), in order;
+        only the index rows needed are read."""
+        tokens, nbytes, left = [], [], self.num_documents if max_documents is None else max_documents
+        for shard in self.shards:
+            if left <= 0:
+                break
+            rows = shard.index[: min(left, shard.documents)]
+            tokens.append(rows["tokens"].astype(np.int64))
+            nbytes.append(rows["bytes"].astype(np.int64))
+            left -= len(rows)
+        if not tokens:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(tokens), np.concatenate(nbytes)
+
+    def documents_prefix(self, max_documents: int) -> tuple[int, int]:
+        """(tokens, text bytes incl. one per separator) of the first `max_documents` documents."""
+        tokens, nbytes = self.document_lengths(max_documents)
+        return int(tokens.sum()), int(nbytes.sum() + len(nbytes))
+
+    def documents_covering(self, max_tokens: int | None) -> tuple[int, int]:
+        """(tokens, bytes incl. separators) of the shortest prefix of whole documents holding ≥ `max_tokens` tokens
+        (every document when None or when there are fewer): evaluation's cut, in whole documents."""
+        if max_tokens is None or max_tokens >= self.num_tokens:
+            tokens, nbytes = self.document_lengths()
+            return self.num_tokens, int(nbytes.sum() + len(nbytes))
+        kept_tokens, kept_bytes, kept_docs = 0, 0, 0
+        for shard in self.shards:  # index rows shard by shard until the cut
+            rows = shard.index
+            cum = np.cumsum(rows["tokens"], dtype=np.int64) + kept_tokens
+            if cum.size and cum[-1] >= max_tokens:
+                n = int(np.searchsorted(cum, max_tokens, side="left")) + 1
+                kept_bytes += int(rows["bytes"][:n].astype(np.int64).sum())
+                return int(cum[n - 1]), kept_bytes + kept_docs + n
+            kept_tokens = int(cum[-1]) if cum.size else kept_tokens
+            kept_bytes += int(rows["bytes"].astype(np.int64).sum())
+            kept_docs += shard.documents
+        return kept_tokens, kept_bytes + kept_docs
+
+    @property
+    def tokens_read(self) -> int:
+        return sum(s.tokens_read for s in self.shards)
+
+
+class PreparedData:
+    """A prepared directory (or a cache entry): its manifest, checked, and a TokenStream per language and split."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        manifest = read_json(self.directory / MANIFEST, "prepared data manifest")
+        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+            raise ValueError(
+                f"{self.directory / MANIFEST}: not a layermoe token manifest of version {VERSION} "
+                f"(format {manifest.get('format')!r}, version {manifest.get('version')!r})"
+            )
+        self.manifest = manifest
+        self.dtype = np.dtype(manifest["dtype"])
+        self.vocab_size = manifest["tokenizer"]["vocab_size"]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["tokenizer"]["fingerprint"]
+
+    def languages(self) -> dict[str, list[str]]:
+        return {lang: sorted(splits) for lang, splits in self.manifest["streams"].items()}
+
+    def check_tokenizer(self, fingerprint: str, tokenizer_name: str) -> None:
+        if fingerprint != self.fingerprint:
+            raise ValueError(
+                f"data: {self.directory} was tokenized with another tokenizer ({self.manifest['tokenizer']['name']}, "
+                f"fingerprint {self.fingerprint}) than this run's ({tokenizer_name}, {fingerprint}); "
+                f"run `layermoe data tokenize --tokenizer {tokenizer_name}` on the raw text"
+            )
+
+    def stream(self, lang: str, split: str) -> TokenStream:
+        streams = self.manifest["streams"]
+        if lang not in streams:
+            raise ValueError(f"languages [{lang!r}] not found in {self.directory}; found: {sorted(streams)}")
+        if split not in streams[lang]:
+            raise FileNotFoundError(f"data: no {split} split for language {lang!r} in {self.directory}")
+        entry = streams[lang][split]
+        shards = [
+            Shard(self.directory / s["bin"], self.directory / s["idx"], s["tokens"], s["documents"], self.dtype)
+            for s in entry["shards"]
+        ]
+        stream = TokenStream(f"{lang}/{split}", shards, self.vocab_size, entry["bytes"] + entry["documents"])
+        if stream.num_documents == 0:
+            raise ValueError(f"data: language {lang!r} has no text in its {split} split ({entry['source']})")
+        return stream
