@@ -104,6 +104,8 @@ def _cmd_data_tokenize(args) -> int:
             print(f"{lang:<8} {split:<6} {entry['documents']:>9} documents {entry['tokens']:>12} tokens")
     totals, run = manifest["totals"], manifest["run"]
     speed = f"{run['mb_per_s']:.2f} MB/s with {run['workers']} workers" if run.get("mb_per_s") else "nothing to do"
+    if manifest.get("up_to_date"):
+        speed = "up to date, nothing to do"
     print(
         f"{totals['tokens']} tokens ({manifest['dtype']}), {totals['disk_bytes'] / 1e6:.1f} MB on disk "
         f"({totals['disk_bytes_per_token']} bytes a token with the index); {speed}; manifest: "

@@ -16,7 +16,7 @@ def load_texts(data, langs, split):
         lengths, _ = stream.document_lengths()
         ends = lengths.cumsum()
         ids = stream.read(0, stream.num_tokens)
-        out[lang] = ["".join(map(chr, ids[end - length : end - 1])) for length, end in zip(lengths, ends)]
+        out[lang] = ["".join(map(chr, ids[end - length : end - 1])) for length, end in zip(lengths, ends, strict=True)]
         assert out[lang] == list(iter_documents(data, lang, split))
     return out
 

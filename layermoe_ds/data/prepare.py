@@ -126,7 +126,9 @@ def tokenize_chunk(chunk: Chunk, shards: Path, encode, eos: int, dtype: np.dtype
         texts, nbytes = buffers.pop(key)
         writers[key].add(encode(texts), nbytes, eos)
 
+    seen: set[str] = set()
     for lang, split, text, nbytes in iter_records(chunk.source, chunk.start, chunk.end):
+        seen.add(lang)
         if langs is not None and lang not in langs:
             continue
         key = (lang, split)
@@ -144,6 +146,7 @@ def tokenize_chunk(chunk: Chunk, shards: Path, encode, eos: int, dtype: np.dtype
     record = {
         "chunk": asdict(chunk),
         "input_bytes": chunk.end - chunk.start,
+        "languages": sorted(seen),
         "shards": {f"{lang}/{split}": w.finish() for (lang, split), w in writers.items()},
     }
     write_json(shards / f"chunk.{chunk.number:05d}.json", record)
@@ -219,7 +222,7 @@ def tokenize(
     if is_prepared(out):
         manifest = read_json(out / MANIFEST, "prepared data manifest")
         if manifest.get("plan") == plan:
-            return manifest
+            return {**manifest, "up_to_date": True}
         raise FileExistsError(
             f"{out} holds tokens prepared from other input or with another tokenizer; use another --out or delete it"
         )
@@ -304,7 +307,8 @@ def _manifest(out, plan, records, sources, source_sha, tokenizer, tokenizer_dir,
         missing = [lang for lang in langs if lang not in streams]
         if missing:
             where = ", ".join(str(s.path) for s in sources)
-            raise ValueError(f"languages {missing} not found in {where}; found: {sorted(streams)}")
+            seen = sorted({lang for r in records.values() for lang in r["languages"]})
+            raise ValueError(f"languages {missing} not found in {where}; found: {seen}")
     entries = [e for splits in streams.values() for e in splits.values()]
     disk = sum((out / s[k]).stat().st_size for e in entries for s in e["shards"] for k in ("bin", "idx"))
     tokens = sum(e["tokens"] for e in entries)

@@ -16,6 +16,7 @@ import signal
 import time
 from pathlib import Path
 
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -125,6 +126,7 @@ def run_stage(stage: int, config: TrainConfig, ds_config: dict) -> int:
     from layermoe_ds.training.metrics import MetricsLogger
     from layermoe_ds.training.stages import apply_full_finetune, apply_stage
 
+    process_start = psutil.Process().create_time()
     # Stage 2 hands DeepSpeed an fp32 config (engine.py explains); the JSON's bf16 still sets the frozen precision.
     frozen_dtype = model_dtype(ds_config)
     ds_config = check_ds_config(ds_config, stage)
@@ -214,6 +216,7 @@ def run_stage(stage: int, config: TrainConfig, ds_config: dict) -> int:
             scalars["grad_norm"] = float(grad_norm)
         scalars["tokens_per_s"] = world * accumulation * micro * config.seq_len / (time.perf_counter() - started)
         scalars["memory/peak_mib"] = peak_memory_mib(device)
+        scalars["time/since_start_s"] = time.time() - process_start  # start-up cost shows in the first step
         metrics.step(step, scalars)
         stopping = stop.agreed(device)
         if step % config.save_every == 0 or step == config.steps or stopping:

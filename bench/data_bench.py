@@ -1,0 +1,243 @@
+"""The data path at two corpus sizes, side by side in one run: `data tokenize` throughput and memory, and what a
+stage-1 run costs in memory and start-up time at 1× and 20× the new languages' text, fresh and after a resume.
+
+The corpus is built from the embedded one (`layermoe data build`): old languages as they are, and each new language's
+train file once (1×) or 20 times (20×), every copy's lines shuffled differently (seeded), so no two copies tokenize
+alike by accident. Printed, each beside its goal:
+- `data tokenize` MB/s with 1 and 2 worker processes, beside the tokenizer's own single-threaded batch-encode speed
+  measured in this run (the anchor: goal ≥ 0.8 × workers × anchor), and its peak RSS (goal ≤ 1 GiB: the main process
+  plus its workers);
+- disk bytes per token, the index included (goal ≤ 2.1 for uint16 ids);
+- stage 1 on 2 CPU ranks (`memory/peak_mib`: the largest peak RSS of any rank; `time/since_start_s` of the first step:
+  process start to the end of the first step) at 1× and 20× (goals: ratio ≤ 1.10 and ≤ 1.2), and the same for a run
+  resumed from its checkpoint.
+
+    DS_ACCELERATOR=cpu python bench/data_bench.py   # needs data/, artifacts/tokenizer and artifacts/base (make demo)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from benchlib import launch  # noqa: E402
+
+OLD, NEW = ["en", "de"], ["fr", "ru", "el"]
+
+
+def build_corpus(source: Path, out: Path, copies: int) -> Path:
+    """Old languages as they are; each new language's train split `copies` times, each copy shuffled (seed = copy)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for lang in OLD + NEW:
+        for split in ("train", "valid", "test"):
+            src = source / f"{lang}.{split}.txt"
+            if lang in NEW and split == "train":
+                lines = src.read_text(encoding="utf-8").splitlines(keepends=True)
+                with open(out / src.name, "w", encoding="utf-8") as f:
+                    for copy in range(copies):
+                        random.Random(copy).shuffle(lines)
+                        f.writelines(lines)
+            else:
+                shutil.copy(src, out / src.name)
+    return out
+
+
+def tokenize_child(data: Path, tokenizer: Path, out: Path, workers: int, chunk_mb: float) -> None:
+    """`data tokenize` in its own process, printing its throughput and the peak RSS of it and its workers."""
+    from layermoe_ds.data.loading import raw_sources
+    from layermoe_ds.data.prepare import tokenize
+
+    started = time.perf_counter()
+    manifest = tokenize(
+        raw_sources(data, OLD + NEW, ["train", "valid", "test"]),
+        tokenizer,
+        out,
+        workers=workers,
+        chunk_bytes=int(chunk_mb * 2**20),
+        progress=False,
+    )
+    seconds = time.perf_counter() - started
+    input_bytes = sum(s["size"] for s in manifest["sources"])
+    print(
+        json.dumps(
+            {
+                "workers": workers,
+                "input_mb": input_bytes / 1e6,
+                "seconds": seconds,
+                "mb_per_s": input_bytes / 1e6 / seconds,
+                "main_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "worker_peak_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+                "tokens": manifest["totals"]["tokens"],
+                "disk_bytes_per_token": manifest["totals"]["disk_bytes_per_token"],
+            }
+        )
+    )
+
+
+def run_tokenize(data: Path, tokenizer: Path, out: Path, workers: int, chunk_mb: float) -> dict:
+    cmd = [sys.executable, __file__, "--tokenize-child", str(data), str(tokenizer), str(out), str(workers)]
+    result = subprocess.run(
+        [*cmd, str(chunk_mb)], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"data tokenize failed:\n{result.stderr[-3000:]}")
+    info = json.loads(result.stdout.strip().splitlines()[-1])
+    # The whole tree's bound: the main process and every worker at the largest worker's peak.
+    info["tree_peak_mib"] = info["main_peak_mib"] + (workers if workers > 1 else 0) * info["worker_peak_mib"]
+    return info
+
+
+def anchor_mb_per_s(data: Path, tokenizer_dir: Path) -> float:
+    """The tokenizer's own batch-encode speed on the new languages' text, one thread, 1 MB batches."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from layermoe_ds.data.loading import iter_documents
+    from layermoe_ds.data.prepare import batch_encoder
+    from layermoe_ds.data.tokenizer import load_tokenizer
+
+    encode = batch_encoder(load_tokenizer(tokenizer_dir))
+    batches, batch, size, total = [], [], 0, 0
+    for lang in NEW:
+        for doc in iter_documents(data, lang, "train"):
+            batch.append(doc)
+            size += len(doc.encode("utf-8"))
+            if size >= 1 << 20:
+                batches.append(batch)
+                total, batch, size = total + size, [], 0
+    started = time.perf_counter()
+    for batch in batches:
+        encode(batch)
+    return total / 1e6 / (time.perf_counter() - started)
+
+
+def stage1(base: Path, data: Path, workdir: Path, port: int, steps: int = 4) -> dict:
+    """Stage 1 for `steps` steps (checkpoints every 2), then the same run resumed from its step-2 checkpoint."""
+    layers = json.loads((base / "config.json").read_text())["num_hidden_layers"]
+    allocation = workdir / "allocation.json"
+    allocation.write_text(
+        json.dumps({"method": "uniform", "experts_per_layer": [3] * layers, "classifier_layers": [layers - 1]})
+    )
+    config = {
+        "model": str(base),
+        "allocation": str(allocation),
+        "data": str(data),
+        "out": str(workdir / "run"),
+        "language_groups": [OLD, NEW],
+        "steps": steps,
+        "seq_len": 128,
+        "save_every": 2,
+        "log_every": 1,
+    }
+    run_dir = launch(1, 2, config, "stage1_zero2.json", workdir, port)
+    fresh = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    # A requeue after a kill between the step-2 and step-4 saves: the newest checkpoint is step 2 again.
+    for newest in sorted((run_dir / "checkpoints").glob("step_*"))[1:]:
+        shutil.rmtree(newest)
+    shutil.rmtree(run_dir / "model")
+    launch(1, 2, config, "stage1_zero2.json", workdir, port + 1)
+    resumed = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][len(fresh) :]
+    return {
+        "fresh": {"peak_mib": max(r["memory/peak_mib"] for r in fresh), "first_step_s": fresh[0]["time/since_start_s"]},
+        "resumed": {
+            "first_step": resumed[0]["step"],
+            "peak_mib": max(r["memory/peak_mib"] for r in resumed),
+            "first_step_s": resumed[0]["time/since_start_s"],
+        },
+        "losses": [r["loss/ntp"] for r in fresh],
+        "resumed_losses": [r["loss/ntp"] for r in resumed],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--tokenize-child":
+        data, tokenizer, out, workers, chunk_mb = argv[1:]
+        tokenize_child(Path(data), Path(tokenizer), Path(out), int(workers), float(chunk_mb))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=ROOT / "data")
+    parser.add_argument("--tokenizer", type=Path, default=ROOT / "artifacts" / "tokenizer")
+    parser.add_argument("--base", type=Path, default=ROOT / "artifacts" / "base")
+    parser.add_argument("--copies", type=int, default=20)
+    parser.add_argument("--chunk-mb", type=float, default=4.0, help="tokenize chunk size (small, to feed 2 workers)")
+    parser.add_argument("--port", type=int, default=29_671)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "data_bench.json")
+    args = parser.parse_args(argv)
+
+    results: dict = {
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "copies": args.copies,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        sizes = {
+            "1x": build_corpus(args.data, tmp / "raw_1x", 1),
+            f"{args.copies}x": build_corpus(args.data, tmp / "raw_big", args.copies),
+        }
+        results["anchor_mb_per_s"] = anchor_mb_per_s(sizes["1x"], args.tokenizer)
+        results["tokenize"] = {
+            "1x, 1 worker": run_tokenize(sizes["1x"], args.tokenizer, tmp / "tok_1x_w1", 1, args.chunk_mb),
+            "1x, 2 workers": run_tokenize(sizes["1x"], args.tokenizer, tmp / "tok_1x", 2, args.chunk_mb),
+            f"{args.copies}x, 2 workers": run_tokenize(
+                sizes[f"{args.copies}x"], args.tokenizer, tmp / "tok_big", 2, args.chunk_mb
+            ),
+        }
+        prepared = {"1x": tmp / "tok_1x", f"{args.copies}x": tmp / "tok_big"}
+        results["stage1"] = {}
+        for i, (name, data) in enumerate(prepared.items()):
+            (tmp / f"stage_{name}").mkdir()
+            results["stage1"][name] = stage1(args.base, data, tmp / f"stage_{name}", args.port + 10 * i)
+
+    big = f"{args.copies}x"
+    anchor = results["anchor_mb_per_s"]
+    print(f"anchor: the tokenizer's batch encode, 1 thread: {anchor:.2f} MB/s")
+    print(
+        f"{'data tokenize':<22} {'MB':>8} {'MB/s':>7} {'÷ workers×anchor':>17} "
+        f"{'peak MiB (main/worker/tree)':>28} {'B/token':>8}"
+    )
+    for name, r in results["tokenize"].items():
+        ratio = r["mb_per_s"] / (r["workers"] * anchor)
+        r["vs_anchor"] = ratio
+        peaks = f"{r['main_peak_mib']:.0f}/{r['worker_peak_mib']:.0f}/{r['tree_peak_mib']:.0f}"
+        print(
+            f"{name:<22} {r['input_mb']:>8.1f} {r['mb_per_s']:>7.2f} {ratio:>17.2f} {peaks:>28} "
+            f"{r['disk_bytes_per_token']:>8.3f}"
+        )
+    s1, sb = results["stage1"]["1x"], results["stage1"][big]
+    ratios = {
+        "peak_rss": sb["fresh"]["peak_mib"] / s1["fresh"]["peak_mib"],
+        "first_step": sb["fresh"]["first_step_s"] / s1["fresh"]["first_step_s"],
+        "resumed_peak_rss": sb["resumed"]["peak_mib"] / s1["resumed"]["peak_mib"],
+        "resumed_first_step": sb["resumed"]["first_step_s"] / s1["resumed"]["first_step_s"],
+    }
+    results["ratios"] = ratios
+    print(f"\nstage 1, 2 CPU ranks   {'1x':>10} {big:>10} {'ratio':>7}  goal")
+    for label, key, field, goal in (
+        ("peak RSS MiB", "fresh", "peak_mib", "≤ 1.10"),
+        ("first step s", "fresh", "first_step_s", "≤ 1.2"),
+        ("resumed: peak MiB", "resumed", "peak_mib", "≤ 1.10"),
+        ("resumed: first step s", "resumed", "first_step_s", "≤ 1.2"),
+    ):
+        a, b = s1[key][field], sb[key][field]
+        print(f"{label:<22} {a:>10.1f} {b:>10.1f} {b / a:>7.2f}  {goal}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwritten to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
