@@ -97,6 +97,7 @@ def _cmd_data_tokenize(args) -> int:
         args.out,
         workers=args.workers or default_workers(),
         langs=args.langs,
+        splits=args.splits,
         chunk_bytes=max(1, int(args.chunk_mb * 2**20)),
     )
     for lang, splits in sorted(manifest["streams"].items()):

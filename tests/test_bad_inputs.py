@@ -21,6 +21,21 @@ def inputs(tmp_path_factory, corpus_dir, tiny_base, upcycled) -> dict[str, Path]
     for name, damage in (("empty_data", b""), ("binary_data", b"ok line\n\xff\xfe not utf-8\n")):
         shutil.copytree(corpus_dir, tmp / name)
         (tmp / name / "fr.test.txt").write_bytes(damage)
+    from layermoe_ds.data.loading import raw_sources
+    from layermoe_ds.data.prepare import tokenize
+    from layermoe_ds.data.tokens import MANIFEST
+
+    good = tmp_path_factory.mktemp("prepared") / "good"
+    tokenize(raw_sources(corpus_dir, ["en", "fr"], ["test"]), tiny_base, good, progress=False)
+    for name in ("other_tokenizer", "truncated_shard", "corrupt_shard"):
+        shutil.copytree(good, tmp / name)
+    manifest = json.loads((good / MANIFEST).read_text())
+    manifest["tokenizer"]["fingerprint"] = "0" * 16  # as if prepared with another tokenizer
+    (tmp / "other_tokenizer" / MANIFEST).write_text(json.dumps(manifest))
+    shard = tmp / "truncated_shard" / manifest["streams"]["fr"]["test"]["shards"][0]["bin"]
+    shard.write_bytes(shard.read_bytes()[:-2])
+    shard = tmp / "corrupt_shard" / manifest["streams"]["en"]["test"]["shards"][0]["bin"]
+    shard.write_bytes(b"\xff\xff" * 4 + shard.read_bytes()[8:])
     (tmp / "no_weights").mkdir()
     shutil.copy(tiny_base / "config.json", tmp / "no_weights" / "config.json")
     shutil.copytree(tiny_base, tmp / "gpt2")
@@ -59,6 +74,31 @@ def cli_cases(i: dict[str, Path]) -> list[tuple[str, list[str], str]]:
         ("data file empty (a language with no text)", [*evaluate, "--data", str(t / "empty_data")], "fr"),
         ("data file not UTF-8", [*evaluate, "--data", str(t / "binary_data")], "fr.test.txt"),
         ("language not in the data", [*evaluate[:4], "en,xx", "--data", corpus], "xx"),
+        (
+            "prepared data from another tokenizer",
+            [*evaluate, "--data", str(t / "other_tokenizer")],
+            "was tokenized with another tokenizer",
+        ),  # fmt: skip
+        ("token shard truncated", [*evaluate, "--data", str(t / "truncated_shard")], "fr.test.00000.bin: "),
+        ("token shard corrupt", [*evaluate, "--data", str(t / "corrupt_shard")], "en.test.00000.bin: token id 65535"),
+        (
+            "tokenize a non-UTF-8 file",
+            [
+                "data",
+                "tokenize",
+                "--data",
+                str(t / "binary_data"),
+                "--tokenizer",
+                base,
+                "--out",
+                str(t.parent / "tok"),
+                "--langs",
+                "fr",
+                "--splits",
+                "test",
+            ],
+            "fr.test.txt: not UTF-8 (byte 8, line 2)",
+        ),  # fmt: skip
         (
             "model without weights",
             [*profile[:2], str(t / "no_weights"), *profile[3:], str(t / "existing.json")],

@@ -83,6 +83,8 @@ def test_single_jsonl_language_filter_and_uint32(tmp_path):
     assert stream.read(0, stream.num_tokens).tolist() == [*big.ids("hello"), 0, *big.ids("world"), 0]
     with pytest.raises(ValueError, match=r"languages \['xx'\] not found in .*all.jsonl; found: \['de', 'en', 'fr'\]"):
         tokenize(sources, tmp_path, tmp_path / "q", langs=["en", "xx"], tokenizer=big, progress=False)
+    only_test = tokenize(sources, tmp_path, tmp_path / "t", splits=["test"], tokenizer=big, progress=False)
+    assert {lang: sorted(splits) for lang, splits in only_test["streams"].items()} == {"fr": ["test"]}
     with pytest.raises(FileExistsError, match="other input"):
         tokenize(sources, tmp_path, tmp_path / "p", langs=["en"], tokenizer=big, progress=False)
 

@@ -57,6 +57,21 @@ def test_activation_checkpointing_gives_the_same_training(stage1_run, corpus_dir
     assert not config.get("gradient_checkpointing")  # a training setting, not part of the exported model
 
 
+def test_prepared_data_trains_exactly_like_raw_text(stage1_run, corpus_dir, upcycled, tmp_path):
+    """`data: DIR` naming a `layermoe data tokenize` output (2 workers, small chunks: many shards) gives the raw-text
+    run's batches: every logged number of the 30 steps is equal."""
+    from layermoe_ds.cli import main
+
+    prepared = tmp_path / "prepared"
+    argv = ["data", "tokenize", "--data", str(corpus_dir), "--tokenizer", str(upcycled), "--out", str(prepared)]
+    assert main([*argv, "--langs", "fr,ru,el", "--splits", "train", "--workers", "2", "--chunk-mb", "0.1"]) == 0
+    run(1, base_config(upcycled, prepared, tmp_path / "run"), tmp_path, "stage1_zero2.json")
+    ours, reference = metrics(tmp_path / "run"), metrics(stage1_run)
+    for step in reference:
+        for key in ("loss/ntp", "loss/balance", "grad_norm"):
+            assert ours[step][key] == reference[step][key], (step, key)
+
+
 def test_stage2_trains_only_gates_and_sends_old_tokens_home(stage1_run, corpus_dir, tmp_path):
     config = base_config(
         stage1_run / "model", corpus_dir, tmp_path / "run", steps=30, lr=0.05, stage2_docs_per_lang=300

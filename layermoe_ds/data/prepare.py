@@ -117,7 +117,18 @@ class _ShardWriter:
         }
 
 
-def tokenize_chunk(chunk: Chunk, shards: Path, encode, eos: int, dtype: np.dtype, langs: Sequence[str] | None) -> dict:
+@dataclass(frozen=True)
+class Selection:
+    """Which records of a mixed jsonl to keep (None: all); per-language files are selected by file instead."""
+
+    langs: tuple[str, ...] | None = None
+    splits: tuple[str, ...] | None = None
+
+    def keeps(self, lang: str, split: str) -> bool:
+        return (self.langs is None or lang in self.langs) and (self.splits is None or split in self.splits)
+
+
+def tokenize_chunk(chunk: Chunk, shards: Path, encode, eos: int, dtype: np.dtype, selection: Selection) -> dict:
     """Tokenize one chunk into its shards and write its record; returns the record."""
     writers: dict[tuple[str, str], _ShardWriter] = {}
     buffers: dict[tuple[str, str], tuple[list[str], list[int]]] = {}
@@ -129,7 +140,7 @@ def tokenize_chunk(chunk: Chunk, shards: Path, encode, eos: int, dtype: np.dtype
     seen: set[str] = set()
     for lang, split, text, nbytes in iter_records(chunk.source, chunk.start, chunk.end):
         seen.add(lang)
-        if langs is not None and lang not in langs:
+        if not selection.keeps(lang, split):
             continue
         key = (lang, split)
         if key not in writers:
@@ -164,8 +175,8 @@ def _init_worker(tokenizer_dir: str) -> None:
     _WORKER.update(encode=batch_encoder(tokenizer), eos=tokenizer.eos_token_id)
 
 
-def _worker_task(chunk: Chunk, shards: str, dtype: str, langs) -> dict:
-    return tokenize_chunk(chunk, Path(shards), _WORKER["encode"], _WORKER["eos"], np.dtype(dtype), langs)
+def _worker_task(chunk: Chunk, shards: str, dtype: str, selection: Selection) -> dict:
+    return tokenize_chunk(chunk, Path(shards), _WORKER["encode"], _WORKER["eos"], np.dtype(dtype), selection)
 
 
 def _source_meta(source: Source) -> dict:
@@ -200,6 +211,7 @@ def tokenize(
     out: Path,
     workers: int = 1,
     langs: Sequence[str] | None = None,
+    splits: Sequence[str] | None = None,
     chunk_bytes: int = CHUNK_BYTES,
     tokenizer=None,
     progress: bool | None = None,
@@ -218,7 +230,9 @@ def tokenize(
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "sources": [_source_meta(s) for s in sources],
         "langs": sorted(langs) if langs is not None else None,
+        "splits": sorted(splits) if splits is not None else None,
     }
+    selection = Selection(plan["langs"] and tuple(plan["langs"]), plan["splits"] and tuple(plan["splits"]))
     if is_prepared(out):
         manifest = read_json(out / MANIFEST, "prepared data manifest")
         if manifest.get("plan") == plan:
@@ -256,7 +270,7 @@ def tokenize(
         ) as bar,
     ):
         checksums = hasher.submit(lambda: [sha256_file(s.path) for s in sources])
-        for record in _run_chunks(pending, shards, tokenizer, tokenizer_dir, dtype, langs, workers):
+        for record in _run_chunks(pending, shards, tokenizer, tokenizer_dir, dtype, selection, workers):
             records[record["chunk"]["number"]] = record
             bar.update(record["input_bytes"])
         source_sha = checksums.result()
@@ -273,16 +287,16 @@ def tokenize(
     return manifest
 
 
-def _run_chunks(chunks, shards, tokenizer, tokenizer_dir, dtype, langs, workers) -> Iterable[dict]:
+def _run_chunks(chunks, shards, tokenizer, tokenizer_dir, dtype, selection, workers) -> Iterable[dict]:
     if workers == 1:  # in this process, with the tokenizer already loaded
         encode = batch_encoder(tokenizer)
         for chunk in chunks:
-            yield tokenize_chunk(chunk, shards, encode, tokenizer.eos_token_id, dtype, langs)
+            yield tokenize_chunk(chunk, shards, encode, tokenizer.eos_token_id, dtype, selection)
         return
     with ProcessPoolExecutor(
         workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(str(tokenizer_dir),)
     ) as pool:
-        futures = [pool.submit(_worker_task, c, str(shards), dtype.str, langs) for c in chunks]
+        futures = [pool.submit(_worker_task, c, str(shards), dtype.str, selection) for c in chunks]
         for future in futures:  # in order: an error surfaces as the first failing chunk's
             yield future.result()
 

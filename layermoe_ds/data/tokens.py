@@ -73,16 +73,21 @@ class Shard:
     # How many tokens have been read from this shard: the tests count what a run materialises.
     tokens_read: int = field(default=0, compare=False)
 
-    @cached_property
-    def ids(self) -> np.memmap:
-        if not self.bin_path.is_file():
-            raise FileNotFoundError(f"{self.bin_path}: missing token shard; run `layermoe data tokenize` again")
+    def check(self) -> None:
+        """Both files there, the tokens at the manifest's size (a stat each: cheap enough for every open)."""
+        for path in (self.bin_path, self.idx_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: missing shard file; run `layermoe data tokenize` again")
         size = self.bin_path.stat().st_size
         if size != self.tokens * self.dtype.itemsize:
             raise ValueError(
                 f"{self.bin_path}: {size} bytes, the manifest says {self.tokens * self.dtype.itemsize} "
                 f"({self.tokens} tokens): truncated or replaced; run `layermoe data tokenize` again"
             )
+
+    @cached_property
+    def ids(self) -> np.memmap:
+        self.check()
         if self.tokens == 0:
             return np.zeros(0, dtype=self.dtype)
         return np.memmap(self.bin_path, dtype=self.dtype, mode="r")
@@ -222,6 +227,8 @@ class PreparedData:
             Shard(self.directory / s["bin"], self.directory / s["idx"], s["tokens"], s["documents"], self.dtype)
             for s in entry["shards"]
         ]
+        for shard in shards:
+            shard.check()
         stream = TokenStream(f"{lang}/{split}", shards, self.vocab_size, entry["bytes"] + entry["documents"])
         if stream.num_documents == 0:
             raise ValueError(f"data: language {lang!r} has no text in its {split} split ({entry['source']})")
