@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -248,7 +249,10 @@ def _add_upcycle(sub) -> None:
         help="per-token (the paper) or causal prefix-mean features for the language classifier",
     )
     p.add_argument("--seed", type=int, default=0, help="router/classifier initialisation")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, … (default: the input's)")
+    p.add_argument(
+        "--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB (default, as the HF hub), 500MB"
+    )
     p.set_defaults(func=_cmd_upcycle)
 
 
@@ -258,22 +262,20 @@ def _refuse_overwrite(out: Path) -> None:
 
 
 def _cmd_upcycle(args) -> int:
-    from layermoe_ds.data.tokenizer import load_tokenizer
     from layermoe_ds.io import read_json
-    from layermoe_ds.modeling.hf_export import save_model
-    from layermoe_ds.modeling.hf_loading import load_causal_lm, parse_dtype
-    from layermoe_ds.modeling.upcycle import is_layermoe, upcycle
+    from layermoe_ds.modeling.hf_loading import check_model_dir, parse_dtype
+    from layermoe_ds.modeling.streaming import parse_size
+    from layermoe_ds.modeling.upcycle import upcycle_dir
 
     _refuse_overwrite(args.out)
     allocation = read_json(args.allocation, "allocation")
-    dense = load_causal_lm(args.model, parse_dtype(args.dtype))
-    if is_layermoe(dense):
-        raise ValueError(f"upcycle: {args.model} is already a LayerMoE model; use `layermoe grow` to add languages")
-    model = upcycle(dense, allocation, args.top_k, args.classifier, args.seed)
-    save_model(model, args.out, load_tokenizer(args.model))
-    config = model.config
+    check_model_dir(args.model)
+    dtype = parse_dtype(args.dtype) if args.dtype else None
+    config = upcycle_dir(
+        args.model, allocation, args.out, args.top_k, args.classifier, args.seed, dtype, parse_size(args.max_shard_size)
+    )
     print(
-        f"LayerMoE model saved to {args.out}: experts per layer {config.experts_per_layer}, "
+        f"LayerMoE model saved to {args.out} ({config.dtype}): experts per layer {config.experts_per_layer}, "
         f"classifier layers {config.classifier_layers} ({config.classifier_mode}), top-{config.moe_top_k}"
     )
     return 0
@@ -297,24 +299,25 @@ def _add_grow(sub) -> None:
         help="keep the old experts' router rows (default) or re-initialise the router (reference)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, … (default: the input's)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default: 5GB)")
     p.set_defaults(func=_cmd_grow)
 
 
 def _cmd_grow(args) -> int:
-    from layermoe_ds.data.tokenizer import load_tokenizer
     from layermoe_ds.io import read_json
-    from layermoe_ds.modeling.hf_export import save_model
-    from layermoe_ds.modeling.hf_loading import load_causal_lm
-    from layermoe_ds.modeling.upcycle import grow
+    from layermoe_ds.modeling.hf_loading import check_model_dir, parse_dtype
+    from layermoe_ds.modeling.streaming import parse_size
+    from layermoe_ds.modeling.upcycle import grow_dir
 
     _refuse_overwrite(args.out)
     allocation = read_json(args.allocation, "allocation")
-    model = load_causal_lm(args.model)
-    grown = grow(model, allocation, args.router, args.seed)
-    save_model(grown, args.out, load_tokenizer(args.model))
+    check_model_dir(args.model)
+    dtype = parse_dtype(args.dtype) if args.dtype else None
+    config = grow_dir(args.model, allocation, args.out, args.router, args.seed, dtype, parse_size(args.max_shard_size))
     print(
-        f"grown model saved to {args.out}: experts per layer {grown.config.experts_per_layer}, "
-        f"{grown.config.num_groups} language groups, classifier layers {grown.config.classifier_layers}"
+        f"grown model saved to {args.out}: experts per layer {config.experts_per_layer}, "
+        f"{config.num_groups} language groups, classifier layers {config.classifier_layers}"
     )
     return 0
 
@@ -395,7 +398,11 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=None, help="per language (default: the whole split)")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16")
+    p.add_argument(
+        "--device", default=None, help="cpu, cuda or cuda:N (default: this rank's GPU when there is one, else cpu)"
+    )
+    p.add_argument("--dist-timeout-minutes", type=float, default=30.0, help="process-group timeout under a launcher")
     p.add_argument("--out", type=Path, default=None, help="write results as JSON")
     p.set_defaults(func=_cmd_evaluate)
 
@@ -403,6 +410,7 @@ def _add_evaluate(sub) -> None:
 def _cmd_evaluate(args) -> int:
     from layermoe_ds.data.prepare import open_streams
     from layermoe_ds.data.tokenizer import load_tokenizer
+    from layermoe_ds.distributed import adopt_launcher_env, device_and_backend, init_process_group
     from layermoe_ds.eval.evaluate import (
         check_source,
         evaluate_model,
@@ -416,14 +424,20 @@ def _cmd_evaluate(args) -> int:
     groups_arg = [g.split(",") for g in args.groups.split(";")] if args.groups else None
     groups = language_groups(args.langs, args.old, groups_arg)
     check_source(args.model)
-    model, tokenizer_dir, described = load_for_evaluation(args.model, parse_dtype(args.dtype))
+    adopt_launcher_env()  # under deepspeed/torchrun/mpirun the ranks share the windows
+    device, backend = device_and_backend(args.device)
+    model, tokenizer_dir, described = load_for_evaluation(args.model, parse_dtype(args.dtype), device)
     tokenizer = load_tokenizer(tokenizer_dir)
     streams = open_streams(args.data, tokenizer, tokenizer_dir, args.langs, args.split)
+    rank = 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        rank, _ = init_process_group(backend, device, args.dist_timeout_minutes)
     report = evaluate_model(model, tokenizer, streams, groups, args.seq_len, args.batch_size, args.max_tokens)
-    print(f"{described}, {args.split} split:")
-    print(format_report(report, groups))
-    if args.out:
-        write_json(args.out, {"model": described, "split": args.split, "groups": groups, **report})
+    if rank == 0:
+        print(f"{described}, {args.split} split, {device}:")
+        print(format_report(report, groups))
+        if args.out:
+            write_json(args.out, {"model": described, "split": args.split, "groups": groups, **report})
     return 0
 
 

@@ -124,6 +124,8 @@ class TrainConfig:
     # Recompute each decoder layer's activations in the backward pass instead of storing them (less memory, about
     # one more forward of compute); both stages, and the dense baseline.
     activation_checkpointing: bool = False
+    # Process-group timeout (minutes): how long a rank waits in a collective for the others before the job fails.
+    dist_timeout_minutes: float = 30.0
     # Checkpoints and logging.
     save_every: int = 50
     keep_last_n: int = 2
@@ -152,6 +154,8 @@ class TrainConfig:
             raise ValueError(f"train.warmup_steps: {self.warmup_steps} must be in [0, steps={self.steps})")
         if self.expert_parallel_size != "auto" and not str(self.expert_parallel_size).isdigit():
             raise ValueError(f"train.expert_parallel_size: {self.expert_parallel_size!r} must be 'auto' or an integer")
+        if not self.dist_timeout_minutes > 0:
+            raise ValueError(f"train.dist_timeout_minutes: {self.dist_timeout_minutes} must be > 0")
         if self.capacity_factor <= 0:
             raise ValueError(f"train.capacity_factor: {self.capacity_factor} must be > 0")
         if self.full_finetune and self.allocation:

@@ -14,7 +14,8 @@ import re
 import socket
 import subprocess
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
+from datetime import timedelta
 from pathlib import Path
 
 MPI_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
@@ -74,6 +75,45 @@ def adopt_launcher_env(environ: MutableMapping[str, str] = os.environ) -> str:
     names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     environ.update({name: str(value) for name, value in zip(names, values, strict=True)})
     return kind
+
+
+def device_and_backend(
+    requested: str | None = None, environ: Mapping[str, str] = os.environ, cuda_available: bool | None = None
+) -> tuple[str, str]:
+    """(device, torch.distributed backend) for this rank, the one place that decides it.
+
+    `requested`: None (the accelerator when there is one), "cpu", "cuda" (this rank's GPU: LOCAL_RANK) or "cuda:N".
+    CUDA goes with NCCL, which takes CUDA tensors only: every collective of the project runs on this device; the CPU
+    goes with gloo. Asking for CUDA where there is none is an error naming the option."""
+    if cuda_available is None:
+        import torch  # lazy: `layermoe --help` and the launch helpers do not load torch
+
+        cuda_available = torch.cuda.is_available()
+    if requested is None:
+        requested = "cuda" if cuda_available else "cpu"
+    if requested == "cpu":
+        return "cpu", "gloo"
+    if not re.fullmatch(r"cuda(:\d+)?", requested):
+        raise ValueError(f"device: {requested!r} is not 'cpu', 'cuda' or 'cuda:N'")
+    if not cuda_available:
+        raise ValueError(f"device: {requested!r} asked for, but no CUDA device is visible (torch.cuda.is_available())")
+    if requested == "cuda":
+        requested = f"cuda:{int(environ.get('LOCAL_RANK', 0))}"
+    return requested, "nccl"
+
+
+def init_process_group(backend: str, device: str, timeout_minutes: float) -> tuple[int, int]:
+    """Start torch.distributed through DeepSpeed (so its MPI discovery and groups apply) with a timeout; returns
+    (rank, world size). On NCCL the rank is bound to its device first, as NCCL requires."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    if backend == "nccl":
+        torch.cuda.set_device(torch.device(device))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=timeout_minutes))
+    return dist.get_rank(), dist.get_world_size()
 
 
 HOSTFILE_LINE = re.compile(r"(?P<host>[A-Za-z0-9_.:\-\[\]]+)\s+slots=(?P<slots>\d+)")

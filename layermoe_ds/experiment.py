@@ -275,13 +275,10 @@ def train_and_evaluate(ctx: Context, system: System, home: Path, model: Path, gr
 
 
 def grow_cached(model: Path, allocation: dict, out: Path) -> Path:
-    from layermoe_ds.data.tokenizer import load_tokenizer
-    from layermoe_ds.modeling.hf_export import save_model
-    from layermoe_ds.modeling.hf_loading import load_causal_lm
-    from layermoe_ds.modeling.upcycle import grow
+    from layermoe_ds.modeling.upcycle import grow_dir
 
     if not (out / "config.json").is_file():
-        save_model(grow(load_causal_lm(model), allocation), out, load_tokenizer(model))
+        grow_dir(model, allocation, out)
     return out
 
 

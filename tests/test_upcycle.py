@@ -209,3 +209,63 @@ def test_upcycle_and_grow_commands(tiny_base, tmp_path, capsys):
     from layermoe_ds.modeling.hf_loading import load_causal_lm
 
     assert load_causal_lm(tmp_path / "g").config.experts_per_layer == [5, 1, 3]
+
+
+@pytest.mark.parametrize("arch,dtype", [("llama", torch.float32), ("qwen2", torch.bfloat16)])
+def test_streamed_upcycle_writes_exactly_the_in_memory_model(arch, dtype, tmp_path, caplog):
+    """`upcycle_dir` reads the dense directory tensor by tensor and writes shard by shard, in the input's dtype: the
+    same tensors as `upcycle` + `save_model`, sharded with an index when asked, and without a tokenizer."""
+    from safetensors.torch import load_file
+
+    from layermoe_ds.modeling.streaming import INDEX
+    from layermoe_ds.modeling.upcycle import upcycle_dir
+
+    dense = tiny_dense(arch).to(dtype)
+    dense.save_pretrained(tmp_path / "dense")  # weights only: no tokenizer in the directory
+    save_model(upcycle(dense, ALLOCATION, seed=3), tmp_path / "memory")
+    config = upcycle_dir(tmp_path / "dense", ALLOCATION, tmp_path / "streamed", seed=3, max_shard_bytes=20_000)
+    assert config.dtype == dtype and "no tokenizer files" in caplog.text
+    shards = sorted((tmp_path / "streamed").glob("model-*-of-*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "streamed" / INDEX).is_file()
+    index = json.loads((tmp_path / "streamed" / INDEX).read_text())
+    streamed = {}
+    for shard in shards:
+        streamed.update(load_file(shard))
+    assert set(index["weight_map"]) == set(streamed)
+    reference = load_file(tmp_path / "memory" / "model.safetensors")
+    assert streamed.keys() == reference.keys()
+    for key, value in reference.items():
+        assert streamed[key].dtype == dtype and torch.equal(streamed[key], value), key
+    ours = json.loads((tmp_path / "streamed" / "config.json").read_text())
+    theirs = json.loads((tmp_path / "memory" / "config.json").read_text())
+    assert ours == theirs
+    assert sorted(p.name for p in (tmp_path / "streamed").glob("*.py")) == sorted(
+        p.name for p in (tmp_path / "memory").glob("*.py")
+    )
+    reloaded = load_layermoe(tmp_path / "streamed", dtype)  # sharded weights verified and loaded
+    ids = torch.randint(0, 97, (2, 9))
+    expected = upcycle(dense, ALLOCATION, seed=3)(input_ids=ids).logits
+    assert torch.equal(reloaded(input_ids=ids).logits, expected)
+
+
+@pytest.mark.parametrize("router", ["keep", "reinit"])
+def test_streamed_grow_writes_exactly_the_in_memory_model(router, tmp_path):
+    from safetensors.torch import load_file
+
+    from layermoe_ds.modeling.upcycle import grow_dir
+
+    model = upcycle(tiny_dense("llama"), ALLOCATION, seed=1)
+    perturb_new_experts(model)
+    save_model(model, tmp_path / "g1")
+    second = {"method": "layermoe", "experts_per_layer": [2, 3, 1, 2], "classifier_layers": [1, 2]}
+    save_model(grow(model, second, router, seed=5), tmp_path / "memory")
+    config = grow_dir(tmp_path / "g1", second, tmp_path / "streamed", router, seed=5)
+    assert config.experts_per_layer == [5, 3, 2, 4] and config.num_groups == 3
+    streamed = load_file(tmp_path / "streamed" / "model.safetensors")
+    reference = load_file(tmp_path / "memory" / "model.safetensors")
+    assert streamed.keys() == reference.keys()
+    for key, value in reference.items():
+        assert torch.equal(streamed[key], value), key
+    assert json.loads((tmp_path / "streamed" / "config.json").read_text()) == json.loads(
+        (tmp_path / "memory" / "config.json").read_text()
+    )

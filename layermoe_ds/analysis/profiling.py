@@ -11,27 +11,19 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from layermoe_ds.analysis.similarity import profile_blocks, profile_model, similarity_report
+from layermoe_ds.distributed import adopt_launcher_env, device_and_backend, init_process_group
 from layermoe_ds.io import write_json
 
 log = logging.getLogger(__name__)
 
 
-def distributed_context() -> tuple[int, int]:
-    """(rank, world size), initialising torch.distributed when launched with several ranks."""
-    import torch.distributed as dist
-
-    from layermoe_ds.distributed import adopt_launcher_env
-
+def distributed_context(backend: str, device: str, timeout_minutes: float = 30.0) -> tuple[int, int]:
+    """(rank, world size), initialising torch.distributed (on `backend`) when launched with several ranks."""
     adopt_launcher_env()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
+    return init_process_group(backend, device, timeout_minutes)
 
 
 def check_languages(old: Sequence[str], new: Sequence[str]) -> None:
@@ -81,8 +73,9 @@ def run_profile(
         if strict:
             raise ValueError(message + " (--strict)")
         log.warning("%s; profiling what there is", message)
-    rank, world = distributed_context()
-    device = device or (f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    adopt_launcher_env()  # LOCAL_RANK first: it picks this rank's GPU
+    device, backend = device_and_backend(device)
+    rank, world = distributed_context(backend, device)
     model = load_causal_lm(model_dir, parse_dtype(dtype), device)
     acc = profile_model(model, batches, batch_size, rank, world)
     report = similarity_report(

@@ -72,13 +72,16 @@ class SimilarityAccumulator:
     def count(self, lang_T: torch.Tensor) -> None:
         self.counts_G += torch.bincount(lang_T.cpu(), minlength=len(self.counts_G)).double()
 
-    def all_reduce(self) -> None:
-        """Sum over ranks when torch.distributed is initialised (each rank profiled a shard of the rows)."""
+    def all_reduce(self, device: torch.device | str = "cpu") -> None:
+        """Sum over ranks when torch.distributed is initialised (each rank profiled a shard of the rows). The sums
+        travel on `device`, the model's: NCCL reduces CUDA tensors only."""
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.sums_LGH)
-            dist.all_reduce(self.counts_G)
+            for name in ("sums_LGH", "counts_G"):
+                total = getattr(self, name).to(device)
+                dist.all_reduce(total)
+                setattr(self, name, total.cpu())
 
     def matrix(self) -> torch.Tensor:
         """S[i, a, b] = <mean(â), mean(b̂)> for every layer i and language pair (fp64)."""
@@ -123,7 +126,7 @@ def profile_model(
     finally:
         for handle in handles:
             handle.remove()
-    acc.all_reduce()
+    acc.all_reduce(device)
     return acc
 
 

@@ -26,10 +26,13 @@ def language_nll(
     batch_size: int = 8,
     max_tokens: int | None = None,
     after_forward: Callable[[torch.Tensor], None] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, float]:
     """Summed NLL (nats) and counts over one language's documents; `max_tokens` cuts at the first whole document
     that reaches it (and counts that prefix's bytes). `after_forward(valid_T)` runs after each batch with the
-    flattened mask of the input positions that are scored."""
+    flattened mask of the input positions that are scored. With `world_size` > 1 this rank scores every
+    world_size-th batch of windows (its partial sums: add them over ranks)."""
     kept, nbytes = stream.documents_covering(max_tokens)
     eos_1 = torch.tensor([tokenizer.eos_token_id])
 
@@ -40,7 +43,7 @@ def language_nll(
     starts = list(range(0, kept, seq_len))  # the scored stream is kept + 1 tokens long
     device = next(model.parameters()).device
     nll, count = 0.0, 0
-    for i in range(0, len(starts), batch_size):
+    for i in range(rank * batch_size, len(starts), world_size * batch_size):
         chunk = [window(s) for s in starts[i : i + batch_size]]
         width = max(len(c) for c in chunk)
         ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -78,13 +81,26 @@ def evaluate_languages(
     routing=None,
 ) -> dict[str, dict[str, float]]:
     """Per-language loss, perplexity and bits per byte; `routing` (a RoutingStats) also records each language's
-    routing on a LayerMoE model."""
+    routing on a LayerMoE model. Under torch.distributed the ranks share the windows and add their sums (on the
+    model's device, as NCCL needs); every rank returns the whole result."""
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     out = {}
-    for lang, stream in tqdm(streams.items(), desc="evaluate", disable=None):
+    for lang, stream in tqdm(streams.items(), desc="evaluate", disable=None if rank == 0 else True):
         hook = None if routing is None else (lambda valid, lang=lang: routing.update(model, lang, valid))
-        out[lang] = summarise(language_nll(model, tokenizer, stream, seq_len, batch_size, max_tokens, hook))
+        stats = language_nll(model, tokenizer, stream, seq_len, batch_size, max_tokens, hook, rank, world)
+        if distributed:
+            sums = torch.tensor([stats["nll"], stats["tokens"]], dtype=torch.float64, device=device)
+            dist.all_reduce(sums)
+            stats.update(nll=float(sums[0]), tokens=int(sums[1]))
+        out[lang] = summarise(stats)
+    if routing is not None:
+        routing.all_reduce(device)
     model.train(was_training)
     return out
 

@@ -38,6 +38,37 @@ class RoutingStats:
                     (predicted == self.groups[lang]).sum()
                 )
 
+    def all_reduce(self, device) -> None:
+        """Sum the counts over ranks (each rank evaluated a share of the windows); on `device`, NCCL's or gloo's.
+        A rank that saw no window of a language still takes part: the union of entries is agreed first."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        mine = {(layer, lang): len(e["load"]) for layer, langs in self.counts.items() for lang, e in langs.items()}
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        union = sorted({key: n for part in everyone for key, n in part.items()}.items())
+        flat = []
+        for (layer, lang), experts in union:
+            entry = self.counts.get(layer, {}).get(lang)
+            if entry is None:
+                flat.append(torch.zeros(4 + experts, dtype=torch.float64))
+                continue
+            has_cls = "classifier_correct" in entry
+            head = [entry["tokens"], entry["expert0"], entry.get("classifier_correct", 0), float(has_cls)]
+            flat.append(torch.cat([torch.tensor(head, dtype=torch.float64), entry["load"].double()]))
+        total = torch.cat(flat).to(device) if flat else torch.zeros(0, dtype=torch.float64, device=device)
+        dist.all_reduce(total)
+        total, offset = total.cpu(), 0
+        for (layer, lang), experts in union:
+            values = total[offset : offset + 4 + experts]
+            offset += 4 + experts
+            entry = {"tokens": int(values[0]), "expert0": int(values[1]), "load": values[4:].long()}
+            if values[3] > 0:
+                entry["classifier_correct"] = int(values[2])
+            self.counts.setdefault(layer, {})[lang] = entry
+
     def result(self) -> dict:
         """{"layers": {layer: {"tokens": {lang: n}, "expert0_share": {lang: x}, "expert_load": {lang: [..]},
         "classifier_accuracy": {lang: x}}}, "old_to_expert0": {layer: x}} (old = group 0, token-weighted)."""

@@ -167,7 +167,10 @@ def block_to_expert_parallel(
         target.load_state_dict(source.state_dict())
         for p_target, p_source in zip(target.parameters(), source.parameters(), strict=True):
             p_target.requires_grad_(p_source.requires_grad)
-    block.moe = moe.to(next(block.base_ffn.parameters()).device)
+    device = next(block.base_ffn.parameters()).device
+    # A model still on the meta device (training/build.py) is materialised later, parameters only: the routing
+    # buffer (slot_of_expert) must stay real.
+    block.moe = moe if device.type == "meta" else moe.to(device)
     return ep
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -55,12 +56,17 @@ def _classes_for(dense_config):
     return ARCHITECTURES[model_type]
 
 
-def _seeded_xavier(weight: torch.Tensor, seed: int, layer: int, salt: int) -> None:
+def seeded_xavier(shape: Sequence[int], seed: int, layer: int, salt: int) -> torch.Tensor:
+    """Xavier-normal fp32 weights seeded by (seed, layer, salt): the same on every rank and every rerun."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + layer * 101 + salt)
-    fan_out, fan_in = weight.shape
+    fan_out, fan_in = shape
     std = (2.0 / (fan_in + fan_out)) ** 0.5
+    return torch.randn(tuple(shape), generator=generator) * std
+
+
+def _seeded_xavier(weight: torch.Tensor, seed: int, layer: int, salt: int) -> None:
     with torch.no_grad():
-        weight.copy_(torch.randn(weight.shape, generator=generator) * std)
+        weight.copy_(seeded_xavier(weight.shape, seed, layer, salt))
 
 
 def _check_allocation(allocation: dict, num_layers: int) -> tuple[list[int], list[int]]:
@@ -91,15 +97,13 @@ def _usable_classifier_layers(requested: Sequence[int], counts: Sequence[int]) -
     return sorted(i for i in requested if counts[i] > 1)
 
 
-def upcycle(
-    dense: nn.Module, allocation: dict, top_k: int = 2, classifier_mode: str = "per-token", seed: int = 0
-) -> nn.Module:
-    """A LayerMoE model from a dense HF causal LM and an allocation (see `layermoe allocate`)."""
-    config_cls, model_cls = _classes_for(dense.config)
-    dense_config = {k: v for k, v in dense.config.to_dict().items() if k not in _DENSE_CONFIG_DROP}
-    counts, requested = _check_allocation(allocation, dense.config.num_hidden_layers)
+def upcycled_config(dense_config, allocation: dict, top_k: int = 2, classifier_mode: str = "per-token"):
+    """(LayerMoE config, model class) for a dense HF config and an allocation."""
+    config_cls, model_cls = _classes_for(dense_config)
+    dense_dict = {k: v for k, v in dense_config.to_dict().items() if k not in _DENSE_CONFIG_DROP}
+    counts, requested = _check_allocation(allocation, dense_config.num_hidden_layers)
     config = config_cls(
-        **dense_config,
+        **dense_dict,
         experts_per_layer=counts,
         expert_groups=[[0] + [1] * (n - 1) for n in counts],
         num_groups=2,
@@ -109,6 +113,16 @@ def upcycle(
         moe_top_k=top_k,
         allocation={"history": [_allocation_record(allocation)]},
     )
+    return config, model_cls
+
+
+def upcycle(
+    dense: nn.Module, allocation: dict, top_k: int = 2, classifier_mode: str = "per-token", seed: int = 0
+) -> nn.Module:
+    """A LayerMoE model from a dense HF causal LM and an allocation (see `layermoe allocate`), in memory: the
+    reference for `upcycle_dir`, which streams the same tensors."""
+    config, model_cls = upcycled_config(dense.config, allocation, top_k, classifier_mode)
+    counts = config.experts_per_layer
     model = model_cls(config).to(next(dense.parameters()).dtype)
     state = {}
     for key, value in dense.state_dict().items():
@@ -132,14 +146,79 @@ def upcycle(
     return model
 
 
-def grow(model: nn.Module, allocation: dict, router: str = "keep", seed: int = 0) -> nn.Module:
-    """Lifelong step: add N_i − 1 experts per layer for a new language group (N_i from the new allocation, counted
-    like any allocation: the original FFN plus the experts to add)."""
+def upcycle_source_name(name: str, counts: Sequence[int]) -> str | tuple[str, int]:
+    """Where an upcycled model's tensor comes from: the dense tensor's name, or ("router"|"classifier", layer)."""
+    match = re.match(r"model\.layers\.(\d+)\.mlp\.(.+)", name)
+    if match is None or counts[int(match.group(1))] == 1:
+        return name
+    layer, rest = int(match.group(1)), match.group(2)
+    if rest == "gate.router.weight":
+        return ("router", layer)
+    if rest == "gate.lang_classifier.weight":
+        return ("classifier", layer)
+    if rest.startswith("base_ffn."):
+        return f"model.layers.{layer}.mlp.{rest[len('base_ffn.') :]}"
+    if rest.startswith(NEW_EXPERT_PREFIX + "."):
+        return f"model.layers.{layer}.mlp.{rest[len(NEW_EXPERT_PREFIX) + 1 :].split('.', 1)[1]}"
+    raise ValueError(f"upcycle: no source for {name}")
+
+
+def upcycle_dir(
+    model_dir: Path,
+    allocation: dict,
+    out: Path,
+    top_k: int = 2,
+    classifier_mode: str = "per-token",
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 5 * 10**9,
+):
+    """`layermoe upcycle`: read the dense directory tensor by tensor and write the LayerMoE directory shard by
+    shard, in the input's dtype unless `dtype` says otherwise; no model is materialised. The same tensors as
+    `upcycle` (tested). Returns the LayerMoE config."""
+    from transformers import AutoConfig
+
+    from layermoe_ds.modeling.streaming import Planned, TensorSource, saved_keys, write_model_dir
+
+    model_dir = Path(model_dir)
+    dense_config = AutoConfig.from_pretrained(model_dir)
+    if is_layermoe(dense_config):
+        raise ValueError(f"upcycle: {model_dir} is already a LayerMoE model; use `layermoe grow` to add languages")
+    config, model_cls = upcycled_config(dense_config, allocation, top_k, classifier_mode)
+    source = TensorSource(model_dir)
+    dtype = dtype or source.dtype("model.embed_tokens.weight")
+    config.dtype = dtype
+    counts = config.experts_per_layer
+    with torch.device("meta"):
+        skeleton = model_cls(config)
+    plan, used = [], set()
+    for name, (shape, _) in saved_keys(skeleton).items():
+        origin = upcycle_source_name(name, counts)
+        if isinstance(origin, tuple):
+            kind, layer = origin
+            salt = 1 if kind == "router" else 2
+            make = lambda shape=shape, layer=layer, salt=salt: seeded_xavier(shape, seed, layer, salt)  # noqa: E731
+        else:
+            if origin not in source:
+                raise ValueError(f"upcycle: {model_dir} has no tensor {origin!r} (needed for {name})")
+            if source.shape(origin) != shape:
+                raise ValueError(
+                    f"upcycle: {model_dir}: {origin} has shape {source.shape(origin)}, config.json implies {shape}"
+                )
+            used.add(origin)
+            make = lambda origin=origin: source.get(origin)  # noqa: E731
+        plan.append(Planned(name, shape, dtype, make))
+    unused = sorted(set(source.names()) - used - {"lm_head.weight"})
+    if unused:
+        raise ValueError(f"upcycle: {model_dir} holds tensors the model does not use: {unused[:3]}")
+    write_model_dir(out, config, model_cls, plan, max_shard_bytes, tokenizer_from=model_dir)
+    return config
+
+
+def grown_config(old, allocation: dict, router: str = "keep"):
+    """(config, model class) of a LayerMoE config grown by one language group as `allocation` says."""
     if router not in ("keep", "reinit"):
         raise ValueError(f"grow: --router {router!r} must be 'keep' or 'reinit'")
-    if not is_layermoe(model):
-        raise ValueError(f"grow: {type(model).__name__} is not a LayerMoE model; use `layermoe upcycle` first")
-    old = model.config
     added, requested = _check_allocation(allocation, old.num_hidden_layers)
     new_group = old.num_groups
     counts = [n + a - 1 for n, a in zip(old.experts_per_layer, added, strict=True)]
@@ -155,7 +234,83 @@ def grow(model: nn.Module, allocation: dict, router: str = "keep", seed: int = 0
         classifier_routing=False,
         allocation={"history": [*(old.allocation or {}).get("history", []), _allocation_record(allocation)]},
     )
-    grown = model_cls(config_cls(**config_dict)).to(next(model.parameters()).dtype)
+    return config_cls(**config_dict), model_cls
+
+
+def grown_tensor(name: str, shape, old, counts: Sequence[int], source, router: str, seed: int) -> torch.Tensor:
+    """One tensor of the grown model, from the old model's tensors (`source.get(name)`): the rules of `grow`."""
+    match = re.match(r"model\.layers\.(\d+)\.mlp\.(.+)", name)
+    if match is None or counts[int(match.group(1))] == 1:
+        return source.get(name)
+    layer, rest = int(match.group(1)), match.group(2)
+    prefix, n_old, new_group = f"model.layers.{layer}.mlp", old.experts_per_layer[layer], old.num_groups
+    ffn = prefix if n_old == 1 else f"{prefix}.base_ffn"  # the original FFN in the old model
+    if rest.startswith("base_ffn."):
+        return source.get(f"{ffn}.{rest[len('base_ffn.') :]}")
+    if rest.startswith(NEW_EXPERT_PREFIX + "."):
+        j, tail = rest[len(NEW_EXPERT_PREFIX) + 1 :].split(".", 1)
+        return source.get(name) if int(j) < n_old - 1 else source.get(f"{ffn}.{tail}")
+    if rest == "gate.router.weight":
+        weight = seeded_xavier(shape, seed, layer, 10 + new_group)
+        if router == "keep" and n_old > 1:
+            weight[:n_old] = source.get(name)
+        return weight
+    if rest == "gate.lang_classifier.weight":
+        weight = seeded_xavier(shape, seed, layer, 20 + new_group)
+        if n_old > 1 and layer in old.classifier_layers:
+            weight[:new_group] = source.get(name)
+        return weight
+    raise ValueError(f"grow: no source for {name}")
+
+
+def grow_dir(
+    model_dir: Path,
+    allocation: dict,
+    out: Path,
+    router: str = "keep",
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 5 * 10**9,
+):
+    """`layermoe grow`, streamed like `upcycle_dir`: the same tensors as `grow` (tested). Returns the config."""
+    from layermoe_ds.modeling.hf_export import layermoe_model_type
+    from layermoe_ds.modeling.streaming import Planned, TensorSource, saved_keys, write_model_dir
+
+    model_dir = Path(model_dir)
+    model_type = layermoe_model_type(model_dir)
+    if model_type is None:
+        raise ValueError(f"grow: {model_dir} is not a LayerMoE model; use `layermoe upcycle` first")
+    old = LAYERMOE_TYPES[model_type][0].from_pretrained(model_dir)
+    config, model_cls = grown_config(old, allocation, router)
+    source = TensorSource(model_dir)
+    dtype = dtype or source.dtype("model.embed_tokens.weight")
+    config.dtype = dtype
+    with torch.device("meta"):
+        skeleton = model_cls(config)
+    plan = [
+        Planned(
+            name,
+            shape,
+            dtype,
+            lambda name=name, shape=shape: grown_tensor(
+                name, shape, old, config.experts_per_layer, source, router, seed
+            ),
+        )  # fmt: skip
+        for name, (shape, _) in saved_keys(skeleton).items()
+    ]
+    write_model_dir(out, config, model_cls, plan, max_shard_bytes, tokenizer_from=model_dir)
+    return config
+
+
+def grow(model: nn.Module, allocation: dict, router: str = "keep", seed: int = 0) -> nn.Module:
+    """Lifelong step: add N_i − 1 experts per layer for a new language group (N_i from the new allocation, counted
+    like any allocation: the original FFN plus the experts to add)."""
+    if not is_layermoe(model):
+        raise ValueError(f"grow: {type(model).__name__} is not a LayerMoE model; use `layermoe upcycle` first")
+    old = model.config
+    config, model_cls = grown_config(old, allocation, router)
+    counts, new_group = config.experts_per_layer, old.num_groups
+    grown = model_cls(config).to(next(model.parameters()).dtype)
     old_state = model.state_dict()
     state = {}
     for key, value in old_state.items():

@@ -64,8 +64,9 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def layout_of(model) -> dict:
-    """The expert layout a checkpoint belongs to (all None for a dense model: the full fine-tune baseline)."""
-    config = model.config
+    """The expert layout a checkpoint belongs to (all None for a dense model: the full fine-tune baseline); a model
+    or its config."""
+    config = getattr(model, "config", model)
     if not hasattr(config, "experts_per_layer"):
         return {"experts_per_layer": None, "expert_groups": None, "classifier_layers": None}
     return {

@@ -11,7 +11,6 @@ import copy
 import hashlib
 import json
 import logging
-import os
 import signal
 import time
 from pathlib import Path
@@ -21,13 +20,14 @@ import torch
 import torch.distributed as dist
 
 from layermoe_ds.config import TrainConfig, to_dict
-from layermoe_ds.distributed import release_shm_buffers
+from layermoe_ds.distributed import device_and_backend, init_process_group, release_shm_buffers
 from layermoe_ds.io import read_json, write_json
 from layermoe_ds.training.losses import moe_blocks, stage_losses
 
 log = logging.getLogger("layermoe.train")
 
 RESOLVED = "resolved_config.json"
+CENSUS = "rank_census.json"  # per rank: the tensors and bytes it materialised, the experts it holds per layer
 
 
 class StopFlag:
@@ -67,8 +67,9 @@ def _check_run_dir(out: Path, resolved: dict) -> None:
 
 
 # Settings that may change between a run and its resumption: how it resumes and logs, where the directory is, and
-# activation checkpointing (memory, not numbers: a run that ran out of memory resumes with it on).
-UNFINGERPRINTED = ("resume", "log_every", "out", "activation_checkpointing")
+# activation checkpointing (memory, not numbers: a run that ran out of memory resumes with it on), and the
+# process-group timeout.
+UNFINGERPRINTED = ("resume", "log_every", "out", "activation_checkpointing", "dist_timeout_minutes")
 
 
 def _fingerprint(train: dict, ds: dict, stage: int) -> str:
@@ -77,54 +78,16 @@ def _fingerprint(train: dict, ds: dict, stage: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _load_model(config: TrainConfig, stage: int, dtype: torch.dtype):
-    from layermoe_ds.modeling.hf_loading import load_causal_lm
-    from layermoe_ds.modeling.upcycle import is_layermoe, upcycle
-
-    model = load_causal_lm(Path(config.model), dtype)
-    if config.full_finetune:
-        if stage != 1 or is_layermoe(model):
-            raise ValueError(
-                f"train.full_finetune: the dense baseline is a stage-1 run from a dense model "
-                f"(stage {stage}, model {config.model} is {'a LayerMoE' if is_layermoe(model) else 'dense'})"
-            )
-        return model.train()
-    if not is_layermoe(model):
-        if stage != 1 or not config.allocation:
-            raise ValueError(
-                f"train.model: {config.model} is a dense model; stage 1 upcycles it when "
-                "train.allocation is given, stage 2 needs the stage-1 model"
-            )
-        model = upcycle(model, read_json(Path(config.allocation), "allocation"), seed=config.seed)
-    elif config.allocation:
-        wanted = read_json(Path(config.allocation), "allocation")["experts_per_layer"]
-        history = (model.config.allocation or {}).get("history", [{}])
-        if history[-1].get("experts_per_layer") != wanted:
-            raise ValueError(
-                f"train.allocation: {config.allocation} ({wanted}) is not the allocation "
-                f"{config.model} was built from ({history[-1].get('experts_per_layer')})"
-            )
-    if model.config.num_groups != len(config.language_groups):
-        raise ValueError(
-            f"train.language_groups: {len(config.language_groups)} groups, but the model knows "
-            f"{model.config.num_groups} (old + one per expansion)"
-        )
-    model.set_classifier_routing(stage == 2)
-    return model.train()
-
-
 def run_stage(stage: int, config: TrainConfig, ds_config: dict) -> int:
     """Train `stage` (1 or 2) as configured; returns a process exit code."""
-    import deepspeed
 
     from layermoe_ds.data.packing import BlockSampler
     from layermoe_ds.data.stage_data import stage_blocks
     from layermoe_ds.data.tokenizer import load_tokenizer
-    from layermoe_ds.modeling.moe_layer import to_expert_parallel
     from layermoe_ds.training import checkpoint
+    from layermoe_ds.training.build import build_model, check_model
     from layermoe_ds.training.engine import check_ds_config, initialize, model_dtype
     from layermoe_ds.training.metrics import MetricsLogger
-    from layermoe_ds.training.stages import apply_full_finetune, apply_stage
 
     process_start = psutil.Process().create_time()
     # Stage 2 hands DeepSpeed an fp32 config (engine.py explains); the JSON's bf16 still sets the frozen precision.
@@ -141,45 +104,36 @@ def run_stage(stage: int, config: TrainConfig, ds_config: dict) -> int:
     tokenizer = load_tokenizer(Path(config.model))
     blocks = stage_blocks(config, stage, tokenizer, Path(config.model))
 
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":  # before any collective: NCCL binds each rank to its device
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    deepspeed.init_distributed(dist_backend=backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    device_name, backend = device_and_backend()
+    rank, world = init_process_group(backend, device_name, config.dist_timeout_minutes)
     if backend == "gloo":  # every rank has mapped the CPU all-reduce segments by now: drop their names
         dist.barrier()
         release_shm_buffers()
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}") if backend == "nccl" else torch.device("cpu")
+    device = torch.device(device_name)
     torch.manual_seed(config.seed)
-    model = _load_model(config, stage, torch.float32)
     newest = checkpoint.complete_checkpoints(out)
-    if newest and config.resume == "auto":  # refuse another allocation's checkpoint before anything is written
-        checkpoint.check_compatible(read_json(newest[-1] / checkpoint.MARKER, "checkpoint marker"), model, newest[-1])
+    if newest and config.resume == "auto":  # refuse another allocation's checkpoint before anything is built
+        marker = read_json(newest[-1] / checkpoint.MARKER, "checkpoint marker")
+        checkpoint.check_compatible(marker, check_model(config, stage), newest[-1])
+    built = build_model(config, stage, world, frozen_dtype, device)
+    model, ep_sizes, trainable = built.model, built.ep_sizes, built.trainable
     micro = ds_config["train_micro_batch_size_per_gpu"]
     sampler = BlockSampler(len(blocks), micro, config.seed, rank, world)
-    if config.full_finetune:
-        ep_sizes, trainable = {}, apply_full_finetune(model)
-    else:
-        ep_sizes = to_expert_parallel(
-            model, world, config.expert_parallel_size, config.capacity_factor, drop_tokens=config.drop_tokens
-        )
-        trainable = apply_stage(model, stage)
     if config.activation_checkpointing:
         # Non-reentrant: the reentrant variant runs the forward without autograd, so the balance, LPR and
         # classifier losses the blocks record on the side (block.aux) would get no gradient (tested), and with
         # frozen embeddings a layer's input needs none either, which it needs to backpropagate at all.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if stage == 2:  # frozen tensors in the configured precision, trainable gates in fp32 (engine.py explains)
-        for param in model.parameters():
-            if not param.requires_grad:
-                param.data = param.data.to(frozen_dtype)
-    model.to(device)
+    model.to(device)  # the buffers (rotary frequencies, routing tables): the parameters were made there
+    census: list = [None] * world
+    dist.all_gather_object(census, built.census)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_json(
             out / RESOLVED,
             {**resolved, "ep_sizes": ep_sizes, "world_size": world, "data_tokens": blocks.tokens_per_lang},
         )
+        write_json(out / CENSUS, {str(r): c for r, c in enumerate(census)})
     engine, _, scheduler = initialize(model, trainable, config, ds_config)
 
     step = 0
@@ -201,13 +155,16 @@ def run_stage(stage: int, config: TrainConfig, ds_config: dict) -> int:
             ids, labels = blocks.batch(sampler.next_indices())
             ids = ids.to(device)
             groups = labels[:, None].expand_as(ids).to(device)
-            output = engine(input_ids=ids, labels=ids)
+            # No KV cache in training; and this step's outputs (the [batch × seq × vocab] logits above all) are
+            # dropped before the next forward, not kept alive through it.
+            output = engine(input_ids=ids, labels=ids, use_cache=False)
             losses = stage_losses(
                 model, output.loss, groups, stage, config.balance_alpha, config.lpr_gamma, config.cls_eta
             )
             engine.backward(losses.total)
             engine.step()
             _accumulate(sums, model, losses, groups, accumulation)
+            del output, losses
         step += 1
         scalars = _reduce_scalars(sums, device)
         scalars["lr"] = scheduler.get_last_lr()[0]
@@ -356,15 +313,18 @@ def export_model(model, tokenizer, out: Path, stage: int) -> None:
         if dist.get_rank() == 0:
             save_model(model, out, tokenizer)
             log.info("exported %s", out)
-        dist.barrier()
         return
     state = consolidated_state_dict(model)
     if state is not None:
         config = model.config
         config.classifier_routing = stage == 2
         _, model_cls = LAYERMOE_TYPES[config.model_type]
-        local = model_cls(config)
-        local.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+        with torch.device("meta"):  # no random initialisation of a model about to be overwritten
+            local = model_cls(config)
+        # The trained tensors as they are: the export is in the run's precision (bf16 stays bf16).
+        local.load_state_dict(state, strict=True, assign=True)
+        local.tie_weights()
         save_model(local, out, tokenizer)
         log.info("exported %s", out)
-    dist.barrier()
+    # No barrier after rank 0's write: the other ranks are done and exit, so no collective waits on the export,
+    # however long writing a large model takes (the launcher returns when every rank has).

@@ -34,6 +34,17 @@ def _newest_group_expert(model, name: str, match: re.Match) -> bool:
     return block.gate.expert_groups[1 + global_id] == model.config.num_groups - 1
 
 
+def trained_group(model: nn.Module, name: str, stage: int) -> str | None:
+    """The stage's parameter group that trains parameter `name`, or None when it stays frozen."""
+    if stage not in STAGE_TABLE:
+        raise ValueError(f"stage: {stage} is not one of {sorted(STAGE_TABLE)}")
+    for group, pattern, newest_only in STAGE_TABLE[stage]:
+        match = pattern.search(name)
+        if match and (not newest_only or _newest_group_expert(model, name, match)):
+            return group
+    return None
+
+
 def apply_stage(model: nn.Module, stage: int) -> dict[str, list[nn.Parameter]]:
     """Freeze everything, then unfreeze what `stage` trains; returns group name → trainable parameters."""
     if stage not in STAGE_TABLE:
@@ -41,13 +52,10 @@ def apply_stage(model: nn.Module, stage: int) -> dict[str, list[nn.Parameter]]:
     groups: dict[str, list[nn.Parameter]] = {name: [] for name, _, _ in STAGE_TABLE[stage]}
     frozen = 0
     for name, param in model.named_parameters():
-        param.requires_grad_(False)
-        for group, pattern, newest_only in STAGE_TABLE[stage]:
-            match = pattern.search(name)
-            if match and (not newest_only or _newest_group_expert(model, name, match)):
-                param.requires_grad_(True)
-                groups[group].append(param)
-                break
+        group = trained_group(model, name, stage)
+        param.requires_grad_(group is not None)
+        if group is not None:
+            groups[group].append(param)
         else:
             frozen += param.numel()
     counts = {group: sum(p.numel() for p in params) for group, params in groups.items()}
