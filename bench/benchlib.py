@@ -21,12 +21,14 @@ def launch(
     run_yaml = workdir / f"stage{stage}_w{ranks}_{port}.yaml"
     run_yaml.write_text(yaml.safe_dump(config))
     deepspeed = Path(sys.executable).parent / "deepspeed"
-    env = {
-        **os.environ,
-        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(ROOT),
-    }
+    if os.environ.get("DS_ACCELERATOR", "cpu") == "cpu":
+        # The project's CPU launch environment: gloo ranks with a thread each, and DeepSpeed's shm op from the
+        # per-venv build the tests made (not a fresh ~40 s compile inside the first run being timed).
+        from layermoe_ds.distributed import cpu_launch_env
+
+        env = cpu_launch_env(PYTHONPATH=str(ROOT))
+    else:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [
         str(deepspeed),
         "--num_gpus",
@@ -39,7 +41,7 @@ def launch(
         "--deepspeed_config",
         str(ROOT / "ds_configs" / ds_json),
     ]
-    if env["DS_ACCELERATOR"] == "cpu":
+    if env.get("DS_ACCELERATOR") == "cpu":
         cmd.append(str(ROOT / "ds_configs" / "cpu.json"))
     cmd += [str(path) for path in extra_json]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)

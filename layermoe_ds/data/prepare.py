@@ -67,11 +67,17 @@ class Chunk:
 
 
 def batch_encoder(tokenizer):
-    """texts → token id lists, without special tokens: the fast tokenizer's own batch call when it has one."""
+    """texts → token id lists, without special tokens: the fast tokenizer's own batch call when it has one
+    (`encode_batch_fast` where the tokenizers library has it: the same ids, no character offsets computed)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        return lambda texts: [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+        return _backend_encoder(backend)
     return lambda texts: tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+
+def _backend_encoder(backend):
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return lambda texts: [e.ids for e in encode(texts, add_special_tokens=False)]
 
 
 class _ShardWriter:
@@ -132,9 +138,11 @@ def tokenize_chunk(chunk: Chunk, shards: Path, encode, eos: int, dtype: np.dtype
     """Tokenize one chunk into its shards and write its record; returns the record."""
     writers: dict[tuple[str, str], _ShardWriter] = {}
     buffers: dict[tuple[str, str], tuple[list[str], list[int]]] = {}
+    buffered: dict[tuple[str, str], int] = {}
 
     def flush(key):
         texts, nbytes = buffers.pop(key)
+        buffered.pop(key)
         writers[key].add(encode(texts), nbytes, eos)
 
     seen: set[str] = set()
@@ -150,7 +158,8 @@ def tokenize_chunk(chunk: Chunk, shards: Path, encode, eos: int, dtype: np.dtype
         texts, sizes = buffers.setdefault(key, ([], []))
         texts.append(text)
         sizes.append(nbytes)
-        if sum(sizes) >= BATCH_BYTES:
+        buffered[key] = buffered.get(key, 0) + nbytes
+        if buffered[key] >= BATCH_BYTES:
             flush(key)
     for key in list(buffers):
         flush(key)
@@ -167,8 +176,15 @@ def tokenize_chunk(chunk: Chunk, shards: Path, encode, eos: int, dtype: np.dtype
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer_dir: str) -> None:
+def _init_worker(backend_spec: str | None, tokenizer_dir: str, eos: int) -> None:
+    """A worker gets the main process's exact tokenizer: a fast tokenizer's serialised backend (no transformers
+    import, well under a second to start), else the directory loaded again."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread a worker: the workers are the parallelism
+    if backend_spec is not None:
+        from tokenizers import Tokenizer
+
+        _WORKER.update(encode=_backend_encoder(Tokenizer.from_str(backend_spec)), eos=eos)
+        return
     from layermoe_ds.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(Path(tokenizer_dir))
@@ -293,8 +309,13 @@ def _run_chunks(chunks, shards, tokenizer, tokenizer_dir, dtype, selection, work
         for chunk in chunks:
             yield tokenize_chunk(chunk, shards, encode, tokenizer.eos_token_id, dtype, selection)
         return
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = backend.to_str() if backend is not None else None
     with ProcessPoolExecutor(
-        workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(str(tokenizer_dir),)
+        workers,
+        mp_context=get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(spec, str(tokenizer_dir), tokenizer.eos_token_id),
     ) as pool:
         futures = [pool.submit(_worker_task, c, str(shards), dtype.str, selection) for c in chunks]
         for future in futures:  # in order: an error surfaces as the first failing chunk's
