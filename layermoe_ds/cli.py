@@ -341,6 +341,7 @@ def _add_export(sub) -> None:
     )
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--base", type=Path, default=None, help="the base model's new location, if it has moved")
     p.set_defaults(func=_cmd_export)
 
 
@@ -351,7 +352,7 @@ def _cmd_export(args) -> int:
     from layermoe_ds.training.checkpoint import model_from_checkpoint
 
     _refuse_overwrite(args.out)
-    model, path, marker = model_from_checkpoint(args.checkpoint)
+    model, path, marker = model_from_checkpoint(args.checkpoint, args.base)
     save_model(model.to(parse_dtype(args.dtype)), args.out, load_tokenizer(path))
     print(f"exported {path} (step {marker['step']}) to {args.out}")
     return 0
@@ -403,6 +404,7 @@ def _add_evaluate(sub) -> None:
         "--device", default=None, help="cpu, cuda or cuda:N (default: this rank's GPU when there is one, else cpu)"
     )
     p.add_argument("--dist-timeout-minutes", type=float, default=30.0, help="process-group timeout under a launcher")
+    p.add_argument("--base", type=Path, default=None, help="for a checkpoint: its base model's new location")
     p.add_argument("--out", type=Path, default=None, help="write results as JSON")
     p.set_defaults(func=_cmd_evaluate)
 
@@ -426,7 +428,7 @@ def _cmd_evaluate(args) -> int:
     check_source(args.model)
     adopt_launcher_env()  # under deepspeed/torchrun/mpirun the ranks share the windows
     device, backend = device_and_backend(args.device)
-    model, tokenizer_dir, described = load_for_evaluation(args.model, parse_dtype(args.dtype), device)
+    model, tokenizer_dir, described = load_for_evaluation(args.model, parse_dtype(args.dtype), device, args.base)
     tokenizer = load_tokenizer(tokenizer_dir)
     streams = open_streams(args.data, tokenizer, tokenizer_dir, args.langs, args.split)
     rank = 0

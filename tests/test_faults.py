@@ -243,3 +243,40 @@ def test_export_and_evaluate_from_a_deepspeed_checkpoint(reference, corpus_dir, 
     from_run, from_model = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("run", "model"))
     assert from_run["model"].startswith("checkpoint ") and "(step 10)" in from_run["model"]
     assert {k: v for k, v in from_run.items() if k != "model"} == {k: v for k, v in from_model.items() if k != "model"}
+
+
+def test_checkpoints_are_slim_and_point_at_their_base(reference, upcycled, corpus_dir, tmp_path):
+    """A checkpoint holds what training changes and a pointer to the frozen base (path, sizes, SHA-256): stage 1
+    the routers (and, in DeepSpeed's per-expert files, the trained experts), stage 2 the gates alone. A moved base
+    is found again by pointing at it (training resumes exactly; export takes --base); a changed one is refused."""
+    from layermoe_ds.cli import main
+    from layermoe_ds.training.checkpoint import MARKER, complete_checkpoints
+
+    for stage in (1, 2):  # both reference runs start from the upcycled model
+        newest = complete_checkpoints(reference[stage])[-1]
+        marker = json.loads((newest / MARKER).read_text())
+        assert marker["base"]["path"] == str(upcycled.resolve()) and "model.safetensors" in marker["base"]["files"]
+        module = torch.load(newest / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        assert module and all(".gate." in key for key in module), sorted(module)[:5]
+        experts = list(newest.glob("layer_*_expert_*"))
+        assert bool(experts) == (stage == 1) and marker["gates_only"] == (stage == 2)
+    # Stage 2 resumed from its step-4 checkpoint with the base moved: the uninterrupted run's numbers.
+    moved = tmp_path / "moved_base"
+    shutil.copytree(upcycled, moved)
+    run_dir = tmp_path / "stage2"
+    shutil.copytree(reference[2], run_dir)
+    for path in complete_checkpoints(run_dir)[-2:]:
+        if not path.name.endswith("00000004"):
+            shutil.rmtree(path)
+    shutil.rmtree(run_dir / "model")
+    run(2, config_for(2, moved, corpus_dir, run_dir), tmp_path, DS_JSON[2])
+    assert_same_run(run_dir, reference[2])
+    # Offline: the export reads the base through the pointer, or --base; a changed base is named.
+    export = ["export", "--checkpoint", str(reference[2])]
+    assert main([*export, "--out", str(tmp_path / "a")]) == 0
+    assert main([*export, "--base", str(moved), "--out", str(tmp_path / "b")]) == 0
+    a, b = (load_file(tmp_path / name / "model.safetensors") for name in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    weights = moved / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    assert main([*export, "--base", str(moved), "--out", str(tmp_path / "c")]) == 2

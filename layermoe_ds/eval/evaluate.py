@@ -30,14 +30,14 @@ def check_source(path: Path) -> None:
         check_model_dir(path)
 
 
-def load_for_evaluation(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+def load_for_evaluation(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu", base: Path | None = None):
     """(model, the directory holding its tokenizer, what was loaded): model directories and checkpoints alike."""
     from layermoe_ds.modeling.hf_loading import load_causal_lm
     from layermoe_ds.training.checkpoint import model_from_checkpoint
 
     path = Path(path)
     if is_checkpoint_source(path):
-        model, checkpoint_dir, marker = model_from_checkpoint(path)
+        model, checkpoint_dir, marker = model_from_checkpoint(path, base)
         described = f"checkpoint {checkpoint_dir} (step {marker['step']})"
         return model.to(dtype=dtype, device=device), checkpoint_dir, described
     return load_causal_lm(path, dtype, device), path, str(path)

@@ -137,31 +137,63 @@ def shard_plan(tensors: Sequence[Planned], max_shard_bytes: int) -> list[list[Pl
     return shards
 
 
+class ShardWriter:
+    """Tensors in, HF safetensors out, one shard in memory at a time: `model.safetensors` when everything fits in
+    one shard, else `model-0000k-of-0000n.safetensors` and the index (shards are renamed once n is known)."""
+
+    def __init__(self, directory: Path, max_shard_bytes: int):
+        self.directory, self.max_shard_bytes = Path(directory), max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.files: list[Path] = []
+        self.shard_of: dict[str, int] = {}
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.max_shard_bytes:
+            self.flush()
+        if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != nbytes:
+            tensor = tensor.clone(memory_format=torch.contiguous_format)  # a view (ZeRO's flat buffer): its own copy
+        self.pending[name] = tensor
+        self.pending_bytes += nbytes
+        self.shard_of[name] = len(self.files)
+        self.total += nbytes
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        path = self.directory / f"shard-{len(self.files):05d}.tmp"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.files.append(path)
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        self.flush()
+        count = len(self.files)
+        names = (
+            ["model.safetensors"]
+            if count == 1
+            else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        )
+        for path, name in zip(self.files, names, strict=True):
+            path.rename(self.directory / name)
+        if count > 1:
+            weight_map = {tensor: names[shard] for tensor, shard in self.shard_of.items()}
+            index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+            (self.directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        return names
+
+
 def write_safetensors(directory: Path, tensors: Sequence[Planned], max_shard_bytes: int) -> list[str]:
-    """Write `tensors` as HF safetensors (one `model.safetensors`, or `model-0000k-of-0000n.safetensors` and the
-    index), one shard in memory at a time; returns the file names."""
-    shards = shard_plan(tensors, max_shard_bytes)
-    names = (
-        ["model.safetensors"]
-        if len(shards) == 1
-        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    )
-    weight_map = {}
-    for name, shard in zip(names, shards, strict=True):
-        state = {}
-        for planned in shard:
-            tensor = planned.make().to(planned.dtype).contiguous()
-            if tuple(tensor.shape) != planned.shape:
-                raise AssertionError(f"{planned.name}: made {tuple(tensor.shape)}, planned {planned.shape}")
-            state[planned.name] = tensor
-            weight_map[planned.name] = name
-        save_file(state, str(Path(directory) / name), metadata={"format": "pt"})
-        del state
-    if len(shards) > 1:
-        total = sum(t.nbytes for t in tensors)
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (Path(directory) / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    return names
+    """Write planned tensors through a `ShardWriter`: each is made when added, so one shard is in memory at a time."""
+    writer = ShardWriter(directory, max_shard_bytes)
+    for planned in tensors:
+        tensor = planned.make().to(planned.dtype)
+        if tuple(tensor.shape) != planned.shape:
+            raise AssertionError(f"{planned.name}: made {tuple(tensor.shape)}, planned {planned.shape}")
+        writer.add(planned.name, tensor)
+    return writer.close()
 
 
 def copy_tokenizer(source: Path, destination: Path) -> list[str]:
@@ -180,12 +212,12 @@ def write_model_dir(
     out: Path,
     config,
     model_cls,
-    tensors: Sequence[Planned],
-    max_shard_bytes: int,
+    write_weights: Callable[[Path], object],
     tokenizer_from: Path | None = None,
 ) -> Path:
     """A complete HF directory for `model_cls(config)` (config.json with its auto_map, the remote modeling code, the
-    weights, the tokenizer files when `tokenizer_from` has them), built next to `out` and renamed into place."""
+    weights `write_weights(directory)` writes, the tokenizer files when `tokenizer_from` has them), built next to
+    `out` and renamed into place: `out/config.json` existing means the directory is whole."""
     from transformers.dynamic_module_utils import custom_object_save
 
     out = Path(out)
@@ -198,7 +230,7 @@ def write_model_dir(
     if getattr(model_cls, "_auto_class", None) is not None:
         custom_object_save(skeleton, partial, config=config)
     config.save_pretrained(partial)
-    write_safetensors(partial, tensors, max_shard_bytes)
+    write_weights(partial)
     if tokenizer_from is not None:
         copy_tokenizer(tokenizer_from, partial)
     if out.exists():

@@ -178,7 +178,7 @@ def upcycle_dir(
     `upcycle` (tested). Returns the LayerMoE config."""
     from transformers import AutoConfig
 
-    from layermoe_ds.modeling.streaming import Planned, TensorSource, saved_keys, write_model_dir
+    from layermoe_ds.modeling.streaming import Planned, TensorSource, saved_keys, write_model_dir, write_safetensors
 
     model_dir = Path(model_dir)
     dense_config = AutoConfig.from_pretrained(model_dir)
@@ -211,7 +211,9 @@ def upcycle_dir(
     unused = sorted(set(source.names()) - used - {"lm_head.weight"})
     if unused:
         raise ValueError(f"upcycle: {model_dir} holds tensors the model does not use: {unused[:3]}")
-    write_model_dir(out, config, model_cls, plan, max_shard_bytes, tokenizer_from=model_dir)
+    write_model_dir(
+        out, config, model_cls, lambda d: write_safetensors(d, plan, max_shard_bytes), tokenizer_from=model_dir
+    )
     return config
 
 
@@ -274,7 +276,7 @@ def grow_dir(
 ):
     """`layermoe grow`, streamed like `upcycle_dir`: the same tensors as `grow` (tested). Returns the config."""
     from layermoe_ds.modeling.hf_export import layermoe_model_type
-    from layermoe_ds.modeling.streaming import Planned, TensorSource, saved_keys, write_model_dir
+    from layermoe_ds.modeling.streaming import Planned, TensorSource, saved_keys, write_model_dir, write_safetensors
 
     model_dir = Path(model_dir)
     model_type = layermoe_model_type(model_dir)
@@ -298,7 +300,9 @@ def grow_dir(
         )  # fmt: skip
         for name, (shape, _) in saved_keys(skeleton).items()
     ]
-    write_model_dir(out, config, model_cls, plan, max_shard_bytes, tokenizer_from=model_dir)
+    write_model_dir(
+        out, config, model_cls, lambda d: write_safetensors(d, plan, max_shard_bytes), tokenizer_from=model_dir
+    )
     return config
 
 

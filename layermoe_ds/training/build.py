@@ -71,6 +71,9 @@ def _config_for(config: TrainConfig, stage: int):
 
 def check_model(config: TrainConfig, stage: int):
     """Everything about the model that can be refused before a process group exists; returns its config."""
+    from layermoe_ds.modeling.hf_loading import check_model_dir
+
+    check_model_dir(Path(config.model))
     if config.full_finetune:
         from transformers import AutoConfig
 
@@ -88,6 +91,27 @@ def check_model(config: TrainConfig, stage: int):
             f"{moe_config.num_groups} (old + one per expansion)"
         )
     return moe_config
+
+
+def base_loader(source: TensorSource, counts, from_dense: bool, tied: bool, seed: int | None):
+    """name → tensor of a LayerMoE model (ep_size 1 names) from its base directory: the same name in a LayerMoE
+    base; in a dense base, what upcycling takes it from (expert 0 and the new experts are the FFN), with the
+    seeded router/classifier initialisation (`seed` None: those must come from elsewhere, e.g. a checkpoint)."""
+
+    def load(name: str, param: nn.Parameter) -> torch.Tensor:
+        if from_dense:
+            origin = upcycle_source_name(name, counts)
+            if isinstance(origin, tuple):  # a new router or classifier: upcycle's seeded initialisation
+                if seed is None:
+                    raise ValueError(f"{name}: not in the checkpoint, and the dense base has no such tensor")
+                kind, layer = origin
+                return seeded_xavier(param.shape, seed, layer, 1 if kind == "router" else 2)
+            name = origin
+        if name not in source and name == "lm_head.weight" and tied:
+            name = "model.embed_tokens.weight"
+        return source.get(name)
+
+    return load
 
 
 def build_model(config: TrainConfig, stage: int, world_size: int, dtype: torch.dtype, device: torch.device) -> Built:
@@ -112,19 +136,13 @@ def build_model(config: TrainConfig, stage: int, world_size: int, dtype: torch.d
     global_ids = {layer: block.moe.global_ids for layer, block in model.moe_blocks().items()}
     counts = moe_config.experts_per_layer
 
+    from_base = base_loader(source, counts, from_dense, moe_config.tie_word_embeddings, config.seed)
+
     def load(name: str, param: nn.Parameter) -> torch.Tensor:
         slot = EXPERT_SLOT.match(name)
         if slot is not None:  # this rank's expert slot → the expert's global id in the saved model
             name = f"{slot[1]}.{global_ids[int(slot[2])][int(slot[3])]}.{slot[4]}"
-        if from_dense:
-            origin = upcycle_source_name(name, counts)
-            if isinstance(origin, tuple):  # a new router or classifier: upcycle's seeded initialisation
-                kind, layer = origin
-                return seeded_xavier(param.shape, config.seed, layer, 1 if kind == "router" else 2)
-            name = origin
-        if name not in source and name == "lm_head.weight" and moe_config.tie_word_embeddings:
-            name = "model.embed_tokens.weight"
-        return source.get(name)
+        return from_base(name, param)
 
     def dtype_of(name: str, param: nn.Parameter) -> torch.dtype:
         # Stage 2 trains the gates in fp32 beside frozen tensors in the JSON's precision (engine.py explains).

@@ -12,12 +12,14 @@ after the newer one is complete. A failed write (disk full) leaves no marker and
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
 import logging
 import re
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -91,8 +93,12 @@ def _manifest_share(directory: Path, names: list[str]) -> dict[str, dict]:
 def save(engine, run_dir: Path, step: int, state: dict, keep_last_n: int, model_files=None) -> Path:
     """Save on every rank; rank 0 marks the checkpoint complete after a barrier and prunes older ones.
 
-    `model_files(directory)` (rank 0) writes what an export needs besides weights: config.json and the tokenizer.
+    Slim: what training changes (the trainable tensors — in stage 1 through DeepSpeed's per-expert files — the
+    optimizer, the scheduler, the RNG, the sampler) and, in `state["base"]`, the pointer to the frozen base. A
+    gates-only run (stage 2) hides the MoE layers from DeepSpeed for the save, which would otherwise write every
+    frozen expert to a file of its own. `model_files(directory)` (rank 0) writes config.json and the tokenizer.
     """
+    started = time.perf_counter()
     rank = dist.get_rank()
     root = checkpoint_root(run_dir)
     tag = tag_for(step)
@@ -100,7 +106,8 @@ def save(engine, run_dir: Path, step: int, state: dict, keep_last_n: int, model_
         shutil.rmtree(root / tag)
     dist.barrier()
     try:
-        engine.save_checkpoint(str(root), tag=tag, client_state={"layermoe": state})
+        with _moe_files_hidden(engine, state.get("gates_only", False)):
+            engine.save_checkpoint(str(root), tag=tag, client_state={"layermoe": state}, exclude_frozen_parameters=True)
         buffer = io.BytesIO()
         torch.save({"torch": torch.get_rng_state()}, buffer)
         atomic_write_bytes(root / tag / f"rng_rank{rank:04d}.pt", buffer.getvalue())
@@ -118,12 +125,66 @@ def save(engine, run_dir: Path, step: int, state: dict, keep_last_n: int, model_
     names = sorted(str(p.relative_to(root / tag)) for p in (root / tag).rglob("*") if p.is_file())
     files = _manifest_share(root / tag, names)
     if rank == 0:
-        write_json(root / tag / MARKER, {"step": step, "world_size": dist.get_world_size(), **state, "files": files})
+        seconds = round(time.perf_counter() - started, 3)  # writing and hashing, as the run waited for them
+        marker = {"step": step, "world_size": dist.get_world_size(), **state, "save_seconds": seconds, "files": files}
+        write_json(root / tag / MARKER, marker)
         for old in complete_checkpoints(run_dir)[:-keep_last_n]:
             shutil.rmtree(old, ignore_errors=True)
         log.info("checkpoint %s complete (%d files)", tag, len(files))
     dist.barrier()
     return root / tag
+
+
+@contextlib.contextmanager
+def _moe_files_hidden(engine, hide: bool):
+    """For a run that trains only replicated gates: DeepSpeed saves and loads it as a dense model (one file of the
+    trainable tensors and the optimizer, read by every rank, on any world size) instead of one file per expert."""
+    was = engine.has_moe_layers
+    engine.has_moe_layers = was and not hide
+    try:
+        yield
+    finally:
+        engine.has_moe_layers = was
+
+
+def base_pointer(model_dir: Path, allocation: dict | None) -> dict:
+    """What a slim checkpoint needs to rebuild the frozen tensors: the base directory, every weight and config
+    file's size and SHA-256 (hashed by the ranks together), and the allocation a dense base is upcycled with."""
+    model_dir = Path(model_dir).resolve()
+    names = sorted(p.name for p in model_dir.iterdir() if p.name.endswith(BASE_SUFFIXES) and p.is_file())
+    files = _manifest_share(model_dir, names) if dist.is_initialized() else _hash_all(model_dir, names)
+    return {"path": str(model_dir), "allocation": allocation, "files": files}
+
+
+BASE_SUFFIXES = (".safetensors", ".safetensors.index.json", "config.json")
+
+
+def _hash_all(directory: Path, names: list[str]) -> dict[str, dict]:
+    return {
+        name: {"size": (directory / name).stat().st_size, "sha256": sha256_file(directory / name)} for name in names
+    }
+
+
+def check_base(pointer: dict, model_dir: Path, current: dict | None = None) -> None:
+    """The base a checkpoint points at must be `model_dir`'s content (its path may have changed): a one-line error
+    naming the first file that differs, and how to point at the right base."""
+    model_dir = Path(model_dir)
+    current = current if current is not None else _hash_all(model_dir, sorted(pointer["files"]))
+    for name, expected in pointer["files"].items():
+        got = current.get(name)
+        if got is None or not (model_dir / name).is_file():
+            problem = f"{name} is missing"
+        elif got["size"] != expected["size"] or got["sha256"] != expected["sha256"]:
+            problem = (
+                f"{name} differs (size {got['size']} vs {expected['size']}, SHA-256 {got['sha256'][:12]}… vs "
+                f"{expected['sha256'][:12]}…)"
+            )
+        else:
+            continue
+        raise ValueError(
+            f"base model: the checkpoint was trained from {pointer['path']}, and {model_dir} is not that model: "
+            f"{problem}; point train.model (or --base) at the original base, wherever it is now"
+        )
 
 
 def check_compatible(marker: dict, model, path: Path) -> None:
@@ -173,8 +234,11 @@ def newest_valid(run_dir: Path) -> tuple[Path, dict] | None:
     return None
 
 
-def load_latest(engine, run_dir: Path, model, scheduler=None, reshardable: bool = False) -> dict | None:
-    """Load the newest valid checkpoint (model, optimizer, scheduler, RNG); returns our state or None.
+def load_latest(
+    engine, run_dir: Path, model, scheduler=None, reshardable: bool = False, base: tuple[Path, dict] | None = None
+) -> dict | None:
+    """Load the newest valid checkpoint (model, optimizer, scheduler, RNG); returns our state or None. `base`:
+    (the run's base directory, its files' sizes and SHA-256), checked against a slim checkpoint's pointer.
 
     On another world size the model weights, data position and step carry over; optimizer state only when
     `reshardable` (nothing ZeRO-partitioned or expert-parallel is trained: stage 2), else it starts fresh (DeepSpeed
@@ -185,7 +249,11 @@ def load_latest(engine, run_dir: Path, model, scheduler=None, reshardable: bool 
         return None
     path, marker = found
     check_compatible(marker, model, path)
+    if base is not None and "base" in marker:  # the frozen tensors the run was built from are the checkpoint's
+        check_base(marker["base"], base[0], base[1])
+    gates_only = marker.get("gates_only", False)
     same_world = marker["world_size"] == dist.get_world_size()
+    reshardable = reshardable or gates_only
     load_optimizer = same_world or reshardable
     if not same_world:
         log.warning(
@@ -202,13 +270,15 @@ def load_latest(engine, run_dir: Path, model, scheduler=None, reshardable: bool 
     # Without ZeRO, DeepSpeed keeps MoE optimizer state per expert-parallel rank (expp_rank_R_…); the gate state
     # there is replicated, so a rank the writing run did not have takes expert-parallel rank 0's.
     own = path / f"expp_rank_{dist.get_rank()}_mp_rank_00_optim_states.pt"
-    borrow = reshardable and not same_world and not own.is_file()
-    engine.load_checkpoint(
-        str(path.parent),
-        tag=path.name,
-        load_optimizer_states=load_optimizer and not borrow,
-        load_lr_scheduler_states=load_optimizer,
-    )
+    borrow = reshardable and not gates_only and not same_world and not own.is_file()
+    with _moe_files_hidden(engine, gates_only):
+        engine.load_checkpoint(
+            str(path.parent),
+            tag=path.name,
+            load_optimizer_states=load_optimizer and not borrow,
+            load_lr_scheduler_states=load_optimizer,
+            load_module_strict="base" not in marker,  # a slim checkpoint holds the trainable tensors only
+        )
     if borrow:
         donor = torch.load(path / "expp_rank_0_mp_rank_00_optim_states.pt", map_location="cpu", weights_only=False)
         engine.optimizer.load_state_dict(donor["optimizer"])
@@ -256,12 +326,18 @@ def is_checkpoint(path: Path) -> bool:
     return (path / MARKER).is_file() or bool(complete_checkpoints(path))
 
 
-def model_from_checkpoint(path: Path) -> tuple[torch.nn.Module, Path, dict]:
+def model_from_checkpoint(path: Path, base_dir: Path | None = None) -> tuple[torch.nn.Module, Path, dict]:
     """(model in fp32 on CPU, the checkpoint directory, its marker) from a checkpoint or run directory, after
-    verifying the files against the manifest: a LayerMoE model, or the dense model of a full fine-tune run. Needs
-    neither DeepSpeed nor a process group."""
+    verifying the files against the manifest: a LayerMoE model, or the dense model of a full fine-tune run. A slim
+    checkpoint's frozen tensors come from its base (the path it recorded, or `base_dir` when the base has moved),
+    checked against its pointer. Needs neither DeepSpeed nor a process group."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     from layermoe_ds.modeling.hf_export import layermoe_model_type
+    from layermoe_ds.modeling.materialize import materialize, parameters_on_meta
+    from layermoe_ds.modeling.streaming import TensorSource
     from layermoe_ds.modeling.upcycle import LAYERMOE_TYPES
+    from layermoe_ds.training.build import base_loader
 
     path = resolve_checkpoint(path)
     marker = read_json(path / MARKER, "checkpoint marker")
@@ -272,17 +348,35 @@ def model_from_checkpoint(path: Path) -> tuple[torch.nn.Module, Path, dict]:
         raise FileNotFoundError(f"checkpoint {path} has no config.json (saved before checkpoints carried one)")
     model_type = layermoe_model_type(path)
     if model_type is None:  # the dense full fine-tune baseline
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+        config, model_cls = AutoConfig.from_pretrained(path), AutoModelForCausalLM.from_config
     else:
-        config_cls, model_cls = LAYERMOE_TYPES[model_type]
-        model = model_cls(config_cls.from_pretrained(path))
-    state = consolidated_from_checkpoint(path)
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {path} does not match its config.json: missing {sorted(missing)[:3]}, "
-            f"unexpected {sorted(unexpected)[:3]}"
-        )
+        config_cls, layermoe_cls = LAYERMOE_TYPES[model_type]
+        config, model_cls = config_cls.from_pretrained(path), layermoe_cls
+    trained = consolidated_from_checkpoint(path)
+    with parameters_on_meta():
+        model = model_cls(config)
+    from_base = None
+    if "base" in marker:  # slim: everything else from the base
+        pointer = marker["base"]
+        base_dir = Path(base_dir or pointer["path"])
+        if not base_dir.is_dir():
+            raise FileNotFoundError(
+                f"checkpoint {path}: its base model {base_dir} is gone; give its new location with --base"
+            )
+        check_base(pointer, base_dir)
+        counts = getattr(config, "experts_per_layer", None)
+        tied = getattr(config, "tie_word_embeddings", False)
+        from_base = base_loader(TensorSource(base_dir), counts, pointer.get("allocation") is not None, tied, None)
+
+    def load(name: str, param: torch.nn.Parameter) -> torch.Tensor:
+        if name in trained:
+            return trained[name]
+        if from_base is None:
+            raise ValueError(f"checkpoint {path} does not match its config.json: {name} is missing")
+        return from_base(name, param)
+
+    materialize(model, load, lambda name, param: torch.float32)
+    unexpected = sorted(set(trained) - set(model.state_dict()))
+    if unexpected:
+        raise ValueError(f"checkpoint {path} does not match its config.json: unexpected {unexpected[:3]}")
     return model.eval(), path, marker

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from layermoe_ds.config import TrainConfig, to_dict
 from layermoe_ds.distributed import device_and_backend, init_process_group, release_shm_buffers
 from layermoe_ds.io import read_json, write_json
+from layermoe_ds.modeling.upcycle import is_layermoe
 from layermoe_ds.training.losses import moe_blocks, stage_losses
 
 log = logging.getLogger("layermoe.train")
@@ -67,9 +68,10 @@ def _check_run_dir(out: Path, resolved: dict) -> None:
 
 
 # Settings that may change between a run and its resumption: how it resumes and logs, where the directory is, and
-# activation checkpointing (memory, not numbers: a run that ran out of memory resumes with it on), and the
-# process-group timeout.
-UNFINGERPRINTED = ("resume", "log_every", "out", "activation_checkpointing", "dist_timeout_minutes")
+# activation checkpointing (memory, not numbers: a run that ran out of memory resumes with it on), the
+# process-group timeout, and the base model's path: a run's base is identified by its files' SHA-256, checked against
+# the checkpoint's pointer on resume, so a moved base is found again by pointing `model` at it.
+UNFINGERPRINTED = ("resume", "log_every", "out", "activation_checkpointing", "dist_timeout_minutes", "model")
 
 
 def _fingerprint(train: dict, ds: dict, stage: int) -> str:
@@ -99,6 +101,11 @@ def run_stage(stage: int, config: TrainConfig, ds_config: dict) -> int:
     _check_run_dir(out, resolved)
     if config.resume == "no" and checkpoint.complete_checkpoints(out):
         raise FileExistsError(f"{out} has checkpoints and train.resume is 'no'; use another --out")
+    model_config = check_model(config, stage)  # the model's files and settings, before anything else
+    newest = checkpoint.complete_checkpoints(out)
+    if newest and config.resume == "auto":  # refuse another allocation's checkpoint before anything is built
+        marker = read_json(newest[-1] / checkpoint.MARKER, "checkpoint marker")
+        checkpoint.check_compatible(marker, model_config, newest[-1])
     # Data before any process group: raw text is tokenized into the cache by the first rank to get there while the
     # others wait on its lock, not in a collective that could time out.
     tokenizer = load_tokenizer(Path(config.model))
@@ -111,10 +118,6 @@ def run_stage(stage: int, config: TrainConfig, ds_config: dict) -> int:
         release_shm_buffers()
     device = torch.device(device_name)
     torch.manual_seed(config.seed)
-    newest = checkpoint.complete_checkpoints(out)
-    if newest and config.resume == "auto":  # refuse another allocation's checkpoint before anything is built
-        marker = read_json(newest[-1] / checkpoint.MARKER, "checkpoint marker")
-        checkpoint.check_compatible(marker, check_model(config, stage), newest[-1])
     built = build_model(config, stage, world, frozen_dtype, device)
     model, ep_sizes, trainable = built.model, built.ep_sizes, built.trainable
     micro = ds_config["train_micro_batch_size_per_gpu"]
@@ -125,23 +128,29 @@ def run_stage(stage: int, config: TrainConfig, ds_config: dict) -> int:
         # frozen embeddings a layer's input needs none either, which it needs to backpropagate at all.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)  # the buffers (rotary frequencies, routing tables): the parameters were made there
-    census: list = [None] * world
-    dist.all_gather_object(census, built.census)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_json(
             out / RESOLVED,
             {**resolved, "ep_sizes": ep_sizes, "world_size": world, "data_tokens": blocks.tokens_per_lang},
         )
-        write_json(out / CENSUS, {str(r): c for r, c in enumerate(census)})
     engine, _, scheduler = initialize(model, trainable, config, ds_config)
+    census: list = [None] * world  # with each rank's peak memory once set up (before the first step)
+    dist.all_gather_object(census, {**built.census, "setup_peak_mib": own_peak_memory_mib(device)})
+    if rank == 0:
+        write_json(out / CENSUS, {str(r): c for r, c in enumerate(census)})
 
     step = 0
-    # Only replicated gate weights trained at ZeRO 0 (stage 2): optimizer state is valid on any world size.
-    reshardable = ds_config.get("zero_optimization", {}).get("stage", 0) == 0 and not any(
+    # Only replicated gate weights trained at ZeRO 0 (stage 2): optimizer state is valid on any world size, and
+    # the checkpoint holds them alone.
+    gates_only = ds_config.get("zero_optimization", {}).get("stage", 0) == 0 and not any(
         ".deepspeed_experts." in name for name, p in model.named_parameters() if p.requires_grad
     )
-    marker = checkpoint.load_latest(engine, out, model, scheduler, reshardable) if config.resume == "auto" else None
+    upcycled_from = read_json(Path(config.allocation), "allocation") if config.allocation else None
+    base = checkpoint.base_pointer(Path(config.model), None if is_layermoe(model_config) else upcycled_from)
+    marker = None
+    if config.resume == "auto":
+        marker = checkpoint.load_latest(engine, out, model, scheduler, gates_only, (Path(config.model), base["files"]))
     if marker is not None:
         step = marker["step"]
         sampler.load_state_dict(marker["sampler"])
@@ -186,6 +195,8 @@ def run_stage(stage: int, config: TrainConfig, ds_config: dict) -> int:
                     "sampler": sampler.state_dict(),
                     "layout": checkpoint.layout_of(model),
                     "ep_sizes": ep_sizes,
+                    "gates_only": gates_only,
+                    "base": base,
                 },
                 config.keep_last_n,
                 model_files=lambda directory: _write_model_files(model, tokenizer, directory, stage),
@@ -195,7 +206,13 @@ def run_stage(stage: int, config: TrainConfig, ds_config: dict) -> int:
             metrics.close()
             return 0
     metrics.close()
+    started = time.perf_counter()
     export_model(model, tokenizer, out / "model", stage)
+    if rank == 0:
+        write_json(
+            out / "export.json",
+            {"seconds": round(time.perf_counter() - started, 3), "peak_mib": own_peak_memory_mib(device)},
+        )
     return 0
 
 
@@ -226,16 +243,19 @@ def _accumulate(sums: dict[str, float], model, losses, groups: torch.Tensor, acc
         sums[key + "/count"] = sums.get(key + "/count", 0.0) + float(old_tokens.sum())
 
 
-def peak_memory_mib(device: torch.device) -> float:
-    """The largest peak memory of any rank so far, in MiB: allocated GPU memory (torch.cuda.max_memory_allocated),
-    or on CPU the process's peak resident set (everything: libraries, model, optimizer, activations)."""
+def own_peak_memory_mib(device: torch.device) -> float:
+    """This rank's peak memory so far, in MiB: allocated GPU memory (torch.cuda.max_memory_allocated), or on CPU the
+    process's peak resident set (everything: libraries, model, optimizer, activations)."""
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        import resource
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
 
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    value = torch.tensor([peak], dtype=torch.float64, device=device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """The largest peak memory of any rank so far, in MiB (`own_peak_memory_mib`, max over ranks)."""
+    value = torch.tensor([own_peak_memory_mib(device)], dtype=torch.float64, device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return float(value.item())
 
@@ -261,21 +281,20 @@ def _reduce_scalars(sums: dict[str, float], device) -> dict[str, float]:
     return scalars
 
 
-def consolidated_state_dict(model) -> dict[str, torch.Tensor] | None:
-    """The full (ep_size 1) state dict on rank 0: every new expert gathered once under its global id.
-
-    Layer by layer, each expert travels from one rank only (expert-data-parallel rank 0 of its group: the other
-    replicas hold the same weights) to rank 0 only (`gather_object`), so no rank but 0 ever holds more than its own
-    experts, and rank 0 one copy of the model (an all-gather would give every rank world-size copies).
-    """
+def consolidated_tensors(model):
+    """The full (ep_size 1) model's tensors, yielded on rank 0 in pieces (None on the other ranks, which take part):
+    first everything but the new experts (rank 0's own tensors, not copies), then layer by layer each expert under
+    its global id. Each expert travels once (from expert-data-parallel rank 0 of its group: the other replicas hold
+    the same weights) and only to rank 0 (`gather_object`), so rank 0 holds its model plus one layer's experts."""
     from deepspeed.utils import groups
 
     from layermoe_ds.modeling.upcycle import NEW_EXPERT_PREFIX
 
     rank = dist.get_rank()
-    state = None
     if rank == 0:
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items() if ".deepspeed_experts." not in k}
+        yield {k: v.detach() for k, v in model.state_dict().items() if ".deepspeed_experts." not in k}
+    else:
+        yield None
     for layer, block in model.moe_blocks().items():
         local = {}
         if groups._get_expert_data_parallel_rank(block.moe.expert_group_name) == 0:
@@ -288,10 +307,7 @@ def consolidated_state_dict(model) -> dict[str, torch.Tensor] | None:
                     local[f"{prefix}.{name}"] = tensor.detach().to("cpu", copy=True)
         gathered = [None] * dist.get_world_size() if rank == 0 else None
         dist.gather_object(local, gathered, dst=0)
-        if rank == 0:
-            for part in gathered:
-                state.update(part)
-    return state
+        yield {k: v for part in gathered for k, v in part.items()} if rank == 0 else None
 
 
 def _write_model_files(model, tokenizer, directory: Path, stage: int) -> None:
@@ -303,28 +319,55 @@ def _write_model_files(model, tokenizer, directory: Path, stage: int) -> None:
     tokenizer.save_pretrained(directory)
 
 
-def export_model(model, tokenizer, out: Path, stage: int) -> None:
-    """Write the trained model as an HF LayerMoE directory (rank 0), classifier routing on after stage 2; a dense
-    full fine-tune as the dense HF model it is (ZeRO 1/2 keep every parameter whole on every rank)."""
-    from layermoe_ds.modeling.hf_export import save_model
+def export_model(model, tokenizer, out: Path, stage: int, max_shard_bytes: int = 5 * 10**9) -> None:
+    """Write the trained model as an HF directory on rank 0, in the run's precision (bf16 stays bf16), sharded:
+    LayerMoE with classifier routing on after stage 2, or a dense full fine-tune as the dense model it is (ZeRO 1/2
+    keep every parameter whole on every rank). Streamed: no second copy of the model, no random initialisation.
+    No barrier after rank 0's write: the other ranks are done and exit, so no collective waits on the export,
+    however long writing a large model takes (the launcher returns when every rank has)."""
+    from layermoe_ds.modeling.streaming import ShardWriter, saved_keys, write_model_dir
     from layermoe_ds.modeling.upcycle import LAYERMOE_TYPES
 
+    rank = dist.get_rank()
     if not moe_blocks(model):
-        if dist.get_rank() == 0:
-            save_model(model, out, tokenizer)
+        if rank == 0:
+            write_model_dir(out, model.config, type(model), lambda d: _write_all(d, model, tokenizer, max_shard_bytes))
             log.info("exported %s", out)
         return
-    state = consolidated_state_dict(model)
-    if state is not None:
-        config = model.config
-        config.classifier_routing = stage == 2
-        _, model_cls = LAYERMOE_TYPES[config.model_type]
-        with torch.device("meta"):  # no random initialisation of a model about to be overwritten
-            local = model_cls(config)
-        # The trained tensors as they are: the export is in the run's precision (bf16 stays bf16).
-        local.load_state_dict(state, strict=True, assign=True)
-        local.tie_weights()
-        save_model(local, out, tokenizer)
-        log.info("exported %s", out)
-    # No barrier after rank 0's write: the other ranks are done and exit, so no collective waits on the export,
-    # however long writing a large model takes (the launcher returns when every rank has).
+    config = model.config
+    config.classifier_routing = stage == 2
+    pieces = consolidated_tensors(model)
+    if rank != 0:
+        for _ in pieces:  # take part in every gather
+            pass
+        return
+    _, model_cls = LAYERMOE_TYPES[config.model_type]
+    with torch.device("meta"):
+        expected = saved_keys(model_cls(config))  # what a LayerMoE directory holds (tied copies left out)
+
+    def write(directory: Path) -> None:
+        writer, written = ShardWriter(directory, max_shard_bytes), set()
+        for piece in pieces:
+            for name, tensor in piece.items():
+                if name in expected:
+                    writer.add(name, tensor)
+                    written.add(name)
+        missing = sorted(set(expected) - written)
+        if missing:
+            raise AssertionError(f"export: tensors missing from the trained model: {missing[:3]}")
+        writer.close()
+        tokenizer.save_pretrained(directory)
+
+    write_model_dir(out, config, model_cls, write)
+    log.info("exported %s", out)
+
+
+def _write_all(directory: Path, model, tokenizer, max_shard_bytes: int) -> None:
+    from layermoe_ds.modeling.streaming import ShardWriter, saved_keys
+
+    writer = ShardWriter(directory, max_shard_bytes)
+    state = model.state_dict()
+    for name in saved_keys(model):
+        writer.add(name, state[name].detach())
+    writer.close()
+    tokenizer.save_pretrained(directory)
