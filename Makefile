@@ -28,6 +28,7 @@ bench: $(STAMP)
 	DS_ACCELERATOR=cpu $(PY) bench/stage_bench.py --random-shape 512,1408,8 --experts 4 --steps 12 \
 		--out bench/results/stage_bench_h512.json
 	DS_ACCELERATOR=cpu $(PY) bench/memory_bench.py
+	DS_ACCELERATOR=cpu $(PY) bench/data_bench.py
 	DS_ACCELERATOR=cpu $(PY) bench/gpu_bench.py --smoke
 
 # On a GPU machine: the corpus and tokenizer (no CPU demo), then dispatch, 1.8B-class throughput/MFU and memory.

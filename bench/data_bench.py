@@ -187,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--copies", type=int, default=20)
     parser.add_argument("--chunk-mb", type=float, default=4.0, help="tokenize chunk size (small, to feed 2 workers)")
     parser.add_argument("--port", type=int, default=29_671)
+    parser.add_argument("--no-stage", action="store_true", help="tokenize only (the test-sized run)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "data_bench.json")
     args = parser.parse_args(argv)
 
@@ -210,9 +211,12 @@ def main(argv: list[str] | None = None) -> int:
             )
         }
         prepared = {"1x": tmp / "tok_1x", f"{args.copies}x": tmp / "tok_big"}
+        if args.no_stage:
+            prepared = {}
         # One unmeasured launch first: the first process start on a machine pays for cold library pages.
-        (tmp / "warm_up").mkdir()
-        stage1(args.base, prepared["1x"], tmp / "warm_up", args.port - 10, steps=2, resume=False)
+        if prepared:
+            (tmp / "warm_up").mkdir()
+            stage1(args.base, prepared["1x"], tmp / "warm_up", args.port - 10, steps=2, resume=False)
         results["stage1"] = {}
         for i, (name, data) in enumerate(prepared.items()):
             (tmp / f"stage_{name}").mkdir()
@@ -234,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{name:<22} {r['input_mb']:>8.1f} {r['mb_per_s']:>7.2f} {anchor:>7.2f} {ratio:>17.2f} {peaks:>28} "
             f"{r['disk_bytes_per_token']:>8.3f}"
         )
+    if args.no_stage:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        return 0
     s1, sb = results["stage1"]["1x"], results["stage1"][big]
     ratios = {
         "peak_rss": sb["fresh"]["peak_mib"] / s1["fresh"]["peak_mib"],

@@ -79,7 +79,7 @@ def cli_cases(i: dict[str, Path]) -> list[tuple[str, list[str], str]]:
             [*evaluate, "--data", str(t / "other_tokenizer")],
             "was tokenized with another tokenizer",
         ),  # fmt: skip
-        ("token shard truncated", [*evaluate, "--data", str(t / "truncated_shard")], "fr.test.00000.bin: "),
+        ("token shard truncated", [*evaluate, "--data", str(t / "truncated_shard")], "fr.test.00001.bin: "),
         ("token shard corrupt", [*evaluate, "--data", str(t / "corrupt_shard")], "en.test.00000.bin: token id 65535"),
         (
             "tokenize a non-UTF-8 file",

@@ -140,3 +140,17 @@ def test_flop_counts_match_hand_computation():
     assert moe["params_active"] == (72 + 2 * 96 + 12) + (72 + 96) + 40
     assert moe["params_trainable_active"] == 2 * 96 + 12  # two new experts can be active in layer 0, + router
     assert moe["needed_flops"] == 4 * moe["params_active"] + 2 * (2 * 96 + 12) + 12 * 2 * 4 * 3
+
+
+def test_data_bench_tokenize_part_runs(corpus_dir, tokenizer_dir, tmp_path, capsys):
+    out = tmp_path / "data_bench.json"
+    argv = ["--data", str(corpus_dir), "--tokenizer", str(tokenizer_dir), "--copies", "2", "--chunk-mb", "0.2"]
+    assert load_bench("data_bench").main([*argv, "--no-stage", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    runs = results["tokenize"]
+    assert set(runs) == {"1x, 1 worker", "1x, 2 workers", "2x, 2 workers"}
+    assert runs["2x, 2 workers"]["tokens"] > 1.9 * runs["1x, 2 workers"]["tokens"]  # the new languages doubled
+    assert runs["1x, 1 worker"]["tokens"] == runs["1x, 2 workers"]["tokens"]
+    for run in runs.values():
+        assert run["vs_anchor"] > 0 and run["disk_bytes_per_token"] < 2.2 and run["main_peak_mib"] > 0
+    assert "÷ workers×anchor" in capsys.readouterr().out
