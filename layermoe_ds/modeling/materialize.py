@@ -56,6 +56,7 @@ def materialize(
                 )
             tensor = tensor.to(device=device, dtype=dtype_of(full, param))
             new = nn.Parameter(tensor, requires_grad=param.requires_grad)
+            new.__dict__.update(param.__dict__)  # DeepSpeed tags expert parameters (allreduce, group_name)
             replaced[id(param)] = module._parameters[name] = new
             loaded.append(full)
     return loaded

@@ -144,6 +144,7 @@ class ShardWriter:
     def __init__(self, directory: Path, max_shard_bytes: int):
         self.directory, self.max_shard_bytes = Path(directory), max_shard_bytes
         self.pending: dict[str, torch.Tensor] = {}
+        self.storages: set[int] = set()  # of the pending tensors
         self.pending_bytes = 0
         self.files: list[Path] = []
         self.shard_of: dict[str, int] = {}
@@ -153,8 +154,12 @@ class ShardWriter:
         nbytes = tensor.numel() * tensor.element_size()
         if self.pending and self.pending_bytes + nbytes > self.max_shard_bytes:
             self.flush()
-        if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() != nbytes:
-            tensor = tensor.clone(memory_format=torch.contiguous_format)  # a view (ZeRO's flat buffer): its own copy
+        storage = tensor.untyped_storage()
+        if not tensor.is_contiguous() or storage.nbytes() != nbytes or storage.data_ptr() in self.storages:
+            # A view (ZeRO's flat buffer), or one source tensor copied to several names (upcycled experts): safetensors
+            # writes each name from storage of its own.
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        self.storages.add(tensor.untyped_storage().data_ptr())
         self.pending[name] = tensor
         self.pending_bytes += nbytes
         self.shard_of[name] = len(self.files)
@@ -166,7 +171,7 @@ class ShardWriter:
         path = self.directory / f"shard-{len(self.files):05d}.tmp"
         save_file(self.pending, str(path), metadata={"format": "pt"})
         self.files.append(path)
-        self.pending, self.pending_bytes = {}, 0
+        self.pending, self.pending_bytes, self.storages = {}, 0, set()
 
     def close(self) -> list[str]:
         self.flush()
@@ -229,6 +234,7 @@ def write_model_dir(
         skeleton = model_cls(config)  # shapes only: the code files and auto_map come from its class
     if getattr(model_cls, "_auto_class", None) is not None:
         custom_object_save(skeleton, partial, config=config)
+    config.architectures = [type(skeleton).__name__]  # as `save_pretrained` records it
     config.save_pretrained(partial)
     write_weights(partial)
     if tokenizer_from is not None:

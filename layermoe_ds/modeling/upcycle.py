@@ -178,6 +178,7 @@ def upcycle_dir(
     `upcycle` (tested). Returns the LayerMoE config."""
     from transformers import AutoConfig
 
+    import layermoe_ds.modeling.hf_export  # noqa: F401  (LayerMoE configs known to AutoConfig: a clear error below)
     from layermoe_ds.modeling.streaming import Planned, TensorSource, saved_keys, write_model_dir, write_safetensors
 
     model_dir = Path(model_dir)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import layermoe_ds.modeling.hf_export  # noqa: F401  (registers the LayerMoE configs with AutoConfig)
 from layermoe_ds.config import TrainConfig
 from layermoe_ds.io import read_json
 from layermoe_ds.modeling.materialize import materialize, parameters_on_meta

@@ -106,7 +106,7 @@ def save(engine, run_dir: Path, step: int, state: dict, keep_last_n: int, model_
         shutil.rmtree(root / tag)
     dist.barrier()
     try:
-        with _moe_files_hidden(engine, state.get("gates_only", False)):
+        with _moe_files_hidden(engine, state.get("gates_only", False)), _frozen_left_out(engine.module):
             engine.save_checkpoint(str(root), tag=tag, client_state={"layermoe": state}, exclude_frozen_parameters=True)
         buffer = io.BytesIO()
         torch.save({"torch": torch.get_rng_state()}, buffer)
@@ -133,6 +133,24 @@ def save(engine, run_dir: Path, step: int, state: dict, keep_last_n: int, model_
         log.info("checkpoint %s complete (%d files)", tag, len(files))
     dist.barrier()
     return root / tag
+
+
+@contextlib.contextmanager
+def _frozen_left_out(model):
+    """The model's state dict without frozen tensors, aliases included: DeepSpeed's `exclude_frozen_parameters`
+    removes names from `named_parameters()`, which lists a tied tensor once, so a tied LM head (vocabulary × hidden)
+    would stay in every checkpoint."""
+    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+    def drop(module, state_dict, prefix, local_metadata):
+        for name in frozen:
+            state_dict.pop(prefix + name, None)
+
+    handle = model.register_state_dict_post_hook(drop)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @contextlib.contextmanager
