@@ -41,6 +41,7 @@ bench-gpu: $(STAMP)
 	$(PY) bench/gpu_bench.py --gpus $(GPUS)
 	$(PY) bench/memory_bench.py --ranks $(GPUS) --hidden 2048 --ffn 5504 --layers 24 --heads 16 --seq-len 1024 \
 		--out bench/results/memory_bench_gpu.json
+	$(PY) bench/scale_bench.py --ranks $(GPUS) --out bench/results/scale_bench_gpu.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--micro-batch", type=int, default=1, help="sequences per rank and step (default 1)")
     parser.add_argument("--port", type=int, default=29_731)
     parser.add_argument("--sizing", action="store_true", help="print the sizing table and exit")
     parser.add_argument("--keep", type=Path, default=None, help="keep the models and runs here")
@@ -178,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         "log_every": 1,
         "lr": 1e-4,
     }
+    micro = tmp / "micro_batch.json"
+    micro.write_text(json.dumps({"train_micro_batch_size_per_gpu": args.micro_batch}))
     one = launch(
         1,
         args.ranks,
@@ -185,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         "stage1_zero2.json",
         tmp,
         args.port,
+        extra_json=[micro],
     )
     results["stage1"] = run_summary(one)
     results["stage1"]["floor_bytes"] = stage1_floor(shape, counts, args.ranks, dtype=dtype).total
@@ -195,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         "stage2.json",
         tmp,
         args.port + 1,
+        extra_json=[micro],
     )
     results["stage2"] = run_summary(two)
     results["stage2"]["floor_bytes"] = stage2_floor(shape, counts, classifiers, args.ranks, dtype=dtype).total
@@ -222,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"  checkpoint {r['checkpoint_bytes'] / GIB:.2f} GiB saved in {r['checkpoint_save_s']:.1f} s; "
-            f"export peak {r['export']['peak_mib'] / 1024:.2f} GiB in {r['export']['seconds']:.1f} s"
+            f"export: {r['export']['rss_before_mib'] / 1024:.2f} → peak {r['export']['peak_rss_mib'] / 1024:.2f} GiB "
+            f"on rank 0 in {r['export']['seconds']:.1f} s"
         )
     results["machine"] = platform.machine()
     args.out.parent.mkdir(parents=True, exist_ok=True)

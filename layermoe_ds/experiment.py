@@ -9,6 +9,7 @@ experiment is resumable. `report.md` (+ `results.json`, plots) is rewritten at t
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from layermoe_ds.distributed import cpu_launch_env
+from layermoe_ds.distributed import RENDEZVOUS, cpu_launch_env, device_and_backend
 from layermoe_ds.io import atomic_write_text, read_json, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,7 +108,8 @@ def slug(name: str) -> str:
 
 
 def launch_stage(stage: int, run_config: dict, run_dir: Path, ranks: int, port: int) -> Path:
-    """One training stage through the real DeepSpeed launcher (CPU, gloo); skipped when its model is exported."""
+    """One training stage through the real DeepSpeed launcher, skipped when its model is exported: on the GPUs
+    when there are any (bf16 as the DeepSpeed JSON says, at most `ranks` of them), else on CPU ranks (gloo, fp32)."""
     import yaml
 
     if (run_dir / "model" / "config.json").is_file():
@@ -116,10 +118,18 @@ def launch_stage(stage: int, run_config: dict, run_dir: Path, ranks: int, port: 
     config_file = run_dir.parent / f"stage{stage}.yaml"
     config_file.write_text(yaml.safe_dump(run_config))
     ds_json = "stage1_zero2.json" if stage == 1 else "stage2.json"
+    configs = [str(ROOT / "ds_configs" / ds_json)]
+    if device_and_backend()[0] == "cpu":
+        configs.append(str(ROOT / "ds_configs" / "cpu.json"))
+        env = cpu_launch_env()
+    else:
+        import torch
+
+        ranks = min(ranks, torch.cuda.device_count())
+        env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port)]
     cmd += [str(ROOT / "launchers" / f"stage{stage}.py"), "--config", str(config_file), "--deepspeed_config"]
-    cmd += [str(ROOT / "ds_configs" / ds_json), str(ROOT / "ds_configs" / "cpu.json")]
-    env = cpu_launch_env()
+    cmd += configs
     log_file = run_dir.parent / f"stage{stage}.log"
     with open(log_file, "w") as log:
         result = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -148,7 +158,7 @@ def evaluate_cached(model_dir: Path, out: Path, groups: dict[str, int], preset: 
     if out.is_file():
         return read_json(out, "evaluation")
     streams = open_streams(data, tokenizer, model_dir, list(groups), "test")
-    model = load_causal_lm(model_dir)
+    model = load_causal_lm(model_dir, device=device_and_backend()[0])
     report = evaluate_model(model, tokenizer, streams, groups, preset.seq_len, max_tokens=preset.eval_max_tokens)
     report = {"model": str(model_dir), "groups": groups, **report, **parameter_counts(model)}
     write_json(out, report)

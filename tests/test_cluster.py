@@ -411,3 +411,17 @@ def test_dockerfile_passes_hadolint_and_takes_versions_from_the_install_script()
     assert re.search(r"^USER (?!root|0)", dockerfile, re.M)
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", ".venv", "data", "runs", "artifacts"} <= set(ignored)
+
+
+def test_one_function_decides_device_and_backend():
+    from layermoe_ds.distributed import device_and_backend
+
+    assert device_and_backend(None, {}, cuda_available=False) == ("cpu", "gloo")
+    assert device_and_backend(None, {"LOCAL_RANK": "3"}, cuda_available=True) == ("cuda:3", "nccl")
+    assert device_and_backend("cuda", {"LOCAL_RANK": "1"}, cuda_available=True) == ("cuda:1", "nccl")
+    assert device_and_backend("cuda:0", {"LOCAL_RANK": "1"}, cuda_available=True) == ("cuda:0", "nccl")
+    assert device_and_backend("cpu", {"LOCAL_RANK": "1"}, cuda_available=True) == ("cpu", "gloo")  # asked for
+    with pytest.raises(ValueError, match="no CUDA device is visible"):
+        device_and_backend("cuda", {}, cuda_available=False)
+    with pytest.raises(ValueError, match="'tpu' is not 'cpu', 'cuda' or 'cuda:N'"):
+        device_and_backend("tpu", {}, cuda_available=True)

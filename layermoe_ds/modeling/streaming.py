@@ -13,13 +13,12 @@ import logging
 import os
 import re
 import shutil
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +64,28 @@ def parse_size(text: str | int) -> int:
     return size
 
 
+_DTYPE_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+_HEADER_ALIGN = 8
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """(tensor name → {dtype, shape, data_offsets}, where the data starts) of a safetensors file."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ValueError(f"{path}: not a safetensors file (shorter than its header length)")
+        (size,) = struct.unpack("<Q", raw)
+        try:
+            header = json.loads(f.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: not a safetensors file (unreadable header: {exc})") from exc
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
 class TensorSource:
-    """A model directory's tensors by name: safetensors (one file or sharded with an index), read lazily."""
+    """A model directory's tensors by name, from its safetensors (one file or sharded with an index), each read
+    with a plain file read when asked for: nothing is memory-mapped, so the input never sits in the resident set."""
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
@@ -76,21 +95,20 @@ class TensorSource:
                 f"model: {self.directory} has no safetensors weights: convert pytorch_model.bin once with "
                 "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR)"
             )
-        self._file_of: dict[str, Path] = {}
+        self._where: dict[str, tuple[Path, int, int]] = {}
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         for file in files:
-            with safe_open(file, "pt") as f:
-                for name in f.keys():
-                    view = f.get_slice(name)
-                    self._file_of[name] = file
-                    self._meta[name] = (tuple(view.get_shape()), _SAFETENSORS_DTYPES[view.get_dtype()])
-        self._handles: dict[Path, object] = {}
+            header, data_start = read_header(file)
+            for name, info in header.items():
+                begin, end = info["data_offsets"]
+                self._where[name] = (file, data_start + begin, end - begin)
+                self._meta[name] = (tuple(info["shape"]), _SAFETENSORS_DTYPES[info["dtype"]])
 
     def names(self) -> list[str]:
-        return list(self._file_of)
+        return list(self._where)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._file_of
+        return name in self._where
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._meta[name][0]
@@ -99,12 +117,18 @@ class TensorSource:
         return self._meta[name][1]
 
     def get(self, name: str) -> torch.Tensor:
-        if name not in self._file_of:
+        if name not in self._where:
             raise KeyError(f"model: {self.directory} has no tensor {name!r}")
-        file = self._file_of[name]
-        if file not in self._handles:
-            self._handles[file] = safe_open(file, "pt")
-        return self._handles[file].get_tensor(name)
+        file, offset, size = self._where[name]
+        shape, dtype = self._meta[name]
+        if size == 0:
+            return torch.empty(shape, dtype=dtype)
+        buffer = bytearray(size)
+        with open(file, "rb") as f:
+            f.seek(offset)
+            if f.readinto(buffer) != size:
+                raise ValueError(f"{file}: truncated (tensor {name} ends past the end of the file)")
+        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
 @dataclass(frozen=True)
@@ -116,88 +140,96 @@ class Planned:
     dtype: torch.dtype
     make: Callable[[], torch.Tensor]
 
-    @property
-    def nbytes(self) -> int:
-        count = 1
-        for n in self.shape:
-            count *= n
-        return count * torch.empty((), dtype=self.dtype).element_size()
-
-
-def shard_plan(tensors: Sequence[Planned], max_shard_bytes: int) -> list[list[Planned]]:
-    """Tensors in order, cut into shards of at most `max_shard_bytes` (a larger tensor gets a shard of its own)."""
-    shards: list[list[Planned]] = [[]]
-    size = 0
-    for tensor in tensors:
-        if shards[-1] and size + tensor.nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(tensor)
-        size += tensor.nbytes
-    return shards
-
 
 class ShardWriter:
-    """Tensors in, HF safetensors out, one shard in memory at a time: `model.safetensors` when everything fits in
-    one shard, else `model-0000k-of-0000n.safetensors` and the index (shards are renamed once n is known)."""
+    """HF safetensors written tensor by tensor: the layout (names, shapes, dtypes, in order) is known up front, so
+    each shard's header is written first and every tensor's bytes follow as it arrives — one tensor in memory at a
+    time. `model.safetensors` when everything fits in one shard, else `model-0000k-of-0000n.safetensors` and the
+    index."""
 
-    def __init__(self, directory: Path, max_shard_bytes: int):
-        self.directory, self.max_shard_bytes = Path(directory), max_shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.storages: set[int] = set()  # of the pending tensors
-        self.pending_bytes = 0
-        self.files: list[Path] = []
-        self.shard_of: dict[str, int] = {}
-        self.total = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + nbytes > self.max_shard_bytes:
-            self.flush()
-        storage = tensor.untyped_storage()
-        if not tensor.is_contiguous() or storage.nbytes() != nbytes or storage.data_ptr() in self.storages:
-            # A view (ZeRO's flat buffer), or one source tensor copied to several names (upcycled experts): safetensors
-            # writes each name from storage of its own.
-            tensor = tensor.clone(memory_format=torch.contiguous_format)
-        self.storages.add(tensor.untyped_storage().data_ptr())
-        self.pending[name] = tensor
-        self.pending_bytes += nbytes
-        self.shard_of[name] = len(self.files)
-        self.total += nbytes
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        path = self.directory / f"shard-{len(self.files):05d}.tmp"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
-        self.files.append(path)
-        self.pending, self.pending_bytes, self.storages = {}, 0, set()
-
-    def close(self) -> list[str]:
-        self.flush()
-        count = len(self.files)
-        names = (
+    def __init__(
+        self, directory: Path, layout: Sequence[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int
+    ):
+        self.directory = Path(directory)
+        self.layout = [(name, tuple(shape), dtype) for name, shape, dtype in layout]
+        self.shards: list[list[int]] = [[]]
+        size = 0
+        for i, (_, shape, dtype) in enumerate(self.layout):
+            nbytes = _nbytes(shape, dtype)
+            if self.shards[-1] and size + nbytes > max_shard_bytes:
+                self.shards.append([])
+                size = 0
+            self.shards[-1].append(i)
+            size += nbytes
+        count = len(self.shards)
+        self.files = (
             ["model.safetensors"]
             if count == 1
-            else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+            else [f"model-{k + 1:05d}-of-{count:05d}.safetensors" for k in range(count)]
         )
-        for path, name in zip(self.files, names, strict=True):
-            path.rename(self.directory / name)
-        if count > 1:
-            weight_map = {tensor: names[shard] for tensor, shard in self.shard_of.items()}
-            index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        self.shard_of = {self.layout[i][0]: k for k, shard in enumerate(self.shards) for i in shard}
+        self.next, self.handle, self.open_shard = 0, None, -1
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """The next tensor of the layout (its name must be the next one; cast to the layout's dtype)."""
+        if self.next >= len(self.layout) or self.layout[self.next][0] != name:
+            expected = self.layout[self.next][0] if self.next < len(self.layout) else "nothing more"
+            raise AssertionError(f"safetensors writer: got {name}, expected {expected}")
+        _, shape, dtype = self.layout[self.next]
+        if tuple(tensor.shape) != shape:
+            raise AssertionError(f"{name}: shape {tuple(tensor.shape)}, the layout says {shape}")
+        shard = self.shard_of[name]
+        if shard != self.open_shard:
+            self._open(shard)
+        data = tensor.detach().to(device="cpu", dtype=dtype).contiguous().reshape(-1)
+        if data.numel():
+            self.handle.write(data.view(torch.uint8).numpy().data)
+        self.next += 1
+
+    def _open(self, shard: int) -> None:
+        if self.handle is not None:
+            self.handle.close()
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for i in self.shards[shard]:
+            name, shape, dtype = self.layout[i]
+            nbytes = _nbytes(shape, dtype)
+            header[name] = {
+                "dtype": _DTYPE_NAMES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            offset += nbytes
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % _HEADER_ALIGN)
+        self.handle = open(self.directory / self.files[shard], "wb")  # noqa: SIM115  (closed by the next shard/close)
+        self.handle.write(struct.pack("<Q", len(text)) + text)
+        self.open_shard = shard
+
+    def close(self) -> list[str]:
+        if self.next != len(self.layout):
+            raise AssertionError(f"safetensors writer: {len(self.layout) - self.next} tensors never written")
+        if self.handle is not None:
+            self.handle.close()
+        if len(self.files) > 1:
+            total = sum(_nbytes(shape, dtype) for _, shape, dtype in self.layout)
+            weight_map = {name: self.files[k] for name, k in self.shard_of.items()}
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (self.directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        return names
+        return self.files
+
+
+def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    count = 1
+    for n in shape:
+        count *= n
+    return count * torch.empty((), dtype=dtype).element_size()
 
 
 def write_safetensors(directory: Path, tensors: Sequence[Planned], max_shard_bytes: int) -> list[str]:
-    """Write planned tensors through a `ShardWriter`: each is made when added, so one shard is in memory at a time."""
-    writer = ShardWriter(directory, max_shard_bytes)
+    """Write planned tensors through a `ShardWriter`, each made only when its turn comes."""
+    writer = ShardWriter(directory, [(p.name, p.shape, p.dtype) for p in tensors], max_shard_bytes)
     for planned in tensors:
-        tensor = planned.make().to(planned.dtype)
-        if tuple(tensor.shape) != planned.shape:
-            raise AssertionError(f"{planned.name}: made {tuple(tensor.shape)}, planned {planned.shape}")
-        writer.add(planned.name, tensor)
+        writer.write(planned.name, planned.make())
     return writer.close()
 
 

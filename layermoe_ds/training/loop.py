@@ -89,7 +89,7 @@ def run_stage(stage: int, config: TrainConfig, ds_config: dict) -> int:
     from layermoe_ds.training import checkpoint
     from layermoe_ds.training.build import build_model, check_model
     from layermoe_ds.training.engine import check_ds_config, initialize, model_dtype
-    from layermoe_ds.training.metrics import MetricsLogger
+    from layermoe_ds.training.metrics import MetricsLogger, RssPeak
 
     process_start = psutil.Process().create_time()
     # Stage 2 hands DeepSpeed an fp32 config (engine.py explains); the JSON's bf16 still sets the frozen precision.
@@ -207,11 +207,16 @@ def run_stage(stage: int, config: TrainConfig, ds_config: dict) -> int:
             return 0
     metrics.close()
     started = time.perf_counter()
-    export_model(model, tokenizer, out / "model", stage)
-    if rank == 0:
+    with RssPeak() as rss:
+        export_model(model, tokenizer, out / "model", stage)
+    if rank == 0:  # what the export itself took on the writing rank (host memory: the gathered experts)
         write_json(
             out / "export.json",
-            {"seconds": round(time.perf_counter() - started, 3), "peak_mib": own_peak_memory_mib(device)},
+            {
+                "seconds": round(time.perf_counter() - started, 3),
+                "rss_before_mib": round(rss.before / 2**20, 1),
+                "peak_rss_mib": round(rss.peak / 2**20, 1),
+            },
         )
     return 0
 
@@ -326,7 +331,7 @@ def export_model(model, tokenizer, out: Path, stage: int, max_shard_bytes: int =
     No barrier after rank 0's write: the other ranks are done and exit, so no collective waits on the export,
     however long writing a large model takes (the launcher returns when every rank has)."""
     from layermoe_ds.modeling.streaming import ShardWriter, saved_keys, write_model_dir
-    from layermoe_ds.modeling.upcycle import LAYERMOE_TYPES
+    from layermoe_ds.modeling.upcycle import LAYERMOE_TYPES, NEW_EXPERT_PREFIX
 
     rank = dist.get_rank()
     if not moe_blocks(model):
@@ -344,17 +349,32 @@ def export_model(model, tokenizer, out: Path, stage: int, max_shard_bytes: int =
     _, model_cls = LAYERMOE_TYPES[config.model_type]
     with torch.device("meta"):
         expected = saved_keys(model_cls(config))  # what a LayerMoE directory holds (tied copies left out)
+    own = model.state_dict()
+    # The layout, in the order the tensors arrive: rank 0's own tensors, then each layer's gathered experts in
+    # global-id order (their dtype: this rank's experts' of that layer, the run's precision).
+    layout = [
+        (name, tuple(t.shape), t.dtype)
+        for name, t in own.items()
+        if name in expected and ".deepspeed_experts." not in name
+    ]
+    for layer, block in model.moe_blocks().items():
+        local = block.moe.experts[0].state_dict()
+        for global_id in range(len(block.gate.expert_groups) - 1):
+            prefix = f"model.layers.{layer}.mlp.{NEW_EXPERT_PREFIX}.{global_id}"
+            layout += [(f"{prefix}.{sub}", tuple(t.shape), t.dtype) for sub, t in local.items()]
+    missing = sorted(set(expected) - {name for name, _, _ in layout})
+    if missing:
+        raise AssertionError(f"export: tensors missing from the trained model: {missing[:3]}")
 
     def write(directory: Path) -> None:
-        writer, written = ShardWriter(directory, max_shard_bytes), set()
+        writer = ShardWriter(directory, layout, max_shard_bytes)
+        order = [name for name, _, _ in layout]
+        position = 0
         for piece in pieces:
-            for name, tensor in piece.items():
-                if name in expected:
-                    writer.add(name, tensor)
-                    written.add(name)
-        missing = sorted(set(expected) - written)
-        if missing:
-            raise AssertionError(f"export: tensors missing from the trained model: {missing[:3]}")
+            count = sum(1 for name in piece if name in expected)
+            for name in order[position : position + count]:  # this piece's tensors, in the layout's order
+                writer.write(name, piece[name])
+            position += count
         writer.close()
         tokenizer.save_pretrained(directory)
 
@@ -365,9 +385,10 @@ def export_model(model, tokenizer, out: Path, stage: int, max_shard_bytes: int =
 def _write_all(directory: Path, model, tokenizer, max_shard_bytes: int) -> None:
     from layermoe_ds.modeling.streaming import ShardWriter, saved_keys
 
-    writer = ShardWriter(directory, max_shard_bytes)
     state = model.state_dict()
-    for name in saved_keys(model):
-        writer.add(name, state[name].detach())
+    names = list(saved_keys(model))
+    writer = ShardWriter(directory, [(n, tuple(state[n].shape), state[n].dtype) for n in names], max_shard_bytes)
+    for name in names:
+        writer.write(name, state[name])
     writer.close()
     tokenizer.save_pretrained(directory)

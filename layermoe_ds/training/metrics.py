@@ -43,3 +43,33 @@ class MetricsLogger:
             self.bar.close()
             self.writer.close()
             self.jsonl.close()
+
+
+class RssPeak:
+    """The process's peak resident set while a block runs (sampled every `interval` s in a thread): what one phase
+    adds, which `ru_maxrss` (the lifetime peak) cannot tell apart from the phases before it."""
+
+    def __init__(self, interval: float = 0.02):
+        import psutil
+
+        self.process, self.interval = psutil.Process(), interval
+        self.before = self.peak = self.process.memory_info().rss
+        self._stop = None
+
+    def __enter__(self) -> RssPeak:
+        import threading
+
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.wait(self.interval):
+                self.peak = max(self.peak, self.process.memory_info().rss)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
