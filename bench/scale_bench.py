@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -75,19 +75,13 @@ def baseline_mib() -> float:
     return int(out.stdout.strip().splitlines()[-1]) / 1024
 
 
-def random_dense(shape, tokenizer_from: Path, out: Path, dtype) -> Path:
+def random_dense(shape, tokenizer_from, out, dtype) -> Path:
     import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_from)
     config = Qwen2Config(
-        vocab_size=shape.vocab,
-        hidden_size=shape.hidden,
-        intermediate_size=shape.ffn,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        num_key_value_heads=shape.kv_heads,
-        tie_word_embeddings=shape.tied,
+        **shape.hf_kwargs(),
         max_position_embeddings=4096,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -100,10 +94,16 @@ def random_dense(shape, tokenizer_from: Path, out: Path, dtype) -> Path:
 
 
 def measured(cmd: list[str]) -> tuple[float, float]:
-    """(seconds, peak RSS MiB of the child) for one command."""
+    """(seconds, peak RSS MiB) of one command: its own rusage (`wait4`), not the largest of every child so far."""
     started = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return time.perf_counter() - started, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    with tempfile.TemporaryFile() as errors:
+        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errors)
+        _, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - started
+        if os.waitstatus_to_exitcode(status) != 0:
+            errors.seek(0)
+            raise SystemExit(f"{cmd[1]} failed:\n{errors.read().decode()[-3000:]}")
+    return seconds, usage.ru_maxrss / 1024
 
 
 def run_summary(run_dir: Path) -> dict:
@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--micro-batch", type=int, default=1, help="sequences per rank and step (default 1)")
+    parser.add_argument("--activation-checkpointing", action="store_true", help="both stages recompute activations")
     parser.add_argument("--port", type=int, default=29_731)
     parser.add_argument("--sizing", action="store_true", help="print the sizing table and exit")
     parser.add_argument("--keep", type=Path, default=None, help="keep the models and runs here")
@@ -150,8 +151,24 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(args.keep or tempfile.mkdtemp())
     tmp.mkdir(parents=True, exist_ok=True)
     results: dict = {"shape": args.shape, "experts_per_layer": counts, "dtype": dtype, "ranks": args.ranks}
+    results["activation_checkpointing"] = args.activation_checkpointing
+    # Not in the floors: the [micro × seq × vocab] fp32 logits, about three copies of which live at the loss
+    # (the logits, their log-softmax, their gradient).
+    results["logits_bytes"] = args.micro_batch * args.seq_len * shape.vocab * 4
     results["baseline_mib"] = baseline_mib()
-    dense = random_dense(shape, args.tokenizer_from, tmp / "dense", torch.bfloat16)
+    # In a child process: a forked child's peak RSS counts the parent's pages until it execs, so the bench process
+    # itself must stay small for the upcycle's figure to be its own.
+    code = (
+        "import sys, torch; sys.path.insert(0, sys.argv[1]); from scale_bench import random_dense; "
+        "from layermoe_ds.analysis.sizing import SHAPES; "
+        "random_dense(SHAPES[sys.argv[2]], sys.argv[3], sys.argv[4], torch.bfloat16)"
+    )
+    dense = tmp / "dense"
+    subprocess.run(
+        [sys.executable, "-c", code, str(ROOT / "bench"), args.shape, str(args.tokenizer_from), str(dense)],
+        check=True,
+        capture_output=True,
+    )
     allocation = tmp / "allocation.json"
     allocation.write_text(
         json.dumps({"method": "layermoe", "experts_per_layer": counts, "classifier_layers": classifiers})
@@ -178,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         "save_every": args.steps,
         "log_every": 1,
         "lr": 1e-4,
+        "activation_checkpointing": args.activation_checkpointing,
     }
     micro = tmp / "micro_batch.json"
     micro.write_text(json.dumps({"train_micro_batch_size_per_gpu": args.micro_batch}))
@@ -208,8 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     base = results["baseline_mib"]
     up = results["upcycle"]
     print(
-        f"{args.shape}: {sum(counts) - len(counts)} new experts, {args.ranks} ranks, {dtype}; "
-        f"process baseline {base:.0f} MiB"
+        f"{args.shape}: {sum(counts) - len(counts)} new experts, {args.ranks} ranks, {dtype}, micro-batch "
+        f"{args.micro_batch} × seq {args.seq_len}, activation checkpointing {args.activation_checkpointing}; "
+        f"process baseline {base:.0f} MiB; fp32 logits {results['logits_bytes'] / 2**20:.0f} MiB (x3 at the loss)"
     )
     print(
         f"upcycle: peak {up['peak_mib'] / 1024:.2f} GiB for {up['output_bytes'] / GIB:.2f} GiB written "

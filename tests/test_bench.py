@@ -154,3 +154,9 @@ def test_data_bench_tokenize_part_runs(corpus_dir, tokenizer_dir, tmp_path, caps
     for run in runs.values():
         assert run["vs_anchor"] > 0 and run["disk_bytes_per_token"] < 2.2 and run["main_peak_mib"] > 0
     assert "÷ workers×anchor" in capsys.readouterr().out
+
+
+def test_scale_bench_sizing_table(capsys):
+    assert load_bench("scale_bench").main(["--sizing"]) == 0
+    table = capsys.readouterr().out
+    assert table.count("\n| ") == 4 and "| llama-3.2-3b | 2–5 (84) |" in table and "GiB" in table

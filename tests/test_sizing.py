@@ -17,15 +17,7 @@ SMALL = {
 @pytest.mark.parametrize("arch", sorted(SMALL))
 def test_parameter_counts_match_real_models(arch):
     config_cls, model_cls, shape = SMALL[arch]
-    config = config_cls(
-        vocab_size=shape.vocab,
-        hidden_size=shape.hidden,
-        intermediate_size=shape.ffn,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        num_key_value_heads=shape.kv_heads,
-        tie_word_embeddings=shape.tied,
-    )
+    config = config_cls(**shape.hf_kwargs())
     with torch.device("meta"):
         dense = model_cls(config)
     assert shape.dense_params == sum(p.numel() for p in dense.parameters())

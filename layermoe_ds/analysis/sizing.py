@@ -27,6 +27,18 @@ class Shape:
     tied: bool
     qkv_bias: bool = False  # Qwen2 has q/k/v biases
 
+    def hf_kwargs(self) -> dict:
+        """The shape as Hugging Face config arguments (LlamaConfig, Qwen2Config, MistralConfig, …)."""
+        return dict(
+            vocab_size=self.vocab,
+            hidden_size=self.hidden,
+            intermediate_size=self.ffn,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads,
+            tie_word_embeddings=self.tied,
+        )
+
     @property
     def ffn_params(self) -> int:
         return 3 * self.hidden * self.ffn

@@ -8,13 +8,12 @@ package's own classes (same code), so `isinstance` checks and the training path 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig
 
+from layermoe_ds.io import directory_in_place
 from layermoe_ds.modeling.upcycle import LAYERMOE_TYPES
 
 for _model_type, (_config_cls, _model_cls) in LAYERMOE_TYPES.items():
@@ -28,21 +27,11 @@ def save_model(model, out: Path, tokenizer=None) -> Path:
 
     Written next to `out` and renamed into place, so `out/config.json` existing means the directory is whole (a
     kill during the export leaves the previous directory, or none)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(partial)
-    if out.exists():
-        previous = out.with_name(f".{out.name}.previous-{os.getpid()}")
-        out.rename(previous)
-        partial.rename(out)
-        shutil.rmtree(previous)
-    else:
-        partial.rename(out)
-    return out
+    with directory_in_place(out) as partial:
+        model.save_pretrained(partial)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(partial)
+    return Path(out)
 
 
 def layermoe_model_type(path: Path) -> str | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import struct
@@ -19,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from layermoe_ds.io import directory_in_place
 
 log = logging.getLogger(__name__)
 
@@ -257,28 +258,17 @@ def write_model_dir(
     `out` and renamed into place: `out/config.json` existing means the directory is whole."""
     from transformers.dynamic_module_utils import custom_object_save
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
     with torch.device("meta"):
         skeleton = model_cls(config)  # shapes only: the code files and auto_map come from its class
-    if getattr(model_cls, "_auto_class", None) is not None:
-        custom_object_save(skeleton, partial, config=config)
-    config.architectures = [type(skeleton).__name__]  # as `save_pretrained` records it
-    config.save_pretrained(partial)
-    write_weights(partial)
-    if tokenizer_from is not None:
-        copy_tokenizer(tokenizer_from, partial)
-    if out.exists():
-        previous = out.with_name(f".{out.name}.previous-{os.getpid()}")
-        out.rename(previous)
-        partial.rename(out)
-        shutil.rmtree(previous)
-    else:
-        partial.rename(out)
-    return out
+    with directory_in_place(out) as partial:
+        if getattr(model_cls, "_auto_class", None) is not None:
+            custom_object_save(skeleton, partial, config=config)
+        config.architectures = [type(skeleton).__name__]  # as `save_pretrained` records it
+        config.save_pretrained(partial)
+        write_weights(partial)
+        if tokenizer_from is not None:
+            copy_tokenizer(tokenizer_from, partial)
+    return Path(out)
 
 
 def saved_keys(model) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
