@@ -149,7 +149,8 @@ def test_data_bench_tokenize_part_runs(corpus_dir, tokenizer_dir, tmp_path, caps
     results = json.loads(out.read_text())
     runs = results["tokenize"]
     assert set(runs) == {"1x, 1 worker", "1x, 2 workers", "2x, 2 workers"}
-    assert runs["2x, 2 workers"]["tokens"] > 1.9 * runs["1x, 2 workers"]["tokens"]  # the new languages doubled
+    # The new languages' train text doubled (the old languages' and the held-out splits did not).
+    assert runs["2x, 2 workers"]["tokens"] > 1.3 * runs["1x, 2 workers"]["tokens"]
     assert runs["1x, 1 worker"]["tokens"] == runs["1x, 2 workers"]["tokens"]
     for run in runs.values():
         assert run["vs_anchor"] > 0 and run["disk_bytes_per_token"] < 2.2 and run["main_peak_mib"] > 0
