@@ -78,13 +78,18 @@ def layout_of(model) -> dict:
     }
 
 
+def _file_entry(file: Path) -> dict:
+    """A manifest entry: size and SHA-256, or that the file is missing."""
+    return {"size": file.stat().st_size, "sha256": sha256_file(file)} if file.is_file() else {"missing": True}
+
+
 def _manifest_share(directory: Path, names: list[str]) -> dict[str, dict]:
     """Size and SHA-256 of this rank's share of `names` (every world_size-th), gathered on every rank."""
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = {}
     for name in names[rank::world]:
         file = directory / name
-        mine[name] = {"size": file.stat().st_size, "sha256": sha256_file(file)} if file.is_file() else {"missing": True}
+        mine[name] = _file_entry(file)
     parts: list = [None] * world
     dist.all_gather_object(parts, mine)
     return {name: entry for part in parts for name, entry in part.items()}
@@ -165,32 +170,29 @@ def _moe_files_hidden(engine, hide: bool):
         engine.has_moe_layers = was
 
 
+BASE_SUFFIXES = (".safetensors", ".safetensors.index.json", "config.json")
+
+
 def base_pointer(model_dir: Path, allocation: dict | None) -> dict:
     """What a slim checkpoint needs to rebuild the frozen tensors: the base directory, every weight and config
     file's size and SHA-256 (hashed by the ranks together), and the allocation a dense base is upcycled with."""
     model_dir = Path(model_dir).resolve()
     names = sorted(p.name for p in model_dir.iterdir() if p.name.endswith(BASE_SUFFIXES) and p.is_file())
-    files = _manifest_share(model_dir, names) if dist.is_initialized() else _hash_all(model_dir, names)
+    files = (
+        _manifest_share(model_dir, names) if dist.is_initialized() else {n: _file_entry(model_dir / n) for n in names}
+    )
     return {"path": str(model_dir), "allocation": allocation, "files": files}
-
-
-BASE_SUFFIXES = (".safetensors", ".safetensors.index.json", "config.json")
-
-
-def _hash_all(directory: Path, names: list[str]) -> dict[str, dict]:
-    return {
-        name: {"size": (directory / name).stat().st_size, "sha256": sha256_file(directory / name)} for name in names
-    }
 
 
 def check_base(pointer: dict, model_dir: Path, current: dict | None = None) -> None:
     """The base a checkpoint points at must be `model_dir`'s content (its path may have changed): a one-line error
     naming the first file that differs, and how to point at the right base."""
     model_dir = Path(model_dir)
-    current = current if current is not None else _hash_all(model_dir, sorted(pointer["files"]))
+    if current is None:
+        current = {name: _file_entry(model_dir / name) for name in pointer["files"]}
     for name, expected in pointer["files"].items():
         got = current.get(name)
-        if got is None or not (model_dir / name).is_file():
+        if got is None or "missing" in got:
             problem = f"{name} is missing"
         elif got["size"] != expected["size"] or got["sha256"] != expected["sha256"]:
             problem = (
@@ -226,7 +228,7 @@ def verify_files(path: Path, marker: dict, files: dict[str, dict] | None = None)
         file = path / name
         if not file.is_file():
             return f"{name} is missing"
-        actual = files[name] if files is not None else {"size": file.stat().st_size, "sha256": sha256_file(file)}
+        actual = files[name] if files is not None else _file_entry(file)
         if actual.get("size") != expected["size"]:
             return f"{name} has {actual.get('size')} bytes, the manifest says {expected['size']} (truncated?)"
         if "sha256" in expected and actual.get("sha256") != expected["sha256"]:
