@@ -28,6 +28,7 @@ bench: $(STAMP)
 	DS_ACCELERATOR=cpu $(PY) bench/stage_bench.py --random-shape 512,1408,8 --experts 4 --steps 12 \
 		--out bench/results/stage_bench_h512.json
 	DS_ACCELERATOR=cpu $(PY) bench/memory_bench.py
+	$(PY) bench/step_memory_bench.py
 	DS_ACCELERATOR=cpu $(PY) bench/data_bench.py
 	DS_ACCELERATOR=cpu $(PY) bench/gpu_bench.py --smoke
 
@@ -41,6 +42,7 @@ bench-gpu: $(STAMP)
 	$(PY) bench/gpu_bench.py --gpus $(GPUS)
 	$(PY) bench/memory_bench.py --ranks $(GPUS) --hidden 2048 --ffn 5504 --layers 24 --heads 16 --seq-len 1024 \
 		--out bench/results/memory_bench_gpu.json
+	$(PY) bench/step_memory_bench.py --device cuda --out bench/results/step_memory_bench_gpu.json
 	$(PY) bench/scale_bench.py --ranks $(GPUS) --out bench/results/scale_bench_gpu.json
 
 lint: $(STAMP)

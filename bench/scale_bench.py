@@ -113,6 +113,7 @@ def run_summary(run_dir: Path) -> dict:
     marker = json.loads((newest / "COMPLETE.json").read_text())
     return {
         "setup_peak_mib": max(c["setup_peak_mib"] for c in census.values()),
+        "loss_chunk_tokens": census["0"]["loss_chunk_tokens"],
         "steps_peak_mib": max(r["memory/peak_mib"] for r in records),
         "materialised_bytes_per_rank": [c["bytes"] for c in census.values()],
         "experts_per_rank": [c["experts"] for c in census.values()],
@@ -152,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp.mkdir(parents=True, exist_ok=True)
     results: dict = {"shape": args.shape, "experts_per_layer": counts, "dtype": dtype, "ranks": args.ranks}
     results["activation_checkpointing"] = args.activation_checkpointing
-    # Not in the floors: the [micro × seq × vocab] fp32 logits, about three copies of which live at the loss
-    # (the logits, their log-softmax, their gradient).
+    # Not in the floors: the [micro × seq × vocab] fp32 logits Hugging Face's loss would hold several copies of;
+    # training's fused loss holds one chunk of them at a time (modeling/lm_loss.py).
     results["logits_bytes"] = args.micro_batch * args.seq_len * shape.vocab * 4
     results["baseline_mib"] = baseline_mib()
     # In a child process: a forked child's peak RSS counts the parent's pages until it execs, so the bench process
@@ -228,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{args.shape}: {sum(counts) - len(counts)} new experts, {args.ranks} ranks, {dtype}, micro-batch "
         f"{args.micro_batch} × seq {args.seq_len}, activation checkpointing {args.activation_checkpointing}; "
-        f"process baseline {base:.0f} MiB; fp32 logits {results['logits_bytes'] / 2**20:.0f} MiB (x3 at the loss)"
+        f"process baseline {base:.0f} MiB; fp32 logits {results['logits_bytes'] / 2**20:.0f} MiB, of which the "
+        f"loss holds {results['stage1']['loss_chunk_tokens'] * shape.vocab * 4 / 2**20:.0f} MiB at a time"
     )
     print(
         f"upcycle: peak {up['peak_mib'] / 1024:.2f} GiB for {up['output_bytes'] / GIB:.2f} GiB written "

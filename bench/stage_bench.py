@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             "lr": 1e-3,
             "save_every": args.steps,
             "log_every": args.steps,
-            "stage2_docs_per_lang": 100_000,
+            "stage2_docs_per_old_lang": 100_000,
+            "stage2_docs_per_new_lang": 100_000,
         }
         stage1 = {
             **common,

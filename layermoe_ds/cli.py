@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from layermoe_ds.distributed import leave_process_group
 
 log = logging.getLogger("layermoe")
 
@@ -296,7 +299,15 @@ def _add_grow(sub) -> None:
         "--router",
         choices=("keep", "reinit"),
         default="keep",
-        help="keep the old experts' router rows (default) or re-initialise the router (reference)",
+        help="keep the old experts' router rows (default), or re-initialise the routers of the layers that gain "
+        "experts (the reference)",
+    )
+    p.add_argument(
+        "--classifiers",
+        choices=("union", "new"),
+        default="union",
+        help="classifier layers: the earlier ones plus the new allocation's (default), or the new allocation's "
+        "alone (the reference)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None, help="float32, bfloat16, … (default: the input's)")
@@ -314,7 +325,16 @@ def _cmd_grow(args) -> int:
     allocation = read_json(args.allocation, "allocation")
     check_model_dir(args.model)
     dtype = parse_dtype(args.dtype) if args.dtype else None
-    config = grow_dir(args.model, allocation, args.out, args.router, args.seed, dtype, parse_size(args.max_shard_size))
+    config = grow_dir(
+        args.model,
+        allocation,
+        args.out,
+        args.router,
+        args.seed,
+        dtype,
+        parse_size(args.max_shard_size),
+        args.classifiers,
+    )
     print(
         f"grown model saved to {args.out}: experts per layer {config.experts_per_layer}, "
         f"{config.num_groups} language groups, classifier layers {config.classifier_layers}"
@@ -352,8 +372,8 @@ def _cmd_export(args) -> int:
     from layermoe_ds.training.checkpoint import model_from_checkpoint
 
     _refuse_overwrite(args.out)
-    model, path, marker = model_from_checkpoint(args.checkpoint, args.base)
-    save_model(model.to(parse_dtype(args.dtype)), args.out, load_tokenizer(path))
+    model, path, marker = model_from_checkpoint(args.checkpoint, args.base, parse_dtype(args.dtype))
+    save_model(model, args.out, load_tokenizer(path))
     print(f"exported {path} (step {marker['step']}) to {args.out}")
     return 0
 
@@ -690,7 +710,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.DEBUG if args.debug else (logging.WARNING if args.quiet else logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        atexit.register(leave_process_group)  # profile/evaluate under a launcher, at exit (launch.py says why)
+        return code
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
         if args.debug:
             raise

@@ -113,8 +113,10 @@ class TrainConfig:
     balance_alpha: float = 0.01
     lpr_gamma: float = 0.1
     cls_eta: float = 0.1
-    # Stage 2 data: documents per language of every group (the reference replays 50K per old language).
-    stage2_docs_per_lang: int = 50_000
+    # Stage 2's review set: the first N documents of each language of an earlier group (replayed) and of each
+    # language of the group this run teaches. The reference's mix: 50K per old language, 100K per new one.
+    stage2_docs_per_old_lang: int = 50_000
+    stage2_docs_per_new_lang: int = 100_000
     # Expert parallelism and capacity (training only; evaluation never drops a token).
     expert_parallel_size: str = "auto"
     capacity_factor: float = 1.25
@@ -145,7 +147,15 @@ class TrainConfig:
         langs = [lang for group in groups for lang in group]
         if len(set(langs)) != len(langs):
             raise ValueError(f"train.language_groups: a language appears twice in {list(groups)!r}")
-        for name in ("steps", "seq_len", "save_every", "keep_last_n", "log_every", "stage2_docs_per_lang"):
+        for name in (
+            "steps",
+            "seq_len",
+            "save_every",
+            "keep_last_n",
+            "log_every",
+            "stage2_docs_per_old_lang",
+            "stage2_docs_per_new_lang",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}: {getattr(self, name)} must be >= 1")
         if not self.lr > 0:

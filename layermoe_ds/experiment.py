@@ -134,7 +134,8 @@ def launch_stage(stage: int, run_config: dict, run_dir: Path, ranks: int, port: 
     with open(log_file, "w") as log:
         result = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     if result.returncode != 0:
-        raise RuntimeError(f"stage {stage} failed (exit {result.returncode}); see {log_file}")
+        tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-40:])
+        raise RuntimeError(f"stage {stage} failed (exit {result.returncode}); see {log_file}, which ends:\n{tail}")
     return run_dir / "model"
 
 
@@ -269,7 +270,10 @@ def train_and_evaluate(ctx: Context, system: System, home: Path, model: Path, gr
     if system.method != FULL_FINETUNE:
         stage2_config = {**ctx.common(groups, system.seed), "model": str(final.resolve()), "lr": preset.stage2_lr}
         stage2_config.update(
-            out=str((home / "stage2").resolve()), steps=preset.stage2_steps, stage2_docs_per_lang=preset.stage2_docs
+            out=str((home / "stage2").resolve()),
+            steps=preset.stage2_steps,
+            stage2_docs_per_old_lang=preset.stage2_docs,
+            stage2_docs_per_new_lang=preset.stage2_docs,
         )
         print(f"{tag} stage 2: {preset.stage2_steps} steps (log: {home / 'stage2.log'}) …", flush=True)
         stage1 = final

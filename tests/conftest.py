@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -18,6 +19,16 @@ torch.set_num_threads(1)
 
 CACHE = Path(os.environ.get("LAYERMOE_DEB_CACHE", Path.home() / ".cache" / "layermoe_ds" / "debs"))
 OLD, NEW = ("en", "de"), ("fr", "ru", "el")
+
+
+@pytest.fixture(autouse=True)
+def _own_log_handlers():
+    """Drop the stream handlers a test's in-process `layermoe` command installed (`basicConfig(force=True)` on the
+    stream pytest captured for that test): a later test's logging would write to that closed stream."""
+    before = set(logging.root.handlers)
+    yield
+    for handler in [h for h in logging.root.handlers if h not in before and type(h) is logging.StreamHandler]:
+        logging.root.removeHandler(handler)
 
 
 @pytest.fixture(scope="session")

@@ -96,13 +96,21 @@ def test_classifier_layer_choices():
         classifier_layers("top", scores)
 
 
-def test_a_classifier_on_a_single_expert_layer_is_flagged(caplog):
-    # The most similar layers get the fewest experts; with min_experts=1 they can end up dense.
-    result = allocate([0.05, 0.9, 0.8], AllocationOptions(budget=5, classifier_layers="1", max_experts=3))
-    assert result["experts_per_layer"][1] == 1 and result["classifier_layers"] == [1]
-    assert result["classifier_on_dense_layers"] == [1] and "single expert" in caplog.text
-    ok = allocate([0.05, 0.9, 0.8], AllocationOptions(budget=6, classifier_layers="1", min_experts=2))
-    assert "classifier_on_dense_layers" not in ok
+def test_classifiers_pass_over_single_expert_layers():
+    # The most similar layers get the fewest experts; with min_experts=1 they can end up dense, where a classifier
+    # has no route to steer: K takes the next most similar layers with new experts, and says which it passed over.
+    scores = [0.05, 0.9, 0.8]
+    result = allocate(scores, AllocationOptions(budget=5, classifier_layers="1", max_experts=3))
+    assert result["experts_per_layer"] == [3, 1, 1]
+    assert result["classifier_layers"] == [0] and result["classifier_passed_over_dense"] == [1]
+    assert allocate(scores, AllocationOptions(budget=5, max_experts=3))["classifier_layers"] == [0]  # default K
+    for spec, named in (("1,2", r"\[1, 2\]"), ("last-1", r"\[2\]")):  # explicit layers: an error naming them
+        with pytest.raises(ValueError, match=rf"classifier_layers: '{spec}' names layers {named}, which keep a single"):
+            allocate(scores, AllocationOptions(budget=5, classifier_layers=spec, max_experts=3))
+    with pytest.raises(ValueError, match=r"K = 2, but only 1 layers have new experts: \[0\]"):
+        allocate(scores, AllocationOptions(budget=5, classifier_layers="2", max_experts=3))
+    ok = allocate(scores, AllocationOptions(budget=6, classifier_layers="1", min_experts=2))
+    assert ok["classifier_layers"] == [1] and "classifier_passed_over_dense" not in ok
 
 
 def test_bad_inputs_are_named():
@@ -125,8 +133,9 @@ def test_sweep_prints_budgets_side_by_side():
     lines = table.splitlines()
     assert "δ=3" in lines[0] and "δ=12" in lines[0]
     # 1/T = 2, 4, 2 → shares ¼, ½, ¼; the classifier goes to the most similar layer (0, the tie's lower index)
-    assert lines[1].split() == ["0", "0.5000", "1*", "2*", "3*"]
-    assert lines[2].split() == ["1", "0.2500", "2", "3", "6"]
+    # unless it keeps a single expert (δ=3): then to the most similar layer with new experts (1)
+    assert lines[1].split() == ["0", "0.5000", "1", "2*", "3*"]
+    assert lines[2].split() == ["1", "0.2500", "2*", "3", "6"]
 
 
 def test_allocate_command(tmp_path, capsys):

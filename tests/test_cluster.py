@@ -425,3 +425,12 @@ def test_one_function_decides_device_and_backend():
         device_and_backend("cuda", {}, cuda_available=False)
     with pytest.raises(ValueError, match="'tpu' is not 'cpu', 'cuda' or 'cuda:N'"):
         device_and_backend("tpu", {}, cuda_available=True)
+
+
+def test_cpu_ranks_return_large_frees_to_the_os():
+    """glibc's mallopt takes the setting (in a child: it lasts for the process)."""
+    import platform
+
+    code = "from layermoe_ds.distributed import return_large_frees_to_os as f; print(f())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(platform.libc_ver()[0] == "glibc")

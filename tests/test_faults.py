@@ -25,7 +25,15 @@ pytestmark = pytest.mark.distributed
 
 RANDOM = random.Random(20261123)  # the "random steps" of the matrix, reproducible
 STAGE1 = dict(steps=10, save_every=2, log_every=1, keep_last_n=2)
-STAGE2 = dict(steps=8, save_every=2, log_every=1, keep_last_n=2, lr=0.05, stage2_docs_per_lang=200)
+STAGE2 = dict(
+    steps=8,
+    save_every=2,
+    log_every=1,
+    keep_last_n=2,
+    lr=0.05,
+    stage2_docs_per_old_lang=200,
+    stage2_docs_per_new_lang=200,
+)
 DS_JSON = {1: "stage1_zero2.json", 2: "stage2.json"}
 
 

@@ -212,12 +212,17 @@ def test_stage_data_reads_only_what_it_uses_whatever_the_corpus_size(corpus_dir,
             ids, labels = blocks.batch(sampler.next_indices())
             assert ids.shape == (4, 32) and set(labels.tolist()) == {1}
         read[name] = sum(s.tokens_read for s in streams)
-        # Stage 2's review set: the first N documents of every language, found through the index alone.
+        # Stage 2's review set: the first N documents of every old and M of every new language, found through the
+        # index alone.
         review = stage_blocks(
-            stage_config(prepared, tmp_path / name, stage2_docs_per_lang=50), 2, tokenizer, tokenizer_dir
+            stage_config(prepared, tmp_path / name, stage2_docs_per_old_lang=50, stage2_docs_per_new_lang=80),
+            2,
+            tokenizer,
+            tokenizer_dir,
         )
         for part in review.parts:
-            assert part.blocks == part.stream.documents_prefix(50)[0] // 32 and part.stream.tokens_read == 0
+            docs = 50 if part.label == 0 else 80
+            assert part.blocks == part.stream.documents_prefix(docs)[0] // 32 and part.stream.tokens_read == 0
         assert [p.label for p in review.parts] == [0, 0, 1, 1, 1]
     assert read == {"x1": 5 * 4 * 32, "x20": 5 * 4 * 32}
 

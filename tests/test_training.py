@@ -74,7 +74,13 @@ def test_prepared_data_trains_exactly_like_raw_text(stage1_run, corpus_dir, upcy
 
 def test_stage2_trains_only_gates_and_sends_old_tokens_home(stage1_run, corpus_dir, tmp_path):
     config = base_config(
-        stage1_run / "model", corpus_dir, tmp_path / "run", steps=30, lr=0.05, stage2_docs_per_lang=300
+        stage1_run / "model",
+        corpus_dir,
+        tmp_path / "run",
+        steps=30,
+        lr=0.05,
+        stage2_docs_per_old_lang=300,
+        stage2_docs_per_new_lang=300,
     )
     run(2, config, tmp_path, "stage2.json")
     before = load_file(stage1_run / "model" / "model.safetensors")

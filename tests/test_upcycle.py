@@ -169,6 +169,9 @@ def test_grow_keeps_old_experts_and_adds_a_group(router):
     )
     kept = torch.equal(new0.gate.router.weight[:4], old0.gate.router.weight)
     assert kept == (router == "keep")
+    # Layer 2 gains no expert: its router stays whole under either policy (the reference re-initialises only
+    # the routers of layers that grow).
+    assert torch.equal(grown.model.layers[2].mlp.gate.router.weight, model.model.layers[2].mlp.gate.router.weight)
     assert new0.gate.lang_classifier.weight.shape[0] == 3
     assert grown.config.allocation["history"][1]["experts_per_layer"] == [2, 3, 1, 2]
 
@@ -269,3 +272,27 @@ def test_streamed_grow_writes_exactly_the_in_memory_model(router, tmp_path):
     assert json.loads((tmp_path / "streamed" / "config.json").read_text()) == json.loads(
         (tmp_path / "memory" / "config.json").read_text()
     )
+
+
+def test_grow_with_the_new_allocations_classifiers_alone(tmp_path):
+    """`--classifiers new` (the reference's lifelong policy): classifier layers are the new allocation's only,
+    streamed and in memory alike; `union` (default) keeps the earlier ones."""
+    from safetensors.torch import load_file
+
+    from layermoe_ds.modeling.upcycle import grow_dir
+
+    model = upcycle(tiny_dense("llama"), ALLOCATION, seed=1)  # classifiers on 0, 1, 3
+    save_model(model, tmp_path / "g1")
+    second = {"method": "layermoe", "experts_per_layer": [2, 3, 1, 2], "classifier_layers": [1, 3]}
+    grown = grow(model, second, classifiers="new")
+    assert grown.config.classifier_layers == [1, 3] and grown.model.layers[0].mlp.gate.lang_classifier is None
+    # Layer 3 keeps its classifier: its old classes' rows carry over, one class is added.
+    old3, new3 = model.model.layers[3].mlp.gate.lang_classifier.weight, grown.model.layers[3].mlp.gate.lang_classifier
+    assert torch.equal(new3.weight[:2], old3)
+    assert grow(model, second).config.classifier_layers == [0, 1, 3]
+    save_model(grown, tmp_path / "memory")
+    grow_dir(tmp_path / "g1", second, tmp_path / "streamed", classifiers="new")
+    streamed, reference = (load_file(tmp_path / d / "model.safetensors") for d in ("streamed", "memory"))
+    assert streamed.keys() == reference.keys() and all(torch.equal(streamed[k], v) for k, v in reference.items())
+    with pytest.raises(ValueError, match="--classifiers 'both' must be 'union' or 'new'"):
+        grow(model, second, classifiers="both")

@@ -107,15 +107,18 @@ def align_counts(counts: Sequence[int], align: int) -> list[int]:
 PAPER_CLASSIFIER_LAYERS = 7
 
 
-def classifier_layers(spec: str | None, scores: Sequence[float]) -> list[int]:
-    """`K` → the K highest-scoring layers (ties: lower index), `last-K`, or an explicit comma list; sorted."""
+def classifier_layers(spec: str | None, scores: Sequence[float], counts: Sequence[int] | None = None) -> list[int]:
+    """`K` → the K highest-scoring layers (ties: lower index), `last-K`, or an explicit comma list; sorted. With
+    the layers' expert `counts`, `K` ranks only layers with new experts (where a classifier has routes to steer),
+    and `last-K` or a list naming a single-expert layer is an error that names it."""
     num_layers = len(scores)
+    routed = [i for i in range(num_layers) if counts is None or counts[i] > 1]
     if spec is None:
-        spec = str(min(PAPER_CLASSIFIER_LAYERS, num_layers))
+        spec = str(min(PAPER_CLASSIFIER_LAYERS, len(routed)))
     spec = str(spec).strip()
     if spec.startswith("last-"):
         k = _parse_k(spec[5:], spec, num_layers)
-        return list(range(num_layers - k, num_layers))
+        return _on_routed_layers(list(range(num_layers - k, num_layers)), routed, spec)
     if "," in spec or not spec.isdigit():
         try:
             layers = sorted({int(part) for part in spec.split(",") if part.strip()})
@@ -124,10 +127,22 @@ def classifier_layers(spec: str | None, scores: Sequence[float]) -> list[int]:
         bad = [i for i in layers if not 0 <= i < num_layers]
         if bad:
             raise ValueError(f"classifier_layers: layers {bad} are outside 0..{num_layers - 1}")
-        return layers
+        return _on_routed_layers(layers, routed, spec)
     k = _parse_k(spec, spec, num_layers)
-    ranked = sorted(range(num_layers), key=lambda i: (-scores[i], i))
+    if k > len(routed):
+        raise ValueError(f"classifier_layers: K = {k}, but only {len(routed)} layers have new experts: {routed}")
+    ranked = sorted(routed, key=lambda i: (-scores[i], i))
     return sorted(ranked[:k])
+
+
+def _on_routed_layers(layers: list[int], routed: list[int], spec: str) -> list[int]:
+    dense = sorted(set(layers) - set(routed))
+    if dense:
+        raise ValueError(
+            f"classifier_layers: {spec!r} names layers {dense}, which keep a single expert (N_i = 1): a classifier "
+            "there has no route to steer; name layers with new experts, or give K to take the most similar of them"
+        )
+    return layers
 
 
 def _parse_k(text: str, spec: str, num_layers: int) -> int:
@@ -173,7 +188,7 @@ def allocate(scores: Sequence[float], options: AllocationOptions) -> dict:
         "experts_per_layer": aligned,
         "total_experts": sum(aligned),
         "new_experts": sum(n - 1 for n in aligned),
-        "classifier_layers": classifier_layers(options.classifier_layers, scores),
+        "classifier_layers": classifier_layers(options.classifier_layers, scores, aligned),
         "classifier_spec": options.classifier_layers or f"default ({PAPER_CLASSIFIER_LAYERS}, capped at layers)",
         "layer_score": list(scores),
         "seed": options.seed,
@@ -183,13 +198,13 @@ def allocate(scores: Sequence[float], options: AllocationOptions) -> dict:
     }
     if floored:
         result.update(min_score=options.min_score, floored_layers=floored, raw_layer_score=raw_scores)
-    dense_classifiers = [i for i in result["classifier_layers"] if aligned[i] == 1]
-    if dense_classifiers:  # only expert 0 there: the classifier has no route to steer
-        result["classifier_on_dense_layers"] = dense_classifiers
-        log.warning(
-            "allocate: classifier layers %s have a single expert (N_i = 1), where a classifier changes nothing; "
-            "raise --min-experts to 2 or choose other --classifier-layers",
-            dense_classifiers,
+    passed_over = sorted(set(classifier_layers(options.classifier_layers, scores)) - set(result["classifier_layers"]))
+    if passed_over:  # Eq. 10 left the most similar layers dense: the next most similar layers with experts instead
+        result["classifier_passed_over_dense"] = passed_over
+        log.info(
+            "allocate: layers %s are among the most similar but keep a single expert; classifiers on %s instead",
+            passed_over,
+            result["classifier_layers"],
         )
     if options.align > 1:
         result["align_extra_experts"] = sum(aligned) - sum(counts)

@@ -1,8 +1,9 @@
 """The token blocks each training stage reads, labelled with the language *group* (0 = original).
 
-Stage 1 reads the newest group's languages only. Stage 2 reads a balanced review set: the first
-`stage2_docs_per_lang` documents of every language of every group (old languages are replayed, new ones kept),
-found through the document index without reading the rest.
+Stage 1 reads the newest group's languages only. Stage 2 reads a review set: the first
+`stage2_docs_per_old_lang` documents of every language of the earlier groups (replayed) and the first
+`stage2_docs_per_new_lang` of every language of the newest group, found through the document index without
+reading the rest.
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ def stage_blocks(config: TrainConfig, stage: int, tokenizer, tokenizer_dir: Path
     streams = open_streams(Path(config.data), tokenizer, tokenizer_dir, langs, "train")
     parts = []
     for lang, stream in streams.items():
-        limit = None if stage == 1 else stream.documents_prefix(config.stage2_docs_per_lang)[0]
+        if stage == 1:
+            limit = None
+        else:
+            newest = config.group_of(lang) == len(config.language_groups) - 1
+            limit = stream.documents_prefix(
+                config.stage2_docs_per_new_lang if newest else config.stage2_docs_per_old_lang
+            )[0]
         parts.append(block_part(lang, config.group_of(lang), stream, config.seq_len, limit))
     return BlockDataset(parts, config.seq_len)

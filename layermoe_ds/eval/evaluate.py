@@ -37,9 +37,9 @@ def load_for_evaluation(path: Path, dtype: torch.dtype = torch.float32, device: 
 
     path = Path(path)
     if is_checkpoint_source(path):
-        model, checkpoint_dir, marker = model_from_checkpoint(path, base)
+        model, checkpoint_dir, marker = model_from_checkpoint(path, base, dtype)
         described = f"checkpoint {checkpoint_dir} (step {marker['step']})"
-        return model.to(dtype=dtype, device=device), checkpoint_dir, described
+        return model.to(device=device), checkpoint_dir, described
     return load_causal_lm(path, dtype, device), path, str(path)
 
 

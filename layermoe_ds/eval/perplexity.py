@@ -11,10 +11,10 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from layermoe_ds.data.tokens import TokenStream
+from layermoe_ds.modeling.lm_loss import IGNORE_INDEX, model_nll
 
 
 @torch.no_grad()
@@ -51,11 +51,10 @@ def language_nll(
         for row, c in enumerate(chunk):
             ids[row, : len(c)], mask[row, : len(c)] = c, 1
         ids, mask = ids.to(device), mask.to(device)
-        logits = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1]).logits.float()
+        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)
+        nll += model_nll(model, ids[:, :-1], mask[:, :-1], targets).item()  # no [tokens × vocabulary] logits
         if after_forward is not None:
             after_forward(mask[:, 1:].reshape(-1).bool())  # input positions that predict a real token
-        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        nll += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum").item()
         count += int((targets != -100).sum())
     return {"nll": nll, "tokens": count, "bytes": nbytes}
 

@@ -3,8 +3,9 @@
 Upcycling: layer i gets N_i experts; expert 0 is the original FFN, new experts are copies of it (random init is
 much worse, MoE-LPR's ablation); routers and classifiers are xavier-normal, seeded by (seed, layer) so every rank
 and every rerun builds the same model. Growing: existing experts keep their slots and weights and become "old";
-new experts are again copies of the original FFN; router rows of old experts are kept (`keep`) or everything is
-re-initialised (`reinit`, the reference behaviour); classifiers gain one class.
+new experts are again copies of the original FFN; router rows of old experts are kept (`keep`), or the routers of
+the layers that gain experts are re-initialised whole (`reinit`, the reference behaviour: a layer that gains none
+keeps its router); classifiers gain one class.
 """
 
 from __future__ import annotations
@@ -218,15 +219,25 @@ def upcycle_dir(
     return config
 
 
-def grown_config(old, allocation: dict, router: str = "keep"):
-    """(config, model class) of a LayerMoE config grown by one language group as `allocation` says."""
+CLASSIFIER_POLICIES = ("union", "new")
+
+
+def grown_config(old, allocation: dict, router: str = "keep", classifiers: str = "union"):
+    """(config, model class) of a LayerMoE config grown by one language group as `allocation` says. Classifier
+    layers: `union` keeps the earlier ones and adds the new allocation's; `new` (the reference's) takes the new
+    allocation's alone, dropping the classifiers of the layers it does not name."""
     if router not in ("keep", "reinit"):
         raise ValueError(f"grow: --router {router!r} must be 'keep' or 'reinit'")
+    if classifiers not in CLASSIFIER_POLICIES:
+        raise ValueError(f"grow: --classifiers {classifiers!r} must be 'union' or 'new'")
     added, requested = _check_allocation(allocation, old.num_hidden_layers)
     new_group = old.num_groups
     counts = [n + a - 1 for n, a in zip(old.experts_per_layer, added, strict=True)]
     groups = [g + [new_group] * (a - 1) for g, a in zip(old.expert_groups, added, strict=True)]
-    classifier_layers = sorted(set(old.classifier_layers) | set(_usable_classifier_layers(requested, counts)))
+    classifier_layers = set(_usable_classifier_layers(requested, counts))
+    if classifiers == "union":
+        classifier_layers |= set(old.classifier_layers)
+    classifier_layers = sorted(classifier_layers)
     config_cls, model_cls = LAYERMOE_TYPES[old.model_type]
     config_dict = {k: v for k, v in old.to_dict().items() if k not in _DENSE_CONFIG_DROP}
     config_dict.update(
@@ -255,7 +266,7 @@ def grown_tensor(name: str, shape, old, counts: Sequence[int], source, router: s
         return source.get(name) if int(j) < n_old - 1 else source.get(f"{ffn}.{tail}")
     if rest == "gate.router.weight":
         weight = seeded_xavier(shape, seed, layer, 10 + new_group)
-        if router == "keep" and n_old > 1:
+        if n_old > 1 and (router == "keep" or counts[layer] == n_old):  # `reinit`: layers that gained experts
             weight[:n_old] = source.get(name)
         return weight
     if rest == "gate.lang_classifier.weight":
@@ -274,6 +285,7 @@ def grow_dir(
     seed: int = 0,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 5 * 10**9,
+    classifiers: str = "union",
 ):
     """`layermoe grow`, streamed like `upcycle_dir`: the same tensors as `grow` (tested). Returns the config."""
     from layermoe_ds.modeling.hf_export import layermoe_model_type
@@ -284,7 +296,7 @@ def grow_dir(
     if model_type is None:
         raise ValueError(f"grow: {model_dir} is not a LayerMoE model; use `layermoe upcycle` first")
     old = LAYERMOE_TYPES[model_type][0].from_pretrained(model_dir)
-    config, model_cls = grown_config(old, allocation, router)
+    config, model_cls = grown_config(old, allocation, router, classifiers)
     source = TensorSource(model_dir)
     dtype = dtype or source.dtype("model.embed_tokens.weight")
     config.dtype = dtype
@@ -307,13 +319,15 @@ def grow_dir(
     return config
 
 
-def grow(model: nn.Module, allocation: dict, router: str = "keep", seed: int = 0) -> nn.Module:
+def grow(
+    model: nn.Module, allocation: dict, router: str = "keep", seed: int = 0, classifiers: str = "union"
+) -> nn.Module:
     """Lifelong step: add N_i − 1 experts per layer for a new language group (N_i from the new allocation, counted
     like any allocation: the original FFN plus the experts to add)."""
     if not is_layermoe(model):
         raise ValueError(f"grow: {type(model).__name__} is not a LayerMoE model; use `layermoe upcycle` first")
     old = model.config
-    config, model_cls = grown_config(old, allocation, router)
+    config, model_cls = grown_config(old, allocation, router, classifiers)
     counts, new_group = config.experts_per_layer, old.num_groups
     grown = model_cls(config).to(next(model.parameters()).dtype)
     old_state = model.state_dict()
@@ -339,7 +353,7 @@ def grow(model: nn.Module, allocation: dict, router: str = "keep", seed: int = 0
         block = grown.moe_blocks()[layer]
         _seeded_xavier(block.gate.router.weight, seed, layer, salt=10 + new_group)
         router_weight = block.gate.router.weight.detach().clone()
-        if router == "keep" and n_old > 1:
+        if n_old > 1 and (router == "keep" or n_new == n_old):  # `reinit`: only layers that gained experts
             router_weight[:n_old] = base["gate.router.weight"]
         state[f"{prefix}.gate.router.weight"] = router_weight
         if block.gate.lang_classifier is not None:

@@ -346,8 +346,11 @@ def is_checkpoint(path: Path) -> bool:
     return (path / MARKER).is_file() or bool(complete_checkpoints(path))
 
 
-def model_from_checkpoint(path: Path, base_dir: Path | None = None) -> tuple[torch.nn.Module, Path, dict]:
-    """(model in fp32 on CPU, the checkpoint directory, its marker) from a checkpoint or run directory, after
+def model_from_checkpoint(
+    path: Path, base_dir: Path | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[torch.nn.Module, Path, dict]:
+    """(model in `dtype` on CPU, each tensor read straight into it, the checkpoint directory, its marker) from a
+    checkpoint or run directory, after
     verifying the files against the manifest: a LayerMoE model, or the dense model of a full fine-tune run. A slim
     checkpoint's frozen tensors come from its base (the path it recorded, or `base_dir` when the base has moved),
     checked against its pointer. Needs neither DeepSpeed nor a process group."""
@@ -395,7 +398,7 @@ def model_from_checkpoint(path: Path, base_dir: Path | None = None) -> tuple[tor
             raise ValueError(f"checkpoint {path} does not match its config.json: {name} is missing")
         return from_base(name, param)
 
-    materialize(model, load, lambda name, param: torch.float32)
+    materialize(model, load, lambda name, param: dtype)
     unexpected = sorted(set(trained) - set(model.state_dict()))
     if unexpected:
         raise ValueError(f"checkpoint {path} does not match its config.json: unexpected {unexpected[:3]}")

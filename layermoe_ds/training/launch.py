@@ -11,6 +11,9 @@ merged over earlier ones. Errors are one line (rank 0) and exit 2 before any ste
 from __future__ import annotations
 
 import argparse
+import atexit
+import faulthandler
+import io
 import logging
 import os
 import sys
@@ -31,7 +34,8 @@ OVERRIDES = {  # flag → TrainConfig field
     "log_every": int,
     "expert_parallel_size": str,
     "capacity_factor": float,
-    "stage2_docs_per_lang": int,
+    "stage2_docs_per_old_lang": int,
+    "stage2_docs_per_new_lang": int,
     "resume": str,
 }
 
@@ -75,12 +79,13 @@ def build_parser(stage: int) -> argparse.ArgumentParser:
 
 def main(stage: int, argv: list[str] | None = None) -> int:
     from layermoe_ds.config import TrainConfig, load_config
-    from layermoe_ds.distributed import adopt_launcher_env
+    from layermoe_ds.distributed import adopt_launcher_env, leave_process_group
     from layermoe_ds.training.checkpoint import CheckpointWriteError
     from layermoe_ds.training.engine import load_ds_config
     from layermoe_ds.training.loop import run_stage
 
     args = build_parser(stage).parse_args(argv)
+    _stacks_on_fatal_signals()
     adopt_launcher_env()  # mpirun / bare srun: ranks from mpi4py or Slurm's variables
     rank = int(os.environ.get("RANK", "0"))
     level = logging.DEBUG if args.debug else logging.INFO
@@ -96,7 +101,9 @@ def main(stage: int, argv: list[str] | None = None) -> int:
         overrides["language_groups"] = [g.split(",") for g in args.language_groups.split(";")]
     try:
         config = load_config(TrainConfig, args.config, overrides)
-        return run_stage(stage, config, load_ds_config(args.deepspeed_config))
+        code = run_stage(stage, config, load_ds_config(args.deepspeed_config))
+        atexit.register(leave_process_group)  # at exit: a process that calls main() again keeps DeepSpeed's groups
+        return code
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         if args.debug:
             raise
@@ -112,3 +119,12 @@ def main(stage: int, argv: list[str] | None = None) -> int:
             raise
         print(f"stage{stage}: error (rank {rank}): {exc}", file=sys.stderr)
         return 1
+
+
+def _stacks_on_fatal_signals() -> None:
+    """A rank killed by a signal (SIGABRT from a C++ library, SIGSEGV) leaves every thread's stack in its log.
+    Not when stderr is no file (called in-process under a capturing test runner)."""
+    try:
+        faulthandler.enable()
+    except io.UnsupportedOperation:
+        pass

@@ -20,7 +20,12 @@ import torch
 import torch.distributed as dist
 
 from layermoe_ds.config import TrainConfig, to_dict
-from layermoe_ds.distributed import device_and_backend, init_process_group, release_shm_buffers
+from layermoe_ds.distributed import (
+    device_and_backend,
+    init_process_group,
+    release_shm_buffers,
+    return_large_frees_to_os,
+)
 from layermoe_ds.io import read_json, write_json
 from layermoe_ds.modeling.upcycle import is_layermoe
 from layermoe_ds.training.losses import moe_blocks, stage_losses
@@ -86,12 +91,16 @@ def run_stage(stage: int, config: TrainConfig, ds_config: dict) -> int:
     from layermoe_ds.data.packing import BlockSampler
     from layermoe_ds.data.stage_data import stage_blocks
     from layermoe_ds.data.tokenizer import load_tokenizer
+    from layermoe_ds.modeling.lm_loss import use_chunked_loss
     from layermoe_ds.training import checkpoint
     from layermoe_ds.training.build import build_model, check_model
     from layermoe_ds.training.engine import check_ds_config, initialize, model_dtype
     from layermoe_ds.training.metrics import MetricsLogger, RssPeak
+    from layermoe_ds.training.swiglu import use_lean_swiglu
 
     process_start = psutil.Process().create_time()
+    if device_and_backend()[0] == "cpu":
+        return_large_frees_to_os()  # before anything large is allocated (distributed.py says why)
     # Stage 2 hands DeepSpeed an fp32 config (engine.py explains); the JSON's bf16 still sets the frozen precision.
     frozen_dtype = model_dtype(ds_config)
     ds_config = check_ds_config(ds_config, stage)
@@ -128,6 +137,8 @@ def run_stage(stage: int, config: TrainConfig, ds_config: dict) -> int:
         # frozen embeddings a layer's input needs none either, which it needs to backpropagate at all.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)  # the buffers (rotary frequencies, routing tables): the parameters were made there
+    loss_chunk = use_chunked_loss(model)  # no [tokens × vocabulary] logits (lm_loss.py)
+    use_lean_swiglu(model)  # two FFN activations kept for backward, not three (swiglu.py)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_json(
@@ -136,7 +147,8 @@ def run_stage(stage: int, config: TrainConfig, ds_config: dict) -> int:
         )
     engine, _, scheduler = initialize(model, trainable, config, ds_config)
     census: list = [None] * world  # with each rank's peak memory once set up (before the first step)
-    dist.all_gather_object(census, {**built.census, "setup_peak_mib": own_peak_memory_mib(device)})
+    own = {**built.census, "loss_chunk_tokens": loss_chunk, "setup_peak_mib": own_peak_memory_mib(device)}
+    dist.all_gather_object(census, own)
     if rank == 0:
         write_json(out / CENSUS, {str(r): c for r, c in enumerate(census)})
 
@@ -164,8 +176,8 @@ def run_stage(stage: int, config: TrainConfig, ds_config: dict) -> int:
             ids, labels = blocks.batch(sampler.next_indices())
             ids = ids.to(device)
             groups = labels[:, None].expand_as(ids).to(device)
-            # No KV cache in training; and this step's outputs (the [batch × seq × vocab] logits above all) are
-            # dropped before the next forward, not kept alive through it.
+            # No KV cache in training; and this step's outputs are dropped before the next forward, not kept
+            # alive through it.
             output = engine(input_ids=ids, labels=ids, use_cache=False)
             losses = stage_losses(
                 model, output.loss, groups, stage, config.balance_alpha, config.lpr_gamma, config.cls_eta
@@ -313,6 +325,10 @@ def consolidated_tensors(model):
         gathered = [None] * dist.get_world_size() if rank == 0 else None
         dist.gather_object(local, gathered, dst=0)
         yield {k: v for part in gathered for k, v in part.items()} if rank == 0 else None
+    # No rank leaves before rank 0 has every piece (it comes here once it has written the last one): a sender that
+    # exits with the gather's data still in flight may reset the connection under it (seen as a rank aborting at
+    # the end of a run, exit 250 from the launcher).
+    dist.barrier()
 
 
 def _write_model_files(model, tokenizer, directory: Path, stage: int) -> None:
@@ -328,8 +344,8 @@ def export_model(model, tokenizer, out: Path, stage: int, max_shard_bytes: int =
     """Write the trained model as an HF directory on rank 0, in the run's precision (bf16 stays bf16), sharded:
     LayerMoE with classifier routing on after stage 2, or a dense full fine-tune as the dense model it is (ZeRO 1/2
     keep every parameter whole on every rank). Streamed: no second copy of the model, no random initialisation.
-    No barrier after rank 0's write: the other ranks are done and exit, so no collective waits on the export,
-    however long writing a large model takes (the launcher returns when every rank has)."""
+    The other ranks wait only until the last piece has arrived (`consolidated_tensors`), not for the writing: no
+    collective waits on the export, however long writing a large model takes."""
     from layermoe_ds.modeling.streaming import ShardWriter, saved_keys, write_model_dir
     from layermoe_ds.modeling.upcycle import LAYERMOE_TYPES, NEW_EXPERT_PREFIX
 

@@ -1,0 +1,168 @@
+"""What the training step's memory measures cost in time and save in memory, side by side in one run.
+
+    python bench/step_memory_bench.py                 # Qwen2-0.5B's head and FFN: h 896, vocabulary 151,936, FFN 4,864
+    python bench/step_memory_bench.py --device cuda   # on a GPU (peak = torch.cuda.max_memory_allocated)
+
+Two pairs, forward + backward of one micro-batch (frozen weights, inputs that need a gradient, as in both stages):
+- the next-token loss: Hugging Face's (full logits, then cross-entropy) vs the fused, chunked one
+  (`modeling/lm_loss.py`)
+- a SwiGLU feed-forward over T token slots: autograd's (keeps three activations) vs the lean one
+  (`training/swiglu.py`, keeps two)
+
+Time: the median of `--repeats` interleaved runs. Memory: on CPU the peak resident memory of a child process that
+runs one variant twice (allocations of 4 MiB and more unmapped when freed, as training sets up a CPU rank) above
+its resident memory between the two; on CUDA the peak allocated bytes above those before. Prints ratios
+(lean ÷ plain); writes bench/results/step_memory_bench.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _inputs(kind: str, args, device):
+    import torch
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    if kind == "loss":
+        hidden = torch.randn(args.tokens, args.hidden, generator=g).to(device).requires_grad_(True)
+        weight = (torch.randn(args.vocab, args.hidden, generator=g) * 0.02).to(device)
+        targets = torch.randint(0, args.vocab, (args.tokens,), generator=g).to(device)
+        return hidden, weight, targets
+    x = torch.randn(args.tokens, args.hidden, generator=g).to(device).requires_grad_(True)
+    weights = [(torch.randn(o, i, generator=g) * 0.02).to(device) for o, i in ((args.ffn, args.hidden),) * 2]
+    return x, *weights, (torch.randn(args.hidden, args.ffn, generator=g) * 0.02).to(device)
+
+
+def _step(kind: str, lean: bool, inputs, chunk: int):
+    import torch.nn.functional as F
+
+    from layermoe_ds.modeling.lm_loss import linear_cross_entropy
+    from layermoe_ds.training.swiglu import silu_mul
+
+    if kind == "loss":
+        hidden, weight, targets = inputs
+        if lean:
+            loss = linear_cross_entropy(hidden, weight, targets, chunk)
+        else:
+            loss = F.cross_entropy((hidden @ weight.T).float(), targets)
+    else:
+        x, w_gate, w_up, w_down = inputs
+        gate, up = x @ w_gate.T, x @ w_up.T
+        h = silu_mul(gate, up) if lean else F.silu(gate) * up
+        loss = (h @ w_down.T).square().mean()
+    loss.backward()
+    inputs[0].grad = None
+
+
+def _synchronise(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def child(kind: str, lean: bool, args) -> float:
+    """Peak memory (MiB) of one variant's step above what the process held before it."""
+    import resource
+
+    import psutil
+    import torch
+
+    from layermoe_ds.distributed import return_large_frees_to_os
+    from layermoe_ds.modeling.lm_loss import chunk_tokens_for
+
+    torch.set_num_threads(args.threads)
+    inputs = _inputs(kind, args, args.device)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        _step(kind, lean, inputs, chunk_tokens_for(args.vocab))
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    return_large_frees_to_os()
+    # A first step pays the libraries' one-time set-up, which stays resident, while its own tensors go back to the
+    # OS: the lifetime peak above what is resident after it is one step's peak.
+    _step(kind, lean, inputs, chunk_tokens_for(args.vocab))
+    before = psutil.Process().memory_info().rss
+    _step(kind, lean, inputs, chunk_tokens_for(args.vocab))
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**20
+
+
+def timings(args) -> dict[str, list[float]]:
+    import torch
+
+    from layermoe_ds.modeling.lm_loss import chunk_tokens_for
+
+    torch.set_num_threads(args.threads)
+    chunk = chunk_tokens_for(args.vocab)
+    inputs = {kind: _inputs(kind, args, args.device) for kind in ("loss", "swiglu")}
+    times: dict[str, list[float]] = {}
+    for repeat in range(args.repeats + 1):  # the first round warms up
+        for kind in ("loss", "swiglu"):
+            for lean in (False, True):
+                _synchronise(args.device)
+                started = time.perf_counter()
+                _step(kind, lean, inputs[kind], chunk)
+                _synchronise(args.device)
+                if repeat:
+                    times.setdefault(f"{kind}/{'lean' if lean else 'plain'}", []).append(time.perf_counter() - started)
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=896)
+    parser.add_argument("--vocab", type=int, default=151_936)
+    parser.add_argument("--ffn", type=int, default=4_864)
+    parser.add_argument("--tokens", type=int, default=256, help="tokens (loss) and expert slots (FFN) per step")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "step_memory_bench.json")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        kind, variant = args.child.split("/")
+        print(json.dumps(child(kind, variant == "lean", args)))
+        return 0
+    forwarded = [f"--{k}={getattr(args, k)}" for k in ("hidden", "vocab", "ffn", "tokens", "threads", "device")]
+    memory = {}
+    for name in ("loss/plain", "loss/lean", "swiglu/plain", "swiglu/lean"):
+        out = subprocess.run(
+            [sys.executable, __file__, f"--child={name}", *forwarded], capture_output=True, text=True, check=True
+        )
+        memory[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    times = timings(args)
+    results = {"args": {k: v for k, v in vars(args).items() if k not in ("out", "child")}, "rows": {}}
+    print(f"h {args.hidden}, vocabulary {args.vocab}, FFN {args.ffn}, {args.tokens} tokens, {args.device}:")
+    for kind, label in (("loss", "next-token loss, fused chunked / HF"), ("swiglu", "SwiGLU FFN, lean / autograd")):
+        plain, lean = (statistics.median(times[f"{kind}/{v}"]) for v in ("plain", "lean"))
+        row = {
+            "seconds_plain": plain,
+            "seconds_lean": lean,
+            "time_ratio": lean / plain,
+            "peak_mib_plain": memory[f"{kind}/plain"],
+            "peak_mib_lean": memory[f"{kind}/lean"],
+            "memory_ratio": memory[f"{kind}/lean"] / max(memory[f"{kind}/plain"], 1e-9),
+        }
+        results["rows"][kind] = row
+        print(
+            f"  {label}: time {row['time_ratio']:.2f}x ({plain * 1e3:.1f} → {lean * 1e3:.1f} ms), step memory "
+            f"{row['memory_ratio']:.2f}x ({row['peak_mib_plain']:.0f} → {row['peak_mib_lean']:.0f} MiB)"
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

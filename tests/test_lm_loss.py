@@ -1,0 +1,106 @@
+"""The fused, chunked next-token loss equals Hugging Face's, in value and in every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from layermoe_ds.modeling.lm_loss import (
+    IGNORE_INDEX,
+    chunk_tokens_for,
+    linear_cross_entropy,
+    shifted_targets,
+    use_chunked_loss,
+)
+
+
+def _grads(model, ids, chunk=None):
+    model.zero_grad(set_to_none=True)
+    if chunk is not None:
+        use_chunked_loss(model, chunk)
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("chunk", [7, 10_000])
+def test_fused_loss_matches_hugging_face_on_every_gradient(tiny_base, chunk):
+    from layermoe_ds.modeling.hf_loading import load_causal_lm
+
+    ids = torch.randint(0, 1000, (3, 24), generator=torch.Generator().manual_seed(0))
+    reference = load_causal_lm(tiny_base, torch.float32, "cpu")
+    ref_loss, ref_grads = _grads(reference, ids)
+    model = load_causal_lm(tiny_base, torch.float32, "cpu")
+    loss, grads = _grads(model, ids, chunk)
+    torch.testing.assert_close(loss, ref_loss)
+    assert grads.keys() == ref_grads.keys()
+    assert "lm_head.weight" in grads or "model.embed_tokens.weight" in grads  # the output weight trains here
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_ignored_targets_and_frozen_head():
+    torch.manual_seed(0)
+    hidden = torch.randn(11, 8, requires_grad=True)
+    weight = torch.randn(50, 8)  # frozen: no gradient computed for it
+    targets = torch.randint(0, 50, (11,))
+    targets[[2, 5, 10]] = IGNORE_INDEX
+    loss = linear_cross_entropy(hidden, weight, targets, chunk=4)
+    loss.backward()
+    reference_hidden = hidden.detach().clone().requires_grad_(True)
+    reference = torch.nn.functional.cross_entropy(reference_hidden @ weight.T, targets)
+    reference.backward()
+    torch.testing.assert_close(loss, reference)
+    torch.testing.assert_close(hidden.grad, reference_hidden.grad)
+    assert torch.equal(hidden.grad[[2, 5, 10]], torch.zeros(3, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets, chunk=3), reference.detach())
+
+
+def test_targets_and_chunk_size():
+    assert shifted_targets(torch.tensor([[1, 2, 3], [4, 5, 6]])).tolist() == [2, 3, -100, 5, 6, -100]
+    assert chunk_tokens_for(151_936) == 55 and chunk_tokens_for(10**12) == 1
+
+
+def test_lean_swiglu_trains_to_the_bit(upcycled):
+    """Two activations kept instead of three, the same gradients: the upcycled model's every FFN (expert 0 and the
+    new experts) with the lean forward gives bit-identical loss and gradients."""
+    from layermoe_ds.modeling.hf_loading import load_causal_lm
+    from layermoe_ds.training.swiglu import use_lean_swiglu
+
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(1))
+    reference = load_causal_lm(upcycled, torch.float32, "cpu")
+    ref_loss, ref_grads = _grads(reference, ids)
+    model = load_causal_lm(upcycled, torch.float32, "cpu")
+    assert use_lean_swiglu(model) == 3 + (3 + 2 + 3 - 3)  # a base FFN per layer, and every new expert
+    loss, grads = _grads(model, ids)
+    assert torch.equal(loss, ref_loss)
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        assert torch.equal(grads[name], ref_grads[name]), name
+
+
+def test_evaluation_nll_without_logits_matches_the_logits(tiny_base):
+    """Evaluation's summed NLL through the hidden states equals the one through the full logits, padding included."""
+    from layermoe_ds.modeling.hf_loading import load_causal_lm
+    from layermoe_ds.modeling.lm_loss import model_nll
+
+    model = load_causal_lm(tiny_base, torch.float32, "cpu").eval()
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)
+    with torch.no_grad():
+        logits = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1]).logits.float()
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+    torch.testing.assert_close(model_nll(model, ids[:, :-1], mask[:, :-1], targets), expected)
+
+
+def test_a_head_it_does_not_cover_keeps_hugging_faces_loss(tiny_base, caplog):
+    from layermoe_ds.modeling.hf_loading import load_causal_lm
+
+    model = load_causal_lm(tiny_base, torch.float32, "cpu")
+    model.config.final_logit_softcapping = 30.0  # Gemma-style: logits are not lm_head(h) alone
+    assert use_chunked_loss(model) == 0 and "final_logit_softcapping" in caplog.text
+    ids = torch.randint(0, 1000, (1, 8))
+    assert model(input_ids=ids, labels=ids).logits is not None  # the model's own forward, logits and all
