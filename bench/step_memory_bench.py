@@ -6,13 +6,13 @@
 Two pairs, forward + backward of one micro-batch (frozen weights, inputs that need a gradient, as in both stages):
 - the next-token loss: Hugging Face's (full logits, then cross-entropy) vs the fused, chunked one
   (`modeling/lm_loss.py`)
-- a SwiGLU feed-forward over T token slots: autograd's (keeps three activations) vs the lean one
-  (`training/swiglu.py`, keeps two)
+- `--layers` SwiGLU feed-forwards in sequence over T token slots: autograd's (keeps three activations each) vs the
+  lean one (`training/swiglu.py`, keeps two)
 
-Time: the median of `--repeats` interleaved runs. Memory: on CPU the peak resident memory of a child process that
-runs one variant twice (allocations of 4 MiB and more unmapped when freed, as training sets up a CPU rank) above
-its resident memory between the two; on CUDA the peak allocated bytes above those before. Prints ratios
-(lean ÷ plain); writes bench/results/step_memory_bench.json.
+Time: the median of `--repeats` interleaved runs. Memory: on CPU (Linux) the peak resident memory of a child
+process during the second of two runs of one variant (allocations of 4 MiB and more unmapped when freed, as training
+sets up a CPU rank; the kernel's peak mark reset between them) above its resident memory before it; on CUDA the
+peak allocated bytes above those before. Prints ratios (lean ÷ plain); writes bench/results/step_memory_bench.json.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _inputs(kind: str, args, device):
     return x, *weights, (torch.randn(args.hidden, args.ffn, generator=g) * 0.02).to(device)
 
 
-def _step(kind: str, lean: bool, inputs, chunk: int):
+def _step(kind: str, lean: bool, inputs, chunk: int, layers: int = 1):
     import torch.nn.functional as F
 
     from layermoe_ds.modeling.lm_loss import linear_cross_entropy
@@ -55,11 +55,13 @@ def _step(kind: str, lean: bool, inputs, chunk: int):
             loss = linear_cross_entropy(hidden, weight, targets, chunk)
         else:
             loss = F.cross_entropy((hidden @ weight.T).float(), targets)
-    else:
+    else:  # `--layers` residual FFNs (one set of weights): their saved activations are alive together, as in a model
         x, w_gate, w_up, w_down = inputs
-        gate, up = x @ w_gate.T, x @ w_up.T
-        h = silu_mul(gate, up) if lean else F.silu(gate) * up
-        loss = (h @ w_down.T).square().mean()
+        out = x
+        for _ in range(layers):
+            gate, up = out @ w_gate.T, out @ w_up.T
+            out = out + (silu_mul(gate, up) if lean else F.silu(gate) * up) @ w_down.T
+        loss = out.square().mean()
     loss.backward()
     inputs[0].grad = None
 
@@ -73,8 +75,6 @@ def _synchronise(device: str) -> None:
 
 def child(kind: str, lean: bool, args) -> float:
     """Peak memory (MiB) of one variant's step above what the process held before it."""
-    import resource
-
     import psutil
     import torch
 
@@ -86,15 +86,19 @@ def child(kind: str, lean: bool, args) -> float:
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        _step(kind, lean, inputs, chunk_tokens_for(args.vocab))
+        _step(kind, lean, inputs, chunk_tokens_for(args.vocab), args.layers)
         return (torch.cuda.max_memory_allocated() - before) / 2**20
     return_large_frees_to_os()
     # A first step pays the libraries' one-time set-up, which stays resident, while its own tensors go back to the
-    # OS: the lifetime peak above what is resident after it is one step's peak.
-    _step(kind, lean, inputs, chunk_tokens_for(args.vocab))
+    # OS. Then the kernel's peak-resident mark (VmHWM) is reset to what is resident now (Linux >= 4.0), so neither
+    # building the inputs nor the first step counts: the mark after the second step is that step's peak.
+    _step(kind, lean, inputs, chunk_tokens_for(args.vocab), args.layers)
+    Path("/proc/self/clear_refs").write_text("5")
     before = psutil.Process().memory_info().rss
-    _step(kind, lean, inputs, chunk_tokens_for(args.vocab))
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**20
+    _step(kind, lean, inputs, chunk_tokens_for(args.vocab), args.layers)
+    status = Path("/proc/self/status").read_text()
+    peak_kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+    return (peak_kib * 1024 - before) / 2**20
 
 
 def timings(args) -> dict[str, list[float]]:
@@ -111,7 +115,7 @@ def timings(args) -> dict[str, list[float]]:
             for lean in (False, True):
                 _synchronise(args.device)
                 started = time.perf_counter()
-                _step(kind, lean, inputs[kind], chunk)
+                _step(kind, lean, inputs[kind], chunk, args.layers)
                 _synchronise(args.device)
                 if repeat:
                     times.setdefault(f"{kind}/{'lean' if lean else 'plain'}", []).append(time.perf_counter() - started)
@@ -124,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab", type=int, default=151_936)
     parser.add_argument("--ffn", type=int, default=4_864)
     parser.add_argument("--tokens", type=int, default=256, help="tokens (loss) and expert slots (FFN) per step")
+    parser.add_argument("--layers", type=int, default=8, help="FFNs in sequence (their activations add up)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
@@ -134,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
         kind, variant = args.child.split("/")
         print(json.dumps(child(kind, variant == "lean", args)))
         return 0
-    forwarded = [f"--{k}={getattr(args, k)}" for k in ("hidden", "vocab", "ffn", "tokens", "threads", "device")]
+    forwarded = [
+        f"--{k}={getattr(args, k)}" for k in ("hidden", "vocab", "ffn", "tokens", "layers", "threads", "device")
+    ]
     memory = {}
     for name in ("loss/plain", "loss/lean", "swiglu/plain", "swiglu/lean"):
         out = subprocess.run(
@@ -143,7 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         memory[name] = json.loads(out.stdout.strip().splitlines()[-1])
     times = timings(args)
     results = {"args": {k: v for k, v in vars(args).items() if k not in ("out", "child")}, "rows": {}}
-    print(f"h {args.hidden}, vocabulary {args.vocab}, FFN {args.ffn}, {args.tokens} tokens, {args.device}:")
+    print(
+        f"h {args.hidden}, vocabulary {args.vocab}, FFN {args.ffn} × {args.layers} layers, {args.tokens} tokens, "
+        f"{args.device}:"
+    )
     for kind, label in (("loss", "next-token loss, fused chunked / HF"), ("swiglu", "SwiGLU FFN, lean / autograd")):
         plain, lean = (statistics.median(times[f"{kind}/{v}"]) for v in ("plain", "lean"))
         row = {
