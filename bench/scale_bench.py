@@ -157,6 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     # training's fused loss holds one chunk of them at a time (modeling/lm_loss.py).
     results["logits_bytes"] = args.micro_batch * args.seq_len * shape.vocab * 4
     results["baseline_mib"] = baseline_mib()
+    # The trainers return large frees to the OS (distributed.RETURN_FREES_ENV): resident memory then tracks what
+    # the tensors need, not what glibc's heap kept of earlier steps.
+    from layermoe_ds.distributed import RETURN_FREES_ENV
+
+    os.environ.setdefault(RETURN_FREES_ENV, "1")
+    results["cpu_return_frees"] = os.environ[RETURN_FREES_ENV] == "1"
     # In a child process: a forked child's peak RSS counts the parent's pages until it execs, so the bench process
     # itself must stay small for the upcycle's figure to be its own.
     code = (

@@ -173,6 +173,11 @@ def release_shm_buffers(shm_dir: Path = Path("/dev/shm")) -> int:
 
 
 LARGE_ALLOCATION_BYTES = 4 * 2**20
+# Opt-in (=1) for CPU training ranks: `return_large_frees_to_os` at start-up. Off by default: the page faults of
+# fresh mappings made the demo's stage-2 steps ~25% slower on this project's VM (medians 0.148 → 0.188 s, three
+# alternated runs each), while the memory it saves is the CPU allocator's, not the model's (GPUs have PyTorch's
+# caching allocator). `bench/scale_bench.py` sets it to measure what the tensors need.
+RETURN_FREES_ENV = "LAYERMOE_CPU_RETURN_FREES"
 
 
 def return_large_frees_to_os(threshold: int = LARGE_ALLOCATION_BYTES) -> bool:
@@ -180,7 +185,8 @@ def return_large_frees_to_os(threshold: int = LARGE_ALLOCATION_BYTES) -> bool:
     `mallopt(M_MMAP_THRESHOLD)`); False where the C library is not glibc. By default glibc raises that threshold
     to the largest block freed so far (up to 32 MiB), so a step's activations, freed after backward, stay in the
     heap: the optimizer step's large temporaries then come on top of them, and the rank's resident memory peaks at
-    what was never live at once (measured at the Qwen2-0.5B shape: stage-1 peak 10.0 → 8.2 GiB per rank)."""
+    what was never live at once (measured at the Qwen2-0.5B shape: stage-1 peak 10.0 → 8.2 GiB per rank). Costs
+    page faults on every large allocation (see RETURN_FREES_ENV)."""
     import ctypes
     import platform
 

@@ -11,6 +11,7 @@ import copy
 import hashlib
 import json
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch.distributed as dist
 
 from layermoe_ds.config import TrainConfig, to_dict
 from layermoe_ds.distributed import (
+    RETURN_FREES_ENV,
     device_and_backend,
     init_process_group,
     release_shm_buffers,
@@ -99,8 +101,8 @@ def run_stage(stage: int, config: TrainConfig, ds_config: dict) -> int:
     from layermoe_ds.training.swiglu import use_lean_swiglu
 
     process_start = psutil.Process().create_time()
-    if device_and_backend()[0] == "cpu":
-        return_large_frees_to_os()  # before anything large is allocated (distributed.py says why)
+    if device_and_backend()[0] == "cpu" and os.environ.get(RETURN_FREES_ENV) == "1":
+        return_large_frees_to_os()  # before anything large is allocated (distributed.py says why, and its cost)
     # Stage 2 hands DeepSpeed an fp32 config (engine.py explains); the JSON's bf16 still sets the frozen precision.
     frozen_dtype = model_dtype(ds_config)
     ds_config = check_ds_config(ds_config, stage)
