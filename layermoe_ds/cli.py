@@ -711,7 +711,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     try:
         code = int(args.func(args) or 0)
-        atexit.register(leave_process_group)  # profile/evaluate under a launcher, at exit (launch.py says why)
+        atexit.register(leave_process_group)  # profile/evaluate under a launcher (its docstring says why)
         return code
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
         if args.debug:

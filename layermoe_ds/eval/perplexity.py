@@ -55,7 +55,7 @@ def language_nll(
         nll += model_nll(model, ids[:, :-1], mask[:, :-1], targets).item()  # no [tokens × vocabulary] logits
         if after_forward is not None:
             after_forward(mask[:, 1:].reshape(-1).bool())  # input positions that predict a real token
-        count += int((targets != -100).sum())
+        count += int((targets != IGNORE_INDEX).sum())
     return {"nll": nll, "tokens": count, "bytes": nbytes}
 
 

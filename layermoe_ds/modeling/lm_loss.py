@@ -8,7 +8,7 @@ trains) is computed in the forward pass, and backward only scales what was kept.
 `ForCausalLMLoss`: targets are the labels shifted left, -100 is ignored, the mean is over counted tokens; the
 logits are computed in the model's dtype and the softmax in fp32, as there.
 
-Shape letters: N tokens (batch × length, flattened), H hidden size, V vocabulary.
+Shape letters: N tokens (batch × length, flattened), C the tokens of one chunk, H hidden size, V vocabulary.
 """
 
 from __future__ import annotations
