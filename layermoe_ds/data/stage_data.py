@@ -21,12 +21,7 @@ def stage_blocks(config: TrainConfig, stage: int, tokenizer, tokenizer_dir: Path
     streams = open_streams(Path(config.data), tokenizer, tokenizer_dir, langs, "train")
     parts = []
     for lang, stream in streams.items():
-        if stage == 1:
-            limit = None
-        else:
-            newest = config.group_of(lang) == len(config.language_groups) - 1
-            limit = stream.documents_prefix(
-                config.stage2_docs_per_new_lang if newest else config.stage2_docs_per_old_lang
-            )[0]
+        docs = config.stage2_docs_per_new_lang if lang in config.new_langs else config.stage2_docs_per_old_lang
+        limit = None if stage == 1 else stream.documents_prefix(docs)[0]
         parts.append(block_part(lang, config.group_of(lang), stream, config.seq_len, limit))
     return BlockDataset(parts, config.seq_len)

@@ -120,7 +120,7 @@ def initialize(model, trainable: dict[str, list[torch.nn.Parameter]], config: Tr
     )
     # Fused (one kernel per tensor, on CPU and CUDA): the single-tensor and for-each paths build temporaries the size
     # of the moments (the second moment's square root, then its quotient), and under ZeRO a tensor is a rank's whole
-    # flat partition: at 0.5B that was two copies of ~1 GB at every step.
+    # flat partition (~1 GB per rank at 0.5B).
     fused = {p.device.type for g in groups for p in g["params"]} <= {"cpu", "cuda"}
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
