@@ -63,6 +63,12 @@ def step_seconds(run_dir: Path, skip: int) -> float:
     return statistics.median(tokens / r["tokens_per_s"] for r in records[skip:])
 
 
+def dropped_routes(run_dir: Path) -> float:
+    """Routes dropped for lack of expert capacity over the whole run (the `moe/dropped` metric, summed)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return sum(r.get("moe/dropped", 0.0) for r in records)
+
+
 def optimizer_bytes_per_rank(run_dir: Path) -> float:
     """ZeRO: the size of each rank's optimizer-state file. ZeRO stage 0 (stage 2) keeps the optimizer in the model
     state file: the bytes of its state tensors (replicated, so per rank)."""

@@ -1,8 +1,9 @@
-"""Stage-2 vs stage-1 step time, and optimizer-state bytes per rank at world 1 vs 2 (ZeRO-1), through the real
+"""Stage-2 vs stage-1 step time, optimizer-state bytes per rank at world 1 vs 2 (ZeRO-1), and what dropless
+routing (the default) costs a stage-1 step against capacity-capped routing (`drop_tokens: true`), through the real
 launchers in one invocation.
 
 Goals (issue 6): a stage-2 step ≤ 0.6× a stage-1 step on the same model and batch; ZeRO-1 optimizer state per rank
-at world 2 ≈ 0.5× world 1.
+at world 2 ≈ 0.5× world 1. Issue 18: report the dropless/dropping step-time ratio and the routes dropped.
 
     DS_ACCELERATOR=cpu python bench/stage_bench.py            # demo artifacts: artifacts/base, runs/demo, data
     DS_ACCELERATOR=cpu python bench/stage_bench.py --random-shape 512,1408,8 --experts 4 --steps 12 \
@@ -20,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from benchlib import launch, optimizer_bytes_per_rank, random_base, step_seconds  # noqa: E402
+from benchlib import dropped_routes, launch, optimizer_bytes_per_rank, random_base, step_seconds  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +72,14 @@ def main(argv: list[str] | None = None) -> int:
             "allocation": str(Path(args.allocation).resolve()),
         }
         s1_w2 = launch(1, 2, {**stage1, "out": str(tmp / "s1_w2")}, "stage1_zero1.json", tmp, args.port)
+        s1_w2_drop = launch(
+            1,
+            2,
+            {**stage1, "drop_tokens": True, "out": str(tmp / "s1_w2_drop")},
+            "stage1_zero1.json",
+            tmp,
+            args.port + 3,
+        )
         s1_w1 = launch(1, 1, {**stage1, "out": str(tmp / "s1_w1")}, "stage1_zero1.json", tmp, args.port + 1)
         s2_w2 = launch(
             2,
@@ -83,11 +92,15 @@ def main(argv: list[str] | None = None) -> int:
         result = {
             "stage1_step_s": step_seconds(s1_w2, skip),
             "stage2_step_s": step_seconds(s2_w2, skip),
+            "stage1_dropping_step_s": step_seconds(s1_w2_drop, skip),
+            "stage1_routes_dropped": dropped_routes(s1_w2),
+            "stage1_dropping_routes_dropped": dropped_routes(s1_w2_drop),
             "optimizer_bytes_per_rank_world1": optimizer_bytes_per_rank(s1_w1),
             "optimizer_bytes_per_rank_world2": optimizer_bytes_per_rank(s1_w2),
             "stage2_optimizer_bytes_per_rank": optimizer_bytes_per_rank(s2_w2),
         }
     result["stage2_over_stage1_step"] = result["stage2_step_s"] / result["stage1_step_s"]
+    result["dropless_over_dropping_stage1_step"] = result["stage1_step_s"] / result["stage1_dropping_step_s"]
     result["zero1_world2_over_world1_optimizer_bytes"] = (
         result["optimizer_bytes_per_rank_world2"] / result["optimizer_bytes_per_rank_world1"]
     )
@@ -102,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         f"world 2 {result['optimizer_bytes_per_rank_world2'] / 1e6:.2f} MB: "
         f"{result['zero1_world2_over_world1_optimizer_bytes']:.2f}x (goal ~0.5); stage 2: "
         f"{result['stage2_optimizer_bytes_per_rank'] / 1e6:.3f} MB per rank"
+    )
+    print(
+        f"dropless stage-1 step / capacity-capped (capacity_factor 1.25, drop_tokens: true) = "
+        f"{result['dropless_over_dropping_stage1_step']:.2f}x; routes dropped over the run: "
+        f"{result['stage1_routes_dropped']:.0f} dropless, {result['stage1_dropping_routes_dropped']:.0f} capped"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

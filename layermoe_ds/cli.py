@@ -166,6 +166,13 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--tokenizer", type=Path, required=True, help="HF tokenizer directory")
     p.add_argument("--out", type=Path, required=True, help="output model directory")
+    p.add_argument(
+        "--preset",
+        choices=("demo", "deep"),
+        default=None,
+        help="start from a preset (demo: 4 layers × 128, the demo's base; deep: 12 layers × 128, the paper "
+        "preset's base; both en,de + 8%% fr,ru,el,es,it), then --config, then the flags below",
+    )
     p.add_argument("--config", type=Path, default=None, help="YAML/JSON with PretrainConfig fields")
     p.add_argument("--langs", type=lang_list, default=None, help="old languages (default: en,de)")
     p.add_argument(
@@ -198,9 +205,12 @@ def _add_pretrain(sub) -> None:
 
 def pretrain_config_from_args(args):
     from layermoe_ds.config import PretrainConfig, load_config
+    from layermoe_ds.training.pretrain import PRESETS
 
     overrides = {
         "langs": args.langs,
+        "low_resource_langs": args.low_resource_langs,
+        "low_resource_share": args.low_resource_share,
         "model.arch": args.arch,
         "model.num_layers": args.layers,
         "model.hidden_size": args.hidden,
@@ -215,7 +225,7 @@ def pretrain_config_from_args(args):
         "save_every": args.save_every,
         "seed": args.seed,
     }
-    return load_config(PretrainConfig, args.config, overrides)
+    return load_config(PretrainConfig, args.config, overrides, PRESETS.get(args.preset))
 
 
 def _cmd_pretrain(args) -> int:
@@ -649,9 +659,11 @@ def _add_experiment(sub) -> None:
         "every finished step is cached so a rerun resumes; writes OUT/report.md, results.json and plots. Without "
         "--base the embedded corpus, tokenizer and tiny base model are built (or reused) first.",
     )
-    p.add_argument("--preset", choices=("demo", "full"), default="demo", help="demo: dense, uniform, LayerMoE; "
-                   "full: + dense full fine-tune, random allocation, no classifier, last-K classifiers, seeds 1-2 "
-                   "of uniform and LayerMoE, lifelong G0->G1->G2 (es,it) of both")  # fmt: skip
+    p.add_argument("--preset", choices=("demo", "full", "paper"), default="demo", help="demo: dense, uniform, "
+                   "LayerMoE; full: + dense full fine-tune, random allocation, no classifier, last-K classifiers, "
+                   "seeds 0-2 of uniform and LayerMoE, lifelong G0->G1->G2 (es,it) of both; paper: on the 12-layer "
+                   "base, the budget-quality curve of uniform, LayerMoE and random at 12/24/36 new experts, the "
+                   "ablations and lifelong rows over 3 seeds")  # fmt: skip
     _experiment_arguments(p, default_out=None)
     p.set_defaults(func=_cmd_demo)
 

@@ -117,10 +117,13 @@ class TrainConfig:
     # language of the group this run teaches. The reference's mix: 50K per old language, 100K per new one.
     stage2_docs_per_old_lang: int = 50_000
     stage2_docs_per_new_lang: int = 100_000
-    # Expert parallelism and capacity (training only; evaluation never drops a token).
+    # Expert parallelism and capacity. Dropless by default, as the reference trains: each expert's capacity is the
+    # largest load in its expert-parallel group (one all-reduce of a scalar per layer and step). `drop_tokens: true`
+    # caps it at capacity_factor · k·S/E instead (fixed buffer sizes; overflowing routes are dropped and logged as
+    # moe/dropped). Evaluation never drops a token either way.
     expert_parallel_size: str = "auto"
+    drop_tokens: bool = False
     capacity_factor: float = 1.25
-    drop_tokens: bool = True
     # The forgetting baseline: stage 1 trains every parameter of the dense model (no upcycling, nothing frozen).
     full_finetune: bool = False
     # Recompute each decoder layer's activations in the backward pass instead of storing them (less memory, about
@@ -217,18 +220,22 @@ def _dataclass_type(type_name: Any) -> type | None:
     return known.get(type_name if isinstance(type_name, str) else getattr(type_name, "__name__", ""))
 
 
-def load_config(cls: type[T], path: Path | None, overrides: dict[str, Any] | None = None) -> T:
-    """Defaults ← YAML/JSON file ← `overrides` (dotted keys, e.g. `{"model.num_layers": 2}`), validated."""
-    data: dict[str, Any] = {}
+def load_config(
+    cls: type[T], path: Path | None, overrides: dict[str, Any] | None = None, defaults: T | None = None
+) -> T:
+    """Defaults (the class's, or `defaults`, e.g. a preset) ← YAML/JSON file ← `overrides` (dotted keys, e.g.
+    `{"model.num_layers": 2}`), validated."""
+    data: dict[str, Any] = to_dict(defaults) if defaults is not None else {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config: {path} does not exist")
         text = path.read_text(encoding="utf-8")
         try:
-            data = (json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)) or {}
+            from_file = (json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)) or {}
         except (json.JSONDecodeError, yaml.YAMLError) as exc:
             raise ValueError(f"config: {path} cannot be parsed: {exc}") from exc
+        data = _merged(data, from_file)
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
@@ -238,6 +245,16 @@ def load_config(cls: type[T], path: Path | None, overrides: dict[str, Any] | Non
             node = node.setdefault(part, {})
         node[leaf] = value
     return from_dict(cls, data)
+
+
+def _merged(base: dict, update: Any) -> Any:
+    """`update` over `base`, nested mappings merged key by key (anything else in `update` replaces)."""
+    if not isinstance(update, dict):
+        return update
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merged(base[key], value) if isinstance(base.get(key), dict) else value
+    return out
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """`layermoe demo` / `layermoe experiment` on the embedded corpus: build (or reuse) the corpus, tokenizer and dense
-base model, then run an experiment preset (experiment.py); every step is cached, so a rerun picks up where it
+base model, then run an experiment preset (`experiment/`); every step is cached, so a rerun picks up where it
 stopped."""
 
 from __future__ import annotations
@@ -8,19 +8,11 @@ import logging
 import time
 from pathlib import Path
 
-from layermoe_ds.config import PretrainConfig
 from layermoe_ds.data.corpus import CorpusOptions, build_corpus, corpus_is_built
 from layermoe_ds.io import read_json, write_json
 
 log = logging.getLogger(__name__)
 
-OLD_LANGS = ("en", "de")
-NEW_LANGS = ("fr", "ru", "el")
-LIFELONG_LANGS = ("es", "it")  # the third group of the full preset's lifelong rows
-# The base model sees 8% text of the later languages (1.6% each): the paper's new languages are low-resource for
-# its base models, not absent. Trained on old languages alone, the 4-layer model's layer-0 similarity comes out
-# negative (measured T_0 = -0.014), which Eq. 10 cannot use.
-LOW_RESOURCE_SHARE = 0.08
 TOKENIZER_MARKER = "layermoe_tokenizer.json"
 
 
@@ -41,24 +33,25 @@ def ensure_tokenizer(data: Path, out: Path, langs: tuple[str, ...], vocab: int =
     return out
 
 
-def prepare_base(data: Path, artifacts: Path, cache: Path) -> Path:
-    """The embedded corpus, its tokenizer and the dense base model (each built once, then reused)."""
-    from layermoe_ds.training.pretrain import is_done, pretrain
+def prepare_base(data: Path, artifacts: Path, cache: Path, preset: str = "demo") -> Path:
+    """The embedded corpus, its tokenizer and the dense base model of pretrain preset `preset` (each built once,
+    then reused): `artifacts/base` for the demo's, `artifacts/base-<preset>` for another."""
+    from layermoe_ds.training.pretrain import LATER_LANGS, OLD_LANGS, PRESETS, is_done, pretrain
 
-    langs = OLD_LANGS + NEW_LANGS + LIFELONG_LANGS  # = `data build`'s default; the tokenizer covers them all
+    langs = OLD_LANGS + LATER_LANGS  # = `data build`'s default; the tokenizer covers them all
     options = CorpusOptions(langs=langs)
     if not corpus_is_built(data, options):
         print(f"building the corpus in {data} from Debian's libreoffice-help packages …", flush=True)
         build_corpus(data, cache, options)
     print(f"tokenizer in {artifacts / 'tokenizer'} …", flush=True)
     tokenizer_dir = ensure_tokenizer(data, artifacts / "tokenizer", langs)
-    base = artifacts / "base"
-    later = NEW_LANGS + LIFELONG_LANGS
-    config = PretrainConfig(langs=OLD_LANGS, low_resource_langs=later, low_resource_share=LOW_RESOURCE_SHARE)
+    base = artifacts / ("base" if preset == "demo" else f"base-{preset}")
+    config = PRESETS[preset]
     if not is_done(base, config, tokenizer_dir, data):
+        m = config.model
         print(
-            f"pretraining the dense base model on {','.join(OLD_LANGS)} (+{LOW_RESOURCE_SHARE:.0%} "
-            f"{','.join(later)}; {config.steps} steps) …",
+            f"pretraining the dense base model ({m.num_layers} layers × {m.hidden_size}) on {','.join(config.langs)} "
+            f"(+{config.low_resource_share:.0%} {','.join(config.low_resource_langs)}; {config.steps} steps) …",
             flush=True,
         )
         pretrain(config, data, tokenizer_dir, base)
@@ -72,13 +65,13 @@ def run_demo(
 
     started = time.perf_counter()
     if base is None:
-        base = prepare_base(data, artifacts, cache)
+        base = prepare_base(data, artifacts, cache, PRESETS[preset].base)
     run_experiment(PRESETS[preset], base, data, runs)
     table = [line for line in (runs / "report.md").read_text().splitlines() if line.startswith("|")]
     print("\n" + "\n".join(table))
     print(
-        f"\nreport: {runs / 'report.md'} (plots: similarity.png, per_language.png, routing.png); runs: "
-        f"{runs / 'systems'}; TensorBoard: tensorboard --logdir {runs}"
+        f"\nreport: {runs / 'report.md'} (plots: similarity.png, per_language.png, routing.png; pareto.png with a "
+        f"curve); runs: {runs / 'systems'}; TensorBoard: tensorboard --logdir {runs}"
     )
     print(f"wall time: {time.perf_counter() - started:.0f} s")
     return 0

@@ -79,6 +79,9 @@ def test_stage_bench_runs(tiny_base, corpus_dir, tmp_path, capsys, shape):
     assert 0.3 < result["zero1_world2_over_world1_optimizer_bytes"] < 0.8
     assert result["stage2_optimizer_bytes_per_rank"] < 0.05 * result["optimizer_bytes_per_rank_world1"]
     assert result["model"] == (shape or str(tiny_base))
+    # Dropless is the default: no route dropped; the capped run at capacity factor 1.25 is the one that may drop.
+    assert result["stage1_routes_dropped"] == 0
+    assert result["dropless_over_dropping_stage1_step"] > 0
     assert "stage 2 / stage 1" in capsys.readouterr().out
 
 

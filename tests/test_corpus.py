@@ -82,6 +82,6 @@ def test_non_latin_languages_are_mostly_in_their_script(corpus_dir):
 def test_data_build_default_is_the_demo_corpus():
     """`layermoe data build` with no --langs builds what `make demo` builds (so the demo reuses it)."""
     from layermoe_ds.data.corpus import DEFAULT_LANGS
-    from layermoe_ds.demo import LIFELONG_LANGS, NEW_LANGS, OLD_LANGS
+    from layermoe_ds.training.pretrain import LATER_LANGS, OLD_LANGS
 
-    assert DEFAULT_LANGS == OLD_LANGS + NEW_LANGS + LIFELONG_LANGS
+    assert DEFAULT_LANGS == OLD_LANGS + LATER_LANGS

@@ -1,26 +1,32 @@
-"""A miniature experiment preset end to end (real `deepspeed` launcher, 2 CPU ranks): the report has every row with
-finite numbers, and LayerMoE's stage 2 does not leave old languages worse than stage 1 alone."""
+"""Experiments: a miniature preset end to end (real `deepspeed` launcher, 2 CPU ranks) with a row of every kind (curve
+points, a system over two seeds, a lifelong expansion, the dense fine-tune), and the reading, curve and cache on
+numbers made up to exercise each verdict."""
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
 
 import pytest
 
-pytestmark = pytest.mark.distributed
+from layermoe_ds.experiment import DENSE_BASE, DENSE_FINETUNE, Method, Phase, Preset, RunId, System
+from layermoe_ds.experiment.presets import CLASSIFIER_CLAIM, PLACEMENT_CLAIM
 
 
-def test_mini_experiment_report(tiny_base, corpus_dir, tmp_path, capsys):
-    from layermoe_ds.experiment import DENSE_FINETUNE, LAYERMOE, UNIFORM, Preset, finite_table, run_experiment
+@pytest.mark.distributed
+def test_mini_experiment(tiny_base, corpus_dir, tmp_path):
+    from layermoe_ds.experiment import finite_table, run_experiment
+    from layermoe_ds.experiment.cache import step_record
 
-    layermoe = replace(LAYERMOE, classifier_layers="1", budget_per_layer=2, max_experts=3, lifelong=True)
+    uniform = System("uniform (3/layer)", Method.UNIFORM, 3, "0", 3, 3, lifelong=True, curve=True)
+    layermoe = System("LayerMoE (2/layer)", Method.LAYERMOE, 2, "1", 2, 3, seeds=(0, 1), curve=True)
     preset = Preset(
-        systems=(UNIFORM, layermoe, DENSE_FINETUNE),
+        systems=(uniform, layermoe, DENSE_FINETUNE),
         old=("en", "de"),
         new=("fr", "ru"),
         lifelong=("el",),
+        reference=layermoe.name,
+        baseline=uniform.name,
         profile_tokens=2000,
         seq_len=32,
         stage1_steps=12,
@@ -32,114 +38,193 @@ def test_mini_experiment_report(tiny_base, corpus_dir, tmp_path, capsys):
     )
     out = tmp_path / "mini"
     results = run_experiment(preset, tiny_base, corpus_dir, out)
-    assert list(results) == ["dense base", UNIFORM.name, LAYERMOE.name, DENSE_FINETUNE.name]
+    assert list(results) == [
+        RunId(DENSE_BASE),
+        RunId(uniform.name),
+        RunId(uniform.name, 0, Phase.G2),
+        RunId(layermoe.name, 0),
+        RunId(layermoe.name, 1),
+        RunId(DENSE_FINETUNE.name),
+    ]
     assert finite_table(results)
-    report = (out / "report.md").read_text()
-    main_table, lifelong_table = report.split("## Lifelong expansion")
-    rows = [line for line in main_table.splitlines() if line.startswith("| ") and "system" not in line]
-    assert [row.split(" | ")[0][2:] for row in rows] == list(results)
-    assert all(len(row.split(" | ")) == len(rows[0].split(" | ")) for row in rows)
+    saved = json.loads((out / "results.json").read_text())
+    runs = {(r["system"], r["seed"], r["phase"]): r for r in saved["runs"]}
+    assert set(runs) == {(run.system, run.seed, str(run.phase)) for run in results}
     # The forgetting baseline trains everything: it is dense, and its old languages get worse than the base's.
-    finetuned = results[DENSE_FINETUNE.name]
-    assert finetuned["eval"]["params_total"] == results["dense base"]["eval"]["params_total"]
-    assert finetuned["eval"]["old_avg"]["bpb"] > results["dense base"]["eval"]["old_avg"]["bpb"]
-    # Lifelong rows: the base, LayerMoE after G1 and after G2, every language evaluated, finite.
-    lifelong_rows = [line for line in lifelong_table.splitlines() if line.startswith("| ") and "model" not in line]
-    names = [row.split(" | ")[0][2:] for row in lifelong_rows]
-    assert names == ["dense base", f"{LAYERMOE.name} after G1", f"{LAYERMOE.name} after G2"]
-    for row in lifelong_rows:
-        cells = row.strip("| ").split(" | ")[2:]
-        assert len(cells) == 8 and all(math.isfinite(float(cell)) for cell in cells), row
-    grown = json.loads((out / "systems" / "layermoe" / "lifelong" / "grown" / "config.json").read_text())
-    assert grown["num_groups"] == 3 and "Lifelong expansion keeps earlier groups* (LayerMoE)" in report
-    for name in ("similarity.png", "per_language.png", "routing.png", "results.json"):
-        assert (out / name).stat().st_size > 0
-    layermoe, uniform = results[LAYERMOE.name], results[UNIFORM.name]
-    assert layermoe["allocation"]["new_experts"] <= 0.6 * uniform["allocation"]["new_experts"]
+    finetuned, dense = runs[(DENSE_FINETUNE.name, 0, "G1")], runs[(DENSE_BASE, 0, "G1")]
+    assert finetuned["eval"]["params_total"] == dense["eval"]["params_total"]
+    assert finetuned["eval"]["old_avg"]["bpb"] > dense["eval"]["old_avg"]["bpb"]
+    # Two seeds of LayerMoE: different routers and data order, so different numbers; their spread is reported.
+    seed0, seed1 = runs[(layermoe.name, 0, "G1")], runs[(layermoe.name, 1, "G1")]
+    assert seed0["eval"]["new_avg"]["bpb"] != seed1["eval"]["new_avg"]["bpb"]
+    spread = saved["seed_stats"][layermoe.name]
+    assert spread["seeds"] == 2 and spread["new_stats"]["sd"] > 0
+    # The curve: one point per curve system, by method, with its parameter counts.
+    curve = {p["system"]: p for p in saved["curve"]}
+    assert curve[uniform.name]["new_experts"] == 6 and curve[uniform.name]["method"] == "uniform"
+    assert curve[layermoe.name]["new_avg"]["n"] == 2
+    assert curve[layermoe.name]["params_total"] < curve[uniform.name]["params_total"]
+    # The lifelong expansion: the grown model knows three groups, and every language is evaluated.
+    g2 = runs[(uniform.name, 0, "G2")]
+    assert set(g2["eval"]["languages"]) == {"en", "de", "fr", "ru", "el"}
+    assert g2["new_experts_total"] == 6 + g2["allocation"]["new_experts"]
+    grown = json.loads((out / "systems" / "uniform-3-layer" / "lifelong" / "grown" / "config.json").read_text())
+    assert grown["num_groups"] == 3
+    assert saved["lifelong"][uniform.name]["seeds"] == 1
     # A property of the method, not a tuned threshold: stage 2 routes old-language tokens back to expert 0.
-    assert layermoe["eval"]["old_avg"]["bpb"] <= layermoe["eval_stage1"]["old_avg"]["bpb"]
-    assert "## Reading" in report and "Stage 2 restores old languages" in report
+    assert seed0["eval"]["old_avg"]["bpb"] <= seed0["eval_stage1"]["old_avg"]["bpb"]
+    assert saved["profile"]["layer_score"] == json.loads((out / "similarity.json").read_text())["layer_score"]
+    for name in ("similarity.png", "per_language.png", "routing.png", "pareto.png", "report.md"):
+        assert (out / name).stat().st_size > 0
 
-    # Cached: a rerun launches nothing and gives the same report.
-    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.json") if p.name not in ("results.json",)}
+    # Cached: a rerun launches nothing and gives the same results.
+    records = {p: p.stat().st_mtime_ns for p in out.rglob("*.step.json")}
     again = run_experiment(preset, tiny_base, corpus_dir, out)
-    assert json.dumps(again, sort_keys=True) == json.dumps(results, sort_keys=True)
-    assert {p: p.stat().st_mtime_ns for p in before} == before
-
-
-def test_reading_judges_each_claim_from_the_numbers():
-    from layermoe_ds.experiment import LAYERMOE, PRESETS, UNIFORM, compare, reading
-
-    def system(old, new, new_experts, method, stage1_old=None, experts=(4, 2, 2, 2), classifiers=(2, 3)):
-        result = {"eval": {"old_avg": {"bpb": old}, "new_avg": {"bpb": new}}}
-        result["allocation"] = {"new_experts": new_experts, "method": method, "experts_per_layer": list(experts)}
-        result["allocation"]["classifier_layers"] = list(classifiers)
-        if stage1_old is not None:
-            result["eval_stage1"] = {"old_avg": {"bpb": stage1_old}}
-        return result
-
-    results = {
-        "dense base": system(2.0, 3.0, 0, "dense"),
-        UNIFORM.name: system(2.10, 2.50, 12, "uniform", stage1_old=2.9),
-        LAYERMOE.name: system(2.08, 2.52, 6, "layermoe", stage1_old=2.8),
-        "LayerMoE w/o classifier": system(2.05, 2.5, 6, "layermoe", classifiers=()),  # better without: fails
-        "LayerMoE w/ random allocation": system(2.2, 2.7, 6, "random", experts=(2, 2, 2, 4)),
-        "LayerMoE, classifier on last-2 layers": system(2.08, 2.52, 6, "layermoe"),  # the same layers as LayerMoE
-    }
-    lines = "\n".join(reading(results, PRESETS["full"]))
-    assert "50% fewer new experts" in lines and "(matched), Old-avg 2.080 vs 2.100 (matched) — replicated." in lines
-    assert "The classifier protects old languages*: Old-avg 2.080 (LayerMoE) vs 2.050" in lines
-    assert "vs 2.050 (LayerMoE w/o classifier) — not replicated here." in lines
-    assert "Similarity-based allocation beats random at equal budget*: New-avg 2.520 (LayerMoE) vs 2.700" in lines
-    assert "(LayerMoE, classifier on last-2 layers) — not testable on this model: both put the same" in lines
-    results["LayerMoE w/o classifier"]["eval"]["old_avg"]["bpb"] = 2.09  # 0.5% apart: no claim either way
-    lines = "\n".join(reading(results, PRESETS["full"]))
-    assert "vs 2.090 (LayerMoE w/o classifier) — no difference beyond 1% here." in lines
-    del results["LayerMoE, classifier on last-2 layers"]
-    assert "last-2" not in "\n".join(reading(results, PRESETS["full"]))  # no such row, no such claim
-    assert (compare(0.98, 1.0), compare(1.005, 1.0), compare(1.02, 1.0)) == ("better", "matched", "worse")
-
-
-def test_seed_spread_and_lifelong_reading_from_the_numbers():
-    from layermoe_ds.experiment import LAYERMOE, UNIFORM, Preset, lifelong_reading, seed_reading, seed_spread
-
-    def ev(old, new):
-        return {"eval": {"old_avg": {"bpb": old}, "new_avg": {"bpb": new}}}
-
-    results = {
-        "dense base": ev(2.0, 3.0),
-        UNIFORM.name: ev(2.10, 2.50),
-        LAYERMOE.name: ev(2.08, 2.40),
-        f"{UNIFORM.name} [seed 1]": ev(2.12, 2.52),
-        f"{LAYERMOE.name} [seed 1]": ev(2.10, 2.41),
-        f"{UNIFORM.name} [seed 2]": ev(2.08, 2.48),
-        f"{LAYERMOE.name} [seed 2]": ev(2.06, 2.39),
-    }
-    spread = seed_spread(results)
-    assert set(spread) == {UNIFORM.name, LAYERMOE.name} and spread[LAYERMOE.name]["seeds"] == 3
-    assert spread[LAYERMOE.name]["new"][0] == pytest.approx(2.40) and spread[UNIFORM.name]["new"][1] == pytest.approx(
-        0.02
+    assert json.dumps({r.label: v for r, v in again.items()}, sort_keys=True) == json.dumps(
+        {r.label: v for r, v in results.items()}, sort_keys=True
     )
-    lines = "\n".join(seed_reading(spread))
-    assert "(New-avg): LayerMoE − uniform = -0.100 bits/byte" in lines and "beyond the seed noise" in lines
-    assert (
-        "(Old-avg): LayerMoE − uniform = -0.020 bits/byte against a seed spread (sd) of up to 0.020 — within" in lines
-    )
+    assert {p: p.stat().st_mtime_ns for p in records} == records
+    assert json.loads(step_record(out / "systems" / "layermoe-2-layer" / "stage1").read_text())["done"]
 
-    preset = Preset(systems=(), old=("en",), new=("fr",), lifelong=("el",))
 
-    def langs(en, fr, el):
-        return {"languages": {"en": {"bpb": en}, "fr": {"bpb": fr}, "el": {"bpb": el}}}
+def test_cached_step_reruns_when_its_inputs_change(tmp_path):
+    from layermoe_ds.experiment.cache import cached, step_seconds
 
-    lifelong = {
-        f"{UNIFORM.name} after G1": {**langs(2.0, 2.5, 3.5), "new_experts": 12},
-        f"{UNIFORM.name} after G2": {**langs(2.0, 2.6, 2.8), "new_experts": 24},  # G1 forgot 4%
-        f"{LAYERMOE.name} after G1": {**langs(2.0, 2.5, 3.5), "new_experts": 6},
-        f"{LAYERMOE.name} after G2": {**langs(2.0, 2.51, 2.8), "new_experts": 12},
+    out, calls = tmp_path / "result.json", []
+
+    def produce(value):
+        def write():
+            calls.append(value)
+            out.write_text(json.dumps(value))
+
+        return write
+
+    first = cached(out, {"budget": 24}, produce(1))
+    assert cached(out, {"budget": 24}, produce(2)) == first and calls == [1]  # same inputs: reused
+    assert step_seconds(out) is not None
+    assert cached(out, {"budget": 36}, produce(3)) != first and calls == [1, 3]  # changed: rerun
+    assert json.loads(out.read_text()) == 3
+
+
+def test_resumable_step_keeps_partial_work_only_for_the_same_inputs(tmp_path):
+    from layermoe_ds.experiment.cache import cached
+
+    run_dir = tmp_path / "stage1"
+    seen = []
+
+    def killed():
+        (run_dir / "checkpoints").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    def resume():
+        seen.append((run_dir / "checkpoints").exists())
+        (run_dir / "model").mkdir(parents=True, exist_ok=True)
+
+    with pytest.raises(KeyboardInterrupt):
+        cached(run_dir, {"steps": 100}, killed, resumable=True)
+    cached(run_dir, {"steps": 100}, resume, resumable=True)  # the same step: its checkpoints are kept
+    cached(run_dir, {"steps": 200}, resume, resumable=True)  # another: started clean
+    assert seen == [True, False]
+
+
+def _eval(old: float, new: float, langs: dict | None = None) -> dict:
+    ev = {"old_avg": {"bpb": old}, "new_avg": {"bpb": new}, "params_total": 1000, "params_active": 800}
+    ev["languages"] = langs or {"en": {"bpb": old}, "fr": {"bpb": new}}
+    return ev
+
+
+def _run(old, new, new_experts=6, method="layermoe", stage1_old=None, experts=(4, 2, 2, 2), classifiers=(2, 3)):
+    result = {"eval": _eval(old, new), "wall_s": 10.0}
+    result["allocation"] = {"new_experts": new_experts, "method": method, "experts_per_layer": list(experts)}
+    result["allocation"]["classifier_layers"] = list(classifiers)
+    if stage1_old is not None:
+        result["eval_stage1"] = _eval(stage1_old, new)
+    return result
+
+
+LM = System("LayerMoE", Method.LAYERMOE, 2.5, "2", seeds=(0, 1, 2))
+U = System("Uniform", Method.UNIFORM, 4, seeds=(0, 1, 2))
+NO_CLS = System("LayerMoE w/o classifier", Method.LAYERMOE, 2.5, "0", seeds=(0, 1, 2), ablates=CLASSIFIER_CLAIM)
+LAST = System("LayerMoE last-2", Method.LAYERMOE, 2.5, "last-2", ablates=PLACEMENT_CLAIM)
+
+
+def test_reading_judges_each_claim_by_the_seed_spread():
+    from layermoe_ds.experiment.reading import judge, reading, stats
+
+    preset = Preset(systems=(U, LM, NO_CLS, LAST, DENSE_FINETUNE), old=("en",), new=("fr",), reference=LM.name,
+                    baseline=U.name)  # fmt: skip
+    results = {RunId(DENSE_BASE): {"eval": _eval(2.0, 3.0)}}
+    for seed, (u_new, lm_new) in enumerate([(2.50, 2.52), (2.52, 2.50), (2.48, 2.51)]):
+        results[RunId(U.name, seed)] = _run(2.10, u_new, 12, "uniform", stage1_old=2.9, experts=(4, 4, 4, 4))
+        results[RunId(LM.name, seed)] = _run(2.08 + 0.01 * seed, lm_new, stage1_old=2.8)
+        # Without the classifier, old languages are clearly worse (far beyond the seeds' spread).
+        results[RunId(NO_CLS.name, seed)] = _run(2.30 + 0.01 * seed, 2.5, classifiers=())
+    results[RunId(LAST.name)] = _run(2.08, 2.52)  # the same layers as LayerMoE: nothing to compare
+    results[RunId(DENSE_FINETUNE.name)] = {"eval": _eval(3.5, 1.9)}
+    lines, verdicts = reading(results, preset)
+    text = "\n".join(lines)
+    assert "50% fewer new experts" in text and "2.510 ± 0.010 vs 2.500 ± 0.020 (matched; Δ +0.010" in text
+    assert "Stage 2 restores old languages*: Old-avg lower after stage 2 than after stage 1 in 6 of 6 runs" in text
+    by_claim = {v["claim"]: v["verdict"] for v in verdicts}
+    assert by_claim[CLASSIFIER_CLAIM.text] == "better"
+    assert by_claim[PLACEMENT_CLAIM.text] == "not testable"
+    assert by_claim["dense fine-tuning forgets"] == "replicated"
+    # The rule itself: a gap inside 2 standard errors is no difference; with one seed, a 1% margin.
+    assert judge(stats([1.0, 1.1]), stats([1.05, 1.15]))[0] == "matched"
+    assert judge(stats([1.0, 1.01]), stats([1.10, 1.11]))[0] == "better"
+    assert [judge(stats([a]), stats([1.0]))[0] for a in (0.98, 1.005, 1.02)] == ["better", "matched", "worse"]
+
+
+def test_budget_quality_curve_interpolates_the_experts_uniform_needs():
+    from layermoe_ds.experiment.reading import curve, curve_reading, experts_for_quality
+
+    systems, results = [], {RunId(DENSE_BASE): {"eval": _eval(2.0, 3.0)}}
+    points = {  # method → [(budget, new experts, New-avg)]
+        Method.UNIFORM: [(2, 12, 2.60), (3, 24, 2.50), (4, 36, 2.44)],
+        Method.LAYERMOE: [(2, 12, 2.50), (3, 24, 2.40), (4, 36, 2.45)],
+        Method.RANDOM: [(2, 12, 2.70), (3, 24, 2.55), (4, 36, 2.47)],
     }
-    lines = "\n".join(lifelong_reading(lifelong, preset))
-    assert f"earlier groups* ({UNIFORM.name}): G0-avg 2.000 → 2.000, G1-avg 2.500 → 2.600" in lines
-    assert "G1-avg 2.500 → 2.600, G2-avg 3.500 → 2.800 — not replicated here." in lines
-    assert f"({LAYERMOE.name}): G0-avg 2.000 → 2.000, G1-avg 2.500 → 2.510, G2-avg 3.500 → 2.800 — replicated" in lines
-    assert "(LayerMoE 12 new experts in total vs uniform 24): G0/G1/G2-avg 2.000/2.510/2.800" in lines
-    assert "(matched/better/matched) — replicated." in lines
+    for method, rows in points.items():
+        for budget, experts, new in rows:
+            system = System(f"{method} {budget}", method, budget, curve=True)
+            systems.append(system)
+            results[RunId(system.name)] = _run(2.1, new, experts, str(method))
+    preset = Preset(systems=tuple(systems), old=("en",), new=("fr",))
+    measured = curve(results, preset)
+    assert [p.new_experts for p in measured[Method.UNIFORM]] == [12, 24, 36]
+    assert experts_for_quality(measured[Method.UNIFORM], 2.55) == pytest.approx(18.0)
+    assert experts_for_quality(measured[Method.UNIFORM], 2.44) == pytest.approx(36.0)
+    assert experts_for_quality(measured[Method.UNIFORM], 2.30) is None
+    lines, savings = curve_reading(measured)
+    saving = {e["system"]: e for e in savings}
+    assert saving["layermoe 2"]["uniform_experts"] == pytest.approx(24.0) and saving["layermoe 2"]["saving"] == 0.5
+    assert saving["layermoe 3"]["saving"] is None and saving["layermoe 3"]["note"] == "better than every uniform point"
+    assert saving["random 2"]["note"] == "worse than every uniform point"
+    text = "\n".join(lines)
+    assert "LayerMoE needs" in text and "— replicated" in text
+    assert "Similarity beats random at 12 new experts*: New-avg 2.500 (LayerMoE) vs 2.700 (random; one seed" in text
+
+
+def test_report_from_made_up_results(tmp_path):
+    from layermoe_ds.experiment.report import write_report
+
+    (tmp_path / "similarity.json").write_text(json.dumps({"layer_score": [0.05, 0.2, 0.3, 0.25, 0.15, 0.1]}))
+    langs = {"en": {"bpb": 2.0}, "fr": {"bpb": 2.5}, "el": {"bpb": 3.0}}
+    u = System("U", Method.UNIFORM, 3, seeds=(0, 1), lifelong=True, curve=True)
+    preset = Preset(systems=(u,), old=("en",), new=("fr",), lifelong=("el",), baseline="U", reference="U")
+    results = {RunId(DENSE_BASE): {"eval": _eval(2.0, 3.0), "eval_later": {"languages": {"el": {"bpb": 3.5}}}}}
+    for seed in (0, 1):
+        results[RunId("U", seed)] = {**_run(2.1, 2.5 + seed / 100, 12, "uniform"),
+                                     "eval_later": {"languages": {"el": {"bpb": 3.4}}}}  # fmt: skip
+        results[RunId("U", seed, Phase.G2)] = {**_run(2.1, 2.5, 6, "uniform"), "new_experts_total": 18}
+        results[RunId("U", seed, Phase.G2)]["eval"]["languages"] = langs
+    write_report(results, preset, tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["profile"]["middle_highest"] and saved["profile"]["max_over_min"] == pytest.approx(6.0)
+    assert saved["seed_stats"]["U"]["new_stats"]["mean"] == pytest.approx(2.505)
+    assert saved["lifelong"]["U"]["after"][2]["mean"] == 3.0 and saved["lifelong"]["U"]["before"][2]["mean"] == 3.4
+    report = (tmp_path / "report.md").read_text()
+    assert "highest in the middle, the shape of real models' profiles" in report
+    assert "| U [seed 1] after G2 | 18 | 2.000 | 2.500 | 3.000 | 2.000 | 2.500 | 3.000 |" in report
+    assert all(math.isfinite(p["new_avg"]["mean"]) for p in saved["curve"])
+    assert (tmp_path / "pareto.png").stat().st_size > 0

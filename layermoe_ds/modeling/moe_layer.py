@@ -102,7 +102,7 @@ class DeepSpeedNewExperts(MoE):
         ep_size: int,
         capacity_factor: float = 1.25,
         min_capacity: int = 4,
-        drop_tokens: bool = True,
+        drop_tokens: bool = False,
     ):
         super().__init__(
             hidden_size,
@@ -137,7 +137,7 @@ def block_to_expert_parallel(
     ep_size: int | str = "auto",
     capacity_factor: float = 1.25,
     min_capacity: int = 4,
-    drop_tokens: bool = True,
+    drop_tokens: bool = False,
     layer: int = 0,
     trained_group: int | None = None,
 ) -> int:
@@ -180,7 +180,7 @@ def to_expert_parallel(
     ep_size: int | str = "auto",
     capacity_factor: float = 1.25,
     min_capacity: int = 4,
-    drop_tokens: bool = True,
+    drop_tokens: bool = False,
 ) -> dict[int, int]:
     """Every MoE layer of a LayerMoE model onto DeepSpeed MoE, each with its own ep_size; returns layer → ep_size.
     The newest language group's experts (what a run trains) are spread evenly over each layer's ranks.

@@ -1,0 +1,183 @@
+"""What an experiment runs: systems (how each allocates its experts), the seeds of each, and the shared data and
+budget; `RunId` names one training run of one system."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+
+
+class Method(StrEnum):
+    LAYERMOE = "layermoe"  # Eq. 10: experts ∝ 1/T_i
+    UNIFORM = "uniform"  # MoE-LPR: the same count in every layer
+    RANDOM = "random"  # the budget spread at random
+    FULL_FINETUNE = "full-finetune"  # the dense model, every parameter trained (no experts): the forgetting baseline
+
+
+class Phase(StrEnum):
+    G1 = "G1"  # expanded from the dense base to the preset's new languages
+    G2 = "G2"  # the lifelong expansion of that G1 model to the preset's third group
+
+
+DENSE_BASE = "dense base"
+
+
+@dataclass(frozen=True, order=True)
+class RunId:
+    """One training run: a system, its training seed, and which expansion."""
+
+    system: str
+    seed: int = 0
+    phase: Phase = Phase.G1
+
+    @property
+    def label(self) -> str:
+        seed = f" [seed {self.seed}]" if self.seed else ""
+        return f"{self.system}{seed}" + (f" → {self.phase}" if self.phase != Phase.G1 else "")
+
+    def as_dict(self) -> dict:
+        return {"system": self.system, "seed": self.seed, "phase": str(self.phase)}
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What an ablation tests: the reference LayerMoE system should beat the ablated one on `average`."""
+
+    text: str
+    average: str  # "old" or "new"
+
+
+@dataclass(frozen=True)
+class System:
+    """One row: how its experts are allocated; everything else (data, steps, learning rates) is the preset's."""
+
+    name: str
+    method: Method
+    budget_per_layer: float = 0.0  # total experts (incl. expert 0) = round(this × layers)
+    classifier_layers: str = "0"  # allocate's --classifier-layers: "K", "last-K", "0" (none)
+    min_experts: int = 1
+    max_experts: int | None = None
+    seeds: tuple[int, ...] = (0,)  # training seeds (data order, router initialisation, random allocation)
+    lifelong: bool = False  # then expand again to the preset's third language group, allocated the same way
+    curve: bool = False  # a point of its method's budget–quality curve
+    ablates: Claim | None = None  # an ablation of the preset's reference system, and the claim it tests
+
+    def runs(self) -> list[RunId]:
+        return [RunId(self.name, seed) for seed in self.seeds]
+
+
+@dataclass(frozen=True)
+class Preset:
+    systems: tuple[System, ...]
+    old: tuple[str, ...] = ("en", "de")
+    new: tuple[str, ...] = ("fr", "ru", "el")
+    lifelong: tuple[str, ...] = ()  # the third group (G2) that `lifelong` systems expand to after G1
+    base: str = "demo"  # the base-model preset `layermoe demo/experiment` pretrains (training/pretrain.py)
+    reference: str = "LayerMoE"  # the LayerMoE system the headline claim and the ablations are about
+    baseline: str = "MoE-LPR uniform (4/layer)"  # the uniform MoE-LPR system it is compared with
+    profile_tokens: int = 20_000
+    min_score: float | None = 0.01  # a toy model's layer-0 similarity can be ≤ 0 (README, honest limitations)
+    seq_len: int = 128
+    stage1_steps: int = 150
+    stage1_lr: float = 2e-3
+    stage2_steps: int = 60
+    stage2_lr: float = 1e-2
+    stage2_docs: int = 3000
+    eval_max_tokens: int | None = None  # per language; None = the whole test split
+    ranks: int = 2
+    extra_train: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.systems]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates or DENSE_BASE in names:
+            raise ValueError(f"experiment preset: system names must be unique and not {DENSE_BASE!r}: {duplicates}")
+
+    @property
+    def langs(self) -> tuple[str, ...]:
+        return (*self.old, *self.new, *self.lifelong)
+
+    def system(self, name: str) -> System | None:
+        return next((s for s in self.systems if s.name == name), None)
+
+
+# 4-layer demo model: uniform MoE-LPR with 4 experts per layer (12 new) against LayerMoE at a budget of 2.5 per
+# layer (10: 6 new, half as many), at least 2 per layer as in the paper's allocations (so the classifier layers,
+# the most similar ones, have a router to steer) and at most 4 (the tiny model's layer-0 similarity is near zero,
+# and Eq. 10's 1/T_i would give it everything).
+UNIFORM = System("MoE-LPR uniform (4/layer)", Method.UNIFORM, 4, "0", min_experts=4, max_experts=4)
+LAYERMOE = System("LayerMoE", Method.LAYERMOE, 2.5, "2", min_experts=2, max_experts=4)
+DENSE_FINETUNE = System("Dense full fine-tune", Method.FULL_FINETUNE)
+
+CLASSIFIER_CLAIM = Claim("The classifier protects old languages", "old")
+PLACEMENT_CLAIM = Claim("Classifiers on the most similar layers beat the last layers", "old")
+ALLOCATION_CLAIM = Claim("Similarity-based allocation beats random at equal budget", "new")
+
+
+def ablations(reference: System, k: int) -> tuple[System, ...]:
+    """The reference system with one thing changed each: random allocation, no classifier, last-K classifiers."""
+    return (
+        replace(reference, name=f"{reference.name} w/ random allocation", method=Method.RANDOM, curve=False,
+                lifelong=False, ablates=ALLOCATION_CLAIM),
+        replace(reference, name=f"{reference.name} w/o classifier", classifier_layers="0", curve=False,
+                lifelong=False, ablates=CLASSIFIER_CLAIM),
+        replace(reference, name=f"{reference.name}, classifier on last-{k} layers", classifier_layers=f"last-{k}",
+                curve=False, lifelong=False, ablates=PLACEMENT_CLAIM),
+    )  # fmt: skip
+
+
+def curve_systems(
+    uniform: tuple[float, ...], layermoe: tuple[float, ...], reference: int, k: int, seeds: tuple[int, ...]
+) -> list[System]:
+    """The budget–quality curve: uniform MoE-LPR at `uniform` experts per layer, LayerMoE at `layermoe` (budgets per
+    layer chosen so that Eq. 10's ceiling lands near uniform's totals) and random allocation at LayerMoE's totals.
+    The three points at index `reference` run with every seed, and uniform and LayerMoE there expand again."""
+    systems = []
+    for i, (u_budget, budget) in enumerate(zip(uniform, layermoe, strict=True)):
+        main = {"seeds": seeds, "lifelong": True} if i == reference else {}
+        n = round(u_budget)
+        systems.append(System(f"MoE-LPR uniform ({n}/layer)", Method.UNIFORM, n, "0", n, n, curve=True, **main))
+        systems.append(System(f"LayerMoE ({budget:g}/layer)", Method.LAYERMOE, budget, str(k), curve=True, **main))
+        systems.append(System(f"Random allocation ({budget:g}/layer)", Method.RANDOM, budget, str(k), curve=True,
+                              seeds=seeds if i == reference else (0,),
+                              ablates=ALLOCATION_CLAIM if i == reference else None))  # fmt: skip
+    return systems
+
+
+# The paper preset: the 12-layer base (`pretrain --preset deep`), whose layer profile has the shape of real models'.
+# Its T_0, T_1 are ≤ 0 and raised to min_score 0.05 (a stated rule, recorded in each allocation). LayerMoE's budgets
+# 18, 30, 39 (1.5, 2.5, 3.25 per layer) give 13, 24, 35 new experts on that profile: uniform's 12, 24, 36.
+PAPER_SEEDS = (0, 1, 2)
+PAPER_K = 3  # the paper's K = 7 of 24 layers, scaled to 12
+_PAPER_CURVE = curve_systems((2, 3, 4), (1.5, 2.5, 3.25), 1, PAPER_K, PAPER_SEEDS)
+PAPER_REFERENCE = next(s for s in _PAPER_CURVE if s.name == "LayerMoE (2.5/layer)")
+_PAPER_ABLATIONS = tuple(a for a in ablations(PAPER_REFERENCE, PAPER_K) if a.method != Method.RANDOM)  # random: curve
+
+PRESETS = {
+    # make demo: the dense base, MoE-LPR's uniform allocation, LayerMoE with half the new experts.
+    "demo": Preset(systems=(UNIFORM, LAYERMOE)),
+    # plus: the forgetting baseline; the ablations (random allocation at LayerMoE's budget, no classifier,
+    # classifiers on the last layers); the lifelong G0 → G1 → G2 expansion of both; seeds 0-2 of both.
+    "full": Preset(
+        systems=(
+            replace(UNIFORM, lifelong=True, seeds=PAPER_SEEDS),
+            replace(LAYERMOE, lifelong=True, seeds=PAPER_SEEDS),
+            DENSE_FINETUNE,
+            *ablations(LAYERMOE, 2),
+        ),
+        lifelong=("es", "it"),
+    ),
+    # The paper's questions on a 12-layer base: the budget–quality curve of uniform MoE-LPR, LayerMoE and random
+    # allocation at ~12, 24 and ~36 new experts; at 24, every claim over 3 seeds (ablations, lifelong expansion).
+    "paper": Preset(
+        systems=(*_PAPER_CURVE, *_PAPER_ABLATIONS, DENSE_FINETUNE),
+        lifelong=("es", "it"),
+        base="deep",
+        reference=PAPER_REFERENCE.name,
+        baseline="MoE-LPR uniform (3/layer)",
+        min_score=0.05,
+        stage1_steps=150,
+        stage2_steps=60,
+        eval_max_tokens=20_000,
+    ),
+}

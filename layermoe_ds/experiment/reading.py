@@ -1,0 +1,345 @@
+"""The paper's claims checked against an experiment's numbers: each verdict computed, none typed in.
+
+Numbers are bits per byte on the test split (lower is better). A system run with several seeds is judged by its
+mean, and a difference counts only when it exceeds twice the standard error of the difference of the two means
+(√(sd_a²/n_a + sd_b²/n_b), sample standard deviations); with one seed on either side, by a 1% relative margin.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+
+from layermoe_ds.experiment.presets import DENSE_BASE, Method, Phase, Preset, RunId
+
+RELATIVE_TOLERANCE = 0.01  # single-seed comparisons: "matched" within 1%
+
+
+@dataclass(frozen=True)
+class Stats:
+    mean: float
+    sd: float  # sample standard deviation over seeds; 0 with one seed
+    n: int
+
+    def __str__(self) -> str:
+        return f"{self.mean:.3f} ± {self.sd:.3f}" if self.n > 1 else f"{self.mean:.3f}"
+
+    def as_dict(self) -> dict:
+        return {"mean": self.mean, "sd": self.sd, "n": self.n}
+
+
+def stats(values: list[float]) -> Stats:
+    return Stats(statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
+
+
+def compare(ours: float, theirs: float, tolerance: float = RELATIVE_TOLERANCE) -> str:
+    """'better', 'matched' (within `tolerance` relative) or 'worse', for a lower-is-better number."""
+    if ours < theirs * (1 - tolerance):
+        return "better"
+    return "matched" if ours <= theirs * (1 + tolerance) else "worse"
+
+
+def judge(ours: Stats, theirs: Stats) -> tuple[str, str]:
+    """('better' | 'matched' | 'worse', how it was decided) for lower-is-better means."""
+    if ours.n > 1 and theirs.n > 1:
+        noise = 2 * math.sqrt(ours.sd**2 / ours.n + theirs.sd**2 / theirs.n)
+        gap = ours.mean - theirs.mean
+        verdict = "matched" if abs(gap) <= noise else ("better" if gap < 0 else "worse")
+        return verdict, f"Δ {gap:+.3f} vs 2·SE {noise:.3f} over {ours.n}/{theirs.n} seeds"
+    return compare(ours.mean, theirs.mean), "one seed: 1% margin"
+
+
+def average(evaluation: dict, group: str) -> float:
+    return evaluation[f"{group}_avg"]["bpb"]
+
+
+def runs_of(results: dict[RunId, dict], system: str, phase: Phase = Phase.G1) -> list[dict]:
+    return [r for run, r in sorted(results.items()) if run.system == system and run.phase == phase]
+
+
+def seed_stats(results: dict[RunId, dict], system: str, group: str, key: str = "eval") -> Stats | None:
+    runs = [r for r in runs_of(results, system) if key in r]
+    return stats([average(r[key], group) for r in runs]) if runs else None
+
+
+def group_means(languages: dict, groups: list[tuple[str, ...]]) -> list[float | None]:
+    """Plain mean bits per byte over each group's languages (None where a group was not evaluated)."""
+    means = []
+    for group in groups:
+        values = [languages[lang]["bpb"] for lang in group if lang in languages]
+        means.append(sum(values) / len(values) if values and len(values) == len(group) else None)
+    return means
+
+
+# --- the budget–quality curve ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    system: str
+    method: Method
+    budget_per_layer: float
+    new_experts: int
+    params_total: int
+    params_active: int
+    new: Stats
+    old: Stats
+
+    def as_dict(self) -> dict:
+        out = {k: getattr(self, k) for k in ("system", "budget_per_layer", "new_experts")}
+        out.update(method=str(self.method), params_total=self.params_total, params_active=self.params_active)
+        return {**out, "new_avg": self.new.as_dict(), "old_avg": self.old.as_dict()}
+
+
+def curve(results: dict[RunId, dict], preset: Preset) -> dict[Method, list[CurvePoint]]:
+    """Each method's measured points, by new experts (seed means where a point has several seeds)."""
+    points: dict[Method, list[CurvePoint]] = {}
+    for system in preset.systems:
+        runs = runs_of(results, system.name)
+        if not (system.curve and runs):
+            continue
+        first = runs[0]
+        point = CurvePoint(
+            system.name,
+            system.method,
+            system.budget_per_layer,
+            first["allocation"]["new_experts"],
+            first["eval"]["params_total"],
+            first["eval"]["params_active"],
+            seed_stats(results, system.name, "new"),
+            seed_stats(results, system.name, "old"),
+        )
+        points.setdefault(system.method, []).append(point)
+    return {method: sorted(p, key=lambda p: p.new_experts) for method, p in points.items()}
+
+
+def experts_for_quality(points: list[CurvePoint], target: float) -> float | None:
+    """New experts a method needs for a New-avg of `target`, linearly interpolated between its measured points
+    (the fewest such on a non-monotone curve); None when `target` is outside what its points reach."""
+    for a, b in zip(points, points[1:], strict=False):
+        low, high = sorted((a.new.mean, b.new.mean))
+        if low <= target <= high and a.new.mean != b.new.mean:
+            share = (a.new.mean - target) / (a.new.mean - b.new.mean)
+            return a.new_experts + share * (b.new_experts - a.new_experts)
+    exact = [p.new_experts for p in points if p.new.mean == target]
+    return float(min(exact)) if exact else None
+
+
+def curve_reading(points: dict[Method, list[CurvePoint]]) -> tuple[list[str], list[dict]]:
+    """At equal New-avg, how many fewer new experts LayerMoE (and random allocation) need than uniform MoE-LPR."""
+    uniform = points.get(Method.UNIFORM, [])
+    if len(uniform) < 2:
+        return [], []
+    lines, savings = [], []
+    first, last = uniform[0], uniform[-1]
+    span = f"{first.new.mean:.3f} at {first.new_experts} … {last.new.mean:.3f} at {last.new_experts}"
+    for method in (Method.LAYERMOE, Method.RANDOM):
+        for point in points.get(method, []):
+            needed = experts_for_quality(uniform, point.new.mean)
+            entry = {"system": point.system, "new_experts": point.new_experts, "new_avg": point.new.mean}
+            if needed is None:
+                best = min(uniform, key=lambda p: p.new.mean)
+                if point.new.mean < best.new.mean:
+                    entry.update(uniform_experts=None, saving=None, note="better than every uniform point")
+                    text = (f"better than uniform's best ({best.new.mean:.3f} with {best.new_experts}): at least "
+                            f"{1 - point.new_experts / best.new_experts:.0%} fewer")  # fmt: skip
+                else:
+                    entry.update(uniform_experts=None, saving=None, note="worse than every uniform point")
+                    text = (
+                        f"worse than uniform's smallest point ({uniform[0].new.mean:.3f} with {uniform[0].new_experts})"
+                    )
+            else:
+                saving = 1 - point.new_experts / needed
+                entry.update(uniform_experts=needed, saving=saving)
+                text = f"uniform needs {needed:.1f} for the same New-avg: {saving:+.0%} fewer with {method}"
+            savings.append(entry)
+            lines.append(
+                f"- *Budget–quality curve* ({point.system}, {point.new_experts} new experts, New-avg "
+                f"{point.new.mean:.3f}): {text} (uniform's curve: {span})."
+            )
+    layermoe_savings = [
+        e["saving"] for e in savings if e["system"] in {p.system for p in points.get(Method.LAYERMOE, [])}
+    ]
+    measured = [s for s in layermoe_savings if s is not None]
+    if measured:
+        mean_saving = statistics.mean(measured)
+        verdict = "replicated" if mean_saving >= 0.1 else "not replicated here"
+        lines.append(
+            f"- *Fewer experts for the same quality* (the paper: 33–60% fewer): LayerMoE needs {mean_saving:.0%} fewer "
+            f"new experts than uniform MoE-LPR on average over its {len(measured)} interpolable points — {verdict}."
+        )
+    random = {p.new_experts: p for p in points.get(Method.RANDOM, [])}
+    for point in points.get(Method.LAYERMOE, []):
+        other = random.get(point.new_experts)
+        if other:
+            verdict, how = judge(point.new, other.new)
+            lines.append(
+                f"- *Similarity beats random at {point.new_experts} new experts*: New-avg {point.new} (LayerMoE) vs "
+                f"{other.new} (random; {how}) — "
+                + {"better": "replicated.", "matched": "no difference here.", "worse": "not replicated here."}[
+                    verdict
+                ]  # fmt: skip
+            )
+    return lines, savings
+
+
+# --- the claims --------------------------------------------------------------------------------------------------
+
+VERDICT_WORDS = {
+    "better": "replicated.",
+    "matched": "no difference beyond the noise here.",
+    "worse": "not replicated here.",
+}
+
+
+def reading(results: dict[RunId, dict], preset: Preset) -> tuple[list[str], list[dict]]:
+    """(lines for the report, the same verdicts as records for results.json)."""
+    lines: list[str] = []
+    verdicts: list[dict] = []
+    dense = results[RunId(DENSE_BASE)]["eval"]
+    reference, baseline = runs_of(results, preset.reference), runs_of(results, preset.baseline)
+    if reference and baseline:
+        ours_n, theirs_n = reference[0]["allocation"]["new_experts"], baseline[0]["allocation"]["new_experts"]
+        judged = {g: judge(seed_stats(results, preset.reference, g), seed_stats(results, preset.baseline, g))
+                  for g in ("new", "old")}  # fmt: skip
+        ok = all(v != "worse" for v, _ in judged.values())
+        lead = (
+            f"{1 - ours_n / theirs_n:.0%} fewer new experts"
+            if ours_n < theirs_n
+            else f"{ours_n} vs {theirs_n} new experts"
+        )
+        lines.append(
+            f"- *As good as uniform MoE-LPR* ({preset.reference}, {lead}, vs {preset.baseline}): New-avg "
+            f"{seed_stats(results, preset.reference, 'new')} vs {seed_stats(results, preset.baseline, 'new')} "
+            f"({judged['new'][0]}; {judged['new'][1]}), Old-avg {seed_stats(results, preset.reference, 'old')} vs "
+            f"{seed_stats(results, preset.baseline, 'old')} ({judged['old'][0]}) — "
+            + ("replicated." if ok else "not replicated here.")
+        )
+        verdicts.append({"claim": "as good as uniform", "verdict": "replicated" if ok else "not replicated"})
+    restored = [(run, r) for run, r in results.items() if "eval_stage1" in r]
+    if restored:
+        kept = [run for run, r in restored if average(r["eval"], "old") <= average(r["eval_stage1"], "old")]
+        ref = runs_of(results, preset.reference)
+        example = ""
+        if ref and "eval_stage1" in ref[0]:
+            example = (f" ({preset.reference}: Old-avg {average(ref[0]['eval_stage1'], 'old'):.3f} after stage 1 → "
+                       f"{average(ref[0]['eval'], 'old'):.3f}; dense {average(dense, 'old'):.3f})")  # fmt: skip
+        ok = len(kept) == len(restored)
+        lines.append(
+            f"- *Stage 2 restores old languages*: Old-avg lower after stage 2 than after stage 1 in {len(kept)} of "
+            f"{len(restored)} runs{example} — " + ("replicated." if ok else "not replicated in every run.")
+        )
+        verdicts.append({"claim": "stage 2 restores", "verdict": "replicated" if ok else "not replicated",
+                         "runs": len(restored), "restored": len(kept)})  # fmt: skip
+    for system in preset.systems:
+        if system.ablates is None or not (reference and runs_of(results, system.name)):
+            continue
+        claim, group = system.ablates, system.ablates.average
+        ours, theirs = seed_stats(results, preset.reference, group), seed_stats(results, system.name, group)
+        text = f"- *{claim.text}*: {group.capitalize()}-avg {ours} ({preset.reference}) vs {theirs} ({system.name}) — "
+        other = runs_of(results, system.name)[0]
+        keys = ("experts_per_layer", "classifier_layers")
+        if all(reference[0]["allocation"][k] == other["allocation"][k] for k in keys):
+            layers = reference[0]["allocation"]["classifier_layers"]
+            lines.append(text + f"not testable on this model: both put the same experts and classifiers ({layers}).")
+            verdicts.append({"claim": claim.text, "verdict": "not testable"})
+            continue
+        verdict, how = judge(ours, theirs)
+        lines.append(text + f"{how}: " + VERDICT_WORDS[verdict])
+        verdicts.append({"claim": claim.text, "verdict": verdict, "ours": ours.as_dict(), "theirs": theirs.as_dict()})
+    finetuned = next((s for s in preset.systems if s.method == Method.FULL_FINETUNE), None)
+    if reference and finetuned and runs_of(results, finetuned.name):
+        ft, lm, base_old = runs_of(results, finetuned.name)[0]["eval"], reference[0]["eval"], average(dense, "old")
+        ok = average(ft, "old") > average(lm, "old")
+        lines.append(
+            f"- *Dense fine-tuning forgets, LayerMoE does not*: Old-avg {base_old:.3f} (dense base) → "
+            f"{average(ft, 'old'):.3f} after full fine-tuning ({average(ft, 'old') - base_old:+.3f}) vs "
+            f"{average(lm, 'old'):.3f} with {preset.reference} ({average(lm, 'old') - base_old:+.3f}); New-avg "
+            f"{average(ft, 'new'):.3f} vs {average(lm, 'new'):.3f} — "
+            + ("replicated." if ok else "not replicated here.")
+        )
+        verdicts.append({"claim": "dense fine-tuning forgets", "verdict": "replicated" if ok else "not replicated"})
+    return lines, verdicts
+
+
+def lifelong_stats(results: dict[RunId, dict], preset: Preset, system: str) -> dict | None:
+    """G0/G1/G2 means over seeds before (after G1) and after the G2 expansion, and the new experts in total."""
+    groups = [preset.old, preset.new, preset.lifelong]
+    before, after, experts = [], [], []
+    for run, result in sorted(results.items()):
+        if run.system != system or run.phase != Phase.G2:
+            continue
+        g1 = results[RunId(system, run.seed)]
+        before.append(group_means({**g1["eval"]["languages"], **g1["eval_later"]["languages"]}, groups))
+        after.append(group_means(result["eval"]["languages"], groups))
+        experts.append(result["new_experts_total"])
+    if not after:
+        return None
+    return {
+        "seeds": len(after),
+        "before": [stats([b[g] for b in before]) for g in range(3)],
+        "after": [stats([a[g] for a in after]) for g in range(3)],
+        "new_experts_total": experts[0],
+    }
+
+
+def lifelong_reading(results: dict[RunId, dict], preset: Preset) -> list[str]:
+    """The lifelong claims: earlier groups survive the next expansion, and LayerMoE needs fewer experts for it."""
+    lines, by_system = [], {}
+    for system in preset.systems:
+        entry = lifelong_stats(results, preset, system.name)
+        if entry is None:
+            continue
+        by_system[system.name] = entry
+        before, after = entry["before"], entry["after"]
+        kept = [judge(after[g], before[g])[0] != "worse" for g in (0, 1)]
+        lines.append(
+            f"- *Lifelong expansion keeps earlier groups* ({system.name}, {entry['seeds']} seed(s)): G0-avg "
+            f"{before[0]} → {after[0]}, G1-avg {before[1]} → {after[1]}, G2-avg {before[2]} → {after[2]} — "
+            + ("replicated." if all(kept) else "not replicated here.")
+        )
+    lm, u = by_system.get(preset.reference), by_system.get(preset.baseline)
+    if lm and u:
+        judged = [judge(a, b)[0] for a, b in zip(lm["after"], u["after"], strict=True)]
+        lines.append(
+            f"- *Lifelong, as good as uniform* ({preset.reference} {lm['new_experts_total']} new experts in total vs "
+            f"{preset.baseline} {u['new_experts_total']}): G0/G1/G2-avg {'/'.join(str(s) for s in lm['after'])} vs "
+            f"{'/'.join(str(s) for s in u['after'])} ({'/'.join(judged)}) — "
+            + ("replicated." if "worse" not in judged else "not replicated here.")
+        )
+    return lines
+
+
+def profile_reading(profile: dict) -> tuple[list[str], dict]:
+    """The layer profile's spread and shape: real models' are lower in the early and late layers, higher in the
+    middle (the published Qwen1.5-1.8B and Llama-3.2-3B allocations give their first and last layers the most
+    experts)."""
+    scores = profile["layer_score"]
+    third = max(1, len(scores) // 3)
+    early, middle, late = scores[:third], scores[third : len(scores) - third], scores[len(scores) - third :]
+    summary = {
+        "layer_score": scores,
+        "max": max(scores),
+        "min": min(scores),
+        "range": max(scores) - min(scores),
+        "max_over_min": max(scores) / min(scores) if min(scores) > 0 else None,
+        "early_mean": statistics.mean(early),
+        "middle_mean": statistics.mean(middle) if middle else None,
+        "late_mean": statistics.mean(late),
+    }
+    shape = (
+        summary["middle_mean"] is not None
+        and summary["middle_mean"] > summary["early_mean"]
+        and summary["middle_mean"] > summary["late_mean"]
+    )
+    summary["middle_highest"] = shape
+    ratio = f"{summary['max_over_min']:.2f}" if summary["max_over_min"] is not None else "undefined (a score ≤ 0)"
+    lines = [
+        f"T_i per layer: {', '.join(f'{s:.3f}' for s in scores)}.",
+        f"Spread: max/min {ratio}, range {summary['range']:.3f}; mean of the first third {summary['early_mean']:.3f}, "
+        f"middle {summary['middle_mean']:.3f}, last third {summary['late_mean']:.3f} — "
+        + ("highest in the middle, the shape of real models' profiles." if shape
+           else "not the shape of real models' profiles (highest in the middle)."),
+    ]  # fmt: skip
+    return lines, summary

@@ -1,0 +1,234 @@
+"""The experiment's outputs, from the results on disk: `results.json` (every number, the verdicts), `report.md` (the
+tables and the reading) and the plots."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from layermoe_ds.analysis.plots import _pyplot
+from layermoe_ds.experiment.presets import DENSE_BASE, Method, Phase, Preset, RunId
+from layermoe_ds.experiment.reading import (
+    CurvePoint,
+    average,
+    curve,
+    curve_reading,
+    group_means,
+    lifelong_reading,
+    lifelong_stats,
+    profile_reading,
+    reading,
+    runs_of,
+    seed_stats,
+)
+from layermoe_ds.io import atomic_write_text, read_json, write_json
+
+
+def write_report(results: dict[RunId, dict], preset: Preset, out: Path) -> Path:
+    profile_lines, profile = profile_reading(read_json(out / "similarity.json", "similarity"))
+    points = curve(results, preset)
+    curve_lines, savings = curve_reading(points)
+    claim_lines, verdicts = reading(results, preset)
+    lifelong_lines = lifelong_reading(results, preset)
+    write_json(
+        out / "results.json",
+        {
+            "preset": {"old": preset.old, "new": preset.new, "lifelong": preset.lifelong, "base": preset.base,
+                       "stage1_steps": preset.stage1_steps, "stage2_steps": preset.stage2_steps},
+            "profile": profile,
+            "runs": [{**run.as_dict(), "label": run.label, **result} for run, result in results.items()],
+            "seed_stats": seed_table(results, preset),
+            "curve": [p.as_dict() for method_points in points.values() for p in method_points],
+            "curve_savings": savings,
+            "verdicts": verdicts,
+            "lifelong": {
+                name: {k: ([s.as_dict() for s in v] if isinstance(v, list) else v) for k, v in entry.items()}
+                for name in (s.name for s in preset.systems)
+                if (entry := lifelong_stats(results, preset, name))
+            },
+        },
+    )  # fmt: skip
+    lines = [
+        "# LayerMoE experiment report",
+        "",
+        f"Old languages {', '.join(preset.old)}; new {', '.join(preset.new)}. Held-out test split, bits per byte "
+        "(lower is better). Every system: the same data, stage-1 and stage-2 steps and learning rates "
+        f"(stage 1 {preset.stage1_steps} steps, stage 2 {preset.stage2_steps}); wall time = both training stages. "
+        "Every number here is in `results.json`.",
+        "",
+        "## Layer profile of the base model",
+        "",
+        *profile_lines,
+        "",
+        *main_table(results, preset),
+    ]
+    spread = seed_table(results, preset)
+    if spread:
+        lines += ["", "## Seeds", "", "| system | seeds | Old-avg mean ± sd | New-avg mean ± sd |", "|---|---|---|---|"]
+        lines += [f"| {name} | {e['seeds']} | {e['old']} | {e['new']} |" for name, e in spread.items()]
+    if points:
+        lines += ["", *curve_table(points)]
+    if any(run.phase == Phase.G2 for run in results):
+        lines += ["", *lifelong_table(results, preset)]
+    lines += ["", "## Reading", "", *claim_lines, *curve_lines, *lifelong_lines, ""]
+    lines += ["## Figures", "", "![similarity](similarity.png)", "", "![per-language](per_language.png)", ""]
+    lines += ["![routing](routing.png)", ""]
+    plot_per_language(results, preset, out)
+    plot_routing(results, preset, out)
+    if points:
+        plot_curve(points, out / "pareto.png")
+        lines += ["![budget–quality curve](pareto.png)", ""]
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
+
+
+def seed_table(results: dict[RunId, dict], preset: Preset) -> dict[str, dict]:
+    """System → seeds and Old/New-avg mean ± sd, for systems run with several seeds."""
+    table = {}
+    for system in preset.systems:
+        if len(runs_of(results, system.name)) > 1:
+            old, new = seed_stats(results, system.name, "old"), seed_stats(results, system.name, "new")
+            table[system.name] = {"seeds": old.n, "old": str(old), "new": str(new),
+                                  "old_stats": old.as_dict(), "new_stats": new.as_dict()}  # fmt: skip
+    return table
+
+
+def main_table(results: dict[RunId, dict], preset: Preset) -> list[str]:
+    langs = [*preset.old, *preset.new]
+    header = ["system", "new experts", "params", "active", *(f"{lang} bpb" for lang in langs)]
+    header += ["Old-avg", "New-avg", "Δ Old vs dense", "Δ New vs dense", "Old-avg after stage 1", "wall s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    dense = results[RunId(DENSE_BASE)]["eval"]
+    for run, result in results.items():
+        if run.phase != Phase.G1:
+            continue
+        ev = result["eval"]
+        cells = [run.label, str(result.get("allocation", {}).get("new_experts", 0))]
+        cells += [f"{ev['params_total'] / 1e6:.2f}M", f"{ev['params_active'] / 1e6:.2f}M"]
+        cells += [f"{ev['languages'][lang]['bpb']:.3f}" for lang in langs]
+        cells += [f"{average(ev, g):.3f}" for g in ("old", "new")]
+        cells += [f"{average(ev, g) - average(dense, g):+.3f}" for g in ("old", "new")]
+        stage1 = result.get("eval_stage1")
+        cells += [f"{average(stage1, 'old'):.3f}" if stage1 else "-"]
+        cells += [f"{result['wall_s']:.0f}" if "wall_s" in result else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def curve_table(points: dict[Method, list[CurvePoint]]) -> list[str]:
+    lines = [
+        "## Budget–quality curve",
+        "",
+        "The same total budget (experts per layer, expert 0 included) spread three ways: uniformly (MoE-LPR), by "
+        "Eq. 10 (LayerMoE), at random. Mean ± sd where a point ran with several seeds.",
+        "",
+        "| method | budget/layer | new experts | params | active | Old-avg | New-avg |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method, method_points in points.items():
+        for p in method_points:
+            lines.append(
+                f"| {method} | {p.budget_per_layer:g} | {p.new_experts} | {p.params_total / 1e6:.2f}M | "
+                f"{p.params_active / 1e6:.2f}M | {p.old} | {p.new} |"
+            )
+    return lines
+
+
+def lifelong_table(results: dict[RunId, dict], preset: Preset) -> list[str]:
+    groups = [preset.old, preset.new, preset.lifelong]
+    header = ["model", "new experts", *(f"{lang} bpb" for lang in preset.langs), "G0-avg", "G1-avg", "G2-avg"]
+    lines = [
+        f"## Lifelong expansion: G0 = {','.join(preset.old)} → G1 = {','.join(preset.new)} → "
+        f"G2 = {','.join(preset.lifelong)}",
+        "",
+        "Each system expands again from its G1 model: profile it (G0+G1 against G2), allocate the same way, grow, "
+        "stage 1 on G2, stage 2 on all three groups. Bits per byte on the test split; '-' = not evaluated.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    rows = [("dense base", results[RunId(DENSE_BASE)], 0, "eval_later")]
+    for run, result in results.items():
+        if run.phase == Phase.G2:
+            g1 = results[RunId(run.system, run.seed)]
+            rows.append((f"{RunId(run.system, run.seed).label} after G1", g1, g1["allocation"]["new_experts"],
+                         "eval_later"))  # fmt: skip
+            rows.append((f"{RunId(run.system, run.seed).label} after G2", result, result["new_experts_total"], None))
+    for name, result, experts, later in rows:
+        langs = {**result["eval"]["languages"], **(result[later]["languages"] if later else {})}
+        cells = [name, str(experts)]
+        cells += [f"{langs[lang]['bpb']:.3f}" if lang in langs else "-" for lang in preset.langs]
+        cells += [f"{m:.3f}" if m is not None else "-" for m in group_means(langs, groups)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot_per_language(results: dict[RunId, dict], preset: Preset, out: Path) -> None:
+    plt = _pyplot()
+    langs = [*preset.old, *preset.new]
+    runs = [run for run in results if run.phase == Phase.G1 and run.seed == 0]
+    fig, ax = plt.subplots(figsize=(1.2 * len(langs) * max(len(runs), 2) / 2 + 2, 3.5))
+    width = 0.8 / len(runs)
+    for i, run in enumerate(runs):
+        values = [results[run]["eval"]["languages"][lang]["bpb"] for lang in langs]
+        ax.bar([x + i * width for x in range(len(langs))], values, width, label=run.label)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(langs))], langs)
+    ax.set_ylabel("bits per byte (test)")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "per_language.png", dpi=120)
+    plt.close(fig)
+
+
+def plot_routing(results: dict[RunId, dict], preset: Preset, out: Path) -> None:
+    """Per MoE system (seed 0, G1): the share of each language's tokens routed to expert 0, per layer."""
+    plt = _pyplot()
+    langs = [*preset.old, *preset.new]
+    runs = [run for run, r in results.items() if "routing" in r["eval"] and run.phase == Phase.G1 and run.seed == 0]
+    if not runs:
+        return
+    fig, axes = plt.subplots(1, len(runs), figsize=(3.2 * len(runs), 3.2), squeeze=False)
+    for ax, run in zip(axes[0], runs, strict=True):
+        layers = results[run]["eval"]["routing"]["layers"]
+        grid = [[layers[layer]["expert0_share"][lang] for lang in langs] for layer in layers]
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(langs)), langs)
+        ax.set_yticks(range(len(layers)), list(layers))
+        ax.set_title(run.label, fontsize=7)
+        ax.set_ylabel("layer")
+    fig.colorbar(image, ax=axes[0].tolist(), label="share of tokens → expert 0")
+    fig.savefig(out / "routing.png", dpi=120)
+    plt.close(fig)
+
+
+def plot_curve(points: dict[Method, list[CurvePoint]], path: Path) -> None:
+    """New-avg and Old-avg against new experts, one line per method (error bars: sd over seeds)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, group in zip(axes, ("new", "old"), strict=True):
+        for method, method_points in points.items():
+            xs = [p.new_experts for p in method_points]
+            values = [getattr(p, group) for p in method_points]
+            ax.errorbar(xs, [v.mean for v in values], yerr=[v.sd for v in values], marker="o", capsize=3,
+                        label=str(method))  # fmt: skip
+        ax.set_xlabel("new experts (total over layers)")
+        ax.set_ylabel(f"{group.capitalize()}-avg bits per byte (test)")
+        ax.set_title(f"{group.capitalize()} languages")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def finite_table(results: dict[RunId, dict]) -> bool:
+    """Every number in the report's rows is finite."""
+    for result in results.values():
+        for key in ("eval", "eval_stage1", "eval_later"):
+            if key in result:
+                ev = result[key]
+                values = [v["bpb"] for v in ev["languages"].values()]
+                values += [ev[key]["bpb"] for key in ("old_avg", "new_avg") if key in ev]
+                if not all(math.isfinite(v) for v in values):
+                    return False
+    return True

@@ -1,0 +1,259 @@
+"""Running a preset: profile the base once → per system and seed: allocate → stage 1 → stage 2 (the real `deepspeed`
+launcher) → evaluate after each stage; lifelong systems then expand their G1 model to the third group the same way.
+Every step goes through `cache.cached`, so a rerun skips what is done and a killed run resumes."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from layermoe_ds.analysis.allocation import AllocationOptions, allocate_from_file
+from layermoe_ds.analysis.plots import plot_similarity
+from layermoe_ds.analysis.profiling import run_profile
+from layermoe_ds.data.prepare import open_streams
+from layermoe_ds.data.tokenizer import load_tokenizer
+from layermoe_ds.distributed import RENDEZVOUS, cpu_launch_env, device_and_backend
+from layermoe_ds.eval.evaluate import evaluate_model
+from layermoe_ds.experiment.cache import cached, directory_manifest, fingerprint, step_seconds
+from layermoe_ds.experiment.presets import DENSE_BASE, Method, Phase, Preset, RunId, System
+from layermoe_ds.io import read_json, write_json
+from layermoe_ds.modeling.hf_loading import load_causal_lm
+from layermoe_ds.modeling.upcycle import grow_dir
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def slug(name: str) -> str:
+    """A directory name for a run label: "LayerMoE (3/layer) [seed 1]" → "layermoe-3-layer-seed-1"."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def launch_stage(stage: int, run_config: dict, run_dir: Path, ranks: int, port: int) -> None:
+    """One training stage through the real DeepSpeed launcher, writing `run_dir/model`: on the GPUs when there are
+    any (bf16 as the DeepSpeed JSON says, at most `ranks` of them), else on CPU ranks (gloo, fp32)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_file = run_dir.parent / f"stage{stage}.yaml"
+    config_file.write_text(yaml.safe_dump(run_config))
+    ds_json = "stage1_zero2.json" if stage == 1 else "stage2.json"
+    configs = [str(ROOT / "ds_configs" / ds_json)]
+    if device_and_backend()[0] == "cpu":
+        configs.append(str(ROOT / "ds_configs" / "cpu.json"))
+        env = cpu_launch_env()
+    else:
+        import torch
+
+        ranks = min(ranks, torch.cuda.device_count())
+        env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port)]
+    cmd += [str(ROOT / "launchers" / f"stage{stage}.py"), "--config", str(config_file), "--deepspeed_config"]
+    cmd += configs
+    log_file = run_dir.parent / f"stage{stage}.log"
+    with open(log_file, "w") as log:
+        result = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-40:])
+        raise RuntimeError(f"stage {stage} failed (exit {result.returncode}); see {log_file}, which ends:\n{tail}")
+
+
+def parameter_counts(model) -> dict:
+    """Total parameters, and those active per token: every expert beyond the top-k a token uses is inactive."""
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0
+    if hasattr(model, "moe_blocks"):
+        for block in model.moe_blocks().values():
+            ffn = sum(p.numel() for p in block.base_ffn.parameters())
+            inactive += (block.num_experts - min(block.gate.top_k, block.num_experts)) * ffn
+    return {"params_total": total, "params_active": total - inactive}
+
+
+@dataclass(frozen=True)
+class Model:
+    """A model directory and the fingerprint of what made it."""
+
+    path: Path
+    digest: str
+
+
+@dataclass
+class Context:
+    """What every run of one experiment shares."""
+
+    preset: Preset
+    base: Model
+    data: Path
+    data_digest: str
+    out: Path
+    tokenizer: object
+    port: int
+
+    def next_port(self) -> int:  # a fresh rendezvous port per launch: a killed run's port may linger
+        self.port += 1
+        return self.port
+
+    def common(self, groups: list[list[str]], seed: int) -> dict:
+        return {
+            "data": str(self.data.resolve()),
+            "language_groups": [list(g) for g in groups],
+            "seq_len": self.preset.seq_len,
+            "save_every": 50,
+            "log_every": 25,
+            "seed": seed,
+            **self.preset.extra_train,
+        }
+
+    def evaluate(self, model: Model, out: Path, groups: dict[str, int]) -> dict:
+        """`model` on the test split of the languages in `groups` (language → group index)."""
+        preset = self.preset
+
+        def produce() -> None:
+            streams = open_streams(self.data, self.tokenizer, model.path, list(groups), "test")
+            loaded = load_causal_lm(model.path, device=device_and_backend()[0])
+            report = evaluate_model(
+                loaded, self.tokenizer, streams, groups, preset.seq_len, max_tokens=preset.eval_max_tokens
+            )
+            write_json(out, {"model": str(model.path), "groups": groups, **report, **parameter_counts(loaded)})
+
+        inputs = {"step": "evaluate", "model": model.digest, "data": self.data_digest, "groups": groups}
+        cached(out, {**inputs, "seq_len": preset.seq_len, "max_tokens": preset.eval_max_tokens}, produce)
+        return read_json(out, "evaluation")
+
+    def profile(self, model: Model, old: tuple[str, ...], new: tuple[str, ...], home: Path) -> Model:
+        """Layer similarities of `model` (old against new languages): similarity.json (+ .png) in `home`."""
+        out, preset = home / "similarity.json", self.preset
+        inputs = {"step": "profile", "model": model.digest, "data": self.data_digest, "old": old, "new": new}
+        inputs.update(tokens=preset.profile_tokens, seq_len=preset.seq_len)
+
+        def produce() -> None:
+            print(f"profiling {model.path} ({preset.profile_tokens} valid tokens per language) …", flush=True)
+            run_profile(model.path, self.data, old, new, preset.profile_tokens, out, plot=home / "similarity.png",
+                        seq_len=preset.seq_len)  # fmt: skip
+
+        return Model(out, cached(out, inputs, produce))
+
+    def allocate(self, system: System, seed: int, similarity: Model, home: Path) -> tuple[Model, dict]:
+        out = home / "allocation.json"
+        profile = read_json(similarity.path, "similarity")
+        options = AllocationOptions(
+            budget=round(system.budget_per_layer * len(profile["layer_score"])),
+            method=str(system.method),
+            classifier_layers=system.classifier_layers,
+            min_experts=system.min_experts,
+            max_experts=system.max_experts,
+            min_score=self.preset.min_score,
+            seed=seed,
+        )
+
+        def produce() -> None:
+            allocation = allocate_from_file(similarity.path, options)
+            write_json(out, allocation)
+            plot_similarity(profile, home / "allocation.png", allocation)
+
+        digest = cached(out, {"step": "allocate", "similarity": similarity.digest, "options": vars(options)}, produce)
+        return Model(out, digest), read_json(out, "allocation")
+
+    def stage(self, stage: int, run_config: dict, run_dir: Path, upstream: dict) -> Model:
+        """Train one stage into `run_dir` (resumed if a kill interrupted it); its exported model."""
+
+        def produce() -> None:
+            launch_stage(stage, run_config, run_dir, self.preset.ranks, self.next_port())
+
+        inputs = {"step": f"stage{stage}", "config": run_config, **upstream, "ranks": self.preset.ranks}
+        return Model(run_dir / "model", cached(run_dir, inputs, produce, resumable=True))
+
+
+def grow(model: Model, allocation: Model, out: Path) -> Model:
+    def produce() -> None:
+        grow_dir(model.path, read_json(allocation.path, "allocation"), out)
+
+    return Model(out, cached(out, {"step": "grow", "model": model.digest, "allocation": allocation.digest}, produce))
+
+
+def train_and_evaluate(ctx: Context, system: System, run: RunId, home: Path, start: Model, groups: list[list[str]]):
+    """Stage 1 (+ stage 2 for MoE systems) from `start`, teaching the last of `groups`; evaluated after each."""
+    preset, tag = ctx.preset, f"[{run.label}]"
+    index = {lang: g for g, members in enumerate(groups) for lang in members}
+    stage1_config = {**ctx.common(groups, run.seed), "model": str(start.path.resolve()), "steps": preset.stage1_steps}
+    stage1_config.update(out=str((home / "stage1").resolve()), lr=preset.stage1_lr)
+    upstream: dict = {"model": start.digest, "data": ctx.data_digest}
+    result: dict = {}
+    if system.method == Method.FULL_FINETUNE:
+        stage1_config["full_finetune"] = True
+    else:
+        if run.phase == Phase.G1:  # from the dense base: allocate on its profile, stage 1 upcycles
+            similarity = ctx.profile(ctx.base, preset.old, preset.new, ctx.out)
+        else:  # lifelong: profile the expanded model on everything it knows against the next group
+            known = tuple(lang for group in groups[:-1] for lang in group)
+            similarity = ctx.profile(start, known, tuple(groups[-1]), home)
+        allocation_file, allocation = ctx.allocate(system, run.seed, similarity, home)
+        result["allocation"] = allocation
+        print(
+            f"{tag} experts per layer {allocation['experts_per_layer']} ({allocation['new_experts']} new), "
+            f"classifier layers {allocation['classifier_layers']}",
+            flush=True,
+        )
+        if run.phase != Phase.G1:
+            start = grow(start, allocation_file, home / "grown")
+            stage1_config["model"] = str(start.path.resolve())
+            upstream["model"] = start.digest
+        stage1_config["allocation"] = str(allocation_file.path.resolve())
+        upstream["allocation"] = allocation_file.digest
+    print(f"{tag} stage 1: {preset.stage1_steps} steps (log: {home / 'stage1.log'}) …", flush=True)
+    final = ctx.stage(1, stage1_config, home / "stage1", upstream)
+    if system.method != Method.FULL_FINETUNE:
+        stage2_config = {**ctx.common(groups, run.seed), "model": str(final.path.resolve()), "lr": preset.stage2_lr}
+        stage2_config.update(
+            out=str((home / "stage2").resolve()),
+            steps=preset.stage2_steps,
+            stage2_docs_per_old_lang=preset.stage2_docs,
+            stage2_docs_per_new_lang=preset.stage2_docs,
+        )
+        print(f"{tag} stage 2: {preset.stage2_steps} steps (log: {home / 'stage2.log'}) …", flush=True)
+        stage1 = final
+        final = ctx.stage(2, stage2_config, home / "stage2", {"model": stage1.digest, "data": ctx.data_digest})
+        result["eval_stage1"] = ctx.evaluate(stage1, home / "eval_stage1.json", index)
+    print(f"{tag} evaluating …", flush=True)
+    result["eval"] = ctx.evaluate(final, home / "eval.json", index)
+    result["model"] = str(final.path)
+    result["wall_s"] = sum(step_seconds(home / f"stage{n}") or 0.0 for n in (1, 2))
+    return result, final
+
+
+def run_experiment(preset: Preset, base: Path, data: Path, out: Path, port: int = 29_400) -> dict[RunId, dict]:
+    """Run (or resume) every system and seed of `preset` from the dense `base` model; write the report; return the
+    results by run."""
+    from layermoe_ds.experiment.report import write_report
+
+    out.mkdir(parents=True, exist_ok=True)
+    base_model = Model(base, fingerprint(directory_manifest(base)))
+    ctx = Context(preset, base_model, data, fingerprint(directory_manifest(data)), out, load_tokenizer(base), port)
+    groups = [list(preset.old), list(preset.new)]
+    first = {lang: g for g, members in enumerate(groups) for lang in members}
+    later = {lang: 2 for lang in preset.lifelong}
+    ctx.profile(base_model, preset.old, preset.new, out)
+    print("evaluating the dense base …", flush=True)
+    dense = {"eval": ctx.evaluate(base_model, out / "dense" / "eval.json", first)}
+    if preset.lifelong:  # the dense base on the third group's languages, for the lifelong table
+        dense["eval_later"] = ctx.evaluate(base_model, out / "dense" / "eval_g2.json", later)
+    results = {RunId(DENSE_BASE): dense}
+    for system in preset.systems:
+        for run in system.runs():
+            home = out / "systems" / slug(run.label)
+            home.mkdir(parents=True, exist_ok=True)
+            results[run], g1_model = train_and_evaluate(ctx, system, run, home, base_model, groups)
+            if system.lifelong and preset.lifelong:
+                results[run]["eval_later"] = ctx.evaluate(g1_model, home / "eval_g2.json", later)
+                g2 = RunId(run.system, run.seed, Phase.G2)
+                results[g2], _ = train_and_evaluate(
+                    ctx, system, g2, home / "lifelong", g1_model, [*groups, list(preset.lifelong)]
+                )
+                results[g2]["new_experts_total"] = (
+                    results[run]["allocation"]["new_experts"] + results[g2]["allocation"]["new_experts"]
+                )
+    write_report(results, preset, out)
+    return results
