@@ -6,8 +6,9 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 from pathlib import Path
+
+from layermoe_ds.distributed import cpu_launch_env, deepspeed_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,30 +21,14 @@ def launch(
 
     run_yaml = workdir / f"stage{stage}_w{ranks}_{port}.yaml"
     run_yaml.write_text(yaml.safe_dump(config))
-    deepspeed = Path(sys.executable).parent / "deepspeed"
-    if os.environ.get("DS_ACCELERATOR", "cpu") == "cpu":
+    cpu = os.environ.get("DS_ACCELERATOR", "cpu") == "cpu"
+    if cpu:
         # The project's CPU launch environment: gloo ranks with a thread each, and DeepSpeed's shm op from the
         # per-venv build the tests made (not a fresh ~40 s compile inside the first run being timed).
-        from layermoe_ds.distributed import cpu_launch_env
-
         env = cpu_launch_env(PYTHONPATH=str(ROOT))
     else:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [
-        str(deepspeed),
-        "--num_gpus",
-        str(ranks),
-        "--master_port",
-        str(port),
-        str(ROOT / "launchers" / f"stage{stage}.py"),
-        "--config",
-        str(run_yaml),
-        "--deepspeed_config",
-        str(ROOT / "ds_configs" / ds_json),
-    ]
-    if env.get("DS_ACCELERATOR") == "cpu":
-        cmd.append(str(ROOT / "ds_configs" / "cpu.json"))
-    cmd += [str(path) for path in extra_json]
+    cmd = deepspeed_command(stage, run_yaml, ds_json, ranks, port, cpu, extra_json)
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"stage {stage} on {ranks} ranks failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")

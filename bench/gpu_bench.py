@@ -32,6 +32,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from benchlib import launch, peak_mib, random_base, step_seconds  # noqa: E402
 
+from layermoe_ds.config import parse_groups  # noqa: E402
+
 # The paper's Qwen1.5-1.8B G1 allocation (experts per layer incl. expert 0; 72 in total, 48 new).
 PUBLISHED_72 = [5, 4, 3, 5, 4, 3, 2, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 4, 4, 4, 3, 3]
 QWEN_1_8B = {"hidden": 2048, "ffn": 5504, "layers": 24, "heads": 16, "vocab": 151_936, "seq_len": 1024}
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     micro = args.micro_batch or 4
     experts = smoke_allocation(shape["layers"]) if args.smoke else PUBLISHED_72
     out = args.out or ROOT / "bench" / "results" / f"gpu_bench{'_smoke' if args.smoke else ''}.json"
-    groups = [g.split(",") for g in args.language_groups.split(";")]
+    groups = parse_groups(args.language_groups)
     systems: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

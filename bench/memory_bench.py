@@ -26,6 +26,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from benchlib import launch, optimizer_bytes_per_rank, peak_mib, random_base  # noqa: E402
 
+from layermoe_ds.config import parse_groups  # noqa: E402
+
 VARIANTS = {  # name → (ZeRO stage, activation checkpointing)
     "no ZeRO": (0, False),
     "ZeRO-1": (1, False),
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     import deepspeed
     import torch
 
-    groups = [g.split(",") for g in args.language_groups.split(";")]
+    groups = parse_groups(args.language_groups)
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -38,22 +38,22 @@ def main(argv: list[str] | None = None) -> int:
     streams = open_streams(args.data, tokenizer, args.model, langs, "valid")
     batches = profile_blocks(streams, args.tokens_per_lang, args.seq_len, tokenizer.pad_token_id)
     model = load_causal_lm(args.model)
-    tokens = int(batches.mask_NL.sum())
+    tokens = int(batches.mask_BL.sum())
 
     @torch.no_grad()
     def plain_forward():
-        for start in range(0, len(batches.input_ids_NL), args.batch_size):
+        for start in range(0, len(batches.input_ids_BL), args.batch_size):
             model(
-                input_ids=batches.input_ids_NL[start : start + args.batch_size],
-                attention_mask=batches.mask_NL[start : start + args.batch_size],
+                input_ids=batches.input_ids_BL[start : start + args.batch_size],
+                attention_mask=batches.mask_BL[start : start + args.batch_size],
             )
 
     @torch.no_grad()
     def body_forward():  # the decoder stack without the LM head, no hooks: isolates the hooks' own cost
-        for start in range(0, len(batches.input_ids_NL), args.batch_size):
+        for start in range(0, len(batches.input_ids_BL), args.batch_size):
             model.model(
-                input_ids=batches.input_ids_NL[start : start + args.batch_size],
-                attention_mask=batches.mask_NL[start : start + args.batch_size],
+                input_ids=batches.input_ids_BL[start : start + args.batch_size],
+                attention_mask=batches.mask_BL[start : start + args.batch_size],
             )
 
     def profile():

@@ -23,6 +23,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from benchlib import dropped_routes, launch, optimizer_bytes_per_rank, random_base, step_seconds  # noqa: E402
 
+from layermoe_ds.config import parse_groups  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=29_611)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "stage_bench.json")
     args = parser.parse_args(argv)
-    groups = [g.split(",") for g in args.language_groups.split(";")]
+    groups = parse_groups(args.language_groups)
     skip = min(5, args.steps // 3)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

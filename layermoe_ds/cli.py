@@ -440,6 +440,7 @@ def _add_evaluate(sub) -> None:
 
 
 def _cmd_evaluate(args) -> int:
+    from layermoe_ds.config import parse_groups
     from layermoe_ds.data.prepare import open_streams
     from layermoe_ds.data.tokenizer import load_tokenizer
     from layermoe_ds.distributed import adopt_launcher_env, device_and_backend, init_process_group
@@ -453,7 +454,7 @@ def _cmd_evaluate(args) -> int:
     from layermoe_ds.io import write_json
     from layermoe_ds.modeling.hf_loading import parse_dtype
 
-    groups_arg = [g.split(",") for g in args.groups.split(";")] if args.groups else None
+    groups_arg = parse_groups(args.groups, "--groups") if args.groups else None
     groups = language_groups(args.langs, args.old, groups_arg)
     check_source(args.model)
     adopt_launcher_env()  # under deepspeed/torchrun/mpirun the ranks share the windows

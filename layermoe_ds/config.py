@@ -247,6 +247,15 @@ def load_config(
     return from_dict(cls, data)
 
 
+def parse_groups(text: str, what: str = "--language-groups") -> list[list[str]]:
+    """Language groups in expansion order from "en,de;fr,ru,el" (old; new; …); an empty group or language is an
+    error naming `what`."""
+    groups = [[lang.strip() for lang in group.split(",")] for group in text.split(";")]
+    if any(not lang for group in groups for lang in group):
+        raise ValueError(f"{what}: {text!r} has an empty group or language; write e.g. 'en,de;fr,ru,el'")
+    return groups
+
+
 def _merged(base: dict, update: Any) -> Any:
     """`update` over `base`, nested mappings merged key by key (anything else in `update` replaces)."""
     if not isinstance(update, dict):

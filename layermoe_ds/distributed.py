@@ -14,7 +14,7 @@ import re
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 
@@ -210,3 +210,19 @@ def cpu_launch_env(**extra: str) -> dict[str, str]:
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     return {**env, **extra}
+
+
+CHECKOUT = Path(__file__).resolve().parents[1]  # launchers/ and ds_configs/ live beside the package
+
+
+def deepspeed_command(
+    stage: int, run_config: Path, ds_json: str | Path, ranks: int, port: int, cpu: bool, extra_json: Sequence = ()
+) -> list[str]:
+    """`deepspeed --num_gpus RANKS --master_port PORT launchers/stageN.py --config RUN --deepspeed_config JSON …`
+    with this environment's `deepspeed`; `ds_json` is a file or a name in ds_configs/; `cpu` merges
+    ds_configs/cpu.json over it, then any `extra_json`."""
+    configs = [CHECKOUT / "ds_configs" / ds_json if isinstance(ds_json, str) else ds_json]
+    configs += [CHECKOUT / "ds_configs" / "cpu.json"] if cpu else []
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port)]
+    cmd += [str(CHECKOUT / "launchers" / f"stage{stage}.py"), "--config", str(run_config), "--deepspeed_config"]
+    return cmd + [str(path) for path in [*configs, *extra_json]]

@@ -3,16 +3,14 @@
 import json
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import yaml
 
-from layermoe_ds.distributed import cpu_launch_env
+from layermoe_ds.distributed import cpu_launch_env, deepspeed_command
 
 ROOT = Path(__file__).resolve().parents[1]
-DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 CPU = ROOT / "ds_configs" / "cpu.json"
 GROUPS = [["en", "de"], ["fr", "ru", "el"]]
 
@@ -39,19 +37,7 @@ def metrics(run_dir: Path) -> dict[int, dict]:
 
 def command(stage: int, config: dict, run_yaml: Path, ds_json: str, ranks: int = 2, port: int | None = None):
     run_yaml.write_text(yaml.safe_dump(config))
-    return [
-        str(DEEPSPEED),
-        "--num_gpus",
-        str(ranks),
-        "--master_port",
-        str(port or free_port()),
-        str(ROOT / "launchers" / f"stage{stage}.py"),
-        "--config",
-        str(run_yaml),
-        "--deepspeed_config",
-        str(ROOT / "ds_configs" / ds_json),
-        str(CPU),
-    ]
+    return deepspeed_command(stage, run_yaml, ds_json, ranks, port or free_port(), cpu=True)
 
 
 def shm_buffers() -> set[Path]:

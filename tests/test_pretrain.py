@@ -93,3 +93,26 @@ def test_qwen2_architecture_builds(tokenizer_dir):
     )
     model = pretrain_mod.build_model(config, load_tokenizer(tokenizer_dir))
     assert type(model).__name__ == "Qwen2ForCausalLM" and model.config.num_hidden_layers == 2
+
+
+def test_presets_flags_and_files_layer_in_order(tmp_path):
+    """`pretrain --preset deep` starts from the deep base's settings; --config and flags override them, flags last
+    (the low-resource flags included)."""
+    from layermoe_ds.cli import build_parser, pretrain_config_from_args
+
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: 50\nmodel:\n  hidden_size: 64\n")
+    argv = ["pretrain", "--preset", "deep", "--config", str(path), "--data", "d", "--tokenizer", "t", "--out", "o"]
+    config = pretrain_config_from_args(build_parser().parse_args([*argv, "--low-resource-share", "0.1"]))
+    assert (config.model.num_layers, config.model.hidden_size, config.steps) == (12, 64, 50)
+    assert config.low_resource_langs == pretrain_mod.LATER_LANGS and config.low_resource_share == 0.1
+    no_preset = pretrain_config_from_args(build_parser().parse_args(["pretrain", *argv[3:]]))
+    assert no_preset == PretrainConfig(steps=50, model=BaseModelConfig(hidden_size=64))
+
+
+def test_warmup_cosine_schedule():
+    from layermoe_ds.training.schedule import warmup_cosine
+
+    assert [warmup_cosine(s, 10, 2, 0.1) for s in (0, 1, 2)] == [0.5, 1.0, 1.0]
+    assert warmup_cosine(10, 10, 2, 0.1) == pytest.approx(0.1) and warmup_cosine(50, 10, 2, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(6, 10, 2, 0.0) == pytest.approx(0.5)

@@ -79,9 +79,9 @@ def profiled(tiny_base, corpus_dir):
 def test_profile_counts_exactly_the_first_t_tokens_without_padding(profiled):
     model, batches = profiled
     assert batches.tokens == {"en": 700, "de": 700, "ru": 700, "el": 700}
-    assert int(batches.mask_NL.sum()) == 2800 and batches.mask_NL.shape[1] == 64
+    assert int(batches.mask_BL.sum()) == 2800 and batches.mask_BL.shape[1] == 64
     acc = profile_model(model, batches, batch_size=4)
-    assert acc.counts_G.tolist() == [700.0] * 4
+    assert acc.counts_A.tolist() == [700.0] * 4
 
 
 def test_profile_hook_sees_the_post_attention_norm_output(profiled):
@@ -92,13 +92,13 @@ def test_profile_hook_sees_the_post_attention_norm_output(profiled):
     seen = []
     handle = layer.post_attention_layernorm.register_forward_hook(lambda m, i, o: seen.append(o))
     with torch.no_grad():
-        model(input_ids=batches.input_ids_NL, attention_mask=batches.mask_NL)
+        model(input_ids=batches.input_ids_BL, attention_mask=batches.mask_BL)
     handle.remove()
-    keep = batches.mask_NL.bool()
-    lang = batches.lang_N[:, None].expand_as(keep)[keep]
+    keep = batches.mask_BL.bool()
+    lang = batches.lang_B[:, None].expand_as(keep)[keep]
     twin = SimilarityAccumulator(1, 4, model.config.hidden_size)
     twin.add(0, seen[0][keep], lang)
-    assert torch.allclose(acc.sums_LGH[1], twin.sums_LGH[0], atol=1e-6)
+    assert torch.allclose(acc.sums_NAH[1], twin.sums_NAH[0], atol=1e-6)
 
 
 def test_profile_is_invariant_to_batch_size(profiled):

@@ -4,6 +4,9 @@ For languages a, b at layer i: S_ab^i = mean over token pairs of cos(a_p, b_q) =
 normalised hidden states. So per layer and language we only keep Σ â and a count: O(layers × languages × hidden)
 memory whatever the token count, sums reducible across ranks. Unit vectors and per-batch sums are computed in fp32,
 accumulation across batches and the final inner products in fp64.
+
+Shape letters (`layermoe_ds/__init__.py`): B profiled rows, L their length, T tokens, H hidden size, A languages,
+N layers.
 """
 
 from __future__ import annotations
@@ -27,11 +30,11 @@ SCORE_RULE_SINGLE_NEW = "T_i = mean of new-old pairs (a single new language has 
 
 @dataclass
 class ProfileBatches:
-    """Token blocks to profile: `input_ids_NL`, `mask_NL` (1 = real token), `lang_N` index into `langs`."""
+    """Token blocks to profile: `input_ids_BL`, `mask_BL` (1 = real token), `lang_B` index into `langs`."""
 
-    input_ids_NL: torch.Tensor
-    mask_NL: torch.Tensor
-    lang_N: torch.Tensor
+    input_ids_BL: torch.Tensor
+    mask_BL: torch.Tensor
+    lang_B: torch.Tensor
     langs: list[str]
     tokens: dict[str, int]
 
@@ -59,18 +62,18 @@ class SimilarityAccumulator:
     """Per layer and language: Σ of unit-normalised hidden states (fp64) and the token count."""
 
     def __init__(self, num_layers: int, num_langs: int, hidden: int):
-        self.sums_LGH = torch.zeros(num_layers, num_langs, hidden, dtype=torch.float64)
-        self.counts_G = torch.zeros(num_langs, dtype=torch.float64)
+        self.sums_NAH = torch.zeros(num_layers, num_langs, hidden, dtype=torch.float64)
+        self.counts_A = torch.zeros(num_langs, dtype=torch.float64)
 
     def add(self, layer: int, hidden_TH: torch.Tensor, lang_T: torch.Tensor) -> None:
         """Add tokens `hidden_TH` of languages `lang_T` (padding already removed) to layer `layer`."""
         unit_TH = F.normalize(hidden_TH.float(), dim=-1)
-        per_lang_GH = torch.zeros(self.sums_LGH.shape[1:], dtype=torch.float32, device=unit_TH.device)
-        per_lang_GH.index_add_(0, lang_T, unit_TH)
-        self.sums_LGH[layer] += per_lang_GH.double().cpu()
+        per_lang_AH = torch.zeros(self.sums_NAH.shape[1:], dtype=torch.float32, device=unit_TH.device)
+        per_lang_AH.index_add_(0, lang_T, unit_TH)
+        self.sums_NAH[layer] += per_lang_AH.double().cpu()
 
     def count(self, lang_T: torch.Tensor) -> None:
-        self.counts_G += torch.bincount(lang_T.cpu(), minlength=len(self.counts_G)).double()
+        self.counts_A += torch.bincount(lang_T.cpu(), minlength=len(self.counts_A)).double()
 
     def all_reduce(self, device: torch.device | str = "cpu") -> None:
         """Sum over ranks when torch.distributed is initialised (each rank profiled a shard of the rows). The sums
@@ -78,17 +81,17 @@ class SimilarityAccumulator:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
-            for name in ("sums_LGH", "counts_G"):
+            for name in ("sums_NAH", "counts_A"):
                 total = getattr(self, name).to(device)
                 dist.all_reduce(total)
                 setattr(self, name, total.cpu())
 
     def matrix(self) -> torch.Tensor:
         """S[i, a, b] = <mean(â), mean(b̂)> for every layer i and language pair (fp64)."""
-        if (self.counts_G == 0).any():
+        if (self.counts_A == 0).any():
             raise ValueError("similarity: a language has no profiled tokens")
-        means_LGH = self.sums_LGH / self.counts_G[None, :, None]
-        return torch.einsum("lah,lbh->lab", means_LGH, means_LGH)
+        means_NAH = self.sums_NAH / self.counts_A[None, :, None]
+        return torch.einsum("lah,lbh->lab", means_NAH, means_NAH)
 
 
 @torch.no_grad()
@@ -113,13 +116,13 @@ def profile_model(
     # The decoder stack alone: the LM head's logits are not needed to profile, so skip them when we can.
     body = getattr(model, "model", model)
     device = next(model.parameters()).device
-    rows = torch.arange(rank, len(batches.input_ids_NL), world_size)
+    rows = torch.arange(rank, len(batches.input_ids_BL), world_size)
     try:
         for start in tqdm(range(0, len(rows), batch_size), desc="profile", disable=None if rank == 0 else True):
             index = rows[start : start + batch_size]
-            ids, mask = batches.input_ids_NL[index].to(device), batches.mask_NL[index].to(device)
+            ids, mask = batches.input_ids_BL[index].to(device), batches.mask_BL[index].to(device)
             keep_BL = mask.bool()
-            lang_T = batches.lang_N[index].to(device)[:, None].expand_as(mask)[keep_BL]
+            lang_T = batches.lang_B[index].to(device)[:, None].expand_as(mask)[keep_BL]
             current.update(keep_BL=keep_BL, lang_T=lang_T)
             acc.count(lang_T)
             body(input_ids=ids, attention_mask=mask)
@@ -166,14 +169,14 @@ def similarity_report(
     extra: dict | None = None,
 ) -> dict:
     """The `similarity.json` document (schema in shared/DESIGN.md and the profile issue)."""
-    matrix_LGG = acc.matrix()
+    matrix_NAA = acc.matrix()
     index = {lang: i for i, lang in enumerate(langs)}
     new_new, new_old = pair_names(old, new)
-    pairs = {f"{a}&{b}": matrix_LGG[:, index[a], index[b]].tolist() for a, b in new_new + new_old}
+    pairs = {f"{a}&{b}": matrix_NAA[:, index[a], index[b]].tolist() for a, b in new_new + new_old}
     scores, rule = layer_scores(pairs, old, new)
     return {
         "model": model_id,
-        "num_layers": matrix_LGG.shape[0],
+        "num_layers": matrix_NAA.shape[0],
         "old": list(old),
         "new": list(new),
         "tokens": dict(tokens),
@@ -181,7 +184,7 @@ def similarity_report(
         "layer_score": scores,
         "score_rule": rule,
         "seed": seed,
-        "matrix": {"langs": list(langs), "values": matrix_LGG.tolist()},
+        "matrix": {"langs": list(langs), "values": matrix_NAA.tolist()},
         "precision": "unit vectors and batch sums in fp32, accumulation and inner products in fp64",
         **(extra or {}),
     }

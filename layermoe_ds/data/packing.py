@@ -38,7 +38,7 @@ class BlockDataset:
         return int(self._ends[-1]) if self.parts else 0
 
     def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(`input_ids_NL`, `labels_N`) of the blocks at `indices`, read from the mapped shards."""
+        """(`input_ids_BL`, `labels_B`) of the blocks at `indices`, read from the mapped shards."""
         which = np.searchsorted(self._ends, indices.numpy(), side="right")
         rows, labels = [], []
         for index, part_no in zip(indices.tolist(), which.tolist(), strict=True):

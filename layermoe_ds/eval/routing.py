@@ -6,6 +6,7 @@
 - `classifier_accuracy`: on classifier layers, the share of tokens whose predicted group is the language's group.
 
 Padding positions are excluded; every real token counts once (evaluation never drops a token).
+Shape letters (`layermoe_ds/__init__.py`): T tokens, K routes per token, G language groups.
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,15 +17,13 @@ from layermoe_ds.analysis.plots import plot_similarity
 from layermoe_ds.analysis.profiling import run_profile
 from layermoe_ds.data.prepare import open_streams
 from layermoe_ds.data.tokenizer import load_tokenizer
-from layermoe_ds.distributed import RENDEZVOUS, cpu_launch_env, device_and_backend
+from layermoe_ds.distributed import RENDEZVOUS, cpu_launch_env, deepspeed_command, device_and_backend
 from layermoe_ds.eval.evaluate import evaluate_model
 from layermoe_ds.experiment.cache import cached, directory_manifest, fingerprint, step_seconds
 from layermoe_ds.experiment.presets import DENSE_BASE, Method, Phase, Preset, RunId, System
 from layermoe_ds.io import read_json, write_json
 from layermoe_ds.modeling.hf_loading import load_causal_lm
 from layermoe_ds.modeling.upcycle import grow_dir
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def slug(name: str) -> str:
@@ -41,18 +38,15 @@ def launch_stage(stage: int, run_config: dict, run_dir: Path, ranks: int, port: 
     config_file = run_dir.parent / f"stage{stage}.yaml"
     config_file.write_text(yaml.safe_dump(run_config))
     ds_json = "stage1_zero2.json" if stage == 1 else "stage2.json"
-    configs = [str(ROOT / "ds_configs" / ds_json)]
-    if device_and_backend()[0] == "cpu":
-        configs.append(str(ROOT / "ds_configs" / "cpu.json"))
+    cpu = device_and_backend()[0] == "cpu"
+    if cpu:
         env = cpu_launch_env()
     else:
         import torch
 
         ranks = min(ranks, torch.cuda.device_count())
         env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port)]
-    cmd += [str(ROOT / "launchers" / f"stage{stage}.py"), "--config", str(config_file), "--deepspeed_config"]
-    cmd += configs
+    cmd = deepspeed_command(stage, config_file, ds_json, ranks, port, cpu)
     log_file = run_dir.parent / f"stage{stage}.log"
     with open(log_file, "w") as log:
         result = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -8,7 +8,8 @@ trains) is computed in the forward pass, and backward only scales what was kept.
 `ForCausalLMLoss`: targets are the labels shifted left, -100 is ignored, the mean is over counted tokens; the
 logits are computed in the model's dtype and the softmax in fp32, as there.
 
-Shape letters: N tokens (batch × length, flattened), C the tokens of one chunk, H hidden size, V vocabulary.
+Shape letters (`layermoe_ds/__init__.py`): T tokens (batch × length, flattened), C the tokens of one chunk, H
+hidden size, V vocabulary.
 """
 
 from __future__ import annotations
@@ -32,16 +33,16 @@ def chunk_tokens_for(vocab_size: int, budget_bytes: int = CHUNK_LOGITS_BYTES) ->
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden_NH, weight_VH, targets_N, chunk: int):
-        counted_N = targets_N != IGNORE_INDEX
-        counted = counted_N.sum().clamp(min=1)
-        grad_hidden_NH = torch.zeros_like(hidden_NH) if hidden_NH.requires_grad else None
+    def forward(ctx, hidden_TH, weight_VH, targets_T, chunk: int):
+        counted_T = targets_T != IGNORE_INDEX
+        counted = counted_T.sum().clamp(min=1)
+        grad_hidden_TH = torch.zeros_like(hidden_TH) if hidden_TH.requires_grad else None
         grad_weight_VH = torch.zeros_like(weight_VH, dtype=torch.float32) if weight_VH.requires_grad else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden_NH.device)
-        for start in range(0, hidden_NH.shape[0], chunk):
-            h_CH = hidden_NH[start : start + chunk]
-            keep_C = counted_N[start : start + chunk]
-            target_C = targets_N[start : start + chunk].clamp(min=0)
+        total = torch.zeros((), dtype=torch.float32, device=hidden_TH.device)
+        for start in range(0, hidden_TH.shape[0], chunk):
+            h_CH = hidden_TH[start : start + chunk]
+            keep_C = counted_T[start : start + chunk]
+            target_C = targets_T[start : start + chunk].clamp(min=0)
             logits_CV = (h_CH @ weight_VH.T).float()
             lse_C = torch.logsumexp(logits_CV, dim=-1)
             target_logit_C = logits_CV.gather(1, target_C[:, None]).squeeze(1)
@@ -51,39 +52,39 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # of the [C × V] logits (one pass over the chunk fewer).
             grad_CV = logits_CV.sub_(lse_C[:, None]).exp_()
             grad_CV[torch.arange(len(target_C), device=grad_CV.device), target_C] -= 1
-            grad_CV = grad_CV.to(hidden_NH.dtype)
-            scale_C1 = (keep_C / counted).to(hidden_NH.dtype)[:, None]
-            if grad_hidden_NH is not None:
-                grad_hidden_NH[start : start + chunk] = (grad_CV @ weight_VH) * scale_C1
+            grad_CV = grad_CV.to(hidden_TH.dtype)
+            scale_C1 = (keep_C / counted).to(hidden_TH.dtype)[:, None]
+            if grad_hidden_TH is not None:
+                grad_hidden_TH[start : start + chunk] = (grad_CV @ weight_VH) * scale_C1
             if grad_weight_VH is not None:
                 grad_weight_VH += (grad_CV.T @ (h_CH * scale_C1)).float()
-        ctx.save_for_backward(grad_hidden_NH, grad_weight_VH)
+        ctx.save_for_backward(grad_hidden_TH, grad_weight_VH)
         return total / counted
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_hidden_NH, grad_weight_VH = ctx.saved_tensors
-        if grad_hidden_NH is not None:
-            grad_hidden_NH = grad_hidden_NH * grad_loss.to(grad_hidden_NH.dtype)
+        grad_hidden_TH, grad_weight_VH = ctx.saved_tensors
+        if grad_hidden_TH is not None:
+            grad_hidden_TH = grad_hidden_TH * grad_loss.to(grad_hidden_TH.dtype)
         if grad_weight_VH is not None:
             grad_weight_VH = grad_weight_VH * grad_loss
-        return grad_hidden_NH, grad_weight_VH, None, None
+        return grad_hidden_TH, grad_weight_VH, None, None
 
 
-def linear_cross_entropy(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, targets_N: torch.Tensor, chunk: int):
+def linear_cross_entropy(hidden_TH: torch.Tensor, weight_VH: torch.Tensor, targets_T: torch.Tensor, chunk: int):
     """mean over counted tokens n of −log softmax(W h_n)[t_n], one chunk of `chunk` tokens' logits at a time."""
-    if torch.is_grad_enabled() and (hidden_NH.requires_grad or weight_VH.requires_grad):
-        return _LinearCrossEntropy.apply(hidden_NH, weight_VH, targets_N, chunk)
-    return summed_nll(hidden_NH, weight_VH, targets_N, chunk) / (targets_N != IGNORE_INDEX).sum().clamp(min=1)
+    if torch.is_grad_enabled() and (hidden_TH.requires_grad or weight_VH.requires_grad):
+        return _LinearCrossEntropy.apply(hidden_TH, weight_VH, targets_T, chunk)
+    return summed_nll(hidden_TH, weight_VH, targets_T, chunk) / (targets_T != IGNORE_INDEX).sum().clamp(min=1)
 
 
 @torch.no_grad()
-def summed_nll(hidden_NH: torch.Tensor, weight_VH: torch.Tensor, targets_N: torch.Tensor, chunk: int):
+def summed_nll(hidden_TH: torch.Tensor, weight_VH: torch.Tensor, targets_T: torch.Tensor, chunk: int):
     """Σ over counted tokens n of −log softmax(W h_n)[t_n] in fp32 (no gradient), chunk by chunk."""
-    total = torch.zeros((), dtype=torch.float32, device=hidden_NH.device)
-    for start in range(0, hidden_NH.shape[0], chunk):
-        logits_CV = (hidden_NH[start : start + chunk] @ weight_VH.T).float()
-        total += F.cross_entropy(logits_CV, targets_N[start : start + chunk], reduction="sum")
+    total = torch.zeros((), dtype=torch.float32, device=hidden_TH.device)
+    for start in range(0, hidden_TH.shape[0], chunk):
+        logits_CV = (hidden_TH[start : start + chunk] @ weight_VH.T).float()
+        total += F.cross_entropy(logits_CV, targets_T[start : start + chunk], reduction="sum")
     return total
 
 
@@ -95,9 +96,9 @@ def model_nll(model, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor
         logits_BLV = model(input_ids=input_ids_BL, attention_mask=attention_mask_BL).logits.float()
         return F.cross_entropy(logits_BLV.flatten(0, 1), targets_BL.flatten(), reduction="sum")
     hidden_BLH = model.model(input_ids=input_ids_BL, attention_mask=attention_mask_BL).last_hidden_state
-    hidden_NH = hidden_BLH.reshape(-1, hidden_BLH.shape[-1])
+    hidden_TH = hidden_BLH.reshape(-1, hidden_BLH.shape[-1])
     chunk = chunk_tokens_for(model.config.vocab_size)
-    return summed_nll(hidden_NH, model.get_output_embeddings().weight, targets_BL.reshape(-1), chunk)
+    return summed_nll(hidden_TH, model.get_output_embeddings().weight, targets_BL.reshape(-1), chunk)
 
 
 def shifted_targets(labels_BL: torch.Tensor) -> torch.Tensor:
@@ -135,8 +136,8 @@ def use_chunked_loss(model, chunk: int | None = None) -> int:
     def forward(self, input_ids, labels, **kwargs):
         kwargs["use_cache"] = False
         hidden_BLH = self.model(input_ids=input_ids, **kwargs).last_hidden_state
-        hidden_NH = hidden_BLH.reshape(-1, hidden_BLH.shape[-1])
-        loss = linear_cross_entropy(hidden_NH, self.get_output_embeddings().weight, shifted_targets(labels), chunk)
+        hidden_TH = hidden_BLH.reshape(-1, hidden_BLH.shape[-1])
+        loss = linear_cross_entropy(hidden_TH, self.get_output_embeddings().weight, shifted_targets(labels), chunk)
         return CausalLMOutputWithPast(loss=loss)
 
     model.forward = types.MethodType(forward, model)

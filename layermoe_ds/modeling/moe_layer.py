@@ -6,6 +6,9 @@ decided by our `LayerMoEGate` (which also covers expert 0); DeepSpeed's `TopKGat
 which turns those decisions into MOELayer's dispatch tuple. The decisions travel through `MoE.forward`'s
 `used_token` argument, which DeepSpeed hands to the gate unchanged: no module state between the two calls, and the
 combine weights keep their autograd graph back to the router. Expert 0 stays local (see LayerMoEBlock).
+
+Shape letters (`layermoe_ds/__init__.py`): S tokens and M hidden size (DeepSpeed's names), T tokens and H hidden
+size on our side, K routes per token, E experts, R routes.
 """
 
 from __future__ import annotations

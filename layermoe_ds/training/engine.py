@@ -15,12 +15,12 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 from pathlib import Path
 
 import torch
 
 from layermoe_ds.config import TrainConfig
+from layermoe_ds.training.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +93,7 @@ def lr_lambda(config: TrainConfig):
     """Linear warm-up, then cosine decay to `min_lr_ratio` of the peak (as a multiplier of `lr`)."""
 
     def factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return warmup_cosine(step, config.steps, config.warmup_steps, config.min_lr_ratio)
 
     return factor
 

@@ -78,7 +78,7 @@ def build_parser(stage: int) -> argparse.ArgumentParser:
 
 
 def main(stage: int, argv: list[str] | None = None) -> int:
-    from layermoe_ds.config import TrainConfig, load_config
+    from layermoe_ds.config import TrainConfig, load_config, parse_groups
     from layermoe_ds.distributed import adopt_launcher_env, leave_process_group
     from layermoe_ds.training.checkpoint import CheckpointWriteError
     from layermoe_ds.training.engine import load_ds_config
@@ -98,7 +98,7 @@ def main(stage: int, argv: list[str] | None = None) -> int:
     overrides["full_finetune"] = getattr(args, "full_finetune", None)
     overrides["activation_checkpointing"] = args.activation_checkpointing
     if args.language_groups:
-        overrides["language_groups"] = [g.split(",") for g in args.language_groups.split(";")]
+        overrides["language_groups"] = parse_groups(args.language_groups)
     try:
         config = load_config(TrainConfig, args.config, overrides)
         code = run_stage(stage, config, load_ds_config(args.deepspeed_config))

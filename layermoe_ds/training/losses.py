@@ -44,13 +44,21 @@ def moe_blocks(model) -> dict:
     return model.moe_blocks() if hasattr(model, "moe_blocks") else {}
 
 
+def classifier_loss(logits_per_layer: list[torch.Tensor], token_group_T: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """L_cls = mean over classifier layers of the cross-entropy of the classifier's logits (W_c · x_t) against each
+    token's language group; with the correct and total predictions, for the accuracy metric."""
+    loss = torch.stack([F.cross_entropy(logits_TG, token_group_T) for logits_TG in logits_per_layer]).mean()
+    correct = sum(int((logits_TG.argmax(-1) == token_group_T).sum()) for logits_TG in logits_per_layer)
+    return loss, correct, sum(logits_TG.shape[0] for logits_TG in logits_per_layer)
+
+
 def stage_losses(
-    model, ntp: torch.Tensor, token_group_BT: torch.Tensor, stage: int, alpha: float, gamma: float, eta: float
+    model, ntp: torch.Tensor, token_group_BL: torch.Tensor, stage: int, alpha: float, gamma: float, eta: float
 ) -> StageLosses:
     blocks = moe_blocks(model)
     zero = ntp.new_zeros(())
     balance = torch.stack([b.aux.balance_loss for b in blocks.values()]).mean() if blocks else zero
-    token_group_T = token_group_BT.reshape(-1)
+    token_group_T = token_group_BL.reshape(-1)
     lpr, cls, correct, count = zero, zero, 0, 0
     if stage == 2:
         newest = model.config.num_groups - 1
@@ -61,9 +69,7 @@ def stage_losses(
         lpr = sum(t for t, _ in lpr_terms) / max(counted, 1) if counted else zero
         cls_terms = [b.aux.classifier_logits_TG for b in blocks.values() if b.aux.classifier_logits_TG is not None]
         if cls_terms:
-            cls = torch.stack([F.cross_entropy(logits, token_group_T) for logits in cls_terms]).mean()
-            correct = sum(int((logits.argmax(-1) == token_group_T).sum()) for logits in cls_terms)
-            count = sum(logits.shape[0] for logits in cls_terms)
+            cls, correct, count = classifier_loss(cls_terms, token_group_T)
         total = ntp + gamma * lpr + eta * cls
     else:
         total = ntp + alpha * balance

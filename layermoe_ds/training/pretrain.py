@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from layermoe_ds.data.packing import BlockDataset, BlockSampler, block_part
 from layermoe_ds.data.prepare import open_streams
 from layermoe_ds.data.tokenizer import load_tokenizer
 from layermoe_ds.io import atomic_write_bytes, write_json
+from layermoe_ds.training.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ PRESETS = {
         low_resource_share=LOW_RESOURCE_SHARE,
     ),
 }
+MIN_LR_RATIO = 0.1
 DONE_FILE = "pretrain_done.json"
 STATE_FILE = "pretrain_state.pt"
 
@@ -87,10 +88,7 @@ def pretrain_blocks(config: PretrainConfig, data: Path, tokenizer, tokenizer_dir
 
 def lr_at(step: int, config: PretrainConfig) -> float:
     """Linear warm-up, then cosine decay to 10% of the peak."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return config.lr * warmup_cosine(step, config.steps, config.warmup_steps, MIN_LR_RATIO)
 
 
 def is_done(out: Path, config: PretrainConfig, tokenizer_dir: Path, data: Path) -> bool:

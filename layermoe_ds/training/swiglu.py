@@ -6,7 +6,7 @@ upcycled model every expert does, each over its capacity's worth of token slots,
 the SiLU in backward (one elementwise op); its gradients are computed by the same kernels autograd uses, so
 training is unchanged to the bit.
 
-Shape letters: T tokens (or expert slots), F the FFN width.
+Shape letters (`layermoe_ds/__init__.py`): T tokens (or expert slots), F the FFN width.
 """
 
 from __future__ import annotations

@@ -5,6 +5,10 @@ weights renormalised over the k chosen. With a classifier and classifier routing
 (class 0) goes to expert 0 alone with weight 1; a token of class g may use only experts added by groups ≤ g.
 Each block records its own auxiliary outputs (`block.aux`) for the training loop: load-balance loss with its own
 N, router log-probabilities (for the LPR loss), classifier logits, expert load and dropped-route counts.
+
+Shape letters (as in `layermoe_ds/__init__.py`; this file also ships alone, for `trust_remote_code`): B batch rows,
+L sequence length (positions), T tokens (B·L flattened), H hidden size, E experts of a layer (expert 0 first), K
+routes per token (top-k), G language groups (classifier classes).
 """
 
 from __future__ import annotations
@@ -33,10 +37,10 @@ class Routing:
     weights_TK: torch.Tensor  # fp32, 0 on unused slots; sums to 1 per token
 
 
-def prefix_mean(hidden_BTH: torch.Tensor) -> torch.Tensor:
+def prefix_mean(hidden_BLH: torch.Tensor) -> torch.Tensor:
     """Causal running mean over positions: position t sees only tokens ≤ t (no future-token leakage)."""
-    steps = torch.arange(1, hidden_BTH.shape[1] + 1, device=hidden_BTH.device, dtype=torch.float32)
-    return hidden_BTH.float().cumsum(dim=1) / steps[None, :, None]
+    steps = torch.arange(1, hidden_BLH.shape[1] + 1, device=hidden_BLH.device, dtype=torch.float32)
+    return hidden_BLH.float().cumsum(dim=1) / steps[None, :, None]
 
 
 class LayerMoEGate(nn.Module):
@@ -70,50 +74,73 @@ class LayerMoEGate(nn.Module):
         return self._group_of[device]
 
     def forward(
-        self, hidden_BTH: torch.Tensor, classifier_routing: bool, force_base: bool = False, max_group: int | None = None
+        self, hidden_BLH: torch.Tensor, classifier_routing: bool, force_base: bool = False, max_group: int | None = None
     ) -> tuple[Routing, MoEAux]:
         """Route tokens. `force_base` sends every token to expert 0 alone (the dense model); `max_group` = g uses
         only experts and classes of groups ≤ g (the model as it was before later expansions)."""
-        hidden_TH = hidden_BTH.reshape(-1, hidden_BTH.shape[-1])
-        logits_TE = F.linear(hidden_TH.float(), self.router.weight.float())
-        log_probs_TE = torch.log_softmax(logits_TE, dim=-1)
+        hidden_TH = hidden_BLH.reshape(-1, hidden_BLH.shape[-1])
+        log_probs_TE = torch.log_softmax(F.linear(hidden_TH.float(), self.router.weight.float()), dim=-1)
         probs_TE = log_probs_TE.exp()
-
         classifier_logits_TG = None
         if self.lang_classifier is not None:
-            features = hidden_BTH.float() if self.classifier_mode == "per-token" else prefix_mean(hidden_BTH)
+            features = hidden_BLH.float() if self.classifier_mode == "per-token" else prefix_mean(hidden_BLH)
             classifier_logits_TG = F.linear(features.reshape(hidden_TH.shape), self.lang_classifier.weight.float())
+        classes_T = token_classes(
+            classifier_logits_TG if classifier_routing else None,
+            probs_TE.shape[0],
+            force_base,
+            max_group,
+            probs_TE.device,
+        )
+        allowed_TE = None if classes_T is None else self.group_of(probs_TE.device)[None, :] <= classes_T[:, None]
+        routing = top_k_routing(probs_TE, self.top_k, allowed_TE)
+        load_E = torch.bincount(routing.expert_ids_TK[routing.expert_ids_TK >= 0], minlength=self.num_experts)
+        aux = MoEAux(balance_loss(probs_TE, self.top_k), log_probs_TE, classifier_logits_TG, load_E, 0)
+        return routing, aux
 
-        # Load balance from the router's own choice (before any classifier override), this layer's N.
-        _, plain_ids_TK = probs_TE.topk(self.top_k, dim=-1)
-        chosen_TE = torch.zeros_like(probs_TE).scatter_(1, plain_ids_TK, 1.0)
-        balance = self.num_experts * (chosen_TE.mean(0) * probs_TE.mean(0)).sum()
 
-        use_classifier = classifier_routing and classifier_logits_TG is not None
-        if force_base or use_classifier or max_group is not None:
-            num_tokens = probs_TE.shape[0]
-            if force_base:
-                token_class_T = torch.zeros(num_tokens, dtype=torch.long, device=probs_TE.device)
-            elif use_classifier:
-                usable = classifier_logits_TG if max_group is None else classifier_logits_TG[:, : max_group + 1]
-                token_class_T = usable.argmax(dim=-1)
-            else:
-                token_class_T = torch.full((num_tokens,), max_group, dtype=torch.long, device=probs_TE.device)
-            if max_group is not None:
-                token_class_T = token_class_T.clamp_max(max_group)
-            allowed_TE = self.group_of(probs_TE.device)[None, :] <= token_class_T[:, None]  # class 0 → expert 0 only
-            masked_TE = probs_TE.masked_fill(~allowed_TE, -1.0)
-            top_p_TK, ids_TK = masked_TE.topk(self.top_k, dim=-1)
-            valid_TK = top_p_TK >= 0
-        else:
-            top_p_TK, ids_TK = probs_TE.topk(self.top_k, dim=-1)
-            valid_TK = torch.ones_like(ids_TK, dtype=torch.bool)
-        top_p_TK = top_p_TK.clamp_min(0.0) * valid_TK
-        weights_TK = top_p_TK / top_p_TK.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        ids_TK = ids_TK.masked_fill(~valid_TK, -1)
-        load_E = torch.bincount(ids_TK[valid_TK], minlength=self.num_experts)
-        aux = MoEAux(balance, log_probs_TE, classifier_logits_TG, load_E, 0)
-        return Routing(ids_TK, weights_TK), aux
+def balance_loss(probs_TE: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The load-balancing loss of one layer (MoE-LPR/LayerMoE stage 1): L_bal = N · Σ_e f_e · P_e, with N this
+    layer's expert count, f_e the share of tokens whose top-k (the router's own choice, before any classifier
+    override) includes expert e (Σ_e f_e = k, as in the reference) and P_e the mean router probability of e."""
+    _, chosen_TK = probs_TE.topk(top_k, dim=-1)
+    f_E = torch.zeros_like(probs_TE).scatter_(1, chosen_TK, 1.0).mean(0)
+    return probs_TE.shape[1] * (f_E * probs_TE.mean(0)).sum()
+
+
+def token_classes(
+    classifier_logits_TG: torch.Tensor | None,
+    num_tokens: int,
+    force_base: bool,
+    max_group: int | None,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """The language group c_t whose experts each token may use (experts of groups ≤ c_t), or None when routing is
+    unrestricted. Classifier routing (LayerMoE): c_t = argmax of the classifier, so a token classified old (0) gets
+    expert 0 alone; `force_base`: c_t = 0 for all; `max_group` = g caps c_t at g (and the classifier's choice to
+    classes ≤ g)."""
+    if force_base:
+        return torch.zeros(num_tokens, dtype=torch.long, device=device)
+    if classifier_logits_TG is not None:
+        usable = classifier_logits_TG if max_group is None else classifier_logits_TG[:, : max_group + 1]
+        return usable.argmax(dim=-1)
+    if max_group is not None:
+        return torch.full((num_tokens,), max_group, dtype=torch.long, device=device)
+    return None
+
+
+def top_k_routing(probs_TE: torch.Tensor, top_k: int, allowed_TE: torch.Tensor | None) -> Routing:
+    """The k most probable experts among the allowed ones, weights renormalised over those chosen:
+    w_tk = p_{t,e_k} / Σ_j p_{t,e_j}. A token with fewer than k allowed experts leaves slots unused (id −1)."""
+    if allowed_TE is None:
+        top_p_TK, ids_TK = probs_TE.topk(top_k, dim=-1)
+        valid_TK = torch.ones_like(ids_TK, dtype=torch.bool)
+    else:
+        top_p_TK, ids_TK = probs_TE.masked_fill(~allowed_TE, -1.0).topk(top_k, dim=-1)
+        valid_TK = top_p_TK >= 0
+    top_p_TK = top_p_TK.clamp_min(0.0) * valid_TK
+    weights_TK = top_p_TK / top_p_TK.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return Routing(ids_TK.masked_fill(~valid_TK, -1), weights_TK)
 
 
 def grouped_dispatch(
@@ -186,9 +213,9 @@ class LayerMoEBlock(nn.Module):
     def num_experts(self) -> int:
         return self.gate.num_experts
 
-    def forward(self, hidden_BTH: torch.Tensor) -> torch.Tensor:
-        routing, aux = self.gate(hidden_BTH, self.classifier_routing, self.force_base, self.max_group)
-        hidden_TH = hidden_BTH.reshape(-1, hidden_BTH.shape[-1])
+    def forward(self, hidden_BLH: torch.Tensor) -> torch.Tensor:
+        routing, aux = self.gate(hidden_BLH, self.classifier_routing, self.force_base, self.max_group)
+        hidden_TH = hidden_BLH.reshape(-1, hidden_BLH.shape[-1])
         ids_TK, weights_TK = routing.expert_ids_TK, routing.weights_TK
         # New experts: ids shifted to 0..E-1; expert-0 and unused slots become -1.
         new_ids_TK = torch.where(ids_TK >= 1, ids_TK - 1, torch.full_like(ids_TK, -1))
@@ -202,4 +229,4 @@ class LayerMoEBlock(nn.Module):
         aux.dropped = int(dropped)
         aux.expert_ids_TK = ids_TK
         self.aux = aux
-        return out_TH.to(hidden_BTH.dtype).reshape(hidden_BTH.shape)
+        return out_TH.to(hidden_BLH.dtype).reshape(hidden_BLH.shape)
