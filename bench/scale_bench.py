@@ -32,6 +32,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from benchlib import launch  # noqa: E402
 
+from layermoe_ds.modeling.checkpoint_files import MARKER  # noqa: E402
+
 # Allocations: the one measured on a Qwen2-0.5B shape (budget 48 → 36 new experts); the paper's published
 # Llama-3.2-3B list (28 layers, 84 experts); the same list for 28-layer Qwen2-1.5B; and for 32-layer Mistral-7B that
 # list with four more layers of its middle value (2): no published list exists for these two.
@@ -110,7 +112,7 @@ def run_summary(run_dir: Path) -> dict:
     census = json.loads((run_dir / "rank_census.json").read_text())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     newest = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
-    marker = json.loads((newest / "COMPLETE.json").read_text())
+    marker = json.loads((newest / MARKER).read_text())
     return {
         "setup_peak_mib": max(c["setup_peak_mib"] for c in census.values()),
         "loss_chunk_tokens": census["0"]["loss_chunk_tokens"],

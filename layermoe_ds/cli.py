@@ -377,9 +377,9 @@ def _add_export(sub) -> None:
 
 def _cmd_export(args) -> int:
     from layermoe_ds.data.tokenizer import load_tokenizer
+    from layermoe_ds.modeling.checkpoint_files import model_from_checkpoint
     from layermoe_ds.modeling.hf_export import save_model
     from layermoe_ds.modeling.hf_loading import parse_dtype
-    from layermoe_ds.training.checkpoint import model_from_checkpoint
 
     _refuse_overwrite(args.out)
     model, path, marker = model_from_checkpoint(args.checkpoint, args.base, parse_dtype(args.dtype))

@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from layermoe_ds.modeling.checkpoint_files import MARKER, complete_checkpoints
 from tests.helpers import ROOT, base_config, command, launch_env, launch_in_process, metrics, run
 
 pytestmark = pytest.mark.distributed
@@ -61,7 +62,6 @@ def assert_same_run(run_dir: Path, reference_dir: Path) -> None:
 
 
 def complete(run_dir: Path) -> list[str]:
-    from layermoe_ds.training.checkpoint import complete_checkpoints
 
     return [path.name for path in complete_checkpoints(run_dir)]
 
@@ -151,7 +151,7 @@ def test_sigterm_during_a_checkpoint_write_saves_exits_zero_and_resumes_bitwise(
     def writing() -> bool:  # a checkpoint directory without its marker: DeepSpeed is writing it; early enough
         # that the stop (agreed at the next step) lands before the last step, which would end the run normally
         dirs = list(checkpoints.glob("step_*")) if checkpoints.is_dir() else []
-        early = [d for d in dirs if int(d.name.split("_")[1]) <= 7 and not (d / "COMPLETE.json").exists()]
+        early = [d for d in dirs if int(d.name.split("_")[1]) <= 7 and not (d / MARKER).exists()]
         return len(workers(proc)) == 2 and bool(early)
 
     wait_for(writing, proc, poll=0.005)  # a slim save takes tens of milliseconds
@@ -160,7 +160,7 @@ def test_sigterm_during_a_checkpoint_write_saves_exits_zero_and_resumes_bitwise(
     assert proc.wait(timeout=120) == 0
     saved = complete(tmp_path / "run")
     assert saved and int(saved[-1].split("_")[1]) < 10 and not (tmp_path / "run" / "model").exists()
-    marker = json.loads((checkpoints / saved[-1] / "COMPLETE.json").read_text())
+    marker = json.loads((checkpoints / saved[-1] / MARKER).read_text())
     assert all(len(entry["sha256"]) == 64 for entry in marker["files"].values())
     run(1, config, tmp_path, DS_JSON[1])
     assert_same_run(tmp_path / "run", reference[1])
@@ -213,12 +213,12 @@ def test_resume_on_another_world_size(stage, single_rank, reference, upcycled, c
     # 2 → 1 from the middle: the run continues at the saved step, data position and learning rate.
     shutil.rmtree(tmp_path / "one")
     shutil.copytree(ref, tmp_path / "one", ignore=shutil.ignore_patterns("model", f"step_{steps:08d}"))
-    marker = json.loads((tmp_path / "one" / "checkpoints" / f"step_{steps - 2:08d}" / "COMPLETE.json").read_text())
+    marker = json.loads((tmp_path / "one" / "checkpoints" / f"step_{steps - 2:08d}" / MARKER).read_text())
     code, err = launch_in_process(stage, config, tmp_path, DS_JSON[stage], capsys)
     assert code == 0, err
     records, ref_records = metrics(tmp_path / "one"), metrics(ref)
     assert records[steps - 1]["lr"] == ref_records[steps - 1]["lr"]
-    final = json.loads((tmp_path / "one" / "checkpoints" / f"step_{steps:08d}" / "COMPLETE.json").read_text())
+    final = json.loads((tmp_path / "one" / "checkpoints" / f"step_{steps:08d}" / MARKER).read_text())
     assert final["world_size"] == 1
     micro = json.loads((ROOT / "ds_configs" / DS_JSON[stage]).read_text())["train_micro_batch_size_per_gpu"]
     carried = final["sampler"]["cursor"] == marker["sampler"]["cursor"] + 2 * micro  # 2 steps × 1 rank × micro
@@ -260,7 +260,6 @@ def test_checkpoints_are_slim_and_point_at_their_base(reference, upcycled, corpu
     the routers (and, in DeepSpeed's per-expert files, the trained experts), stage 2 the gates alone. A moved base
     is found again by pointing at it (training resumes exactly; export takes --base); a changed one is refused."""
     from layermoe_ds.cli import main
-    from layermoe_ds.training.checkpoint import MARKER, complete_checkpoints
 
     for stage in (1, 2):  # both reference runs start from the upcycled model
         newest = complete_checkpoints(reference[stage])[-1]

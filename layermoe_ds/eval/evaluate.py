@@ -16,10 +16,10 @@ from layermoe_ds.eval.routing import RoutingStats, format_routing
 
 def is_checkpoint_source(path: Path) -> bool:
     """A checkpoint carries a config.json too; a run directory has none but holds checkpoints/."""
-    from layermoe_ds.training.checkpoint import is_checkpoint
+    from layermoe_ds.modeling.checkpoint_files import MARKER, is_checkpoint
 
     path = Path(path)
-    return (path / "COMPLETE.json").is_file() or (not (path / "config.json").is_file() and is_checkpoint(path))
+    return (path / MARKER).is_file() or (not (path / "config.json").is_file() and is_checkpoint(path))
 
 
 def check_source(path: Path) -> None:
@@ -32,8 +32,8 @@ def check_source(path: Path) -> None:
 
 def load_for_evaluation(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu", base: Path | None = None):
     """(model, the directory holding its tokenizer, what was loaded): model directories and checkpoints alike."""
+    from layermoe_ds.modeling.checkpoint_files import model_from_checkpoint
     from layermoe_ds.modeling.hf_loading import load_causal_lm
-    from layermoe_ds.training.checkpoint import model_from_checkpoint
 
     path = Path(path)
     if is_checkpoint_source(path):

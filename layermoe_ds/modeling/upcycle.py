@@ -28,6 +28,7 @@ from layermoe_ds.modeling.remote.modeling_layermoe import (
     LayerMoEMistralForCausalLM,
     LayerMoEQwen2ForCausalLM,
 )
+from layermoe_ds.modeling.streaming import Planned, TensorSource, saved_keys, write_model_dir, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +181,6 @@ def upcycle_dir(
     from transformers import AutoConfig
 
     import layermoe_ds.modeling.hf_export  # noqa: F401  (LayerMoE configs known to AutoConfig: a clear error below)
-    from layermoe_ds.modeling.streaming import Planned, TensorSource, saved_keys, write_model_dir, write_safetensors
 
     model_dir = Path(model_dir)
     dense_config = AutoConfig.from_pretrained(model_dir)
@@ -289,7 +289,6 @@ def grow_dir(
 ):
     """`layermoe grow`, streamed like `upcycle_dir`: the same tensors as `grow` (tested). Returns the config."""
     from layermoe_ds.modeling.hf_export import layermoe_model_type
-    from layermoe_ds.modeling.streaming import Planned, TensorSource, saved_keys, write_model_dir, write_safetensors
 
     model_dir = Path(model_dir)
     model_type = layermoe_model_type(model_dir)
@@ -385,3 +384,24 @@ def _load_exact(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
                 f"the model expects {tuple(own[key].shape)}"
             )
     model.load_state_dict(state, strict=True)
+
+
+def base_loader(source: TensorSource, counts, from_dense: bool, tied: bool, seed: int | None):
+    """name → tensor of a LayerMoE model (ep_size 1 names) from its base directory: the same name in a LayerMoE
+    base; in a dense base, what upcycling takes it from (expert 0 and the new experts are the FFN), with the
+    seeded router/classifier initialisation (`seed` None: those must come from elsewhere, e.g. a checkpoint)."""
+
+    def load(name: str, param: nn.Parameter) -> torch.Tensor:
+        if from_dense:
+            origin = upcycle_source_name(name, counts)
+            if isinstance(origin, tuple):  # a new router or classifier: upcycle's seeded initialisation
+                if seed is None:
+                    raise ValueError(f"{name}: not in the checkpoint, and the dense base has no such tensor")
+                kind, layer = origin
+                return seeded_xavier(param.shape, seed, layer, 1 if kind == "router" else 2)
+            name = origin
+        if name not in source and name == "lm_head.weight" and tied:
+            name = "model.embed_tokens.weight"
+        return source.get(name)
+
+    return load

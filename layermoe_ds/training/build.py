@@ -26,9 +26,8 @@ from layermoe_ds.modeling.streaming import TensorSource
 from layermoe_ds.modeling.upcycle import (
     LAYERMOE_TYPES,
     NEW_EXPERT_PREFIX,
+    base_loader,
     is_layermoe,
-    seeded_xavier,
-    upcycle_source_name,
     upcycled_config,
 )
 
@@ -92,27 +91,6 @@ def check_model(config: TrainConfig, stage: int):
             f"{moe_config.num_groups} (old + one per expansion)"
         )
     return moe_config
-
-
-def base_loader(source: TensorSource, counts, from_dense: bool, tied: bool, seed: int | None):
-    """name → tensor of a LayerMoE model (ep_size 1 names) from its base directory: the same name in a LayerMoE
-    base; in a dense base, what upcycling takes it from (expert 0 and the new experts are the FFN), with the
-    seeded router/classifier initialisation (`seed` None: those must come from elsewhere, e.g. a checkpoint)."""
-
-    def load(name: str, param: nn.Parameter) -> torch.Tensor:
-        if from_dense:
-            origin = upcycle_source_name(name, counts)
-            if isinstance(origin, tuple):  # a new router or classifier: upcycle's seeded initialisation
-                if seed is None:
-                    raise ValueError(f"{name}: not in the checkpoint, and the dense base has no such tensor")
-                kind, layer = origin
-                return seeded_xavier(param.shape, seed, layer, 1 if kind == "router" else 2)
-            name = origin
-        if name not in source and name == "lm_head.weight" and tied:
-            name = "model.embed_tokens.weight"
-        return source.get(name)
-
-    return load
 
 
 def build_model(config: TrainConfig, stage: int, world_size: int, dtype: torch.dtype, device: torch.device) -> Built:

@@ -1,0 +1,181 @@
+"""A training run's checkpoints, read without DeepSpeed or a process group: which are complete (`COMPLETE.json`,
+the marker rank 0 writes last), whether their files match their manifest, and the model they hold
+(`model_from_checkpoint`, for export and evaluation). Writing and resuming them is `training/checkpoint.py`'s."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+
+from layermoe_ds.io import read_json, sha256_file
+
+log = logging.getLogger(__name__)
+
+MARKER = "COMPLETE.json"
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+TAG = re.compile(r"step_\d{8}")
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoint directories (a marker that parses), oldest first. Contents are checked on load."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in sorted(root.iterdir()):
+        if path.is_dir() and TAG.fullmatch(path.name) and (path / MARKER).is_file():
+            try:
+                json.loads((path / MARKER).read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                log.warning("checkpoint %s: %s is unreadable; not a complete checkpoint", path.name, MARKER)
+                continue
+            found.append(path)
+    return found
+
+
+def file_entry(file: Path) -> dict:
+    """A manifest entry: size and SHA-256, or that the file is missing."""
+    return {"size": file.stat().st_size, "sha256": sha256_file(file)} if file.is_file() else {"missing": True}
+
+
+def check_base(pointer: dict, model_dir: Path, current: dict | None = None) -> None:
+    """The base a checkpoint points at must be `model_dir`'s content (its path may have changed): a one-line error
+    naming the first file that differs, and how to point at the right base."""
+    model_dir = Path(model_dir)
+    if current is None:
+        current = {name: file_entry(model_dir / name) for name in pointer["files"]}
+    for name, expected in pointer["files"].items():
+        got = current.get(name)
+        if got is None or "missing" in got:
+            problem = f"{name} is missing"
+        elif got["size"] != expected["size"] or got["sha256"] != expected["sha256"]:
+            problem = (
+                f"{name} differs (size {got['size']} vs {expected['size']}, SHA-256 {got['sha256'][:12]}… vs "
+                f"{expected['sha256'][:12]}…)"
+            )
+        else:
+            continue
+        raise ValueError(
+            f"base model: the checkpoint was trained from {pointer['path']}, and {model_dir} is not that model: "
+            f"{problem}; point train.model (or --base) at the original base, wherever it is now"
+        )
+
+
+def verify_files(path: Path, marker: dict, files: dict[str, dict] | None = None) -> str | None:
+    """What is wrong with `path` against its manifest, or None. `files`: freshly measured entries (else measured
+    here, single process)."""
+    for name, expected in marker["files"].items():
+        if isinstance(expected, int):  # manifests before checksums: sizes only
+            expected = {"size": expected}
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        actual = files[name] if files is not None else file_entry(file)
+        if actual.get("size") != expected["size"]:
+            return f"{name} has {actual.get('size')} bytes, the manifest says {expected['size']} (truncated?)"
+        if "sha256" in expected and actual.get("sha256") != expected["sha256"]:
+            return f"{name} does not match its SHA-256 in the manifest (corrupted)"
+    return None
+
+
+def consolidated_from_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """The full (ep_size 1) state dict of a DeepSpeed MoE checkpoint: the dense part of `mp_rank_00_model_states.pt`
+    updated with every `layer_*_expert_*` file (DeepSpeed stores those under global expert ids). No DeepSpeed, no
+    process group; `zero_to_fp32` does not handle expert files."""
+    path = Path(path)
+    dense = path / "mp_rank_00_model_states.pt"
+    if not dense.is_file():
+        raise FileNotFoundError(f"checkpoint: {path} has no mp_rank_00_model_states.pt (not a DeepSpeed checkpoint)")
+    state = dict(torch.load(dense, map_location="cpu", weights_only=False)["module"])
+    for expert_file in sorted(path.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
+        state.update(torch.load(expert_file, map_location="cpu", weights_only=False))
+    return state
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint directory, or a run directory's newest complete checkpoint."""
+    path = Path(path)
+    if (path / MARKER).is_file():
+        return path
+    found = complete_checkpoints(path)
+    if not found:
+        raise FileNotFoundError(
+            f"{path} is neither a complete checkpoint (no {MARKER}) nor a run directory with one under checkpoints/"
+        )
+    return found[-1]
+
+
+def is_checkpoint(path: Path) -> bool:
+    path = Path(path)
+    return (path / MARKER).is_file() or bool(complete_checkpoints(path))
+
+
+def model_from_checkpoint(
+    path: Path, base_dir: Path | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[torch.nn.Module, Path, dict]:
+    """(model in `dtype` on CPU, each tensor read straight into it, the checkpoint directory, its marker) from a
+    checkpoint or run directory, after
+    verifying the files against the manifest: a LayerMoE model, or the dense model of a full fine-tune run. A slim
+    checkpoint's frozen tensors come from its base (the path it recorded, or `base_dir` when the base has moved),
+    checked against its pointer. Needs neither DeepSpeed nor a process group."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from layermoe_ds.modeling.hf_export import layermoe_model_type
+    from layermoe_ds.modeling.materialize import materialize, parameters_on_meta
+    from layermoe_ds.modeling.streaming import TensorSource
+    from layermoe_ds.modeling.upcycle import LAYERMOE_TYPES, base_loader
+
+    path = resolve_checkpoint(path)
+    marker = read_json(path / MARKER, "checkpoint marker")
+    problem = verify_files(path, marker)
+    if problem:
+        raise ValueError(f"checkpoint {path} is damaged: {problem}")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"checkpoint {path} has no config.json (saved before checkpoints carried one)")
+    model_type = layermoe_model_type(path)
+    if model_type is None:  # the dense full fine-tune baseline
+        config, model_cls = AutoConfig.from_pretrained(path), AutoModelForCausalLM.from_config
+    else:
+        config_cls, layermoe_cls = LAYERMOE_TYPES[model_type]
+        config, model_cls = config_cls.from_pretrained(path), layermoe_cls
+    trained = consolidated_from_checkpoint(path)
+    with parameters_on_meta():
+        model = model_cls(config)
+    from_base = None
+    if "base" in marker:  # slim: everything else from the base
+        pointer = marker["base"]
+        base_dir = Path(base_dir or pointer["path"])
+        if not base_dir.is_dir():
+            raise FileNotFoundError(
+                f"checkpoint {path}: its base model {base_dir} is gone; give its new location with --base"
+            )
+        check_base(pointer, base_dir)
+        counts = getattr(config, "experts_per_layer", None)
+        tied = getattr(config, "tie_word_embeddings", False)
+        from_base = base_loader(TensorSource(base_dir), counts, pointer.get("allocation") is not None, tied, None)
+
+    def load(name: str, param: torch.nn.Parameter) -> torch.Tensor:
+        if name in trained:
+            return trained[name]
+        if from_base is None:
+            raise ValueError(f"checkpoint {path} does not match its config.json: {name} is missing")
+        return from_base(name, param)
+
+    materialize(model, load, lambda name, param: dtype)
+    unexpected = sorted(set(trained) - set(model.state_dict()))
+    if unexpected:
+        raise ValueError(f"checkpoint {path} does not match its config.json: unexpected {unexpected[:3]}")
+    return model.eval(), path, marker
