@@ -161,11 +161,11 @@ def test_reading_judges_each_claim_by_the_seed_spread():
         results[RunId(NO_CLS.name, seed)] = _run(2.30 + 0.01 * seed, 2.5, classifiers=())
     results[RunId(LAST.name)] = _run(2.08, 2.52)  # the same layers as LayerMoE: nothing to compare
     results[RunId(DENSE_FINETUNE.name)] = {"eval": _eval(3.5, 1.9)}
-    lines, verdicts = reading(results, preset)
-    text = "\n".join(lines)
+    verdicts = reading(results, preset)
+    text = "\n".join(v.text for v in verdicts)
     assert "50% fewer new experts" in text and "2.510 ± 0.010 vs 2.500 ± 0.020 (matched; Δ +0.010" in text
     assert "Stage 2 restores old languages*: Old-avg lower after stage 2 than after stage 1 in 6 of 6 runs" in text
-    by_claim = {v["claim"]: v["verdict"] for v in verdicts}
+    by_claim = {v.claim: v.verdict for v in verdicts}
     assert by_claim[CLASSIFIER_CLAIM.text] == "better"
     assert by_claim[PLACEMENT_CLAIM.text] == "not testable"
     assert by_claim["dense fine-tuning forgets"] == "replicated"
@@ -195,12 +195,12 @@ def test_budget_quality_curve_interpolates_the_experts_uniform_needs():
     assert experts_for_quality(measured[Method.UNIFORM], 2.55) == pytest.approx(18.0)
     assert experts_for_quality(measured[Method.UNIFORM], 2.44) == pytest.approx(36.0)
     assert experts_for_quality(measured[Method.UNIFORM], 2.30) is None
-    lines, savings = curve_reading(measured)
+    verdicts, savings = curve_reading(measured)
     saving = {e["system"]: e for e in savings}
     assert saving["layermoe 2"]["uniform_experts"] == pytest.approx(24.0) and saving["layermoe 2"]["saving"] == 0.5
     assert saving["layermoe 3"]["saving"] is None and saving["layermoe 3"]["note"] == "better than every uniform point"
     assert saving["random 2"]["note"] == "worse than every uniform point"
-    text = "\n".join(lines)
+    text = "\n".join(v.text for v in verdicts)
     assert "LayerMoE needs" in text and "— replicated" in text
     assert "Similarity beats random at 12 new experts*: New-avg 2.500 (LayerMoE) vs 2.700 (random; one seed" in text
 
@@ -227,4 +227,7 @@ def test_report_from_made_up_results(tmp_path):
     assert "highest in the middle, the shape of real models' profiles" in report
     assert "| U [seed 1] after G2 | 18 | 2.000 | 2.500 | 3.000 | 2.000 | 2.500 | 3.000 |" in report
     assert all(math.isfinite(p["new_avg"]["mean"]) for p in saved["curve"])
+    verdicts = {v["claim"]: v for v in saved["verdicts"]}
+    assert verdicts["lifelong keeps earlier groups (U)"]["verdict"] == "replicated"  # 2.0/2.5 before and after
+    assert verdicts["lifelong keeps earlier groups (U)"]["text"] in report
     assert (tmp_path / "pareto.png").stat().st_size > 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from layermoe_ds.experiment.presets import DENSE_BASE, Method, Phase, Preset, RunId
 
@@ -126,62 +126,62 @@ def experts_for_quality(points: list[CurvePoint], target: float) -> float | None
     return float(min(exact)) if exact else None
 
 
-def curve_reading(points: dict[Method, list[CurvePoint]]) -> tuple[list[str], list[dict]]:
-    """At equal New-avg, how many fewer new experts LayerMoE (and random allocation) need than uniform MoE-LPR."""
+def curve_reading(points: dict[Method, list[CurvePoint]]) -> tuple[list[Verdict], list[dict]]:
+    """At equal New-avg, how many fewer new experts LayerMoE (and random allocation) need than uniform MoE-LPR; and
+    LayerMoE against random at equal totals. (verdicts, one saving record per LayerMoE and random point)."""
     uniform = points.get(Method.UNIFORM, [])
     if len(uniform) < 2:
         return [], []
-    lines, savings = [], []
+    verdicts, savings = [], []
     first, last = uniform[0], uniform[-1]
     span = f"{first.new.mean:.3f} at {first.new_experts} … {last.new.mean:.3f} at {last.new_experts}"
     for method in (Method.LAYERMOE, Method.RANDOM):
         for point in points.get(method, []):
-            needed = experts_for_quality(uniform, point.new.mean)
-            entry = {"system": point.system, "new_experts": point.new_experts, "new_avg": point.new.mean}
-            if needed is None:
-                best = min(uniform, key=lambda p: p.new.mean)
-                if point.new.mean < best.new.mean:
-                    entry.update(uniform_experts=None, saving=None, note="better than every uniform point")
-                    text = (f"better than uniform's best ({best.new.mean:.3f} with {best.new_experts}): at least "
-                            f"{1 - point.new_experts / best.new_experts:.0%} fewer")  # fmt: skip
-                else:
-                    entry.update(uniform_experts=None, saving=None, note="worse than every uniform point")
-                    text = (
-                        f"worse than uniform's smallest point ({uniform[0].new.mean:.3f} with {uniform[0].new_experts})"
-                    )
-            else:
-                saving = 1 - point.new_experts / needed
-                entry.update(uniform_experts=needed, saving=saving)
-                text = f"uniform needs {needed:.1f} for the same New-avg: {saving:+.0%} fewer with {method}"
+            entry = {"system": point.system, "method": str(method), "new_experts": point.new_experts}
+            entry.update(new_avg=point.new.mean, **uniform_equivalent(uniform, point))
             savings.append(entry)
-            lines.append(
+            text = (
                 f"- *Budget–quality curve* ({point.system}, {point.new_experts} new experts, New-avg "
-                f"{point.new.mean:.3f}): {text} (uniform's curve: {span})."
+                f"{point.new.mean:.3f}): {entry['reading']} (uniform's curve: {span})."
             )
-    layermoe_savings = [
-        e["saving"] for e in savings if e["system"] in {p.system for p in points.get(Method.LAYERMOE, [])}
-    ]
-    measured = [s for s in layermoe_savings if s is not None]
+            verdicts.append(Verdict(f"curve point ({point.system})", entry["note"], text))
+    measured = [e["saving"] for e in savings if e["method"] == Method.LAYERMOE and e["saving"] is not None]
     if measured:
         mean_saving = statistics.mean(measured)
-        verdict = "replicated" if mean_saving >= 0.1 else "not replicated here"
-        lines.append(
+        text = (
             f"- *Fewer experts for the same quality* (the paper: 33–60% fewer): LayerMoE needs {mean_saving:.0%} fewer "
-            f"new experts than uniform MoE-LPR on average over its {len(measured)} interpolable points — {verdict}."
+            f"new experts than uniform MoE-LPR on average over its {len(measured)} interpolable points — "
+            + ("replicated." if mean_saving >= 0.1 else "not replicated here.")
         )
+        verdicts.append(Verdict("fewer experts for the same quality", replicated(mean_saving >= 0.1), text,
+                                {"mean_saving": mean_saving}))  # fmt: skip
     random = {p.new_experts: p for p in points.get(Method.RANDOM, [])}
     for point in points.get(Method.LAYERMOE, []):
         other = random.get(point.new_experts)
         if other:
             verdict, how = judge(point.new, other.new)
-            lines.append(
+            text = (
                 f"- *Similarity beats random at {point.new_experts} new experts*: New-avg {point.new} (LayerMoE) vs "
-                f"{other.new} (random; {how}) — "
-                + {"better": "replicated.", "matched": "no difference here.", "worse": "not replicated here."}[
-                    verdict
-                ]  # fmt: skip
+                f"{other.new} (random; {how}) — " + VERDICT_WORDS[verdict]
             )
-    return lines, savings
+            verdicts.append(Verdict(f"similarity beats random at {point.new_experts}", verdict, text))
+    return verdicts, savings
+
+
+def uniform_equivalent(uniform: list[CurvePoint], point: CurvePoint) -> dict:
+    """The new experts uniform needs for `point`'s New-avg, the saving, and how to read it."""
+    needed = experts_for_quality(uniform, point.new.mean)
+    if needed is not None:
+        saving = 1 - point.new_experts / needed
+        reading = f"uniform needs {needed:.1f} for the same New-avg: {saving:+.0%} fewer with {point.method}"
+        return {"uniform_experts": needed, "saving": saving, "note": "interpolated", "reading": reading}
+    best = min(uniform, key=lambda p: p.new.mean)
+    if point.new.mean < best.new.mean:
+        reading = (f"better than uniform's best ({best.new.mean:.3f} with {best.new_experts}): at least "
+                   f"{1 - point.new_experts / best.new_experts:.0%} fewer")  # fmt: skip
+        return {"uniform_experts": None, "saving": None, "note": "better than every uniform point", "reading": reading}
+    reading = f"worse than uniform's smallest point ({uniform[0].new.mean:.3f} with {uniform[0].new_experts})"
+    return {"uniform_experts": None, "saving": None, "note": "worse than every uniform point", "reading": reading}
 
 
 # --- the claims --------------------------------------------------------------------------------------------------
@@ -193,74 +193,103 @@ VERDICT_WORDS = {
 }
 
 
-def reading(results: dict[RunId, dict], preset: Preset) -> tuple[list[str], list[dict]]:
-    """(lines for the report, the same verdicts as records for results.json)."""
-    lines: list[str] = []
-    verdicts: list[dict] = []
-    dense = results[RunId(DENSE_BASE)]["eval"]
+@dataclass(frozen=True)
+class Verdict:
+    """One claim checked: its name, the verdict, the report's line (numbers included), and the numbers."""
+
+    claim: str
+    verdict: str  # "replicated", "not replicated", "not testable", or judge's "better" / "matched" / "worse"
+    text: str
+    numbers: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"claim": self.claim, "verdict": self.verdict, "text": self.text, **self.numbers}
+
+
+def replicated(ok: bool) -> str:
+    return "replicated" if ok else "not replicated"
+
+
+def reading(results: dict[RunId, dict], preset: Preset) -> list[Verdict]:
+    """The paper's claims on the G1 runs: LayerMoE as good as uniform, stage 2 restores, each ablation, dense
+    fine-tuning forgets (each where the preset has the rows)."""
+    verdicts = [as_good_as_uniform(results, preset), stage2_restores(results, preset)]
+    verdicts += [ablation(results, preset, s) for s in preset.systems if s.ablates is not None]
+    verdicts.append(finetuning_forgets(results, preset))
+    return [v for v in verdicts if v is not None]
+
+
+def as_good_as_uniform(results: dict[RunId, dict], preset: Preset) -> Verdict | None:
     reference, baseline = runs_of(results, preset.reference), runs_of(results, preset.baseline)
-    if reference and baseline:
-        ours_n, theirs_n = reference[0]["allocation"]["new_experts"], baseline[0]["allocation"]["new_experts"]
-        judged = {g: judge(seed_stats(results, preset.reference, g), seed_stats(results, preset.baseline, g))
-                  for g in ("new", "old")}  # fmt: skip
-        ok = all(v != "worse" for v, _ in judged.values())
-        lead = (
-            f"{1 - ours_n / theirs_n:.0%} fewer new experts"
-            if ours_n < theirs_n
-            else f"{ours_n} vs {theirs_n} new experts"
-        )
-        lines.append(
-            f"- *As good as uniform MoE-LPR* ({preset.reference}, {lead}, vs {preset.baseline}): New-avg "
-            f"{seed_stats(results, preset.reference, 'new')} vs {seed_stats(results, preset.baseline, 'new')} "
-            f"({judged['new'][0]}; {judged['new'][1]}), Old-avg {seed_stats(results, preset.reference, 'old')} vs "
-            f"{seed_stats(results, preset.baseline, 'old')} ({judged['old'][0]}) — "
-            + ("replicated." if ok else "not replicated here.")
-        )
-        verdicts.append({"claim": "as good as uniform", "verdict": "replicated" if ok else "not replicated"})
-    restored = [(run, r) for run, r in results.items() if "eval_stage1" in r]
-    if restored:
-        kept = [run for run, r in restored if average(r["eval"], "old") <= average(r["eval_stage1"], "old")]
-        ref = runs_of(results, preset.reference)
-        example = ""
-        if ref and "eval_stage1" in ref[0]:
-            example = (f" ({preset.reference}: Old-avg {average(ref[0]['eval_stage1'], 'old'):.3f} after stage 1 → "
-                       f"{average(ref[0]['eval'], 'old'):.3f}; dense {average(dense, 'old'):.3f})")  # fmt: skip
-        ok = len(kept) == len(restored)
-        lines.append(
-            f"- *Stage 2 restores old languages*: Old-avg lower after stage 2 than after stage 1 in {len(kept)} of "
-            f"{len(restored)} runs{example} — " + ("replicated." if ok else "not replicated in every run.")
-        )
-        verdicts.append({"claim": "stage 2 restores", "verdict": "replicated" if ok else "not replicated",
-                         "runs": len(restored), "restored": len(kept)})  # fmt: skip
-    for system in preset.systems:
-        if system.ablates is None or not (reference and runs_of(results, system.name)):
-            continue
-        claim, group = system.ablates, system.ablates.average
-        ours, theirs = seed_stats(results, preset.reference, group), seed_stats(results, system.name, group)
-        text = f"- *{claim.text}*: {group.capitalize()}-avg {ours} ({preset.reference}) vs {theirs} ({system.name}) — "
-        other = runs_of(results, system.name)[0]
-        keys = ("experts_per_layer", "classifier_layers")
-        if all(reference[0]["allocation"][k] == other["allocation"][k] for k in keys):
-            layers = reference[0]["allocation"]["classifier_layers"]
-            lines.append(text + f"not testable on this model: both put the same experts and classifiers ({layers}).")
-            verdicts.append({"claim": claim.text, "verdict": "not testable"})
-            continue
-        verdict, how = judge(ours, theirs)
-        lines.append(text + f"{how}: " + VERDICT_WORDS[verdict])
-        verdicts.append({"claim": claim.text, "verdict": verdict, "ours": ours.as_dict(), "theirs": theirs.as_dict()})
-    finetuned = next((s for s in preset.systems if s.method == Method.FULL_FINETUNE), None)
-    if reference and finetuned and runs_of(results, finetuned.name):
-        ft, lm, base_old = runs_of(results, finetuned.name)[0]["eval"], reference[0]["eval"], average(dense, "old")
-        ok = average(ft, "old") > average(lm, "old")
-        lines.append(
-            f"- *Dense fine-tuning forgets, LayerMoE does not*: Old-avg {base_old:.3f} (dense base) → "
-            f"{average(ft, 'old'):.3f} after full fine-tuning ({average(ft, 'old') - base_old:+.3f}) vs "
-            f"{average(lm, 'old'):.3f} with {preset.reference} ({average(lm, 'old') - base_old:+.3f}); New-avg "
-            f"{average(ft, 'new'):.3f} vs {average(lm, 'new'):.3f} — "
-            + ("replicated." if ok else "not replicated here.")
-        )
-        verdicts.append({"claim": "dense fine-tuning forgets", "verdict": "replicated" if ok else "not replicated"})
-    return lines, verdicts
+    if not (reference and baseline):
+        return None
+    ours_n, theirs_n = reference[0]["allocation"]["new_experts"], baseline[0]["allocation"]["new_experts"]
+    ours = {g: seed_stats(results, preset.reference, g) for g in ("new", "old")}
+    theirs = {g: seed_stats(results, preset.baseline, g) for g in ("new", "old")}
+    judged = {g: judge(ours[g], theirs[g]) for g in ("new", "old")}
+    ok = all(v != "worse" for v, _ in judged.values())
+    lead = f"{1 - ours_n / theirs_n:.0%} fewer new experts" if ours_n < theirs_n else f"{ours_n} vs {theirs_n} new"
+    text = (
+        f"- *As good as uniform MoE-LPR* ({preset.reference}, {lead}, vs {preset.baseline}): New-avg {ours['new']} "
+        f"vs {theirs['new']} ({judged['new'][0]}; {judged['new'][1]}), Old-avg {ours['old']} vs {theirs['old']} "
+        f"({judged['old'][0]}) — " + ("replicated." if ok else "not replicated here.")
+    )
+    numbers = {"new": judged["new"][0], "old": judged["old"][0], "new_experts": [ours_n, theirs_n]}
+    return Verdict("as good as uniform", replicated(ok), text, numbers)
+
+
+def stage2_restores(results: dict[RunId, dict], preset: Preset) -> Verdict | None:
+    restored = [r for r in results.values() if "eval_stage1" in r]
+    if not restored:
+        return None
+    kept = [r for r in restored if average(r["eval"], "old") <= average(r["eval_stage1"], "old")]
+    reference, dense = runs_of(results, preset.reference), results[RunId(DENSE_BASE)]["eval"]
+    example = ""
+    if reference and "eval_stage1" in reference[0]:
+        before, after = average(reference[0]["eval_stage1"], "old"), average(reference[0]["eval"], "old")
+        example = f" ({preset.reference}: {before:.3f} → {after:.3f}; dense {average(dense, 'old'):.3f})"
+    ok = len(kept) == len(restored)
+    text = (
+        f"- *Stage 2 restores old languages*: Old-avg lower after stage 2 than after stage 1 in {len(kept)} of "
+        f"{len(restored)} runs{example} — " + ("replicated." if ok else "not replicated in every run.")
+    )
+    return Verdict("stage 2 restores", replicated(ok), text, {"runs": len(restored), "restored": len(kept)})
+
+
+def ablation(results: dict[RunId, dict], preset: Preset, system) -> Verdict | None:
+    """The reference system against `system`, on the average its claim says the ablation should lose on."""
+    reference, other = runs_of(results, preset.reference), runs_of(results, system.name)
+    if not (reference and other):
+        return None
+    claim, group = system.ablates, system.ablates.average
+    ours, theirs = seed_stats(results, preset.reference, group), seed_stats(results, system.name, group)
+    text = f"- *{claim.text}*: {group.capitalize()}-avg {ours} ({preset.reference}) vs {theirs} ({system.name}) — "
+    if all(
+        reference[0]["allocation"][k] == other[0]["allocation"][k] for k in ("experts_per_layer", "classifier_layers")
+    ):
+        layers = reference[0]["allocation"]["classifier_layers"]
+        text += f"not testable on this model: both put the same experts and classifiers ({layers})."
+        return Verdict(claim.text, "not testable", text)
+    verdict, how = judge(ours, theirs)
+    numbers = {"ours": ours.as_dict(), "theirs": theirs.as_dict()}
+    return Verdict(claim.text, verdict, text + f"{how}: " + VERDICT_WORDS[verdict], numbers)
+
+
+def finetuning_forgets(results: dict[RunId, dict], preset: Preset) -> Verdict | None:
+    reference = runs_of(results, preset.reference)
+    finetuned = next((runs_of(results, s.name) for s in preset.systems if s.method == Method.FULL_FINETUNE), [])
+    if not (reference and finetuned):
+        return None
+    ft, lm = finetuned[0]["eval"], reference[0]["eval"]
+    base_old = average(results[RunId(DENSE_BASE)]["eval"], "old")
+    ok = average(ft, "old") > average(lm, "old")
+    text = (
+        f"- *Dense fine-tuning forgets, LayerMoE does not*: Old-avg {base_old:.3f} (dense base) → "
+        f"{average(ft, 'old'):.3f} after full fine-tuning ({average(ft, 'old') - base_old:+.3f}) vs "
+        f"{average(lm, 'old'):.3f} with {preset.reference} ({average(lm, 'old') - base_old:+.3f}); New-avg "
+        f"{average(ft, 'new'):.3f} vs {average(lm, 'new'):.3f} — " + ("replicated." if ok else "not replicated here.")
+    )
+    return Verdict("dense fine-tuning forgets", replicated(ok), text)
 
 
 def lifelong_stats(results: dict[RunId, dict], preset: Preset, system: str) -> dict | None:
@@ -284,31 +313,34 @@ def lifelong_stats(results: dict[RunId, dict], preset: Preset, system: str) -> d
     }
 
 
-def lifelong_reading(results: dict[RunId, dict], preset: Preset) -> list[str]:
-    """The lifelong claims: earlier groups survive the next expansion, and LayerMoE needs fewer experts for it."""
-    lines, by_system = [], {}
+def lifelong_reading(results: dict[RunId, dict], preset: Preset) -> list[Verdict]:
+    """The lifelong claims: earlier groups survive the next expansion, and LayerMoE is as good as uniform there."""
+    verdicts, by_system = [], {}
     for system in preset.systems:
         entry = lifelong_stats(results, preset, system.name)
         if entry is None:
             continue
         by_system[system.name] = entry
         before, after = entry["before"], entry["after"]
-        kept = [judge(after[g], before[g])[0] != "worse" for g in (0, 1)]
-        lines.append(
+        ok = all(judge(after[g], before[g])[0] != "worse" for g in (0, 1))
+        text = (
             f"- *Lifelong expansion keeps earlier groups* ({system.name}, {entry['seeds']} seed(s)): G0-avg "
             f"{before[0]} → {after[0]}, G1-avg {before[1]} → {after[1]}, G2-avg {before[2]} → {after[2]} — "
-            + ("replicated." if all(kept) else "not replicated here.")
+            + ("replicated." if ok else "not replicated here.")
         )
+        verdicts.append(Verdict(f"lifelong keeps earlier groups ({system.name})", replicated(ok), text))
     lm, u = by_system.get(preset.reference), by_system.get(preset.baseline)
     if lm and u:
         judged = [judge(a, b)[0] for a, b in zip(lm["after"], u["after"], strict=True)]
-        lines.append(
+        ok = "worse" not in judged
+        text = (
             f"- *Lifelong, as good as uniform* ({preset.reference} {lm['new_experts_total']} new experts in total vs "
             f"{preset.baseline} {u['new_experts_total']}): G0/G1/G2-avg {'/'.join(str(s) for s in lm['after'])} vs "
             f"{'/'.join(str(s) for s in u['after'])} ({'/'.join(judged)}) — "
-            + ("replicated." if "worse" not in judged else "not replicated here.")
+            + ("replicated." if ok else "not replicated here.")
         )
-    return lines
+        verdicts.append(Verdict("lifelong as good as uniform", replicated(ok), text, {"groups": judged}))
+    return verdicts
 
 
 def profile_reading(profile: dict) -> tuple[list[str], dict]:

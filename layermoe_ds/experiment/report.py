@@ -27,9 +27,8 @@ from layermoe_ds.io import atomic_write_text, read_json, write_json
 def write_report(results: dict[RunId, dict], preset: Preset, out: Path) -> Path:
     profile_lines, profile = profile_reading(read_json(out / "similarity.json", "similarity"))
     points = curve(results, preset)
-    curve_lines, savings = curve_reading(points)
-    claim_lines, verdicts = reading(results, preset)
-    lifelong_lines = lifelong_reading(results, preset)
+    curve_verdicts, savings = curve_reading(points)
+    verdicts = [*reading(results, preset), *curve_verdicts, *lifelong_reading(results, preset)]
     write_json(
         out / "results.json",
         {
@@ -40,7 +39,7 @@ def write_report(results: dict[RunId, dict], preset: Preset, out: Path) -> Path:
             "seed_stats": seed_table(results, preset),
             "curve": [p.as_dict() for method_points in points.values() for p in method_points],
             "curve_savings": savings,
-            "verdicts": verdicts,
+            "verdicts": [v.as_dict() for v in verdicts],
             "lifelong": {
                 name: {k: ([s.as_dict() for s in v] if isinstance(v, list) else v) for k, v in entry.items()}
                 for name in (s.name for s in preset.systems)
@@ -70,7 +69,7 @@ def write_report(results: dict[RunId, dict], preset: Preset, out: Path) -> Path:
         lines += ["", *curve_table(points)]
     if any(run.phase == Phase.G2 for run in results):
         lines += ["", *lifelong_table(results, preset)]
-    lines += ["", "## Reading", "", *claim_lines, *curve_lines, *lifelong_lines, ""]
+    lines += ["", "## Reading", "", *(v.text for v in verdicts), ""]
     lines += ["## Figures", "", "![similarity](similarity.png)", "", "![per-language](per_language.png)", ""]
     lines += ["![routing](routing.png)", ""]
     plot_per_language(results, preset, out)
