@@ -178,6 +178,6 @@ PRESETS = {
         min_score=0.05,
         stage1_steps=150,
         stage2_steps=60,
-        eval_max_tokens=20_000,
+        eval_max_tokens=10_000,
     ),
 }
