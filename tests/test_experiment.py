@@ -203,6 +203,12 @@ def test_budget_quality_curve_interpolates_the_experts_uniform_needs():
     text = "\n".join(v.text for v in verdicts)
     assert "LayerMoE needs" in text and "— replicated" in text
     assert "Similarity beats random at 12 new experts*: New-avg 2.500 (LayerMoE) vs 2.700 (random; one seed" in text
+    # A flat uniform curve (all within 1%, one seed each): savings are not measurable, and the reading says so.
+    for (_, experts, _), new in zip(points[Method.UNIFORM], (2.50, 2.49, 2.495), strict=True):
+        results[RunId(f"uniform {experts // 12 + 1}")]["eval"]["new_avg"]["bpb"] = new
+    verdicts, _ = curve_reading(curve(results, preset))
+    flat = next(v for v in verdicts if v.claim == "fewer experts for the same quality")
+    assert flat.verdict == "not testable" and "moves by only 0.010 bits/byte from 12 to 36" in flat.text
 
 
 def test_report_from_made_up_results(tmp_path):

@@ -146,7 +146,10 @@ def curve_reading(points: dict[Method, list[CurvePoint]]) -> tuple[list[Verdict]
             )
             verdicts.append(Verdict(f"curve point ({point.system})", entry["note"], text))
     measured = [e["saving"] for e in savings if e["method"] == Method.LAYERMOE and e["saving"] is not None]
-    if measured:
+    flat = flat_curve(uniform)
+    if flat is not None:
+        verdicts.append(flat)
+    elif measured:
         mean_saving = statistics.mean(measured)
         text = (
             f"- *Fewer experts for the same quality* (the paper: 33–60% fewer): LayerMoE needs {mean_saving:.0%} fewer "
@@ -168,12 +171,30 @@ def curve_reading(points: dict[Method, list[CurvePoint]]) -> tuple[list[Verdict]
     return verdicts, savings
 
 
+def flat_curve(uniform: list[CurvePoint]) -> Verdict | None:
+    """A verdict that expert savings cannot be measured when more experts buy uniform no measurable quality: its
+    New-avg range over the budgets is within twice its largest seed sd (or 1% with one seed per point)."""
+    means = [p.new.mean for p in uniform]
+    spread, noise = max(means) - min(means), max(p.new.sd for p in uniform)
+    bound = 2 * noise if noise > 0 else RELATIVE_TOLERANCE * statistics.mean(means)
+    if spread > bound:
+        return None
+    text = (
+        f"- *Fewer experts for the same quality* (the paper: 33–60% fewer): not testable here — uniform MoE-LPR's "
+        f"New-avg moves by only {spread:.3f} bits/byte from {uniform[0].new_experts} to {uniform[-1].new_experts} new "
+        f"experts, within {'twice its seed sd' if noise > 0 else '1%'} ({bound:.3f}): more experts buy no measurable "
+        "quality on this testbed, so there is no curve to save experts along."
+    )
+    return Verdict("fewer experts for the same quality", "not testable", text, {"spread": spread, "bound": bound})
+
+
 def uniform_equivalent(uniform: list[CurvePoint], point: CurvePoint) -> dict:
     """The new experts uniform needs for `point`'s New-avg, the saving, and how to read it."""
     needed = experts_for_quality(uniform, point.new.mean)
     if needed is not None:
         saving = 1 - point.new_experts / needed
-        reading = f"uniform needs {needed:.1f} for the same New-avg: {saving:+.0%} fewer with {point.method}"
+        change = f"{saving:.0%} fewer" if saving >= 0 else f"{-saving:.0%} more"
+        reading = f"uniform needs {needed:.1f} for the same New-avg: {change} with {point.method}"
         return {"uniform_experts": needed, "saving": saving, "note": "interpolated", "reading": reading}
     best = min(uniform, key=lambda p: p.new.mean)
     if point.new.mean < best.new.mean:
