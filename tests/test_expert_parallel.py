@@ -81,6 +81,16 @@ def _worker(rank: int, world: int, port: int) -> None:
     with torch.no_grad():
         evaluated = tight(inputs[rank])
     assert tight.aux.dropped == 0
+    # Training is dropless by default (TrainConfig's default, as the reference trains): the same tight capacity
+    # factor drops nothing.
+    from layermoe_ds.config import TrainConfig
+
+    dropless = copy.deepcopy(reference)
+    config = TrainConfig()
+    block_to_expert_parallel(dropless, 16, world, capacity_factor=0.25, min_capacity=1, drop_tokens=config.drop_tokens)
+    dropless.classifier_routing = False
+    dropless(inputs[rank])
+    assert dropless.aux.dropped == 0
     with torch.no_grad():
         reference.classifier_routing = False
         torch.testing.assert_close(evaluated, reference(inputs[rank]), atol=1e-5, rtol=1e-5)

@@ -151,10 +151,12 @@ class Context:
         digest = cached(out, {"step": "allocate", "similarity": similarity.digest, "options": vars(options)}, produce)
         return Model(out, digest), read_json(out, "allocation")
 
-    def stage(self, stage: int, run_config: dict, run_dir: Path, upstream: dict) -> Model:
+    def stage(self, stage: int, run_config: dict, run_dir: Path, upstream: dict, tag: str) -> Model:
         """Train one stage into `run_dir` (resumed if a kill interrupted it); its exported model."""
 
         def produce() -> None:
+            log = run_dir.parent / f"stage{stage}.log"
+            print(f"{tag} stage {stage}: {run_config['steps']} steps (log: {log}) …", flush=True)
             launch_stage(stage, run_config, run_dir, self.preset.ranks, self.next_port())
 
         inputs = {"step": f"stage{stage}", "config": run_config, **upstream, "ranks": self.preset.ranks}
@@ -197,8 +199,7 @@ def train_and_evaluate(ctx: Context, system: System, run: RunId, home: Path, sta
             upstream["model"] = start.digest
         stage1_config["allocation"] = str(allocation_file.path.resolve())
         upstream["allocation"] = allocation_file.digest
-    print(f"{tag} stage 1: {preset.stage1_steps} steps (log: {home / 'stage1.log'}) …", flush=True)
-    final = ctx.stage(1, stage1_config, home / "stage1", upstream)
+    final = ctx.stage(1, stage1_config, home / "stage1", upstream, tag)
     if system.method != Method.FULL_FINETUNE:
         stage2_config = {**ctx.common(groups, run.seed), "model": str(final.path.resolve()), "lr": preset.stage2_lr}
         stage2_config.update(
@@ -207,11 +208,9 @@ def train_and_evaluate(ctx: Context, system: System, run: RunId, home: Path, sta
             stage2_docs_per_old_lang=preset.stage2_docs,
             stage2_docs_per_new_lang=preset.stage2_docs,
         )
-        print(f"{tag} stage 2: {preset.stage2_steps} steps (log: {home / 'stage2.log'}) …", flush=True)
         stage1 = final
-        final = ctx.stage(2, stage2_config, home / "stage2", {"model": stage1.digest, "data": ctx.data_digest})
+        final = ctx.stage(2, stage2_config, home / "stage2", {"model": stage1.digest, "data": ctx.data_digest}, tag)
         result["eval_stage1"] = ctx.evaluate(stage1, home / "eval_stage1.json", index)
-    print(f"{tag} evaluating …", flush=True)
     result["eval"] = ctx.evaluate(final, home / "eval.json", index)
     result["model"] = str(final.path)
     result["wall_s"] = sum(step_seconds(home / f"stage{n}") or 0.0 for n in (1, 2))
