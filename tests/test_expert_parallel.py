@@ -83,11 +83,13 @@ def _worker(rank: int, world: int, port: int) -> None:
     assert tight.aux.dropped == 0
     # Training is dropless by default (TrainConfig's default, as the reference trains): the same tight capacity
     # factor drops nothing.
+    import dataclasses
+
     from layermoe_ds.config import TrainConfig
 
+    default_drop = {f.name: f.default for f in dataclasses.fields(TrainConfig)}["drop_tokens"]
     dropless = copy.deepcopy(reference)
-    config = TrainConfig()
-    block_to_expert_parallel(dropless, 16, world, capacity_factor=0.25, min_capacity=1, drop_tokens=config.drop_tokens)
+    block_to_expert_parallel(dropless, 16, world, capacity_factor=0.25, min_capacity=1, drop_tokens=default_drop)
     dropless.classifier_routing = False
     dropless(inputs[rank])
     assert dropless.aux.dropped == 0

@@ -12,6 +12,7 @@ import torch
 from layermoe_ds.data.tokens import TokenStream
 from layermoe_ds.eval.perplexity import evaluate_languages, format_table, group_averages
 from layermoe_ds.eval.routing import RoutingStats, format_routing
+from layermoe_ds.modeling.upcycle import is_layermoe
 
 
 def is_checkpoint_source(path: Path) -> bool:
@@ -64,7 +65,7 @@ def evaluate_model(
     max_tokens: int | None = None,
 ) -> dict:
     """{"languages": {lang: {loss, ppl, bpb, tokens, bytes}}, "old_avg", "new_avg", "routing" (LayerMoE only)}."""
-    routing = RoutingStats(groups) if hasattr(model, "moe_blocks") else None
+    routing = RoutingStats(groups) if is_layermoe(model) else None
     results = evaluate_languages(model, tokenizer, streams, seq_len, batch_size, max_tokens, routing)
     old = [lang for lang in streams if groups[lang] == 0]
     new = [lang for lang in streams if groups[lang] > 0]

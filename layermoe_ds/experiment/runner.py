@@ -23,7 +23,7 @@ from layermoe_ds.experiment.cache import cached, directory_manifest, fingerprint
 from layermoe_ds.experiment.presets import DENSE_BASE, Method, Phase, Preset, RunId, System
 from layermoe_ds.io import read_json, write_json
 from layermoe_ds.modeling.hf_loading import load_causal_lm
-from layermoe_ds.modeling.upcycle import grow_dir
+from layermoe_ds.modeling.upcycle import grow_dir, moe_blocks
 
 
 def slug(name: str) -> str:
@@ -59,10 +59,9 @@ def parameter_counts(model) -> dict:
     """Total parameters, and those active per token: every expert beyond the top-k a token uses is inactive."""
     total = sum(p.numel() for p in model.parameters())
     inactive = 0
-    if hasattr(model, "moe_blocks"):
-        for block in model.moe_blocks().values():
-            ffn = sum(p.numel() for p in block.base_ffn.parameters())
-            inactive += (block.num_experts - min(block.gate.top_k, block.num_experts)) * ffn
+    for block in moe_blocks(model).values():
+        ffn = sum(p.numel() for p in block.base_ffn.parameters())
+        inactive += (block.num_experts - min(block.gate.top_k, block.num_experts)) * ffn
     return {"params_total": total, "params_active": total - inactive}
 
 

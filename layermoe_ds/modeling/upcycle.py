@@ -48,6 +48,11 @@ def is_layermoe(model_or_config) -> bool:
     return getattr(config, "model_type", "") in LAYERMOE_TYPES
 
 
+def moe_blocks(model) -> dict:
+    """Layer → LayerMoE block; empty for a dense model (the base, or the full fine-tune baseline)."""
+    return model.moe_blocks() if is_layermoe(model) else {}
+
+
 def _classes_for(dense_config):
     model_type = getattr(dense_config, "model_type", None)
     if model_type not in ARCHITECTURES:

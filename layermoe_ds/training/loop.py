@@ -29,8 +29,8 @@ from layermoe_ds.distributed import (
     return_large_frees_to_os,
 )
 from layermoe_ds.io import read_json, write_json
-from layermoe_ds.modeling.upcycle import is_layermoe
-from layermoe_ds.training.losses import moe_blocks, stage_losses
+from layermoe_ds.modeling.upcycle import is_layermoe, moe_blocks
+from layermoe_ds.training.losses import stage_losses
 
 log = logging.getLogger("layermoe.train")
 

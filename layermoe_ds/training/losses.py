@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from layermoe_ds.modeling.upcycle import moe_blocks
+
 
 @dataclass
 class StageLosses:
@@ -37,11 +39,6 @@ def lpr_loss(
     allowed_TE = groups_E[None, :] <= token_group_T[earlier_T, None]
     kept = log_probs_TE[earlier_T].masked_fill(~allowed_TE, float("-inf"))
     return -torch.logsumexp(kept, dim=-1).sum(), int(earlier_T.sum())
-
-
-def moe_blocks(model) -> dict:
-    """Layer → LayerMoE block; empty for a dense model (the full fine-tune baseline)."""
-    return model.moe_blocks() if hasattr(model, "moe_blocks") else {}
 
 
 def classifier_loss(logits_per_layer: list[torch.Tensor], token_group_T: torch.Tensor) -> tuple[torch.Tensor, int, int]:
