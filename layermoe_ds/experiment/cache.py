@@ -45,9 +45,7 @@ def cached(output: Path, inputs: dict, produce: Callable[[], object], resumable:
     produce()
     if not output.exists():
         raise RuntimeError(f"experiment step finished without writing {output}")
-    seconds = round(time.perf_counter() - started, 1)
-    if same and record.get("seconds") is not None:  # a resumed step: count the interrupted attempt's time too
-        seconds += record["seconds"]
+    seconds = round(time.perf_counter() - started, 1)  # a resumed step: this attempt's time only
     write_json(record_file, {"fingerprint": digest, "done": True, "seconds": seconds, "inputs": inputs})
     return digest
 
