@@ -1,14 +1,17 @@
 """Typed, validated configuration: dataclasses loaded from YAML/JSON with CLI overrides.
 
 Each dataclass validates itself in `__post_init__` and names the offending field and value. Unknown keys are
-errors with a 'did you mean' suggestion, never silently ignored.
+errors with a 'did you mean' suggestion, never silently ignored. A field's `metadata` holds its help text (and,
+where the flag is not the field's name, its flag): `layermoe_ds.flags` derives the command-line flags from it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import json
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -16,25 +19,50 @@ import yaml
 
 T = TypeVar("T")
 
-ARCHITECTURES = ("llama", "qwen2")
+
+class Arch(enum.StrEnum):
+    LLAMA = "llama"
+    QWEN2 = "qwen2"
+
+
+class Resume(enum.StrEnum):
+    AUTO = "auto"  # the newest complete checkpoint in out/checkpoints, if any
+    NO = "no"  # refuse a directory that has checkpoints
+
+
+def setting(default: Any = dataclasses.MISSING, help: str = "", flag: str | None = None, **field_kw) -> Any:
+    """A config field with its help text, and its flag name when that is not the field's (`--layers` for
+    `model.num_layers`)."""
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag}, **field_kw)
+
+
+def _coerce_choices(config: Any, where: str) -> None:
+    """Turn each StrEnum field's string into its member (frozen dataclass), naming the field and the choices."""
+    for name, hint in typing.get_type_hints(type(config)).items():
+        if isinstance(hint, type) and issubclass(hint, enum.Enum):
+            value = getattr(config, name)
+            try:
+                object.__setattr__(config, name, hint(value))
+            except ValueError:
+                choices = ", ".join(m.value for m in hint)
+                raise ValueError(f"{where}.{name}: {value!r} is not one of {choices}") from None
 
 
 @dataclasses.dataclass(frozen=True)
 class BaseModelConfig:
     """Shape of the tiny dense model `layermoe pretrain` trains from scratch."""
 
-    arch: str = "llama"
-    num_layers: int = 4
-    hidden_size: int = 128
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 352
-    max_position: int = 512
-    tie_embeddings: bool = True
+    arch: Arch = setting(Arch.LLAMA, "architecture of the dense model")
+    num_layers: int = setting(4, "decoder layers", flag="layers")
+    hidden_size: int = setting(128, "hidden size", flag="hidden")
+    num_heads: int = setting(4, "attention heads", flag="heads")
+    num_kv_heads: int = setting(2, "key/value heads (grouped-query attention)", flag="kv-heads")
+    intermediate_size: int = setting(352, "FFN intermediate size", flag="ffn")
+    max_position: int = setting(512, "longest sequence the position encoding is sized for")
+    tie_embeddings: bool = setting(True, "share the input embedding with the LM head")
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHITECTURES:
-            raise ValueError(f"model.arch: {self.arch!r} is not one of {ARCHITECTURES}")
+        _coerce_choices(self, "model")
         for name in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size", "max_position"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name}: {getattr(self, name)} must be >= 1")
@@ -48,22 +76,25 @@ class BaseModelConfig:
 class PretrainConfig:
     """`layermoe pretrain`: train the dense base model on the old languages only."""
 
-    model: BaseModelConfig = dataclasses.field(default_factory=BaseModelConfig)
-    langs: tuple[str, ...] = ("en", "de")
+    model: BaseModelConfig = setting(default_factory=BaseModelConfig)
+    langs: tuple[str, ...] = setting(("en", "de"), "the old languages the base model learns")
     # Languages the base model sees only a little of, as real LLMs have seen a little of most languages (the paper's
     # new languages are low-resource for its base models, not absent); their share of the training blocks.
-    low_resource_langs: tuple[str, ...] = ()
-    low_resource_share: float = 0.0
-    steps: int = 400
-    batch_size: int = 16
-    seq_len: int = 128
-    lr: float = 3e-3
-    warmup_steps: int = 40
-    weight_decay: float = 0.01
-    seed: int = 0
-    save_every: int = 100
+    low_resource_langs: tuple[str, ...] = setting(
+        (), "languages the model sees only a little of (a real LLM has seen a little of most)"
+    )
+    low_resource_share: float = setting(0.0, "their share of the training blocks, e.g. 0.05")
+    steps: int = setting(400, "optimizer steps")
+    batch_size: int = setting(16, "sequences per step")
+    seq_len: int = setting(128, "tokens per sequence")
+    lr: float = setting(3e-3, "peak learning rate (warm-up, then cosine)")
+    warmup_steps: int = setting(40, "linear warm-up steps")
+    weight_decay: float = setting(0.01, "AdamW weight decay")
+    seed: int = setting(0, "initialisation and data order")
+    save_every: int = setting(100, "checkpoint every N steps (a killed run resumes from the newest)")
 
     def __post_init__(self) -> None:
+        _coerce_choices(self, "pretrain")
         if not self.langs:
             raise ValueError("pretrain.langs: empty; give the old languages, e.g. en,de")
         overlap = sorted(set(self.langs) & set(self.low_resource_langs))
@@ -95,49 +126,52 @@ class TrainConfig:
     gradient clipping); this owns what LayerMoE defines. No value has two sources.
     """
 
-    model: str = ""  # dense HF dir (stage 1 with `allocation`) or a LayerMoE dir
-    allocation: str = ""  # stage 1 from a dense model: upcycle with this allocation.json first
-    data: str = ""
-    out: str = ""  # the run directory
+    model: str = setting("", "dense HF model directory (stage 1 with --allocation) or a LayerMoE directory")
+    allocation: str = setting("", "stage 1 from a dense model: upcycle with this allocation.json first")
+    data: str = setting("", "raw data directory or jsonl, or a `layermoe data tokenize` directory")
+    out: str = setting("", "the run directory")
     # Language groups in expansion order: [[old…], [new…]] (lifelong: [[G0…], [G1…], [G2…]]). The last group is
     # what this run teaches; tokens are labelled with their group index.
-    language_groups: tuple = ()
-    steps: int = 100
-    seq_len: int = 128
-    lr: float = 5e-5
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    seed: int = 0
+    language_groups: tuple[tuple[str, ...], ...] = setting(
+        (), "groups in expansion order, e.g. 'en,de;fr,ru,el' (old;new); the last one is taught"
+    )
+    steps: int = setting(100, "optimizer steps")
+    seq_len: int = setting(128, "tokens per packed sequence")
+    lr: float = setting(5e-5, "peak learning rate")
+    warmup_steps: int = setting(0, "linear warm-up steps, then cosine decay")
+    min_lr_ratio: float = setting(0.1, "the cosine's floor as a fraction of lr")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    seed: int = setting(0, "initialisation of new weights and data order")
     # Losses (LayerMoE/MoE-LPR): stage 1 NTP + alpha·balance; stage 2 NTP + gamma·LPR + eta·classification.
-    balance_alpha: float = 0.01
-    lpr_gamma: float = 0.1
-    cls_eta: float = 0.1
+    balance_alpha: float = setting(0.01, "stage 1: weight of the load-balancing loss")
+    lpr_gamma: float = setting(0.1, "stage 2: weight of the LPR loss (old-language tokens to expert 0)")
+    cls_eta: float = setting(0.1, "stage 2: weight of the language-classifier loss")
     # Stage 2's review set: the first N documents of each language of an earlier group (replayed) and of each
     # language of the group this run teaches. The reference's mix: 50K per old language, 100K per new one.
-    stage2_docs_per_old_lang: int = 50_000
-    stage2_docs_per_new_lang: int = 100_000
+    stage2_docs_per_old_lang: int = setting(50_000, "stage 2: documents replayed per earlier-group language")
+    stage2_docs_per_new_lang: int = setting(100_000, "stage 2: documents per language of the taught group")
     # Expert parallelism and capacity. Dropless by default, as the reference trains: each expert's capacity is the
     # largest load in its expert-parallel group (one all-reduce of a scalar per layer and step). `drop_tokens: true`
     # caps it at capacity_factor · k·S/E instead (fixed buffer sizes; overflowing routes are dropped and logged as
     # moe/dropped). Evaluation never drops a token either way.
-    expert_parallel_size: str = "auto"
-    drop_tokens: bool = False
-    capacity_factor: float = 1.25
+    expert_parallel_size: str = setting("auto", "ranks an expert group is split over: auto or an integer")
+    drop_tokens: bool = setting(False, "cap each expert at capacity_factor·k·S/E and drop the overflow")
+    capacity_factor: float = setting(1.25, "with --drop-tokens: the cap's factor")
     # The forgetting baseline: stage 1 trains every parameter of the dense model (no upcycling, nothing frozen).
-    full_finetune: bool = False
+    full_finetune: bool = setting(False, "the forgetting baseline: train every parameter of the dense --model")
     # Recompute each decoder layer's activations in the backward pass instead of storing them (less memory, about
     # one more forward of compute); both stages, and the dense baseline.
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = setting(False, "recompute decoder-layer activations in the backward pass")
     # Process-group timeout (minutes): how long a rank waits in a collective for the others before the job fails.
-    dist_timeout_minutes: float = 30.0
+    dist_timeout_minutes: float = setting(30.0, "how long a rank waits in a collective for the others")
     # Checkpoints and logging.
-    save_every: int = 50
-    keep_last_n: int = 2
-    log_every: int = 10
-    resume: str = "auto"  # auto: the newest complete checkpoint in out/checkpoints; "no": refuse existing ones
+    save_every: int = setting(50, "checkpoint every N steps")
+    keep_last_n: int = setting(2, "complete checkpoints kept")
+    log_every: int = setting(10, "a log line every N steps")
+    resume: Resume = setting(Resume.AUTO, "auto: from the newest complete checkpoint; no: refuse existing ones")
 
     def __post_init__(self) -> None:
+        _coerce_choices(self, "train")
         for name in ("model", "data", "out"):
             if not getattr(self, name):
                 raise ValueError(f"train.{name}: required (give it in the YAML or as --{name})")
@@ -175,8 +209,6 @@ class TrainConfig:
             raise ValueError(
                 f"train.full_finetune: trains the dense model itself; remove train.allocation ({self.allocation})"
             )
-        if self.resume not in ("auto", "no"):
-            raise ValueError(f"train.resume: {self.resume!r} must be 'auto' or 'no'")
 
     @property
     def new_langs(self) -> list[str]:
@@ -199,25 +231,18 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     """Build dataclass `cls` from a nested dict; unknown keys raise ValueError naming the key with a suggestion."""
     if not isinstance(data, dict):
         raise ValueError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
-        if key not in fields:
-            raise ValueError(f"config: unknown key {path!r}{_suggest(key, list(fields))}")
-        field_type = fields[key].type
-        nested = _dataclass_type(field_type)
-        if nested is not None:
-            value = from_dict(nested, value, path)
+        if key not in hints:
+            raise ValueError(f"config: unknown key {path!r}{_suggest(key, list(hints))}")
+        if dataclasses.is_dataclass(hints[key]):
+            value = from_dict(hints[key], value, path)
         elif isinstance(value, list):
-            value = tuple(list(v) if isinstance(v, list | tuple) else v for v in value)
+            value = tuple(tuple(v) if isinstance(v, list | tuple) else v for v in value)
         kwargs[key] = value
     return cls(**kwargs)
-
-
-def _dataclass_type(type_name: Any) -> type | None:
-    known = {"BaseModelConfig": BaseModelConfig}
-    return known.get(type_name if isinstance(type_name, str) else getattr(type_name, "__name__", ""))
 
 
 def load_config(

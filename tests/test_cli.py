@@ -56,3 +56,37 @@ def test_evaluate_command_on_the_tiny_base(tiny_base, corpus_dir, tmp_path, caps
 
     result = json.loads(out.read_text())
     assert set(result["languages"]) == {"en", "ru"} and result["new_avg"]["bpb"] > result["old_avg"]["bpb"]
+
+
+def test_every_train_config_field_is_a_launcher_flag():
+    """The stage launchers' flags come from `TrainConfig`: every field can be given, typed as the field is, and a
+    flag left out overrides nothing."""
+    import dataclasses
+
+    from layermoe_ds.config import Resume, TrainConfig, load_config
+    from layermoe_ds.flags import config_overrides
+    from layermoe_ds.training.launch import build_parser as launcher_parser
+
+    parser = launcher_parser(1)
+    dests = {action.dest for action in parser._actions}
+    assert {field.name for field in dataclasses.fields(TrainConfig)} <= dests
+    argv = ["--deepspeed_config", "x.json", "--model", "m", "--data", "d", "--out", "o"]
+    argv += ["--language-groups", "en,de;fr", "--balance-alpha", "0.5", "--drop-tokens", "--resume", "no"]
+    args = parser.parse_args(argv)
+    overrides = config_overrides(args, TrainConfig)
+    assert overrides["language_groups"] == (("en", "de"), ("fr",)) and "lpr_gamma" not in overrides
+    config = load_config(TrainConfig, None, overrides)
+    assert (config.balance_alpha, config.drop_tokens, config.resume, config.lpr_gamma) == (0.5, True, Resume.NO, 0.1)
+    assert load_config(TrainConfig, None, {**overrides, "drop_tokens": False}).drop_tokens is False
+    with pytest.raises(SystemExit):
+        parser.parse_args([*argv, "--resume", "maybe"])  # argparse names the choices
+    assert "full_finetune" not in {action.dest for action in launcher_parser(2)._actions}
+
+
+def test_a_choice_from_a_file_is_checked_and_named(tmp_path):
+    from layermoe_ds.config import PretrainConfig, load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  arch: mistral\n")
+    with pytest.raises(ValueError, match="model.arch: 'mistral' is not one of llama, qwen2"):
+        load_config(PretrainConfig, path)

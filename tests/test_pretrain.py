@@ -98,7 +98,8 @@ def test_qwen2_architecture_builds(tokenizer_dir):
 def test_presets_flags_and_files_layer_in_order(tmp_path):
     """`pretrain --preset deep` starts from the deep base's settings; --config and flags override them, flags last
     (the low-resource flags included)."""
-    from layermoe_ds.cli import build_parser, pretrain_config_from_args
+    from layermoe_ds.cli import build_parser
+    from layermoe_ds.cli.models import pretrain_config as pretrain_config_from_args
 
     path = tmp_path / "c.yaml"
     path.write_text("steps: 50\nmodel:\n  hidden_size: 64\n")

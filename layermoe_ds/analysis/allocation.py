@@ -7,6 +7,7 @@ Convention (the reference code's): N_i is the **total** expert count of layer i 
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import logging
 import math
@@ -15,18 +16,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from layermoe_ds.analysis.plots import plot_similarity
 from layermoe_ds.analysis.similarity import layer_scores
-from layermoe_ds.io import read_json
+from layermoe_ds.io import read_json, write_json
 
 log = logging.getLogger(__name__)
 
-METHODS = ("layermoe", "uniform", "random")
+
+class Method(enum.StrEnum):
+    LAYERMOE = "layermoe"  # Eq. 10: experts ∝ 1/T_i
+    UNIFORM = "uniform"  # MoE-LPR: the same count in every layer
+    RANDOM = "random"  # the budget spread at random
 
 
 @dataclass(frozen=True)
 class AllocationOptions:
     budget: int
-    method: str = "layermoe"
+    method: Method = Method.LAYERMOE
     # "K" (top-K by score), "last-K", an explicit list "5,6,10", "0" = none; None = the paper's K = 7, capped at the
     # number of layers (an explicit K larger than that is an error).
     classifier_layers: str | None = None
@@ -39,8 +45,12 @@ class AllocationOptions:
     min_score: float | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"allocate.method: {self.method!r} is not one of {METHODS}")
+        try:
+            object.__setattr__(self, "method", Method(self.method))
+        except ValueError:
+            raise ValueError(
+                f"allocate.method: {self.method!r} is not one of {', '.join(m.value for m in Method)}"
+            ) from None
         if self.min_experts < 1:
             raise ValueError(f"allocate.min_experts: {self.min_experts} must be >= 1 (1 = dense layer)")
         if self.max_experts is not None and self.max_experts < self.min_experts:
@@ -175,9 +185,9 @@ def allocate(scores: Sequence[float], options: AllocationOptions) -> dict:
         return [min(max(n, low), high) if high is not None else max(n, low) for n in counts]
 
     layermoe = clamp(layermoe_counts(scores, options.budget))
-    if options.method == "layermoe":
+    if options.method == Method.LAYERMOE:
         counts = layermoe
-    elif options.method == "uniform":
+    elif options.method == Method.UNIFORM:
         counts = clamp([options.budget // num_layers] * num_layers)
     else:
         counts = random_counts(num_layers, sum(layermoe), low, high, options.seed)
@@ -239,4 +249,55 @@ def sweep_table(scores: Sequence[float], budgets: Sequence[int], options: Alloca
     lines.append(f"{'Σ N_i':>13} " + " ".join(f"{r['total_experts']:>7}" for r in results))
     lines.append(f"{'new':>13} " + " ".join(f"{r['new_experts']:>7}" for r in results))
     lines.append("* = classifier layer")
+    return "\n".join(lines)
+
+
+def sweep_file(similarity_path: Path, budgets: Sequence[int], options: AllocationOptions) -> str:
+    """`sweep_table` for the scores of a similarity.json."""
+    sim = read_json(similarity_path, "similarity")
+    scores = scores_from_similarity(sim, f"similarity file {similarity_path}", options.min_score is not None)
+    return sweep_table(scores, budgets, options)
+
+
+def parse_budgets(text: str, what: str = "budgets") -> list[int]:
+    """ "36,72,108" → [36, 72, 108]; anything else is an error naming `what`."""
+    try:
+        budgets = [int(b) for b in text.split(",") if b.strip()]
+    except ValueError:
+        budgets = []
+    if not budgets:
+        raise ValueError(f"{what}: {text!r} is not a list of integers like 36,72,108")
+    return budgets
+
+
+def write_allocation(similarity_path: Path, options: AllocationOptions, out: Path, plot: Path | None = None) -> dict:
+    """Allocate from a similarity.json into `out` (refusing an `out` made from another similarity file), with the
+    scores-and-bars plot when `plot` is given."""
+    out = Path(out)
+    if out.exists():
+        existing = read_json(out, "allocation")
+        if existing.get("source", {}).get("similarity") not in (None, str(similarity_path)):
+            raise FileExistsError(f"allocate: {out} was made from another similarity file; choose another --out")
+    result = allocate_from_file(similarity_path, options)
+    write_json(out, result)
+    if plot:
+        plot_similarity(read_json(similarity_path, "similarity"), plot, result)
+    return result
+
+
+def describe(result: dict) -> str:
+    """What `layermoe allocate` prints: floored scores, the counts, and the totals."""
+    lines = []
+    if result.get("floored_layers"):
+        raw = [round(result["raw_layer_score"][i], 4) for i in result["floored_layers"]]
+        lines.append(
+            f"note: layers {result['floored_layers']} had scores below --min-score {result['min_score']} ({raw}) "
+            "and were raised to it"
+        )
+    lines.append(",".join(map(str, result["experts_per_layer"])))
+    lines.append(
+        f"{result['method']}: Σ N_i = {result['total_experts']} for budget {result['budget']} "
+        f"({result['new_experts']} new experts), classifier layers {result['classifier_layers']}"
+        + (f", alignment added {result['align_extra_experts']}" if "align_extra_experts" in result else "")
+    )
     return "\n".join(lines)

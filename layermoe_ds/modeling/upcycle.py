@@ -10,6 +10,7 @@ keeps its router); classifiers gain one class.
 
 from __future__ import annotations
 
+import enum
 import logging
 import re
 from collections.abc import Sequence
@@ -224,23 +225,35 @@ def upcycle_dir(
     return config
 
 
-CLASSIFIER_POLICIES = ("union", "new")
+class RouterInit(enum.StrEnum):
+    KEEP = "keep"  # the old experts' router rows stay; the new experts' rows start at zero
+    REINIT = "reinit"  # the routers of the layers that gain experts start afresh (the reference)
 
 
-def grown_config(old, allocation: dict, router: str = "keep", classifiers: str = "union"):
+class ClassifierPolicy(enum.StrEnum):
+    UNION = "union"  # the earlier classifier layers plus the new allocation's
+    NEW = "new"  # the new allocation's alone (the reference)
+
+
+def _choice(kind: type[enum.StrEnum], value: str, flag: str) -> enum.StrEnum:
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"grow: {flag} {value!r} must be one of {', '.join(m.value for m in kind)}") from None
+
+
+def grown_config(old, allocation: dict, router: str = RouterInit.KEEP, classifiers: str = ClassifierPolicy.UNION):
     """(config, model class) of a LayerMoE config grown by one language group as `allocation` says. Classifier
     layers: `union` keeps the earlier ones and adds the new allocation's; `new` (the reference's) takes the new
     allocation's alone, dropping the classifiers of the layers it does not name."""
-    if router not in ("keep", "reinit"):
-        raise ValueError(f"grow: --router {router!r} must be 'keep' or 'reinit'")
-    if classifiers not in CLASSIFIER_POLICIES:
-        raise ValueError(f"grow: --classifiers {classifiers!r} must be 'union' or 'new'")
+    _choice(RouterInit, router, "--router")
+    classifiers = _choice(ClassifierPolicy, classifiers, "--classifiers")
     added, requested = _check_allocation(allocation, old.num_hidden_layers)
     new_group = old.num_groups
     counts = [n + a - 1 for n, a in zip(old.experts_per_layer, added, strict=True)]
     groups = [g + [new_group] * (a - 1) for g, a in zip(old.expert_groups, added, strict=True)]
     classifier_layers = set(_usable_classifier_layers(requested, counts))
-    if classifiers == "union":
+    if classifiers == ClassifierPolicy.UNION:
         classifier_layers |= set(old.classifier_layers)
     classifier_layers = sorted(classifier_layers)
     config_cls, model_cls = LAYERMOE_TYPES[old.model_type]
@@ -271,7 +284,7 @@ def grown_tensor(name: str, shape, old, counts: Sequence[int], source, router: s
         return source.get(name) if int(j) < n_old - 1 else source.get(f"{ffn}.{tail}")
     if rest == "gate.router.weight":
         weight = seeded_xavier(shape, seed, layer, 10 + new_group)
-        if n_old > 1 and (router == "keep" or counts[layer] == n_old):  # `reinit`: layers that gained experts
+        if n_old > 1 and (router == RouterInit.KEEP or counts[layer] == n_old):  # `reinit`: layers that gained experts
             weight[:n_old] = source.get(name)
         return weight
     if rest == "gate.lang_classifier.weight":
@@ -286,11 +299,11 @@ def grow_dir(
     model_dir: Path,
     allocation: dict,
     out: Path,
-    router: str = "keep",
+    router: str = RouterInit.KEEP,
     seed: int = 0,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 5 * 10**9,
-    classifiers: str = "union",
+    classifiers: str = ClassifierPolicy.UNION,
 ):
     """`layermoe grow`, streamed like `upcycle_dir`: the same tensors as `grow` (tested). Returns the config."""
     from layermoe_ds.modeling.hf_export import layermoe_model_type
@@ -324,7 +337,11 @@ def grow_dir(
 
 
 def grow(
-    model: nn.Module, allocation: dict, router: str = "keep", seed: int = 0, classifiers: str = "union"
+    model: nn.Module,
+    allocation: dict,
+    router: str = RouterInit.KEEP,
+    seed: int = 0,
+    classifiers: str = ClassifierPolicy.UNION,
 ) -> nn.Module:
     """Lifelong step: add N_i − 1 experts per layer for a new language group (N_i from the new allocation, counted
     like any allocation: the original FFN plus the experts to add)."""
@@ -357,7 +374,7 @@ def grow(
         block = grown.moe_blocks()[layer]
         _seeded_xavier(block.gate.router.weight, seed, layer, salt=10 + new_group)
         router_weight = block.gate.router.weight.detach().clone()
-        if n_old > 1 and (router == "keep" or n_new == n_old):  # `reinit`: only layers that gained experts
+        if n_old > 1 and (router == RouterInit.KEEP or n_new == n_old):  # `reinit`: only layers that gained experts
             router_weight[:n_old] = base["gate.router.weight"]
         state[f"{prefix}.gate.router.weight"] = router_weight
         if block.gate.lang_classifier is not None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from layermoe_ds.config import BaseModelConfig, PretrainConfig, to_dict
+from layermoe_ds.config import Arch, BaseModelConfig, PretrainConfig, to_dict
 from layermoe_ds.data.packing import BlockDataset, BlockSampler, block_part
 from layermoe_ds.data.prepare import open_streams
 from layermoe_ds.data.tokenizer import load_tokenizer
@@ -64,7 +64,7 @@ def build_model(config: PretrainConfig, tokenizer) -> torch.nn.Module:
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(config.seed)
-    if m.arch == "llama":
+    if m.arch == Arch.LLAMA:
         return LlamaForCausalLM(LlamaConfig(**common))
     return Qwen2ForCausalLM(Qwen2Config(**common))
 
