@@ -9,7 +9,11 @@ import time
 from pathlib import Path
 
 from layermoe_ds.data.corpus import CorpusOptions, build_corpus, corpus_is_built
+from layermoe_ds.data.tokenizer import train_tokenizer
+from layermoe_ds.experiment import PRESETS, run_experiment
 from layermoe_ds.io import read_json, write_json
+from layermoe_ds.training.pretrain import LATER_LANGS, OLD_LANGS, is_done, pretrain
+from layermoe_ds.training.pretrain import PRESETS as BASE_PRESETS
 
 log = logging.getLogger(__name__)
 
@@ -17,8 +21,6 @@ TOKENIZER_MARKER = "layermoe_tokenizer.json"
 
 
 def ensure_tokenizer(data: Path, out: Path, langs: tuple[str, ...], vocab: int = 8000) -> Path:
-    from layermoe_ds.data.tokenizer import train_tokenizer
-
     marker = out / TOKENIZER_MARKER
     wanted = {
         "data": str(data.resolve()),
@@ -36,8 +38,6 @@ def ensure_tokenizer(data: Path, out: Path, langs: tuple[str, ...], vocab: int =
 def prepare_base(data: Path, artifacts: Path, cache: Path, preset: str = "demo") -> Path:
     """The embedded corpus, its tokenizer and the dense base model of pretrain preset `preset` (each built once,
     then reused): `artifacts/base` for the demo's, `artifacts/base-<preset>` for another."""
-    from layermoe_ds.training.pretrain import LATER_LANGS, OLD_LANGS, PRESETS, is_done, pretrain
-
     langs = OLD_LANGS + LATER_LANGS  # = `data build`'s default; the tokenizer covers them all
     options = CorpusOptions(langs=langs)
     if not corpus_is_built(data, options):
@@ -46,7 +46,7 @@ def prepare_base(data: Path, artifacts: Path, cache: Path, preset: str = "demo")
     print(f"tokenizer in {artifacts / 'tokenizer'} …", flush=True)
     tokenizer_dir = ensure_tokenizer(data, artifacts / "tokenizer", langs)
     base = artifacts / ("base" if preset == "demo" else f"base-{preset}")
-    config = PRESETS[preset]
+    config = BASE_PRESETS[preset]
     if not is_done(base, config, tokenizer_dir, data):
         m = config.model
         print(
@@ -61,8 +61,6 @@ def prepare_base(data: Path, artifacts: Path, cache: Path, preset: str = "demo")
 def run_demo(
     data: Path, artifacts: Path, runs: Path, cache: Path, preset: str = "demo", base: Path | None = None
 ) -> int:
-    from layermoe_ds.experiment import PRESETS, run_experiment
-
     started = time.perf_counter()
     if base is None:
         base = prepare_base(data, artifacts, cache, PRESETS[preset].base)

@@ -19,7 +19,8 @@ def eager(config, stage: int, world: int, dtype: torch.dtype):
     from layermoe_ds.io import read_json
     from layermoe_ds.modeling.hf_loading import load_causal_lm
     from layermoe_ds.modeling.moe_layer import to_expert_parallel
-    from layermoe_ds.modeling.upcycle import is_layermoe, upcycle
+    from layermoe_ds.modeling.types import is_layermoe
+    from layermoe_ds.modeling.upcycle import upcycle
     from layermoe_ds.training.stages import apply_stage
 
     model = load_causal_lm(Path(config.model), torch.float32)

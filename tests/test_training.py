@@ -204,7 +204,7 @@ def test_full_finetune_baseline_trains_every_parameter_of_the_dense_model(tiny_b
     """The forgetting baseline: stage 1 with `full_finetune` on 2 ranks (ZeRO-2) trains and exports a dense model,
     and its checkpoint evaluates like any other."""
     from layermoe_ds.eval.evaluate import load_for_evaluation
-    from layermoe_ds.modeling.upcycle import is_layermoe
+    from layermoe_ds.modeling.types import is_layermoe
 
     config = base_config(tiny_base, corpus_dir, tmp_path / "run", steps=10, save_every=10, full_finetune=True)
     run(1, config, tmp_path, "stage1_zero2.json")

@@ -6,6 +6,8 @@ from pathlib import Path
 
 
 def _pyplot():
+    # Here, not at the top: the Agg backend is chosen when a plot is drawn, so importing the library leaves a
+    # notebook's backend alone.
     import matplotlib
 
     matplotlib.use("Agg")

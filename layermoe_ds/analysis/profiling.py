@@ -11,9 +11,13 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from layermoe_ds.analysis.plots import plot_similarity
 from layermoe_ds.analysis.similarity import profile_blocks, profile_model, similarity_report
+from layermoe_ds.data.prepare import open_streams
+from layermoe_ds.data.tokenizer import load_tokenizer
 from layermoe_ds.distributed import adopt_launcher_env, device_and_backend, init_process_group
 from layermoe_ds.io import write_json
+from layermoe_ds.modeling.hf_loading import check_model_dir, load_causal_lm, parse_dtype
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +58,6 @@ def run_profile(
     seed: int = 0,
     tokenizer_dir: Path | None = None,
 ) -> dict:
-    from layermoe_ds.data.prepare import open_streams
-    from layermoe_ds.data.tokenizer import load_tokenizer
-    from layermoe_ds.modeling.hf_loading import check_model_dir, load_causal_lm, parse_dtype
-
     check_languages(old, new)
     if tokens_per_lang < 1 or seq_len < 1 or batch_size < 1:
         raise ValueError("profile: --tokens-per-lang, --seq-len and --batch-size must be >= 1")
@@ -97,7 +97,5 @@ def run_profile(
     if rank == 0:
         write_json(out, report)
         if plot is not None:
-            from layermoe_ds.analysis.plots import plot_similarity
-
             plot_similarity(report, plot)
     return report

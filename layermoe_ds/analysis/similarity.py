@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -78,8 +79,6 @@ class SimilarityAccumulator:
     def all_reduce(self, device: torch.device | str = "cpu") -> None:
         """Sum over ranks when torch.distributed is initialised (each rank profiled a shard of the rows). The sums
         travel on `device`, the model's: NCCL reduces CUDA tensors only."""
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized():
             for name in ("sums_NAH", "counts_A"):
                 total = getattr(self, name).to(device)

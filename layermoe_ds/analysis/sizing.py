@@ -8,6 +8,7 @@ context or the Python process itself, and allocator slack. The benchmark reports
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -94,8 +95,6 @@ def stage1_floor(
     replicated routers with their gradients in `dtype`; Adam's two fp32 moments plus an fp32 master copy (ZeRO keeps
     one in fp32 training too) sharded over each tensor's data-parallel group (world ÷ ep_size for experts, world for
     routers) when ZeRO is on. `ep_size` None: the largest that divides every layer's new experts and the world."""
-    import math
-
     width = DTYPE_BYTES[dtype]
     total, new, gates = moe_params(shape, experts_per_layer)
     frozen_params = total - new - gates
@@ -121,8 +120,6 @@ def stage2_floor(
 ) -> Floor:
     """Per-rank bytes in stage 2: everything frozen in `dtype` (the new experts expert-parallel as in stage 1: this
     rank's share), the routers and classifiers in fp32 with their gradients and Adam's moments (ZeRO 0)."""
-    import math
-
     width = DTYPE_BYTES[dtype]
     total, new, gates = moe_params(shape, experts_per_layer, classifier_layers)
     local_new = sum((n - 1) // math.gcd(n - 1, world) * shape.ffn_params for n in experts_per_layer if n > 1)

@@ -43,6 +43,8 @@ from layermoe_ds.data.tokens import (
     tokenizer_fingerprint,
 )
 from layermoe_ds.io import read_json, sha256_file, write_json
+from tokenizers import Tokenizer
+from layermoe_ds.data.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -181,12 +183,8 @@ def _init_worker(backend_spec: str | None, tokenizer_dir: str, eos: int) -> None
     import, well under a second to start), else the directory loaded again."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread a worker: the workers are the parallelism
     if backend_spec is not None:
-        from tokenizers import Tokenizer
-
         _WORKER.update(encode=_backend_encoder(Tokenizer.from_str(backend_spec)), eos=eos)
         return
-    from layermoe_ds.data.tokenizer import load_tokenizer
-
     tokenizer = load_tokenizer(Path(tokenizer_dir))
     _WORKER.update(encode=batch_encoder(tokenizer), eos=tokenizer.eos_token_id)
 
@@ -234,8 +232,6 @@ def tokenize(
 ) -> dict:
     """Prepare `sources` into `out` (see the module docstring); returns the manifest. A directory that holds this
     exact input already is returned as it is; one that holds other input is refused."""
-    from layermoe_ds.data.tokenizer import load_tokenizer
-
     out, tokenizer_dir = Path(out), Path(tokenizer_dir)
     if workers < 1:
         raise ValueError(f"workers: {workers} must be >= 1")

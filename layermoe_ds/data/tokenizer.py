@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from layermoe_ds.data.loading import iter_documents, raw_sources
+import sentencepiece as spm
+from transformers import AutoTokenizer, LlamaTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +32,6 @@ def train_tokenizer(
     so a new language is not split into bytes just because the old ones have more text. The text is streamed
     twice (counting, then writing SentencePiece's input file), never held in memory.
     """
-    import sentencepiece as spm
-    from transformers import LlamaTokenizer
-
     if model_type not in ("unigram", "bpe"):
         raise ValueError(f"tokenizer.model_type: {model_type!r} must be 'unigram' or 'bpe'")
     if vocab_size < 300:
@@ -95,9 +94,9 @@ def train_tokenizer(
 
 def load_tokenizer(path: Path):
     """Load any HF tokenizer directory; make sure it has EOS (document separator) and a pad token."""
-    from transformers import AutoTokenizer
-
-    import layermoe_ds.modeling.hf_export  # noqa: F401  (registers LayerMoE configs: no remote-code prompt)
+    # The one import from data/ into modeling/, for its side effect, here and not at the top: a LayerMoE model
+    # directory's tokenizer loads without a remote-code prompt once its config classes are registered.
+    import layermoe_ds.modeling.types  # noqa: F401
 
     path = Path(path)
     if not path.is_dir():

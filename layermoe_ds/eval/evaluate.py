@@ -12,30 +12,25 @@ import torch
 from layermoe_ds.data.tokens import TokenStream
 from layermoe_ds.eval.perplexity import evaluate_languages, format_table, group_averages
 from layermoe_ds.eval.routing import RoutingStats, format_routing
-from layermoe_ds.modeling.upcycle import is_layermoe
+from layermoe_ds.modeling.checkpoint_files import MARKER, is_checkpoint, model_from_checkpoint
+from layermoe_ds.modeling.hf_loading import check_model_dir, load_causal_lm
+from layermoe_ds.modeling.types import is_layermoe
 
 
 def is_checkpoint_source(path: Path) -> bool:
     """A checkpoint carries a config.json too; a run directory has none but holds checkpoints/."""
-    from layermoe_ds.modeling.checkpoint_files import MARKER, is_checkpoint
-
     path = Path(path)
     return (path / MARKER).is_file() or (not (path / "config.json").is_file() and is_checkpoint(path))
 
 
 def check_source(path: Path) -> None:
     """Fail fast (before any data is read) on a path that is neither a model directory nor a checkpoint."""
-    from layermoe_ds.modeling.hf_loading import check_model_dir
-
     if not is_checkpoint_source(path):
         check_model_dir(path)
 
 
 def load_for_evaluation(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu", base: Path | None = None):
     """(model, the directory holding its tokenizer, what was loaded): model directories and checkpoints alike."""
-    from layermoe_ds.modeling.checkpoint_files import model_from_checkpoint
-    from layermoe_ds.modeling.hf_loading import load_causal_lm
-
     path = Path(path)
     if is_checkpoint_source(path):
         model, checkpoint_dir, marker = model_from_checkpoint(path, base, dtype)

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import yaml
 
+from layermoe_ds.data.loading import iter_documents, raw_sources
+from layermoe_ds.data.tokenizer import load_tokenizer
+from layermoe_ds.data.tokens import PreparedData, is_prepared, tokenizer_fingerprint
 from layermoe_ds.io import atomic_output, atomic_write_text
 
 GROUP = "layermoe_heldout"
@@ -31,9 +34,6 @@ def prepared_documents(data: Path, lang: str, split: str, tokenizer_dir: Path | 
     """The documents of a prepared directory, decoded from their tokens by the tokenizer that made them (the
     manifest's, or `tokenizer_dir`); a document that does not decode to its recorded UTF-8 length is an error
     (that tokenizer is not lossless: give the raw text instead)."""
-    from layermoe_ds.data.tokenizer import load_tokenizer
-    from layermoe_ds.data.tokens import PreparedData, tokenizer_fingerprint
-
     prepared = PreparedData(data)
     tokenizer_dir = Path(tokenizer_dir or prepared.manifest["tokenizer"]["name"])
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -61,9 +61,6 @@ def write_tasks(
     """Write the per-language tasks and their group into `out`; returns the task names (the group last).
 
     Raw text is streamed document by document; a prepared directory is decoded (`prepared_documents`)."""
-    from layermoe_ds.data.loading import iter_documents, raw_sources
-    from layermoe_ds.data.tokens import is_prepared
-
     data, out = Path(data), Path(out)
     prepared = is_prepared(data)
     if not prepared:

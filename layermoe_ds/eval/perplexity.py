@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from layermoe_ds.data.tokens import TokenStream
@@ -82,8 +83,6 @@ def evaluate_languages(
     """Per-language loss, perplexity and bits per byte; `routing` (a RoutingStats) also records each language's
     routing on a LayerMoE model. Under torch.distributed the ranks share the windows and add their sums (on the
     model's device, as NCCL needs); every rank returns the whole result."""
-    import torch.distributed as dist
-
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     device = next(model.parameters()).device

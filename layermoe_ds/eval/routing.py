@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 
 
 class RoutingStats:
@@ -42,8 +43,6 @@ class RoutingStats:
     def all_reduce(self, device) -> None:
         """Sum the counts over ranks (each rank evaluated a share of the windows); on `device`, NCCL's or gloo's.
         A rank that saw no window of a language still takes part: the union of entries is agreed first."""
-        import torch.distributed as dist
-
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
         mine = {(layer, lang): len(e["load"]) for layer, langs in self.counts.items() for lang, e in langs.items()}

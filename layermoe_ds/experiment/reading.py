@@ -334,22 +334,25 @@ def lifelong_stats(results: dict[RunId, dict], preset: Preset, system: str) -> d
     }
 
 
-def lifelong_reading(results: dict[RunId, dict], preset: Preset) -> list[Verdict]:
-    """The lifelong claims: earlier groups survive the next expansion, and LayerMoE is as good as uniform there."""
-    verdicts, by_system = [], {}
-    for system in preset.systems:
-        entry = lifelong_stats(results, preset, system.name)
-        if entry is None:
-            continue
-        by_system[system.name] = entry
+def lifelong_by_system(results: dict[RunId, dict], preset: Preset) -> dict[str, dict]:
+    """`lifelong_stats` of every system that has lifelong runs."""
+    entries = {system.name: lifelong_stats(results, preset, system.name) for system in preset.systems}
+    return {name: entry for name, entry in entries.items() if entry is not None}
+
+
+def lifelong_reading(by_system: dict[str, dict], preset: Preset) -> list[Verdict]:
+    """The lifelong claims (from `lifelong_by_system`): earlier groups survive the next expansion, and LayerMoE is as
+    good as uniform there."""
+    verdicts = []
+    for name, entry in by_system.items():
         before, after = entry["before"], entry["after"]
         ok = all(judge(after[g], before[g])[0] != "worse" for g in (0, 1))
         text = (
-            f"- *Lifelong expansion keeps earlier groups* ({system.name}, {entry['seeds']} seed(s)): G0-avg "
+            f"- *Lifelong expansion keeps earlier groups* ({name}, {entry['seeds']} seed(s)): G0-avg "
             f"{before[0]} → {after[0]}, G1-avg {before[1]} → {after[1]}, G2-avg {before[2]} → {after[2]} — "
             + ("replicated." if ok else "not replicated here.")
         )
-        verdicts.append(Verdict(f"lifelong keeps earlier groups ({system.name})", replicated(ok), text))
+        verdicts.append(Verdict(f"lifelong keeps earlier groups ({name})", replicated(ok), text))
     lm, u = by_system.get(preset.reference), by_system.get(preset.baseline)
     if lm and u:
         judged = [judge(a, b)[0] for a, b in zip(lm["after"], u["after"], strict=True)]

@@ -14,8 +14,8 @@ from layermoe_ds.experiment.reading import (
     curve,
     curve_reading,
     group_means,
+    lifelong_by_system,
     lifelong_reading,
-    lifelong_stats,
     profile_reading,
     reading,
     runs_of,
@@ -28,7 +28,8 @@ def write_report(results: dict[RunId, dict], preset: Preset, out: Path) -> Path:
     profile_lines, profile = profile_reading(read_json(out / "similarity.json", "similarity"))
     points = curve(results, preset)
     curve_verdicts, savings = curve_reading(points)
-    verdicts = [*reading(results, preset), *curve_verdicts, *lifelong_reading(results, preset)]
+    lifelong = lifelong_by_system(results, preset)
+    verdicts = [*reading(results, preset), *curve_verdicts, *lifelong_reading(lifelong, preset)]
     write_json(
         out / "results.json",
         {
@@ -42,8 +43,7 @@ def write_report(results: dict[RunId, dict], preset: Preset, out: Path) -> Path:
             "verdicts": [v.as_dict() for v in verdicts],
             "lifelong": {
                 name: {k: ([s.as_dict() for s in v] if isinstance(v, list) else v) for k, v in entry.items()}
-                for name in (s.name for s in preset.systems)
-                if (entry := lifelong_stats(results, preset, name))
+                for name, entry in lifelong.items()
             },
         },
     )  # fmt: skip

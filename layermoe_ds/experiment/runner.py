@@ -10,20 +10,24 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import yaml
 
 from layermoe_ds.analysis.allocation import AllocationOptions, allocate_from_file
 from layermoe_ds.analysis.plots import plot_similarity
 from layermoe_ds.analysis.profiling import run_profile
+from layermoe_ds.config import TrainConfig, from_dict, to_dict
 from layermoe_ds.data.prepare import open_streams
 from layermoe_ds.data.tokenizer import load_tokenizer
 from layermoe_ds.distributed import RENDEZVOUS, cpu_launch_env, deepspeed_command, device_and_backend
 from layermoe_ds.eval.evaluate import evaluate_model
 from layermoe_ds.experiment.cache import cached, directory_manifest, fingerprint, step_seconds
 from layermoe_ds.experiment.presets import DENSE_BASE, Method, Phase, Preset, RunId, System
+from layermoe_ds.experiment.report import write_report
 from layermoe_ds.io import read_json, write_json
 from layermoe_ds.modeling.hf_loading import load_causal_lm
-from layermoe_ds.modeling.upcycle import grow_dir, moe_blocks
+from layermoe_ds.modeling.types import moe_blocks
+from layermoe_ds.modeling.upcycle import grow_dir
 
 
 def slug(name: str) -> str:
@@ -31,19 +35,17 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def launch_stage(stage: int, run_config: dict, run_dir: Path, ranks: int, port: int) -> None:
+def launch_stage(stage: int, config: TrainConfig, run_dir: Path, ranks: int, port: int) -> None:
     """One training stage through the real DeepSpeed launcher, writing `run_dir/model`: on the GPUs when there are
     any (bf16 as the DeepSpeed JSON says, at most `ranks` of them), else on CPU ranks (gloo, fp32)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     config_file = run_dir.parent / f"stage{stage}.yaml"
-    config_file.write_text(yaml.safe_dump(run_config))
+    config_file.write_text(yaml.safe_dump(to_dict(config)))
     ds_json = "stage1_zero2.json" if stage == 1 else "stage2.json"
     cpu = device_and_backend()[0] == "cpu"
     if cpu:
         env = cpu_launch_env()
     else:
-        import torch
-
         ranks = min(ranks, torch.cuda.device_count())
         env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
     cmd = deepspeed_command(stage, config_file, ds_json, ranks, port, cpu)
@@ -151,14 +153,16 @@ class Context:
         return Model(out, digest), read_json(out, "allocation")
 
     def stage(self, stage: int, run_config: dict, run_dir: Path, upstream: dict, tag: str) -> Model:
-        """Train one stage into `run_dir` (resumed if a kill interrupted it); its exported model."""
+        """Train one stage into `run_dir` (resumed if a kill interrupted it); its exported model. The settings are
+        validated as a `TrainConfig` here, before any launch, and fingerprinted whole (defaults included)."""
+        config = from_dict(TrainConfig, run_config, "train")
 
         def produce() -> None:
             log = run_dir.parent / f"stage{stage}.log"
-            print(f"{tag} stage {stage}: {run_config['steps']} steps (log: {log}) …", flush=True)
-            launch_stage(stage, run_config, run_dir, self.preset.ranks, self.next_port())
+            print(f"{tag} stage {stage}: {config.steps} steps (log: {log}) …", flush=True)
+            launch_stage(stage, config, run_dir, self.preset.ranks, self.next_port())
 
-        inputs = {"step": f"stage{stage}", "config": run_config, **upstream, "ranks": self.preset.ranks}
+        inputs = {"step": f"stage{stage}", "config": to_dict(config), **upstream, "ranks": self.preset.ranks}
         return Model(run_dir / "model", cached(run_dir, inputs, produce, resumable=True))
 
 
@@ -219,8 +223,6 @@ def train_and_evaluate(ctx: Context, system: System, run: RunId, home: Path, sta
 def run_experiment(preset: Preset, base: Path, data: Path, out: Path, port: int = 29_400) -> dict[RunId, dict]:
     """Run (or resume) every system and seed of `preset` from the dense `base` model; write the report; return the
     results by run."""
-    from layermoe_ds.experiment.report import write_report
-
     out.mkdir(parents=True, exist_ok=True)
     base_model = Model(base, fingerprint(directory_manifest(base)))
     ctx = Context(preset, base_model, data, fingerprint(directory_manifest(data)), out, load_tokenizer(base), port)

@@ -10,8 +10,13 @@ import re
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from layermoe_ds.io import read_json, sha256_file
+from layermoe_ds.modeling.materialize import materialize, parameters_on_meta
+from layermoe_ds.modeling.streaming import TensorSource
+from layermoe_ds.modeling.types import LAYERMOE_TYPES, layermoe_model_type
+from layermoe_ds.modeling.upcycle import base_loader
 
 log = logging.getLogger(__name__)
 
@@ -131,13 +136,6 @@ def model_from_checkpoint(
     verifying the files against the manifest: a LayerMoE model, or the dense model of a full fine-tune run. A slim
     checkpoint's frozen tensors come from its base (the path it recorded, or `base_dir` when the base has moved),
     checked against its pointer. Needs neither DeepSpeed nor a process group."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from layermoe_ds.modeling.hf_export import layermoe_model_type
-    from layermoe_ds.modeling.materialize import materialize, parameters_on_meta
-    from layermoe_ds.modeling.streaming import TensorSource
-    from layermoe_ds.modeling.upcycle import LAYERMOE_TYPES, base_loader
-
     path = resolve_checkpoint(path)
     marker = read_json(path / MARKER, "checkpoint marker")
     problem = verify_files(path, marker)

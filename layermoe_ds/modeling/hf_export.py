@@ -7,19 +7,13 @@ package's own classes (same code), so `isinstance` checks and the training path 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig
+from safetensors import safe_open
 
 from layermoe_ds.io import directory_in_place
-from layermoe_ds.modeling.upcycle import LAYERMOE_TYPES
-
-for _model_type, (_config_cls, _model_cls) in LAYERMOE_TYPES.items():
-    AutoConfig.register(_model_type, _config_cls, exist_ok=True)
-    _config_cls.register_for_auto_class()
-    _model_cls.register_for_auto_class("AutoModelForCausalLM")
+from layermoe_ds.modeling.types import LAYERMOE_TYPES, layermoe_model_type
 
 
 def save_model(model, out: Path, tokenizer=None) -> Path:
@@ -32,12 +26,6 @@ def save_model(model, out: Path, tokenizer=None) -> Path:
         if tokenizer is not None:
             tokenizer.save_pretrained(partial)
     return Path(out)
-
-
-def layermoe_model_type(path: Path) -> str | None:
-    config = json.loads((Path(path) / "config.json").read_text())
-    model_type = config.get("model_type")
-    return model_type if model_type in LAYERMOE_TYPES else None
 
 
 def load_layermoe(path: Path, dtype: torch.dtype = torch.float32):
@@ -56,8 +44,6 @@ def load_layermoe(path: Path, dtype: torch.dtype = torch.float32):
 
 def verify_weights(model, path: Path) -> None:
     """The checkpoint's tensors must be exactly the model's: a config/weights mismatch names the key and shape."""
-    from safetensors import safe_open
-
     path = Path(path)
     files = sorted(path.glob("model*.safetensors"))
     if not files:

@@ -5,6 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
+
+from layermoe_ds.modeling.hf_export import load_layermoe
+from layermoe_ds.modeling.types import layermoe_model_type
 
 WEIGHT_PATTERNS = ("model.safetensors", "model-*.safetensors", "pytorch_model.bin", "pytorch_model-*.bin")
 DTYPES = {
@@ -37,11 +42,6 @@ def check_model_dir(path: Path) -> Path:
 
 def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """A dense HF causal LM or a LayerMoE directory (through the package's own classes, weights verified)."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    from layermoe_ds.modeling.hf_export import layermoe_model_type, load_layermoe
-
     path = check_model_dir(path)
     hf_logging.disable_progress_bar()
     if layermoe_model_type(path):

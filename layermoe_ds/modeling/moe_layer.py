@@ -19,6 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 from deepspeed.moe.layer import MoE
+from deepspeed.utils import groups
 from torch import nn
 
 
@@ -147,8 +148,6 @@ def block_to_expert_parallel(
     """Swap one block's local new experts for DeepSpeed's expert-parallel MoE, keeping this rank's share of the
     weights (placement: `expert_placement`). `trained_group`: the language group whose experts this run trains
     (each rank gets an equal share of them). Returns the ep_size used."""
-    from deepspeed.utils import groups
-
     local = block.moe
     num_new = len(local.experts)
     expert_groups = list(block.gate.expert_groups[1:])

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers.dynamic_module_utils import custom_object_save
 
 from layermoe_ds.io import directory_in_place
 
@@ -256,8 +257,6 @@ def write_model_dir(
     """A complete HF directory for `model_cls(config)` (config.json with its auto_map, the remote modeling code, the
     weights `write_weights(directory)` writes, the tokenizer files when `tokenizer_from` has them), built next to
     `out` and renamed into place: `out/config.json` existing means the directory is whole."""
-    from transformers.dynamic_module_utils import custom_object_save
-
     with torch.device("meta"):
         skeleton = model_cls(config)  # shapes only: the code files and auto_map come from its class
     with directory_in_place(out) as partial:

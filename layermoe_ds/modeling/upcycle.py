@@ -18,40 +18,15 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoConfig
 
-from layermoe_ds.modeling.remote.configuration_layermoe import (
-    LayerMoELlamaConfig,
-    LayerMoEMistralConfig,
-    LayerMoEQwen2Config,
-)
-from layermoe_ds.modeling.remote.modeling_layermoe import (
-    LayerMoELlamaForCausalLM,
-    LayerMoEMistralForCausalLM,
-    LayerMoEQwen2ForCausalLM,
-)
 from layermoe_ds.modeling.streaming import Planned, TensorSource, saved_keys, write_model_dir, write_safetensors
+from layermoe_ds.modeling.types import ARCHITECTURES, LAYERMOE_TYPES, is_layermoe, layermoe_model_type
 
 log = logging.getLogger(__name__)
 
-# dense model_type → (LayerMoE config class, LayerMoE model class)
-ARCHITECTURES = {
-    "llama": (LayerMoELlamaConfig, LayerMoELlamaForCausalLM),
-    "qwen2": (LayerMoEQwen2Config, LayerMoEQwen2ForCausalLM),
-    "mistral": (LayerMoEMistralConfig, LayerMoEMistralForCausalLM),
-}
-LAYERMOE_TYPES = {cfg.model_type: (cfg, cls) for cfg, cls in ARCHITECTURES.values()}
 NEW_EXPERT_PREFIX = "moe.deepspeed_moe.experts.deepspeed_experts"
 _DENSE_CONFIG_DROP = ("model_type", "architectures", "auto_map", "transformers_version")
-
-
-def is_layermoe(model_or_config) -> bool:
-    config = getattr(model_or_config, "config", model_or_config)
-    return getattr(config, "model_type", "") in LAYERMOE_TYPES
-
-
-def moe_blocks(model) -> dict:
-    """Layer → LayerMoE block; empty for a dense model (the base, or the full fine-tune baseline)."""
-    return model.moe_blocks() if is_layermoe(model) else {}
 
 
 def _classes_for(dense_config):
@@ -184,10 +159,6 @@ def upcycle_dir(
     """`layermoe upcycle`: read the dense directory tensor by tensor and write the LayerMoE directory shard by
     shard, in the input's dtype unless `dtype` says otherwise; no model is materialised. The same tensors as
     `upcycle` (tested). Returns the LayerMoE config."""
-    from transformers import AutoConfig
-
-    import layermoe_ds.modeling.hf_export  # noqa: F401  (LayerMoE configs known to AutoConfig: a clear error below)
-
     model_dir = Path(model_dir)
     dense_config = AutoConfig.from_pretrained(model_dir)
     if is_layermoe(dense_config):
@@ -306,8 +277,6 @@ def grow_dir(
     classifiers: str = ClassifierPolicy.UNION,
 ):
     """`layermoe grow`, streamed like `upcycle_dir`: the same tensors as `grow` (tested). Returns the config."""
-    from layermoe_ds.modeling.hf_export import layermoe_model_type
-
     model_dir = Path(model_dir)
     model_type = layermoe_model_type(model_dir)
     if model_type is None:

@@ -17,19 +17,17 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoConfig
 
-import layermoe_ds.modeling.hf_export  # noqa: F401  (registers the LayerMoE configs with AutoConfig)
 from layermoe_ds.config import TrainConfig
 from layermoe_ds.io import read_json
+from layermoe_ds.modeling.hf_loading import check_model_dir, load_causal_lm
 from layermoe_ds.modeling.materialize import materialize, parameters_on_meta
+from layermoe_ds.modeling.moe_layer import to_expert_parallel
 from layermoe_ds.modeling.streaming import TensorSource
-from layermoe_ds.modeling.upcycle import (
-    LAYERMOE_TYPES,
-    NEW_EXPERT_PREFIX,
-    base_loader,
-    is_layermoe,
-    upcycled_config,
-)
+from layermoe_ds.modeling.types import LAYERMOE_TYPES, is_layermoe
+from layermoe_ds.modeling.upcycle import NEW_EXPERT_PREFIX, base_loader, upcycled_config
+from layermoe_ds.training.stages import apply_full_finetune, apply_stage, trained_group
 
 EXPERT_SLOT = re.compile(rf"^(model\.layers\.(\d+)\.mlp\.{re.escape(NEW_EXPERT_PREFIX)})\.(\d+)\.(.+)$")
 
@@ -44,8 +42,6 @@ class Built:
 
 def _config_for(config: TrainConfig, stage: int):
     """(LayerMoE config, model class, upcycling from dense?) after the checks that need no weights."""
-    from transformers import AutoConfig
-
     model_dir = Path(config.model)
     hf_config = AutoConfig.from_pretrained(model_dir)
     if not is_layermoe(hf_config):
@@ -71,12 +67,8 @@ def _config_for(config: TrainConfig, stage: int):
 
 def check_model(config: TrainConfig, stage: int):
     """Everything about the model that can be refused before a process group exists; returns its config."""
-    from layermoe_ds.modeling.hf_loading import check_model_dir
-
     check_model_dir(Path(config.model))
     if config.full_finetune:
-        from transformers import AutoConfig
-
         hf_config = AutoConfig.from_pretrained(Path(config.model))
         if stage != 1 or is_layermoe(hf_config):
             raise ValueError(
@@ -95,9 +87,6 @@ def check_model(config: TrainConfig, stage: int):
 
 def build_model(config: TrainConfig, stage: int, world_size: int, dtype: torch.dtype, device: torch.device) -> Built:
     """This rank's training model on `device` (see the module docstring). `dtype`: the DeepSpeed JSON's precision."""
-    from layermoe_ds.modeling.hf_loading import load_causal_lm
-    from layermoe_ds.modeling.moe_layer import to_expert_parallel
-    from layermoe_ds.training.stages import apply_full_finetune, apply_stage, trained_group
 
     check_model(config, stage)
     if config.full_finetune:

@@ -17,7 +17,9 @@ import json
 import logging
 from pathlib import Path
 
+import deepspeed
 import torch
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
 from layermoe_ds.config import TrainConfig
 from layermoe_ds.training.schedule import warmup_cosine
@@ -100,8 +102,6 @@ def lr_lambda(config: TrainConfig):
 
 def initialize(model, trainable: dict[str, list[torch.nn.Parameter]], config: TrainConfig, ds_config: dict):
     """Parameter groups (MoE groups split out), AdamW, warm-up+cosine, `deepspeed.initialize`."""
-    import deepspeed
-    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     groups = [
         {"params": params, "name": name, "weight_decay": config.weight_decay if name in DECAYED else 0.0}

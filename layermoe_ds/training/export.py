@@ -13,7 +13,8 @@ import torch.distributed as dist
 from deepspeed.utils import groups
 
 from layermoe_ds.modeling.streaming import ShardWriter, saved_keys, write_model_dir
-from layermoe_ds.modeling.upcycle import LAYERMOE_TYPES, NEW_EXPERT_PREFIX, moe_blocks
+from layermoe_ds.modeling.types import LAYERMOE_TYPES, moe_blocks
+from layermoe_ds.modeling.upcycle import NEW_EXPERT_PREFIX
 
 log = logging.getLogger("layermoe.train")
 

@@ -33,7 +33,7 @@ from layermoe_ds.distributed import (
 )
 from layermoe_ds.io import read_json, write_json
 from layermoe_ds.modeling.lm_loss import use_chunked_loss
-from layermoe_ds.modeling.upcycle import is_layermoe
+from layermoe_ds.modeling.types import is_layermoe
 from layermoe_ds.training import checkpoint
 from layermoe_ds.training.build import build_model, check_model
 from layermoe_ds.training.engine import check_ds_config, initialize, model_dtype

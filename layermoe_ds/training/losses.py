@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from layermoe_ds.modeling.upcycle import moe_blocks
+from layermoe_ds.modeling.types import moe_blocks
 
 
 @dataclass

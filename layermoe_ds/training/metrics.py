@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from layermoe_ds.modeling.upcycle import moe_blocks
+from layermoe_ds.modeling.types import moe_blocks
 
 log = logging.getLogger("layermoe.train")
 

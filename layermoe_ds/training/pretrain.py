@@ -5,6 +5,7 @@ A kill loses at most `save_every` steps: state is saved atomically and picked up
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from layermoe_ds.config import Arch, BaseModelConfig, PretrainConfig, to_dict
 from layermoe_ds.data.packing import BlockDataset, BlockSampler, block_part
@@ -47,8 +49,6 @@ STATE_FILE = "pretrain_state.pt"
 
 def build_model(config: PretrainConfig, tokenizer) -> torch.nn.Module:
     """A randomly initialised HF Llama or Qwen2 model with the configured shape."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
     m = config.model
     common = dict(
         vocab_size=len(tokenizer),
@@ -171,8 +171,6 @@ def pretrain(config: PretrainConfig, data: Path, tokenizer_dir: Path, out: Path)
 
 
 def _save_state(path: Path, model, optimizer, sampler, step: int, losses: list[float], config) -> None:
-    import io
-
     buffer = io.BytesIO()
     torch.save(
         {
