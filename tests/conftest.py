@@ -21,6 +21,16 @@ CACHE = Path(os.environ.get("LAYERMOE_DEB_CACHE", Path.home() / ".cache" / "laye
 OLD, NEW = ("en", "de"), ("fr", "ru", "el")
 
 
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run where CUDA is, and are skipped, saying so, where it is not."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marked gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _own_log_handlers():
     """Drop the stream handlers a test's in-process `layermoe` command installed (`basicConfig(force=True)` on the

@@ -195,6 +195,20 @@ def stage_cases(i: dict[str, Path]) -> list[tuple[str, dict, str, str]]:
             "stage1_zero2.json",
             "['xx'] not found",
         ),  # fmt: skip
+        (
+            "language groups not the model's",
+            {**good, "language_groups": [["en", "de"], ["fr"], ["ru"]]},
+            "stage1_zero2.json",
+            "the model knows 2",
+        ),  # fmt: skip
+        ("full fine-tune of a LayerMoE model", {**good, "full_finetune": True}, "stage1_zero2.json", "is a LayerMoE"),
+        (
+            "full fine-tune with an allocation",
+            {**good, "model": str(i["base"]), "allocation": str(t / "alloc_5_layers.json"), "full_finetune": True},
+            "stage1_zero2.json",
+            "train.full_finetune: trains the dense model itself; remove train.allocation",
+        ),  # fmt: skip
+        ("unknown choice", {**good, "resume": "maybe"}, "stage1_zero2.json", "train.resume: 'maybe' is not one of"),
     ]
 
 

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from packaging.specifiers import SpecifierSet
 
-from tests.helpers import ROOT, free_port, launch_env, metrics
+from tests.helpers import ROOT, base_config, free_port, launch_env, metrics
 
 BIN = Path(sys.executable).parent
 SLURM = ROOT / "launchers" / "slurm"
@@ -254,18 +254,7 @@ def test_launcher_env_adopts_bare_srun_and_leaves_torch_launchers_alone(monkeypa
 
 
 def stage1_config(model: Path, corpus: Path, out: Path) -> dict:
-    return {
-        "model": str(model),
-        "data": str(corpus),
-        "out": str(out),
-        "language_groups": [["en", "de"], ["fr", "ru", "el"]],
-        "steps": 4,
-        "seq_len": 32,
-        "lr": 3e-3,
-        "save_every": 4,
-        "log_every": 1,
-        "seed": 0,
-    }
+    return base_config(model, corpus, out, steps=4, save_every=4, log_every=1)
 
 
 def losses(run_dir: Path) -> list[float]:

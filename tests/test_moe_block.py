@@ -143,3 +143,18 @@ def test_block_records_aux_for_the_loop():
     assert int(aux.expert_load_E.sum()) == 12 and aux.dropped == 0
     aux.balance_loss.backward()
     assert block.gate.router.weight.grad is not None
+
+
+@pytest.mark.gpu
+def test_block_on_cuda_in_bf16_matches_cpu_fp32():
+    """The block's dispatch on a GPU in bf16 (the training precision) gives the CPU fp32 output within bf16's
+    precision, and the same routes."""
+    block = make_block(top_k=2)
+    x = torch.randn(4, 33, 16)
+    expected = block(x)
+    routes = block.gate(x, False, False, block.max_group)[0].expert_ids_TK
+    gpu = block.to("cuda", torch.bfloat16)
+    x_gpu = x.to("cuda", torch.bfloat16)
+    torch.testing.assert_close(gpu(x_gpu).float().cpu(), expected, atol=5e-2, rtol=5e-2)
+    gpu_routes = gpu.gate(x_gpu, False, False, gpu.max_group)[0].expert_ids_TK.cpu()
+    assert (gpu_routes == routes).float().mean() > 0.95  # bf16 may flip a near tie
