@@ -8,7 +8,7 @@ import statistics
 import subprocess
 from pathlib import Path
 
-from layermoe_ds.distributed import cpu_launch_env, deepspeed_command
+from layermoe_ds.distributed import cpu_launch_env, stage_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,7 @@ def launch(
         env = cpu_launch_env(PYTHONPATH=str(ROOT))
     else:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = deepspeed_command(stage, run_yaml, ds_json, ranks, port, cpu, extra_json)
+    cmd = stage_command(stage, run_yaml, ds_json, ranks, port, cpu, extra_json)
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"stage {stage} on {ranks} ranks failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from layermoe_ds.data.corpus import CorpusOptions, build_corpus, corpus_is_built
 from layermoe_ds.data.tokenizer import train_tokenizer
+from layermoe_ds.distributed import Launcher
 from layermoe_ds.experiment import PRESETS, run_experiment
 from layermoe_ds.io import read_json, write_json
 from layermoe_ds.training.pretrain import LATER_LANGS, OLD_LANGS, is_done, pretrain
@@ -59,12 +60,18 @@ def prepare_base(data: Path, artifacts: Path, cache: Path, preset: str = "demo")
 
 
 def run_demo(
-    data: Path, artifacts: Path, runs: Path, cache: Path, preset: str = "demo", base: Path | None = None
+    data: Path,
+    artifacts: Path,
+    runs: Path,
+    cache: Path,
+    preset: str = "demo",
+    base: Path | None = None,
+    launcher: Launcher = Launcher.DEEPSPEED,
 ) -> int:
     started = time.perf_counter()
     if base is None:
         base = prepare_base(data, artifacts, cache, PRESETS[preset].base)
-    run_experiment(PRESETS[preset], base, data, runs)
+    run_experiment(PRESETS[preset], base, data, runs, launcher=launcher)
     table = [line for line in (runs / "report.md").read_text().splitlines() if line.startswith("|")]
     print("\n" + "\n".join(table))
     print(

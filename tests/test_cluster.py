@@ -350,8 +350,10 @@ MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
 @pytest.mark.distributed
 def test_mpirun_finds_ranks_through_mpi4py(open_mpi, single_node, tmp_path):
     run_yaml = run_yaml_for(single_node, tmp_path / "run")
+    # Every variable the ranks need is exported by name, as on a cluster: the session's token cache included.
     command = [open_mpi, "-n", "2", "--oversubscribe", "-x", "MASTER_PORT", "-x", "DS_ACCELERATOR"]
-    command += ["-x", "OMP_NUM_THREADS", "-x", "PYTHONPATH", sys.executable, "launchers/stage1.py"]
+    command += ["-x", "OMP_NUM_THREADS", "-x", "PYTHONPATH", "-x", "LAYERMOE_DATA_CACHE"]
+    command += [sys.executable, "launchers/stage1.py"]
     command += ["--config", str(run_yaml), "--deepspeed_config", *CPU_CONFIGS.split()]
     env = launch_env(MASTER_PORT=str(free_port()), **MPI_ENV)
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -364,11 +366,15 @@ def test_mpirun_finds_ranks_through_mpi4py(open_mpi, single_node, tmp_path):
 def test_deepspeed_openmpi_launcher(open_mpi, single_node, tmp_path):
     run_yaml = run_yaml_for(single_node, tmp_path / "run")
     (tmp_path / "hostfile").write_text("localhost slots=2\n")
+    # DeepSpeed's MPI launcher exports to the ranks only some variables, and those in ./.deepspeed_env: the session's
+    # token cache goes there.
+    (tmp_path / ".deepspeed_env").write_text(f"LAYERMOE_DATA_CACHE={os.environ['LAYERMOE_DATA_CACHE']}\n")
     command = [str(BIN / "deepspeed"), "--hostfile", str(tmp_path / "hostfile"), "--launcher", "openmpi"]
     command += ["--force_multi", "--no_ssh_check", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    command += ["--launcher_args=--oversubscribe", "launchers/stage1.py", "--config", str(run_yaml)]
-    command += ["--deepspeed_config", *CPU_CONFIGS.split()]
-    result = subprocess.run(command, cwd=ROOT, env=launch_env(**MPI_ENV), capture_output=True, text=True, timeout=600)
+    command += ["--launcher_args=--oversubscribe", str(ROOT / "launchers" / "stage1.py"), "--config", str(run_yaml)]
+    command += ["--deepspeed_config", *(str(ROOT / path) for path in CPU_CONFIGS.split())]
+    env = launch_env(**MPI_ENV)
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     check(result, "deepspeed --launcher openmpi stage 1")
     assert losses(tmp_path / "run") == single_node[1]
 
@@ -423,3 +429,14 @@ def test_cpu_ranks_return_large_frees_to_the_os():
     code = "from layermoe_ds.distributed import return_large_frees_to_os as f; print(f())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == str(platform.libc_ver()[0] == "glibc")
+
+
+def test_ranks_build_deepspeeds_op_with_this_environments_ninja():
+    """`mpirun /abs/path` puts the system's bin first on the ranks' PATH; the ranks put this environment's back."""
+    from layermoe_ds.distributed import jit_build_env
+
+    own = str(Path(sys.executable).parent)
+    env = jit_build_env({"PATH": "/usr/bin:/bin"})
+    assert env["PATH"].split(os.pathsep)[0] == own and env["TORCH_EXTENSIONS_DIR"].startswith(sys.prefix)
+    assert jit_build_env(dict(env)) == env  # once is enough
+    assert jit_build_env({"PATH": own, "TORCH_EXTENSIONS_DIR": "/x"})["TORCH_EXTENSIONS_DIR"] == "/x"

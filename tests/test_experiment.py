@@ -1,14 +1,16 @@
-"""Experiments: a miniature preset end to end (real `deepspeed` launcher, 2 CPU ranks) with a row of every kind (curve
+"""Experiments: a miniature preset end to end (torchrun, 2 CPU ranks) with a row of every kind (curve
 points, a system over two seeds, a lifelong expansion, the dense fine-tune), and the reading, curve and cache on
 numbers made up to exercise each verdict."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
 import pytest
 
+from layermoe_ds.distributed import Launcher
 from layermoe_ds.experiment import DENSE_BASE, DENSE_FINETUNE, Method, Phase, Preset, RunId, System
 from layermoe_ds.experiment.presets import CLASSIFIER_CLAIM, PLACEMENT_CLAIM
 
@@ -37,7 +39,7 @@ def test_mini_experiment(tiny_base, corpus_dir, tmp_path):
         eval_max_tokens=800,
     )
     out = tmp_path / "mini"
-    results = run_experiment(preset, tiny_base, corpus_dir, out)
+    results = run_experiment(preset, tiny_base, corpus_dir, out, launcher=Launcher.TORCHRUN)
     assert list(results) == [
         RunId(DENSE_BASE),
         RunId(uniform.name),
@@ -79,12 +81,17 @@ def test_mini_experiment(tiny_base, corpus_dir, tmp_path):
 
     # Cached: a rerun launches nothing and gives the same results.
     records = {p: p.stat().st_mtime_ns for p in out.rglob("*.step.json")}
-    again = run_experiment(preset, tiny_base, corpus_dir, out)
+    again = run_experiment(preset, tiny_base, corpus_dir, out, launcher=Launcher.TORCHRUN)
     assert json.dumps({r.label: v for r, v in again.items()}, sort_keys=True) == json.dumps(
         {r.label: v for r, v in results.items()}, sort_keys=True
     )
     assert {p: p.stat().st_mtime_ns for p in records} == records
     assert json.loads(step_record(out / "systems" / "layermoe-2-layer" / "stage1").read_text())["done"]
+
+    # A setting TrainConfig refuses is refused in this process, naming it, before any launch.
+    with pytest.raises(ValueError, match="train.lr: -1.0 must be > 0"):
+        run_experiment(dataclasses.replace(preset, stage1_lr=-1.0), tiny_base, corpus_dir, out)
+    assert {p: p.stat().st_mtime_ns for p in records} == records
 
 
 def test_cached_step_reruns_when_its_inputs_change(tmp_path):

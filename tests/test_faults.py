@@ -1,6 +1,7 @@
-"""The fault matrix (CPU, 2 ranks, the real `deepspeed` launcher): kills at random steps, SIGTERM during a checkpoint
-write, checkpoints damaged afterwards, a full disk, and resuming on another world size. Every case resumes from the
-newest complete, verified checkpoint and reproduces the uninterrupted run's losses."""
+"""The fault matrix (CPU, 2 ranks; the runs that get killed start through the real `deepspeed` launcher): kills at
+random steps, SIGTERM during a checkpoint write, checkpoints damaged afterwards, a full disk, and resuming on another
+world size. Every case resumes from the newest complete, verified checkpoint and reproduces the uninterrupted run's
+losses."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from layermoe_ds.distributed import Launcher
 from layermoe_ds.modeling.checkpoint_files import MARKER, complete_checkpoints
 from tests.helpers import ROOT, base_config, command, launch_env, launch_in_process, metrics, run
 
@@ -68,7 +70,7 @@ def complete(run_dir: Path) -> list[str]:
 
 def start(stage: int, config: dict, tmp: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        command(stage, config, tmp / f"killed{stage}.yaml", DS_JSON[stage]),
+        command(stage, config, tmp / f"killed{stage}.yaml", DS_JSON[stage], launcher=Launcher.DEEPSPEED),
         env=launch_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

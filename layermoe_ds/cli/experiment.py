@@ -40,9 +40,16 @@ def _experiment_arguments(p, default_out: Path | None) -> None:
     p.add_argument("--artifacts", type=Path, default=Path("artifacts"))
     p.add_argument("--base", type=Path, default=None, help="a dense base model directory (default: build the tiny one)")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    p.add_argument(
+        "--launcher",
+        choices=("deepspeed", "torchrun"),
+        default="deepspeed",
+        help="how each stage starts its ranks on this node: DeepSpeed's launcher (default), or torchrun "
+        "--standalone, ~9 s less start-up per stage on a CPU box (the same numbers)",
+    )
 
 
 def _cmd_demo(args) -> int:
     from layermoe_ds.demo import run_demo
 
-    return run_demo(args.data, args.artifacts, args.runs, args.cache, args.preset, args.base)
+    return run_demo(args.data, args.artifacts, args.runs, args.cache, args.preset, args.base, args.launcher)

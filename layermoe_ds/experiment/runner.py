@@ -19,7 +19,7 @@ from layermoe_ds.analysis.profiling import run_profile
 from layermoe_ds.config import TrainConfig, from_dict, to_dict
 from layermoe_ds.data.prepare import open_streams
 from layermoe_ds.data.tokenizer import load_tokenizer
-from layermoe_ds.distributed import RENDEZVOUS, cpu_launch_env, deepspeed_command, device_and_backend
+from layermoe_ds.distributed import RENDEZVOUS, Launcher, cpu_launch_env, device_and_backend, stage_command
 from layermoe_ds.eval.evaluate import evaluate_model
 from layermoe_ds.experiment.cache import cached, directory_manifest, fingerprint, step_seconds
 from layermoe_ds.experiment.presets import DENSE_BASE, Method, Phase, Preset, RunId, System
@@ -35,9 +35,11 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def launch_stage(stage: int, config: TrainConfig, run_dir: Path, ranks: int, port: int) -> None:
-    """One training stage through the real DeepSpeed launcher, writing `run_dir/model`: on the GPUs when there are
-    any (bf16 as the DeepSpeed JSON says, at most `ranks` of them), else on CPU ranks (gloo, fp32)."""
+def launch_stage(
+    stage: int, config: TrainConfig, run_dir: Path, ranks: int, port: int, launcher: Launcher = Launcher.DEEPSPEED
+) -> None:
+    """One training stage through a real launcher (DeepSpeed's, or torchrun), writing `run_dir/model`: on the GPUs
+    when there are any (bf16 as the DeepSpeed JSON says, at most `ranks` of them), else on CPU ranks (gloo, fp32)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     config_file = run_dir.parent / f"stage{stage}.yaml"
     config_file.write_text(yaml.safe_dump(to_dict(config)))
@@ -48,7 +50,7 @@ def launch_stage(stage: int, config: TrainConfig, run_dir: Path, ranks: int, por
     else:
         ranks = min(ranks, torch.cuda.device_count())
         env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
-    cmd = deepspeed_command(stage, config_file, ds_json, ranks, port, cpu)
+    cmd = stage_command(stage, config_file, ds_json, ranks, port, cpu, launcher=launcher)
     log_file = run_dir.parent / f"stage{stage}.log"
     with open(log_file, "w") as log:
         result = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -86,6 +88,7 @@ class Context:
     out: Path
     tokenizer: object
     port: int
+    launcher: Launcher = Launcher.DEEPSPEED  # how stages start; not part of any fingerprint (same numbers)
 
     def next_port(self) -> int:  # a fresh rendezvous port per launch: a killed run's port may linger
         self.port += 1
@@ -160,7 +163,7 @@ class Context:
         def produce() -> None:
             log = run_dir.parent / f"stage{stage}.log"
             print(f"{tag} stage {stage}: {config.steps} steps (log: {log}) …", flush=True)
-            launch_stage(stage, config, run_dir, self.preset.ranks, self.next_port())
+            launch_stage(stage, config, run_dir, self.preset.ranks, self.next_port(), self.launcher)
 
         inputs = {"step": f"stage{stage}", "config": to_dict(config), **upstream, "ranks": self.preset.ranks}
         return Model(run_dir / "model", cached(run_dir, inputs, produce, resumable=True))
@@ -220,12 +223,16 @@ def train_and_evaluate(ctx: Context, system: System, run: RunId, home: Path, sta
     return result, final
 
 
-def run_experiment(preset: Preset, base: Path, data: Path, out: Path, port: int = 29_400) -> dict[RunId, dict]:
-    """Run (or resume) every system and seed of `preset` from the dense `base` model; write the report; return the
-    results by run."""
+def run_experiment(
+    preset: Preset, base: Path, data: Path, out: Path, port: int = 29_400, launcher: Launcher = Launcher.DEEPSPEED
+) -> dict[RunId, dict]:
+    """Run (or resume) every system and seed of `preset` from the dense `base` model, each stage started by
+    `launcher`; write the report; return the results by run."""
     out.mkdir(parents=True, exist_ok=True)
     base_model = Model(base, fingerprint(directory_manifest(base)))
-    ctx = Context(preset, base_model, data, fingerprint(directory_manifest(data)), out, load_tokenizer(base), port)
+    ctx = Context(
+        preset, base_model, data, fingerprint(directory_manifest(data)), out, load_tokenizer(base), port, launcher
+    )
     groups = [list(preset.old), list(preset.new)]
     first = {lang: g for g, members in enumerate(groups) for lang in members}
     later = {lang: 2 for lang in preset.lifelong}
