@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: runs through the real `deepspeed` launcher, and what is read back from them."""
+"""What the benchmark scripts share: runs through a real launcher (`deepspeed` by default, or torchrun), and what is
+read back from them."""
 
 from __future__ import annotations
 
@@ -8,15 +9,33 @@ import statistics
 import subprocess
 from pathlib import Path
 
-from layermoe_ds.distributed import cpu_launch_env, stage_command
+from layermoe_ds.distributed import Launcher, cpu_launch_env, stage_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def add_launch_flags(parser, port: int) -> None:
+    """--port (the rendezvous port of the first run; later runs take the next ones) and --launcher."""
+    parser.add_argument("--port", type=int, default=port)
+    parser.add_argument(
+        "--launcher",
+        choices=[launcher.value for launcher in Launcher],
+        default=Launcher.DEEPSPEED.value,
+        help="how each run starts its ranks (torchrun: less start-up; the steps measured are the same)",
+    )
+
+
 def launch(
-    stage: int, ranks: int, config: dict, ds_json: str, workdir: Path, port: int, extra_json: list[Path] = ()
+    stage: int,
+    ranks: int,
+    config: dict,
+    ds_json: str,
+    workdir: Path,
+    port: int,
+    extra_json: list[Path] = (),
+    launcher: str = Launcher.DEEPSPEED,
 ) -> Path:
-    """One run through the real `deepspeed` launcher; `extra_json` files are merged over the DeepSpeed JSON."""
+    """One run through a real launcher; `extra_json` files are merged over the DeepSpeed JSON."""
     import yaml
 
     run_yaml = workdir / f"stage{stage}_w{ranks}_{port}.yaml"
@@ -28,7 +47,7 @@ def launch(
         env = cpu_launch_env(PYTHONPATH=str(ROOT))
     else:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = stage_command(stage, run_yaml, ds_json, ranks, port, cpu, extra_json)
+    cmd = stage_command(stage, run_yaml, ds_json, ranks, port, cpu, extra_json, Launcher(launcher))
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"stage {stage} on {ranks} ranks failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")

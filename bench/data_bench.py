@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from benchlib import launch  # noqa: E402
+from benchlib import add_launch_flags, launch  # noqa: E402
 
 OLD, NEW = ["en", "de"], ["fr", "ru", "el"]
 
@@ -133,7 +133,9 @@ def anchor_mb_per_s(data: Path, tokenizer) -> float:
     return total / 1e6 / (time.perf_counter() - started)
 
 
-def stage1(base: Path, data: Path, workdir: Path, port: int, steps: int = 4, resume: bool = True) -> dict:
+def stage1(
+    base: Path, data: Path, workdir: Path, port: int, steps: int = 4, resume: bool = True, launcher: str = "deepspeed"
+) -> dict:
     """Stage 1 for `steps` steps (checkpoints every 2), then (`resume`) the same run resumed from its step-2
     checkpoint."""
     layers = json.loads((base / "config.json").read_text())["num_hidden_layers"]
@@ -152,7 +154,7 @@ def stage1(base: Path, data: Path, workdir: Path, port: int, steps: int = 4, res
         "save_every": 2,
         "log_every": 1,
     }
-    run_dir = launch(1, 2, config, "stage1_zero2.json", workdir, port)
+    run_dir = launch(1, 2, config, "stage1_zero2.json", workdir, port, launcher=launcher)
     fresh = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     if not resume:
         return {"fresh": {"first_step_s": fresh[0]["time/since_start_s"]}}
@@ -160,7 +162,7 @@ def stage1(base: Path, data: Path, workdir: Path, port: int, steps: int = 4, res
     for newest in sorted((run_dir / "checkpoints").glob("step_*"))[1:]:
         shutil.rmtree(newest)
     shutil.rmtree(run_dir / "model")
-    launch(1, 2, config, "stage1_zero2.json", workdir, port + 1)
+    launch(1, 2, config, "stage1_zero2.json", workdir, port + 1, launcher=launcher)
     resumed = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][len(fresh) :]
     return {
         "fresh": {"peak_mib": max(r["memory/peak_mib"] for r in fresh), "first_step_s": fresh[0]["time/since_start_s"]},
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", type=Path, default=ROOT / "artifacts" / "base")
     parser.add_argument("--copies", type=int, default=20)
     parser.add_argument("--chunk-mb", type=float, default=4.0, help="tokenize chunk size (small, to feed 2 workers)")
-    parser.add_argument("--port", type=int, default=29_671)
+    add_launch_flags(parser, 29_671)
     parser.add_argument("--no-stage", action="store_true", help="tokenize only (the test-sized run)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "data_bench.json")
     args = parser.parse_args(argv)
@@ -216,11 +218,13 @@ def main(argv: list[str] | None = None) -> int:
         # One unmeasured launch first: the first process start on a machine pays for cold library pages.
         if prepared:
             (tmp / "warm_up").mkdir()
-            stage1(args.base, prepared["1x"], tmp / "warm_up", args.port - 10, steps=2, resume=False)
+            stage1(args.base, prepared["1x"], tmp / "warm_up", args.port - 10, 2, False, args.launcher)
         results["stage1"] = {}
         for i, (name, data) in enumerate(prepared.items()):
             (tmp / f"stage_{name}").mkdir()
-            results["stage1"][name] = stage1(args.base, data, tmp / f"stage_{name}", args.port + 10 * i)
+            results["stage1"][name] = stage1(
+                args.base, data, tmp / f"stage_{name}", args.port + 10 * i, launcher=args.launcher
+            )
 
     big = f"{args.copies}x"
     print("anchor: the tokenizer's own batch encode, one thread, on the 1x text, measured in each run's process")

@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from benchlib import launch, peak_mib, random_base, step_seconds  # noqa: E402
+from benchlib import add_launch_flags, launch, peak_mib, random_base, step_seconds  # noqa: E402
 
 from layermoe_ds.config import parse_groups  # noqa: E402
 
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-batch", type=int, default=None, help="sequences per GPU per step (default 4)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak")
     parser.add_argument("--activation-checkpointing", action="store_true")
-    parser.add_argument("--port", type=int, default=29_651)
+    add_launch_flags(parser, 29_651)
     parser.add_argument("--out", type=Path, default=None, help="default bench/results/gpu_bench[_smoke].json")
     args = parser.parse_args(argv)
     import deepspeed
@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                 tmp,
                 args.port + index,
                 extra_json=[micro_json],
+                launcher=args.launcher,
             )
             seconds = step_seconds(run_dir, skip=max(1, steps // 3))
             tokens_per_s_per_rank = micro * shape["seq_len"] / seconds

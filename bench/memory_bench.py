@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from benchlib import launch, optimizer_bytes_per_rank, peak_mib, random_base  # noqa: E402
+from benchlib import add_launch_flags, launch, optimizer_bytes_per_rank, peak_mib, random_base  # noqa: E402
 
 from layermoe_ds.config import parse_groups  # noqa: E402
 
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--port", type=int, default=29_631)
+    add_launch_flags(parser, 29_631)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "memory_bench.json")
     args = parser.parse_args(argv)
     import deepspeed
@@ -83,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
                 "activation_checkpointing": checkpointing,
                 "out": str(tmp / f"run{index}"),
             }
-            run_dir = launch(1, args.ranks, config, "stage1_zero2.json", tmp, args.port + index, extra_json=[zero_json])
+            run_dir = launch(
+                1, args.ranks, config, "stage1_zero2.json", tmp, args.port + index, [zero_json], args.launcher
+            )
             results[name] = {
                 "zero_stage": zero,
                 "activation_checkpointing": checkpointing,

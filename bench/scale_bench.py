@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from benchlib import launch  # noqa: E402
+from benchlib import add_launch_flags, launch  # noqa: E402
 
 from layermoe_ds.modeling.checkpoint_files import MARKER  # noqa: E402
 
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--micro-batch", type=int, default=1, help="sequences per rank and step (default 1)")
     parser.add_argument("--activation-checkpointing", action="store_true", help="both stages recompute activations")
-    parser.add_argument("--port", type=int, default=29_731)
+    add_launch_flags(parser, 29_731)
     parser.add_argument("--sizing", action="store_true", help="print the sizing table and exit")
     parser.add_argument("--keep", type=Path, default=None, help="keep the models and runs here")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale_bench.json")
@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp,
         args.port,
         extra_json=[micro],
+        launcher=args.launcher,
     )
     results["stage1"] = run_summary(one)
     results["stage1"]["floor_bytes"] = stage1_floor(shape, counts, args.ranks, dtype=dtype).total
@@ -227,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp,
         args.port + 1,
         extra_json=[micro],
+        launcher=args.launcher,
     )
     results["stage2"] = run_summary(two)
     results["stage2"]["floor_bytes"] = stage2_floor(shape, counts, classifiers, args.ranks, dtype=dtype).total

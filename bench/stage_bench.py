@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from benchlib import dropped_routes, launch, optimizer_bytes_per_rank, random_base, step_seconds  # noqa: E402
+from benchlib import add_launch_flags, dropped_routes, launch, optimizer_bytes_per_rank, random_base, step_seconds  # noqa: E402
 
 from layermoe_ds.config import parse_groups  # noqa: E402
 
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         "experts per layer, instead of --model/--allocation as they are",
     )
     parser.add_argument("--experts", type=int, default=4, help="with --random-shape: experts per layer")
-    parser.add_argument("--port", type=int, default=29_611)
+    add_launch_flags(parser, 29_611)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "stage_bench.json")
     args = parser.parse_args(argv)
     groups = parse_groups(args.language_groups)
@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
             "model": str(Path(args.model).resolve()),
             "allocation": str(Path(args.allocation).resolve()),
         }
-        s1_w2 = launch(1, 2, {**stage1, "out": str(tmp / "s1_w2")}, "stage1_zero1.json", tmp, args.port)
+        s1_w2 = launch(
+            1, 2, {**stage1, "out": str(tmp / "s1_w2")}, "stage1_zero1.json", tmp, args.port, launcher=args.launcher
+        )
         s1_w2_drop = launch(
             1,
             2,
@@ -81,8 +83,11 @@ def main(argv: list[str] | None = None) -> int:
             "stage1_zero1.json",
             tmp,
             args.port + 3,
+            launcher=args.launcher,
         )
-        s1_w1 = launch(1, 1, {**stage1, "out": str(tmp / "s1_w1")}, "stage1_zero1.json", tmp, args.port + 1)
+        s1_w1 = launch(
+            1, 1, {**stage1, "out": str(tmp / "s1_w1")}, "stage1_zero1.json", tmp, args.port + 1, launcher=args.launcher
+        )
         s2_w2 = launch(
             2,
             2,
@@ -90,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             "stage2.json",
             tmp,
             args.port + 2,
+            launcher=args.launcher,
         )
         result = {
             "stage1_step_s": step_seconds(s1_w2, skip),

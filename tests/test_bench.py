@@ -69,7 +69,7 @@ def test_stage_bench_runs(tiny_base, corpus_dir, tmp_path, capsys, shape):
     alloc.write_text(json.dumps({"experts_per_layer": [3, 2, 3], "classifier_layers": [0, 2]}))
     out = tmp_path / "stage_bench.json"
     argv = ["--model", str(tiny_base), "--allocation", str(alloc), "--data", str(corpus_dir), "--steps", "6"]
-    argv += ["--seq-len", "32", "--port", str(free_port()), "--out", str(out)]
+    argv += ["--seq-len", "32", "--port", str(free_port()), "--launcher", "torchrun", "--out", str(out)]
     if shape:  # a random model of that shape with 4 experts per layer (the tokenizer from --model)
         argv += ["--random-shape", shape, "--experts", "4"]
     assert load_bench("stage_bench").main(argv) == 0
@@ -92,7 +92,7 @@ def test_memory_bench_runs(tiny_base, corpus_dir, tmp_path, capsys):
     out = tmp_path / "memory_bench.json"
     argv = ["--tokenizer-from", str(tiny_base), "--data", str(corpus_dir), "--language-groups", "en,de;fr,ru"]
     argv += ["--hidden", "32", "--ffn", "64", "--layers", "2", "--heads", "2", "--experts", "4", "--steps", "2"]
-    argv += ["--seq-len", "32", "--port", str(free_port()), "--out", str(out)]
+    argv += ["--seq-len", "32", "--port", str(free_port()), "--launcher", "torchrun", "--out", str(out)]
     assert load_bench("memory_bench").main(argv) == 0
     report = json.loads(out.read_text())
     variants, summary = report["variants"], report["summary"]
@@ -116,7 +116,8 @@ def test_gpu_bench_smoke_path_runs_on_cpu(tiny_base, corpus_dir, tmp_path, capsy
     out = tmp_path / "gpu_bench.json"
     bench = load_bench("gpu_bench")
     argv = ["--smoke", "--tokenizer-from", str(tiny_base), "--data", str(corpus_dir)]
-    argv += ["--language-groups", "en,de;fr,ru", "--steps", "3", "--port", str(free_port()), "--out", str(out)]
+    argv += ["--language-groups", "en,de;fr,ru", "--steps", "3", "--port", str(free_port()), "--launcher", "torchrun"]
+    argv += ["--out", str(out)]
     assert bench.main(argv) == 0
     report = json.loads(out.read_text())
     dense, moe = report["systems"].values()
