@@ -5,16 +5,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from layermoe_ds.distributed import jit_build_env
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# In-process DeepSpeed runs build their op where the launched ones do (distributed.cpu_launch_env).
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+# In-process DeepSpeed runs (and mp.spawn workers) build their op as the launched ranks do, with this environment's
+# ninja and build directory: otherwise each alternation rebuilds it (~50 s).
+jit_build_env(os.environ)
 torch.set_num_threads(1)
 
 CACHE = Path(os.environ.get("LAYERMOE_DEB_CACHE", Path.home() / ".cache" / "layermoe_ds" / "debs"))
