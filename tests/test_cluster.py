@@ -323,6 +323,18 @@ def test_two_nodes_ssh_less_through_the_sbatch_script_match_one_node(single_node
     assert losses(tmp_path / "run") == single_node[1]
 
 
+@pytest.mark.distributed
+def test_torchrun_gives_the_deepspeed_launchers_losses(single_node, tmp_path):
+    """The tests' training runs and `experiment --launcher torchrun` start ranks with torchrun: the same numbers."""
+    from layermoe_ds.distributed import Launcher, stage_command
+
+    run_yaml = run_yaml_for(single_node, tmp_path / "run")
+    command = stage_command(1, run_yaml, "stage1_zero2.json", 2, free_port(), cpu=True, launcher=Launcher.TORCHRUN)
+    assert Path(command[0]).name == "torchrun"
+    check(subprocess.run(command, env=launch_env(), capture_output=True, text=True, timeout=600), "torchrun stage 1")
+    assert losses(tmp_path / "run") == single_node[1]
+
+
 @pytest.fixture(scope="session")
 def open_mpi() -> str:
     """mpirun (Debian's Open MPI, installed here when missing and we are root) and mpi4py in this environment."""
