@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from layermoe_ds.analysis.similarity import profile_blocks, profile_model
-    from layermoe_ds.data.prepare import open_streams
+    from layermoe_ds.data.streams import open_streams
     from layermoe_ds.data.tokenizer import load_tokenizer
     from layermoe_ds.modeling.hf_loading import load_causal_lm
 

@@ -115,7 +115,8 @@ class CharTokenizer:
 def token_streams(tmp: Path, docs: dict[str, list[str]], tokenizer, split: str = "train") -> dict:
     """language → TokenStream of `docs` (one jsonl file a language), prepared with `tokenizer` in this process."""
     from layermoe_ds.data.loading import raw_sources
-    from layermoe_ds.data.prepare import open_streams, tokenize
+    from layermoe_ds.data.prepare import tokenize
+    from layermoe_ds.data.streams import open_streams
 
     raw, prepared = Path(tmp) / "raw", Path(tmp) / "prepared"
     raw.mkdir(parents=True, exist_ok=True)

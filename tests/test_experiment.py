@@ -183,7 +183,7 @@ def test_reading_judges_each_claim_by_the_seed_spread():
 
 
 def test_budget_quality_curve_interpolates_the_experts_uniform_needs():
-    from layermoe_ds.experiment.reading import curve, curve_reading, experts_for_quality
+    from layermoe_ds.experiment.curve import curve, curve_reading, experts_for_quality
 
     systems, results = [], {RunId(DENSE_BASE): {"eval": _eval(2.0, 3.0)}}
     points = {  # method → [(budget, new experts, New-avg)]

@@ -32,7 +32,7 @@ def harness_bpb(model_dir, tasks_dir, limit: int) -> tuple[dict[str, float], obj
 
 def test_local_tasks_run_on_dense_and_layermoe_models(tiny_base, upcycled, corpus_dir, tmp_path, capsys):
     from layermoe_ds.data.loading import iter_documents
-    from layermoe_ds.data.prepare import open_streams
+    from layermoe_ds.data.streams import open_streams
     from layermoe_ds.data.tokenizer import load_tokenizer
     from layermoe_ds.eval.evaluate import evaluate_model
     from layermoe_ds.eval.lm_harness import task_name

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from layermoe_ds.data.loading import available_languages, iter_documents
-from layermoe_ds.data.prepare import open_streams
+from layermoe_ds.data.streams import open_streams
 from tests.helpers import CharTokenizer
 
 

@@ -8,7 +8,7 @@ from layermoe_ds.training import pretrain as pretrain_mod
 
 
 def test_base_model_is_a_loadable_hf_model_and_old_beats_new(tiny_base, corpus_dir):
-    from layermoe_ds.data.prepare import open_streams
+    from layermoe_ds.data.streams import open_streams
     from layermoe_ds.data.tokenizer import load_tokenizer
     from layermoe_ds.eval.perplexity import evaluate_languages
     from layermoe_ds.modeling.hf_loading import load_causal_lm

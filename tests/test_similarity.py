@@ -65,7 +65,7 @@ def test_pairs_are_new_first_and_scores_follow_eq9():
 
 @pytest.fixture(scope="module")
 def profiled(tiny_base, corpus_dir):
-    from layermoe_ds.data.prepare import open_streams
+    from layermoe_ds.data.streams import open_streams
     from layermoe_ds.data.tokenizer import load_tokenizer
     from layermoe_ds.modeling.hf_loading import load_causal_lm
 
@@ -112,7 +112,7 @@ def _profile_rank(rank: int, world: int, port: int, model_dir: str, data_dir: st
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from layermoe_ds.data.prepare import open_streams
+    from layermoe_ds.data.streams import open_streams
     from layermoe_ds.data.tokenizer import load_tokenizer
     from layermoe_ds.modeling.hf_loading import load_causal_lm
 

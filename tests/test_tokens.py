@@ -15,7 +15,8 @@ import torch
 
 from layermoe_ds.data import prepare
 from layermoe_ds.data.loading import iter_documents, raw_sources
-from layermoe_ds.data.prepare import open_streams, tokenize, verify
+from layermoe_ds.data.prepare import tokenize, verify
+from layermoe_ds.data.streams import open_streams
 from layermoe_ds.data.tokens import MANIFEST, PreparedData, tokenizer_fingerprint
 from layermoe_ds.io import sha256_file
 from tests.helpers import GROUPS, CharTokenizer, base_config

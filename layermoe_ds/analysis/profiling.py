@@ -13,7 +13,7 @@ from pathlib import Path
 
 from layermoe_ds.analysis.plots import plot_similarity
 from layermoe_ds.analysis.similarity import profile_blocks, profile_model, similarity_report
-from layermoe_ds.data.prepare import open_streams
+from layermoe_ds.data.streams import open_streams
 from layermoe_ds.data.tokenizer import load_tokenizer
 from layermoe_ds.distributed import adopt_launcher_env, device_and_backend, init_process_group
 from layermoe_ds.io import write_json

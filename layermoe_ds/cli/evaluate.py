@@ -40,7 +40,7 @@ def add_evaluate(sub) -> None:
 
 def _cmd_evaluate(args) -> int:
     from layermoe_ds.config import parse_groups
-    from layermoe_ds.data.prepare import open_streams
+    from layermoe_ds.data.streams import open_streams
     from layermoe_ds.data.tokenizer import load_tokenizer
     from layermoe_ds.distributed import adopt_launcher_env, device_and_backend, init_process_group
     from layermoe_ds.eval.evaluate import (

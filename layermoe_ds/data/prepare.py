@@ -1,5 +1,5 @@
 """Tokenize raw text once into memory-mapped token shards (`layermoe data tokenize`), in parallel and in bounded
-memory, and the cache that prepares raw text for a run the first time it is used.
+memory (`data/streams.py` prepares raw text for a run through a cache with the same code).
 
 How it runs: every input file is cut into chunks of about `chunk_bytes` at line starts; each worker process streams
 one chunk line by line, batch-encodes its documents and appends the ids to one shard per language and split,
@@ -28,9 +28,11 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from layermoe_ds.data.loading import Source, iter_records, line_boundaries, raw_sources
+from layermoe_ds.data.tokenizer import load_tokenizer
 from layermoe_ds.data.tokens import (
     FORMAT,
     MANIFEST,
@@ -43,8 +45,6 @@ from layermoe_ds.data.tokens import (
     tokenizer_fingerprint,
 )
 from layermoe_ds.io import read_json, sha256_file, write_json
-from tokenizers import Tokenizer
-from layermoe_ds.data.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ def _worker_task(chunk: Chunk, shards: str, dtype: str, selection: Selection) ->
     return tokenize_chunk(chunk, Path(shards), _WORKER["encode"], _WORKER["eos"], np.dtype(dtype), selection)
 
 
-def _source_meta(source: Source) -> dict:
+def source_meta(source: Source) -> dict:
     stat = source.path.stat()
     return {
         "path": str(source.path.resolve()),
@@ -240,7 +240,7 @@ def tokenize(
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(tokenizer_dir)
     plan = {
         "tokenizer": tokenizer_fingerprint(tokenizer),
-        "sources": [_source_meta(s) for s in sources],
+        "sources": [source_meta(s) for s in sources],
         "langs": sorted(langs) if langs is not None else None,
         "splits": sorted(splits) if splits is not None else None,
     }
@@ -388,57 +388,7 @@ def verify(directory: Path) -> int:
 # --- the cache: raw text is prepared once per file and tokenizer, and every later run maps it -------------------
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("LAYERMOE_DATA_CACHE", Path.home() / ".cache" / "layermoe_ds" / "tokens"))
-
-
 def default_workers() -> int:
     if os.environ.get("LAYERMOE_DATA_WORKERS"):
         return int(os.environ["LAYERMOE_DATA_WORKERS"])
     return max(1, min(8, len(os.sched_getaffinity(0))))
-
-
-def _cached(source: Source, tokenizer, tokenizer_dir: Path, fingerprint: str) -> PreparedData:
-    """The cache entry of one raw file under this tokenizer, prepared by whichever process gets the lock first;
-    the others (the other ranks of a run) wait for it and then map it."""
-    key_doc = json.dumps({"v": VERSION, "tokenizer": fingerprint, "source": _source_meta(source)}, sort_keys=True)
-    entry = cache_root() / hashlib.sha256(key_doc.encode()).hexdigest()[:20]
-    if not is_prepared(entry):
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        with open(entry.with_suffix(".lock"), "w") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("waiting for another process to tokenize %s into %s", source.path, entry)
-                fcntl.flock(lock, fcntl.LOCK_EX)
-            if not is_prepared(entry):
-                log.info("tokenizing %s once into %s", source.path, entry)
-                tokenize([source], tokenizer_dir, entry, default_workers(), tokenizer=tokenizer)
-    return PreparedData(entry)
-
-
-def open_streams(data: Path, tokenizer, tokenizer_dir: Path, langs: Sequence[str], split: str) -> dict[str, TokenStream]:
-    """language → TokenStream of `split` for `langs`, from a prepared directory (its tokenizer checked) or from raw
-    text through the cache. Unknown languages, missing splits and empty languages are errors naming the data."""
-    data, fingerprint = Path(data), tokenizer_fingerprint(tokenizer)
-    if is_prepared(data):
-        prepared = PreparedData(data)
-        prepared.check_tokenizer(fingerprint, str(tokenizer_dir))
-        found = prepared.languages()
-        missing = [lang for lang in langs if lang not in found]
-        if missing:
-            raise ValueError(f"languages {missing} not found in {data}; found: {sorted(found)}")
-        return {lang: prepared.stream(lang, split) for lang in langs}
-    streams = {}
-    entries: dict[Path, PreparedData] = {}
-    for source in raw_sources(data, langs, [split]):
-        entries[source.path] = entries.get(source.path) or _cached(source, tokenizer, tokenizer_dir, fingerprint)
-    for lang in langs:
-        owner = next(e for s, e in entries.items() if Path(data).is_file() or s.name.startswith(f"{lang}.{split}."))
-        found = owner.languages()
-        if lang not in found:
-            raise ValueError(f"languages [{lang!r}] not found in {data}; found: {sorted(found)}")
-        if split not in found[lang]:
-            raise FileNotFoundError(f"data: no {split} split for language {lang!r} in {data}")
-        streams[lang] = owner.stream(lang, split)
-    return streams

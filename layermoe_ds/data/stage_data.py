@@ -12,7 +12,7 @@ from pathlib import Path
 
 from layermoe_ds.config import TrainConfig
 from layermoe_ds.data.packing import BlockDataset, block_part
-from layermoe_ds.data.prepare import open_streams
+from layermoe_ds.data.streams import open_streams
 
 
 def stage_blocks(config: TrainConfig, stage: int, tokenizer, tokenizer_dir: Path) -> BlockDataset:

@@ -3,7 +3,7 @@
 - `presets`: what runs (systems, seeds, budgets) — `PRESETS["demo" | "full" | "paper"]`.
 - `cache`: the one caching idiom (a step reruns when its inputs' fingerprint changes; training resumes).
 - `runner`: profile → per system and seed: allocate → stage 1 → stage 2 → evaluate (→ lifelong expansion).
-- `reading`: the paper's claims judged from the numbers (seed spread, budget–quality curve).
+- `reading`: the paper's claims judged from the numbers (seed spread); `curve`: the budget–quality curve.
 - `report`: `results.json`, `report.md` and the plots.
 """
 

@@ -7,12 +7,10 @@ import math
 from pathlib import Path
 
 from layermoe_ds.analysis.plots import _pyplot
+from layermoe_ds.experiment.curve import CurvePoint, curve, curve_reading
 from layermoe_ds.experiment.presets import DENSE_BASE, Method, Phase, Preset, RunId
 from layermoe_ds.experiment.reading import (
-    CurvePoint,
     average,
-    curve,
-    curve_reading,
     group_means,
     lifelong_by_system,
     lifelong_reading,

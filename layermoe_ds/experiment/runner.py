@@ -17,7 +17,7 @@ from layermoe_ds.analysis.allocation import AllocationOptions, allocate_from_fil
 from layermoe_ds.analysis.plots import plot_similarity
 from layermoe_ds.analysis.profiling import run_profile
 from layermoe_ds.config import TrainConfig, from_dict, to_dict
-from layermoe_ds.data.prepare import open_streams
+from layermoe_ds.data.streams import open_streams
 from layermoe_ds.data.tokenizer import load_tokenizer
 from layermoe_ds.distributed import RENDEZVOUS, Launcher, cpu_launch_env, device_and_backend, stage_command
 from layermoe_ds.eval.evaluate import evaluate_model
