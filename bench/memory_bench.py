@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from benchlib import add_launch_flags, launch, optimizer_bytes_per_rank, peak_mib, random_base  # noqa: E402
 
 from layermoe_ds.config import parse_groups  # noqa: E402
+from layermoe_ds.io import write_json  # noqa: E402
 
 VARIANTS = {  # name → (ZeRO stage, activation checkpointing)
     "no ZeRO": (0, False),
@@ -132,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         "variants": results,
         "summary": summary,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     return 0
 
 

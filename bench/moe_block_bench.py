@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -26,6 +25,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from layermoe_ds.io import write_json  # noqa: E402
 from layermoe_ds.modeling.remote.layermoe_block import LayerMoEBlock, LayerMoEGate, LocalNewExperts  # noqa: E402
 
 
@@ -157,8 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         "deepspeed": deepspeed.__version__,
         "widths": results,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    write_json(out, record)
     print(f"\nwritten {out}")
     return 0
 

@@ -6,7 +6,6 @@ Both are timed side by side, interleaved, in one process: `python bench/profile_
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -14,6 +13,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from layermoe_ds.io import write_json
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         "(goal >= 0.9)"
     )
     print(f"hook overhead: profile time / decoder-stack time = {result['hook_overhead_vs_body']:.2f}x (goal <= 1.1)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     return 0
 
 

@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from benchlib import add_launch_flags, launch  # noqa: E402
 
+from layermoe_ds.io import write_json  # noqa: E402
 from layermoe_ds.modeling.checkpoint_files import MARKER  # noqa: E402
 
 # Allocations: the one measured on a Qwen2-0.5B shape (budget 48 → 36 new experts); the paper's published
@@ -262,8 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             f"on rank 0 in {r['export']['seconds']:.1f} s"
         )
     results["machine"] = platform.machine()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.out, results)
     if args.keep is None:
         shutil.rmtree(tmp)
     return 0

@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from benchlib import add_launch_flags, dropped_routes, launch, optimizer_bytes_per_rank, random_base, step_seconds  # noqa: E402
 
 from layermoe_ds.config import parse_groups  # noqa: E402
+from layermoe_ds.io import write_json  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{result['dropless_over_dropping_stage1_step']:.2f}x; routes dropped over the run: "
         f"{result['stage1_routes_dropped']:.0f} dropless, {result['stage1_dropping_routes_dropped']:.0f} capped"
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     return 0
 
 

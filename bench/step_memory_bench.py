@@ -28,6 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from layermoe_ds.io import write_json  # noqa: E402
+
 
 def _inputs(kind: str, args, device):
     import torch
@@ -169,8 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             f"  {label}: time {row['time_ratio']:.2f}x ({plain * 1e3:.1f} → {lean * 1e3:.1f} ms), step memory "
             f"{row['memory_ratio']:.2f}x ({row['peak_mib_plain']:.0f} → {row['peak_mib_lean']:.0f} MiB)"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.out, results)
     return 0
 
 

@@ -48,6 +48,20 @@ def _coerce_choices(config: Any, where: str) -> None:
                 raise ValueError(f"{where}.{name}: {value!r} is not one of {choices}") from None
 
 
+def _at_least_one(config: Any, where: str, *names: str) -> None:
+    for name in names:
+        if getattr(config, name) < 1:
+            raise ValueError(f"{where}.{name}: {getattr(config, name)} must be >= 1")
+
+
+def _check_schedule(config: Any, where: str) -> None:
+    """A positive peak learning rate, and fewer warm-up steps than steps."""
+    if not config.lr > 0:
+        raise ValueError(f"{where}.lr: {config.lr} must be > 0")
+    if not 0 <= config.warmup_steps < config.steps:
+        raise ValueError(f"{where}.warmup_steps: {config.warmup_steps} must be in [0, steps={config.steps})")
+
+
 @dataclasses.dataclass(frozen=True)
 class BaseModelConfig:
     """Shape of the tiny dense model `layermoe pretrain` trains from scratch."""
@@ -63,9 +77,8 @@ class BaseModelConfig:
 
     def __post_init__(self) -> None:
         _coerce_choices(self, "model")
-        for name in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size", "max_position"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"model.{name}: {getattr(self, name)} must be >= 1")
+        _at_least_one(self, "model", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size")
+        _at_least_one(self, "model", "max_position")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"model.hidden_size: {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.num_heads % self.num_kv_heads:
@@ -107,15 +120,10 @@ class PretrainConfig:
                 "pretrain.low_resource_share: set it > 0 exactly when low_resource_langs is given "
                 f"(share {self.low_resource_share}, langs {list(self.low_resource_langs)})"
             )
-        for name in ("steps", "batch_size", "seq_len", "save_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"pretrain.{name}: {getattr(self, name)} must be >= 1")
+        _at_least_one(self, "pretrain", "steps", "batch_size", "seq_len", "save_every")
         if self.seq_len > self.model.max_position:
             raise ValueError(f"pretrain.seq_len: {self.seq_len} exceeds model.max_position {self.model.max_position}")
-        if not self.lr > 0:
-            raise ValueError(f"pretrain.lr: {self.lr} must be > 0")
-        if not 0 <= self.warmup_steps < self.steps:
-            raise ValueError(f"pretrain.warmup_steps: {self.warmup_steps} must be in [0, steps={self.steps})")
+        _check_schedule(self, "pretrain")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,21 +192,9 @@ class TrainConfig:
         langs = [lang for group in groups for lang in group]
         if len(set(langs)) != len(langs):
             raise ValueError(f"train.language_groups: a language appears twice in {list(groups)!r}")
-        for name in (
-            "steps",
-            "seq_len",
-            "save_every",
-            "keep_last_n",
-            "log_every",
-            "stage2_docs_per_old_lang",
-            "stage2_docs_per_new_lang",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name}: {getattr(self, name)} must be >= 1")
-        if not self.lr > 0:
-            raise ValueError(f"train.lr: {self.lr} must be > 0")
-        if not 0 <= self.warmup_steps < self.steps:
-            raise ValueError(f"train.warmup_steps: {self.warmup_steps} must be in [0, steps={self.steps})")
+        _at_least_one(self, "train", "steps", "seq_len", "save_every", "keep_last_n", "log_every")
+        _at_least_one(self, "train", "stage2_docs_per_old_lang", "stage2_docs_per_new_lang")
+        _check_schedule(self, "train")
         if self.expert_parallel_size != "auto" and not str(self.expert_parallel_size).isdigit():
             raise ValueError(f"train.expert_parallel_size: {self.expert_parallel_size!r} must be 'auto' or an integer")
         if not self.dist_timeout_minutes > 0:

@@ -60,9 +60,7 @@ def add_upcycle(sub) -> None:
         "it; a router per MoE layer and a language classifier on the chosen layers. "
         "The result loads with AutoModelForCausalLM(..., trust_remote_code=True).",
     )
-    p.add_argument("--model", type=Path, required=True, help="dense HF model directory (Llama, Qwen2, Mistral)")
-    p.add_argument("--allocation", type=Path, required=True, help="allocation.json from `layermoe allocate`")
-    p.add_argument("--out", type=Path, required=True)
+    _model_arguments(p, "dense HF model directory (Llama, Qwen2, Mistral)", "allocation.json from `layermoe allocate`")
     p.add_argument("--top-k", type=int, default=2, help="experts per token (clipped to N_i; default 2)")
     p.add_argument(
         "--classifier",
@@ -70,27 +68,41 @@ def add_upcycle(sub) -> None:
         default="per-token",
         help="per-token (the paper) or causal prefix-mean features for the language classifier",
     )
+    _output_arguments(p)
+    p.set_defaults(func=_cmd_upcycle)
+
+
+def _model_arguments(p, model_help: str, allocation_help: str) -> None:
+    p.add_argument("--model", type=Path, required=True, help=model_help)
+    p.add_argument("--allocation", type=Path, required=True, help=allocation_help)
+    p.add_argument("--out", type=Path, required=True)
+
+
+def _output_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="router/classifier initialisation")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, … (default: the input's)")
     p.add_argument(
         "--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB (default, as the HF hub), 500MB"
     )
-    p.set_defaults(func=_cmd_upcycle)
 
 
-def _cmd_upcycle(args) -> int:
+def _checked_inputs(args):
+    """(allocation, dtype or None, shard bytes) once --out is free and --model is a model directory."""
     from layermoe_ds.io import read_json
     from layermoe_ds.modeling.hf_loading import check_model_dir, parse_dtype
     from layermoe_ds.modeling.streaming import parse_size
-    from layermoe_ds.modeling.upcycle import upcycle_dir
 
     refuse_overwrite(args.out)
     allocation = read_json(args.allocation, "allocation")
     check_model_dir(args.model)
-    dtype = parse_dtype(args.dtype) if args.dtype else None
-    config = upcycle_dir(
-        args.model, allocation, args.out, args.top_k, args.classifier, args.seed, dtype, parse_size(args.max_shard_size)
-    )
+    return allocation, parse_dtype(args.dtype) if args.dtype else None, parse_size(args.max_shard_size)
+
+
+def _cmd_upcycle(args) -> int:
+    from layermoe_ds.modeling.upcycle import upcycle_dir
+
+    allocation, dtype, shard = _checked_inputs(args)
+    config = upcycle_dir(args.model, allocation, args.out, args.top_k, args.classifier, args.seed, dtype, shard)
     print(
         f"LayerMoE model saved to {args.out} ({config.dtype}): experts per layer {config.experts_per_layer}, "
         f"classifier layers {config.classifier_layers} ({config.classifier_mode}), top-{config.moe_top_k}"
@@ -106,9 +118,7 @@ def add_grow(sub) -> None:
         "gains N_i - 1 new experts (N_i from the new allocation), copies of the original "
         "FFN; classifiers gain one class.",
     )
-    p.add_argument("--model", type=Path, required=True, help="an expanded LayerMoE model directory")
-    p.add_argument("--allocation", type=Path, required=True, help="allocation for the new language group")
-    p.add_argument("--out", type=Path, required=True)
+    _model_arguments(p, "an expanded LayerMoE model directory", "allocation for the new language group")
     p.add_argument(
         "--router",
         choices=("keep", "reinit"),
@@ -123,22 +133,14 @@ def add_grow(sub) -> None:
         help="classifier layers: the earlier ones plus the new allocation's (default), or the new allocation's "
         "alone (the reference)",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, … (default: the input's)")
-    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default: 5GB)")
+    _output_arguments(p)
     p.set_defaults(func=_cmd_grow)
 
 
 def _cmd_grow(args) -> int:
-    from layermoe_ds.io import read_json
-    from layermoe_ds.modeling.hf_loading import check_model_dir, parse_dtype
-    from layermoe_ds.modeling.streaming import parse_size
     from layermoe_ds.modeling.upcycle import grow_dir
 
-    refuse_overwrite(args.out)
-    allocation = read_json(args.allocation, "allocation")
-    check_model_dir(args.model)
-    dtype = parse_dtype(args.dtype) if args.dtype else None
+    allocation, dtype, shard = _checked_inputs(args)
     config = grow_dir(
         args.model,
         allocation,
@@ -146,7 +148,7 @@ def _cmd_grow(args) -> int:
         args.router,
         args.seed,
         dtype,
-        parse_size(args.max_shard_size),
+        shard,
         args.classifiers,
     )
     print(

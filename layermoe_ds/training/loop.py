@@ -121,26 +121,40 @@ class StageTrainer:
         self.process_start = psutil.Process().create_time()
         if device_and_backend()[0] == "cpu" and os.environ.get(RETURN_FREES_ENV) == "1":
             return_large_frees_to_os()  # before anything large is allocated (distributed.py says why, and its cost)
-        self.stage, self.config = stage, config
+        self.stage, self.config, self.out = stage, config, Path(config.out)
         # Stage 2 hands DeepSpeed an fp32 config (engine.py explains); the JSON's bf16 still sets the frozen precision.
         frozen_dtype = model_dtype(ds_config)
-        self.ds_config = ds_config = check_ds_config(ds_config, stage)
-        self.out = out = Path(config.out)
-        resolved = {"stage": stage, "train": to_dict(config), "deepspeed": ds_config}
-        resolved["fingerprint"] = _fingerprint(resolved["train"], ds_config, stage)
-        _check_run_dir(out, resolved)
-        if config.resume == "no" and checkpoint.complete_checkpoints(out):
-            raise FileExistsError(f"{out} has checkpoints and train.resume is 'no'; use another --out")
-        model_config = check_model(config, stage)  # the model's files and settings, before anything else
-        newest = checkpoint.complete_checkpoints(out)
-        if newest and config.resume == "auto":  # refuse another allocation's checkpoint before anything is built
-            marker = read_json(newest[-1] / checkpoint.MARKER, "checkpoint marker")
-            checkpoint.check_compatible(marker, model_config, newest[-1])
+        self.ds_config = check_ds_config(ds_config, stage)
+        resolved, model_config = self._check_inputs()
         # Data before any process group: raw text is tokenized into the cache by the first rank to get there while
         # the others wait on its lock, not in a collective that could time out.
         self.tokenizer = load_tokenizer(Path(config.model))
         self.blocks = stage_blocks(config, stage, self.tokenizer, Path(config.model))
+        self._build(frozen_dtype, resolved)
+        upcycled_from = read_json(Path(config.allocation), "allocation") if config.allocation else None
+        self.base = checkpoint.base_pointer(Path(config.model), None if is_layermoe(model_config) else upcycled_from)
+        self.step = self._resume()
 
+    def _check_inputs(self) -> tuple[dict, object]:
+        """The run directory, the checkpoints in it and the model, before anything is built; (the resolved config,
+        the model's config)."""
+        config, out = self.config, self.out
+        resolved = {"stage": self.stage, "train": to_dict(config), "deepspeed": self.ds_config}
+        resolved["fingerprint"] = _fingerprint(resolved["train"], self.ds_config, self.stage)
+        _check_run_dir(out, resolved)
+        if config.resume == "no" and checkpoint.complete_checkpoints(out):
+            raise FileExistsError(f"{out} has checkpoints and train.resume is 'no'; use another --out")
+        model_config = check_model(config, self.stage)  # the model's files and settings, before anything else
+        newest = checkpoint.complete_checkpoints(out)
+        if newest and config.resume == "auto":  # refuse another allocation's checkpoint before anything is built
+            marker = read_json(newest[-1] / checkpoint.MARKER, "checkpoint marker")
+            checkpoint.check_compatible(marker, model_config, newest[-1])
+        return resolved, model_config
+
+    def _build(self, frozen_dtype: torch.dtype, resolved: dict) -> None:
+        """The process group, this rank's model, the sampler and the DeepSpeed engine; the resolved config and every
+        rank's census written to the run directory."""
+        config, out = self.config, self.out
         device_name, backend = device_and_backend()
         self.rank, self.world = init_process_group(backend, device_name, config.dist_timeout_minutes)
         if backend == "gloo":  # every rank has mapped the CPU all-reduce segments by now: drop their names
@@ -148,10 +162,10 @@ class StageTrainer:
             release_shm_buffers()
         self.device = torch.device(device_name)
         torch.manual_seed(config.seed)
-        built = build_model(config, stage, self.world, frozen_dtype, self.device)
+        built = build_model(config, self.stage, self.world, frozen_dtype, self.device)
         model = self.model = built.model
         self.ep_sizes = built.ep_sizes
-        self.micro = ds_config["train_micro_batch_size_per_gpu"]
+        self.micro = self.ds_config["train_micro_batch_size_per_gpu"]
         self.sampler = BlockSampler(len(self.blocks), self.micro, config.seed, self.rank, self.world)
         if config.activation_checkpointing:
             # Non-reentrant: the reentrant variant runs the forward without autograd, so the balance, LPR and
@@ -163,37 +177,31 @@ class StageTrainer:
         use_lean_swiglu(model)  # two FFN activations kept for backward, not three (swiglu.py)
         if self.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
-            write_json(
-                out / RESOLVED,
-                {
-                    **resolved,
-                    "ep_sizes": self.ep_sizes,
-                    "world_size": self.world,
-                    "data_tokens": self.blocks.tokens_per_lang,
-                },
-            )
-        self.engine, _, self.scheduler = initialize(model, built.trainable, config, ds_config)
+            tokens = self.blocks.tokens_per_lang
+            extra = {"ep_sizes": self.ep_sizes, "world_size": self.world, "data_tokens": tokens}
+            write_json(out / RESOLVED, {**resolved, **extra})
+        self.engine, _, self.scheduler = initialize(model, built.trainable, config, self.ds_config)
         census: list = [None] * self.world  # with each rank's peak memory once set up (before the first step)
         own = {**built.census, "loss_chunk_tokens": loss_chunk, "setup_peak_mib": own_peak_memory_mib(self.device)}
         dist.all_gather_object(census, own)
         if self.rank == 0:
             write_json(out / CENSUS, {str(r): c for r, c in enumerate(census)})
-
         # Only replicated gate weights trained at ZeRO 0 (stage 2): optimizer state is valid on any world size, and
         # the checkpoint holds them alone.
-        self.gates_only = ds_config.get("zero_optimization", {}).get("stage", 0) == 0 and not any(
+        self.gates_only = self.ds_config.get("zero_optimization", {}).get("stage", 0) == 0 and not any(
             ".deepspeed_experts." in name for name, p in model.named_parameters() if p.requires_grad
         )
-        upcycled_from = read_json(Path(config.allocation), "allocation") if config.allocation else None
-        self.base = checkpoint.base_pointer(Path(config.model), None if is_layermoe(model_config) else upcycled_from)
-        self.step = 0
-        if config.resume == "auto":
-            marker = checkpoint.load_latest(
-                self.engine, out, model, self.scheduler, self.gates_only, (Path(config.model), self.base["files"])
-            )
-            if marker is not None:
-                self.step = marker["step"]
-                self.sampler.load_state_dict(marker["sampler"])
+
+    def _resume(self) -> int:
+        """The step to start from: the newest complete checkpoint's (engine, scheduler and sampler restored), or 0."""
+        if self.config.resume != "auto":
+            return 0
+        base = (Path(self.config.model), self.base["files"])
+        marker = checkpoint.load_latest(self.engine, self.out, self.model, self.scheduler, self.gates_only, base)
+        if marker is None:
+            return 0
+        self.sampler.load_state_dict(marker["sampler"])
+        return marker["step"]
 
     def train(self) -> bool:
         """Steps until `config.steps`, saving every `save_every`; True when a signal stopped it first (saved)."""
