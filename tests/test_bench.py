@@ -60,6 +60,7 @@ def test_moe_block_bench_runs(tmp_path, capsys):
     assert "as fast as DeepSpeed's stock MoE" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [None, "32,64,2"], ids=["demo-like", "random-shape"])
 @pytest.mark.distributed
 def test_stage_bench_runs(tiny_base, corpus_dir, tmp_path, capsys, shape):
@@ -85,6 +86,7 @@ def test_stage_bench_runs(tiny_base, corpus_dir, tmp_path, capsys, shape):
     assert "stage 2 / stage 1" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_memory_bench_runs(tiny_base, corpus_dir, tmp_path, capsys):
     from tests.helpers import free_port
@@ -109,6 +111,7 @@ def test_memory_bench_runs(tiny_base, corpus_dir, tmp_path, capsys):
     assert "activation checkpointing" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_gpu_bench_smoke_path_runs_on_cpu(tiny_base, corpus_dir, tmp_path, capsys):
     from tests.helpers import free_port
@@ -146,6 +149,7 @@ def test_flop_counts_match_hand_computation():
     assert moe["needed_flops"] == 4 * moe["params_active"] + 2 * (2 * 96 + 12) + 12 * 2 * 4 * 3
 
 
+@pytest.mark.slow
 def test_data_bench_tokenize_part_runs(corpus_dir, tokenizer_dir, tmp_path, capsys):
     out = tmp_path / "data_bench.json"
     argv = ["--data", str(corpus_dir), "--tokenizer", str(tokenizer_dir), "--copies", "2", "--chunk-mb", "0.2"]

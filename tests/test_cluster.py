@@ -294,6 +294,7 @@ def loopback_alias_usable() -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_nodes_ssh_less_through_the_sbatch_script_match_one_node(single_node, tmp_path):
     """Two hosts (127.0.0.1 and 127.0.0.2, both this machine), one rank each, one SSH-less launcher per node started
@@ -359,6 +360,7 @@ def open_mpi() -> str:
 MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMPI_MCA_btl": "self,tcp"}
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_mpirun_finds_ranks_through_mpi4py(open_mpi, single_node, tmp_path):
     run_yaml = run_yaml_for(single_node, tmp_path / "run")
@@ -374,6 +376,7 @@ def test_mpirun_finds_ranks_through_mpi4py(open_mpi, single_node, tmp_path):
     assert losses(tmp_path / "run") == single_node[1]
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_deepspeed_openmpi_launcher(open_mpi, single_node, tmp_path):
     run_yaml = run_yaml_for(single_node, tmp_path / "run")

@@ -15,6 +15,7 @@ from layermoe_ds.experiment import DENSE_BASE, DENSE_FINETUNE, Method, Phase, Pr
 from layermoe_ds.experiment.presets import CLASSIFIER_CLAIM, PLACEMENT_CLAIM
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_mini_experiment(tiny_base, corpus_dir, tmp_path):
     from layermoe_ds.experiment import finite_table, run_experiment

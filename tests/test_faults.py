@@ -112,6 +112,7 @@ def workers(proc: subprocess.Popen) -> dict[int, psutil.Process]:
     [(1, "job", "truncate"), (1, "rank 1", "delete"), (2, "rank 1", None), (2, "job", "truncate")],
     ids=["stage1-kill-job-then-truncate", "stage1-kill-rank1-then-delete", "stage2-kill-rank1", "stage2-kill-job"],
 )
+@pytest.mark.slow
 def test_sigkill_at_a_random_step_resumes_bitwise(
     stage, victim, damage, reference, upcycled, corpus_dir, tmp_path
 ):  # fmt: skip
@@ -143,6 +144,7 @@ def test_sigkill_at_a_random_step_resumes_bitwise(
     assert len(complete(tmp_path / "run")) == config["keep_last_n"]
 
 
+@pytest.mark.slow
 def test_sigterm_during_a_checkpoint_write_saves_exits_zero_and_resumes_bitwise(
     reference, upcycled, corpus_dir, tmp_path
 ):  # fmt: skip

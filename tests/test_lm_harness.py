@@ -30,6 +30,7 @@ def harness_bpb(model_dir, tasks_dir, limit: int) -> tuple[dict[str, float], obj
     return {name: row["bits_per_byte,none"] for name, row in results.items() if name != GROUP}, lm
 
 
+@pytest.mark.slow
 def test_local_tasks_run_on_dense_and_layermoe_models(tiny_base, upcycled, corpus_dir, tmp_path, capsys):
     from layermoe_ds.data.loading import iter_documents
     from layermoe_ds.data.streams import open_streams
@@ -66,6 +67,7 @@ def test_local_tasks_run_on_dense_and_layermoe_models(tiny_base, upcycled, corpu
     assert dense[task_name("en")] < dense[task_name("fr")] and ours["en"] < ours["fr"]
 
 
+@pytest.mark.slow
 def test_the_documented_command_line_runs(upcycled, corpus_dir, tmp_path):
     """`lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True --include_path TASKS …`, as printed."""
     import os
