@@ -234,7 +234,7 @@ class Launcher(enum.StrEnum):
     """How a single-node job starts its ranks."""
 
     DEEPSPEED = "deepspeed"  # DeepSpeed's launcher: hostfiles, several nodes, MPI; the one the cluster scripts use
-    TORCHRUN = "torchrun"  # torchrun --standalone: one node; ~9 s less start-up per job on a CPU box (measured)
+    TORCHRUN = "torchrun"  # torchrun --standalone: one node; 4-9 s less start-up per job on a 2-core box (README)
 
 
 def stage_command(

@@ -36,7 +36,7 @@ def metrics(run_dir: Path) -> dict[int, dict]:
 
 
 def command(stage: int, config: dict, run_yaml: Path, ds_json: str, ranks: int = 2, launcher=Launcher.TORCHRUN):
-    """The job's command line: torchrun by default (~9 s less start-up than DeepSpeed's launcher, which the fault
+    """The job's command line: torchrun by default (4-9 s less start-up than DeepSpeed's launcher, which the fault
     matrix, the cluster tests and the mini experiment go through)."""
     run_yaml.write_text(yaml.safe_dump(config))
     return stage_command(stage, run_yaml, ds_json, ranks, free_port(), cpu=True, launcher=launcher)

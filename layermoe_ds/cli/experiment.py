@@ -45,7 +45,7 @@ def _experiment_arguments(p, default_out: Path | None) -> None:
         choices=("deepspeed", "torchrun"),
         default="deepspeed",
         help="how each stage starts its ranks on this node: DeepSpeed's launcher (default), or torchrun "
-        "--standalone, ~9 s less start-up per stage on a CPU box (the same numbers)",
+        "--standalone, 4-9 s less start-up per stage on a 2-core box (the same numbers)",
     )
 
 
