@@ -209,12 +209,14 @@ def jit_build_env(environ: MutableMapping[str, str]) -> MutableMapping[str, str]
     environment's `ninja` and a build directory of this environment, whatever the launcher passed: the venv's and
     the system's ninja discard each other's build log and rebuild the op (~50 s a rank, measured), and `mpirun`
     given by its absolute path puts its own bin directory (the system's ninja) first on the ranks' PATH; venvs
-    sharing ~/.cache/torch_extensions rebuild whenever they alternate. Returns `environ`, changed in place."""
+    sharing ~/.cache/torch_extensions rebuild whenever they alternate (the environment's own directory is used when
+    it is writable, e.g. a venv; a system-wide install keeps torch's default). Returns `environ`, changed in place."""
     bin_dir = str(Path(sys.executable).parent)
     path = environ.get("PATH", "")
     if path.split(os.pathsep)[0] != bin_dir:
         environ["PATH"] = f"{bin_dir}{os.pathsep}{path}"
-    environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    if os.access(sys.prefix, os.W_OK):
+        environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     return environ
 
 

@@ -298,7 +298,7 @@ def test_cpu_ranks_return_large_frees_to_the_os():
     assert out.strip() == str(platform.libc_ver()[0] == "glibc")
 
 
-def test_ranks_build_deepspeeds_op_with_this_environments_ninja():
+def test_ranks_build_deepspeeds_op_with_this_environments_ninja(monkeypatch):
     """`mpirun /abs/path` puts the system's bin first on the ranks' PATH; the ranks put this environment's back."""
     from layermoe_ds.distributed import jit_build_env
 
@@ -307,3 +307,5 @@ def test_ranks_build_deepspeeds_op_with_this_environments_ninja():
     assert env["PATH"].split(os.pathsep)[0] == own and env["TORCH_EXTENSIONS_DIR"].startswith(sys.prefix)
     assert jit_build_env(dict(env)) == env  # once is enough
     assert jit_build_env({"PATH": own, "TORCH_EXTENSIONS_DIR": "/x"})["TORCH_EXTENSIONS_DIR"] == "/x"
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # a system-wide install: torch's default stays
+    assert "TORCH_EXTENSIONS_DIR" not in jit_build_env({"PATH": own})
