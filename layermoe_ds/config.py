@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import enum
 import json
+import sys
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,13 +20,21 @@ import yaml
 
 T = TypeVar("T")
 
+if sys.version_info >= (3, 11):
+    StrEnum = enum.StrEnum
+else:  # Python 3.10: the same behaviour for what is used here (members are their strings)
 
-class Arch(enum.StrEnum):
+    class StrEnum(str, enum.Enum):
+        def __str__(self) -> str:
+            return str(self.value)
+
+
+class Arch(StrEnum):
     LLAMA = "llama"
     QWEN2 = "qwen2"
 
 
-class Resume(enum.StrEnum):
+class Resume(StrEnum):
     AUTO = "auto"  # the newest complete checkpoint in out/checkpoints, if any
     NO = "no"  # refuse a directory that has checkpoints
 

@@ -10,7 +10,6 @@ MASTER_ADDR is given (the sbatch scripts export it). Call `adopt_launcher_env()`
 from __future__ import annotations
 
 import ctypes
-import enum
 import os
 import platform
 import re
@@ -20,6 +19,8 @@ import sys
 from collections.abc import Mapping, MutableMapping, Sequence
 from datetime import timedelta
 from pathlib import Path
+
+from layermoe_ds.config import StrEnum
 
 # torch and DeepSpeed are imported inside the functions that need them: `layermoe` imports this module at start-up
 # (and the launch helpers use it), and `layermoe --help` stays at ~0.15 s instead of ~8 s. mpi4py is optional.
@@ -232,7 +233,7 @@ def cpu_launch_env(**extra: str) -> dict[str, str]:
 CHECKOUT = Path(__file__).resolve().parents[1]  # launchers/ and ds_configs/ live beside the package
 
 
-class Launcher(enum.StrEnum):
+class Launcher(StrEnum):
     """How a single-node job starts its ranks."""
 
     DEEPSPEED = "deepspeed"  # DeepSpeed's launcher: hostfiles, several nodes, MPI; the one the cluster scripts use

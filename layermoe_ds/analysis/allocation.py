@@ -7,7 +7,6 @@ Convention (the reference code's): N_i is the **total** expert count of layer i 
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import logging
 import math
@@ -18,12 +17,13 @@ from pathlib import Path
 
 from layermoe_ds.analysis.plots import plot_similarity
 from layermoe_ds.analysis.similarity import layer_scores
+from layermoe_ds.config import StrEnum
 from layermoe_ds.io import read_json, write_json
 
 log = logging.getLogger(__name__)
 
 
-class Method(enum.StrEnum):
+class Method(StrEnum):
     LAYERMOE = "layermoe"  # Eq. 10: experts ∝ 1/T_i
     UNIFORM = "uniform"  # MoE-LPR: the same count in every layer
     RANDOM = "random"  # the budget spread at random

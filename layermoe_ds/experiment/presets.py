@@ -4,7 +4,8 @@ budget; `RunId` names one training run of one system."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from enum import StrEnum
+
+from layermoe_ds.config import StrEnum
 
 
 class Method(StrEnum):

@@ -10,7 +10,6 @@ keeps its router); classifiers gain one class.
 
 from __future__ import annotations
 
-import enum
 import logging
 import re
 from collections.abc import Sequence
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig
 
+from layermoe_ds.config import StrEnum
 from layermoe_ds.modeling.streaming import Planned, TensorSource, saved_keys, write_model_dir, write_safetensors
 from layermoe_ds.modeling.types import ARCHITECTURES, LAYERMOE_TYPES, is_layermoe, layermoe_model_type
 
@@ -196,17 +196,17 @@ def upcycle_dir(
     return config
 
 
-class RouterInit(enum.StrEnum):
+class RouterInit(StrEnum):
     KEEP = "keep"  # the old experts' router rows stay; the new experts' rows start at zero
     REINIT = "reinit"  # the routers of the layers that gain experts start afresh (the reference)
 
 
-class ClassifierPolicy(enum.StrEnum):
+class ClassifierPolicy(StrEnum):
     UNION = "union"  # the earlier classifier layers plus the new allocation's
     NEW = "new"  # the new allocation's alone (the reference)
 
 
-def _choice(kind: type[enum.StrEnum], value: str, flag: str) -> enum.StrEnum:
+def _choice(kind: type[StrEnum], value: str, flag: str) -> StrEnum:
     try:
         return kind(value)
     except ValueError:
