@@ -67,21 +67,12 @@ def _cmd_data_build(args) -> int:
 
 
 def _cmd_data_tokenize(args) -> int:
-    from layermoe_ds.data.loading import available_languages, raw_sources
+    from layermoe_ds.data.loading import select_sources
     from layermoe_ds.data.prepare import default_workers, tokenize
+    from layermoe_ds.data.tokens import describe_manifest
 
-    if args.data.is_file():  # one jsonl: its records say language and split
-        sources = raw_sources(args.data, [], [])
-    else:
-        found = available_languages(args.data)
-        langs = args.langs or sorted(found)
-        sources = [
-            source
-            for lang in langs
-            for source in raw_sources(args.data, [lang], args.splits or sorted(found.get(lang, {})))
-        ]
     manifest = tokenize(
-        sources,
+        select_sources(args.data, args.langs, args.splits),
         args.tokenizer,
         args.out,
         workers=args.workers or default_workers(),
@@ -89,18 +80,7 @@ def _cmd_data_tokenize(args) -> int:
         splits=args.splits,
         chunk_bytes=max(1, int(args.chunk_mb * 2**20)),
     )
-    for lang, splits in sorted(manifest["streams"].items()):
-        for split, entry in sorted(splits.items()):
-            print(f"{lang:<8} {split:<6} {entry['documents']:>9} documents {entry['tokens']:>12} tokens")
-    totals, run = manifest["totals"], manifest["run"]
-    speed = f"{run['mb_per_s']:.2f} MB/s with {run['workers']} workers" if run.get("mb_per_s") else "nothing to do"
-    if manifest.get("up_to_date"):
-        speed = "up to date, nothing to do"
-    print(
-        f"{totals['tokens']} tokens ({manifest['dtype']}), {totals['disk_bytes'] / 1e6:.1f} MB on disk "
-        f"({totals['disk_bytes_per_token']} bytes a token with the index); {speed}; manifest: "
-        f"{args.out / 'token_manifest.json'}"
-    )
+    print(describe_manifest(manifest, args.out))
     return 0
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 # Library imports live in each verb's body: `layermoe --help` stays at ~0.15 s instead of ~8 s of torch,
 # DeepSpeed and transformers imports.
-import os
 from pathlib import Path
 
 from layermoe_ds.cli.common import lang_list
@@ -40,36 +39,24 @@ def add_evaluate(sub) -> None:
 
 def _cmd_evaluate(args) -> int:
     from layermoe_ds.config import parse_groups
-    from layermoe_ds.data.streams import open_streams
-    from layermoe_ds.data.tokenizer import load_tokenizer
-    from layermoe_ds.distributed import adopt_launcher_env, device_and_backend, init_process_group
-    from layermoe_ds.eval.evaluate import (
-        check_source,
-        evaluate_model,
-        format_report,
-        language_groups,
-        load_for_evaluation,
-    )
-    from layermoe_ds.io import write_json
-    from layermoe_ds.modeling.hf_loading import parse_dtype
+    from layermoe_ds.eval.evaluate import run_evaluation
 
-    groups_arg = parse_groups(args.groups, "--groups") if args.groups else None
-    groups = language_groups(args.langs, args.old, groups_arg)
-    check_source(args.model)
-    adopt_launcher_env()  # under deepspeed/torchrun/mpirun the ranks share the windows
-    device, backend = device_and_backend(args.device)
-    model, tokenizer_dir, described = load_for_evaluation(args.model, parse_dtype(args.dtype), device, args.base)
-    tokenizer = load_tokenizer(tokenizer_dir)
-    streams = open_streams(args.data, tokenizer, tokenizer_dir, args.langs, args.split)
-    rank = 0
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        rank, _ = init_process_group(backend, device, args.dist_timeout_minutes)
-    report = evaluate_model(model, tokenizer, streams, groups, args.seq_len, args.batch_size, args.max_tokens)
-    if rank == 0:
-        print(f"{described}, {args.split} split, {device}:")
-        print(format_report(report, groups))
-        if args.out:
-            write_json(args.out, {"model": described, "split": args.split, "groups": groups, **report})
+    run_evaluation(
+        args.model,
+        args.data,
+        args.langs,
+        args.old,
+        parse_groups(args.groups, "--groups") if args.groups else None,
+        args.split,
+        args.seq_len,
+        args.batch_size,
+        args.max_tokens,
+        args.dtype,
+        args.device,
+        args.base,
+        args.dist_timeout_minutes,
+        args.out,
+    )
     return 0
 
 

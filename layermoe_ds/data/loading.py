@@ -180,3 +180,17 @@ def iter_documents(data: Path, lang: str, split: str) -> Iterator[str]:
         for record_lang, record_split, text, _ in iter_records(source):
             if record_lang == lang and record_split == split:
                 yield text
+
+
+def select_sources(data: Path, langs: Sequence[str] | None = None, splits: Sequence[str] | None = None) -> list[Source]:
+    """The raw files of `data` for `langs` and `splits` (default: every one found); one jsonl is one source (its
+    records say language and split)."""
+    data = Path(data)
+    if data.is_file():
+        return raw_sources(data, [], [])
+    found = available_languages(data)
+    return [
+        source
+        for lang in langs or sorted(found)
+        for source in raw_sources(data, [lang], splits or sorted(found.get(lang, {})))
+    ]

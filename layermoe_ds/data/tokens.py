@@ -233,3 +233,22 @@ class PreparedData:
         if stream.num_documents == 0:
             raise ValueError(f"data: language {lang!r} has no text in its {split} split ({entry['source']})")
         return stream
+
+
+def describe_manifest(manifest: dict, out: Path) -> str:
+    """What `layermoe data tokenize` prints: documents and tokens per language and split, then the totals."""
+    lines = [
+        f"{lang:<8} {split:<6} {entry['documents']:>9} documents {entry['tokens']:>12} tokens"
+        for lang, splits in sorted(manifest["streams"].items())
+        for split, entry in sorted(splits.items())
+    ]
+    totals, run = manifest["totals"], manifest["run"]
+    speed = f"{run['mb_per_s']:.2f} MB/s with {run['workers']} workers" if run.get("mb_per_s") else "nothing to do"
+    if manifest.get("up_to_date"):
+        speed = "up to date, nothing to do"
+    lines.append(
+        f"{totals['tokens']} tokens ({manifest['dtype']}), {totals['disk_bytes'] / 1e6:.1f} MB on disk "
+        f"({totals['disk_bytes_per_token']} bytes a token with the index); {speed}; manifest: "
+        f"{Path(out) / 'token_manifest.json'}"
+    )
+    return "\n".join(lines)

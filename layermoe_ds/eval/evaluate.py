@@ -4,16 +4,21 @@ statistics per layer and language (eval/routing.py). One JSON layout for the CLI
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from layermoe_ds.data.streams import open_streams
+from layermoe_ds.data.tokenizer import load_tokenizer
 from layermoe_ds.data.tokens import TokenStream
+from layermoe_ds.distributed import adopt_launcher_env, device_and_backend, init_process_group
 from layermoe_ds.eval.perplexity import evaluate_languages, format_table, group_averages
 from layermoe_ds.eval.routing import RoutingStats, format_routing
+from layermoe_ds.io import write_json
 from layermoe_ds.modeling.checkpoint_files import MARKER, is_checkpoint, model_from_checkpoint
-from layermoe_ds.modeling.hf_loading import check_model_dir, load_causal_lm
+from layermoe_ds.modeling.hf_loading import check_model_dir, load_causal_lm, parse_dtype
 from layermoe_ds.modeling.types import is_layermoe
 
 
@@ -78,3 +83,41 @@ def format_report(report: dict, groups: dict[str, int]) -> str:
         text += "\n\nrouting (share of tokens whose top route is expert 0; classifier accuracy)\n"
         text += format_routing(report["routing"], old, new)
     return text
+
+
+def run_evaluation(
+    source: Path,
+    data: Path,
+    langs: Sequence[str],
+    old: Sequence[str] = (),
+    groups: Sequence[Sequence[str]] | None = None,
+    split: str = "test",
+    seq_len: int = 128,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+    dtype: str = "float32",
+    device: str | None = None,
+    base: Path | None = None,
+    dist_timeout_minutes: float = 30.0,
+    out: Path | None = None,
+) -> dict:
+    """`layermoe evaluate`: a model directory, checkpoint or run directory on the `split` of `langs`. Under a launcher
+    (deepspeed, torchrun, mpirun) the ranks share the windows; rank 0 prints the tables and writes `out`. Returns
+    the report (every rank)."""
+    index = language_groups(langs, old, groups)
+    check_source(source)
+    adopt_launcher_env()
+    device, backend = device_and_backend(device)
+    model, tokenizer_dir, described = load_for_evaluation(source, parse_dtype(dtype), device, base)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    streams = open_streams(data, tokenizer, tokenizer_dir, langs, split)
+    rank = 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        rank, _ = init_process_group(backend, device, dist_timeout_minutes)
+    report = evaluate_model(model, tokenizer, streams, index, seq_len, batch_size, max_tokens)
+    if rank == 0:
+        print(f"{described}, {split} split, {device}:")
+        print(format_report(report, index))
+        if out:
+            write_json(out, {"model": described, "split": split, "groups": index, **report})
+    return report
