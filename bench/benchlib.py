@@ -47,7 +47,7 @@ def launch(
         env = cpu_launch_env(PYTHONPATH=str(ROOT))
     else:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = stage_command(stage, run_yaml, ds_json, ranks, port, cpu, extra_json, Launcher(launcher))
+    cmd = stage_command(stage, run_yaml, ds_json, ranks, port, cpu, extra_json, launcher)
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"stage {stage} on {ranks} ranks failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")

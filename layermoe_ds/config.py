@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import yaml
 
 T = TypeVar("T")
+E = TypeVar("E", bound=enum.Enum)
 
 if sys.version_info >= (3, 11):
     StrEnum = enum.StrEnum
@@ -45,16 +46,19 @@ def setting(default: Any = dataclasses.MISSING, help: str = "", flag: str | None
     return dataclasses.field(default=default, metadata={"help": help, "flag": flag}, **field_kw)
 
 
+def choice(kind: type[E], value: Any, what: str) -> E:
+    """`value` as a member of the StrEnum `kind`; anything else is an error naming `what` and the choices."""
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"{what}: {value!r} is not one of {', '.join(m.value for m in kind)}") from None
+
+
 def _coerce_choices(config: Any, where: str) -> None:
     """Turn each StrEnum field's string into its member (frozen dataclass), naming the field and the choices."""
     for name, hint in typing.get_type_hints(type(config)).items():
         if isinstance(hint, type) and issubclass(hint, enum.Enum):
-            value = getattr(config, name)
-            try:
-                object.__setattr__(config, name, hint(value))
-            except ValueError:
-                choices = ", ".join(m.value for m in hint)
-                raise ValueError(f"{where}.{name}: {value!r} is not one of {choices}") from None
+            object.__setattr__(config, name, choice(hint, getattr(config, name), f"{where}.{name}"))
 
 
 def _at_least_one(config: Any, where: str, *names: str) -> None:

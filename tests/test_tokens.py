@@ -253,3 +253,13 @@ def test_prepared_batches_equal_raw_batches(corpus_dir, tokenizer_dir, tokenizer
     index = torch.randperm(len(a), generator=torch.Generator().manual_seed(0))[:64]
     for x, y in zip(a.batch(index), b.batch(index), strict=True):
         assert torch.equal(x, y)
+
+
+def test_a_spawned_tokenizer_worker_starts_without_transformers():
+    """Workers import data/prepare.py; with a fast tokenizer they need only `tokenizers` (its docstring's promise)."""
+    import subprocess
+    import sys
+
+    code = "import sys, layermoe_ds.data.prepare; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -294,5 +294,5 @@ def test_grow_with_the_new_allocations_classifiers_alone(tmp_path):
     grow_dir(tmp_path / "g1", second, tmp_path / "streamed", classifiers="new")
     streamed, reference = (load_file(tmp_path / d / "model.safetensors") for d in ("streamed", "memory"))
     assert streamed.keys() == reference.keys() and all(torch.equal(streamed[k], v) for k, v in reference.items())
-    with pytest.raises(ValueError, match="--classifiers 'both' must be one of union, new"):
+    with pytest.raises(ValueError, match="grow --classifiers: 'both' is not one of union, new"):
         grow(model, second, classifiers="both")

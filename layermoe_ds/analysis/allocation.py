@@ -17,7 +17,7 @@ from pathlib import Path
 
 from layermoe_ds.analysis.plots import plot_similarity
 from layermoe_ds.analysis.similarity import layer_scores
-from layermoe_ds.config import StrEnum
+from layermoe_ds.config import StrEnum, choice
 from layermoe_ds.io import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -45,12 +45,7 @@ class AllocationOptions:
     min_score: float | None = None
 
     def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "method", Method(self.method))
-        except ValueError:
-            raise ValueError(
-                f"allocate.method: {self.method!r} is not one of {', '.join(m.value for m in Method)}"
-            ) from None
+        object.__setattr__(self, "method", choice(Method, self.method, "allocate.method"))
         if self.min_experts < 1:
             raise ValueError(f"allocate.min_experts: {self.min_experts} must be >= 1 (1 = dense layer)")
         if self.max_experts is not None and self.max_experts < self.min_experts:

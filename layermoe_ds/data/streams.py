@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from layermoe_ds.data.loading import Source, raw_sources
-from layermoe_ds.data.prepare import source_meta, default_workers, tokenize
+from layermoe_ds.data.prepare import default_workers, source_meta, tokenize
 from layermoe_ds.data.tokens import VERSION, PreparedData, TokenStream, is_prepared, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)

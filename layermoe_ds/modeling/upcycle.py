@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig
 
-from layermoe_ds.config import StrEnum
+from layermoe_ds.config import StrEnum, choice
 from layermoe_ds.modeling.streaming import Planned, TensorSource, saved_keys, write_model_dir, write_safetensors
 from layermoe_ds.modeling.types import ARCHITECTURES, LAYERMOE_TYPES, is_layermoe, layermoe_model_type
 
@@ -206,19 +206,12 @@ class ClassifierPolicy(StrEnum):
     NEW = "new"  # the new allocation's alone (the reference)
 
 
-def _choice(kind: type[StrEnum], value: str, flag: str) -> StrEnum:
-    try:
-        return kind(value)
-    except ValueError:
-        raise ValueError(f"grow: {flag} {value!r} must be one of {', '.join(m.value for m in kind)}") from None
-
-
 def grown_config(old, allocation: dict, router: str = RouterInit.KEEP, classifiers: str = ClassifierPolicy.UNION):
     """(config, model class) of a LayerMoE config grown by one language group as `allocation` says. Classifier
     layers: `union` keeps the earlier ones and adds the new allocation's; `new` (the reference's) takes the new
     allocation's alone, dropping the classifiers of the layers it does not name."""
-    _choice(RouterInit, router, "--router")
-    classifiers = _choice(ClassifierPolicy, classifiers, "--classifiers")
+    router = choice(RouterInit, router, "grow --router")
+    classifiers = choice(ClassifierPolicy, classifiers, "grow --classifiers")
     added, requested = _check_allocation(allocation, old.num_hidden_layers)
     new_group = old.num_groups
     counts = [n + a - 1 for n, a in zip(old.experts_per_layer, added, strict=True)]

@@ -86,9 +86,8 @@ def check_model(config: TrainConfig, stage: int):
 
 
 def build_model(config: TrainConfig, stage: int, world_size: int, dtype: torch.dtype, device: torch.device) -> Built:
-    """This rank's training model on `device` (see the module docstring). `dtype`: the DeepSpeed JSON's precision."""
-
-    check_model(config, stage)
+    """This rank's training model on `device` (see the module docstring), for a `config` that `check_model` passed.
+    `dtype`: the DeepSpeed JSON's precision."""
     if config.full_finetune:
         model = load_causal_lm(Path(config.model), dtype, device).train()
         size = sum(p.numel() * p.element_size() for p in model.parameters())
