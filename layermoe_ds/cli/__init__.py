@@ -11,8 +11,6 @@ from collections.abc import Callable, Sequence
 from layermoe_ds.cli import analysis, data, evaluate, experiment, models
 from layermoe_ds.distributed import leave_process_group
 
-# --- entry point -------------------------------------------------------------------------------------------------
-
 VERBS: list[Callable] = [
     data.add_data,
     data.add_tokenizer,
