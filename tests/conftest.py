@@ -105,6 +105,21 @@ def upcycled(tiny_base, tmp_path_factory) -> Path:
     return tmp / "model"
 
 
+@pytest.fixture(scope="session")
+def upcycled_wide(tiny_base, tmp_path_factory) -> Path:
+    """The tiny base upcycled with 5, 3, 1 experts: on 2 ranks layer 0 holds two new experts a rank (DeepSpeed's
+    slot numbers are not the experts' ids there), layer 2 stays dense."""
+    from layermoe_ds.cli import main
+
+    tmp = tmp_path_factory.mktemp("upcycled_wide")
+    (tmp / "alloc.json").write_text(
+        json.dumps({"method": "layermoe", "experts_per_layer": [5, 3, 1], "classifier_layers": [0, 1]})
+    )
+    upcycle = ["upcycle", "--model", str(tiny_base), "--allocation", str(tmp / "alloc.json")]
+    assert main([*upcycle, "--out", str(tmp / "model")]) == 0
+    return tmp / "model"
+
+
 @pytest.fixture()
 def single_rank(monkeypatch):
     from tests.helpers import free_port

@@ -45,6 +45,13 @@ def config_for(stage: int, upcycled: Path, corpus: Path, out: Path, **overrides)
 
 
 @pytest.fixture(scope="module")
+def upcycled(upcycled_wide) -> Path:
+    """The fault matrix runs a layout where a rank holds two experts of a layer (experts [5, 3, 1]): resuming on
+    another world size moves experts between DeepSpeed's slots."""
+    return upcycled_wide
+
+
+@pytest.fixture(scope="module")
 def reference(upcycled, corpus_dir, tmp_path_factory) -> dict[int, Path]:
     """Uninterrupted 2-rank runs of stage 1 and stage 2: what every interrupted run must reproduce."""
     tmp = tmp_path_factory.mktemp("reference")
@@ -235,6 +242,29 @@ def test_resume_on_another_world_size(stage, single_rank, reference, upcycled, c
     a = load_file(tmp_path / "one" / "model" / "model.safetensors")
     b = load_file(tmp_path / "two" / "model" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resumed_on_fewer_ranks_the_optimizer_trains_the_experts_each_slot_now_holds(
+    single_rank, reference, upcycled, corpus_dir, tmp_path, capsys
+):
+    """2 ranks → 1 moves experts between slots; the optimizer's fp32 copies must follow, or its next step writes the
+    old slots' experts back. One step at a learning rate of 1e-10 leaves the checkpoint's weights as they were."""
+    from layermoe_ds.cli import main
+
+    steps = STAGE1["steps"]
+    shutil.copytree(ref := reference[1], tmp_path / "run", ignore=shutil.ignore_patterns("model", f"step_{steps:08d}"))
+    (tmp_path / "run" / "resolved_config.json").unlink()  # another learning rate: a run of its own
+    config = config_for(1, upcycled, corpus_dir, tmp_path / "run", steps=steps - 1, lr=1e-10)
+    code, err = launch_in_process(1, config, tmp_path, DS_JSON[1], capsys)
+    assert code == 0, err
+    assert main(["export", "--checkpoint", str(ref / "checkpoints" / f"step_{steps - 2:08d}"), "--out",
+                 str(tmp_path / "saved")]) == 0  # fmt: skip
+    saved = load_file(tmp_path / "saved" / "model.safetensors")
+    trained = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    experts = [f"model.layers.0.mlp.moe.deepspeed_moe.experts.deepspeed_experts.{i}.up_proj.weight" for i in (1, 2)]
+    assert (saved[experts[0]] - saved[experts[1]]).abs().max() > 1e-5  # a swap would show
+    for key in saved:
+        torch.testing.assert_close(trained[key], saved[key], rtol=0, atol=1e-7, msg=key)
 
 
 def test_export_and_evaluate_from_a_deepspeed_checkpoint(reference, corpus_dir, tmp_path):

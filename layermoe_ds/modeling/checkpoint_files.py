@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from layermoe_ds.io import read_json, sha256_file
 from layermoe_ds.modeling.materialize import materialize, parameters_on_meta
+from layermoe_ds.modeling.placement import checkpoint_slots, renamed_expert
 from layermoe_ds.modeling.streaming import TensorSource
 from layermoe_ds.modeling.types import LAYERMOE_TYPES, layermoe_model_type
 from layermoe_ds.modeling.upcycle import base_loader
@@ -96,17 +97,22 @@ def verify_files(path: Path, marker: dict, files: dict[str, dict] | None = None)
     return None
 
 
-def consolidated_from_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+def consolidated_from_checkpoint(path: Path, marker: dict | None = None) -> dict[str, torch.Tensor]:
     """The full (ep_size 1) state dict of a DeepSpeed MoE checkpoint: the dense part of `mp_rank_00_model_states.pt`
-    updated with every `layer_*_expert_*` file (DeepSpeed stores those under global expert ids). No DeepSpeed, no
-    process group; `zero_to_fp32` does not handle expert files."""
+    updated with every `layer_*_expert_*` file, each expert under its own id (DeepSpeed names expert tensors by
+    slot; the marker's slot table says which expert a slot held). No DeepSpeed, no process group; `zero_to_fp32`
+    does not handle expert files."""
     path = Path(path)
     dense = path / "mp_rank_00_model_states.pt"
     if not dense.is_file():
         raise FileNotFoundError(f"checkpoint: {path} has no mp_rank_00_model_states.pt (not a DeepSpeed checkpoint)")
+    if marker is None:
+        marker = read_json(path / MARKER, "checkpoint marker")
+    slots = checkpoint_slots(marker)
     state = dict(torch.load(dense, map_location="cpu", weights_only=False)["module"])
     for expert_file in sorted(path.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
-        state.update(torch.load(expert_file, map_location="cpu", weights_only=False))
+        for name, tensor in torch.load(expert_file, map_location="cpu", weights_only=False).items():
+            state[renamed_expert(name, slots)] = tensor
     return state
 
 
@@ -121,6 +127,20 @@ def resolve_checkpoint(path: Path) -> Path:
             f"{path} is neither a complete checkpoint (no {MARKER}) nor a run directory with one under checkpoints/"
         )
     return found[-1]
+
+
+def _upcycle_seed(pointer: dict, path: Path) -> int:
+    """The seed a run from a dense base initialised the routers and classifiers with: its pointer's, or (older
+    checkpoints) its run directory's resolved config."""
+    if pointer.get("seed") is not None:
+        return int(pointer["seed"])
+    resolved = path.parent.parent / "resolved_config.json"
+    if resolved.is_file():
+        return int(read_json(resolved, "resolved config")["train"]["seed"])
+    raise ValueError(
+        f"checkpoint {path}: it was trained from the dense base {pointer['path']}, and neither its marker nor a "
+        f"{resolved} records the seed its untrained routers and classifiers were initialised with"
+    )
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -149,7 +169,7 @@ def model_from_checkpoint(
     else:
         config_cls, layermoe_cls = LAYERMOE_TYPES[model_type]
         config, model_cls = config_cls.from_pretrained(path), layermoe_cls
-    trained = consolidated_from_checkpoint(path)
+    trained = consolidated_from_checkpoint(path, marker)
     with parameters_on_meta():
         model = model_cls(config)
     from_base = None
@@ -163,14 +183,21 @@ def model_from_checkpoint(
         check_base(pointer, base_dir)
         counts = getattr(config, "experts_per_layer", None)
         tied = getattr(config, "tie_word_embeddings", False)
-        from_base = base_loader(TensorSource(base_dir), counts, pointer.get("allocation") is not None, tied, None)
+        # A run started from a dense base upcycled it on the fly: the base's own config says so, whatever the
+        # pointer recorded (checkpoints before the pointer was fixed said `allocation: null` there).
+        from_dense = model_type is not None and layermoe_model_type(base_dir) is None
+        seed = _upcycle_seed(pointer, path) if from_dense else None
+        from_base = base_loader(TensorSource(base_dir), counts, from_dense, tied, seed)
 
     def load(name: str, param: torch.nn.Parameter) -> torch.Tensor:
         if name in trained:
             return trained[name]
         if from_base is None:
             raise ValueError(f"checkpoint {path} does not match its config.json: {name} is missing")
-        return from_base(name, param)
+        try:
+            return from_base(name, param)
+        except KeyError as exc:  # the base lacks a tensor the checkpoint's model needs
+            raise ValueError(f"checkpoint {path}: {name} is neither in it nor in its base ({exc.args[0]})") from None
 
     materialize(model, load, lambda name, param: dtype)
     unexpected = sorted(set(trained) - set(model.state_dict()))

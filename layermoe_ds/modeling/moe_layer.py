@@ -22,6 +22,8 @@ from deepspeed.moe.layer import MoE
 from deepspeed.utils import groups
 from torch import nn
 
+from layermoe_ds.modeling.placement import expert_placement
+
 
 def choose_ep_size(
     num_new_experts: int, world_size: int, requested: int | str = "auto", layer: int = 0, trainable: int | None = None
@@ -40,15 +42,6 @@ def choose_ep_size(
             f"re-allocate with `layermoe allocate --align {size}`"
         )
     return size
-
-
-def expert_placement(expert_groups: list[int], ep_size: int) -> list[int]:
-    """DeepSpeed slot → our new-expert id. Slots are split into contiguous per-rank chunks; dealing the experts,
-    sorted by language group, round-robin over ranks spreads every group evenly (a lifelong run trains the newest
-    group only, and each rank must own an equal share of what trains)."""
-    order = sorted(range(len(expert_groups)), key=lambda e: (expert_groups[e], e))
-    per_rank = [order[r::ep_size] for r in range(ep_size)]
-    return [e for chunk in per_rank for e in chunk]
 
 
 class RouteAdapter(nn.Module):
@@ -160,6 +153,7 @@ def block_to_expert_parallel(
     ep_rank = groups._get_expert_parallel_rank(moe.expert_group_name)
     per_rank = num_new // ep
     placement = expert_placement(expert_groups, ep)
+    moe.placement = placement  # slot → expert id, every rank's: what a checkpoint records (placement.py)
     moe.global_ids = placement[ep_rank * per_rank : (ep_rank + 1) * per_rank]
     slot_of_expert = torch.empty(num_new, dtype=torch.long)
     slot_of_expert[torch.tensor(placement)] = torch.arange(num_new)

@@ -11,7 +11,6 @@ The dense full fine-tune loads the dense model in the run's dtype (every paramet
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +23,11 @@ from layermoe_ds.io import read_json
 from layermoe_ds.modeling.hf_loading import check_model_dir, load_causal_lm
 from layermoe_ds.modeling.materialize import materialize, parameters_on_meta
 from layermoe_ds.modeling.moe_layer import to_expert_parallel
+from layermoe_ds.modeling.placement import EXPERT_NAME, renamed_expert
 from layermoe_ds.modeling.streaming import TensorSource
 from layermoe_ds.modeling.types import LAYERMOE_TYPES, is_layermoe
-from layermoe_ds.modeling.upcycle import NEW_EXPERT_PREFIX, base_loader, upcycled_config
+from layermoe_ds.modeling.upcycle import base_loader, upcycled_config
 from layermoe_ds.training.stages import apply_full_finetune, apply_stage, trained_group
-
-EXPERT_SLOT = re.compile(rf"^(model\.layers\.(\d+)\.mlp\.{re.escape(NEW_EXPERT_PREFIX)})\.(\d+)\.(.+)$")
 
 
 @dataclass
@@ -106,10 +104,7 @@ def build_model(config: TrainConfig, stage: int, world_size: int, dtype: torch.d
     from_base = base_loader(source, counts, from_dense, moe_config.tie_word_embeddings, config.seed)
 
     def load(name: str, param: nn.Parameter) -> torch.Tensor:
-        slot = EXPERT_SLOT.match(name)
-        if slot is not None:  # this rank's expert slot → the expert's global id in the saved model
-            name = f"{slot[1]}.{global_ids[int(slot[2])][int(slot[3])]}.{slot[4]}"
-        return from_base(name, param)
+        return from_base(renamed_expert(name, global_ids), param)  # this rank's local expert → its global id
 
     def dtype_of(name: str, param: nn.Parameter) -> torch.dtype:
         # Stage 2 trains the gates in fp32 beside frozen tensors in the JSON's precision (engine.py explains).
@@ -120,7 +115,7 @@ def build_model(config: TrainConfig, stage: int, world_size: int, dtype: torch.d
     trainable = apply_stage(model, stage)
     experts: dict[int, list[int]] = {}
     for name in loaded:
-        slot = EXPERT_SLOT.match(name)
+        slot = EXPERT_NAME.match(name)
         if slot is not None and name.endswith(".weight"):
             layer, gid = int(slot[2]), global_ids[int(slot[2])][int(slot[3])]
             if gid not in experts.setdefault(layer, []):

@@ -34,6 +34,9 @@ from layermoe_ds.modeling.checkpoint_files import (
     tag_for,
     verify_files,
 )
+from layermoe_ds.modeling.placement import checkpoint_slots
+from layermoe_ds.modeling.types import moe_blocks
+from layermoe_ds.modeling.upcycle import NEW_EXPERT_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -145,15 +148,17 @@ def _moe_files_hidden(engine, hide: bool):
 BASE_SUFFIXES = (".safetensors", ".safetensors.index.json", "config.json")
 
 
-def base_pointer(model_dir: Path, allocation: dict | None) -> dict:
+def base_pointer(model_dir: Path, allocation: dict | None, seed: int | None = None) -> dict:
     """What a slim checkpoint needs to rebuild the frozen tensors: the base directory, every weight and config
-    file's size and SHA-256 (hashed by the ranks together), and the allocation a dense base is upcycled with."""
+    file's size and SHA-256 (hashed by the ranks together), and for a dense base the allocation it is upcycled with
+    and the seed of the routers' and classifiers' initialisation (a frozen classifier is in no checkpoint)."""
     model_dir = Path(model_dir).resolve()
     names = sorted(p.name for p in model_dir.iterdir() if p.name.endswith(BASE_SUFFIXES) and p.is_file())
     files = (
         _manifest_share(model_dir, names) if dist.is_initialized() else {n: file_entry(model_dir / n) for n in names}
     )
-    return {"path": str(model_dir), "allocation": allocation, "files": files}
+    pointer = {"path": str(model_dir), "allocation": allocation, "files": files}
+    return pointer if allocation is None else {**pointer, "seed": seed}
 
 
 def check_compatible(marker: dict, model, path: Path) -> None:
@@ -166,6 +171,34 @@ def check_compatible(marker: dict, model, path: Path) -> None:
             f"{theirs['experts_per_layer']} vs this model's {ours['experts_per_layer']} "
             "(use a new run directory)"
         )
+
+
+def _experts_by_id(engine, model, path: Path, saved: dict[int, list[int]], optimizer_loaded: bool) -> None:
+    """DeepSpeed loads each expert slot from the file of the same slot. Where this run's placement (another world
+    or expert-parallel size) puts another expert in a slot than the saving run's did, each of this rank's experts is
+    read again from the file of the slot that held it, and the optimizer's fp32 copies follow the weights."""
+    moved = False
+    # DeepSpeed numbers its expert files by the order of the MoE modules, which is layer order.
+    for ordinal, (layer, block) in enumerate(sorted(moe_blocks(model).items())):
+        moe = block.moe
+        for local, expert_id in enumerate(moe.global_ids):
+            slot = saved[layer].index(expert_id)
+            if slot == moe.placement.index(expert_id):
+                continue
+            file = path / f"layer_{ordinal}_expert_{slot}_mp_rank_00_model_states.pt"
+            state = torch.load(file, map_location="cpu", weights_only=False)
+            prefix = f"model.layers.{layer}.mlp.{NEW_EXPERT_PREFIX}.{slot}."
+            with torch.no_grad():
+                for name, tensor in moe.experts[local].state_dict().items():
+                    tensor.copy_(state[prefix + name])
+            moved = True
+    if moved:
+        # Only a fresh optimizer meets a new placement: optimizer state is never carried across ep sizes.
+        assert not optimizer_loaded, "expert slots moved while the optimizer state was loaded"
+        refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
+        if refresh is not None:  # ZeRO and bf16 keep fp32 master copies of the trained weights
+            refresh()
+        log.info("experts placed by id: this run puts other experts in some slots than %s did", path.name)
 
 
 def newest_valid(run_dir: Path) -> tuple[Path, dict] | None:
@@ -231,6 +264,8 @@ def load_latest(
             load_lr_scheduler_states=load_optimizer,
             load_module_strict="base" not in marker,  # a slim checkpoint holds the trainable tensors only
         )
+    if not gates_only:
+        _experts_by_id(engine, model, path, checkpoint_slots(marker), load_optimizer)
     if borrow:
         donor = torch.load(path / "expp_rank_0_mp_rank_00_optim_states.pt", map_location="cpu", weights_only=False)
         engine.optimizer.load_state_dict(donor["optimizer"])

@@ -33,7 +33,8 @@ from layermoe_ds.distributed import (
 )
 from layermoe_ds.io import read_json, write_json
 from layermoe_ds.modeling.lm_loss import use_chunked_loss
-from layermoe_ds.modeling.types import is_layermoe
+from layermoe_ds.modeling.placement import model_slots
+from layermoe_ds.modeling.types import is_layermoe, layermoe_model_type
 from layermoe_ds.training import checkpoint
 from layermoe_ds.training.build import build_model, check_model
 from layermoe_ds.training.engine import check_ds_config, initialize, model_dtype
@@ -131,8 +132,7 @@ class StageTrainer:
         self.tokenizer = load_tokenizer(Path(config.model))
         self.blocks = stage_blocks(config, stage, self.tokenizer, Path(config.model))
         self._build(frozen_dtype, resolved)
-        upcycled_from = read_json(Path(config.allocation), "allocation") if config.allocation else None
-        self.base = checkpoint.base_pointer(Path(config.model), None if is_layermoe(model_config) else upcycled_from)
+        self.base = checkpoint.base_pointer(Path(config.model), self._upcycled_with(model_config), config.seed)
         self.step = self._resume()
 
     def _check_inputs(self) -> tuple[dict, object]:
@@ -150,6 +150,13 @@ class StageTrainer:
             marker = read_json(newest[-1] / checkpoint.MARKER, "checkpoint marker")
             checkpoint.check_compatible(marker, model_config, newest[-1])
         return resolved, model_config
+
+    def _upcycled_with(self, model_config) -> dict | None:
+        """The allocation this run upcycles its dense base with, or None (a LayerMoE base, or the dense baseline)."""
+        dense_base = layermoe_model_type(Path(self.config.model)) is None
+        if not (dense_base and is_layermoe(model_config)):
+            return None
+        return read_json(Path(self.config.allocation), "allocation")
 
     def _build(self, frozen_dtype: torch.dtype, resolved: dict) -> None:
         """The process group, this rank's model, the sampler and the DeepSpeed engine; the resolved config and every
@@ -265,6 +272,7 @@ class StageTrainer:
                 "sampler": self.sampler.state_dict(),
                 "layout": checkpoint.layout_of(self.model),
                 "ep_sizes": self.ep_sizes,
+                "expert_slots": model_slots(self.model),
                 "gates_only": self.gates_only,
                 "base": self.base,
             },
