@@ -189,6 +189,9 @@ class TrainConfig:
     save_every: int = setting(50, "checkpoint every N steps")
     keep_last_n: int = setting(2, "complete checkpoints kept")
     log_every: int = setting(10, "a log line every N steps")
+    # A diagnostic: the operations that read device values on the host (GPU→CPU syncs) in this process's first
+    # step, by section and operation, into OUT/host_reads.json (training/host_reads.py).
+    count_host_reads: bool = setting(False, "count the first step's host reads into OUT/host_reads.json")
     resume: Resume = setting(Resume.AUTO, "auto: from the newest complete checkpoint; no: refuse existing ones")
 
     def __post_init__(self) -> None:

@@ -104,3 +104,27 @@ def test_four_rank_lifelong_run_exports_the_same_from_its_checkpoint(upcycled_wi
     marker = json.loads((complete_checkpoints(tmp_path / "run")[-1] / MARKER).read_text())
     assert marker["expert_slots"] == {"0": [0, 4, 1, 5, 2, 6, 3, 7], "1": [0, 2, 1, 3]}
     assert_same_tensors(exported_from_checkpoint(tmp_path / "run", tmp_path / "exported"), in_run)
+
+
+def test_a_base_missing_a_tensor_is_named_in_one_line(from_dense, tiny_base, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from layermoe_ds.cli import main
+    from layermoe_ds.modeling.checkpoint_files import file_entry
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    tensors = load_file(base / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    run_dir = tmp_path / "run"
+    shutil.copytree(from_dense, run_dir, ignore=shutil.ignore_patterns("model"))
+    marker_file = complete_checkpoints(run_dir)[-1] / MARKER
+    marker = json.loads(marker_file.read_text())
+    marker["base"]["files"]["model.safetensors"] = file_entry(base / "model.safetensors")
+    marker_file.write_text(json.dumps(marker))
+    code = main(["export", "--checkpoint", str(run_dir), "--base", str(base), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "model.layers.1.mlp.base_ffn.up_proj.weight is neither in it nor in its base" in err
+    assert f"{base} has no tensor 'model.layers.1.mlp.up_proj.weight'" in err

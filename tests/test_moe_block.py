@@ -8,6 +8,8 @@ from layermoe_ds.modeling.remote.layermoe_block import (
     LayerMoEBlock,
     LayerMoEGate,
     LocalNewExperts,
+    dense_dispatch,
+    expert_load,
     grouped_dispatch,
     prefix_mean,
 )
@@ -44,21 +46,26 @@ def loop_reference(block: LayerMoEBlock, x_BTH: torch.Tensor) -> torch.Tensor:
     return out.reshape(x_BTH.shape)
 
 
+@pytest.mark.parametrize("length", [7, 40], ids=["decoding-size (dense)", "grouped"])
 @pytest.mark.parametrize("top_k,classifier_routing", [(1, False), (2, False), (2, True), (3, True)])
-def test_fast_dispatch_equals_per_expert_loop(top_k, classifier_routing):
+def test_fast_dispatch_equals_per_expert_loop(top_k, classifier_routing, length):
     block = make_block(top_k=top_k)
     block.classifier_routing = classifier_routing
-    x = torch.randn(3, 7, 16)
+    x = torch.randn(3, length, 16)  # 21 tokens: every expert on every token; 120: grouped by expert
     torch.testing.assert_close(block(x), loop_reference(block, x), atol=1e-5, rtol=1e-5)
 
 
-def test_grouped_dispatch_on_random_routes_matches_loop():
+@pytest.mark.parametrize("dispatch", ["grouped", "dense"])
+def test_dispatch_on_random_routes_matches_loop(dispatch):
     torch.manual_seed(1)
     experts = [torch.nn.Linear(8, 8) for _ in range(5)]
     x = torch.randn(50, 8)
     ids = torch.randint(-1, 5, (50, 3))
     w = torch.rand(50, 3)
-    out = grouped_dispatch(x, ids, w, experts)
+    if dispatch == "grouped":
+        out = grouped_dispatch(x, ids, w, experts, expert_load(ids, 5).tolist())
+    else:
+        out = dense_dispatch(x, ids, w, experts)
     ref = torch.zeros(50, 8)
     for t in range(50):
         for k in range(3):

@@ -17,7 +17,6 @@ import copy
 import math
 
 import torch
-import torch.nn.functional as F
 from deepspeed.moe.layer import MoE
 from deepspeed.utils import groups
 from torch import nn
@@ -47,10 +46,10 @@ def choose_ep_size(
 class RouteAdapter(nn.Module):
     """DeepSpeed MOELayer's gate interface over precomputed routes (no parameters).
 
-    `forward(x[S,M], routes[S,2k])` with routes = [new-expert ids as float (−1 = none) | combine weights] returns
-    `(l_aux, capacity, num_experts, indices[k,S] (−1 = dropped), locations[k,S], gates[k,S], exp_counts[E])`.
-    Capacity: `capacity_factor · k·S/E` (at least `min_capacity`) when dropping in training, otherwise the largest
-    expert load over the expert-parallel group (dropless; every rank must use the same capacity for the all-to-all).
+    `forward(x[S,M], routes[S,2k])` with routes = [new-expert slots as float (−1 = none) | combine weights] returns
+    `(l_aux, capacity, num_experts, indices[k,S] (−1 = dropped), locations[k,S], gates[k,S], exp_counts[E])`. The
+    capacity is the host int that `DeepSpeedNewExperts` set in `self.capacity` for this call (agreed over the
+    expert-parallel group): so MOELayer's `int(C)` reads nothing from the device.
     """
 
     def __init__(self, num_experts: int, capacity_factor: float, min_capacity: int, drop_tokens: bool):
@@ -58,7 +57,8 @@ class RouteAdapter(nn.Module):
         self.num_experts = num_experts
         self.capacity_factor, self.min_capacity, self.drop_tokens = capacity_factor, min_capacity, drop_tokens
         self.ep_group = None
-        self.dropped = 0
+        self.capacity: int | None = None
+        self.dropped: torch.Tensor | int = 0
 
     def _set_ep_group(self, ep_group) -> None:
         self.ep_group = ep_group
@@ -69,19 +69,16 @@ class RouteAdapter(nn.Module):
         weights_KS = routes[:, top_k:].t()
         valid_KS = ids_KS >= 0
         # Position of each route in its expert's buffer, slot-major (all first choices before second choices).
-        onehot_RE = F.one_hot(ids_KS.clamp_min(0).reshape(-1), self.num_experts) * valid_KS.reshape(-1, 1)
+        # (A comparison, not F.one_hot, which checks its input's range on the host.)
+        experts_E = torch.arange(self.num_experts, device=ids_KS.device)
+        onehot_RE = ((ids_KS.reshape(-1, 1) == experts_E) & valid_KS.reshape(-1, 1)).long()
         position_RE = onehot_RE.cumsum(dim=0) - 1
         locations_KS = (position_RE * onehot_RE).sum(dim=1).reshape(ids_KS.shape)
         counts_E = onehot_RE.sum(dim=0)
-        if self.drop_tokens and self.training:  # evaluation never drops a token, whatever the capacity setting
-            per_expert = top_k * hidden_SM.shape[0] / self.num_experts
-            capacity = torch.tensor(max(self.min_capacity, math.ceil(per_expert * self.capacity_factor)))
-        else:
-            capacity = counts_E.max().clamp_min(1).to(torch.long)
-            if self.ep_group is not None and torch.distributed.get_world_size(self.ep_group) > 1:
-                torch.distributed.all_reduce(capacity, op=torch.distributed.ReduceOp.MAX, group=self.ep_group)
+        capacity, self.capacity = self.capacity, None
+        assert capacity is not None, "RouteAdapter: the capacity is set by DeepSpeedNewExperts for each call"
         keep_KS = valid_KS & (locations_KS < capacity)
-        self.dropped = int((valid_KS & ~keep_KS).sum())
+        self.dropped = (valid_KS & ~keep_KS).sum()  # a device tensor: read with the step's metrics
         indices_KS = ids_KS.masked_fill(~keep_KS, -1)
         gates_KS = torch.where(keep_KS, weights_KS, torch.zeros_like(weights_KS)).float()
         l_aux = hidden_SM.new_zeros(())  # our gate computes the balance loss (with expert 0 included)
@@ -120,11 +117,27 @@ class DeepSpeedNewExperts(MoE):
     def experts(self) -> nn.ModuleList:
         return self.deepspeed_moe.experts.deepspeed_experts
 
-    def forward(self, hidden_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor):
+    def forward(self, hidden_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, load_E: torch.Tensor):
+        """→ (fp32 output, dropped routes as a device tensor, routes to expert 0 as a host int). The layer's one host
+        read: the capacity (agreed over the expert-parallel group) and expert 0's count, together."""
         slots_TK = torch.where(ids_TK >= 0, self.slot_of_expert.to(ids_TK.device)[ids_TK.clamp_min(0)], ids_TK)
         routes = torch.cat([slots_TK.to(weights_TK.dtype), weights_TK], dim=1)
+        adapter = self.deepspeed_moe.gate
+        new_load_E = load_E[1:]
+        if adapter.drop_tokens and self.training:  # a fixed capacity; evaluation never drops a token
+            per_expert = ids_TK.shape[1] * hidden_TH.shape[0] / adapter.num_experts
+            capacity = max(adapter.min_capacity, math.ceil(per_expert * adapter.capacity_factor))
+            count0 = int(load_E[0])
+        else:  # dropless: the largest expert load, the same on every rank of the group (the all-to-all needs it)
+            largest = new_load_E.max().clamp_min(1)
+            if adapter.ep_group is not None and torch.distributed.get_world_size(adapter.ep_group) > 1:
+                torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX, group=adapter.ep_group)
+            capacity, count0 = torch.stack([largest, load_E[0]]).tolist()
+        # How far the [E, C, H] buffers are padded above the mean load (dropless pads every expert to the largest).
+        self.capacity_over_mean_load = capacity / new_load_E.float().mean().clamp_min(1.0)
+        adapter.capacity = capacity
         out, _, _ = super().forward(hidden_TH, routes)
-        return out.float(), self.deepspeed_moe.gate.dropped
+        return out.float(), adapter.dropped, count0
 
 
 def block_to_expert_parallel(

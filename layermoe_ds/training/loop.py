@@ -34,18 +34,18 @@ from layermoe_ds.distributed import (
 from layermoe_ds.io import read_json, write_json
 from layermoe_ds.modeling.lm_loss import use_chunked_loss
 from layermoe_ds.modeling.placement import model_slots
-from layermoe_ds.modeling.types import is_layermoe, layermoe_model_type
+from layermoe_ds.modeling.types import is_layermoe, layermoe_model_type, moe_blocks
 from layermoe_ds.training import checkpoint
 from layermoe_ds.training.build import build_model, check_model
 from layermoe_ds.training.engine import check_ds_config, initialize, model_dtype
 from layermoe_ds.training.export import export_model, write_model_files
+from layermoe_ds.training.host_reads import HOST_READS, HostReadSections
 from layermoe_ds.training.losses import stage_losses
 from layermoe_ds.training.metrics import (
     MetricsLogger,
     RssPeak,
     accumulate,
     own_peak_memory_mib,
-    peak_memory_mib,
     reduce_scalars,
 )
 from layermoe_ds.training.swiglu import use_lean_swiglu
@@ -57,7 +57,8 @@ CENSUS = "rank_census.json"  # per rank: the tensors and bytes it materialised, 
 
 
 class StopFlag:
-    """SIGTERM/SIGINT set a flag; the loop agrees on it across ranks after each step."""
+    """SIGTERM/SIGINT set a flag; the ranks agree on it with each step's metrics (`train_step`'s "stop": the
+    largest flag of any rank)."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -67,11 +68,6 @@ class StopFlag:
     def _handler(self, signum, frame) -> None:
         log.warning("received %s: finishing this step, saving and exiting", signal.Signals(signum).name)
         self.requested = True
-
-    def agreed(self, device) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 def _check_run_dir(out: Path, resolved: dict) -> None:
@@ -92,11 +88,20 @@ def _check_run_dir(out: Path, resolved: dict) -> None:
             )
 
 
-# Settings that may change between a run and its resumption: how it resumes and logs, where the directory is, and
+# Settings that may change between a run and its resumption: how it resumes, logs and diagnoses, where the directory
+# is, and
 # activation checkpointing (memory, not numbers: a run that ran out of memory resumes with it on), the
 # process-group timeout, and the base model's path: a run's base is identified by its files' SHA-256, checked against
 # the checkpoint's pointer on resume, so a moved base is found again by pointing `model` at it.
-UNFINGERPRINTED = ("resume", "log_every", "out", "activation_checkpointing", "dist_timeout_minutes", "model")
+UNFINGERPRINTED = (
+    "resume",
+    "log_every",
+    "count_host_reads",
+    "out",
+    "activation_checkpointing",
+    "dist_timeout_minutes",
+    "model",
+)
 
 
 def _fingerprint(train: dict, ds: dict, stage: int) -> str:
@@ -134,6 +139,7 @@ class StageTrainer:
         self._build(frozen_dtype, resolved)
         self.base = checkpoint.base_pointer(Path(config.model), self._upcycled_with(model_config), config.seed)
         self.step = self._resume()
+        self.host_reads_counted = False
 
     def _check_inputs(self) -> tuple[dict, object]:
         """The run directory, the checkpoints in it and the model, before anything is built; (the resolved config,
@@ -216,9 +222,10 @@ class StageTrainer:
         metrics = MetricsLogger(self.out, self.rank, self.config.steps, self.step, self.config.log_every)
         try:
             while self.step < self.config.steps:
-                metrics.step(self.step + 1, self.train_step())
+                scalars = self.train_step(stop.requested)
+                stopping = bool(scalars.pop("stop"))
+                metrics.step(self.step + 1, scalars)
                 self.step += 1
-                stopping = stop.agreed(self.device)
                 self.maybe_save(stopping)
                 if stopping and self.step < self.config.steps:
                     log.warning("stopped at step %d after a signal; rerun the same command to resume", self.step)
@@ -227,36 +234,50 @@ class StageTrainer:
             metrics.close()
         return False
 
-    def train_step(self) -> dict[str, float]:
-        """One optimizer step over the gradient-accumulation micro-batches; the step's scalars, reduced over ranks."""
+    def train_step(self, stop_requested: bool = False) -> dict[str, float]:
+        """One optimizer step over the gradient-accumulation micro-batches; the step's scalars, reduced over ranks,
+        with "stop": whether any rank was asked to stop. The metrics stay on the device until one read at the end."""
         config, engine, device = self.config, self.engine, self.device
         started = time.perf_counter()
         accumulation = engine.gradient_accumulation_steps()
-        sums: dict[str, float] = {}
-        for _ in range(accumulation):
-            ids, labels = self.blocks.batch(self.sampler.next_indices())
-            ids = ids.to(device)
-            groups = labels[:, None].expand_as(ids).to(device)
-            # No KV cache in training; and this step's outputs are dropped before the next forward, not kept
-            # alive through it.
-            output = engine(input_ids=ids, labels=ids, use_cache=False)
-            losses = stage_losses(
-                self.model, output.loss, groups, self.stage, config.balance_alpha, config.lpr_gamma, config.cls_eta
-            )
-            engine.backward(losses.total)
-            engine.step()
-            accumulate(sums, self.model, losses, groups, accumulation)
-            del output, losses
-        scalars = reduce_scalars(sums, device)
-        scalars["lr"] = self.scheduler.get_last_lr()[0]
-        grad_norm = engine.get_global_grad_norm()
+        sums: dict = {}
+        counting = HostReadSections(config.count_host_reads and not self.host_reads_counted)
+        for micro in range(accumulation):
+            ids, labels = self.blocks.batch(self.sampler.next_indices())  # host data: no device read
+            with counting("micro_step", micro == 0):
+                self.forward_backward(ids, labels, sums, accumulation)
+            with counting("optimizer_step", micro == accumulation - 1):
+                engine.step()
+        maxima = {"memory/peak_mib": own_peak_memory_mib(device), "stop": float(stop_requested)}
+        grad_norm = engine.get_global_grad_norm()  # the same on every rank; a device tensor under ZeRO
         if grad_norm is not None:
-            scalars["grad_norm"] = float(grad_norm)
+            maxima["grad_norm"] = grad_norm
+        with counting("metrics"):
+            scalars = reduce_scalars(sums, device, maxima)
+        if counting.enabled:
+            self.host_reads_counted = True
+            counting.write(self.out / HOST_READS, len(moe_blocks(self.model)), self.step + 1)
+        scalars["lr"] = self.scheduler.get_last_lr()[0]
         tokens = self.world * accumulation * self.micro * config.seq_len
         scalars["tokens_per_s"] = tokens / (time.perf_counter() - started)
-        scalars["memory/peak_mib"] = peak_memory_mib(device)
         scalars["time/since_start_s"] = time.time() - self.process_start  # start-up cost shows in the first step
         return scalars
+
+    def forward_backward(self, ids: torch.Tensor, labels: torch.Tensor, sums: dict, accumulation: int) -> None:
+        """One micro-batch (`ids` [B, L], `labels` [B] the language group of each row): forward, stage losses,
+        backward; its metrics added to `sums` (on the device)."""
+        ids = ids.to(self.device)
+        groups = labels[:, None].expand_as(ids).to(self.device)
+        # No KV cache in training; and this step's outputs are dropped before the next forward, not kept alive
+        # through it.
+        output = self.engine(input_ids=ids, labels=ids, use_cache=False)
+        config = self.config
+        losses = stage_losses(
+            self.model, output.loss, groups, self.stage, config.balance_alpha, config.lpr_gamma, config.cls_eta
+        )
+        self.engine.backward(losses.total)
+        accumulate(sums, self.model, losses, groups, accumulation)
+        del output, losses
 
     def maybe_save(self, stopping: bool) -> None:
         """A checkpoint every `save_every` steps, at the last step, and when a signal asks to stop."""

@@ -24,28 +24,29 @@ class StageLosses:
     balance: torch.Tensor
     lpr: torch.Tensor
     cls: torch.Tensor
-    cls_correct: int
-    cls_count: int
+    cls_correct: torch.Tensor | int  # device tensors in training: read with the step's metrics, not here
+    cls_count: torch.Tensor | int
 
 
 def lpr_loss(
     log_probs_TE: torch.Tensor, expert_groups: list[int], token_group_T: torch.Tensor, newest_group: int
-) -> tuple[torch.Tensor, int]:
-    """Σ over tokens of earlier groups of −log Σ_{e: group(e) ≤ group(t)} p_e, and how many tokens counted."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ over tokens of earlier groups of −log Σ_{e: group(e) ≤ group(t)} p_e, and how many tokens counted (both
+    device tensors: computed for every token and masked by weight, so no shape depends on the data)."""
     groups_E = torch.tensor(expert_groups, device=log_probs_TE.device)
     earlier_T = token_group_T < newest_group
-    if not earlier_T.any():
-        return log_probs_TE.new_zeros(()), 0
-    allowed_TE = groups_E[None, :] <= token_group_T[earlier_T, None]
-    kept = log_probs_TE[earlier_T].masked_fill(~allowed_TE, float("-inf"))
-    return -torch.logsumexp(kept, dim=-1).sum(), int(earlier_T.sum())
+    allowed_TE = groups_E[None, :] <= token_group_T[:, None]  # the newest group's tokens: every expert
+    kept_TE = log_probs_TE.masked_fill(~allowed_TE, float("-inf"))
+    return -(torch.logsumexp(kept_TE, dim=-1) * earlier_T).sum(), earlier_T.sum()
 
 
-def classifier_loss(logits_per_layer: list[torch.Tensor], token_group_T: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+def classifier_loss(
+    logits_per_layer: list[torch.Tensor], token_group_T: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """L_cls = mean over classifier layers of the cross-entropy of the classifier's logits (W_c · x_t) against each
-    token's language group; with the correct and total predictions, for the accuracy metric."""
+    token's language group; with the correct (a device tensor) and total predictions, for the accuracy metric."""
     loss = torch.stack([F.cross_entropy(logits_TG, token_group_T) for logits_TG in logits_per_layer]).mean()
-    correct = sum(int((logits_TG.argmax(-1) == token_group_T).sum()) for logits_TG in logits_per_layer)
+    correct = torch.stack([(logits_TG.argmax(-1) == token_group_T).sum() for logits_TG in logits_per_layer]).sum()
     return loss, correct, sum(logits_TG.shape[0] for logits_TG in logits_per_layer)
 
 
@@ -62,8 +63,9 @@ def stage_losses(
         lpr_terms = [
             lpr_loss(b.aux.router_log_probs_TE, b.gate.expert_groups, token_group_T, newest) for b in blocks.values()
         ]
-        counted = sum(n for _, n in lpr_terms)
-        lpr = sum(t for t, _ in lpr_terms) / max(counted, 1) if counted else zero
+        if lpr_terms:  # mean over the earlier groups' tokens and the MoE layers; 0 when the batch has none
+            counted = torch.stack([n for _, n in lpr_terms]).sum()
+            lpr = torch.stack([t for t, _ in lpr_terms]).sum() / counted.clamp_min(1)
         cls_terms = [b.aux.classifier_logits_TG for b in blocks.values() if b.aux.classifier_logits_TG is not None]
         if cls_terms:
             cls, correct, count = classifier_loss(cls_terms, token_group_T)

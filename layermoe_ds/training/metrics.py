@@ -1,5 +1,6 @@
-"""What a training step reports: each rank's sums of losses, expert loads and routing hits (`accumulate`), reduced
-over ranks into the logged scalars (`reduce_scalars`); peak memory; and one rank-0 sink for them (`MetricsLogger`:
+"""What a training step reports: each rank's sums of losses, expert loads, routing hits and capacity padding
+(`accumulate`, on the device), reduced over ranks into the logged scalars with one host read a step
+(`reduce_scalars`); peak memory; and one rank-0 sink for them (`MetricsLogger`:
 TensorBoard scalars under stable tags, a JSONL record per step, plain log lines for Slurm logs and a tqdm bar; other
 ranks get a no-op logger)."""
 
@@ -79,31 +80,34 @@ class RssPeak:
         self.peak = max(self.peak, self.process.memory_info().rss)
 
 
-def accumulate(sums: dict[str, float], model, losses, groups: torch.Tensor, accumulation: int) -> None:
-    """Per-step sums of what gets logged (divided by the accumulation steps; summed over ranks later)."""
+Number = float | int | torch.Tensor
 
-    def add(key, value):
-        sums[key] = sums.get(key, 0.0) + float(value) / accumulation
 
-    add("loss/total", losses.total.detach())
-    add("loss/ntp", losses.ntp.detach())
-    add("loss/balance", losses.balance.detach())
-    add("loss/lpr", losses.lpr.detach())
-    add("loss/cls", losses.cls.detach())
-    sums["classifier/correct"] = sums.get("classifier/correct", 0.0) + losses.cls_correct
-    sums["classifier/count"] = sums.get("classifier/count", 0.0) + losses.cls_count
+def _add(sums: dict[str, Number], key: str, value: Number) -> None:
+    value = value.detach() if isinstance(value, torch.Tensor) else value
+    sums[key] = sums[key] + value if key in sums else value
+
+
+def accumulate(sums: dict[str, Number], model, losses, groups: torch.Tensor, accumulation: int) -> None:
+    """Per-step sums of what gets logged, kept where they are (device tensors stay on the device: nothing here reads
+    one on the host); losses and capacity ratios divided by the accumulation steps. `reduce_scalars` reads them."""
+    for name in ("total", "ntp", "balance", "lpr", "cls"):
+        _add(sums, f"loss/{name}", getattr(losses, name) / accumulation)
+    _add(sums, "classifier/correct", losses.cls_correct)
+    _add(sums, "classifier/count", losses.cls_count)
     old_tokens = groups.reshape(-1) == 0
     for layer, block in moe_blocks(model).items():
         aux = block.aux
-        sums["moe/dropped"] = sums.get("moe/dropped", 0.0) + aux.dropped
-        for e, load in enumerate(aux.expert_load_E.tolist()):
-            key = f"moe/layer_{layer:02d}/expert_load/{e:02d}"
-            sums[key] = sums.get(key, 0.0) + load
+        _add(sums, "moe/dropped", aux.dropped)
+        _add(sums, f"moe/layer_{layer:02d}/expert_load", aux.expert_load_E)
+        ratio = getattr(block.moe, "capacity_over_mean_load", None)  # the expert-parallel path's buffer padding
+        if ratio is not None:
+            _add(sums, f"moe/layer_{layer:02d}/capacity_over_mean_load", ratio / accumulation)
         # Share of old-language tokens whose top route is expert 0 (what stage 2 should raise).
         top = aux.router_log_probs_TE.argmax(dim=-1)
         key = f"routing/layer_{layer:02d}/old_to_expert0"
-        sums[key + "/hits"] = sums.get(key + "/hits", 0.0) + float(((top == 0) & old_tokens).sum())
-        sums[key + "/count"] = sums.get(key + "/count", 0.0) + float(old_tokens.sum())
+        _add(sums, key + "/hits", ((top == 0) & old_tokens).sum())
+        _add(sums, key + "/count", old_tokens.sum())
 
 
 def own_peak_memory_mib(device: torch.device) -> float:
@@ -114,29 +118,41 @@ def own_peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def peak_memory_mib(device: torch.device) -> float:
-    """The largest peak memory of any rank so far, in MiB (`own_peak_memory_mib`, max over ranks)."""
-    value = torch.tensor([own_peak_memory_mib(device)], dtype=torch.float64, device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return float(value.item())
+def _flat(values: list[Number], device) -> torch.Tensor:
+    parts = [
+        v.detach().reshape(-1).to(device, torch.float64)
+        if isinstance(v, torch.Tensor)
+        else torch.tensor([float(v)], dtype=torch.float64, device=device)
+        for v in values
+    ]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)
 
 
-def reduce_scalars(sums: dict[str, float], device) -> dict[str, float]:
-    """Average losses over ranks, add up counts, and turn hit/count pairs into shares."""
-    keys = sorted(sums)
-    values = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(values)
+def reduce_scalars(sums: dict[str, Number], device, maxima: dict[str, Number] | None = None) -> dict[str, float]:
+    """The step's scalars: losses and capacity ratios averaged over ranks, counts added up, hit/count pairs turned
+    into shares, each `maxima` value the largest of any rank's. Two all-reduces and one host read for them all."""
+    maxima = maxima or {}
+    sum_keys, max_keys = sorted(sums), sorted(maxima)
+    summed, largest = _flat([sums[k] for k in sum_keys], device), _flat([maxima[k] for k in max_keys], device)
+    dist.all_reduce(summed)
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    values = torch.cat([summed, largest]).tolist()
+    totals, position = {}, 0
+    for key in sum_keys:
+        width = sums[key].numel() if isinstance(sums[key], torch.Tensor) else 1
+        chunk, position = values[position : position + width], position + width
+        totals[key] = chunk if key.endswith("/expert_load") else chunk[0]
     world = dist.get_world_size()
-    totals = dict(zip(keys, values.tolist(), strict=True))
-    scalars = {k: v / world for k, v in totals.items() if k.startswith("loss/")}
+    scalars = {k: v / world for k, v in totals.items() if k.startswith("loss/") or k.endswith("_over_mean_load")}
     scalars["moe/dropped"] = totals.get("moe/dropped", 0.0)
     for key, value in totals.items():
-        if "/expert_load/" in key:
-            scalars[key] = value
+        if key.endswith("/expert_load"):
+            scalars.update({f"{key}/{e:02d}": load for e, load in enumerate(value)})
         elif key.endswith("/hits"):
             count = totals[key[: -len("/hits")] + "/count"]
             if count:
                 scalars[key[: -len("/hits")]] = value / count
     if totals.get("classifier/count"):
         scalars["classifier/accuracy"] = totals["classifier/correct"] / totals["classifier/count"]
+    scalars.update(zip(max_keys, values[len(summed) :], strict=True))
     return scalars

@@ -27,7 +27,7 @@ class MoEAux:
     router_log_probs_TE: torch.Tensor  # fp32
     classifier_logits_TG: torch.Tensor | None  # fp32, None when the layer has no classifier
     expert_load_E: torch.Tensor  # routes per expert this forward (expert 0 first)
-    dropped: int  # routes dropped for capacity (only the expert-parallel training path drops)
+    dropped: int | torch.Tensor  # routes dropped for capacity (only the expert-parallel training path drops)
     expert_ids_TK: torch.Tensor | None = None  # the routes taken (after any classifier override), for evaluation
 
 
@@ -94,9 +94,22 @@ class LayerMoEGate(nn.Module):
         )
         allowed_TE = None if classes_T is None else self.group_of(probs_TE.device)[None, :] <= classes_T[:, None]
         routing = top_k_routing(probs_TE, self.top_k, allowed_TE)
-        load_E = torch.bincount(routing.expert_ids_TK[routing.expert_ids_TK >= 0], minlength=self.num_experts)
-        aux = MoEAux(balance_loss(probs_TE, self.top_k), log_probs_TE, classifier_logits_TG, load_E, 0)
+        aux = MoEAux(
+            balance_loss(probs_TE, self.top_k),
+            log_probs_TE,
+            classifier_logits_TG,
+            expert_load(routing.expert_ids_TK, self.num_experts),
+            0,
+        )
         return routing, aux
+
+
+def expert_load(ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Routes per expert (unused slots, id −1, counted nowhere), computed on the device without a host read."""
+    valid = (ids_TK >= 0).reshape(-1).long()
+    return torch.zeros(num_experts, dtype=torch.long, device=ids_TK.device).scatter_add_(
+        0, ids_TK.clamp_min(0).reshape(-1), valid
+    )
 
 
 def balance_loss(probs_TE: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -144,21 +157,23 @@ def top_k_routing(probs_TE: torch.Tensor, top_k: int, allowed_TE: torch.Tensor |
 
 
 def grouped_dispatch(
-    hidden_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, experts: Sequence[nn.Module]
+    hidden_TH: torch.Tensor,
+    ids_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    experts: Sequence[nn.Module],
+    counts: Sequence[int],
 ) -> torch.Tensor:
     """Σ_k w_tk · expert_{id_tk}(x_t): routes sorted by expert, one contiguous GEMM batch per expert, no token loop.
 
-    Slots with id −1 are skipped; accumulation is in fp32; experts with no token are not run.
+    `counts`: routes per expert, on the host (the caller's one read of the device); slots with id −1 sort last and
+    are never run. Every shape here follows from the input's and from `counts`: no further host read. Accumulation is
+    in fp32; experts with no token are not run.
     """
     num_tokens, top_k = ids_TK.shape
     flat_ids = ids_TK.reshape(-1)
-    valid = flat_ids >= 0
-    token_of_route = torch.arange(num_tokens, device=hidden_TH.device).repeat_interleave(top_k)[valid]
-    expert_of_route = flat_ids[valid]
-    weight_of_route = weights_TK.reshape(-1)[valid]
-    order = torch.argsort(expert_of_route, stable=True)
-    token_sorted, weight_sorted = token_of_route[order], weight_of_route[order]
-    counts = torch.bincount(expert_of_route, minlength=len(experts)).tolist()
+    token_of_route = torch.arange(num_tokens, device=hidden_TH.device).repeat_interleave(top_k)
+    order = torch.argsort(torch.where(flat_ids >= 0, flat_ids, len(experts)), stable=True)
+    token_sorted, weight_sorted = token_of_route[order], weights_TK.reshape(-1)[order]
     out_TH = torch.zeros(hidden_TH.shape, dtype=torch.float32, device=hidden_TH.device)
     start = 0
     for expert_id, count in enumerate(counts):
@@ -169,6 +184,22 @@ def grouped_dispatch(
         out_TH.index_add_(0, index, routed.float() * weight_sorted[start : start + count, None])
         start += count
     return out_TH
+
+
+def dense_dispatch(
+    hidden_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, experts: Sequence[nn.Module]
+) -> torch.Tensor:
+    """The same sum with every expert run on every token (weight 0 where not routed): no host read at all, for the
+    few tokens of a decoding step, where every expert's weights are read from memory anyway."""
+    out_TH = torch.zeros(hidden_TH.shape, dtype=torch.float32, device=hidden_TH.device)
+    for expert_id, expert in enumerate(experts):
+        weight_T = (weights_TK * (ids_TK == expert_id)).sum(dim=-1)
+        out_TH += expert(hidden_TH).float() * weight_T[:, None]
+    return out_TH
+
+
+# Up to this many tokens a forward (a decoding step's batch), LocalNewExperts runs every expert on every token.
+DENSE_DISPATCH_TOKENS = 64
 
 
 class _ModuleShell(nn.Module):
@@ -190,9 +221,14 @@ class LocalNewExperts(nn.Module):
     def experts(self) -> nn.ModuleList:
         return self.deepspeed_moe.experts.deepspeed_experts
 
-    def forward(self, hidden_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor):
-        """New-expert ids 0..E−1 (−1 = not a new-expert route) → (fp32 output, dropped routes)."""
-        return grouped_dispatch(hidden_TH, ids_TK, weights_TK, self.experts), 0
+    def forward(self, hidden_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, load_E: torch.Tensor):
+        """New-expert ids 0..E−1 (−1 = not a new-expert route), `load_E` routes per expert of the layer (expert 0
+        first) → (fp32 output, dropped routes, routes to expert 0 as a host int or None when not read). One host read
+        (the loads) for many tokens, none for a decoding step's few."""
+        if hidden_TH.shape[0] <= DENSE_DISPATCH_TOKENS:
+            return dense_dispatch(hidden_TH, ids_TK, weights_TK, self.experts), 0, None
+        counts = load_E.tolist()
+        return grouped_dispatch(hidden_TH, ids_TK, weights_TK, self.experts, counts[1:]), 0, counts[0]
 
 
 class LayerMoEBlock(nn.Module):
@@ -219,14 +255,20 @@ class LayerMoEBlock(nn.Module):
         ids_TK, weights_TK = routing.expert_ids_TK, routing.weights_TK
         # New experts: ids shifted to 0..E-1; expert-0 and unused slots become -1.
         new_ids_TK = torch.where(ids_TK >= 1, ids_TK - 1, torch.full_like(ids_TK, -1))
-        out_TH, dropped = self.moe(hidden_TH, new_ids_TK, torch.where(new_ids_TK >= 0, weights_TK, 0.0))
-        # Expert 0 once, locally, for every token that routed to it (no all-to-all; frozen, so no gradient traffic).
-        weight0_T = (weights_TK * (ids_TK == 0)).sum(dim=-1)
-        index0 = torch.nonzero(weight0_T > 0).squeeze(1)
-        if index0.numel():
+        new_weights_TK = torch.where(new_ids_TK >= 0, weights_TK, 0.0)
+        out_TH, dropped, count0 = self.moe(hidden_TH, new_ids_TK, new_weights_TK, aux.expert_load_E)
+        # Expert 0 once, locally, for the tokens that routed to it (no all-to-all; frozen, so no gradient traffic):
+        # those tokens sort first, and `count0` (read by self.moe with what it needed) says how many there are.
+        routed0_T = ids_TK == 0
+        weight0_T = (weights_TK * routed0_T).sum(dim=-1)
+        if count0 is None:  # a decoding step: every token through expert 0, weighted (0 where not routed)
+            out_TH = out_TH + self.base_ffn(hidden_TH).float() * weight0_T[:, None]
+        elif count0:
+            first = torch.argsort(routed0_T.any(dim=-1).to(torch.uint8), descending=True, stable=True)
+            index0 = first[:count0]
             routed = self.base_ffn(hidden_TH.index_select(0, index0))
             out_TH = out_TH.index_add(0, index0, routed.float() * weight0_T[index0, None])
-        aux.dropped = int(dropped)
+        aux.dropped = dropped
         aux.expert_ids_TK = ids_TK
         self.aux = aux
         return out_TH.to(hidden_BLH.dtype).reshape(hidden_BLH.shape)
