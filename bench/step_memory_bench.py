@@ -3,11 +3,13 @@
     python bench/step_memory_bench.py                 # Qwen2-0.5B's head and FFN: h 896, vocabulary 151,936, FFN 4,864
     python bench/step_memory_bench.py --device cuda   # on a GPU (peak = torch.cuda.max_memory_allocated)
 
-Two pairs, forward + backward of one micro-batch (frozen weights, inputs that need a gradient, as in both stages):
+Three pairs, forward + backward of one micro-batch (frozen weights, inputs that need a gradient, as in both stages):
 - the next-token loss: Hugging Face's (full logits, then cross-entropy) vs the fused, chunked one
   (`modeling/lm_loss.py`)
 - `--layers` SwiGLU feed-forwards in sequence over T token slots: autograd's (keeps three activations each) vs the
   lean one (`training/swiglu.py`, keeps two)
+- `--layers` LayerMoE blocks in bf16 (4 experts, top-2, a classifier): the router/classifier GEMM and the expert
+  combine as autograd saves them (fp32 upcasts of [T, H]) vs `fp32_linear` and `scaled_index_add` (bf16 saved)
 
 Time: the median of `--repeats` interleaved runs. Memory: on CPU (Linux) the peak resident memory of a child
 process during the second of two runs of one variant (allocations of 4 MiB and more unmapped when freed, as training
@@ -18,6 +20,7 @@ peak allocated bytes above those before. Prints ratios (lean ÷ plain); writes b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -31,9 +34,56 @@ sys.path.insert(0, str(ROOT))
 from layermoe_ds.io import write_json  # noqa: E402
 
 
+class _Cfg:
+    hidden_act, mlp_bias = "silu", False
+
+    def __init__(self, hidden: int, ffn: int):
+        self.hidden_size, self.intermediate_size = hidden, ffn
+
+
+def _moe_blocks(args, device):
+    """`--layers` LayerMoE blocks in bf16 (expert 0 + 3 new SwiGLU experts, top-2, a classifier) over T tokens."""
+    import torch
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from layermoe_ds.modeling.remote.layermoe_block import LayerMoEBlock, LayerMoEGate, LocalNewExperts
+
+    torch.manual_seed(0)
+    blocks = []
+    for _ in range(args.layers):
+        experts = [LlamaMLP(_Cfg(args.hidden, args.ffn)) for _ in range(4)]
+        gate = LayerMoEGate(args.hidden, (0, 1, 1, 1), 2, 2)
+        block = LayerMoEBlock(experts[0], LocalNewExperts(experts[1:]), gate).to(device, torch.bfloat16)
+        for name, param in block.named_parameters():  # stage 1: routers and new experts train
+            param.requires_grad_(".gate.router." in name or ".moe." in name)
+        blocks.append(block)
+    x = torch.randn(1, args.tokens, args.hidden, generator=torch.Generator().manual_seed(0)).to(device, torch.bfloat16)
+    return x.requires_grad_(True), blocks
+
+
+@contextlib.contextmanager
+def _autograd_gating(enabled: bool):
+    """The gate and combine as autograd would save them: the fp32 upcasts of the router's input and of each
+    expert's output kept for backward (what `fp32_linear` and `scaled_index_add` avoid)."""
+    import torch.nn.functional as F
+
+    import layermoe_ds.modeling.remote.layermoe_block as block_module
+
+    saved = block_module.fp32_linear, block_module.scaled_index_add
+    if enabled:
+        block_module.fp32_linear = lambda x, w: F.linear(x.float(), w.float())
+        block_module.scaled_index_add = lambda out, i, routed, w: out.index_add(0, i, routed.float() * w[:, None])
+    try:
+        yield
+    finally:
+        block_module.fp32_linear, block_module.scaled_index_add = saved
+
+
 def _inputs(kind: str, args, device):
     import torch
 
+    if kind == "moe_block":
+        return _moe_blocks(args, device)
     g = torch.Generator(device="cpu").manual_seed(0)
     if kind == "loss":
         hidden = torch.randn(args.tokens, args.hidden, generator=g).to(device).requires_grad_(True)
@@ -51,7 +101,14 @@ def _step(kind: str, lean: bool, inputs, chunk: int, layers: int = 1):
     from layermoe_ds.modeling.lm_loss import linear_cross_entropy
     from layermoe_ds.training.swiglu import silu_mul
 
-    if kind == "loss":
+    if kind == "moe_block":
+        x, blocks = inputs
+        out = x
+        with _autograd_gating(not lean):
+            for block in blocks:
+                out = out + block(out)
+        loss = out.float().square().mean()
+    elif kind == "loss":
         hidden, weight, targets = inputs
         if lean:
             loss = linear_cross_entropy(hidden, weight, targets, chunk)
@@ -103,6 +160,9 @@ def child(kind: str, lean: bool, args) -> float:
     return (peak_kib * 1024 - before) / 2**20
 
 
+KINDS = ("loss", "swiglu", "moe_block")
+
+
 def timings(args) -> dict[str, list[float]]:
     import torch
 
@@ -110,10 +170,10 @@ def timings(args) -> dict[str, list[float]]:
 
     torch.set_num_threads(args.threads)
     chunk = chunk_tokens_for(args.vocab)
-    inputs = {kind: _inputs(kind, args, args.device) for kind in ("loss", "swiglu")}
+    inputs = {kind: _inputs(kind, args, args.device) for kind in KINDS}
     times: dict[str, list[float]] = {}
     for repeat in range(args.repeats + 1):  # the first round warms up
-        for kind in ("loss", "swiglu"):
+        for kind in KINDS:
             for lean in (False, True):
                 _synchronise(args.device)
                 started = time.perf_counter()
@@ -145,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         f"--{k}={getattr(args, k)}" for k in ("hidden", "vocab", "ffn", "tokens", "layers", "threads", "device")
     ]
     memory = {}
-    for name in ("loss/plain", "loss/lean", "swiglu/plain", "swiglu/lean"):
+    for name in (f"{kind}/{variant}" for kind in KINDS for variant in ("plain", "lean")):
         out = subprocess.run(
             [sys.executable, __file__, f"--child={name}", *forwarded], capture_output=True, text=True, check=True
         )
@@ -156,7 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         f"h {args.hidden}, vocabulary {args.vocab}, FFN {args.ffn} × {args.layers} layers, {args.tokens} tokens, "
         f"{args.device}:"
     )
-    for kind, label in (("loss", "next-token loss, fused chunked / HF"), ("swiglu", "SwiGLU FFN, lean / autograd")):
+    for kind, label in (
+        ("loss", "next-token loss, fused chunked / HF"),
+        ("swiglu", "SwiGLU FFN, lean / autograd"),
+        ("moe_block", "bf16 LayerMoE blocks, gate and combine saving bf16 / autograd's fp32 copies"),
+    ):
         plain, lean = (statistics.median(times[f"{kind}/{v}"]) for v in ("plain", "lean"))
         row = {
             "seconds_plain": plain,

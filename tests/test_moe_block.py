@@ -165,3 +165,34 @@ def test_block_on_cuda_in_bf16_matches_cpu_fp32():
     torch.testing.assert_close(gpu(x_gpu).float().cpu(), expected, atol=5e-2, rtol=5e-2)
     gpu_routes = gpu.gate(x_gpu, False, False, gpu.max_group)[0].expert_ids_TK.cpu()
     assert (gpu_routes == routes).float().mean() > 0.95  # bf16 may flip a near tie
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp32_gemm_and_weighted_add_give_autograds_gradients(dtype):
+    from layermoe_ds.modeling.remote.layermoe_block import fp32_linear, scaled_index_add
+
+    torch.manual_seed(0)
+    x, w = torch.randn(7, 5).to(dtype).requires_grad_(), torch.randn(3, 5).requires_grad_()
+    out, index = torch.randn(6, 4).requires_grad_(), torch.tensor([0, 2, 2, 5])
+    routed, weight = torch.randn(4, 4).to(dtype).requires_grad_(), torch.randn(4).requires_grad_()
+    ours = [t.detach().clone().requires_grad_() for t in (x, w, out, routed, weight)]
+    g1, g2 = torch.randn(7, 3), torch.randn(6, 4)
+    (fp32_linear(ours[0], ours[1]) * g1).sum().backward()
+    (scaled_index_add(ours[2], index, ours[3], ours[4]) * g2).sum().backward()
+    (torch.nn.functional.linear(x.float(), w.float()) * g1).sum().backward()
+    (out.index_add(0, index, routed.float() * weight[:, None]) * g2).sum().backward()
+    for mine, reference in zip(ours, (x, w, out, routed, weight), strict=True):
+        assert mine.grad.dtype == reference.grad.dtype
+        torch.testing.assert_close(mine.grad, reference.grad, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("length", [7, 40])
+def test_bf16_block_saves_no_fp32_copy_of_its_tokens(length):
+    """What autograd keeps for backward: the router's and classifier's input and the experts' outputs in bf16, not
+    their fp32 upcasts (each [T, H], 4 bytes an element)."""
+    block = make_block().to(torch.bfloat16)
+    x = torch.randn(2, length, 16, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        block(x)
+    assert saved and not [t.shape for t in saved if t.dtype == torch.float32 and t.dim() == 2 and t.shape[1] == 16]

@@ -37,6 +37,54 @@ class Routing:
     weights_TK: torch.Tensor  # fp32, 0 on unused slots; sums to 1 per token
 
 
+class _Fp32Linear(torch.autograd.Function):
+    """x·Wᵀ computed in fp32 (the router's and classifier's precision) while saving x in its own dtype: autograd
+    would keep the fp32 upcast of a bf16 input ([T, H], 4 bytes an element) alive until the backward."""
+
+    @staticmethod
+    def forward(ctx, x_TH: torch.Tensor, weight_EH: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x_TH, weight_EH)
+        return F.linear(x_TH.float(), weight_EH.float())
+
+    @staticmethod
+    def backward(ctx, grad_TE: torch.Tensor):
+        x_TH, weight_EH = ctx.saved_tensors
+        grad_x = (grad_TE @ weight_EH.float()).to(x_TH.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = (grad_TE.t() @ x_TH.float()).to(weight_EH.dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_w
+
+
+def fp32_linear(x_TH: torch.Tensor, weight_EH: torch.Tensor) -> torch.Tensor:
+    return _Fp32Linear.apply(x_TH, weight_EH) if torch.is_grad_enabled() else F.linear(x_TH.float(), weight_EH.float())
+
+
+class _ScaledIndexAdd(torch.autograd.Function):
+    """out + index_add(rows `index` += routed·w) accumulated in fp32, saving `routed` in the experts' dtype (not the
+    fp32 upcast autograd would keep for w's gradient)."""
+
+    @staticmethod
+    def forward(ctx, out_TH, index_R, routed_RH, weight_R):
+        ctx.save_for_backward(index_R, routed_RH, weight_R)
+        return out_TH.index_add(0, index_R, routed_RH.float() * weight_R[:, None])
+
+    @staticmethod
+    def backward(ctx, grad_TH: torch.Tensor):
+        index_R, routed_RH, weight_R = ctx.saved_tensors
+        grad_RH = grad_TH.index_select(0, index_R)
+        grad_routed = (grad_RH * weight_R[:, None]).to(routed_RH.dtype) if ctx.needs_input_grad[2] else None
+        grad_weight = (grad_RH * routed_RH.float()).sum(dim=-1) if ctx.needs_input_grad[3] else None
+        return grad_TH, None, grad_routed, grad_weight
+
+
+def scaled_index_add(
+    out_TH: torch.Tensor, index_R: torch.Tensor, routed_RH: torch.Tensor, weight_R: torch.Tensor
+) -> torch.Tensor:
+    """`out_TH` (fp32) with routed·w added at rows `index_R`, out of place."""
+    if torch.is_grad_enabled():
+        return _ScaledIndexAdd.apply(out_TH, index_R, routed_RH, weight_R)
+    return out_TH.index_add(0, index_R, routed_RH.float() * weight_R[:, None])
+
+
 def prefix_mean(hidden_BLH: torch.Tensor) -> torch.Tensor:
     """Causal running mean over positions: position t sees only tokens ≤ t (no future-token leakage)."""
     steps = torch.arange(1, hidden_BLH.shape[1] + 1, device=hidden_BLH.device, dtype=torch.float32)
@@ -79,12 +127,12 @@ class LayerMoEGate(nn.Module):
         """Route tokens. `force_base` sends every token to expert 0 alone (the dense model); `max_group` = g uses
         only experts and classes of groups ≤ g (the model as it was before later expansions)."""
         hidden_TH = hidden_BLH.reshape(-1, hidden_BLH.shape[-1])
-        log_probs_TE = torch.log_softmax(F.linear(hidden_TH.float(), self.router.weight.float()), dim=-1)
+        log_probs_TE = torch.log_softmax(fp32_linear(hidden_TH, self.router.weight), dim=-1)
         probs_TE = log_probs_TE.exp()
         classifier_logits_TG = None
         if self.lang_classifier is not None:
-            features = hidden_BLH.float() if self.classifier_mode == "per-token" else prefix_mean(hidden_BLH)
-            classifier_logits_TG = F.linear(features.reshape(hidden_TH.shape), self.lang_classifier.weight.float())
+            features = hidden_BLH if self.classifier_mode == "per-token" else prefix_mean(hidden_BLH)
+            classifier_logits_TG = fp32_linear(features.reshape(hidden_TH.shape), self.lang_classifier.weight)
         classes_T = token_classes(
             classifier_logits_TG if classifier_routing else None,
             probs_TE.shape[0],
@@ -181,7 +229,7 @@ def grouped_dispatch(
             continue
         index = token_sorted[start : start + count]
         routed = experts[expert_id](hidden_TH.index_select(0, index))
-        out_TH.index_add_(0, index, routed.float() * weight_sorted[start : start + count, None])
+        out_TH = scaled_index_add(out_TH, index, routed, weight_sorted[start : start + count])
         start += count
     return out_TH
 
@@ -192,9 +240,10 @@ def dense_dispatch(
     """The same sum with every expert run on every token (weight 0 where not routed): no host read at all, for the
     few tokens of a decoding step, where every expert's weights are read from memory anyway."""
     out_TH = torch.zeros(hidden_TH.shape, dtype=torch.float32, device=hidden_TH.device)
+    every_T = torch.arange(hidden_TH.shape[0], device=hidden_TH.device)
     for expert_id, expert in enumerate(experts):
         weight_T = (weights_TK * (ids_TK == expert_id)).sum(dim=-1)
-        out_TH += expert(hidden_TH).float() * weight_T[:, None]
+        out_TH = scaled_index_add(out_TH, every_T, expert(hidden_TH), weight_T)
     return out_TH
 
 
@@ -262,12 +311,13 @@ class LayerMoEBlock(nn.Module):
         routed0_T = ids_TK == 0
         weight0_T = (weights_TK * routed0_T).sum(dim=-1)
         if count0 is None:  # a decoding step: every token through expert 0, weighted (0 where not routed)
-            out_TH = out_TH + self.base_ffn(hidden_TH).float() * weight0_T[:, None]
+            every_T = torch.arange(hidden_TH.shape[0], device=hidden_TH.device)
+            out_TH = scaled_index_add(out_TH, every_T, self.base_ffn(hidden_TH), weight0_T)
         elif count0:
             first = torch.argsort(routed0_T.any(dim=-1).to(torch.uint8), descending=True, stable=True)
             index0 = first[:count0]
             routed = self.base_ffn(hidden_TH.index_select(0, index0))
-            out_TH = out_TH.index_add(0, index0, routed.float() * weight0_T[index0, None])
+            out_TH = scaled_index_add(out_TH, index0, routed, weight0_T[index0])
         aux.dropped = dropped
         aux.expert_ids_TK = ids_TK
         self.aux = aux
