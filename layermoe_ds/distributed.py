@@ -85,17 +85,23 @@ def adopt_launcher_env(environ: MutableMapping[str, str] = os.environ) -> str:
 
 
 def device_and_backend(
-    requested: str | None = None, environ: Mapping[str, str] = os.environ, cuda_available: bool | None = None
+    requested: str | None = None,
+    environ: Mapping[str, str] = os.environ,
+    cuda_available: bool | None = None,
+    device_count: int | None = None,
 ) -> tuple[str, str]:
     """(device, torch.distributed backend) for this rank, the one place that decides it.
 
-    `requested`: None (the accelerator when there is one), "cpu", "cuda" (this rank's GPU: LOCAL_RANK) or "cuda:N".
+    `requested`: None (the accelerator when there is one), "cpu", "cuda" (this rank's GPU) or "cuda:N". This rank's
+    GPU is LOCAL_RANK modulo the GPUs it sees: a launcher that binds one GPU to each task (srun --gpus-per-task=1,
+    mpirun with CUDA_VISIBLE_DEVICES per rank) leaves each rank one visible device, cuda:0, whatever its local rank.
     CUDA goes with NCCL, which takes CUDA tensors only: every collective of the project runs on this device; the CPU
     goes with gloo. Asking for CUDA where there is none is an error naming the option."""
-    if cuda_available is None:
+    if cuda_available is None or device_count is None:
         import torch
 
-        cuda_available = torch.cuda.is_available()
+        cuda_available = torch.cuda.is_available() if cuda_available is None else cuda_available
+        device_count = (torch.cuda.device_count() if cuda_available else 0) if device_count is None else device_count
     if requested is None:
         requested = "cuda" if cuda_available else "cpu"
     if requested == "cpu":
@@ -105,7 +111,7 @@ def device_and_backend(
     if not cuda_available:
         raise ValueError(f"device: {requested!r} asked for, but no CUDA device is visible (torch.cuda.is_available())")
     if requested == "cuda":
-        requested = f"cuda:{int(environ.get('LOCAL_RANK', 0))}"
+        requested = f"cuda:{int(environ.get('LOCAL_RANK', 0)) % max(device_count, 1)}"
     return requested, "nccl"
 
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from packaging.specifiers import SpecifierSet
 
 from tests.helpers import ROOT, launch_env
@@ -279,14 +280,25 @@ def test_one_function_decides_device_and_backend():
     from layermoe_ds.distributed import device_and_backend
 
     assert device_and_backend(None, {}, cuda_available=False) == ("cpu", "gloo")
-    assert device_and_backend(None, {"LOCAL_RANK": "3"}, cuda_available=True) == ("cuda:3", "nccl")
-    assert device_and_backend("cuda", {"LOCAL_RANK": "1"}, cuda_available=True) == ("cuda:1", "nccl")
+    assert device_and_backend(None, {"LOCAL_RANK": "3"}, cuda_available=True, device_count=8) == ("cuda:3", "nccl")
+    assert device_and_backend("cuda", {"LOCAL_RANK": "1"}, cuda_available=True, device_count=8) == ("cuda:1", "nccl")
+    # srun/mpirun binding one GPU to each task: every rank sees one device, cuda:0, whatever its local rank
+    assert device_and_backend("cuda", {"LOCAL_RANK": "5"}, cuda_available=True, device_count=1) == ("cuda:0", "nccl")
+    assert device_and_backend(None, {"LOCAL_RANK": "5"}, cuda_available=True, device_count=4) == ("cuda:1", "nccl")
     assert device_and_backend("cuda:0", {"LOCAL_RANK": "1"}, cuda_available=True) == ("cuda:0", "nccl")
     assert device_and_backend("cpu", {"LOCAL_RANK": "1"}, cuda_available=True) == ("cpu", "gloo")  # asked for
     with pytest.raises(ValueError, match="no CUDA device is visible"):
         device_and_backend("cuda", {}, cuda_available=False)
     with pytest.raises(ValueError, match="'tpu' is not 'cpu', 'cuda' or 'cuda:N'"):
         device_and_backend("tpu", {}, cuda_available=True)
+
+
+def test_deepspeed_is_told_the_ranks_gpu_not_its_local_rank():
+    from layermoe_ds.training.engine import engine_args
+
+    assert engine_args(torch.device("cuda:0")).device_rank == 0  # LOCAL_RANK 5 with one GPU bound to the task
+    assert engine_args(torch.device("cuda:3")).device_rank == 3
+    assert engine_args(torch.device("cpu")) is None
 
 
 def test_cpu_ranks_return_large_frees_to_the_os():

@@ -50,8 +50,8 @@ def test_layermoe_blocks_add_no_host_read_when_decoding_and_one_a_layer_otherwis
 @pytest.mark.parametrize("stage", [1, 2])
 def test_expert_parallel_micro_step_reads_once_a_moe_layer(stage, upcycled_wide, corpus_dir, tmp_path):
     """Experts [5, 3, 1] on 2 ranks: layers 0 and 1 expert-parallel. Per rank: ≤ 1 read a MoE layer in the
-    micro-step (forward, losses, backward, metrics accumulated on the device) besides transformers' one a forward,
-and 1 for the step's metrics."""
+        micro-step (forward, losses, backward, metrics accumulated on the device) besides transformers' one a forward,
+    and 1 for the step's metrics."""
     extra = {} if stage == 1 else {"stage2_docs_per_old_lang": 50, "stage2_docs_per_new_lang": 50}
     config = base_config(upcycled_wide, corpus_dir, tmp_path / "run", steps=2, count_host_reads=True, **extra)
     run(stage, config, tmp_path, "stage1_zero2.json" if stage == 1 else "stage2.json")

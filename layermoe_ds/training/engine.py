@@ -12,6 +12,7 @@ gates and still performs the data-parallel gradient all-reduce.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import logging
@@ -100,8 +101,21 @@ def lr_lambda(config: TrainConfig):
     return factor
 
 
-def initialize(model, trainable: dict[str, list[torch.nn.Parameter]], config: TrainConfig, ds_config: dict):
-    """Parameter groups (MoE groups split out), AdamW, warm-up+cosine, `deepspeed.initialize`."""
+def engine_args(device: torch.device) -> argparse.Namespace | None:
+    """What `deepspeed.initialize` is told of this rank's device: on CUDA its index (`device_rank`), which DeepSpeed
+    otherwise takes to be LOCAL_RANK — wrong where a launcher binds one GPU to each task (every rank sees cuda:0)."""
+    device = torch.device(device)
+    return argparse.Namespace(device_rank=device.index or 0) if device.type == "cuda" else None
+
+
+def initialize(
+    model,
+    trainable: dict[str, list[torch.nn.Parameter]],
+    config: TrainConfig,
+    ds_config: dict,
+    device: torch.device | str = "cpu",
+):
+    """Parameter groups (MoE groups split out), AdamW, warm-up+cosine, `deepspeed.initialize` on `device`."""
 
     groups = [
         {"params": params, "name": name, "weight_decay": config.weight_decay if name in DECAYED else 0.0}
@@ -126,6 +140,6 @@ def initialize(model, trainable: dict[str, list[torch.nn.Parameter]], config: Tr
         return torch.optim.lr_scheduler.LambdaLR(wrapped, lr_lambda(config))
 
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=make_scheduler, config=ds_config
+        args=engine_args(device), model=model, optimizer=optimizer, lr_scheduler=make_scheduler, config=ds_config
     )
     return engine, optimizer, scheduler

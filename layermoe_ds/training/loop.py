@@ -193,7 +193,7 @@ class StageTrainer:
             tokens = self.blocks.tokens_per_lang
             extra = {"ep_sizes": self.ep_sizes, "world_size": self.world, "data_tokens": tokens}
             write_json(out / RESOLVED, {**resolved, **extra})
-        self.engine, _, self.scheduler = initialize(model, built.trainable, config, self.ds_config)
+        self.engine, _, self.scheduler = initialize(model, built.trainable, config, self.ds_config, self.device)
         census: list = [None] * self.world  # with each rank's peak memory once set up (before the first step)
         own = {**built.census, "loss_chunk_tokens": loss_chunk, "setup_peak_mib": own_peak_memory_mib(self.device)}
         dist.all_gather_object(census, own)
