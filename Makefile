@@ -35,6 +35,7 @@ bench: $(STAMP)
 # On a GPU machine: the corpus and tokenizer (no CPU demo), then dispatch, 1.8B-class throughput/MFU and memory.
 GPUS ?= 1
 bench-gpu: $(STAMP)
+	@$(PY) scripts/require_gpu.py
 	test -f data/manifest.json || $(VENV)/bin/layermoe data build --out data
 	test -f artifacts/tokenizer/tokenizer.json || \
 		$(VENV)/bin/layermoe tokenizer train --data data --out artifacts/tokenizer

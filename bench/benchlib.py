@@ -9,9 +9,15 @@ import statistics
 import subprocess
 from pathlib import Path
 
-from layermoe_ds.distributed import Launcher, cpu_launch_env, stage_command
+from layermoe_ds.distributed import Launcher, cpu_launch_env, device_and_backend, stage_command
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench_device() -> str:
+    """The device a benchmark runs on, by the project's one rule (`distributed.device_and_backend`): this rank's GPU
+    where one is visible, the CPU where none is or where `DS_ACCELERATOR=cpu` asks for it (`make bench`)."""
+    return device_and_backend("cpu" if os.environ.get("DS_ACCELERATOR") == "cpu" else None)[0]
 
 
 def add_launch_flags(parser, port: int) -> None:
@@ -40,7 +46,7 @@ def launch(
 
     run_yaml = workdir / f"stage{stage}_w{ranks}_{port}.yaml"
     run_yaml.write_text(yaml.safe_dump(config))
-    cpu = os.environ.get("DS_ACCELERATOR", "cpu") == "cpu"
+    cpu = bench_device() == "cpu"
     if cpu:
         # The project's CPU launch environment: gloo ranks with a thread each, and DeepSpeed's shm op from the
         # per-venv build the tests made (not a fresh ~40 s compile inside the first run being timed).

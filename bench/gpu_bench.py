@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from benchlib import add_launch_flags, launch, peak_mib, random_base, step_seconds  # noqa: E402
+from benchlib import add_launch_flags, bench_device, launch, peak_mib, random_base, step_seconds  # noqa: E402
 
 from layermoe_ds.config import parse_groups  # noqa: E402
 from layermoe_ds.io import write_json  # noqa: E402
@@ -74,7 +73,7 @@ def peak_tflops(given: float | None) -> float | None:
         return given
     import torch
 
-    if not torch.cuda.is_available():
+    if bench_device() == "cpu":
         return None
     name = torch.cuda.get_device_name()
     return next((value for key, value in PEAK_BF16_TFLOPS.items() if key in name), None)
@@ -166,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         "moe_over_dense_at_equal_active_params": (moe["tokens_per_s_per_gpu"] * moe["params_active"])
         / (dense["tokens_per_s_per_gpu"] * dense["params_active"]),
     }
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.machine()})"
+    on_gpu = bench_device() != "cpu"
+    device = torch.cuda.get_device_name() if on_gpu else f"cpu ({platform.machine()})"
     print(
         f"{'smoke: ' if args.smoke else ''}Qwen2 hidden {shape['hidden']}, ffn {shape['ffn']}, {shape['layers']} "
         f"layers, vocab {shape['vocab']}, seq {shape['seq_len']}, micro-batch {micro}, {args.gpus} rank(s) on "
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         "deepspeed": deepspeed.__version__,
         "cuda": torch.version.cuda,
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None,
-        "accelerator": os.environ.get("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu"),
+        "accelerator": "cuda" if on_gpu else "cpu",
         "peak_tflops": peak,
         "shape": shape,
         "micro_batch": micro,

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from benchlib import add_launch_flags, launch, optimizer_bytes_per_rank, peak_mib, random_base  # noqa: E402
+from benchlib import add_launch_flags, bench_device, launch, optimizer_bytes_per_rank, peak_mib, random_base  # noqa: E402
 
 from layermoe_ds.config import parse_groups  # noqa: E402
 from layermoe_ds.io import write_json  # noqa: E402
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     report = {
         "machine": platform.machine(),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "device": torch.cuda.get_device_name() if bench_device() != "cpu" else "cpu",
         "torch": torch.__version__,
         "deepspeed": deepspeed.__version__,
         "shape": {k: getattr(args, k) for k in ("hidden", "ffn", "layers", "heads", "experts", "seq_len", "steps")},

@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from benchlib import add_launch_flags, launch  # noqa: E402
+from benchlib import add_launch_flags, bench_device, launch  # noqa: E402
 
 from layermoe_ds.io import write_json  # noqa: E402
 from layermoe_ds.modeling.checkpoint_files import MARKER  # noqa: E402
@@ -144,13 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.sizing:
         print(sizing_table())
         return 0
-    import torch
 
     from layermoe_ds.analysis.sizing import SHAPES, stage1_floor, stage2_floor, upcycled_bytes
 
     shape, counts = SHAPES[args.shape], ALLOCATIONS[args.shape]
     classifiers = [i for i, n in enumerate(counts) if n == max(counts)][:7]
-    gpu = torch.cuda.is_available()
+    gpu = bench_device() != "cpu"
     dtype = "bfloat16" if gpu else "float32"
     tmp = Path(args.keep or tempfile.mkdtemp())
     tmp.mkdir(parents=True, exist_ok=True)

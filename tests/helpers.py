@@ -35,11 +35,15 @@ def metrics(run_dir: Path) -> dict[int, dict]:
     return records
 
 
-def command(stage: int, config: dict, run_yaml: Path, ds_json: str, ranks: int = 2, launcher=Launcher.TORCHRUN):
+def command(
+    stage: int, config: dict, run_yaml: Path, ds_json: str, ranks: int = 2, launcher=Launcher.TORCHRUN, extra_json=()
+):
     """The job's command line: torchrun by default (4-9 s less start-up than DeepSpeed's launcher, which the fault
-    matrix, the cluster tests and the mini experiment go through)."""
+    matrix, the cluster tests and the mini experiment go through); `extra_json` merged over cpu.json."""
     run_yaml.write_text(yaml.safe_dump(config))
-    return stage_command(stage, run_yaml, ds_json, ranks, free_port(), cpu=True, launcher=launcher)
+    return stage_command(
+        stage, run_yaml, ds_json, ranks, free_port(), cpu=True, extra_json=extra_json, launcher=launcher
+    )
 
 
 def shm_buffers() -> set[Path]:
@@ -47,10 +51,12 @@ def shm_buffers() -> set[Path]:
     return set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
 
 
-def run(stage: int, config: dict, tmp: Path, ds_json: str, ranks: int = 2) -> subprocess.CompletedProcess:
+def run(
+    stage: int, config: dict, tmp: Path, ds_json: str, ranks: int = 2, extra_json=()
+) -> subprocess.CompletedProcess:
     before = shm_buffers()
     result = subprocess.run(
-        command(stage, config, tmp / f"run_{time.monotonic_ns()}.yaml", ds_json, ranks),
+        command(stage, config, tmp / f"run_{time.monotonic_ns()}.yaml", ds_json, ranks, extra_json=extra_json),
         env=launch_env(),
         capture_output=True,
         text=True,

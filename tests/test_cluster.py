@@ -321,3 +321,17 @@ def test_ranks_build_deepspeeds_op_with_this_environments_ninja(monkeypatch):
     assert jit_build_env({"PATH": own, "TORCH_EXTENSIONS_DIR": "/x"})["TORCH_EXTENSIONS_DIR"] == "/x"
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # a system-wide install: torch's default stays
     assert "TORCH_EXTENSIONS_DIR" not in jit_build_env({"PATH": own})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_make_bench_gpu_refuses_in_one_line_without_a_gpu(tmp_path):
+    stamp = tmp_path / "installed"  # newer than setup.cfg: make takes the environment as installed
+    stamp.touch()
+    venv = Path(sys.executable).parent.parent
+    result = subprocess.run(
+        ["make", "-s", "--no-print-directory", "-C", str(ROOT), "bench-gpu", f"VENV={venv}", f"STAMP={stamp}"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0 and result.stdout == ""
+    assert result.stderr.splitlines()[0].startswith("make bench-gpu: no CUDA GPU is visible here")

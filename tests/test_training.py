@@ -44,6 +44,30 @@ def test_stage1_zero2_expert_parallel_learns_and_freezes(stage1_run, upcycled):
     assert config["classifier_routing"] is False
 
 
+def test_bf16_stage1_with_two_experts_a_rank_trains_and_reduces_gradients_in_fp32(upcycled_wide, corpus_dir, tmp_path):
+    """The shipped ZeRO-2 config as a GPU run uses it (bf16 weights, fp32 gradient communication), on 2 CPU ranks,
+    with a dense layer and two experts a rank in layer 0."""
+    (tmp_path / "bf16.json").write_text(json.dumps({"bf16": {"enabled": True}}))
+    config = base_config(upcycled_wide, corpus_dir, tmp_path / "run", steps=10, save_every=10, log_every=1)
+    run(1, config, tmp_path, "stage1_zero2.json", extra_json=[tmp_path / "bf16.json"])
+    resolved = json.loads((tmp_path / "run" / "resolved_config.json").read_text())
+    assert resolved["deepspeed"]["bf16"]["enabled"] and resolved["deepspeed"]["communication_data_type"] == "fp32"
+    records = metrics(tmp_path / "run")
+    assert all(torch.isfinite(torch.tensor(r["loss/total"])) for r in records.values())
+    assert records[10]["loss/ntp"] < records[1]["loss/ntp"]
+    # Dropless capacity over the mean expert load: ≥ 1, logged per expert-parallel layer.
+    assert all(records[s]["moe/layer_00/capacity_over_mean_load"] >= 1 for s in records)
+    assert "moe/layer_02/expert_load/00" not in records[1]  # layer 2 stayed dense
+    before = load_file(upcycled_wide / "model.safetensors")
+    after = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    assert all(t.dtype == torch.bfloat16 for t in after.values())
+    changed = {key for key in before if not torch.equal(before[key].to(torch.bfloat16), after[key])}
+    assert changed and all(".gate.router." in key or ".deepspeed_experts." in key for key in changed)
+    assert {f"model.layers.0.mlp.moe.deepspeed_moe.experts.deepspeed_experts.{i}.up_proj.weight" for i in range(4)} <= (
+        changed
+    )
+
+
 def test_activation_checkpointing_gives_the_same_training(stage1_run, corpus_dir, upcycled, tmp_path):
     """Recomputing activations (expert-parallel all-to-all included) changes memory, not the numbers."""
     config = base_config(upcycled, corpus_dir, tmp_path / "run", activation_checkpointing=True)
