@@ -3,15 +3,32 @@ read back from them."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import statistics
 import subprocess
+import sys
 from pathlib import Path
 
 from layermoe_ds.distributed import Launcher, cpu_launch_env, device_and_backend, stage_command
+from layermoe_ds.io import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_result(path: Path, results: dict) -> None:
+    """A benchmark's JSON with where its figures come from: date, commit (`-dirty` with uncommitted changes) and the
+    command that measured them."""
+    git = ["git", "-C", str(ROOT)]
+    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    provenance = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": (commit or "unknown") + ("-dirty" if dirty.stdout.strip() else ""),
+        "command": " ".join(["python", *sys.argv]),
+    }
+    write_json(path, {"provenance": provenance, **results})
 
 
 def bench_device() -> str:

@@ -33,9 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from benchlib import add_launch_flags, launch  # noqa: E402
-
-from layermoe_ds.io import write_json  # noqa: E402
+from benchlib import add_launch_flags, launch, write_result  # noqa: E402
 
 OLD, NEW = ["en", "de"], ["fr", "ru", "el"]
 
@@ -245,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['disk_bytes_per_token']:>8.3f}"
         )
     if args.no_stage:
-        write_json(args.out, results)
+        write_result(args.out, results)
         return 0
     s1, sb = results["stage1"]["1x"], results["stage1"][big]
     ratios = {
@@ -264,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     ):
         a, b = s1[key][field], sb[key][field]
         print(f"{label:<22} {a:>10.1f} {b:>10.1f} {b / a:>7.2f}  {goal}")
-    write_json(args.out, results)
+    write_result(args.out, results)
     print(f"\nwritten to {args.out}")
     return 0
 

@@ -29,10 +29,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from benchlib import add_launch_flags, bench_device, launch, peak_mib, random_base, step_seconds  # noqa: E402
+from benchlib import add_launch_flags, bench_device, launch, peak_mib, random_base, step_seconds, write_result  # noqa: E402
 
 from layermoe_ds.config import parse_groups  # noqa: E402
-from layermoe_ds.io import write_json  # noqa: E402
 
 # The paper's Qwen1.5-1.8B G1 allocation (experts per layer incl. expert 0; 72 in total, 48 new).
 PUBLISHED_72 = [5, 4, 3, 5, 4, 3, 2, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 4, 4, 4, 3, 3]
@@ -203,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         "systems": systems,
         "ratios": ratios,
     }
-    write_json(out, report)
+    write_result(out, report)
     return 0
 
 

@@ -24,10 +24,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from benchlib import add_launch_flags, bench_device, launch, optimizer_bytes_per_rank, peak_mib, random_base  # noqa: E402
+from benchlib import (  # noqa: E402
+    add_launch_flags,
+    bench_device,
+    launch,
+    optimizer_bytes_per_rank,
+    peak_mib,
+    random_base,
+    write_result,
+)
 
 from layermoe_ds.config import parse_groups  # noqa: E402
-from layermoe_ds.io import write_json  # noqa: E402
 
 VARIANTS = {  # name → (ZeRO stage, activation checkpointing)
     "no ZeRO": (0, False),
@@ -133,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         "variants": results,
         "summary": summary,
     }
-    write_json(args.out, report)
+    write_result(args.out, report)
     return 0
 
 

@@ -24,8 +24,10 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-from layermoe_ds.io import write_json  # noqa: E402
+from benchlib import write_result  # noqa: E402
+
 from layermoe_ds.modeling.remote.layermoe_block import LayerMoEBlock, LayerMoEGate, LocalNewExperts  # noqa: E402
 
 
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         "deepspeed": deepspeed.__version__,
         "widths": results,
     }
-    write_json(out, record)
+    write_result(out, record)
     print(f"\nwritten {out}")
     return 0
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from layermoe_ds.io import write_json
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import write_result  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         "(goal >= 0.9)"
     )
     print(f"hook overhead: profile time / decoder-stack time = {result['hook_overhead_vs_body']:.2f}x (goal <= 1.1)")
-    write_json(args.out, result)
+    write_result(args.out, result)
     return 0
 
 

@@ -30,9 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from benchlib import add_launch_flags, bench_device, launch  # noqa: E402
+from benchlib import add_launch_flags, bench_device, launch, write_result  # noqa: E402
 
-from layermoe_ds.io import write_json  # noqa: E402
 from layermoe_ds.modeling.checkpoint_files import MARKER  # noqa: E402
 
 # Allocations: the one measured on a Qwen2-0.5B shape (budget 48 → 36 new experts); the paper's published
@@ -262,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             f"on rank 0 in {r['export']['seconds']:.1f} s"
         )
     results["machine"] = platform.machine()
-    write_json(args.out, results)
+    write_result(args.out, results)
     if args.keep is None:
         shutil.rmtree(tmp)
     return 0

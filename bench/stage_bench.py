@@ -21,10 +21,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from benchlib import add_launch_flags, dropped_routes, launch, optimizer_bytes_per_rank, random_base, step_seconds  # noqa: E402
+from benchlib import (  # noqa: E402
+    add_launch_flags,
+    dropped_routes,
+    launch,
+    optimizer_bytes_per_rank,
+    random_base,
+    step_seconds,
+    write_result,
+)
 
 from layermoe_ds.config import parse_groups  # noqa: E402
-from layermoe_ds.io import write_json  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{result['dropless_over_dropping_stage1_step']:.2f}x; routes dropped over the run: "
         f"{result['stage1_routes_dropped']:.0f} dropless, {result['stage1_dropping_routes_dropped']:.0f} capped"
     )
-    write_json(args.out, result)
+    write_result(args.out, result)
     return 0
 
 

@@ -31,8 +31,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-from layermoe_ds.io import write_json  # noqa: E402
+from benchlib import write_result  # noqa: E402
 
 
 class _Cfg:
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             f"  {label}: time {row['time_ratio']:.2f}x ({plain * 1e3:.1f} → {lean * 1e3:.1f} ms), {measure} "
             f"{row['memory_ratio']:.2f}x ({row['peak_mib_plain']:.0f} → {row['peak_mib_lean']:.0f} MiB)"
         )
-    write_json(args.out, results)
+    write_result(args.out, results)
     return 0
 
 
