@@ -221,3 +221,41 @@ def test_full_finetune_baseline_trains_every_parameter_of_the_dense_model(tiny_b
     assert not is_layermoe(exported) and "step 10" in described
     for (name, a), (_, b) in zip(exported.state_dict().items(), from_checkpoint.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("ds_json", ["stage1_zero2.json", "stage2.json"])
+def test_the_end_of_run_export_frees_the_optimizer_first(
+    ds_json, single_rank, upcycled, corpus_dir, tmp_path, monkeypatch
+):
+    """Adam's moments and ZeRO's fp32 master copies are gone when the export starts (weak references dead), and
+    the export is the trained model's."""
+    import gc
+    import weakref
+
+    from layermoe_ds.config import load_config
+    from layermoe_ds.training import loop
+    from layermoe_ds.training.engine import load_ds_config
+    from tests.helpers import CPU, ROOT
+
+    stage = 1 if ds_json.startswith("stage1") else 2
+    (tmp_path / "run.json").write_text(json.dumps(base_config(upcycled, corpus_dir, tmp_path / "run", steps=2)))
+    config = load_config(loop.TrainConfig, tmp_path / "run.json", {})
+    trainer = loop.StageTrainer(stage, config, load_ds_config([ROOT / "ds_configs" / ds_json, CPU]))
+    assert not trainer.train()
+    optimizer = trainer.engine.optimizer
+    held = [t for state in getattr(optimizer, "optimizer", optimizer).state.values() for t in state.values()]
+    held += list(getattr(optimizer, "single_partition_of_fp32_groups", []))
+    refs = [weakref.ref(t) for t in held if torch.is_tensor(t) and t.numel() > 1]
+    del optimizer, held
+    alive_at_export = []
+    export = loop.export_model
+
+    def watched(*args, **kwargs):
+        gc.collect()
+        alive_at_export.append(sum(ref() is not None for ref in refs))
+        return export(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "export_model", watched)
+    trainer.export()
+    assert refs and alive_at_export == [0]
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()

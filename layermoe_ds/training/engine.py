@@ -143,3 +143,27 @@ def initialize(
         args=engine_args(device), model=model, optimizer=optimizer, lr_scheduler=make_scheduler, config=ds_config
     )
     return engine, optimizer, scheduler
+
+
+def release_optimizer(engine) -> int:
+    """Free what only the optimizer holds before the end-of-run export: Adam's moments and (ZeRO, bf16) the fp32
+    master copies of the trained tensors — a stage-1 rank's largest tensors after the frozen model, otherwise still
+    resident while rank 0 gathers every expert. The weights are the module's and stay. The engine cannot step
+    afterwards. Returns the bytes released."""
+    optimizer = engine.optimizer
+    if optimizer is None:
+        return 0
+    inner = getattr(optimizer, "optimizer", optimizer)  # ZeRO and bf16 wrap the torch optimizer
+    masters = getattr(optimizer, "single_partition_of_fp32_groups", None)  # ZeRO 1/2
+    if masters is None:
+        masters = getattr(optimizer, "fp32_groups_flat_partition", None) or []  # bf16 without ZeRO
+    moments = [t for state in inner.state.values() for t in state.values() if torch.is_tensor(t)]
+    released = sum(t.numel() * t.element_size() for t in [*moments, *masters])
+    engine.destroy()  # DeepSpeed's gradient hooks off
+    inner.state.clear()
+    if masters:
+        masters.clear()
+        for group in inner.param_groups:
+            group["params"] = []
+    engine.optimizer = None
+    return released

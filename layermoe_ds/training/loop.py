@@ -37,7 +37,7 @@ from layermoe_ds.modeling.placement import model_slots
 from layermoe_ds.modeling.types import is_layermoe, layermoe_model_type, moe_blocks
 from layermoe_ds.training import checkpoint
 from layermoe_ds.training.build import build_model, check_model
-from layermoe_ds.training.engine import check_ds_config, initialize, model_dtype
+from layermoe_ds.training.engine import check_ds_config, initialize, model_dtype, release_optimizer
 from layermoe_ds.training.export import export_model, write_model_files
 from layermoe_ds.training.host_reads import HOST_READS, HostReadSections
 from layermoe_ds.training.losses import stage_losses
@@ -302,8 +302,10 @@ class StageTrainer:
         )
 
     def export(self) -> None:
-        """The trained model as OUT/model (every rank takes part); rank 0 records what the export took in
-        OUT/export.json (host memory: the gathered experts)."""
+        """The trained model as OUT/model (every rank takes part), once the optimizer's state is freed; rank 0
+        records what the export took in OUT/export.json (host memory: the gathered experts)."""
+        released = release_optimizer(self.engine)
+        log.info("optimizer state freed before the export: %.1f MiB on this rank", released / 2**20)
         started = time.perf_counter()
         with RssPeak() as rss:
             export_model(self.model, self.tokenizer, self.out / "model", self.stage)
