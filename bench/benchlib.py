@@ -22,7 +22,9 @@ def write_result(path: Path, results: dict) -> None:
     command that measured them."""
     git = ["git", "-C", str(ROOT)]
     commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    # Uncommitted changes to the code, not to the results this and other benchmarks write.
+    status = [*git, "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"]
+    dirty = subprocess.run(status, capture_output=True, text=True)
     provenance = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": (commit or "unknown") + ("-dirty" if dirty.stdout.strip() else ""),

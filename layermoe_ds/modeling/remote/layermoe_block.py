@@ -79,10 +79,10 @@ class _ScaledIndexAdd(torch.autograd.Function):
 def scaled_index_add(
     out_TH: torch.Tensor, index_R: torch.Tensor, routed_RH: torch.Tensor, weight_R: torch.Tensor
 ) -> torch.Tensor:
-    """`out_TH` (fp32) with routed·w added at rows `index_R`, out of place."""
+    """`out_TH` (fp32) with routed·w added at rows `index_R`: out of place under autograd, in place without it."""
     if torch.is_grad_enabled():
         return _ScaledIndexAdd.apply(out_TH, index_R, routed_RH, weight_R)
-    return out_TH.index_add(0, index_R, routed_RH.float() * weight_R[:, None])
+    return out_TH.index_add_(0, index_R, routed_RH.float() * weight_R[:, None])
 
 
 def prefix_mean(hidden_BLH: torch.Tensor) -> torch.Tensor:
@@ -219,7 +219,7 @@ def grouped_dispatch(
     """
     num_tokens, top_k = ids_TK.shape
     flat_ids = ids_TK.reshape(-1)
-    token_of_route = torch.arange(num_tokens, device=hidden_TH.device).repeat_interleave(top_k)
+    token_of_route = torch.arange(num_tokens, device=hidden_TH.device)[:, None].expand(-1, top_k).reshape(-1)
     order = torch.argsort(torch.where(flat_ids >= 0, flat_ids, len(experts)), stable=True)
     token_sorted, weight_sorted = token_of_route[order], weights_TK.reshape(-1)[order]
     out_TH = torch.zeros(hidden_TH.shape, dtype=torch.float32, device=hidden_TH.device)
