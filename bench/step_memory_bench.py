@@ -7,7 +7,7 @@ Three pairs, forward + backward of one micro-batch (frozen weights, inputs that 
 - the next-token loss: Hugging Face's (full logits, then cross-entropy) vs the fused, chunked one
   (`modeling/lm_loss.py`)
 - `--layers` SwiGLU feed-forwards in sequence over T token slots: autograd's (keeps three activations each) vs the
-  lean one (`training/swiglu.py`, keeps two)
+  lean one (`training/lean_ffn.py`, keeps two)
 - `--layers` LayerMoE blocks in bf16 (4 experts, top-2, a classifier): the router/classifier GEMM and the expert
   combine as autograd saves them (fp32 upcasts of [T, H]) vs `fp32_linear` and `scaled_index_add` (bf16 saved);
   memory here is the bytes saved for backward, on either device
@@ -101,7 +101,7 @@ def _step(kind: str, lean: bool, inputs, chunk: int, layers: int = 1):
     import torch.nn.functional as F
 
     from layermoe_ds.modeling.lm_loss import linear_cross_entropy
-    from layermoe_ds.training.swiglu import silu_mul
+    from layermoe_ds.training.lean_ffn import silu_mul
 
     if kind == "moe_block":
         x, blocks = inputs

@@ -66,13 +66,13 @@ def test_lean_swiglu_trains_to_the_bit(upcycled):
     """Two activations kept instead of three, the same gradients: the upcycled model's every FFN (expert 0 and the
     new experts) with the lean forward gives bit-identical loss and gradients."""
     from layermoe_ds.modeling.hf_loading import load_causal_lm
-    from layermoe_ds.training.swiglu import use_lean_swiglu
+    from layermoe_ds.training.lean_ffn import use_lean_ffn
 
     ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(1))
     reference = load_causal_lm(upcycled, torch.float32, "cpu")
     ref_loss, ref_grads = _grads(reference, ids)
     model = load_causal_lm(upcycled, torch.float32, "cpu")
-    assert use_lean_swiglu(model) == 3 + (3 + 2 + 3 - 3)  # a base FFN per layer, and every new expert
+    assert use_lean_ffn(model) == 3 + (3 + 2 + 3 - 3)  # a base FFN per layer, and every new expert
     loss, grads = _grads(model, ids)
     assert torch.equal(loss, ref_loss)
     assert grads.keys() == ref_grads.keys()

@@ -79,10 +79,22 @@ def test_unknown_architecture_and_wrong_allocation_are_named():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50))
-    with pytest.raises(ValueError, match=r"architecture 'gpt2' \(GPT2Config\) is not supported"):
+    found = r"'gpt2' \(GPT2LMHeadModel\): no decoder layers at model.layers \(its modules: transformer, lm_head\)"
+    with pytest.raises(ValueError, match=found):
         upcycle(gpt2, ALLOCATION)
     with pytest.raises(ValueError, match="has 3 entries but the model has 4 layers"):
         upcycle(tiny_dense("llama"), {"experts_per_layer": [2, 2, 2]})
+
+
+def test_models_that_cannot_be_expanded_say_what_was_found():
+    from transformers import BartConfig, MixtralConfig
+
+    from layermoe_ds.modeling.families import expandable
+
+    with pytest.raises(ValueError, match=r"'mixtral' \(MixtralConfig\) is a mixture of experts already \(num_local"):
+        expandable(MixtralConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2))
+    with pytest.raises(ValueError, match=r"'bart' \(BartConfig\) is an encoder-decoder"):
+        expandable(BartConfig(encoder_layers=1, decoder_layers=1, d_model=32))
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from layermoe_ds.data.tokens import TokenStream
-from layermoe_ds.modeling.hf_loading import decoder_layers, ffn_module
+from layermoe_ds.modeling.hf_loading import ffn_modules
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +98,9 @@ def profile_model(
     model, batches: ProfileBatches, batch_size: int = 8, rank: int = 0, world_size: int = 1
 ) -> SimilarityAccumulator:
     """Run the model over `batches` (rows rank::world_size on this rank), hooking every FFN's input."""
-    layers = decoder_layers(model)
-    ffns = [ffn_module(layer, i) for i, layer in enumerate(layers)]
+    ffns = ffn_modules(model)
     hidden = model.config.hidden_size
-    acc = SimilarityAccumulator(len(layers), len(batches.langs), hidden)
+    acc = SimilarityAccumulator(len(ffns), len(batches.langs), hidden)
     current: dict[str, torch.Tensor] = {}
 
     def make_hook(layer_index: int):

@@ -94,13 +94,15 @@ def train_tokenizer(
 
 def load_tokenizer(path: Path):
     """Load any HF tokenizer directory; make sure it has EOS (document separator) and a pad token."""
-    # The one import from data/ into modeling/, for its side effect, here and not at the top: a LayerMoE model
-    # directory's tokenizer loads without a remote-code prompt once its config classes are registered.
-    import layermoe_ds.modeling.types  # noqa: F401
+    # The one import from data/ into modeling/, here and not at the top: a LayerMoE model directory's tokenizer
+    # loads without a remote-code prompt once its config class is registered (`layermoe_model_type` does that).
+    from layermoe_ds.modeling.types import layermoe_model_type
 
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"tokenizer: {path} is not a directory")
+    if (path / "config.json").is_file():
+        layermoe_model_type(path)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer: {path} has no EOS token (needed to separate documents)")

@@ -10,13 +10,13 @@ import re
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from layermoe_ds.io import read_json, sha256_file
 from layermoe_ds.modeling.materialize import materialize, parameters_on_meta
 from layermoe_ds.modeling.placement import checkpoint_slots, renamed_expert
 from layermoe_ds.modeling.streaming import TensorSource
-from layermoe_ds.modeling.types import LAYERMOE_TYPES, layermoe_model_type
+from layermoe_ds.modeling.types import layermoe_classes, layermoe_model_type, model_config
 from layermoe_ds.modeling.upcycle import base_loader
 
 log = logging.getLogger(__name__)
@@ -165,9 +165,9 @@ def model_from_checkpoint(
         raise FileNotFoundError(f"checkpoint {path} has no config.json (saved before checkpoints carried one)")
     model_type = layermoe_model_type(path)
     if model_type is None:  # the dense full fine-tune baseline
-        config, model_cls = AutoConfig.from_pretrained(path), AutoModelForCausalLM.from_config
+        config, model_cls = model_config(path), AutoModelForCausalLM.from_config
     else:
-        config_cls, layermoe_cls = LAYERMOE_TYPES[model_type]
+        config_cls, layermoe_cls = layermoe_classes(model_type)
         config, model_cls = config_cls.from_pretrained(path), layermoe_cls
     trained = consolidated_from_checkpoint(path, marker)
     with parameters_on_meta():

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from layermoe_ds.io import directory_in_place
-from layermoe_ds.modeling.types import LAYERMOE_TYPES, layermoe_model_type
+from layermoe_ds.modeling.types import layermoe_classes, layermoe_model_type
 
 
 def save_model(model, out: Path, tokenizer=None) -> Path:
@@ -31,7 +31,7 @@ def save_model(model, out: Path, tokenizer=None) -> Path:
 def load_layermoe(path: Path, dtype: torch.dtype = torch.float32):
     """Load a LayerMoE directory with the package's classes, after checking every stored tensor's key and shape
     against the model its config.json describes."""
-    config_cls, model_cls = LAYERMOE_TYPES[layermoe_model_type(path)]
+    config_cls, model_cls = layermoe_classes(layermoe_model_type(path))
     try:
         config = config_cls.from_pretrained(path)
     except ValueError as exc:

@@ -8,8 +8,10 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
+from layermoe_ds.modeling.families import check_layout
 from layermoe_ds.modeling.hf_export import load_layermoe
-from layermoe_ds.modeling.types import layermoe_model_type
+from layermoe_ds.modeling.remote.modeling_layermoe import attribute_path
+from layermoe_ds.modeling.types import is_layermoe, layermoe_model_type
 
 WEIGHT_PATTERNS = ("model.safetensors", "model-*.safetensors", "pytorch_model.bin", "pytorch_model-*.bin")
 DTYPES = {
@@ -52,21 +54,15 @@ def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32, device: str |
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
-    """The decoder layers of a HF causal LM (`model.model.layers` for Llama/Qwen2/Mistral and relatives)."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if layers is None or not len(layers):
-        raise ValueError(f"model: {type(model).__name__} has no model.layers; supported: Llama/Qwen2/Mistral-style")
-    return list(layers)
+    """The decoder layers of a HF causal LM, where its family keeps them (`modeling/families.py`)."""
+    config = model.config
+    if is_layermoe(model):
+        return list(model.decoder_layers())
+    return list(attribute_path(model, check_layout(model, getattr(config, "model_type", "")).decoder_layers))
 
 
-def ffn_module(layer: torch.nn.Module, index: int) -> torch.nn.Module:
-    """The FFN (or LayerMoE MoE block) of a decoder layer: its input is what experts see."""
-    for name in ("mlp", "block_sparse_moe", "feed_forward"):
-        module = getattr(layer, name, None)
-        if module is not None:
-            return module
-    raise ValueError(
-        f"model: layer {index} ({type(layer).__name__}) has no FFN module (looked for mlp, "
-        "block_sparse_moe, feed_forward)"
-    )
+def ffn_modules(model) -> list[torch.nn.Module]:
+    """Each decoder layer's FFN (or LayerMoE block): its input is what the experts see."""
+    config = model.config
+    name = config.ffn_module if is_layermoe(model) else check_layout(model, config.model_type).ffn_module
+    return [getattr(layer, name) for layer in decoder_layers(model)]

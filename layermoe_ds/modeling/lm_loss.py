@@ -108,7 +108,8 @@ def shifted_targets(labels_BL: torch.Tensor) -> torch.Tensor:
 
 def unusual_head(model) -> list[str]:
     """What keeps logits from being lm_head(the backbone's final hidden state) alone: no `.model` backbone or
-    output embeddings (not a Hugging Face causal LM), a bias, soft-capping, a logit scale."""
+    output embeddings (not a Hugging Face causal LM), a bias, soft-capping, a logit scale (Cohere multiplies,
+    Granite divides)."""
     if not all(hasattr(model, name) for name in ("model", "config", "get_output_embeddings")):
         return ["no Hugging Face backbone and head"]
     config = model.config
@@ -117,7 +118,8 @@ def unusual_head(model) -> list[str]:
         for name, value in (
             ("an lm_head bias", getattr(model.get_output_embeddings(), "bias", None)),
             ("final_logit_softcapping", getattr(config, "final_logit_softcapping", None)),
-            ("logit_scale", getattr(config, "logit_scale", None)),
+            ("logit_scale", getattr(config, "logit_scale", None)),  # Cohere multiplies the logits
+            ("logits_scaling", None if getattr(config, "logits_scaling", 1.0) == 1.0 else config.logits_scaling),
         )
         if value is not None
     ]

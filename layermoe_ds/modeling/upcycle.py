@@ -17,11 +17,17 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig
 
 from layermoe_ds.config import StrEnum, choice
+from layermoe_ds.modeling.families import DEFAULT, expandable
 from layermoe_ds.modeling.streaming import Planned, TensorSource, saved_keys, write_model_dir, write_safetensors
-from layermoe_ds.modeling.types import ARCHITECTURES, LAYERMOE_TYPES, is_layermoe, layermoe_model_type
+from layermoe_ds.modeling.types import (
+    expanded_classes,
+    is_layermoe,
+    layermoe_classes,
+    layermoe_model_type,
+    model_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +36,14 @@ _DENSE_CONFIG_DROP = ("model_type", "architectures", "auto_map", "transformers_v
 
 
 def _classes_for(dense_config):
-    model_type = getattr(dense_config, "model_type", None)
-    if model_type not in ARCHITECTURES:
-        raise ValueError(
-            f"upcycle: architecture {model_type!r} ({type(dense_config).__name__}) is not supported; "
-            f"supported: {sorted(ARCHITECTURES)}"
-        )
-    return ARCHITECTURES[model_type]
+    """(LayerMoE config class, model class, layout) of a dense model that can be expanded."""
+    try:
+        _, layout = expandable(dense_config)
+    except ValueError as exc:
+        raise ValueError(f"upcycle: {exc}") from None
+    if layout != DEFAULT:  # the names this module writes (model.layers.N.mlp.…) are the default layout's
+        raise ValueError(f"upcycle: architecture {dense_config.model_type!r} keeps its layers at {layout}")
+    return (*expanded_classes(dense_config), layout)
 
 
 def seeded_xavier(shape: Sequence[int], seed: int, layer: int, salt: int) -> torch.Tensor:
@@ -82,7 +89,7 @@ def _usable_classifier_layers(requested: Sequence[int], counts: Sequence[int]) -
 
 def upcycled_config(dense_config, allocation: dict, top_k: int = 2, classifier_mode: str = "per-token"):
     """(LayerMoE config, model class) for a dense HF config and an allocation."""
-    config_cls, model_cls = _classes_for(dense_config)
+    config_cls, model_cls, layout = _classes_for(dense_config)
     dense_dict = {k: v for k, v in dense_config.to_dict().items() if k not in _DENSE_CONFIG_DROP}
     counts, requested = _check_allocation(allocation, dense_config.num_hidden_layers)
     config = config_cls(
@@ -95,6 +102,8 @@ def upcycled_config(dense_config, allocation: dict, top_k: int = 2, classifier_m
         classifier_routing=False,  # the classifiers are trained in stage 2, which switches this on
         moe_top_k=top_k,
         allocation={"history": [_allocation_record(allocation)]},
+        decoder_layers=layout.decoder_layers,
+        ffn_module=layout.ffn_module,
     )
     return config, model_cls
 
@@ -160,7 +169,7 @@ def upcycle_dir(
     shard, in the input's dtype unless `dtype` says otherwise; no model is materialised. The same tensors as
     `upcycle` (tested). Returns the LayerMoE config."""
     model_dir = Path(model_dir)
-    dense_config = AutoConfig.from_pretrained(model_dir)
+    dense_config = model_config(model_dir)
     if is_layermoe(dense_config):
         raise ValueError(f"upcycle: {model_dir} is already a LayerMoE model; use `layermoe grow` to add languages")
     config, model_cls = upcycled_config(dense_config, allocation, top_k, classifier_mode)
@@ -220,7 +229,7 @@ def grown_config(old, allocation: dict, router: str = RouterInit.KEEP, classifie
     if classifiers == ClassifierPolicy.UNION:
         classifier_layers |= set(old.classifier_layers)
     classifier_layers = sorted(classifier_layers)
-    config_cls, model_cls = LAYERMOE_TYPES[old.model_type]
+    config_cls, model_cls = layermoe_classes(old.model_type)
     config_dict = {k: v for k, v in old.to_dict().items() if k not in _DENSE_CONFIG_DROP}
     config_dict.update(
         experts_per_layer=counts,
@@ -274,7 +283,7 @@ def grow_dir(
     model_type = layermoe_model_type(model_dir)
     if model_type is None:
         raise ValueError(f"grow: {model_dir} is not a LayerMoE model; use `layermoe upcycle` first")
-    old = LAYERMOE_TYPES[model_type][0].from_pretrained(model_dir)
+    old = layermoe_classes(model_type)[0].from_pretrained(model_dir)
     config, model_cls = grown_config(old, allocation, router, classifiers)
     source = TensorSource(model_dir)
     dtype = dtype or source.dtype("model.embed_tokens.weight")

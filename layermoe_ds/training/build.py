@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig
 
 from layermoe_ds.config import TrainConfig
 from layermoe_ds.io import read_json
@@ -25,7 +24,7 @@ from layermoe_ds.modeling.materialize import materialize, parameters_on_meta
 from layermoe_ds.modeling.moe_layer import to_expert_parallel
 from layermoe_ds.modeling.placement import EXPERT_NAME, renamed_expert
 from layermoe_ds.modeling.streaming import TensorSource
-from layermoe_ds.modeling.types import LAYERMOE_TYPES, is_layermoe
+from layermoe_ds.modeling.types import is_layermoe, layermoe_classes, model_config
 from layermoe_ds.modeling.upcycle import base_loader, upcycled_config
 from layermoe_ds.training.stages import apply_full_finetune, apply_stage, trained_group
 
@@ -41,7 +40,7 @@ class Built:
 def _config_for(config: TrainConfig, stage: int):
     """(LayerMoE config, model class, upcycling from dense?) after the checks that need no weights."""
     model_dir = Path(config.model)
-    hf_config = AutoConfig.from_pretrained(model_dir)
+    hf_config = model_config(model_dir)
     if not is_layermoe(hf_config):
         if stage != 1 or not config.allocation:
             raise ValueError(
@@ -50,7 +49,7 @@ def _config_for(config: TrainConfig, stage: int):
             )
         moe_config, model_cls = upcycled_config(hf_config, read_json(Path(config.allocation), "allocation"))
         return moe_config, model_cls, True
-    config_cls, model_cls = LAYERMOE_TYPES[hf_config.model_type]
+    config_cls, model_cls = layermoe_classes(hf_config.model_type)
     moe_config = config_cls.from_pretrained(model_dir)
     if config.allocation:
         wanted = read_json(Path(config.allocation), "allocation")["experts_per_layer"]
@@ -67,7 +66,7 @@ def check_model(config: TrainConfig, stage: int):
     """Everything about the model that can be refused before a process group exists; returns its config."""
     check_model_dir(Path(config.model))
     if config.full_finetune:
-        hf_config = AutoConfig.from_pretrained(Path(config.model))
+        hf_config = model_config(Path(config.model))
         if stage != 1 or is_layermoe(hf_config):
             raise ValueError(
                 f"train.full_finetune: the dense baseline is a stage-1 run from a dense model "

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from deepspeed.utils import groups
 
 from layermoe_ds.modeling.streaming import ShardWriter, saved_keys, write_model_dir
-from layermoe_ds.modeling.types import LAYERMOE_TYPES, moe_blocks
+from layermoe_ds.modeling.types import layermoe_classes, moe_blocks
 from layermoe_ds.modeling.upcycle import NEW_EXPERT_PREFIX
 
 log = logging.getLogger("layermoe.train")
@@ -76,7 +76,7 @@ def export_model(model, tokenizer, out: Path, stage: int, max_shard_bytes: int =
         for _ in pieces:  # take part in every gather
             pass
         return
-    _, model_cls = LAYERMOE_TYPES[config.model_type]
+    _, model_cls = layermoe_classes(config.model_type)
     with torch.device("meta"):
         expected = saved_keys(model_cls(config))  # what a LayerMoE directory holds (tied copies left out)
     own = model.state_dict()

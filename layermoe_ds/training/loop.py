@@ -40,6 +40,7 @@ from layermoe_ds.training.build import build_model, check_model
 from layermoe_ds.training.engine import check_ds_config, initialize, model_dtype, release_optimizer
 from layermoe_ds.training.export import export_model, write_model_files
 from layermoe_ds.training.host_reads import HOST_READS, HostReadSections
+from layermoe_ds.training.lean_ffn import use_lean_ffn
 from layermoe_ds.training.losses import stage_losses
 from layermoe_ds.training.metrics import (
     MetricsLogger,
@@ -48,7 +49,6 @@ from layermoe_ds.training.metrics import (
     own_peak_memory_mib,
     reduce_scalars,
 )
-from layermoe_ds.training.swiglu import use_lean_swiglu
 
 log = logging.getLogger("layermoe.train")
 
@@ -187,7 +187,7 @@ class StageTrainer:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.to(self.device)  # the buffers (rotary frequencies, routing tables): the parameters were made there
         loss_chunk = use_chunked_loss(model)  # no [tokens × vocabulary] logits (lm_loss.py)
-        use_lean_swiglu(model)  # two FFN activations kept for backward, not three (swiglu.py)
+        use_lean_ffn(model)  # two FFN activations kept for backward, not three (lean_ffn.py)
         if self.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             tokens = self.blocks.tokens_per_lang

@@ -1,9 +1,17 @@
-"""Configuration of a LayerMoE model: the dense architecture's config plus per-layer expert layout."""
+"""Configuration of a LayerMoE model: the dense architecture's config plus the per-layer expert layout.
+
+One class per dense config class, derived on first use (`layermoe_config_class`, or by name through the module's
+`__getattr__`: `LayerMoEQwen3Config` from transformers' `Qwen3Config`): a family the installed transformers lacks
+is simply never asked for, and breaks nothing else.
+"""
 
 from __future__ import annotations
 
+import re
+
+import transformers
 from huggingface_hub.dataclasses import strict
-from transformers import LlamaConfig, MistralConfig, PreTrainedConfig, Qwen2Config
+from transformers import PreTrainedConfig
 
 CLASSIFIER_MODES = ("per-token", "prefix-mean")
 
@@ -47,22 +55,39 @@ class LayerMoEFields(PreTrainedConfig):
     classifier_routing: bool = True  # class "old" → expert 0 alone (stage 2 and inference); off in stage 1
     moe_top_k: int = 2
     allocation: dict | None = None  # the allocation.json history this model was upcycled and grown from
+    dense_model_type: str | None = None  # the architecture this model expands (set from the class)
+    decoder_layers: str = "model.layers"  # attribute path from the causal LM to its list of decoder layers
+    ffn_module: str = "mlp"  # the decoder layer's attribute that holds its feed-forward module
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        self.dense_model_type = self.dense_model_type or type(self).dense_model_type_of()
         _validate_layermoe(self)
 
-
-@strict
-class LayerMoELlamaConfig(LayerMoEFields, LlamaConfig):
-    model_type = "layermoe_llama"
-
-
-@strict
-class LayerMoEQwen2Config(LayerMoEFields, Qwen2Config):
-    model_type = "layermoe_qwen2"
+    @classmethod
+    def dense_model_type_of(cls) -> str:
+        dense = next(base for base in cls.__mro__[1:] if base is not LayerMoEFields and "model_type" in vars(base))
+        return dense.model_type
 
 
-@strict
-class LayerMoEMistralConfig(LayerMoEFields, MistralConfig):
-    model_type = "layermoe_mistral"
+_CLASSES: dict[str, type] = {}
+
+
+def layermoe_config_class(dense_config_cls: type) -> type:
+    """`LayerMoE<Dense>Config` (model_type `layermoe_<dense model_type>`): the dense config's fields and code plus
+    LayerMoE's."""
+    name = f"LayerMoE{dense_config_cls.__name__}"
+    if name not in _CLASSES:
+        namespace = {"model_type": f"layermoe_{dense_config_cls.model_type}", "__module__": __name__}
+        _CLASSES[name] = strict(type(name, (LayerMoEFields, dense_config_cls), {**namespace, "__qualname__": name}))
+    return _CLASSES[name]
+
+
+def __getattr__(name: str):
+    """`LayerMoE<X>Config` for any `<X>Config` of the installed transformers (how an export's `auto_map` finds its
+    class in this file)."""
+    match = re.fullmatch(r"LayerMoE(\w+Config)", name)
+    dense = getattr(transformers, match[1], None) if match else None
+    if not (isinstance(dense, type) and issubclass(dense, PreTrainedConfig) and getattr(dense, "model_type", "")):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return layermoe_config_class(dense)

@@ -1,17 +1,22 @@
 """LayerMoE causal LMs: a dense HF architecture whose layer-i FFN is a `LayerMoEBlock` with N_i experts.
 
 Layers with N_i = 1 keep the dense FFN module untouched. Everything outside the FFNs (embeddings, attention, norms,
-LM head, generation) is the dense architecture's own code, so names and behaviour match the dense model.
+LM head, generation) is the dense architecture's own code, so names and behaviour match the dense model. One class
+per dense model class, derived on first use (`layermoe_model_class`, or by name through the module's `__getattr__`:
+`LayerMoEQwen3ForCausalLM` from transformers' `Qwen3ForCausalLM`). Where the decoder layers and their FFN live is in
+the config (`decoder_layers`, `ffn_module`), written by layermoe_ds when it expands a model.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 
+import transformers
 from torch import nn
-from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from transformers import PreTrainedModel
 
-from .configuration_layermoe import LayerMoELlamaConfig, LayerMoEMistralConfig, LayerMoEQwen2Config
+from .configuration_layermoe import layermoe_config_class
 from .layermoe_block import LayerMoEBlock, LayerMoEGate, LocalNewExperts
 
 
@@ -26,17 +31,32 @@ def build_block(dense_ffn: nn.Module, config, layer: int) -> LayerMoEBlock:
     return block
 
 
+def attribute_path(root, path: str):
+    """`root.a.b.c` for `path` "a.b.c"."""
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
+
+
 class LayerMoEMixin:
-    """Shared by the per-architecture classes: build the blocks, list them, switch routing."""
+    """Shared by every LayerMoE class: build the blocks, list them, switch routing."""
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return attribute_path(self, self.config.decoder_layers)
 
     def _install_blocks(self) -> None:
-        for i, layer in enumerate(self.model.layers):
+        ffn = self.config.ffn_module
+        for i, layer in enumerate(self.decoder_layers()):
             if self.config.experts_per_layer[i] > 1:
-                layer.mlp = build_block(layer.mlp, self.config, i)
+                setattr(layer, ffn, build_block(getattr(layer, ffn), self.config, i))
 
     def moe_blocks(self) -> dict[int, LayerMoEBlock]:
         """Layer index → block, for the MoE layers only."""
-        return {i: layer.mlp for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, LayerMoEBlock)}
+        ffn = self.config.ffn_module
+        layers = self.decoder_layers()
+        return {
+            i: getattr(layer, ffn) for i, layer in enumerate(layers) if isinstance(getattr(layer, ffn), LayerMoEBlock)
+        }
 
     def set_force_base(self, enabled: bool) -> None:
         """Send every token to expert 0 alone in every layer: the output is the original dense model's."""
@@ -55,28 +75,30 @@ class LayerMoEMixin:
             block.classifier_routing = enabled
 
 
-class LayerMoELlamaForCausalLM(LayerMoEMixin, LlamaForCausalLM):
-    config_class = LayerMoELlamaConfig
-
-    def __init__(self, config: LayerMoELlamaConfig):
-        super().__init__(config)
-        self._install_blocks()
-        self.post_init()
+_CLASSES: dict[str, type] = {}
 
 
-class LayerMoEQwen2ForCausalLM(LayerMoEMixin, Qwen2ForCausalLM):
-    config_class = LayerMoEQwen2Config
+def layermoe_model_class(dense_cls: type) -> type:
+    """`LayerMoE<Dense>` for a dense model class (its config class: `LayerMoE<Dense config>`)."""
+    name = f"LayerMoE{dense_cls.__name__}"
+    if name not in _CLASSES:
 
-    def __init__(self, config: LayerMoEQwen2Config):
-        super().__init__(config)
-        self._install_blocks()
-        self.post_init()
+        def __init__(self, config):
+            dense_cls.__init__(self, config)
+            self._install_blocks()
+            self.post_init()
+
+        namespace = {"config_class": layermoe_config_class(dense_cls.config_class), "__init__": __init__}
+        namespace |= {"__module__": __name__, "__qualname__": name}
+        _CLASSES[name] = type(name, (LayerMoEMixin, dense_cls), namespace)
+    return _CLASSES[name]
 
 
-class LayerMoEMistralForCausalLM(LayerMoEMixin, MistralForCausalLM):
-    config_class = LayerMoEMistralConfig
-
-    def __init__(self, config: LayerMoEMistralConfig):
-        super().__init__(config)
-        self._install_blocks()
-        self.post_init()
+def __getattr__(name: str):
+    """`LayerMoE<X>` for any model class `<X>` of the installed transformers (how an export's `auto_map` finds its
+    class in this file)."""
+    match = re.fullmatch(r"LayerMoE(\w+)", name)
+    dense = getattr(transformers, match[1], None) if match else None
+    if not (isinstance(dense, type) and issubclass(dense, PreTrainedModel) and dense.config_class is not None):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return layermoe_model_class(dense)

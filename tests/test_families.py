@@ -1,0 +1,171 @@
+"""Every tested Hugging Face decoder family (`modeling/families.py`: TESTED), on tiny random models built from
+transformers' own classes: `layermoe upcycle` is exact (every token forced to expert 0 gives the dense logits), the
+training loss is the model's own, and the export loads in a process that never imports layermoe_ds and generates
+the same tokens with the KV cache as without. The distributed path (stage 1 and 2 on 2 ranks, export) runs on the
+families least like Llama: Gemma-2 (GeGLU, four norms a layer, soft-capped logits), Phi-3 (one fused gate_up_proj)
+and StarCoder2 (a plain GELU FFN with biases)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from layermoe_ds.modeling.families import TESTED
+
+COMMON = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+# Each family's config class and what its tiny model needs beyond COMMON (and what makes its head its own).
+CONFIGS = {
+    "llama": ("LlamaConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "mistral": ("MistralConfig", {}),
+    "qwen3": ("Qwen3Config", {"head_dim": 16}),
+    "gemma2": ("Gemma2Config", {"head_dim": 16, "query_pre_attn_scalar": 16, "final_logit_softcapping": 30.0}),
+    "gemma3_text": ("Gemma3TextConfig", {"head_dim": 16, "query_pre_attn_scalar": 16}),
+    "phi3": ("Phi3Config", {}),
+    "olmo2": ("Olmo2Config", {}),
+    "granite": ("GraniteConfig", {"logits_scaling": 8.0}),
+    "smollm3": ("SmolLM3Config", {}),
+    "cohere": ("CohereConfig", {"logit_scale": 0.5}),
+    "starcoder2": ("Starcoder2Config", {}),
+}
+ALLOCATION = {"experts_per_layer": [1, 2, 3, 2], "classifier_layers": [1, 2]}
+
+
+def test_every_tested_family_has_a_tiny_model_here():
+    assert sorted(CONFIGS) == sorted(TESTED)
+
+
+def dense_model(family: str, tokenizer) -> torch.nn.Module:
+    name, extra = CONFIGS[family]
+    ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id, "bos_token_id": None}
+    torch.manual_seed(0)
+    config = getattr(transformers, name)(vocab_size=len(tokenizer), **COMMON, **ids, **extra)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture(scope="module")
+def families(tokenizer_dir, tmp_path_factory) -> dict[str, Path]:
+    """family → directory holding `dense/` (with the test tokenizer) and `moe/` (`layermoe upcycle` of it)."""
+    from layermoe_ds.cli import main
+    from layermoe_ds.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    root = tmp_path_factory.mktemp("families")
+    (root / "alloc.json").write_text(json.dumps(ALLOCATION))
+    made = {}
+    for family in TESTED:
+        dense_model(family, tokenizer).save_pretrained(root / family / "dense")
+        tokenizer.save_pretrained(root / family / "dense")
+        upcycle = ["upcycle", "--model", str(root / family / "dense"), "--allocation", str(root / "alloc.json")]
+        assert main([*upcycle, "--out", str(root / family / "moe")]) == 0, family
+        made[family] = root / family
+    return made
+
+
+def batch(vocab: int) -> torch.Tensor:
+    return torch.randint(3, vocab, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("family", TESTED)
+def test_upcycle_is_exact_and_the_training_loss_is_the_models_own(family, families):
+    from layermoe_ds.modeling.hf_loading import load_causal_lm
+    from layermoe_ds.modeling.lm_loss import use_chunked_loss
+
+    dense = load_causal_lm(families[family] / "dense")
+    moe = load_causal_lm(families[family] / "moe")
+    assert type(moe).__name__ == f"LayerMoE{type(dense).__name__}"
+    assert moe.config.dense_model_type == dense.config.model_type and sorted(moe.moe_blocks()) == [1, 2, 3]
+    ids = batch(dense.config.vocab_size)
+    moe.set_force_base(True)
+    with torch.no_grad():
+        assert torch.equal(moe(input_ids=ids).logits, dense(input_ids=ids).logits)
+        own = dense(input_ids=ids, labels=ids).loss
+        use_chunked_loss(dense)  # what training runs: fused where the head is plain, the model's own otherwise
+        torch.testing.assert_close(dense(input_ids=ids, labels=ids).loss, own, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("family", TESTED)
+def test_lean_ffn_covers_the_family_and_trains_to_the_bit(family, families):
+    """SwiGLU, GeGLU (Gemma) and Phi-3's fused gate_up_proj keep two activations, not three, with bit-identical
+    loss and gradients; StarCoder2's plain GELU FFN is not a gated one and keeps autograd's."""
+    from layermoe_ds.modeling.hf_loading import load_causal_lm
+    from layermoe_ds.training.lean_ffn import use_lean_ffn
+
+    def loss_and_grads(model):
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    reference, lean = (load_causal_lm(families[family] / "moe").train() for _ in range(2))
+    ids = batch(reference.config.vocab_size)
+    assert use_lean_ffn(lean) == (0 if family == "starcoder2" else sum(ALLOCATION["experts_per_layer"]))
+    (loss, grads), (ref_loss, ref_grads) = loss_and_grads(lean), loss_and_grads(reference)
+    assert torch.equal(loss, ref_loss) and grads.keys() == ref_grads.keys()
+    assert all(torch.equal(grads[name], ref_grads[name]) for name in grads)
+
+
+def test_exports_load_without_layermoe_ds_and_generate_the_same_with_the_cache(families):
+    """One fresh interpreter loads every family's export through `trust_remote_code` alone."""
+    script = """
+import json, sys, torch
+from pathlib import Path
+from transformers import AutoModelForCausalLM
+out = {}
+for path in sys.argv[1:]:
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+    ids = torch.randint(3, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(2))
+    runs = [model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=cache, pad_token_id=0)
+            for cache in (True, False)]
+    out[Path(path).parent.name] = [type(model).__name__, torch.equal(*runs), runs[0].shape[1]]
+out["imported layermoe_ds"] = any(name.startswith("layermoe_ds") for name in sys.modules)
+print(json.dumps(out))
+"""
+    paths = [str(families[family] / "moe") for family in TESTED]
+    result = subprocess.run([sys.executable, "-c", script, *paths], capture_output=True, text=True, cwd="/")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out.pop("imported layermoe_ds") is False
+    assert sorted(out) == sorted(TESTED)
+    for family, (cls, same, length) in out.items():
+        assert cls.startswith("LayerMoE") and same and length == 14, (family, cls, same, length)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gemma2", "phi3", "starcoder2"])
+def test_stage1_and_stage2_on_two_ranks(family, families, corpus_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from tests.helpers import base_config, metrics, run
+
+    (tmp_path / "alloc.json").write_text(json.dumps({"experts_per_layer": [3, 1, 3, 2], "classifier_layers": [0]}))
+    dense = families[family] / "dense"
+    stage1 = base_config(
+        dense, corpus_dir, tmp_path / "s1", steps=4, save_every=4, allocation=str(tmp_path / "alloc.json")
+    )
+    run(1, stage1, tmp_path, "stage1_zero2.json")
+    stage2 = base_config(tmp_path / "s1" / "model", corpus_dir, tmp_path / "s2", steps=2, save_every=2)
+    run(2, {**stage2, "stage2_docs_per_old_lang": 50, "stage2_docs_per_new_lang": 50}, tmp_path, "stage2.json")
+    for stage in ("s1", "s2"):
+        records = metrics(tmp_path / stage)
+        assert all(torch.isfinite(torch.tensor(r["loss/total"])) for r in records.values()), (family, stage)
+    before, after = (
+        load_file(tmp_path / "s1" / "model" / "model.safetensors"),
+        load_file(tmp_path / "s2" / "model" / "model.safetensors"),
+    )
+    changed = {key for key in before if not torch.equal(before[key], after[key])}
+    assert changed and all(".gate." in key for key in changed), (family, sorted(changed)[:4])
