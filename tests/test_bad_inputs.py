@@ -105,7 +105,7 @@ def cli_cases(i: dict[str, Path]) -> list[tuple[str, list[str], str]]:
             "no weights",
         ),  # fmt: skip
         (
-            "unsupported architecture",
+            "a model that cannot be expanded",
             [
                 "upcycle",
                 "--model",
@@ -115,7 +115,7 @@ def cli_cases(i: dict[str, Path]) -> list[tuple[str, list[str], str]]:
                 "--out",
                 str(t / "new_model"),
             ],
-            "gpt2",
+            "architecture 'gpt2' (GPT2LMHeadModel): no decoder layers at model.layers",
         ),  # fmt: skip
         ("same language old and new", [*profile[:8], "en", *profile[9:], str(t / "existing.json")], "both old and new"),
         (

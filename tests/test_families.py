@@ -82,7 +82,7 @@ def batch(vocab: int) -> torch.Tensor:
 @pytest.mark.parametrize("family", TESTED)
 def test_upcycle_is_exact_and_the_training_loss_is_the_models_own(family, families):
     from layermoe_ds.modeling.hf_loading import load_causal_lm
-    from layermoe_ds.modeling.lm_loss import use_chunked_loss
+    from layermoe_ds.modeling.lm_loss import check_fused_loss, model_nll, shifted_targets, use_chunked_loss
 
     dense = load_causal_lm(families[family] / "dense")
     moe = load_causal_lm(families[family] / "moe")
@@ -93,8 +93,14 @@ def test_upcycle_is_exact_and_the_training_loss_is_the_models_own(family, famili
     with torch.no_grad():
         assert torch.equal(moe(input_ids=ids).logits, dense(input_ids=ids).logits)
         own = dense(input_ids=ids, labels=ids).loss
-        use_chunked_loss(dense)  # what training runs: fused where the head is plain, the model's own otherwise
+        logits = dense(input_ids=ids).logits.float()
+        assert check_fused_loss(dense, family) < 1e-5
+        assert use_chunked_loss(dense) > 0  # what training runs: the fused loss, with the family's head
         torch.testing.assert_close(dense(input_ids=ids, labels=ids).loss, own, rtol=1e-5, atol=0)
+        # evaluation's summed NLL, through the hidden states and the family's head
+        targets = shifted_targets(ids).reshape(ids.shape)
+        expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+        torch.testing.assert_close(model_nll(dense, ids, torch.ones_like(ids), targets), expected, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("family", TESTED)

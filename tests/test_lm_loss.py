@@ -57,6 +57,56 @@ def test_ignored_targets_and_frozen_head():
         torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets, chunk=3), reference.detach())
 
 
+@pytest.mark.parametrize(
+    "head",
+    [
+        {"softcap": 5.0},
+        {"scale": 1 / 8},
+        {"scale": 0.5, "softcap": 3.0},
+        {"bias": True},
+        {"bias": True, "softcap": 2.0},
+    ],
+    ids=["gemma soft-cap", "granite scale", "cohere scale + cap", "head bias", "bias + cap"],
+)
+def test_fused_loss_applies_the_familys_head_to_value_and_every_gradient(head):
+    from layermoe_ds.modeling.lm_loss import Head
+
+    torch.manual_seed(0)
+    hidden = (torch.randn(13, 8) * 3).requires_grad_(True)
+    weight = (torch.randn(50, 8) * 2).requires_grad_(True)
+    bias = torch.randn(50).requires_grad_(True) if head.pop("bias", False) else None
+    targets = torch.randint(0, 50, (13,))
+    targets[[3, 9]] = IGNORE_INDEX
+    spec = Head(bias=bias, **head)
+    loss = linear_cross_entropy(hidden, weight, targets, chunk=4, head=spec)
+    loss.backward()
+    ours = [hidden.grad, weight.grad] + ([bias.grad] if bias is not None else [])
+    for tensor in (hidden, weight, bias):
+        if tensor is not None:
+            tensor.grad = None
+    logits = hidden @ weight.T + (bias if bias is not None else 0)
+    logits = logits * head.get("scale", 1.0)
+    if "softcap" in head:
+        logits = torch.tanh(logits / head["softcap"]) * head["softcap"]
+    reference = torch.nn.functional.cross_entropy(logits, targets)
+    reference.backward()
+    torch.testing.assert_close(loss, reference)
+    references = [hidden.grad, weight.grad] + ([bias.grad] if bias is not None else [])
+    for mine, expected in zip(ours, references, strict=True):
+        torch.testing.assert_close(mine, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_head_the_fused_loss_does_not_know_is_refused(tiny_base):
+    from layermoe_ds.modeling.hf_loading import load_causal_lm
+    from layermoe_ds.modeling.lm_loss import check_fused_loss
+
+    model = load_causal_lm(tiny_base, torch.float32, "cpu")
+    assert check_fused_loss(model, "train.model") < 1e-5
+    model.config.logits_scaling = 4.0  # the head now divides by 4 — and the model's own forward does not
+    with pytest.raises(ValueError, match=r"train.model: LlamaForCausalLM's own loss and the fused loss differ by"):
+        check_fused_loss(model, "train.model")
+
+
 def test_targets_and_chunk_size():
     assert shifted_targets(torch.tensor([[1, 2, 3], [4, 5, 6]])).tolist() == [2, 3, -100, 5, 6, -100]
     assert chunk_tokens_for(151_936) == 220 and chunk_tokens_for(10**12) == 1
@@ -94,13 +144,3 @@ def test_evaluation_nll_without_logits_matches_the_logits(tiny_base):
         logits = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1]).logits.float()
     expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
     torch.testing.assert_close(model_nll(model, ids[:, :-1], mask[:, :-1], targets), expected)
-
-
-def test_a_head_it_does_not_cover_keeps_hugging_faces_loss(tiny_base, caplog):
-    from layermoe_ds.modeling.hf_loading import load_causal_lm
-
-    model = load_causal_lm(tiny_base, torch.float32, "cpu")
-    model.config.final_logit_softcapping = 30.0  # Gemma-style: logits are not lm_head(h) alone
-    assert use_chunked_loss(model) == 0 and "final_logit_softcapping" in caplog.text
-    ids = torch.randint(0, 1000, (1, 8))
-    assert model(input_ids=ids, labels=ids).logits is not None  # the model's own forward, logits and all

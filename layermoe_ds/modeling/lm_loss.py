@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import types
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,74 +32,120 @@ def chunk_tokens_for(vocab_size: int, budget_bytes: int = CHUNK_LOGITS_BYTES) ->
     return max(1, budget_bytes // (4 * vocab_size))
 
 
+@dataclass(frozen=True)
+class Head:
+    """What a family's head does to `W h` before the softmax: a bias, a scale (Granite divides by
+    `logits_scaling`, Cohere multiplies by `logit_scale`), Gemma's soft-capping c·tanh(x / c)."""
+
+    bias: torch.Tensor | None = None
+    scale: float = 1.0
+    softcap: float | None = None
+
+    def logits(self, h_CH: torch.Tensor, weight_VH: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of one chunk, the GEMM in the model's dtype."""
+        z_CV = h_CH @ weight_VH.T
+        if self.bias is not None:
+            z_CV = z_CV + self.bias
+        z_CV = z_CV.float()
+        if self.scale != 1.0:
+            z_CV = z_CV * self.scale
+        if self.softcap is not None:
+            z_CV = torch.tanh(z_CV / self.softcap) * self.softcap
+        return z_CV
+
+    def backward_factor(self, logits_CV: torch.Tensor) -> torch.Tensor | float:
+        """d logits / d (W h + b), elementwise: scale · (1 − (logits / c)²) with soft-capping."""
+        if self.softcap is None:
+            return self.scale
+        return (1 - (logits_CV / self.softcap).square()) * self.scale
+
+
+PLAIN = Head()
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden_TH, weight_VH, targets_T, chunk: int):
+    def forward(ctx, hidden_TH, weight_VH, bias_V, targets_T, chunk: int, head: Head):
         counted_T = targets_T != IGNORE_INDEX
         counted = counted_T.sum().clamp(min=1)
         grad_hidden_TH = torch.zeros_like(hidden_TH) if hidden_TH.requires_grad else None
         grad_weight_VH = torch.zeros_like(weight_VH, dtype=torch.float32) if weight_VH.requires_grad else None
+        trains_bias = bias_V is not None and bias_V.requires_grad
+        grad_bias_V = torch.zeros_like(bias_V, dtype=torch.float32) if trains_bias else None
         total = torch.zeros((), dtype=torch.float32, device=hidden_TH.device)
         for start in range(0, hidden_TH.shape[0], chunk):
             h_CH = hidden_TH[start : start + chunk]
             keep_C = counted_T[start : start + chunk]
             target_C = targets_T[start : start + chunk].clamp(min=0)
-            logits_CV = (h_CH @ weight_VH.T).float()
+            logits_CV = head.logits(h_CH, weight_VH)
             lse_C = torch.logsumexp(logits_CV, dim=-1)
             target_logit_C = logits_CV.gather(1, target_C[:, None]).squeeze(1)
             total += ((lse_C - target_logit_C) * keep_C).sum()
+            factor = head.backward_factor(logits_CV)  # before the logits are overwritten
             # d(mean loss)/d logits = (softmax − one-hot) · scale, scale = 1/counted on counted tokens and 0 on the
             # others: softmax − one-hot in place over the logits, the scale applied to the [C × H] products instead
             # of the [C × V] logits (one pass over the chunk fewer).
             grad_CV = logits_CV.sub_(lse_C[:, None]).exp_()
             grad_CV[torch.arange(len(target_C), device=grad_CV.device), target_C] -= 1
+            if not (isinstance(factor, float) and factor == 1.0):
+                grad_CV = grad_CV.mul_(factor)  # through the soft-cap and the scale to W h + b
+            if grad_bias_V is not None:
+                grad_bias_V += (grad_CV * (keep_C / counted)[:, None]).sum(dim=0)
             grad_CV = grad_CV.to(hidden_TH.dtype)
             scale_C1 = (keep_C / counted).to(hidden_TH.dtype)[:, None]
             if grad_hidden_TH is not None:
                 grad_hidden_TH[start : start + chunk] = (grad_CV @ weight_VH) * scale_C1
             if grad_weight_VH is not None:
                 grad_weight_VH += (grad_CV.T @ (h_CH * scale_C1)).float()
-        ctx.save_for_backward(grad_hidden_TH, grad_weight_VH)
+        ctx.save_for_backward(grad_hidden_TH, grad_weight_VH, grad_bias_V)
+        ctx.bias_dtype = None if bias_V is None else bias_V.dtype
         return total / counted
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_hidden_TH, grad_weight_VH = ctx.saved_tensors
-        if grad_hidden_TH is not None:
-            grad_hidden_TH = grad_hidden_TH * grad_loss.to(grad_hidden_TH.dtype)
-        if grad_weight_VH is not None:
-            grad_weight_VH = grad_weight_VH * grad_loss
-        return grad_hidden_TH, grad_weight_VH, None, None
+        grads = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
+        grad_hidden_TH, grad_weight_VH, grad_bias_V = grads
+        if grad_bias_V is not None:
+            grad_bias_V = grad_bias_V.to(ctx.bias_dtype)
+        return grad_hidden_TH, grad_weight_VH, grad_bias_V, None, None, None
 
 
-def linear_cross_entropy(hidden_TH: torch.Tensor, weight_VH: torch.Tensor, targets_T: torch.Tensor, chunk: int):
-    """mean over counted tokens n of −log softmax(W h_n)[t_n], one chunk of `chunk` tokens' logits at a time."""
-    if torch.is_grad_enabled() and (hidden_TH.requires_grad or weight_VH.requires_grad):
-        return _LinearCrossEntropy.apply(hidden_TH, weight_VH, targets_T, chunk)
-    return summed_nll(hidden_TH, weight_VH, targets_T, chunk) / (targets_T != IGNORE_INDEX).sum().clamp(min=1)
+def linear_cross_entropy(
+    hidden_TH: torch.Tensor, weight_VH: torch.Tensor, targets_T: torch.Tensor, chunk: int, head: Head = PLAIN
+):
+    """mean over counted tokens n of −log softmax(head(W h_n))[t_n], one chunk of `chunk` tokens' logits at a time."""
+    bias = head.bias
+    trains = hidden_TH.requires_grad or weight_VH.requires_grad or (bias is not None and bias.requires_grad)
+    if torch.is_grad_enabled() and trains:
+        return _LinearCrossEntropy.apply(hidden_TH, weight_VH, bias, targets_T, chunk, head)
+    return summed_nll(hidden_TH, weight_VH, targets_T, chunk, head) / (targets_T != IGNORE_INDEX).sum().clamp(min=1)
 
 
 @torch.no_grad()
-def summed_nll(hidden_TH: torch.Tensor, weight_VH: torch.Tensor, targets_T: torch.Tensor, chunk: int):
-    """Σ over counted tokens n of −log softmax(W h_n)[t_n] in fp32 (no gradient), chunk by chunk."""
+def summed_nll(
+    hidden_TH: torch.Tensor, weight_VH: torch.Tensor, targets_T: torch.Tensor, chunk: int, head: Head = PLAIN
+):
+    """Σ over counted tokens n of −log softmax(head(W h_n))[t_n] in fp32 (no gradient), chunk by chunk."""
     total = torch.zeros((), dtype=torch.float32, device=hidden_TH.device)
     for start in range(0, hidden_TH.shape[0], chunk):
-        logits_CV = (hidden_TH[start : start + chunk] @ weight_VH.T).float()
+        logits_CV = head.logits(hidden_TH[start : start + chunk], weight_VH)
         total += F.cross_entropy(logits_CV, targets_T[start : start + chunk], reduction="sum")
     return total
 
 
 @torch.no_grad()
 def model_nll(model, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor, targets_BL: torch.Tensor):
-    """Σ −log p(targets) of a causal LM over the counted (≠ -100) targets, in fp32: through the final hidden
-    states, chunked, when the head is plain; through the full logits otherwise (evaluation)."""
-    if unusual_head(model):
+    """Σ −log p(targets) of a causal LM over the counted (≠ -100) targets, in fp32, through the final hidden
+    states, chunked, with the family's head (evaluation); through the full logits for a model without a Hugging
+    Face backbone and head."""
+    head = head_of(model)
+    if head is None:
         logits_BLV = model(input_ids=input_ids_BL, attention_mask=attention_mask_BL).logits.float()
         return F.cross_entropy(logits_BLV.flatten(0, 1), targets_BL.flatten(), reduction="sum")
     hidden_BLH = model.model(input_ids=input_ids_BL, attention_mask=attention_mask_BL).last_hidden_state
     hidden_TH = hidden_BLH.reshape(-1, hidden_BLH.shape[-1])
     chunk = chunk_tokens_for(model.config.vocab_size)
-    return summed_nll(hidden_TH, model.get_output_embeddings().weight, targets_BL.reshape(-1), chunk)
+    return summed_nll(hidden_TH, model.get_output_embeddings().weight, targets_BL.reshape(-1), chunk, head)
 
 
 def shifted_targets(labels_BL: torch.Tensor) -> torch.Tensor:
@@ -106,32 +153,33 @@ def shifted_targets(labels_BL: torch.Tensor) -> torch.Tensor:
     return F.pad(labels_BL, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)
 
 
-def unusual_head(model) -> list[str]:
-    """What keeps logits from being lm_head(the backbone's final hidden state) alone: no `.model` backbone or
-    output embeddings (not a Hugging Face causal LM), a bias, soft-capping, a logit scale (Cohere multiplies,
-    Granite divides)."""
+def head_of(model) -> Head | None:
+    """The family's head as the fused loss computes it (`Head`), or None for a model that is not a Hugging Face
+    causal LM with a `.model` backbone and output embeddings."""
     if not all(hasattr(model, name) for name in ("model", "config", "get_output_embeddings")):
-        return ["no Hugging Face backbone and head"]
+        return None
     config = model.config
-    return [
-        name
-        for name, value in (
-            ("an lm_head bias", getattr(model.get_output_embeddings(), "bias", None)),
-            ("final_logit_softcapping", getattr(config, "final_logit_softcapping", None)),
-            ("logit_scale", getattr(config, "logit_scale", None)),  # Cohere multiplies the logits
-            ("logits_scaling", None if getattr(config, "logits_scaling", 1.0) == 1.0 else config.logits_scaling),
-        )
-        if value is not None
-    ]
+    scale = 1.0
+    if getattr(config, "logits_scaling", None):  # Granite: logits / logits_scaling
+        scale /= float(config.logits_scaling)
+    if getattr(config, "logit_scale", None) is not None:  # Cohere: logits · logit_scale
+        scale *= float(config.logit_scale)
+    softcap = getattr(config, "final_logit_softcapping", None)  # Gemma-2/3
+    bias = getattr(model.get_output_embeddings(), "bias", None)
+    return Head(bias=bias, scale=scale, softcap=float(softcap) if softcap else None)
 
 
 def use_chunked_loss(model, chunk: int | None = None) -> int:
-    """Make `model(input_ids=…, labels=…)` return the fused, chunked loss (and no logits) for training; returns the
-    tokens per chunk, or 0 with Hugging Face's loss left in place for a head it does not cover. The forward is
-    replaced on this instance only: parameter names, checkpoints and exports are unchanged."""
-    unusual = unusual_head(model)
-    if unusual:
-        log.warning("%s has %s: training with Hugging Face's loss (full logits)", type(model).__name__, unusual)
+    """Make `model(input_ids=…, labels=…)` return the fused, chunked loss with the family's head (and no logits) for
+    training; returns the tokens per chunk, or 0 with Hugging Face's loss left in place for a model without a
+    Hugging Face backbone and head. The forward is replaced on this instance only: parameter names, checkpoints and
+    exports are unchanged."""
+    head = head_of(model)
+    if head is None:
+        log.warning(
+            "%s is not a Hugging Face causal LM with a backbone and head: training with its own loss",
+            type(model).__name__,
+        )
         return 0
     chunk = chunk or chunk_tokens_for(model.config.vocab_size)
 
@@ -139,8 +187,37 @@ def use_chunked_loss(model, chunk: int | None = None) -> int:
         kwargs["use_cache"] = False
         hidden_BLH = self.model(input_ids=input_ids, **kwargs).last_hidden_state
         hidden_TH = hidden_BLH.reshape(-1, hidden_BLH.shape[-1])
-        loss = linear_cross_entropy(hidden_TH, self.get_output_embeddings().weight, shifted_targets(labels), chunk)
+        weight = self.get_output_embeddings().weight
+        loss = linear_cross_entropy(hidden_TH, weight, shifted_targets(labels), chunk, head)
         return CausalLMOutputWithPast(loss=loss)
 
     model.forward = types.MethodType(forward, model)
     return chunk
+
+
+def check_fused_loss(model, what: str, tolerance: float | None = None) -> float:
+    """The fused loss against the model's own (its full logits and Hugging Face's loss) on a tiny batch, before any
+    work: a family whose head does something `Head` does not know is refused in one line naming the model, never
+    trained or evaluated on a silently wrong loss. Returns the relative difference. Every rank of an
+    expert-parallel model calls it together (the forward's all-to-all)."""
+    head = head_of(model)
+    if head is None:
+        return 0.0
+    parameter = next(model.parameters())
+    tolerance = tolerance or (1e-5 if parameter.dtype == torch.float32 else 2e-2)
+    vocab = model.config.vocab_size
+    ids_BL = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0)).to(parameter.device)
+    with torch.no_grad():
+        own = type(model).forward(model, input_ids=ids_BL, labels=ids_BL, use_cache=False).loss.float()
+        hidden_BLH = model.model(input_ids=ids_BL, use_cache=False).last_hidden_state
+        hidden_TH = hidden_BLH.reshape(-1, hidden_BLH.shape[-1])
+        targets_T = shifted_targets(ids_BL)
+        fused = summed_nll(hidden_TH, model.get_output_embeddings().weight, targets_T, chunk_tokens_for(vocab), head)
+        fused = fused / (targets_T != IGNORE_INDEX).sum()
+    relative = float((fused - own).abs() / own.abs().clamp_min(1e-12))
+    if not relative <= tolerance:
+        raise ValueError(
+            f"{what}: {type(model).__name__}'s own loss and the fused loss differ by {relative:.2e} (relative) on a "
+            f"test batch: its head does something the fused loss does not cover (modeling/lm_loss.py, Head)"
+        )
+    return relative

@@ -32,7 +32,7 @@ from layermoe_ds.distributed import (
     return_large_frees_to_os,
 )
 from layermoe_ds.io import read_json, write_json
-from layermoe_ds.modeling.lm_loss import use_chunked_loss
+from layermoe_ds.modeling.lm_loss import check_fused_loss, use_chunked_loss
 from layermoe_ds.modeling.placement import model_slots
 from layermoe_ds.modeling.types import is_layermoe, layermoe_model_type, moe_blocks
 from layermoe_ds.training import checkpoint
@@ -186,6 +186,9 @@ class StageTrainer:
             # frozen embeddings a layer's input needs none either, which it needs to backpropagate at all.
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.to(self.device)  # the buffers (rotary frequencies, routing tables): the parameters were made there
+        model.eval()  # the model's own loss against the fused one on a test batch (no dropout), every rank at once
+        check_fused_loss(model, f"train.model {config.model}")
+        model.train()
         loss_chunk = use_chunked_loss(model)  # no [tokens × vocabulary] logits (lm_loss.py)
         use_lean_ffn(model)  # two FFN activations kept for backward, not three (lean_ffn.py)
         if self.rank == 0:
