@@ -3,9 +3,9 @@
     python bench/step_memory_bench.py                 # Qwen2-0.5B's head and FFN: h 896, vocabulary 151,936, FFN 4,864
     python bench/step_memory_bench.py --device cuda   # on a GPU (peak = torch.cuda.max_memory_allocated)
 
-Three pairs, forward + backward of one micro-batch (frozen weights, inputs that need a gradient, as in both stages):
+Four pairs, forward + backward of one micro-batch (frozen weights, inputs that need a gradient, as in both stages):
 - the next-token loss: Hugging Face's (full logits, then cross-entropy) vs the fused, chunked one
-  (`modeling/lm_loss.py`)
+  (`modeling/lm_loss.py`); and the same at Gemma's shape of head (`--softcap-vocab`, 262,144, soft-capped at 30)
 - `--layers` SwiGLU feed-forwards in sequence over T token slots: autograd's (keeps three activations each) vs the
   lean one (`training/lean_ffn.py`, keeps two)
 - `--layers` LayerMoE blocks in bf16 (4 experts, top-2, a classifier): the router/classifier GEMM and the expert
@@ -87,10 +87,11 @@ def _inputs(kind: str, args, device):
     if kind == "moe_block":
         return _moe_blocks(args, device)
     g = torch.Generator(device="cpu").manual_seed(0)
-    if kind == "loss":
+    if kind in ("loss", "loss_softcap"):
+        vocab = vocab_of(kind, args)
         hidden = torch.randn(args.tokens, args.hidden, generator=g).to(device).requires_grad_(True)
-        weight = (torch.randn(args.vocab, args.hidden, generator=g) * 0.02).to(device)
-        targets = torch.randint(0, args.vocab, (args.tokens,), generator=g).to(device)
+        weight = (torch.randn(vocab, args.hidden, generator=g) * 0.02).to(device)
+        targets = torch.randint(0, vocab, (args.tokens,), generator=g).to(device)
         return hidden, weight, targets
     x = torch.randn(args.tokens, args.hidden, generator=g).to(device).requires_grad_(True)
     weights = [(torch.randn(o, i, generator=g) * 0.02).to(device) for o, i in ((args.ffn, args.hidden),) * 2]
@@ -98,9 +99,10 @@ def _inputs(kind: str, args, device):
 
 
 def _step(kind: str, lean: bool, inputs, chunk: int, layers: int = 1):
+    import torch
     import torch.nn.functional as F
 
-    from layermoe_ds.modeling.lm_loss import linear_cross_entropy
+    from layermoe_ds.modeling.lm_loss import Head, linear_cross_entropy
     from layermoe_ds.training.lean_ffn import silu_mul
 
     if kind == "moe_block":
@@ -116,6 +118,12 @@ def _step(kind: str, lean: bool, inputs, chunk: int, layers: int = 1):
             loss = linear_cross_entropy(hidden, weight, targets, chunk)
         else:
             loss = F.cross_entropy((hidden @ weight.T).float(), targets)
+    elif kind == "loss_softcap":  # Gemma's head: c·tanh(logits / c), as Gemma2ForCausalLM computes it, then HF's loss
+        hidden, weight, targets = inputs
+        if lean:
+            loss = linear_cross_entropy(hidden, weight, targets, chunk, Head(softcap=SOFTCAP))
+        else:
+            loss = F.cross_entropy((torch.tanh((hidden @ weight.T) / SOFTCAP) * SOFTCAP).float(), targets)
     else:  # `--layers` residual FFNs (one set of weights): their saved activations are alive together, as in a model
         x, w_gate, w_up, w_down = inputs
         out = x
@@ -171,22 +179,27 @@ def child(kind: str, lean: bool, args) -> float:
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        _step(kind, lean, inputs, chunk_tokens_for(args.vocab), args.layers)
+        _step(kind, lean, inputs, chunk_tokens_for(vocab_of(kind, args)), args.layers)
         return (torch.cuda.max_memory_allocated() - before) / 2**20
     return_large_frees_to_os()
     # A first step pays the libraries' one-time set-up, which stays resident, while its own tensors go back to the
     # OS. Then the kernel's peak-resident mark (VmHWM) is reset to what is resident now (Linux >= 4.0), so neither
     # building the inputs nor the first step counts: the mark after the second step is that step's peak.
-    _step(kind, lean, inputs, chunk_tokens_for(args.vocab), args.layers)
+    _step(kind, lean, inputs, chunk_tokens_for(vocab_of(kind, args)), args.layers)
     Path("/proc/self/clear_refs").write_text("5")
     before = psutil.Process().memory_info().rss
-    _step(kind, lean, inputs, chunk_tokens_for(args.vocab), args.layers)
+    _step(kind, lean, inputs, chunk_tokens_for(vocab_of(kind, args)), args.layers)
     status = Path("/proc/self/status").read_text()
     peak_kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
     return (peak_kib * 1024 - before) / 2**20
 
 
-KINDS = ("loss", "swiglu", "moe_block")
+KINDS = ("loss", "loss_softcap", "swiglu", "moe_block")
+SOFTCAP = 30.0  # Gemma-2's final_logit_softcapping
+
+
+def vocab_of(kind: str, args) -> int:
+    return args.softcap_vocab if kind == "loss_softcap" else args.vocab
 
 
 def timings(args) -> dict[str, list[float]]:
@@ -195,7 +208,6 @@ def timings(args) -> dict[str, list[float]]:
     from layermoe_ds.modeling.lm_loss import chunk_tokens_for
 
     torch.set_num_threads(args.threads)
-    chunk = chunk_tokens_for(args.vocab)
     inputs = {kind: _inputs(kind, args, args.device) for kind in KINDS}
     times: dict[str, list[float]] = {}
     for repeat in range(args.repeats + 1):  # the first round warms up
@@ -203,7 +215,7 @@ def timings(args) -> dict[str, list[float]]:
             for lean in (False, True):
                 _synchronise(args.device)
                 started = time.perf_counter()
-                _step(kind, lean, inputs[kind], chunk, args.layers)
+                _step(kind, lean, inputs[kind], chunk_tokens_for(vocab_of(kind, args)), args.layers)
                 _synchronise(args.device)
                 if repeat:
                     times.setdefault(f"{kind}/{'lean' if lean else 'plain'}", []).append(time.perf_counter() - started)
@@ -214,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=896)
     parser.add_argument("--vocab", type=int, default=151_936)
+    parser.add_argument("--softcap-vocab", type=int, default=262_144, help="the Gemma-like loss's vocabulary")
     parser.add_argument("--ffn", type=int, default=4_864)
     parser.add_argument("--tokens", type=int, default=256, help="tokens (loss) and expert slots (FFN) per step")
     parser.add_argument("--layers", type=int, default=8, help="FFNs in sequence (their activations add up)")
@@ -228,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(kind, variant == "lean", args)))
         return 0
     forwarded = [
-        f"--{k}={getattr(args, k)}" for k in ("hidden", "vocab", "ffn", "tokens", "layers", "threads", "device")
+        f"--{k.replace('_', '-')}={getattr(args, k)}"
+        for k in ("hidden", "vocab", "softcap_vocab", "ffn", "tokens", "layers", "threads", "device")
     ]
     memory = {}
     for name in (f"{kind}/{variant}" for kind in KINDS for variant in ("plain", "lean")):
@@ -244,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for kind, label in (
         ("loss", "next-token loss, fused chunked / HF"),
+        ("loss_softcap", f"Gemma-like loss (vocabulary {args.softcap_vocab:,}, soft-cap {SOFTCAP:g}), fused / HF"),
         ("swiglu", "SwiGLU FFN, lean / autograd"),
         ("moe_block", "bf16 LayerMoE blocks, gate and combine saving bf16 / autograd's fp32 copies"),
     ):

@@ -173,10 +173,25 @@ def test_scale_bench_sizing_table(capsys):
 
 def test_step_memory_bench_runs(tmp_path, capsys):
     out = tmp_path / "step_memory.json"
-    argv = ["--hidden", "32", "--vocab", "3000", "--ffn", "64", "--tokens", "80", "--repeats", "1", "--threads", "1"]
+    argv = [
+        "--hidden",
+        "32",
+        "--vocab",
+        "3000",
+        "--softcap-vocab",
+        "5000",
+        "--ffn",
+        "64",
+        "--tokens",
+        "80",
+        "--repeats",
+        "1",
+        "--threads",
+        "1",
+    ]
     assert load_bench("step_memory_bench").main([*argv, "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert rows.keys() == {"loss", "swiglu", "moe_block"}
+    assert rows.keys() == {"loss", "loss_softcap", "swiglu", "moe_block"}
     for row in rows.values():
         assert row["seconds_plain"] > 0 and row["seconds_lean"] > 0 and math.isfinite(row["memory_ratio"])
     assert "next-token loss, fused chunked / HF" in capsys.readouterr().out
