@@ -170,7 +170,6 @@ def child(kind: str, lean: bool, args) -> float:
     import torch
 
     from layermoe_ds.distributed import return_large_frees_to_os
-    from layermoe_ds.modeling.lm_loss import chunk_tokens_for
 
     torch.set_num_threads(args.threads)
     inputs = _inputs(kind, args, args.device)
@@ -179,16 +178,16 @@ def child(kind: str, lean: bool, args) -> float:
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        _step(kind, lean, inputs, chunk_tokens_for(vocab_of(kind, args)), args.layers)
+        _step(kind, lean, inputs, chunk_of(kind, args), args.layers)
         return (torch.cuda.max_memory_allocated() - before) / 2**20
     return_large_frees_to_os()
     # A first step pays the libraries' one-time set-up, which stays resident, while its own tensors go back to the
     # OS. Then the kernel's peak-resident mark (VmHWM) is reset to what is resident now (Linux >= 4.0), so neither
     # building the inputs nor the first step counts: the mark after the second step is that step's peak.
-    _step(kind, lean, inputs, chunk_tokens_for(vocab_of(kind, args)), args.layers)
+    _step(kind, lean, inputs, chunk_of(kind, args), args.layers)
     Path("/proc/self/clear_refs").write_text("5")
     before = psutil.Process().memory_info().rss
-    _step(kind, lean, inputs, chunk_tokens_for(vocab_of(kind, args)), args.layers)
+    _step(kind, lean, inputs, chunk_of(kind, args), args.layers)
     status = Path("/proc/self/status").read_text()
     peak_kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
     return (peak_kib * 1024 - before) / 2**20
@@ -202,10 +201,15 @@ def vocab_of(kind: str, args) -> int:
     return args.softcap_vocab if kind == "loss_softcap" else args.vocab
 
 
+def chunk_of(kind: str, args) -> int:
+    """The fused loss's tokens a chunk, as training picks them for this head."""
+    from layermoe_ds.modeling.lm_loss import Head, chunk_tokens_for
+
+    return chunk_tokens_for(vocab_of(kind, args), head=Head(softcap=SOFTCAP) if kind == "loss_softcap" else None)
+
+
 def timings(args) -> dict[str, list[float]]:
     import torch
-
-    from layermoe_ds.modeling.lm_loss import chunk_tokens_for
 
     torch.set_num_threads(args.threads)
     inputs = {kind: _inputs(kind, args, args.device) for kind in KINDS}
@@ -215,7 +219,7 @@ def timings(args) -> dict[str, list[float]]:
             for lean in (False, True):
                 _synchronise(args.device)
                 started = time.perf_counter()
-                _step(kind, lean, inputs[kind], chunk_tokens_for(vocab_of(kind, args)), args.layers)
+                _step(kind, lean, inputs[kind], chunk_of(kind, args), args.layers)
                 _synchronise(args.device)
                 if repeat:
                     times.setdefault(f"{kind}/{'lean' if lean else 'plain'}", []).append(time.perf_counter() - started)

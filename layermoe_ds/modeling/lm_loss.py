@@ -28,10 +28,6 @@ IGNORE_INDEX = -100
 CHUNK_LOGITS_BYTES = 128 * 2**20  # one chunk's fp32 logits: 220 tokens at a 152K vocabulary
 
 
-def chunk_tokens_for(vocab_size: int, budget_bytes: int = CHUNK_LOGITS_BYTES) -> int:
-    return max(1, budget_bytes // (4 * vocab_size))
-
-
 @dataclass(frozen=True)
 class Head:
     """What a family's head does to `W h` before the softmax: a bias, a scale (Granite divides by
@@ -48,19 +44,27 @@ class Head:
             z_CV = z_CV + self.bias
         z_CV = z_CV.float()
         if self.scale != 1.0:
-            z_CV = z_CV * self.scale
-        if self.softcap is not None:
-            z_CV = torch.tanh(z_CV / self.softcap) * self.softcap
+            z_CV.mul_(self.scale)
+        if self.softcap is not None:  # in place: no [C × V] temporaries
+            z_CV.div_(self.softcap).tanh_().mul_(self.softcap)
         return z_CV
 
     def backward_factor(self, logits_CV: torch.Tensor) -> torch.Tensor | float:
         """d logits / d (W h + b), elementwise: scale · (1 − (logits / c)²) with soft-capping."""
         if self.softcap is None:
             return self.scale
-        return (1 - (logits_CV / self.softcap).square()) * self.scale
+        factor_CV = (logits_CV / self.softcap).square_().neg_().add_(1)  # one [C × V] buffer
+        return factor_CV.mul_(self.scale) if self.scale != 1.0 else factor_CV
 
 
 PLAIN = Head()
+
+
+def chunk_tokens_for(vocab_size: int, budget_bytes: int = CHUNK_LOGITS_BYTES, head: Head | None = None) -> int:
+    """Tokens a chunk so that its fp32 [C × V] buffers (two with a soft-cap: the logits and their derivative) fit
+    `budget_bytes`."""
+    buffers = 2 if head is not None and head.softcap is not None else 1
+    return max(1, budget_bytes // (4 * vocab_size * buffers))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -144,7 +148,7 @@ def model_nll(model, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor
         return F.cross_entropy(logits_BLV.flatten(0, 1), targets_BL.flatten(), reduction="sum")
     hidden_BLH = model.model(input_ids=input_ids_BL, attention_mask=attention_mask_BL).last_hidden_state
     hidden_TH = hidden_BLH.reshape(-1, hidden_BLH.shape[-1])
-    chunk = chunk_tokens_for(model.config.vocab_size)
+    chunk = chunk_tokens_for(model.config.vocab_size, head=head)
     return summed_nll(hidden_TH, model.get_output_embeddings().weight, targets_BL.reshape(-1), chunk, head)
 
 
@@ -181,7 +185,7 @@ def use_chunked_loss(model, chunk: int | None = None) -> int:
             type(model).__name__,
         )
         return 0
-    chunk = chunk or chunk_tokens_for(model.config.vocab_size)
+    chunk = chunk or chunk_tokens_for(model.config.vocab_size, head=head)
 
     def forward(self, input_ids, labels, **kwargs):
         kwargs["use_cache"] = False
@@ -212,7 +216,9 @@ def check_fused_loss(model, what: str, tolerance: float | None = None) -> float:
         hidden_BLH = model.model(input_ids=ids_BL, use_cache=False).last_hidden_state
         hidden_TH = hidden_BLH.reshape(-1, hidden_BLH.shape[-1])
         targets_T = shifted_targets(ids_BL)
-        fused = summed_nll(hidden_TH, model.get_output_embeddings().weight, targets_T, chunk_tokens_for(vocab), head)
+        fused = summed_nll(
+            hidden_TH, model.get_output_embeddings().weight, targets_T, chunk_tokens_for(vocab, head=head), head
+        )
         fused = fused / (targets_T != IGNORE_INDEX).sum()
     relative = float((fused - own).abs() / own.abs().clamp_min(1e-12))
     if not relative <= tolerance:
