@@ -15,9 +15,9 @@ import torch
 
 from layermoe_ds.data import prepare
 from layermoe_ds.data.loading import iter_documents, raw_sources
-from layermoe_ds.data.prepare import tokenize, verify
+from layermoe_ds.data.prepare import tokenize
 from layermoe_ds.data.streams import open_streams
-from layermoe_ds.data.tokens import MANIFEST, PreparedData, tokenizer_fingerprint
+from layermoe_ds.data.tokens import MANIFEST, PreparedData, tokenizer_fingerprint, verify
 from layermoe_ds.io import sha256_file
 from tests.helpers import GROUPS, CharTokenizer, base_config
 
@@ -263,3 +263,50 @@ def test_a_spawned_tokenizer_worker_starts_without_transformers():
     code = "import sys, layermoe_ds.data.prepare; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_tokenizer_that_adds_a_bos_stores_each_document_as_bos_doc_eos(
+    workers, corpus_dir, tokenizer_dir, tokenizer, tiny_base, tmp_path
+):
+    """Llama-3/Gemma style: every document starts with the BOS the model saw in pretraining. The convention is in
+    the manifest and the fingerprint (the token cache makes new shards); evaluation scores no BOS, and lm-eval's
+    documents decode without it."""
+    from transformers import AutoTokenizer
+
+    from layermoe_ds.data.tokenizer import load_tokenizer
+    from layermoe_ds.data.tokens import document_bos
+    from layermoe_ds.eval.lm_harness import prepared_documents
+    from layermoe_ds.eval.perplexity import language_nll
+    from layermoe_ds.modeling.hf_loading import load_causal_lm
+
+    AutoTokenizer.from_pretrained(tokenizer_dir, add_bos_token=True).save_pretrained(tmp_path / "bos_tok")
+    with_bos = load_tokenizer(tmp_path / "bos_tok")
+    bos, eos = with_bos.bos_token_id, with_bos.eos_token_id
+    assert document_bos(with_bos) == bos and document_bos(tokenizer) is None
+    assert tokenizer_fingerprint(with_bos) != tokenizer_fingerprint(tokenizer)
+    sources = raw_sources(corpus_dir, ["fr"], ["test"])
+    manifest = tokenize(
+        sources, tmp_path / "bos_tok", tmp_path / "p", workers=workers, tokenizer=with_bos, progress=False
+    )
+    assert manifest["tokenizer"]["bos_token_id"] == bos
+    plain = tokenize(sources, tokenizer_dir, tmp_path / "q", tokenizer=tokenizer, progress=False)
+    assert plain["tokenizer"]["bos_token_id"] is None
+    ours = open_streams(tmp_path / "p", with_bos, tmp_path / "bos_tok", ["fr"], "test")["fr"]
+    theirs = open_streams(tmp_path / "q", tokenizer, tokenizer_dir, ["fr"], "test")["fr"]
+    lengths, _ = ours.document_lengths()
+    assert ours.num_documents == theirs.num_documents and ours.num_tokens == theirs.num_tokens + ours.num_documents
+    ids, starts = ours.read(0, ours.num_tokens), np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    assert (ids[starts] == bos).all() and (ids[starts + lengths - 1] == eos).all()
+    # Raw text through the token cache: the BOS convention's shards, not the plain tokenizer's.
+    cached = open_streams(corpus_dir, with_bos, tmp_path / "bos_tok", ["fr"], "test")["fr"]
+    assert np.array_equal(cached.read(0, cached.num_tokens), ids)
+    if workers == 1:
+        docs = list(prepared_documents(tmp_path / "p", "fr", "test", tmp_path / "bos_tok"))
+        assert docs == list(prepared_documents(tmp_path / "q", "fr", "test", tokenizer_dir))
+        model = load_causal_lm(tiny_base)
+        first = int(theirs.document_lengths()[0][:5].sum())  # the same five documents, with and without BOS
+        pairs = ((with_bos, ours, first + 5), (tokenizer, theirs, first))
+        scored = [language_nll(model, t, s, 32, max_tokens=n) for t, s, n in pairs]
+        assert scored[0]["bytes"] == scored[1]["bytes"]
+        assert scored[0]["tokens"] == scored[1]["tokens"]  # each BOS read, never scored

@@ -85,7 +85,7 @@ def _cmd_data_tokenize(args) -> int:
 
 
 def _cmd_data_verify(args) -> int:
-    from layermoe_ds.data.prepare import verify
+    from layermoe_ds.data.tokens import verify
 
     print(f"{args.prepared}: {verify(args.prepared)} shards match the manifest")
     return 0

@@ -41,6 +41,8 @@ from layermoe_ds.data.tokens import (
     index_dtype,
     is_prepared,
     token_dtype,
+    document_bos,
+    document_specials,
     tokenizer_fingerprint,
 )
 from layermoe_ds.io import read_json, sha256_file, write_json
@@ -94,12 +96,15 @@ class _ShardWriter:
         self.digest = hashlib.sha256()
         self.lengths, self.nbytes = array("Q"), array("Q")
 
-    def add(self, encoded: list[list[int]], nbytes: list[int], eos: int) -> None:
+    def add(self, encoded: list[list[int]], nbytes: list[int], specials: tuple[int | None, int]) -> None:
+        bos, eos = specials
+        start = [] if bos is None else [bos]
         flat: list[int] = []
         for ids in encoded:
+            flat.extend(start)
             flat.extend(ids)
             flat.append(eos)
-            self.lengths.append(len(ids) + 1)
+            self.lengths.append(len(start) + len(ids) + 1)
         self.nbytes.extend(nbytes)
         data = np.array(flat, dtype=self.dtype).tobytes()
         self.digest.update(data)
@@ -138,7 +143,9 @@ class Selection:
         return (self.langs is None or lang in self.langs) and (self.splits is None or split in self.splits)
 
 
-def tokenize_chunk(chunk: Chunk, shards: Path, encode, eos: int, dtype: np.dtype, selection: Selection) -> dict:
+def tokenize_chunk(
+    chunk: Chunk, shards: Path, encode, specials: tuple[int | None, int], dtype: np.dtype, selection: Selection
+) -> dict:
     """Tokenize one chunk into its shards and write its record; returns the record."""
     writers: dict[tuple[str, str], _ShardWriter] = {}
     buffers: dict[tuple[str, str], tuple[list[str], list[int]]] = {}
@@ -147,7 +154,7 @@ def tokenize_chunk(chunk: Chunk, shards: Path, encode, eos: int, dtype: np.dtype
     def flush(key):
         texts, nbytes = buffers.pop(key)
         buffered.pop(key)
-        writers[key].add(encode(texts), nbytes, eos)
+        writers[key].add(encode(texts), nbytes, specials)
 
     seen: set[str] = set()
     for lang, split, text, nbytes in iter_records(chunk.source, chunk.start, chunk.end):
@@ -180,21 +187,21 @@ def tokenize_chunk(chunk: Chunk, shards: Path, encode, eos: int, dtype: np.dtype
 _WORKER: dict = {}
 
 
-def _init_worker(backend_spec: str | None, tokenizer_dir: str, eos: int) -> None:
+def _init_worker(backend_spec: str | None, tokenizer_dir: str, specials: tuple[int | None, int]) -> None:
     """A worker gets the main process's exact tokenizer: a fast tokenizer's serialised backend (no transformers
     import, well under a second to start), else the directory loaded again."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread a worker: the workers are the parallelism
     if backend_spec is not None:
-        _WORKER.update(encode=_backend_encoder(Tokenizer.from_str(backend_spec)), eos=eos)
+        _WORKER.update(encode=_backend_encoder(Tokenizer.from_str(backend_spec)), specials=specials)
         return
     from layermoe_ds.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(Path(tokenizer_dir))
-    _WORKER.update(encode=batch_encoder(tokenizer), eos=tokenizer.eos_token_id)
+    _WORKER.update(encode=batch_encoder(tokenizer), specials=document_specials(tokenizer))
 
 
 def _worker_task(chunk: Chunk, shards: str, dtype: str, selection: Selection) -> dict:
-    return tokenize_chunk(chunk, Path(shards), _WORKER["encode"], _WORKER["eos"], np.dtype(dtype), selection)
+    return tokenize_chunk(chunk, Path(shards), _WORKER["encode"], _WORKER["specials"], np.dtype(dtype), selection)
 
 
 def source_meta(source: Source) -> dict:
@@ -310,7 +317,7 @@ def _run_chunks(chunks, shards, tokenizer, tokenizer_dir, dtype, selection, work
     if workers == 1:  # in this process, with the tokenizer already loaded
         encode = batch_encoder(tokenizer)
         for chunk in chunks:
-            yield tokenize_chunk(chunk, shards, encode, tokenizer.eos_token_id, dtype, selection)
+            yield tokenize_chunk(chunk, shards, encode, document_specials(tokenizer), dtype, selection)
         return
     backend = getattr(tokenizer, "backend_tokenizer", None)
     spec = backend.to_str() if backend is not None else None
@@ -318,7 +325,7 @@ def _run_chunks(chunks, shards, tokenizer, tokenizer_dir, dtype, selection, work
         workers,
         mp_context=get_context("spawn"),
         initializer=_init_worker,
-        initargs=(spec, str(tokenizer_dir), tokenizer.eos_token_id),
+        initargs=(spec, str(tokenizer_dir), document_specials(tokenizer)),
     ) as pool:
         futures = [pool.submit(_worker_task, c, str(shards), dtype.str, selection) for c in chunks]
         for future in futures:  # in order: an error surfaces as the first failing chunk's
@@ -359,6 +366,7 @@ def _manifest(out, plan, records, sources, source_sha, tokenizer, tokenizer_dir,
             "fingerprint": plan["tokenizer"],
             "vocab_size": len(tokenizer),
             "eos_token_id": tokenizer.eos_token_id,
+            "bos_token_id": document_bos(tokenizer),  # each document's first token, or null: none
         },
         "plan": plan,
         "sources": [{**meta, "sha256": sha} for meta, sha in zip(plan["sources"], source_sha, strict=True)],
@@ -371,28 +379,6 @@ def _manifest(out, plan, records, sources, source_sha, tokenizer, tokenizer_dir,
             "disk_bytes_per_token": round(disk / tokens, 4) if tokens else None,
         },
     }
-
-
-def verify(directory: Path) -> int:
-    """Check every shard of a prepared directory against its manifest (sizes, SHA-256, index); returns the shard
-    count. The first bad file is a one-line error naming it."""
-    prepared = PreparedData(directory)
-    count = 0
-    for lang, splits in prepared.manifest["streams"].items():
-        for split, entry in splits.items():
-            stream = prepared.stream(lang, split)
-            for shard, meta in zip(stream.shards, entry["shards"], strict=True):
-                shard.ids  # noqa: B018  (size check)
-                index = shard.index
-                if int(index["tokens"].astype(np.int64).sum()) != shard.tokens:
-                    raise ValueError(f"{shard.idx_path}: document lengths do not add up to the shard's tokens")
-                if sha256_file(shard.bin_path) != meta["sha256"]:
-                    raise ValueError(f"{shard.bin_path}: SHA-256 differs from the manifest: corrupt")
-                count += 1
-    return count
-
-
-# --- the cache: raw text is prepared once per file and tokenizer, and every later run maps it -------------------
 
 
 def default_workers() -> int:

@@ -4,8 +4,9 @@ Format (one directory, `layermoe data tokenize` writes it, data/prepare.py expla
 
     token_manifest.json                    format, tokenizer fingerprint, sources (size, SHA-256), every stream
     shards/<lang>.<split>.<chunk>.bin      raw token ids, little-endian uint16 (vocabulary ≤ 65,536) or uint32:
-                                           `doc EOS doc EOS …`, the documents of one input chunk in file order
-    shards/<lang>.<split>.<chunk>.idx.npy  one row per document: (tokens incl. its EOS, UTF-8 bytes of the text),
+                                           `doc EOS doc EOS …` (`BOS doc EOS …` for a tokenizer that starts every
+                                           sequence with a BOS), the documents of one input chunk in file order
+    shards/<lang>.<split>.<chunk>.idx.npy  one row per document: (tokens incl. its BOS and EOS, UTF-8 bytes),
                                            each field in the smallest unsigned type that holds the shard's values
 
 Why this format: nanoGPT's and OLMo-core's flat token arrays are the simplest thing numpy can memory-map, and
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from layermoe_ds.io import read_json
+from layermoe_ds.io import read_json, sha256_file
 
 MANIFEST = "token_manifest.json"
 FORMAT = "layermoe-tokens"
@@ -45,15 +46,35 @@ def index_dtype(max_tokens: int, max_bytes: int) -> np.dtype:
     return np.dtype([("tokens", smallest(max_tokens)), ("bytes", smallest(max_bytes))])
 
 
+def document_bos(tokenizer) -> int | None:
+    """The BOS id when the tokenizer starts every sequence with one (Llama-3, Gemma), None when it adds none (Qwen):
+    documents are stored as the model saw them in pretraining, `[BOS] doc EOS`."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    with_specials = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return bos if with_specials[:1] == [bos] and without[:1] != [bos] else None
+
+
+def document_specials(tokenizer) -> tuple[int | None, int]:
+    """(BOS each document starts with or None, the EOS that ends it)."""
+    return document_bos(tokenizer), tokenizer.eos_token_id
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """What decides the token ids: a fast tokenizer's full serialisation (vocabulary, merges, normaliser,
-    pre-tokeniser, added tokens) and its EOS id; two copies of one tokenizer share it wherever they are saved."""
+    pre-tokeniser, added tokens), its EOS id and whether each document starts with a BOS; two copies of one
+    tokenizer share it wherever they are saved, and a changed convention changes it (cached shards are remade)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         spec = backend.to_str()
     else:  # a slow tokenizer: its vocabulary is what we can see
         spec = json.dumps(sorted(tokenizer.get_vocab().items()))
     text = f"{type(tokenizer).__name__}\n{tokenizer.eos_token_id}\n{spec}"
+    bos = document_bos(tokenizer)
+    if bos is not None:  # (no BOS: the fingerprint data prepared before BOS was recorded has)
+        text += f"\nbos {bos}"
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
@@ -252,3 +273,22 @@ def describe_manifest(manifest: dict, out: Path) -> str:
         f"{Path(out) / 'token_manifest.json'}"
     )
     return "\n".join(lines)
+
+
+def verify(directory: Path) -> int:
+    """Check every shard of a prepared directory against its manifest (sizes, SHA-256, index); returns the shard
+    count. The first bad file is a one-line error naming it."""
+    prepared = PreparedData(directory)
+    count = 0
+    for lang, splits in prepared.manifest["streams"].items():
+        for split, entry in splits.items():
+            stream = prepared.stream(lang, split)
+            for shard, meta in zip(stream.shards, entry["shards"], strict=True):
+                shard.ids  # noqa: B018  (size check)
+                index = shard.index
+                if int(index["tokens"].astype(np.int64).sum()) != shard.tokens:
+                    raise ValueError(f"{shard.idx_path}: document lengths do not add up to the shard's tokens")
+                if sha256_file(shard.bin_path) != meta["sha256"]:
+                    raise ValueError(f"{shard.bin_path}: SHA-256 differs from the manifest: corrupt")
+                count += 1
+    return count

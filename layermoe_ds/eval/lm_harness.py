@@ -20,7 +20,7 @@ import yaml
 
 from layermoe_ds.data.loading import iter_documents, raw_sources
 from layermoe_ds.data.tokenizer import load_tokenizer
-from layermoe_ds.data.tokens import PreparedData, is_prepared, tokenizer_fingerprint
+from layermoe_ds.data.tokens import PreparedData, document_bos, is_prepared, tokenizer_fingerprint
 from layermoe_ds.io import atomic_output, atomic_write_text
 
 GROUP = "layermoe_heldout"
@@ -43,9 +43,10 @@ def prepared_documents(data: Path, lang: str, split: str, tokenizer_dir: Path | 
         raise ValueError(f"languages [{lang!r}] not found in {data}; found: {sorted(found)}")
     stream = prepared.stream(lang, split)
     lengths, nbytes = stream.document_lengths()
+    skip = 0 if document_bos(tokenizer) is None else 1  # the BOS each document starts with is no text
     start = 0
     for length, size in zip(lengths.tolist(), nbytes.tolist(), strict=True):
-        text = tokenizer.decode(stream.read(start, start + length - 1).tolist())
+        text = tokenizer.decode(stream.read(start + skip, start + length - 1).tolist())
         if len(text.encode("utf-8")) != size:
             raise ValueError(
                 f"{data}: document at token {start} of {lang}/{split} decodes to {len(text.encode('utf-8'))} bytes, "

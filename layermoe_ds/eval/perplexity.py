@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from layermoe_ds.data.tokens import TokenStream
+from layermoe_ds.data.tokens import TokenStream, document_bos
 from layermoe_ds.modeling.lm_loss import IGNORE_INDEX, model_nll
 
 
@@ -36,6 +36,7 @@ def language_nll(
     world_size-th batch of windows (its partial sums: add them over ranks)."""
     kept, nbytes = stream.documents_covering(max_tokens)
     eos_1 = torch.tensor([tokenizer.eos_token_id])
+    bos = document_bos(tokenizer)
 
     def window(start: int) -> torch.Tensor:  # positions [start, start + seq_len + 1) of `EOS + the kept tokens`
         piece = torch.from_numpy(stream.read(max(start - 1, 0), min(start + seq_len, kept)))
@@ -53,6 +54,8 @@ def language_nll(
             ids[row, : len(c)], mask[row, : len(c)] = c, 1
         ids, mask = ids.to(device), mask.to(device)
         targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)
+        if bos is not None:  # a document's BOS is given, not predicted: not scored
+            targets = targets.masked_fill(targets == bos, IGNORE_INDEX)
         nll += model_nll(model, ids[:, :-1], mask[:, :-1], targets).item()  # no [tokens × vocabulary] logits
         if after_forward is not None:
             after_forward(mask[:, 1:].reshape(-1).bool())  # input positions that predict a real token
