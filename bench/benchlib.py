@@ -39,6 +39,33 @@ def bench_device() -> str:
     return device_and_backend("cpu" if os.environ.get("DS_ACCELERATOR") == "cpu" else None)[0]
 
 
+def add_model_flags(parser, experts: int) -> None:
+    """The model a stage benchmark trains: the demo's dense base and allocation, or `--random-shape`."""
+    parser.add_argument("--model", default="artifacts/base", help="dense model (upcycled with --allocation)")
+    parser.add_argument("--allocation", default="runs/demo/systems/layermoe/allocation.json")
+    parser.add_argument("--data", default="data")
+    parser.add_argument("--language-groups", default="en,de;fr,ru,el")
+    parser.add_argument(
+        "--random-shape",
+        default=None,
+        help="HIDDEN,FFN,LAYERS: a randomly initialised Llama of this shape (tokenizer from --model) with --experts "
+        "experts per layer, instead of --model/--allocation as they are",
+    )
+    parser.add_argument("--experts", type=int, default=experts, help="with --random-shape: experts per layer")
+
+
+def use_random_shape(args, tmp: Path) -> None:
+    """With `--random-shape`: point `args.model` and `args.allocation` at a random base of that shape in `tmp` and
+    a uniform allocation of `--experts` (a classifier on the last layer)."""
+    if not args.random_shape:
+        return
+    hidden, ffn, layers = (int(v) for v in args.random_shape.split(","))
+    args.model = str(random_base(Path(args.model), tmp / "random_base", hidden, ffn, layers, max(1, hidden // 64)))
+    args.allocation = str(tmp / "allocation.json")
+    allocation = {"experts_per_layer": [args.experts] * layers, "classifier_layers": [layers - 1]}
+    Path(args.allocation).write_text(json.dumps(allocation))
+
+
 def add_launch_flags(parser, port: int) -> None:
     """--port (the rendezvous port of the first run; later runs take the next ones) and --launcher."""
     parser.add_argument("--port", type=int, default=port)

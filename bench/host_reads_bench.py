@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from benchlib import add_launch_flags, launch, random_base, write_result  # noqa: E402
+from benchlib import add_launch_flags, add_model_flags, launch, use_random_shape, write_result  # noqa: E402
 
 from layermoe_ds.config import parse_groups  # noqa: E402
 from layermoe_ds.training.host_reads import HOST_READS  # noqa: E402
@@ -44,26 +44,15 @@ def counted(run_dir: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="artifacts/base", help="dense model (upcycled with --allocation)")
-    parser.add_argument("--allocation", default="runs/demo/systems/layermoe/allocation.json")
-    parser.add_argument("--data", default="data")
-    parser.add_argument("--language-groups", default="en,de;fr,ru,el")
+    add_model_flags(parser, experts=3)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--random-shape", default=None, help="HIDDEN,FFN,LAYERS: a random Llama of this shape")
-    parser.add_argument("--experts", type=int, default=3, help="with --random-shape: experts per layer")
     add_launch_flags(parser, 29_631)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "host_reads_bench.json")
     args = parser.parse_args(argv)
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        if args.random_shape:
-            hidden, ffn, layers = (int(v) for v in args.random_shape.split(","))
-            args.model = str(random_base(Path(args.model), tmp / "base", hidden, ffn, layers, max(1, hidden // 64)))
-            args.allocation = str(tmp / "allocation.json")
-            Path(args.allocation).write_text(
-                json.dumps({"experts_per_layer": [args.experts] * layers, "classifier_layers": [layers - 1]})
-            )
+        use_random_shape(args, tmp)
         common = {
             "data": str(Path(args.data).resolve()),
             "language_groups": parse_groups(args.language_groups),

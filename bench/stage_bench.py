@@ -13,7 +13,6 @@ at world 2 ≈ 0.5× world 1. Issue 18: report the dropless/dropping step-time r
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -23,11 +22,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from benchlib import (  # noqa: E402
     add_launch_flags,
+    add_model_flags,
     dropped_routes,
     launch,
     optimizer_bytes_per_rank,
-    random_base,
     step_seconds,
+    use_random_shape,
     write_result,
 )
 
@@ -36,19 +36,9 @@ from layermoe_ds.config import parse_groups  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="artifacts/base", help="dense model (upcycled with --allocation)")
-    parser.add_argument("--allocation", default="runs/demo/systems/layermoe/allocation.json")
-    parser.add_argument("--data", default="data")
-    parser.add_argument("--language-groups", default="en,de;fr,ru,el")
+    add_model_flags(parser, experts=4)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument(
-        "--random-shape",
-        default=None,
-        help="HIDDEN,FFN,LAYERS: a randomly initialised Llama of this shape (tokenizer from --model) with --experts "
-        "experts per layer, instead of --model/--allocation as they are",
-    )
-    parser.add_argument("--experts", type=int, default=4, help="with --random-shape: experts per layer")
     add_launch_flags(parser, 29_611)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "stage_bench.json")
     args = parser.parse_args(argv)
@@ -56,15 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     skip = min(5, args.steps // 3)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        if args.random_shape:
-            hidden, ffn, layers = (int(v) for v in args.random_shape.split(","))
-            args.model = str(
-                random_base(Path(args.model), tmp / "random_base", hidden, ffn, layers, max(1, hidden // 64))
-            )
-            args.allocation = str(tmp / "allocation.json")
-            Path(args.allocation).write_text(
-                json.dumps({"experts_per_layer": [args.experts] * layers, "classifier_layers": [layers - 1]})
-            )
+        use_random_shape(args, tmp)
         common = {
             "data": str(Path(args.data).resolve()),
             "language_groups": groups,
