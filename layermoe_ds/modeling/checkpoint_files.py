@@ -184,7 +184,7 @@ def model_from_checkpoint(
         counts = getattr(config, "experts_per_layer", None)
         tied = getattr(config, "tie_word_embeddings", False)
         # A run started from a dense base upcycled it on the fly: the base's own config says so, whatever the
-        # pointer recorded (checkpoints before the pointer was fixed said `allocation: null` there).
+        # pointer recorded (older checkpoints record `allocation: null` there).
         from_dense = model_type is not None and layermoe_model_type(base_dir) is None
         seed = _upcycle_seed(pointer, path) if from_dense else None
         from_base = base_loader(TensorSource(base_dir), counts, from_dense, tied, seed)

@@ -88,9 +88,8 @@ def _check_run_dir(out: Path, resolved: dict) -> None:
             )
 
 
-# Settings that may change between a run and its resumption: how it resumes, logs and diagnoses, where the directory
-# is, and
-# activation checkpointing (memory, not numbers: a run that ran out of memory resumes with it on), the
+# Settings that may change between a run and its resumption: how it resumes, logs and diagnoses, where the
+# directory is, activation checkpointing (memory, not numbers: a run that ran out of memory resumes with it on), the
 # process-group timeout, and the base model's path: a run's base is identified by its files' SHA-256, checked against
 # the checkpoint's pointer on resume, so a moved base is found again by pointing `model` at it.
 UNFINGERPRINTED = (
