@@ -59,11 +59,11 @@ def sizing_table(world: int = 8) -> str:
     for name in ("qwen2-1.5b", "llama-3.2-3b", "mistral-7b"):
         shape, counts = SHAPES[name], ALLOCATIONS[name]
         classifiers = sorted(range(len(counts)), key=lambda i: counts[i])[:7]
-        one = stage1_floor(shape, counts, world)
-        two = stage2_floor(shape, counts, classifiers, world)
+        one = stage1_floor(shape.counts(), counts, world)
+        two = stage2_floor(shape.counts(), counts, classifiers, world)
         lines.append(
             f"| {name} | {min(counts)}–{max(counts)} ({sum(counts)}) | "
-            f"{upcycled_bytes(shape, counts, classifiers) / GIB:.1f} GiB | {one.total / GIB:.1f} GiB | "
+            f"{upcycled_bytes(shape.counts(), counts, classifiers) / GIB:.1f} GiB | {one.total / GIB:.1f} GiB | "
             f"{one.frozen / GIB:.1f} / {one.trainable / GIB:.1f} / {one.optimizer / GIB:.1f} GiB | "
             f"{two.total / GIB:.1f} GiB |"
         )
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": seconds,
         "peak_mib": peak,
         "output_bytes": output,
-        "floor_bytes": upcycled_bytes(shape, counts, classifiers, "bfloat16"),
+        "floor_bytes": upcycled_bytes(shape.counts(), counts, classifiers, "bfloat16"),
     }
 
     groups = [["en", "de"], ["fr", "ru", "el"]]
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         launcher=args.launcher,
     )
     results["stage1"] = run_summary(one)
-    results["stage1"]["floor_bytes"] = stage1_floor(shape, counts, args.ranks, dtype=dtype).total
+    results["stage1"]["floor_bytes"] = stage1_floor(shape.counts(), counts, args.ranks, dtype=dtype).total
     two = launch(
         2,
         args.ranks,
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         launcher=args.launcher,
     )
     results["stage2"] = run_summary(two)
-    results["stage2"]["floor_bytes"] = stage2_floor(shape, counts, classifiers, args.ranks, dtype=dtype).total
+    results["stage2"]["floor_bytes"] = stage2_floor(shape.counts(), counts, classifiers, args.ranks, dtype=dtype).total
     results["model_bytes"] = output
 
     base = results["baseline_mib"]

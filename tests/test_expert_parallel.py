@@ -1,4 +1,5 @@
-"""DeepSpeed expert parallelism on 2 gloo ranks equals the single-process block (forward and backward)."""
+"""DeepSpeed expert parallelism on gloo ranks equals the single-process block (forward and backward): 2 ranks at
+ep 2, and 4 ranks at ep 2, where each expert lives on two ranks (an expert-data-parallel group of 2)."""
 
 import copy
 import os
@@ -13,7 +14,7 @@ from tests.test_moe_block import make_block
 pytestmark = pytest.mark.distributed
 
 
-def _worker(rank: int, world: int, port: int) -> None:
+def _worker(rank: int, world: int, port: int, ep_size) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -25,6 +26,7 @@ def _worker(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
     import deepspeed
     import torch.distributed as dist
+    from deepspeed.utils import groups
 
     from layermoe_ds.modeling.moe_layer import block_to_expert_parallel, choose_ep_size
     from layermoe_ds.modeling.placement import expert_placement
@@ -37,7 +39,7 @@ def _worker(rank: int, world: int, port: int) -> None:
             p.data.add_(torch.randn_like(p) * 0.3)
     reference.classifier_routing = True
     parallel = copy.deepcopy(reference)
-    assert block_to_expert_parallel(parallel, 16, world, ep_size="auto", drop_tokens=False) == 2
+    assert block_to_expert_parallel(parallel, 16, world, ep_size=ep_size, drop_tokens=False) == 2
     assert choose_ep_size(3, 2) == 1 and choose_ep_size(4, 2, trainable=1) == 1
     assert expert_placement([1, 1, 2, 2], 2) == [0, 2, 1, 3]  # each rank: one G1 and one G2 expert
     with pytest.raises(ValueError, match="does not divide layer 4's 3 new experts"):
@@ -51,12 +53,18 @@ def _worker(rank: int, world: int, port: int) -> None:
     (full * projection.repeat(world, 1, 1)).sum().backward()
     torch.testing.assert_close(out, full[rank * 3 : (rank + 1) * 3], atol=1e-5, rtol=1e-5)
 
-    # Experts live on one rank: their gradient already sums every rank's tokens (the all-to-all brought them).
-    assert parallel.moe.global_ids == [[0, 2], [1, 3]][rank]  # dealt round-robin over the ranks
+    # An expert's gradient sums the tokens of its expert-parallel group (the all-to-all brought them); its replicas
+    # in the expert-data-parallel group (ranks r and r + 2 at world 4) together hold every rank's: DeepSpeed's
+    # engine sums them so, as here.
+    assert parallel.moe.global_ids == [[0, 2], [1, 3]][rank % 2]  # dealt round-robin over an ep group's ranks
+    replicas = groups._get_expert_data_parallel_group(parallel.moe.expert_group_name)
+    assert dist.get_world_size(replicas) == world // 2
     for expert, global_id in zip(parallel.moe.experts, parallel.moe.global_ids, strict=True):
         twin = reference.moe.experts[global_id]
         for p, q in zip(expert.parameters(), twin.parameters(), strict=True):
-            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4)
+            grad = p.grad.clone()
+            dist.all_reduce(grad, group=replicas)
+            torch.testing.assert_close(grad, q.grad, atol=1e-5, rtol=1e-4)
     # Replicated tensors (router, classifier, expert 0): data-parallel sum of the per-rank gradients.
     for p, q in zip(
         [*parallel.gate.parameters(), *parallel.base_ffn.parameters()],
@@ -100,5 +108,6 @@ def _worker(rank: int, world: int, port: int) -> None:
     dist.destroy_process_group()
 
 
-def test_two_rank_expert_parallel_block_equals_single_process():
-    mp.spawn(_worker, args=(2, free_port()), nprocs=2)
+@pytest.mark.parametrize("world, ep_size", [(2, "auto"), pytest.param(4, 2, marks=pytest.mark.slow)])
+def test_expert_parallel_block_equals_single_process(world, ep_size):
+    mp.spawn(_worker, args=(world, free_port(), ep_size), nprocs=world)

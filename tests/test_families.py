@@ -34,6 +34,7 @@ CONFIGS = {
     "qwen3": ("Qwen3Config", {"head_dim": 16}),
     "gemma2": ("Gemma2Config", {"head_dim": 16, "query_pre_attn_scalar": 16, "final_logit_softcapping": 30.0}),
     "gemma3_text": ("Gemma3TextConfig", {"head_dim": 16, "query_pre_attn_scalar": 16}),
+    "gemma3": ("Gemma3TextConfig", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8}),
     "phi3": ("Phi3Config", {}),
     "olmo2": ("Olmo2Config", {}),
     "granite": ("GraniteConfig", {"logits_scaling": 8.0}),
@@ -48,12 +49,27 @@ def test_every_tested_family_has_a_tiny_model_here():
     assert sorted(CONFIGS) == sorted(TESTED)
 
 
-def dense_model(family: str, tokenizer) -> torch.nn.Module:
+def dense_config(family: str, vocab: int, **ids):
+    """The tiny dense config of `family` (Gemma-3: the multimodal wrapper around a tiny language model)."""
     name, extra = CONFIGS[family]
+    config = getattr(transformers, name)(vocab_size=vocab, **COMMON, **ids, **extra)
+    if family == "gemma3":  # the multimodal wrapper: this language model beside a one-layer vision tower
+        vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, patch_size=14)
+        specials = {f"{name}_index": vocab - 3 + i for i, name in enumerate(("boi_token", "eoi_token", "image_token"))}
+        config = transformers.Gemma3Config(
+            text_config=config.to_dict(), vision_config={**vision, "image_size": 28}, mm_tokens_per_image=4, **specials
+        )
+    return config
+
+
+def dense_model(family: str, tokenizer) -> torch.nn.Module:
     ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id, "bos_token_id": None}
     torch.manual_seed(0)
-    config = getattr(transformers, name)(vocab_size=len(tokenizer), **COMMON, **ids, **extra)
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
+    config = dense_config(family, len(tokenizer), **ids)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    if family == "gemma3":  # its image projection starts at zero: give the image a say
+        torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.5)
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +97,7 @@ def batch(vocab: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("family", TESTED)
 def test_upcycle_is_exact_and_the_training_loss_is_the_models_own(family, families):
+    from layermoe_ds.modeling.families import Layout
     from layermoe_ds.modeling.hf_loading import load_causal_lm
     from layermoe_ds.modeling.lm_loss import check_fused_loss, model_nll, shifted_targets, use_chunked_loss
 
@@ -88,7 +105,7 @@ def test_upcycle_is_exact_and_the_training_loss_is_the_models_own(family, famili
     moe = load_causal_lm(families[family] / "moe")
     assert type(moe).__name__ == f"LayerMoE{type(dense).__name__}"
     assert moe.config.dense_model_type == dense.config.model_type and sorted(moe.moe_blocks()) == [1, 2, 3]
-    ids = batch(dense.config.vocab_size)
+    ids = batch(dense.config.get_text_config().vocab_size)
     moe.set_force_base(True)
     with torch.no_grad():
         assert torch.equal(moe(input_ids=ids).logits, dense(input_ids=ids).logits)
@@ -101,6 +118,35 @@ def test_upcycle_is_exact_and_the_training_loss_is_the_models_own(family, famili
         targets = shifted_targets(ids).reshape(ids.shape)
         expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
         torch.testing.assert_close(model_nll(dense, ids, torch.ones_like(ids), targets), expected, rtol=1e-5, atol=0)
+    # everything outside the FFNs is the dense model's (Gemma-3: its vision tower and projector among them)
+    moe_state, layout = moe.state_dict(), Layout.of(moe.config)
+    for name, tensor in dense.state_dict().items():
+        if name in moe_state:
+            assert torch.equal(moe_state[name], tensor), name
+        else:  # only the FFNs of MoE layers move (into the block, as expert 0)
+            assert layout.split(name)[0] in moe.moe_blocks(), name
+
+
+def test_gemma3_wrapper_keeps_its_vision_tower_and_sees_images(families):
+    """The multimodal wrapper is expanded in its language model alone: an image-and-text forward, every token
+    forced to expert 0, gives the dense wrapper's logits."""
+    from layermoe_ds.modeling.hf_loading import load_causal_lm
+
+    dense = load_causal_lm(families["gemma3"] / "dense")
+    moe = load_causal_lm(families["gemma3"] / "moe")
+    assert type(moe).__name__ == "LayerMoEGemma3ForConditionalGeneration"
+    assert moe.config.decoder_layers == "model.language_model.layers"
+    config = dense.config
+    image = (
+        [config.boi_token_index] + [config.image_token_index] * config.mm_tokens_per_image + [config.eoi_token_index]
+    )
+    ids = torch.cat([batch(config.get_text_config().vocab_size)[:1, :4], torch.tensor([image])], dim=1)
+    pixels = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(3))
+    moe.set_force_base(True)
+    with torch.no_grad():
+        expected = dense(input_ids=ids, pixel_values=pixels).logits
+        assert torch.equal(moe(input_ids=ids, pixel_values=pixels).logits, expected)
+        assert not torch.equal(dense(input_ids=ids, pixel_values=pixels * 0).logits, expected)  # the image counts
 
 
 @pytest.mark.parametrize("family", TESTED)
@@ -117,7 +163,7 @@ def test_lean_ffn_covers_the_family_and_trains_to_the_bit(family, families):
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     reference, lean = (load_causal_lm(families[family] / "moe").train() for _ in range(2))
-    ids = batch(reference.config.vocab_size)
+    ids = batch(reference.config.get_text_config().vocab_size)
     assert use_lean_ffn(lean) == (0 if family == "starcoder2" else sum(ALLOCATION["experts_per_layer"]))
     (loss, grads), (ref_loss, ref_grads) = loss_and_grads(lean), loss_and_grads(reference)
     assert torch.equal(loss, ref_loss) and grads.keys() == ref_grads.keys()
@@ -133,7 +179,8 @@ from transformers import AutoModelForCausalLM
 out = {}
 for path in sys.argv[1:]:
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
-    ids = torch.randint(3, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(2))
+    vocab = model.config.get_text_config().vocab_size
+    ids = torch.randint(3, vocab, (2, 6), generator=torch.Generator().manual_seed(2))
     runs = [model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=cache, pad_token_id=0)
             for cache in (True, False)]
     out[Path(path).parent.name] = [type(model).__name__, torch.equal(*runs), runs[0].shape[1]]
@@ -152,7 +199,7 @@ print(json.dumps(out))
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["gemma2", "phi3", "starcoder2"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "phi3", "starcoder2"])
 def test_stage1_and_stage2_on_two_ranks(family, families, corpus_dir, tmp_path):
     from safetensors.torch import load_file
 
@@ -175,3 +222,24 @@ def test_stage1_and_stage2_on_two_ranks(family, families, corpus_dir, tmp_path):
     )
     changed = {key for key in before if not torch.equal(before[key], after[key])}
     assert changed and all(".gate." in key for key in changed), (family, sorted(changed)[:4])
+
+
+@pytest.mark.parametrize("family", ["gemma3", "phi3"])
+def test_profile_and_evaluate_read_the_family_where_it_keeps_its_layers(family, families, corpus_dir, tmp_path):
+    """`profile` hooks each decoder layer's FFN (Gemma-3's under model.language_model), one score a layer;
+    `evaluate` of the upcycled model gives the dense model's losses (new experts are copies of the FFN)."""
+    from layermoe_ds.cli import main
+
+    data = ["--data", str(corpus_dir)]
+    profile = ["profile", "--model", str(families[family] / "dense"), *data, "--old", "en", "--new", "fr,ru"]
+    assert main([*profile, "--tokens-per-lang", "300", "--seq-len", "32", "--out", str(tmp_path / "sim.json")]) == 0
+    assert len(json.loads((tmp_path / "sim.json").read_text())["layer_score"]) == COMMON["num_hidden_layers"]
+    reports = {}
+    for kind in ("dense", "moe"):
+        evaluate = ["evaluate", "--model", str(families[family] / kind), *data, "--langs", "en,fr", "--old", "en"]
+        assert main([*evaluate, "--max-tokens", "300", "--seq-len", "32", "--out", str(tmp_path / f"{kind}.json")]) == 0
+        reports[kind] = json.loads((tmp_path / f"{kind}.json").read_text())
+    for lang in ("en", "fr"):
+        dense, moe = (reports[kind]["languages"][lang]["loss"] for kind in ("dense", "moe"))
+        assert moe == pytest.approx(dense, abs=1e-4), (family, lang)
+    assert set(reports["moe"]["routing"]["layers"]) == {"1", "2", "3"}

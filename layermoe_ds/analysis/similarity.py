@@ -99,7 +99,7 @@ def profile_model(
 ) -> SimilarityAccumulator:
     """Run the model over `batches` (rows rank::world_size on this rank), hooking every FFN's input."""
     ffns = ffn_modules(model)
-    hidden = model.config.hidden_size
+    hidden = model.config.get_text_config().hidden_size
     acc = SimilarityAccumulator(len(ffns), len(batches.langs), hidden)
     current: dict[str, torch.Tensor] = {}
 

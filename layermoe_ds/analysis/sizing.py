@@ -1,6 +1,7 @@
-"""What a rank must hold, from parameter counts: the memory floor of stage 1 and stage 2, the size of an upcycled
-model and of a checkpoint. `bench/scale_bench.py` measures runs against these floors, and the README's "sizing your
-run" table is printed by the same functions (`python bench/scale_bench.py --sizing`).
+"""What a rank must hold, from parameter counts (of the model itself, built on the meta device): the memory floor
+of stage 1 and stage 2, the size of an upcycled model and of a checkpoint. `bench/scale_bench.py` measures runs
+against these floors, and the README's "sizing your run" table is printed by the same functions
+(`python bench/scale_bench.py --sizing`).
 
 Not counted: activations (they scale with micro-batch × sequence; activation checkpointing cuts them), the CUDA
 context or the Python process itself, and allocator slack. The benchmark reports the process baseline beside.
@@ -11,13 +12,39 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
+
+import torch
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass(frozen=True)
+class ParamCounts:
+    """A dense model's parameters, counted on the model itself (built on the meta device: no memory, any family)."""
+
+    dense: int  # every parameter, a tied head once
+    hidden: int  # the width of a router's input
+    ffn: tuple[int, ...]  # per decoder layer, its FFN's parameters: what each new expert of that layer copies
+
+
+def param_counts(config) -> ParamCounts:
+    """Count a dense Hugging Face config's model, its family's layout and FFN whatever they are (GeGLU, a fused
+    gate_up_proj, biases, extra norms): the classes and layout LayerMoE expands it by."""
+    from layermoe_ds.modeling.families import expandable
+    from layermoe_ds.modeling.remote.modeling_layermoe import attribute_path
+
+    model_cls, layout = expandable(config)
+    with torch.device("meta"):
+        model = model_cls(config)
+    layers = attribute_path(model, layout.decoder_layers)
+    ffn = tuple(sum(p.numel() for p in getattr(layer, layout.ffn_module).parameters()) for layer in layers)
+    return ParamCounts(sum(p.numel() for p in model.parameters()), config.get_text_config().hidden_size, ffn)
+
+
+@dataclass(frozen=True)
 class Shape:
-    """A decoder-only LM's shape (Llama/Qwen2/Mistral family: SwiGLU FFN, grouped-query attention)."""
+    """A published model's shape, as the arguments of its Hugging Face config; counted through `param_counts`."""
 
     layers: int
     hidden: int
@@ -26,7 +53,7 @@ class Shape:
     kv_heads: int
     vocab: int
     tied: bool
-    qkv_bias: bool = False  # Qwen2 has q/k/v biases
+    model_type: str = "llama"
 
     def hf_kwargs(self) -> dict:
         """The shape as Hugging Face config arguments (LlamaConfig, Qwen2Config, MistralConfig, …)."""
@@ -40,39 +67,34 @@ class Shape:
             tie_word_embeddings=self.tied,
         )
 
-    @property
-    def ffn_params(self) -> int:
-        return 3 * self.hidden * self.ffn
+    def counts(self) -> ParamCounts:
+        return _shape_counts(self)
 
-    @property
-    def attention_params(self) -> int:
-        head = self.hidden // self.heads
-        kv = self.kv_heads * head
-        bias = (self.hidden + 2 * kv) if self.qkv_bias else 0
-        return self.hidden * self.hidden * 2 + 2 * self.hidden * kv + bias
 
-    @property
-    def dense_params(self) -> int:
-        embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
-        norms = self.layers * 2 * self.hidden + self.hidden
-        return embeddings + norms + self.layers * (self.attention_params + self.ffn_params)
+@cache
+def _shape_counts(shape: Shape) -> ParamCounts:
+    from transformers import AutoConfig
+
+    return param_counts(AutoConfig.for_model(shape.model_type, **shape.hf_kwargs()))
 
 
 # The shapes in the README's sizing table (their published configs).
 SHAPES = {
-    "qwen2-0.5b": Shape(24, 896, 4864, 14, 2, 151_936, True, True),
-    "qwen2-1.5b": Shape(28, 1536, 8960, 12, 2, 151_936, True, True),
+    "qwen2-0.5b": Shape(24, 896, 4864, 14, 2, 151_936, True, "qwen2"),
+    "qwen2-1.5b": Shape(28, 1536, 8960, 12, 2, 151_936, True, "qwen2"),
     "llama-3.2-3b": Shape(28, 3072, 8192, 24, 8, 128_256, True),
-    "mistral-7b": Shape(32, 4096, 14336, 32, 8, 32_000, False),
+    "mistral-7b": Shape(32, 4096, 14336, 32, 8, 32_000, False, "mistral"),
 }
 
 
-def moe_params(shape: Shape, experts_per_layer: Sequence[int], classifier_layers: Sequence[int] = (), groups: int = 2):
+def moe_params(
+    counts: ParamCounts, experts_per_layer: Sequence[int], classifier_layers: Sequence[int] = (), groups: int = 2
+):
     """(total parameters of the upcycled model, new-expert parameters, router + classifier parameters)."""
-    new = sum(n - 1 for n in experts_per_layer) * shape.ffn_params
-    gates = sum(shape.hidden * n for n in experts_per_layer if n > 1)
-    gates += sum(shape.hidden * groups for i in classifier_layers if experts_per_layer[i] > 1)
-    return shape.dense_params + new + gates, new, gates
+    new = sum((n - 1) * ffn for n, ffn in zip(experts_per_layer, counts.ffn, strict=True))
+    gates = sum(counts.hidden * n for n in experts_per_layer if n > 1)
+    gates += sum(counts.hidden * groups for i in classifier_layers if experts_per_layer[i] > 1)
+    return counts.dense + new + gates, new, gates
 
 
 @dataclass(frozen=True)
@@ -84,7 +106,7 @@ class Floor:
 
 
 def stage1_floor(
-    shape: Shape,
+    counts: ParamCounts,
     experts_per_layer: Sequence[int],
     world: int,
     ep_size: int | None = None,
@@ -96,14 +118,14 @@ def stage1_floor(
     one in fp32 training too) sharded over each tensor's data-parallel group (world ÷ ep_size for experts, world for
     routers) when ZeRO is on. `ep_size` None: the largest that divides every layer's new experts and the world."""
     width = DTYPE_BYTES[dtype]
-    total, new, gates = moe_params(shape, experts_per_layer)
+    total, new, gates = moe_params(counts, experts_per_layer)
     frozen_params = total - new - gates
     state = 8 + (4 if zero or dtype != "float32" else 0)  # Adam's moments, + the fp32 master copy ZeRO/bf16 keep
     local_new, optimizer = 0, 0
-    for n in experts_per_layer:
+    for n, ffn in zip(experts_per_layer, counts.ffn, strict=True):
         if n > 1:
             ep = ep_size or math.gcd(n - 1, world)  # the training path's `auto` (moe_layer.choose_ep_size)
-            local = (n - 1) // ep * shape.ffn_params
+            local = (n - 1) // ep * ffn
             local_new += local
             optimizer += local * state // (world // ep if zero else 1)  # sharded over the expert-data-parallel group
     optimizer += gates * state // (world if zero else 1)
@@ -112,7 +134,7 @@ def stage1_floor(
 
 
 def stage2_floor(
-    shape: Shape,
+    counts: ParamCounts,
     experts_per_layer: Sequence[int],
     classifier_layers: Sequence[int],
     world: int,
@@ -121,8 +143,9 @@ def stage2_floor(
     """Per-rank bytes in stage 2: everything frozen in `dtype` (the new experts expert-parallel as in stage 1: this
     rank's share), the routers and classifiers in fp32 with their gradients and Adam's moments (ZeRO 0)."""
     width = DTYPE_BYTES[dtype]
-    total, new, gates = moe_params(shape, experts_per_layer, classifier_layers)
-    local_new = sum((n - 1) // math.gcd(n - 1, world) * shape.ffn_params for n in experts_per_layer if n > 1)
+    total, new, gates = moe_params(counts, experts_per_layer, classifier_layers)
+    pairs = zip(experts_per_layer, counts.ffn, strict=True)
+    local_new = sum((n - 1) // math.gcd(n - 1, world) * ffn for n, ffn in pairs if n > 1)
     frozen = (total - new - gates + local_new) * width
     trainable = gates * 4 * 2
     optimizer = gates * 8
@@ -130,7 +153,7 @@ def stage2_floor(
 
 
 def upcycled_bytes(
-    shape: Shape, experts_per_layer: Sequence[int], classifier_layers=(), dtype: str = "bfloat16"
+    counts: ParamCounts, experts_per_layer: Sequence[int], classifier_layers=(), dtype: str = "bfloat16"
 ) -> int:
-    total, _, _ = moe_params(shape, experts_per_layer, classifier_layers)
+    total, _, _ = moe_params(counts, experts_per_layer, classifier_layers)
     return total * DTYPE_BYTES[dtype]

@@ -13,11 +13,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from layermoe_ds.io import read_json, sha256_file
+from layermoe_ds.modeling.base_tensors import base_loader
 from layermoe_ds.modeling.materialize import materialize, parameters_on_meta
 from layermoe_ds.modeling.placement import checkpoint_slots, renamed_expert
-from layermoe_ds.modeling.streaming import TensorSource
 from layermoe_ds.modeling.types import layermoe_classes, layermoe_model_type, model_config
-from layermoe_ds.modeling.upcycle import base_loader
 
 log = logging.getLogger(__name__)
 
@@ -181,13 +180,11 @@ def model_from_checkpoint(
                 f"checkpoint {path}: its base model {base_dir} is gone; give its new location with --base"
             )
         check_base(pointer, base_dir)
-        counts = getattr(config, "experts_per_layer", None)
-        tied = getattr(config, "tie_word_embeddings", False)
         # A run started from a dense base upcycled it on the fly: the base's own config says so, whatever the
         # pointer recorded (older checkpoints record `allocation: null` there).
         from_dense = model_type is not None and layermoe_model_type(base_dir) is None
         seed = _upcycle_seed(pointer, path) if from_dense else None
-        from_base = base_loader(TensorSource(base_dir), counts, from_dense, tied, seed)
+        from_base = base_loader(model, base_dir, from_dense, seed)
 
     def load(name: str, param: torch.nn.Parameter) -> torch.Tensor:
         if name in trained:

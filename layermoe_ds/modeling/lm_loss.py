@@ -148,7 +148,7 @@ def model_nll(model, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor
         return F.cross_entropy(logits_BLV.flatten(0, 1), targets_BL.flatten(), reduction="sum")
     hidden_BLH = model.model(input_ids=input_ids_BL, attention_mask=attention_mask_BL).last_hidden_state
     hidden_TH = hidden_BLH.reshape(-1, hidden_BLH.shape[-1])
-    chunk = chunk_tokens_for(model.config.vocab_size, head=head)
+    chunk = chunk_tokens_for(model.config.get_text_config().vocab_size, head=head)
     return summed_nll(hidden_TH, model.get_output_embeddings().weight, targets_BL.reshape(-1), chunk, head)
 
 
@@ -185,7 +185,7 @@ def use_chunked_loss(model, chunk: int | None = None) -> int:
             type(model).__name__,
         )
         return 0
-    chunk = chunk or chunk_tokens_for(model.config.vocab_size, head=head)
+    chunk = chunk or chunk_tokens_for(model.config.get_text_config().vocab_size, head=head)
 
     def forward(self, input_ids, labels, **kwargs):
         kwargs["use_cache"] = False
@@ -209,7 +209,7 @@ def check_fused_loss(model, what: str, tolerance: float | None = None) -> float:
         return 0.0
     parameter = next(model.parameters())
     tolerance = tolerance or (1e-5 if parameter.dtype == torch.float32 else 2e-2)
-    vocab = model.config.vocab_size
+    vocab = model.config.get_text_config().vocab_size
     ids_BL = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0)).to(parameter.device)
     with torch.no_grad():
         own = type(model).forward(model, input_ids=ids_BL, labels=ids_BL, use_cache=False).loss.float()

@@ -201,7 +201,7 @@ def to_expert_parallel(
     return {
         layer: block_to_expert_parallel(
             block,
-            model.config.hidden_size,
+            model.config.get_text_config().hidden_size,
             world_size,
             ep_size,
             capacity_factor,

@@ -14,8 +14,8 @@ import re
 from layermoe_ds.modeling.types import moe_blocks
 from layermoe_ds.modeling.upcycle import NEW_EXPERT_PREFIX
 
-# model.layers.<layer>.mlp.<new experts>.<slot or id>.<tensor>
-EXPERT_NAME = re.compile(rf"^(model\.layers\.(\d+)\.mlp\.{re.escape(NEW_EXPERT_PREFIX)})\.(\d+)\.(.+)$")
+# <decoder layers>.<layer>.<ffn>.<new experts>.<slot or id>.<tensor>: model.layers.3.mlp.moe.(…).experts.1.weight
+EXPERT_NAME = re.compile(rf"^(.+\.(\d+)\.\w+\.{re.escape(NEW_EXPERT_PREFIX)})\.(\d+)\.(.+)$")
 
 
 def expert_placement(expert_groups: list[int], ep_size: int) -> list[int]:

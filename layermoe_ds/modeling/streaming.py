@@ -106,6 +106,12 @@ class TensorSource:
                 self._where[name] = (file, data_start + begin, end - begin)
                 self._meta[name] = (tuple(info["shape"]), _SAFETENSORS_DTYPES[info["dtype"]])
 
+    def renamed(self, names: dict[str, str]) -> TensorSource:
+        """The same tensors under other names (file name → module name, e.g. `families.dense_tensor_names`)."""
+        self._where = {names.get(name, name): where for name, where in self._where.items()}
+        self._meta = {names.get(name, name): meta for name, meta in self._meta.items()}
+        return self
+
     def names(self) -> list[str]:
         return list(self._where)
 

@@ -11,7 +11,6 @@ keeps its router); classifiers gain one class.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 from layermoe_ds.config import StrEnum, choice
-from layermoe_ds.modeling.families import DEFAULT, expandable
+from layermoe_ds.modeling.families import Layout, dense_tensor_names, embedding_name, expandable
 from layermoe_ds.modeling.streaming import Planned, TensorSource, saved_keys, write_model_dir, write_safetensors
 from layermoe_ds.modeling.types import (
     expanded_classes,
@@ -41,9 +40,14 @@ def _classes_for(dense_config):
         _, layout = expandable(dense_config)
     except ValueError as exc:
         raise ValueError(f"upcycle: {exc}") from None
-    if layout != DEFAULT:  # the names this module writes (model.layers.N.mlp.…) are the default layout's
-        raise ValueError(f"upcycle: architecture {dense_config.model_type!r} keeps its layers at {layout}")
     return (*expanded_classes(dense_config), layout)
+
+
+def dense_source(model_dir: Path, dense_config) -> TensorSource:
+    """A dense directory's tensors under the names of the modules they load into."""
+    source = TensorSource(model_dir)
+    dense_cls, _ = expandable(dense_config)
+    return source.renamed(dense_tensor_names(dense_cls, dense_config, source.names()))
 
 
 def seeded_xavier(shape: Sequence[int], seed: int, layer: int, salt: int) -> torch.Tensor:
@@ -91,7 +95,7 @@ def upcycled_config(dense_config, allocation: dict, top_k: int = 2, classifier_m
     """(LayerMoE config, model class) for a dense HF config and an allocation."""
     config_cls, model_cls, layout = _classes_for(dense_config)
     dense_dict = {k: v for k, v in dense_config.to_dict().items() if k not in _DENSE_CONFIG_DROP}
-    counts, requested = _check_allocation(allocation, dense_config.num_hidden_layers)
+    counts, requested = _check_allocation(allocation, dense_config.get_text_config().num_hidden_layers)
     config = config_cls(
         **dense_dict,
         experts_per_layer=counts,
@@ -114,44 +118,44 @@ def upcycle(
     """A LayerMoE model from a dense HF causal LM and an allocation (see `layermoe allocate`), in memory: the
     reference for `upcycle_dir`, which streams the same tensors."""
     config, model_cls = upcycled_config(dense.config, allocation, top_k, classifier_mode)
-    counts = config.experts_per_layer
+    counts, layout = config.experts_per_layer, Layout.of(config)
     model = model_cls(config).to(next(dense.parameters()).dtype)
     state = {}
     for key, value in dense.state_dict().items():
-        match = re.match(r"model\.layers\.(\d+)\.mlp\.(.+)", key)
-        if match is None or counts[int(match.group(1))] == 1:
+        where = layout.split(key)
+        if where is None or counts[where[0]] == 1:
             state[key] = value
             continue
-        layer, rest = int(match.group(1)), match.group(2)
-        state[f"model.layers.{layer}.mlp.base_ffn.{rest}"] = value
+        layer, rest = where
+        state[f"{layout.ffn(layer)}.base_ffn.{rest}"] = value
         for j in range(counts[layer] - 1):
-            state[f"model.layers.{layer}.mlp.{NEW_EXPERT_PREFIX}.{j}.{rest}"] = value.clone()
+            state[f"{layout.ffn(layer)}.{NEW_EXPERT_PREFIX}.{j}.{rest}"] = value.clone()
     for layer, block in model.moe_blocks().items():
         _seeded_xavier(block.gate.router.weight, seed, layer, salt=1)
-        state[f"model.layers.{layer}.mlp.gate.router.weight"] = block.gate.router.weight.detach().clone()
+        state[f"{layout.ffn(layer)}.gate.router.weight"] = block.gate.router.weight.detach().clone()
         if block.gate.lang_classifier is not None:
             _seeded_xavier(block.gate.lang_classifier.weight, seed, layer, salt=2)
-            state[f"model.layers.{layer}.mlp.gate.lang_classifier.weight"] = (
+            state[f"{layout.ffn(layer)}.gate.lang_classifier.weight"] = (
                 block.gate.lang_classifier.weight.detach().clone()
             )
     _load_exact(model, state)
     return model
 
 
-def upcycle_source_name(name: str, counts: Sequence[int]) -> str | tuple[str, int]:
+def upcycle_source_name(name: str, counts: Sequence[int], layout: Layout) -> str | tuple[str, int]:
     """Where an upcycled model's tensor comes from: the dense tensor's name, or ("router"|"classifier", layer)."""
-    match = re.match(r"model\.layers\.(\d+)\.mlp\.(.+)", name)
-    if match is None or counts[int(match.group(1))] == 1:
+    where = layout.split(name)
+    if where is None or counts[where[0]] == 1:
         return name
-    layer, rest = int(match.group(1)), match.group(2)
+    layer, rest = where
     if rest == "gate.router.weight":
         return ("router", layer)
     if rest == "gate.lang_classifier.weight":
         return ("classifier", layer)
     if rest.startswith("base_ffn."):
-        return f"model.layers.{layer}.mlp.{rest[len('base_ffn.') :]}"
+        return f"{layout.ffn(layer)}.{rest[len('base_ffn.') :]}"
     if rest.startswith(NEW_EXPERT_PREFIX + "."):
-        return f"model.layers.{layer}.mlp.{rest[len(NEW_EXPERT_PREFIX) + 1 :].split('.', 1)[1]}"
+        return f"{layout.ffn(layer)}.{rest[len(NEW_EXPERT_PREFIX) + 1 :].split('.', 1)[1]}"
     raise ValueError(f"upcycle: no source for {name}")
 
 
@@ -173,15 +177,15 @@ def upcycle_dir(
     if is_layermoe(dense_config):
         raise ValueError(f"upcycle: {model_dir} is already a LayerMoE model; use `layermoe grow` to add languages")
     config, model_cls = upcycled_config(dense_config, allocation, top_k, classifier_mode)
-    source = TensorSource(model_dir)
-    dtype = dtype or source.dtype("model.embed_tokens.weight")
-    config.dtype = dtype
-    counts = config.experts_per_layer
+    source = dense_source(model_dir, dense_config)
     with torch.device("meta"):
         skeleton = model_cls(config)
+    dtype = dtype or source.dtype(embedding_name(skeleton))
+    config.dtype = dtype
+    counts, layout = config.experts_per_layer, Layout.of(config)
     plan, used = [], set()
     for name, (shape, _) in saved_keys(skeleton).items():
-        origin = upcycle_source_name(name, counts)
+        origin = upcycle_source_name(name, counts, layout)
         if isinstance(origin, tuple):
             kind, layer = origin
             salt = 1 if kind == "router" else 2
@@ -221,7 +225,7 @@ def grown_config(old, allocation: dict, router: str = RouterInit.KEEP, classifie
     allocation's alone, dropping the classifiers of the layers it does not name."""
     router = choice(RouterInit, router, "grow --router")
     classifiers = choice(ClassifierPolicy, classifiers, "grow --classifiers")
-    added, requested = _check_allocation(allocation, old.num_hidden_layers)
+    added, requested = _check_allocation(allocation, old.get_text_config().num_hidden_layers)
     new_group = old.num_groups
     counts = [n + a - 1 for n, a in zip(old.experts_per_layer, added, strict=True)]
     groups = [g + [new_group] * (a - 1) for g, a in zip(old.expert_groups, added, strict=True)]
@@ -244,11 +248,11 @@ def grown_config(old, allocation: dict, router: str = RouterInit.KEEP, classifie
 
 def grown_tensor(name: str, shape, old, counts: Sequence[int], source, router: str, seed: int) -> torch.Tensor:
     """One tensor of the grown model, from the old model's tensors (`source.get(name)`): the rules of `grow`."""
-    match = re.match(r"model\.layers\.(\d+)\.mlp\.(.+)", name)
-    if match is None or counts[int(match.group(1))] == 1:
+    where = Layout.of(old).split(name)
+    if where is None or counts[where[0]] == 1:
         return source.get(name)
-    layer, rest = int(match.group(1)), match.group(2)
-    prefix, n_old, new_group = f"model.layers.{layer}.mlp", old.experts_per_layer[layer], old.num_groups
+    layer, rest = where
+    prefix, n_old, new_group = Layout.of(old).ffn(layer), old.experts_per_layer[layer], old.num_groups
     ffn = prefix if n_old == 1 else f"{prefix}.base_ffn"  # the original FFN in the old model
     if rest.startswith("base_ffn."):
         return source.get(f"{ffn}.{rest[len('base_ffn.') :]}")
@@ -286,10 +290,10 @@ def grow_dir(
     old = layermoe_classes(model_type)[0].from_pretrained(model_dir)
     config, model_cls = grown_config(old, allocation, router, classifiers)
     source = TensorSource(model_dir)
-    dtype = dtype or source.dtype("model.embed_tokens.weight")
-    config.dtype = dtype
     with torch.device("meta"):
         skeleton = model_cls(config)
+    dtype = dtype or source.dtype(embedding_name(skeleton))
+    config.dtype = dtype
     plan = [
         Planned(
             name,
@@ -320,15 +324,16 @@ def grow(
         raise ValueError(f"grow: {type(model).__name__} is not a LayerMoE model; use `layermoe upcycle` first")
     old = model.config
     config, model_cls = grown_config(old, allocation, router, classifiers)
-    counts, new_group = config.experts_per_layer, old.num_groups
+    counts, new_group, layout = config.experts_per_layer, old.num_groups, Layout.of(old)
     grown = model_cls(config).to(next(model.parameters()).dtype)
     old_state = model.state_dict()
     state = {}
     for key, value in old_state.items():
-        if not is_moe_layer_key(key, counts):  # everything outside the grown model's MoE blocks stays as it is
+        where = layout.split(key)
+        if where is None or counts[where[0]] == 1:  # everything outside the grown model's MoE blocks stays as it is
             state[key] = value
-    for layer in range(old.num_hidden_layers):
-        prefix = f"model.layers.{layer}.mlp"
+    for layer in range(len(counts)):
+        prefix = layout.ffn(layer)
         n_old, n_new = old.experts_per_layer[layer], counts[layer]
         if n_new == 1:
             continue
@@ -358,11 +363,6 @@ def grow(
     return grown
 
 
-def is_moe_layer_key(key: str, counts: Sequence[int]) -> bool:
-    match = re.match(r"model\.layers\.(\d+)\.mlp\.", key)
-    return match is not None and counts[int(match.group(1))] > 1
-
-
 def _load_exact(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """load_state_dict(strict) with a message that names the first missing/unexpected key or shape mismatch."""
     own = model.state_dict()
@@ -377,24 +377,3 @@ def _load_exact(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
                 f"the model expects {tuple(own[key].shape)}"
             )
     model.load_state_dict(state, strict=True)
-
-
-def base_loader(source: TensorSource, counts, from_dense: bool, tied: bool, seed: int | None):
-    """name → tensor of a LayerMoE model (ep_size 1 names) from its base directory: the same name in a LayerMoE
-    base; in a dense base, what upcycling takes it from (expert 0 and the new experts are the FFN), with the
-    seeded router/classifier initialisation (`seed` None: those must come from elsewhere, e.g. a checkpoint)."""
-
-    def load(name: str, param: nn.Parameter) -> torch.Tensor:
-        if from_dense:
-            origin = upcycle_source_name(name, counts)
-            if isinstance(origin, tuple):  # a new router or classifier: upcycle's seeded initialisation
-                if seed is None:
-                    raise ValueError(f"{name}: not in the checkpoint, and the dense base has no such tensor")
-                kind, layer = origin
-                return seeded_xavier(param.shape, seed, layer, 1 if kind == "router" else 2)
-            name = origin
-        if name not in source and name == "lm_head.weight" and tied:
-            name = "model.embed_tokens.weight"
-        return source.get(name)
-
-    return load

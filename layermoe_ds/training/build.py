@@ -19,13 +19,13 @@ from torch import nn
 
 from layermoe_ds.config import TrainConfig
 from layermoe_ds.io import read_json
+from layermoe_ds.modeling.base_tensors import base_loader
 from layermoe_ds.modeling.hf_loading import check_model_dir, load_causal_lm
 from layermoe_ds.modeling.materialize import materialize, parameters_on_meta
 from layermoe_ds.modeling.moe_layer import to_expert_parallel
 from layermoe_ds.modeling.placement import EXPERT_NAME, renamed_expert
-from layermoe_ds.modeling.streaming import TensorSource
 from layermoe_ds.modeling.types import is_layermoe, layermoe_classes, model_config
-from layermoe_ds.modeling.upcycle import base_loader, upcycled_config
+from layermoe_ds.modeling.upcycle import upcycled_config
 from layermoe_ds.training.stages import apply_full_finetune, apply_stage, trained_group
 
 
@@ -96,11 +96,8 @@ def build_model(config: TrainConfig, stage: int, world_size: int, dtype: torch.d
     ep_sizes = to_expert_parallel(
         model, world_size, config.expert_parallel_size, config.capacity_factor, drop_tokens=config.drop_tokens
     )
-    source = TensorSource(Path(config.model))
     global_ids = {layer: block.moe.global_ids for layer, block in model.moe_blocks().items()}
-    counts = moe_config.experts_per_layer
-
-    from_base = base_loader(source, counts, from_dense, moe_config.tie_word_embeddings, config.seed)
+    from_base = base_loader(model, Path(config.model), from_dense, config.seed)
 
     def load(name: str, param: nn.Parameter) -> torch.Tensor:
         return from_base(renamed_expert(name, global_ids), param)  # this rank's local expert → its global id

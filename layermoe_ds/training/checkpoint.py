@@ -34,6 +34,7 @@ from layermoe_ds.modeling.checkpoint_files import (
     tag_for,
     verify_files,
 )
+from layermoe_ds.modeling.families import Layout
 from layermoe_ds.modeling.placement import checkpoint_slots
 from layermoe_ds.modeling.types import moe_blocks
 from layermoe_ds.modeling.upcycle import NEW_EXPERT_PREFIX
@@ -187,7 +188,7 @@ def _experts_by_id(engine, model, path: Path, saved: dict[int, list[int]], optim
                 continue
             file = path / f"layer_{ordinal}_expert_{slot}_mp_rank_00_model_states.pt"
             state = torch.load(file, map_location="cpu", weights_only=False)
-            prefix = f"model.layers.{layer}.mlp.{NEW_EXPERT_PREFIX}.{slot}."
+            prefix = f"{Layout.of(model.config).ffn(layer)}.{NEW_EXPERT_PREFIX}.{slot}."
             with torch.no_grad():
                 for name, tensor in moe.experts[local].state_dict().items():
                     tensor.copy_(state[prefix + name])

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import groups
 
+from layermoe_ds.modeling.families import Layout
 from layermoe_ds.modeling.streaming import ShardWriter, saved_keys, write_model_dir
 from layermoe_ds.modeling.types import layermoe_classes, moe_blocks
 from layermoe_ds.modeling.upcycle import NEW_EXPERT_PREFIX
@@ -33,7 +34,7 @@ def consolidated_tensors(model):
         local = {}
         if groups._get_expert_data_parallel_rank(block.moe.expert_group_name) == 0:
             for local_id, expert in enumerate(block.moe.experts):
-                prefix = f"model.layers.{layer}.mlp.{NEW_EXPERT_PREFIX}.{block.moe.global_ids[local_id]}"
+                prefix = f"{Layout.of(model.config).ffn(layer)}.{NEW_EXPERT_PREFIX}.{block.moe.global_ids[local_id]}"
                 for name, tensor in expert.state_dict().items():
                     # A copy, not `.cpu()`: under ZeRO each parameter is a view into one flat buffer of every
                     # trainable tensor, and pickling a view pickles that whole buffer (measured: 23 GB on rank 0,
@@ -90,7 +91,7 @@ def export_model(model, tokenizer, out: Path, stage: int, max_shard_bytes: int =
     for layer, block in model.moe_blocks().items():
         local = block.moe.experts[0].state_dict()
         for global_id in range(len(block.gate.expert_groups) - 1):
-            prefix = f"model.layers.{layer}.mlp.{NEW_EXPERT_PREFIX}.{global_id}"
+            prefix = f"{Layout.of(config).ffn(layer)}.{NEW_EXPERT_PREFIX}.{global_id}"
             layout += [(f"{prefix}.{sub}", tuple(t.shape), t.dtype) for sub, t in local.items()]
     missing = sorted(set(expected) - {name for name, _, _ in layout})
     if missing:

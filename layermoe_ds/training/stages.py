@@ -13,11 +13,14 @@ import re
 
 from torch import nn
 
+from layermoe_ds.modeling.placement import EXPERT_NAME
+
 log = logging.getLogger(__name__)
 
-ROUTER = re.compile(r"\.mlp\.gate\.router\.weight$")
-CLASSIFIER = re.compile(r"\.mlp\.gate\.lang_classifier\.weight$")
-NEW_EXPERT = re.compile(r"\.mlp\.moe\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.")
+# Inside a LayerMoE block, whatever the family calls its FFN (`modeling/families.py`).
+ROUTER = re.compile(r"\.\d+\.\w+\.gate\.router\.weight$")
+CLASSIFIER = re.compile(r"\.\d+\.\w+\.gate\.lang_classifier\.weight$")
+NEW_EXPERT = EXPERT_NAME
 
 # stage → trainable parameter groups: (group name, name pattern, newest language group's experts only)
 STAGE_TABLE: dict[int, tuple[tuple[str, re.Pattern, bool], ...]] = {
@@ -26,11 +29,10 @@ STAGE_TABLE: dict[int, tuple[tuple[str, re.Pattern, bool], ...]] = {
 }
 
 
-def _newest_group_expert(model, name: str, match: re.Match) -> bool:
+def _newest_group_expert(model, match: re.Match) -> bool:
     """Is this new-expert tensor one of the experts the newest language group added (global id under EP)?"""
-    layer = int(re.match(r"model\.layers\.(\d+)\.", name).group(1))
-    block = model.moe_blocks()[layer]
-    global_id = block.moe.global_ids[int(match.group(1))]
+    block = model.moe_blocks()[int(match[2])]
+    global_id = block.moe.global_ids[int(match[3])]
     return block.gate.expert_groups[1 + global_id] == model.config.num_groups - 1
 
 
@@ -40,7 +42,7 @@ def trained_group(model: nn.Module, name: str, stage: int) -> str | None:
         raise ValueError(f"stage: {stage} is not one of {sorted(STAGE_TABLE)}")
     for group, pattern, newest_only in STAGE_TABLE[stage]:
         match = pattern.search(name)
-        if match and (not newest_only or _newest_group_expert(model, name, match)):
+        if match and (not newest_only or _newest_group_expert(model, match)):
             return group
     return None
 

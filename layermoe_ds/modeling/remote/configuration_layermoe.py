@@ -17,7 +17,7 @@ CLASSIFIER_MODES = ("per-token", "prefix-mean")
 
 
 def _validate_layermoe(config) -> None:
-    layers = config.num_hidden_layers
+    layers = config.get_text_config().num_hidden_layers  # a multimodal wrapper's language model's
     counts = list(config.experts_per_layer or [1] * layers)
     if len(counts) != layers:
         raise ValueError(f"experts_per_layer: {len(counts)} entries for {layers} layers")

@@ -24,7 +24,9 @@ def build_block(dense_ffn: nn.Module, config, layer: int) -> LayerMoEBlock:
     """A block for layer `layer` around `dense_ffn` (expert 0); new experts start as copies of it."""
     groups = config.expert_groups[layer]
     num_classes = config.num_groups if layer in config.classifier_layers else 0
-    gate = LayerMoEGate(config.hidden_size, groups, config.moe_top_k, num_classes, config.classifier_mode)
+    gate = LayerMoEGate(
+        config.get_text_config().hidden_size, groups, config.moe_top_k, num_classes, config.classifier_mode
+    )
     new_experts = LocalNewExperts([copy.deepcopy(dense_ffn) for _ in range(len(groups) - 1)])
     block = LayerMoEBlock(dense_ffn, new_experts, gate)
     block.classifier_routing = config.classifier_routing
