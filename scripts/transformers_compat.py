@@ -1,0 +1,92 @@
+"""Exports against every transformers the project declares: each tested family's tiny model is upcycled with the
+installed transformers, then loaded through remote code alone and made to generate (KV cache = no cache) in a
+fresh virtual environment per transformers version, holding nothing but torch and that transformers.
+
+    python scripts/transformers_compat.py                           # the oldest and newest declared, and one between
+    python scripts/transformers_compat.py --versions 5.0.0,5.25.0
+
+Needs the package registry (one environment per version, cached under ~/.cache/layermoe_ds/). Writes
+bench/results/transformers_compat.json (date, commit, command) and exits 1 if any family fails on any version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+DEFAULT_VERSIONS = "5.0.0,5.12.1,5.25.0"
+CACHE = Path.home() / ".cache" / "layermoe_ds"
+
+
+def environment(version: str, torch_version: str) -> Path:
+    """A virtual environment with torch and transformers==`version` alone (made once, then reused)."""
+    venv = CACHE / f"transformers-{version}"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        pip = [str(python), "-m", "pip", "install", "--quiet", f"torch=={torch_version}", f"transformers=={version}"]
+        subprocess.run(pip, check=True)
+    return python
+
+
+def exports(root: Path) -> list[Path]:
+    """Every tested family's tiny dense model (no tokenizer), upcycled: `root/<family>/moe`."""
+    import torch
+    import transformers
+
+    from layermoe_ds.cli import main
+    from tests.test_families import ALLOCATION, TESTED, dense_config
+
+    (root / "alloc.json").write_text(json.dumps(ALLOCATION))
+    made = []
+    for family in TESTED:
+        torch.manual_seed(0)
+        config = dense_config(family, 512, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(root / family / "dense")
+        argv = ["upcycle", "--model", str(root / family / "dense"), "--allocation", str(root / "alloc.json")]
+        if main([*argv, "--out", str(root / family / "moe")]) != 0:
+            raise SystemExit(f"upcycle failed for {family}")
+        made.append(root / family / "moe")
+    return made
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--versions", default=DEFAULT_VERSIONS, help="transformers versions, comma-separated")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "transformers_compat.json")
+    args = parser.parse_args(argv)
+    import torch
+    import transformers
+    from benchlib import write_result
+
+    from tests.test_families import load_and_generate
+
+    results: dict = {"made_with": transformers.__version__, "versions": {}}
+    failed = []
+    with tempfile.TemporaryDirectory() as tmp:
+        made = exports(Path(tmp))
+        for version in args.versions.split(","):
+            python = environment(version, torch.__version__.split("+")[0])
+            out = load_and_generate(str(python), made)
+            assert out.pop("imported layermoe_ds") is False
+            results["versions"][version] = out
+            for family, result in out.items():
+                ok = isinstance(result, list) and result[1] and result[2] == 14
+                print(f"transformers {version} {family}: {'ok' if ok else result}")
+                if not ok:
+                    failed.append(f"{version}/{family}")
+    results["failed"] = failed
+    write_result(args.out, results)
+    print(f"{len(failed)} failed" + (f": {', '.join(failed)}" if failed else "") + f"; written to {args.out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
