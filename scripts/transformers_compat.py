@@ -2,7 +2,7 @@
 installed transformers, then loaded through remote code alone and made to generate (KV cache = no cache) in a
 fresh virtual environment per transformers version, holding nothing but torch and that transformers.
 
-    python scripts/transformers_compat.py                           # the oldest and newest declared, and one between
+    python scripts/transformers_compat.py                           # 5.0, 5.3 | 5.4 (configs became dataclasses), 5.12, 5.25
     python scripts/transformers_compat.py --versions 5.0.0,5.25.0
 
 Needs the package registry (one environment per version, cached under ~/.cache/layermoe_ds/). Writes
@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-DEFAULT_VERSIONS = "5.0.0,5.12.1,5.25.0"
+DEFAULT_VERSIONS = "5.0.0,5.3.0,5.4.0,5.12.1,5.25.0"  # the oldest, both sides of the dataclass change, newest
 CACHE = Path.home() / ".cache" / "layermoe_ds"
 
 

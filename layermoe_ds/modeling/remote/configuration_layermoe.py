@@ -7,10 +7,10 @@ is simply never asked for, and breaks nothing else.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import transformers
-from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 CLASSIFIER_MODES = ("per-token", "prefix-mean")
@@ -43,31 +43,55 @@ def _validate_layermoe(config) -> None:
     config.classifier_layers = sorted(config.classifier_layers or [])
 
 
-@strict
-class LayerMoEFields(PreTrainedConfig):
-    """The LayerMoE fields, mixed in before each dense architecture's config."""
+# name → (type, default, meaning): the LayerMoE fields, mixed in before each dense architecture's config.
+FIELDS = {
+    "experts_per_layer": (list | None, None, "N_i, total experts of layer i including the original FFN (expert 0)"),
+    "expert_groups": (list | None, None, "per layer: the language group that added each expert (expert 0: group 0)"),
+    "num_groups": (int, 2, "language groups known so far: old + one per expansion"),
+    "classifier_layers": (list | None, None, "layers with an old/new-language classifier before the router"),
+    "classifier_mode": (str, "per-token", "what the classifier reads: each token, or the mean of its prefix"),
+    "classifier_routing": (bool, True, 'class "old" → expert 0 alone (stage 2 and inference); off in stage 1'),
+    "moe_top_k": (int, 2, "experts a token is routed to"),
+    "allocation": (dict | None, None, "the allocation.json history this model was upcycled and grown from"),
+    "dense_model_type": (str | None, None, "the architecture this model expands (set from the class)"),
+    "decoder_layers": (str, "model.layers", "attribute path from the causal LM to its list of decoder layers"),
+    "ffn_module": (str, "mlp", "the decoder layer's attribute that holds its feed-forward module"),
+}
+# transformers 5.4 made configs dataclasses (fields declared, checked by huggingface_hub's `strict`); 5.0–5.3 set
+# them in `__init__`. An export loads under either.
+DATACLASS_CONFIGS = dataclasses.is_dataclass(PreTrainedConfig)
 
-    experts_per_layer: list | None = None  # N_i, total experts of layer i including the original FFN (expert 0)
-    expert_groups: list | None = None  # per layer: the language group that added each expert (expert 0: group 0)
-    num_groups: int = 2  # language groups known so far: old + one per expansion
-    classifier_layers: list | None = None
-    classifier_mode: str = "per-token"
-    classifier_routing: bool = True  # class "old" → expert 0 alone (stage 2 and inference); off in stage 1
-    moe_top_k: int = 2
-    allocation: dict | None = None  # the allocation.json history this model was upcycled and grown from
-    dense_model_type: str | None = None  # the architecture this model expands (set from the class)
-    decoder_layers: str = "model.layers"  # attribute path from the causal LM to its list of decoder layers
-    ffn_module: str = "mlp"  # the decoder layer's attribute that holds its feed-forward module
 
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
+class _LayerMoEChecks:
+    def _check_layermoe(self) -> None:
         self.dense_model_type = self.dense_model_type or type(self).dense_model_type_of()
         _validate_layermoe(self)
 
     @classmethod
     def dense_model_type_of(cls) -> str:
-        dense = next(base for base in cls.__mro__[1:] if base is not LayerMoEFields and "model_type" in vars(base))
+        dense = next(base for base in cls.__mro__[1:] if "model_type" in vars(base) and base is not LayerMoEFields)
         return dense.model_type
+
+
+if DATACLASS_CONFIGS:
+    from huggingface_hub.dataclasses import strict
+
+    def _post_init(self, **kwargs):
+        super(LayerMoEFields, self).__post_init__(**kwargs)
+        self._check_layermoe()
+
+    _namespace = {name: default for name, (_, default, _) in FIELDS.items()}
+    _namespace |= {"__annotations__": {name: kind for name, (kind, _, _) in FIELDS.items()}, "__module__": __name__}
+    LayerMoEFields = strict(type("LayerMoEFields", (_LayerMoEChecks, PreTrainedConfig), _namespace))
+    LayerMoEFields.__post_init__ = _post_init
+else:
+
+    class LayerMoEFields(_LayerMoEChecks, PreTrainedConfig):
+        def __init__(self, **kwargs):
+            for name, (_, default, _) in FIELDS.items():
+                setattr(self, name, kwargs.pop(name, default))
+            super().__init__(**kwargs)
+            self._check_layermoe()
 
 
 _CLASSES: dict[str, type] = {}
@@ -79,7 +103,8 @@ def layermoe_config_class(dense_config_cls: type) -> type:
     name = f"LayerMoE{dense_config_cls.__name__}"
     if name not in _CLASSES:
         namespace = {"model_type": f"layermoe_{dense_config_cls.model_type}", "__module__": __name__}
-        _CLASSES[name] = strict(type(name, (LayerMoEFields, dense_config_cls), {**namespace, "__qualname__": name}))
+        cls = type(name, (LayerMoEFields, dense_config_cls), {**namespace, "__qualname__": name})
+        _CLASSES[name] = strict(cls) if DATACLASS_CONFIGS else cls
     return _CLASSES[name]
 
 
