@@ -2,7 +2,7 @@
 installed transformers, then loaded through remote code alone and made to generate (KV cache = no cache) in a
 fresh virtual environment per transformers version, holding nothing but torch and that transformers.
 
-    python scripts/transformers_compat.py                           # 5.0, 5.3 | 5.4 (configs became dataclasses), 5.12, 5.25
+    python scripts/transformers_compat.py                  # 5.0, 5.3 | 5.4 (configs became dataclasses), 5.12, 5.25
     python scripts/transformers_compat.py --versions 5.0.0,5.25.0
 
 Needs the package registry (one environment per version, cached under ~/.cache/layermoe_ds/). Writes
