@@ -5,8 +5,10 @@ fresh virtual environment per transformers version, holding nothing but torch an
     python scripts/transformers_compat.py                  # 5.0, 5.3 | 5.4 (configs became dataclasses), 5.12, 5.25
     python scripts/transformers_compat.py --versions 5.0.0,5.25.0
 
-Needs the package registry (one environment per version, cached under ~/.cache/layermoe_ds/). Writes
-bench/results/transformers_compat.json (date, commit, command) and exits 1 if any family fails on any version.
+Needs the package registry (one environment per version, cached under ~/.cache/layermoe_ds/). The dense models
+run beside: an export that fails exactly as its dense model does is that transformers' own failure, and is
+reported as such. Writes bench/results/transformers_compat.json (date, commit, command) and exits 1 if any export
+fails where its dense model does not.
 """
 
 from __future__ import annotations
@@ -57,6 +59,12 @@ def exports(root: Path) -> list[Path]:
     return made
 
 
+def _verdict(result) -> str:
+    if isinstance(result, str):
+        return result.split("\n")[0]
+    return "ok" if result[1] and result[2] == 14 else f"cached generation differs from uncached ({result[0]})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--versions", default=DEFAULT_VERSIONS, help="transformers versions, comma-separated")
@@ -74,14 +82,20 @@ def main(argv: list[str] | None = None) -> int:
         made = exports(Path(tmp))
         for version in args.versions.split(","):
             python = environment(version, torch.__version__.split("+")[0])
-            out = load_and_generate(str(python), made)
+            out = load_and_generate(str(python), [path for moe in made for path in (moe, moe.parent / "dense")])
             assert out.pop("imported layermoe_ds") is False
             results["versions"][version] = out
-            for family, result in out.items():
-                ok = isinstance(result, list) and result[1] and result[2] == 14
-                print(f"transformers {version} {family}: {'ok' if ok else result}")
-                if not ok:
+            for moe in made:
+                family = moe.parent.name
+                verdict = [_verdict(out[f"{family}/{kind}"]) for kind in ("moe", "dense")]
+                if verdict[0] == "ok":
+                    line = "ok"
+                elif verdict[0] == verdict[1]:  # the dense model fails alike: transformers' own
+                    line = f"as the dense model: {verdict[0]}"
+                else:
+                    line = f"FAILED: {verdict[0]} (dense: {verdict[1]})"
                     failed.append(f"{version}/{family}")
+                print(f"transformers {version} {family}: {line}")
     results["failed"] = failed
     write_result(args.out, results)
     print(f"{len(failed)} failed" + (f": {', '.join(failed)}" if failed else "") + f"; written to {args.out}")

@@ -171,7 +171,8 @@ def test_lean_ffn_covers_the_family_and_trains_to_the_bit(family, families):
 
 
 # Run in a fresh interpreter (any Python with torch and transformers): load each export through remote code alone,
-# generate greedily with and without the KV cache; one JSON line, family → [class, same tokens, length] or an error.
+# generate greedily with and without the KV cache; one JSON line, "<family>/<dir>" → [class, same tokens, length] or
+# an error.
 LOAD_AND_GENERATE = """
 import json, sys, torch
 from pathlib import Path
@@ -184,9 +185,9 @@ for path in sys.argv[1:]:
         ids = torch.randint(3, vocab, (2, 6), generator=torch.Generator().manual_seed(2))
         runs = [model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=cache, pad_token_id=0)
                 for cache in (True, False)]
-        out[Path(path).parent.name] = [type(model).__name__, torch.equal(*runs), runs[0].shape[1]]
+        out["/".join(Path(path).parts[-2:])] = [type(model).__name__, torch.equal(*runs), runs[0].shape[1]]
     except Exception as exc:
-        out[Path(path).parent.name] = f"{type(exc).__name__}: {exc}"[:500]
+        out["/".join(Path(path).parts[-2:])] = f"{type(exc).__name__}: {exc}"[:500]
 out["imported layermoe_ds"] = any(name.startswith("layermoe_ds") for name in sys.modules)
 print(json.dumps(out))
 """
@@ -204,7 +205,7 @@ def test_exports_load_without_layermoe_ds_and_generate_the_same_with_the_cache(f
     """One fresh interpreter loads every family's export through `trust_remote_code` alone."""
     out = load_and_generate(sys.executable, [families[family] / "moe" for family in TESTED])
     assert out.pop("imported layermoe_ds") is False
-    assert sorted(out) == sorted(TESTED)
+    assert sorted(out) == sorted(f"{family}/moe" for family in TESTED)
     for family, result in out.items():
         assert isinstance(result, list), (family, result)
         cls, same, length = result

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .prefix_state import PrefixContext
+
 
 @dataclass
 class MoEAux:
@@ -114,6 +116,7 @@ class LayerMoEGate(nn.Module):
         # A plain attribute, not a buffer: HF's from_pretrained leaves non-persistent buffers uninitialised.
         self.expert_groups = tuple(int(g) for g in expert_groups)
         self._group_of: dict[torch.device, torch.Tensor] = {}
+        self.prefix_context: PrefixContext | None = None  # set by the model around a forward (prefix_state.py)
 
     def group_of(self, device: torch.device) -> torch.Tensor:
         """The language group that added each expert (expert 0: group 0), as a tensor on `device`."""
@@ -131,7 +134,12 @@ class LayerMoEGate(nn.Module):
         probs_TE = log_probs_TE.exp()
         classifier_logits_TG = None
         if self.lang_classifier is not None:
-            features = hidden_BLH if self.classifier_mode == "per-token" else prefix_mean(hidden_BLH)
+            if self.classifier_mode == "per-token":
+                features = hidden_BLH
+            elif self.prefix_context is not None:  # generation: continues the cached positions' sums, no padding
+                features = self.prefix_context.features(hidden_BLH)
+            else:
+                features = prefix_mean(hidden_BLH)
             classifier_logits_TG = fp32_linear(features.reshape(hidden_TH.shape), self.lang_classifier.weight)
         classes_T = token_classes(
             classifier_logits_TG if classifier_routing else None,

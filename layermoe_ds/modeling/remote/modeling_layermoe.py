@@ -10,6 +10,8 @@ the config (`decoder_layers`, `ffn_module`), written by layermoe_ds when it expa
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import re
 
 import transformers
@@ -18,6 +20,7 @@ from transformers import PreTrainedModel
 
 from .configuration_layermoe import layermoe_config_class
 from .layermoe_block import LayerMoEBlock, LayerMoEGate, LocalNewExperts
+from .prefix_state import contexts_for, keep_sums, reorder_sums
 
 
 def build_block(dense_ffn: nn.Module, config, layer: int) -> LayerMoEBlock:
@@ -70,11 +73,61 @@ class LayerMoEMixin:
         for block in self.moe_blocks().values():
             block.max_group = group
 
+    def prefix_mean_layers(self) -> list[int]:
+        """The layers whose classifier reads the running mean of the prefix (`classifier_mode: prefix-mean`)."""
+        return [
+            layer
+            for layer, block in self.moe_blocks().items()
+            if block.gate.lang_classifier is not None and block.gate.classifier_mode == "prefix-mean"
+        ]
+
+    def _reorder_cache(self, past_key_values, beam_idx):
+        """Beam search: the KV cache and the prefix-mean sums kept beside it follow the beams."""
+        past_key_values.reorder_cache(beam_idx)
+        reorder_sums(past_key_values, beam_idx)
+        return past_key_values
+
     def set_classifier_routing(self, enabled: bool) -> None:
         """On: class "old" → expert 0 alone (stage 2, inference). Off: router top-k for every token (stage 1)."""
         self.config.classifier_routing = enabled
         for block in self.moe_blocks().values():
             block.classifier_routing = enabled
+
+
+def _forward_keeping_prefix_sums(dense_forward):
+    """The dense class's forward (its signature too, which generate() reads), with each prefix-mean classifier
+    given the running sums of the positions in the KV cache and the padding mask (prefix_state.py)."""
+    signature = inspect.signature(dense_forward)
+
+    @functools.wraps(dense_forward)
+    def forward(self, *args, **kwargs):
+        layers = self.prefix_mean_layers()
+        if not layers:
+            return dense_forward(self, *args, **kwargs)
+        given = signature.bind_partial(self, *args, **kwargs).arguments
+        given |= given.pop("kwargs", {})
+        inputs = given.get("input_ids")
+        inputs = given.get("inputs_embeds") if inputs is None else inputs
+        contexts = contexts_for(layers, *inputs.shape[:2], given.get("attention_mask"), _cache_of(given))
+        blocks = self.moe_blocks()
+        for layer, context in contexts.items():
+            blocks[layer].gate.prefix_context = context
+        try:
+            outputs = dense_forward(self, *args, **kwargs)
+        finally:
+            for layer in contexts:
+                blocks[layer].gate.prefix_context = None
+        keep_sums(_cache_of(outputs if isinstance(outputs, dict) else {}), contexts)
+        return outputs
+
+    return forward
+
+
+def _cache_of(values: dict):
+    """The KV cache among a forward's arguments or outputs: `cache` since transformers 5.25, `past_key_values`
+    before."""
+    cache = values.get("cache")
+    return values.get("past_key_values") if cache is None else cache
 
 
 _CLASSES: dict[str, type] = {}
@@ -91,6 +144,7 @@ def layermoe_model_class(dense_cls: type) -> type:
             self.post_init()
 
         namespace = {"config_class": layermoe_config_class(dense_cls.config_class), "__init__": __init__}
+        namespace["forward"] = _forward_keeping_prefix_sums(dense_cls.forward)
         namespace |= {"__module__": __name__, "__qualname__": name}
         _CLASSES[name] = type(name, (LayerMoEMixin, dense_cls), namespace)
     return _CLASSES[name]
