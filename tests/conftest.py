@@ -102,6 +102,9 @@ def upcycled(tiny_base, tmp_path_factory) -> Path:
         )
         == 0
     )
+    # A generation setting of its own, which the runs started from it must carry to what they write.
+    generation = json.loads((tmp / "model" / "generation_config.json").read_text())
+    (tmp / "model" / "generation_config.json").write_text(json.dumps({**generation, "max_new_tokens": 77}))
     return tmp / "model"
 
 

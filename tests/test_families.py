@@ -258,3 +258,29 @@ def test_profile_and_evaluate_read_the_family_where_it_keeps_its_layers(family, 
         dense, moe = (reports[kind]["languages"][lang]["loss"] for kind in ("dense", "moe"))
         assert moe == pytest.approx(dense, abs=1e-4), (family, lang)
     assert set(reports["moe"]["routing"]["layers"]) == {"1", "2", "3"}
+
+
+def test_the_exports_tokenizer_loads_without_a_prompt_and_is_the_dense_ones(families):
+    """The export's tokenizer, in a fresh interpreter with no terminal: through its tokenizer class with no remote
+    code at all, and through AutoTokenizer with the model's `trust_remote_code=True`; never the remote-code prompt
+    (AutoTokenizer without it reads config.json, whose architecture only remote code knows)."""
+    script = """
+import json, sys
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+text = "Bonjour le monde, hello world"
+dense = AutoTokenizer.from_pretrained(sys.argv[1])(text)["input_ids"]
+plain = PreTrainedTokenizerFast.from_pretrained(sys.argv[2])(text)["input_ids"]
+auto = AutoTokenizer.from_pretrained(sys.argv[2], trust_remote_code=True)(text)["input_ids"]
+print(json.dumps([dense, plain, auto]))
+"""
+    for family in ("llama", "gemma3"):
+        paths = [str(families[family] / kind) for kind in ("dense", "moe")]
+        result = subprocess.run(
+            [sys.executable, "-c", script, *paths], capture_output=True, text=True, cwd="/", stdin=subprocess.DEVNULL
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "custom code" not in result.stdout + result.stderr
+        dense, plain, auto = json.loads(result.stdout.strip().splitlines()[-1])
+        assert dense and plain == dense and auto == dense, family
+    generation = json.loads((families["llama"] / "dense" / "generation_config.json").read_text())
+    assert json.loads((families["llama"] / "moe" / "generation_config.json").read_text()) == generation

@@ -44,6 +44,28 @@ def test_stage1_zero2_expert_parallel_learns_and_freezes(stage1_run, upcycled):
     assert config["classifier_routing"] is False
 
 
+def test_what_a_run_writes_is_readable_to_the_team_and_keeps_the_generation_settings(stage1_run, tmp_path):
+    """Every file and directory of the run (checkpoints, export, logs) is as readable to the group and others as
+    the umask allows (the launched ranks inherit it), and the export, the checkpoints and `export --checkpoint` carry the base's
+    generation_config.json."""
+    import stat
+
+    from transformers import GenerationConfig
+
+    from layermoe_ds.cli import main
+    from layermoe_ds.io import current_umask
+
+    mask = current_umask()
+    for path in [stage1_run, *stage1_run.rglob("*")]:
+        shared = 0o055 if path.is_dir() else 0o044  # what the group and others may read (and enter)
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode & shared == shared & ~mask, (path, oct(mode))
+    assert main(["export", "--checkpoint", str(stage1_run), "--out", str(tmp_path / "from_checkpoint")]) == 0
+    checkpoints = [p for p in (stage1_run / "checkpoints").iterdir() if p.is_dir()]
+    for directory in [stage1_run / "model", tmp_path / "from_checkpoint", *checkpoints]:
+        assert GenerationConfig.from_pretrained(directory).max_new_tokens == 77, directory
+
+
 def test_bf16_stage1_with_two_experts_a_rank_trains_and_reduces_gradients_in_fp32(upcycled_wide, corpus_dir, tmp_path):
     """The shipped ZeRO-2 config as a GPU run uses it (bf16 weights, fp32 gradient communication), on 2 CPU ranks,
     with a dense layer and two experts a rank in layer 0."""

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from layermoe_ds.io import read_json, sha256_file
 from layermoe_ds.modeling.base_tensors import base_loader
+from layermoe_ds.modeling.hf_loading import carry_generation_config
 from layermoe_ds.modeling.materialize import materialize, parameters_on_meta
 from layermoe_ds.modeling.placement import checkpoint_slots, renamed_expert
 from layermoe_ds.modeling.types import layermoe_classes, layermoe_model_type, model_config
@@ -197,6 +198,7 @@ def model_from_checkpoint(
             raise ValueError(f"checkpoint {path}: {name} is neither in it nor in its base ({exc.args[0]})") from None
 
     materialize(model, load, lambda name, param: dtype)
+    carry_generation_config(model, path)
     unexpected = sorted(set(trained) - set(model.state_dict()))
     if unexpected:
         raise ValueError(f"checkpoint {path} does not match its config.json: unexpected {unexpected[:3]}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, GenerationConfig
 from transformers.utils import logging as hf_logging
 
 from layermoe_ds.modeling.families import check_layout
@@ -51,6 +51,14 @@ def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32, device: str |
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model.to(device).eval()
+
+
+def carry_generation_config(model, model_dir: Path):
+    """The directory's generation settings (`generation_config.json`: sampling defaults, stop tokens) on `model`,
+    so whatever it is saved as keeps them; the defaults derived from its config where the directory has none."""
+    if (Path(model_dir) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(model_dir)
+    return model
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:

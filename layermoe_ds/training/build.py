@@ -20,7 +20,7 @@ from torch import nn
 from layermoe_ds.config import TrainConfig
 from layermoe_ds.io import read_json
 from layermoe_ds.modeling.base_tensors import base_loader
-from layermoe_ds.modeling.hf_loading import check_model_dir, load_causal_lm
+from layermoe_ds.modeling.hf_loading import carry_generation_config, check_model_dir, load_causal_lm
 from layermoe_ds.modeling.materialize import materialize, parameters_on_meta
 from layermoe_ds.modeling.moe_layer import to_expert_parallel
 from layermoe_ds.modeling.placement import EXPERT_NAME, renamed_expert
@@ -107,6 +107,7 @@ def build_model(config: TrainConfig, stage: int, world_size: int, dtype: torch.d
         return torch.float32 if stage == 2 and trained_group(model, name, stage) else dtype
 
     loaded = materialize(model, load, dtype_of, device)
+    carry_generation_config(model, Path(config.model))
     model.set_classifier_routing(stage == 2)
     trainable = apply_stage(model, stage)
     experts: dict[int, list[int]] = {}

@@ -50,12 +50,20 @@ def consolidated_tensors(model):
 
 
 def write_model_files(model, tokenizer, directory: Path, stage: int) -> None:
-    """config.json (as the export will set it) and the tokenizer, so a checkpoint exports on its own."""
+    """config.json (as the export will set it), the tokenizer and the generation settings, so a checkpoint exports
+    on its own."""
     config = copy.deepcopy(model.config)
     if moe_blocks(model):
         config.classifier_routing = stage == 2
     config.save_pretrained(directory)
+    _save_beside(model, tokenizer, directory)
+
+
+def _save_beside(model, tokenizer, directory: Path) -> None:
+    """What a model directory holds besides config and weights: the tokenizer, and the generation settings the
+    base model came with (`generation_config.json`)."""
     tokenizer.save_pretrained(directory)
+    model.generation_config.save_pretrained(directory)
 
 
 def export_model(model, tokenizer, out: Path, stage: int, max_shard_bytes: int = 5 * 10**9) -> None:
@@ -107,7 +115,7 @@ def export_model(model, tokenizer, out: Path, stage: int, max_shard_bytes: int =
                 writer.write(name, piece[name])
             position += count
         writer.close()
-        tokenizer.save_pretrained(directory)
+        _save_beside(model, tokenizer, directory)
 
     write_model_dir(out, config, model_cls, write)
     log.info("exported %s", out)
@@ -120,4 +128,4 @@ def _write_all(directory: Path, model, tokenizer, max_shard_bytes: int) -> None:
     for name in names:
         writer.write(name, state[name])
     writer.close()
-    tokenizer.save_pretrained(directory)
+    _save_beside(model, tokenizer, directory)
