@@ -46,8 +46,8 @@ def test_stage1_zero2_expert_parallel_learns_and_freezes(stage1_run, upcycled):
 
 def test_what_a_run_writes_is_readable_to_the_team_and_keeps_the_generation_settings(stage1_run, tmp_path):
     """Every file and directory of the run (checkpoints, export, logs) is as readable to the group and others as
-    the umask allows (the launched ranks inherit it), and the export, the checkpoints and `export --checkpoint` carry the base's
-    generation_config.json."""
+    the umask allows (the launched ranks inherit it), and the export, the checkpoints and `export --checkpoint`
+    carry the base's generation_config.json."""
     import stat
 
     from transformers import GenerationConfig
