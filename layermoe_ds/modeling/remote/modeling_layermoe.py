@@ -73,6 +73,15 @@ class LayerMoEMixin:
         for block in self.moe_blocks().values():
             block.max_group = group
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading info) when asked for
+        head = model.get_output_embeddings()
+        if head is not None and head.weight.is_meta:  # transformers 5.3 leaves a remote-code model's tied head unset
+            model.tie_weights()
+        return loaded
+
     def prefix_mean_layers(self) -> list[int]:
         """The layers whose classifier reads the running mean of the prefix (`classifier_mode: prefix-mean`)."""
         return [
