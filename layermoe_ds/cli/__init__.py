@@ -21,6 +21,7 @@ VERBS: list[Callable] = [
     models.add_grow,
     evaluate.add_evaluate,
     evaluate.add_lm_eval_tasks,
+    evaluate.add_benchmark,
     models.add_export,
     models.add_check_hostfile,
     experiment.add_experiment,

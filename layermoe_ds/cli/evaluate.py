@@ -60,6 +60,70 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """A count of at least 1 (argparse type: the flag is named in the error)."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+positive_int.__name__ = "count of at least 1"  # what argparse calls the type in "invalid … value"
+
+
+def add_benchmark(sub) -> None:
+    p = sub.add_parser(
+        "benchmark",
+        help="the paper's benchmarks per language through lm-evaluation-harness (ARC, HellaSwag, MMLU, Belebele)",
+        description="Run the paper's lm-eval protocol per language — ARC-Challenge 25-shot, HellaSwag 10-shot, MMLU "
+        "5-shot (mmlu_tr 4-shot), Belebele 5-shot — plus any --tasks, on a dense or LayerMoE model; write "
+        "OUT/results.json (plan, scores, Old/New averages, missing tasks) and OUT/results.md. Needs the [eval] extra.",
+    )
+    p.add_argument("--model", type=Path, required=True, help="model directory (dense or LayerMoE)")
+    p.add_argument("--old", type=lang_list, required=True, help="old languages, e.g. en,zh,es")
+    p.add_argument("--new", type=lang_list, required=True, help="new languages, e.g. el,hu,tr")
+    p.add_argument("--out", type=Path, required=True, help="directory for results.json and results.md")
+    p.add_argument("--suite", default="paper", choices=("paper", "none"), help="the paper's benchmarks, or none")
+    p.add_argument(
+        "--tasks", type=lang_list, default=[], help="more lm-eval tasks per language: my_mc_{lang} or my_mc_{lang}:3"
+    )
+    p.add_argument("--include-path", type=Path, default=None, help="a directory of your own lm-eval task YAMLs")
+    p.add_argument("--datasets", type=Path, default=None, help="local dataset snapshots, DIR/<hub repository>")
+    p.add_argument("--limit", type=positive_int, default=None, help="documents per task (a quick look, not a score)")
+    p.add_argument("--batch-size", type=positive_int, default=1)
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the GPU when there is one)")
+    p.add_argument("--dry-run", action="store_true", help="write the plan and the missing tasks; run no model")
+    p.set_defaults(func=_cmd_benchmark)
+
+
+def _cmd_benchmark(args) -> int:
+    from layermoe_ds.eval.benchmark import markdown, run_benchmark
+
+    report = run_benchmark(
+        args.model,
+        args.old,
+        args.new,
+        args.out,
+        args.suite,
+        args.tasks,
+        args.include_path,
+        args.datasets,
+        args.limit,
+        args.batch_size,
+        args.device,
+        args.dtype,
+        args.dry_run,
+    )
+    if args.dry_run:
+        for lang, rows in report["plan"].items():
+            print(f"{lang}: " + ", ".join(f"{row['task']} ({row['num_fewshot']}-shot)" for row in rows))
+    else:
+        print(markdown(report), end="")
+    print(f"written to {args.out / 'results.json'}")
+    return 0
+
+
 def add_lm_eval_tasks(sub) -> None:
     p = sub.add_parser(
         "lm-eval-tasks",

@@ -1,0 +1,334 @@
+"""`layermoe benchmark`: the paper's multilingual benchmarks per language through lm-evaluation-harness (the
+optional `[eval]` extra), averaged over the old and the new languages as the paper reports them.
+
+The paper suite (the reference's lm-eval protocol): ARC-Challenge 25-shot (`arc_challenge`, `arc_<lang>`),
+HellaSwag 10-shot (`hellaswag`, `hellaswag_<lang>`), MMLU 5-shot (`mmlu`, `cmmlu` for zh, `m_mmlu_<lang>`; `mmlu_el`
+and `mmlu_tr` at 4 shots where a task of that name is given with --include-path) and Belebele 5-shot
+(`belebele_<FLORES-200 code>`). A language with no task for a benchmark is listed under `missing`, never dropped.
+`--tasks` adds any lm-eval task per language (`my_mc_{lang}`, `my_mc_{lang}:3` for 3 shots).
+
+Offline clusters: `--datasets DIR` reads each task's dataset from `DIR/<hub repository>` (what `hf download REPO
+--repo-type dataset --local-dir DIR/REPO` writes), checked for every task before the model is loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# ISO 639-1 → FLORES-200 (Belebele's language codes); a FLORES code given as a language is taken as it is.
+FLORES = {
+    "af": "afr_Latn", "am": "amh_Ethi", "ar": "arb_Arab", "as": "asm_Beng", "az": "azj_Latn", "bg": "bul_Cyrl",
+    "bn": "ben_Beng", "ca": "cat_Latn", "cs": "ces_Latn", "da": "dan_Latn", "de": "deu_Latn", "el": "ell_Grek",
+    "en": "eng_Latn", "es": "spa_Latn", "et": "est_Latn", "eu": "eus_Latn", "fa": "pes_Arab", "fi": "fin_Latn",
+    "fr": "fra_Latn", "gl": "glg_Latn", "gu": "guj_Gujr", "ha": "hau_Latn", "he": "heb_Hebr", "hi": "hin_Deva",
+    "hr": "hrv_Latn", "hu": "hun_Latn", "hy": "hye_Armn", "id": "ind_Latn", "ig": "ibo_Latn", "is": "isl_Latn",
+    "it": "ita_Latn", "ja": "jpn_Jpan", "ka": "kat_Geor", "kk": "kaz_Cyrl", "km": "khm_Khmr", "kn": "kan_Knda",
+    "ko": "kor_Hang", "ky": "kir_Cyrl", "lo": "lao_Laoo", "lt": "lit_Latn", "lv": "lvs_Latn", "mk": "mkd_Cyrl",
+    "ml": "mal_Mlym", "mn": "khk_Cyrl", "mr": "mar_Deva", "ms": "zsm_Latn", "mt": "mlt_Latn", "my": "mya_Mymr",
+    "nb": "nob_Latn", "ne": "npi_Deva", "nl": "nld_Latn", "or": "ory_Orya", "pa": "pan_Guru", "pl": "pol_Latn",
+    "ps": "pbt_Arab", "pt": "por_Latn", "ro": "ron_Latn", "ru": "rus_Cyrl", "si": "sin_Sinh", "sk": "slk_Latn",
+    "sl": "slv_Latn", "so": "som_Latn", "sq": "als_Latn", "sr": "srp_Cyrl", "sv": "swe_Latn", "sw": "swh_Latn",
+    "ta": "tam_Taml", "te": "tel_Telu", "tg": "tgk_Cyrl", "th": "tha_Thai", "tl": "tgl_Latn", "tr": "tur_Latn",
+    "uk": "ukr_Cyrl", "ur": "urd_Arab", "uz": "uzn_Latn", "vi": "vie_Latn", "xh": "xho_Latn", "yo": "yor_Latn",
+    "zh": "zho_Hans", "zu": "zul_Latn",
+}  # fmt: skip
+FLORES_CODE = re.compile(r"^[a-z]{3}_[A-Z][a-z]{3}$")
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    metric: str  # what the paper's tables report
+    shots: int
+
+    def candidates(self, lang: str) -> list[tuple[str, int]]:
+        """(task, shots) in order of preference for `lang`: the first that lm-eval knows is run."""
+        if self.name == "arc":
+            return [("arc_challenge" if lang == "en" else f"arc_{lang}", self.shots)]
+        if self.name == "hellaswag":
+            return [("hellaswag" if lang == "en" else f"hellaswag_{lang}", self.shots)]
+        if self.name == "mmlu":
+            special = {"en": ("mmlu", 5), "zh": ("cmmlu", 5), "tr": ("mmlu_tr", 4), "el": ("mmlu_el", 5)}
+            return [special[lang]] if lang in special else [(f"m_mmlu_{lang}", self.shots)]
+        if self.name == "belebele":
+            code = lang if FLORES_CODE.match(lang) else FLORES.get(lang)
+            return [(f"belebele_{code}", self.shots)] if code else []
+        raise AssertionError(self.name)
+
+
+PAPER = (Benchmark("arc", "acc_norm", 25), Benchmark("hellaswag", "acc_norm", 10), Benchmark("mmlu", "acc", 5),
+         Benchmark("belebele", "acc", 5))  # fmt: skip
+SUITES = {"paper": PAPER, "none": ()}
+CUSTOM_METRICS = ("acc", "acc_norm", "exact_match", "chrf", "bleu", "f1", "word_perplexity")
+
+
+@dataclass(frozen=True)
+class Planned:
+    lang: str
+    benchmark: str
+    task: str
+    shots: int
+    metric: str | None  # None: the first of CUSTOM_METRICS the task reports
+
+
+def custom_tasks(specs: Sequence[str]) -> list[tuple[str, int | None]]:
+    """`--tasks` entries: `name_{lang}` or `name_{lang}:shots`."""
+    tasks = []
+    for spec in specs:
+        name, _, shots = spec.partition(":")
+        if "{lang}" not in name:
+            raise ValueError(
+                f"benchmark --tasks: {spec!r} has no {{lang}} (e.g. my_mc_{{lang}}): tasks run per language"
+            )
+        if shots and not shots.isdigit():
+            raise ValueError(f"benchmark --tasks: {spec!r}: the shot count after ':' must be a whole number")
+        tasks.append((name, int(shots) if shots else None))
+    return tasks
+
+
+def plan(
+    langs: Sequence[str], suite: str, tasks: Sequence[str], known: set[str]
+) -> tuple[list[Planned], dict[str, list[dict]]]:
+    """(what runs, language → the benchmarks it lacks with the task names looked for)."""
+    if suite not in SUITES:
+        raise ValueError(f"benchmark --suite: {suite!r} is not one of {sorted(SUITES)}")
+    planned, missing = [], {}
+    for lang in langs:
+        for benchmark in SUITES[suite]:
+            candidates = benchmark.candidates(lang)
+            found = next(((task, shots) for task, shots in candidates if task in known), None)
+            if found is None:
+                looked_for = [task for task, _ in candidates] or [f"(no FLORES-200 code known for {lang!r})"]
+                missing.setdefault(lang, []).append({"benchmark": benchmark.name, "looked_for": looked_for})
+            else:
+                planned.append(Planned(lang, benchmark.name, *found, benchmark.metric))
+        for template, shots in custom_tasks(tasks):
+            task = template.replace("{lang}", lang)
+            if task in known:
+                planned.append(Planned(lang, template, task, 0 if shots is None else shots, None))
+            else:
+                missing.setdefault(lang, []).append({"benchmark": template, "looked_for": [task]})
+    return planned, missing
+
+
+def leaf_configs(index: dict, name: str) -> Iterator[dict]:
+    """The task configs under a task, group or tag name (lm-eval's index), for their datasets."""
+    entry = index.get(name)
+    if entry is None:
+        return
+    kind = entry.kind.name
+    if kind in ("TASK", "PY_TASK"):
+        yield entry.cfg or {}
+    elif kind == "GROUP":
+        for sub in (entry.cfg or {}).get("task", []):
+            yield from (leaf_configs(index, sub) if isinstance(sub, str) else [sub])
+    elif kind == "TAG":
+        for other in index.values():
+            if name in (other.tags or ()) and other.kind.name in ("TASK", "PY_TASK"):
+                yield other.cfg or {}
+
+
+def check_datasets(index: dict, tasks: Sequence[str], root: Path) -> None:
+    """Every dataset the tasks read must be under `root` as its hub repository's snapshot: one line naming the
+    first that is not, and how to fetch it, before any model is loaded."""
+    for task in tasks:
+        for config in leaf_configs(index, task):
+            repo = config.get("dataset_path")
+            if repo and not (root / repo).is_dir():
+                raise FileNotFoundError(
+                    f"benchmark --datasets: {root / repo} is missing (task {task}); where there is network: "
+                    f"hf download {repo} --repo-type dataset --local-dir {root / repo}"
+                )
+
+
+@contextlib.contextmanager
+def local_datasets(root: Path | None):
+    """Within the block, lm-eval's `datasets.load_dataset(path=REPO, …)` reads `root/REPO` where it exists, with
+    the hub switched off."""
+    if root is None:
+        yield
+        return
+    import datasets
+
+    original = datasets.load_dataset
+
+    def load_dataset(path, *args, **kwargs):
+        local = Path(root) / str(path)
+        return original(str(local) if local.is_dir() else path, *args, **kwargs)
+
+    saved = {key: os.environ.get(key) for key in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
+    os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    datasets.load_dataset = load_dataset
+    try:
+        yield
+    finally:
+        datasets.load_dataset = original
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def task_score(results: dict, task: str, metric: str | None) -> tuple[str, float] | None:
+    """(metric, value) of a task or group in lm-eval's results; `metric` None: the first of CUSTOM_METRICS."""
+    row = results.get("groups", {}).get(task) or results.get("results", {}).get(task) or {}
+    for name in [metric] if metric else CUSTOM_METRICS:
+        for key, value in row.items():
+            if key.split(",")[0] == name and isinstance(value, int | float) and not math.isnan(value):
+                return name, float(value)
+    return None
+
+
+def over_context(samples: dict, encode, max_length: int) -> dict[str, int]:
+    """task → how many documents had a request longer than the model's context (lm-eval cuts those from the left,
+    with a warning only)."""
+    counts = {}
+    for task, docs in samples.items():
+        over = 0
+        for doc in docs:
+            lengths = [sum(len(encode(part)) for part in arg if isinstance(part, str)) for arg in doc["arguments"]]
+            over += any(length > max_length for length in lengths)
+        if over:
+            counts[task] = over
+    return counts
+
+
+def group_averages(scores: dict[str, dict[str, dict]], langs: Sequence[str]) -> dict[str, float]:
+    """Per benchmark, the mean over `langs` that have a score; `all`: the mean of those benchmark means."""
+    benchmarks = sorted({bench for lang in langs for bench in scores.get(lang, {})})
+    averages = {}
+    for bench in benchmarks:
+        values = [scores[lang][bench]["value"] for lang in langs if bench in scores.get(lang, {})]
+        averages[bench] = sum(values) / len(values)
+    if averages:
+        averages["all"] = sum(averages.values()) / len(averages)
+    return averages
+
+
+def markdown(report: dict) -> str:
+    """The scores as a table: a row per language (old first), a column per benchmark, Old/New averages below."""
+    benches = sorted({bench for row in report["scores"].values() for bench in row})
+    lines = ["| language | group | " + " | ".join(benches) + " |", "|---|---|" + "---:|" * len(benches)]
+    for lang in [*report["old"], *report["new"]]:
+        group = "old" if lang in report["old"] else "new"
+        row = report["scores"].get(lang, {})
+        cells = [f"{row[bench]['value']:.4f}" if bench in row else "—" for bench in benches]
+        lines.append(f"| {lang} | {group} | " + " | ".join(cells) + " |")
+    for name in ("old_avg", "new_avg"):
+        cells = [f"{report[name][b]:.4f}" if b in report[name] else "—" for b in benches]
+        lines.append(f"| **{name}** | | " + " | ".join(cells) + " |")
+    if report["missing"]:
+        lines += ["", "Missing (no task found):"]
+        for lang, rows in report["missing"].items():
+            lines.append(f"- {lang}: " + "; ".join(f"{r['benchmark']} ({', '.join(r['looked_for'])})" for r in rows))
+    if report.get("over_context"):
+        counts = ", ".join(f"{task} {n}" for task, n in report["over_context"].items())
+        lines += ["", f"Longer than the {report['max_length']}-token context (lm-eval cuts from the left): {counts}"]
+    return "\n".join(lines) + "\n"
+
+
+def run_benchmark(
+    model_dir: Path,
+    old: Sequence[str],
+    new: Sequence[str],
+    out: Path,
+    suite: str = "paper",
+    tasks: Sequence[str] = (),
+    include_path: Path | None = None,
+    datasets: Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 1,
+    device: str | None = None,
+    dtype: str = "float32",
+    dry_run: bool = False,
+) -> dict:
+    """Plan, check, run and write `OUT/results.json` and `OUT/results.md`; returns the report."""
+    from lm_eval.tasks import TaskManager
+
+    from layermoe_ds.io import atomic_write_text, write_json
+
+    both = sorted(set(old) & set(new))
+    if both:
+        raise ValueError(f"benchmark: {both} are in both --old and --new")
+    if include_path is not None and not Path(include_path).is_dir():
+        raise FileNotFoundError(f"benchmark --include-path: {include_path} is not a directory")
+    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    planned, missing = plan([*old, *new], suite, tasks, set(manager.all_tasks))
+    report: dict = {"model": str(model_dir), "suite": suite, "old": list(old), "new": list(new), "limit": limit}
+    report["plan"] = {}
+    for item in planned:
+        entry = {"benchmark": item.benchmark, "task": item.task, "num_fewshot": item.shots}
+        report["plan"].setdefault(item.lang, []).append(entry)
+    report["missing"] = missing
+    for lang, rows in missing.items():
+        log.warning(
+            "%s: no task for %s", lang, ", ".join(f"{r['benchmark']} ({'/'.join(r['looked_for'])})" for r in rows)
+        )
+    out = Path(out)
+    if dry_run:
+        write_json(out / "results.json", report)
+        return report
+    if not planned:
+        raise ValueError("benchmark: no task to run for these languages (see `missing` with --dry-run)")
+    if datasets is not None:
+        check_datasets(manager.task_index, sorted({item.task for item in planned}), Path(datasets))
+    lm = _harness_model(Path(model_dir), batch_size, device, dtype)
+    scores: dict[str, dict[str, dict]] = {}
+    over: dict[str, int] = {}
+    with local_datasets(datasets):
+        for shots in sorted({item.shots for item in planned}):
+            group = [item for item in planned if item.shots == shots]
+            results = _evaluate(lm, sorted({item.task for item in group}), shots, limit, manager)
+            for item in group:
+                found = task_score(results, item.task, item.metric)
+                if found is None:
+                    raise ValueError(f"benchmark: task {item.task} reported no {item.metric or CUSTOM_METRICS} metric")
+                metric, value = found
+                entry = {"metric": metric, "value": value, "task": item.task, "num_fewshot": shots}
+                scores.setdefault(item.lang, {})[item.benchmark] = entry
+            over |= over_context(results.get("samples", {}), lm.tok_encode, lm.max_length)
+    report |= {"scores": scores, "old_avg": group_averages(scores, old), "new_avg": group_averages(scores, new)}
+    report |= {"max_length": lm.max_length, "over_context": over}
+    for task, count in over.items():
+        log.warning(
+            "%s: %d documents have a prompt longer than the model's %d-token context (lm-eval cuts them from the left)",
+            task,
+            count,
+            lm.max_length,
+        )
+    write_json(out / "results.json", report)
+    atomic_write_text(out / "results.md", markdown(report))
+    return report
+
+
+def _harness_model(model_dir: Path, batch_size: int, device: str | None, dtype: str):
+    """lm-eval's Hugging Face model around the model as layermoe_ds loads it (a LayerMoE directory through the
+    package's classes, its weights checked) and its tokenizer."""
+    from lm_eval.models.huggingface import HFLM
+
+    from layermoe_ds.data.tokenizer import load_tokenizer
+    from layermoe_ds.distributed import device_and_backend
+    from layermoe_ds.modeling.hf_loading import load_causal_lm, parse_dtype
+
+    device = device_and_backend(device)[0]
+    model = load_causal_lm(model_dir, parse_dtype(dtype), device)
+    return HFLM(pretrained=model, tokenizer=load_tokenizer(model_dir), batch_size=batch_size, device=str(device))
+
+
+def _evaluate(lm, tasks: list[str], shots: int, limit: int | None, manager) -> dict:
+    from lm_eval import simple_evaluate
+
+    log.info("lm-eval: %s at %d shots%s", ", ".join(tasks), shots, f", {limit} documents each" if limit else "")
+    return simple_evaluate(
+        model=lm, tasks=tasks, num_fewshot=shots, limit=limit, task_manager=manager, log_samples=True, bootstrap_iters=0
+    )
