@@ -195,3 +195,17 @@ def test_step_memory_bench_runs(tmp_path, capsys):
     for row in rows.values():
         assert row["seconds_plain"] > 0 and row["seconds_lean"] > 0 and math.isfinite(row["memory_ratio"])
     assert "next-token loss, fused chunked / HF" in capsys.readouterr().out
+
+
+def test_generate_bench_runs(tmp_path, capsys):
+    out = tmp_path / "generate_bench.json"
+    argv = ["--shape", "64,128,4", "--new-tokens", "3", "--repeats", "1", "--batches", "1,2", "--out", str(out)]
+    assert load_bench("generate_bench").main(argv) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert sorted(runs) == [f"batch{b}_{kind}" for b in (1, 2) for kind in ("new-language", "old-language")]
+    for row in runs.values():
+        assert all(math.isfinite(v) and v > 0 for v in row.values())
+        assert row["layermoe_bytes_per_step"] > 0 and 0 < row["roofline"] <= 1.0
+    # old-language tokens go to expert 0 alone on the classifier layers: fewer bytes a step than new-language ones
+    assert runs["batch1_old-language"]["roofline"] > runs["batch1_new-language"]["roofline"]
+    assert "roofline" in capsys.readouterr().out

@@ -1,5 +1,5 @@
-"""Host reads (GPU→CPU syncs) counted on CPU: the LayerMoE blocks add none to a decoding step and one a layer to a
-larger forward; an expert-parallel training micro-step reads at most once per MoE layer (the capacity agreement) and
+"""Host reads (GPU→CPU syncs) counted on CPU: the LayerMoE blocks add none to a decoding step on an accelerator and
+one a layer to a larger forward; an expert-parallel training micro-step reads at most once per MoE layer (the capacity agreement) and
 the step's metrics once in all."""
 
 from __future__ import annotations
@@ -25,8 +25,18 @@ def test_counter_sees_each_kind_of_host_read():
     assert reads(lambda: (x * 2).cumsum(0).masked_fill(x > 2, 0)).total == 0
 
 
-def test_layermoe_blocks_add_no_host_read_when_decoding_and_one_a_layer_otherwise(tiny_base, upcycled):
+@pytest.mark.parametrize("accelerator", [False, True], ids=["cpu", "accelerator"])
+def test_layermoe_blocks_add_no_host_read_when_decoding_and_one_a_layer_otherwise(
+    tiny_base, upcycled, accelerator, monkeypatch
+):
+    """Where a host read stalls a stream (an accelerator; here as under torch.compile, which takes the same path),
+    a decoding step runs every expert and reads nothing; on the CPU, where the read is free, it reads the loads
+    once a layer and runs only the experts chosen."""
     from layermoe_ds.modeling.hf_loading import load_causal_lm
+    from layermoe_ds.modeling.remote import layermoe_block
+
+    if accelerator:
+        monkeypatch.setattr(layermoe_block.torch.compiler, "is_compiling", lambda: True)
 
     dense = load_causal_lm(tiny_base, torch.float32).eval()
     moe = load_causal_lm(upcycled, torch.float32).eval()
@@ -38,7 +48,7 @@ def test_layermoe_blocks_add_no_host_read_when_decoding_and_one_a_layer_otherwis
     cache = {name: m(input_ids=ids[:, :-1], use_cache=True).past_key_values for name, m in (("d", dense), ("m", moe))}
     step = {"d": lambda: dense(input_ids=ids[:, -1:], cache=cache["d"]),
             "m": lambda: moe(input_ids=ids[:, -1:], cache=cache["m"])}  # fmt: skip
-    assert reads(step["m"]).total == reads(step["d"]).total
+    assert reads(step["m"]).total == reads(step["d"]).total + (0 if accelerator else layers)
     # A forward over 80 tokens: one read a layer (the per-expert counts that size the grouped GEMMs).
     full_dense, full_moe = reads(lambda: dense(input_ids=ids)), reads(lambda: moe(input_ids=ids))
     assert full_moe.total - full_dense.total == layers, (full_moe.counts, full_dense.counts)

@@ -46,12 +46,19 @@ def loop_reference(block: LayerMoEBlock, x_BTH: torch.Tensor) -> torch.Tensor:
     return out.reshape(x_BTH.shape)
 
 
-@pytest.mark.parametrize("length", [7, 40], ids=["decoding-size (dense)", "grouped"])
+@pytest.mark.parametrize("length,accelerator", [(7, False), (7, True), (40, True)], ids=["cpu", "accel", "grouped"])
 @pytest.mark.parametrize("top_k,classifier_routing", [(1, False), (2, False), (2, True), (3, True)])
-def test_fast_dispatch_equals_per_expert_loop(top_k, classifier_routing, length):
+def test_fast_dispatch_equals_per_expert_loop(top_k, classifier_routing, length, accelerator, monkeypatch):
+    """21 tokens: grouped by expert on the CPU, every expert on every token where an accelerator would be; 120:
+    grouped by expert everywhere."""
+    from layermoe_ds.modeling.remote import layermoe_block
+
+    if accelerator:
+        monkeypatch.setattr(layermoe_block.torch.compiler, "is_compiling", lambda: True)  # as on a GPU
+    assert layermoe_block.dense_for(torch.zeros(3 * length, 16)) == (accelerator and length == 7)
     block = make_block(top_k=top_k)
     block.classifier_routing = classifier_routing
-    x = torch.randn(3, length, 16)  # 21 tokens: every expert on every token; 120: grouped by expert
+    x = torch.randn(3, length, 16)
     torch.testing.assert_close(block(x), loop_reference(block, x), atol=1e-5, rtol=1e-5)
 
 

@@ -246,7 +246,7 @@ def dense_dispatch(
     hidden_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, experts: Sequence[nn.Module]
 ) -> torch.Tensor:
     """The same sum with every expert run on every token (weight 0 where not routed): no host read at all, for the
-    few tokens of a decoding step, where every expert's weights are read from memory anyway."""
+    few tokens of a decoding step on an accelerator (`dense_for`)."""
     out_TH = torch.zeros(hidden_TH.shape, dtype=torch.float32, device=hidden_TH.device)
     every_T = torch.arange(hidden_TH.shape[0], device=hidden_TH.device)
     for expert_id, expert in enumerate(experts):
@@ -255,8 +255,19 @@ def dense_dispatch(
     return out_TH
 
 
-# Up to this many tokens a forward (a decoding step's batch), LocalNewExperts runs every expert on every token.
+# Up to this many tokens a forward (a decoding step's batch), on an accelerator, LocalNewExperts may run every expert
+# on every token (`dense_for`).
 DENSE_DISPATCH_TOKENS = 64
+
+
+def dense_for(hidden_TH: torch.Tensor) -> bool:
+    """Run every expert on a decoding step's few tokens instead of reading the loads to the host? Under torch.compile
+    or CUDA-graph capture, where no host read may happen, and on an accelerator, where the read stalls the stream for
+    about as long as reading the unused experts' weights takes. Never on the CPU: there the read is free and the
+    unused experts' weights are the cost (decoding reads only the experts the tokens chose)."""
+    if hidden_TH.shape[0] > DENSE_DISPATCH_TOKENS:
+        return False
+    return torch.compiler.is_compiling() or hidden_TH.device.type != "cpu"
 
 
 class _ModuleShell(nn.Module):
@@ -281,8 +292,8 @@ class LocalNewExperts(nn.Module):
     def forward(self, hidden_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, load_E: torch.Tensor):
         """New-expert ids 0..E−1 (−1 = not a new-expert route), `load_E` routes per expert of the layer (expert 0
         first) → (fp32 output, dropped routes, routes to expert 0 as a host int or None when not read). One host read
-        (the loads) for many tokens, none for a decoding step's few."""
-        if hidden_TH.shape[0] <= DENSE_DISPATCH_TOKENS:
+        (the loads), none where `dense_for` runs every expert."""
+        if dense_for(hidden_TH):
             return dense_dispatch(hidden_TH, ids_TK, weights_TK, self.experts), 0, None
         counts = load_E.tolist()
         return grouped_dispatch(hidden_TH, ids_TK, weights_TK, self.experts, counts[1:]), 0, counts[0]
