@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from layermoe_ds.errors import InputError, MissingInputError
+
 T = TypeVar("T")
 E = TypeVar("E", bound=enum.Enum)
 
@@ -51,7 +53,7 @@ def choice(kind: type[E], value: Any, what: str) -> E:
     try:
         return kind(value)
     except ValueError:
-        raise ValueError(f"{what}: {value!r} is not one of {', '.join(m.value for m in kind)}") from None
+        raise InputError(f"{what}: {value!r} is not one of {', '.join(m.value for m in kind)}") from None
 
 
 def _coerce_choices(config: Any, where: str) -> None:
@@ -64,15 +66,15 @@ def _coerce_choices(config: Any, where: str) -> None:
 def _at_least_one(config: Any, where: str, *names: str) -> None:
     for name in names:
         if getattr(config, name) < 1:
-            raise ValueError(f"{where}.{name}: {getattr(config, name)} must be >= 1")
+            raise InputError(f"{where}.{name}: {getattr(config, name)} must be >= 1")
 
 
 def _check_schedule(config: Any, where: str) -> None:
     """A positive peak learning rate, and fewer warm-up steps than steps."""
     if not config.lr > 0:
-        raise ValueError(f"{where}.lr: {config.lr} must be > 0")
+        raise InputError(f"{where}.lr: {config.lr} must be > 0")
     if not 0 <= config.warmup_steps < config.steps:
-        raise ValueError(f"{where}.warmup_steps: {config.warmup_steps} must be in [0, steps={config.steps})")
+        raise InputError(f"{where}.warmup_steps: {config.warmup_steps} must be in [0, steps={config.steps})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,9 +95,9 @@ class BaseModelConfig:
         _at_least_one(self, "model", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size")
         _at_least_one(self, "model", "max_position")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"model.hidden_size: {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+            raise InputError(f"model.hidden_size: {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"model.num_kv_heads: {self.num_kv_heads} does not divide num_heads {self.num_heads}")
+            raise InputError(f"model.num_kv_heads: {self.num_kv_heads} does not divide num_heads {self.num_heads}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,20 +124,20 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         _coerce_choices(self, "pretrain")
         if not self.langs:
-            raise ValueError("pretrain.langs: empty; give the old languages, e.g. en,de")
+            raise InputError("pretrain.langs: empty; give the old languages, e.g. en,de")
         overlap = sorted(set(self.langs) & set(self.low_resource_langs))
         if overlap:
-            raise ValueError(f"pretrain.low_resource_langs: {overlap} are also in pretrain.langs")
+            raise InputError(f"pretrain.low_resource_langs: {overlap} are also in pretrain.langs")
         if not 0.0 <= self.low_resource_share < 0.5:
-            raise ValueError(f"pretrain.low_resource_share: {self.low_resource_share} must be in [0, 0.5)")
+            raise InputError(f"pretrain.low_resource_share: {self.low_resource_share} must be in [0, 0.5)")
         if bool(self.low_resource_langs) != (self.low_resource_share > 0):
-            raise ValueError(
+            raise InputError(
                 "pretrain.low_resource_share: set it > 0 exactly when low_resource_langs is given "
                 f"(share {self.low_resource_share}, langs {list(self.low_resource_langs)})"
             )
         _at_least_one(self, "pretrain", "steps", "batch_size", "seq_len", "save_every")
         if self.seq_len > self.model.max_position:
-            raise ValueError(f"pretrain.seq_len: {self.seq_len} exceeds model.max_position {self.model.max_position}")
+            raise InputError(f"pretrain.seq_len: {self.seq_len} exceeds model.max_position {self.model.max_position}")
         _check_schedule(self, "pretrain")
 
 
@@ -198,27 +200,27 @@ class TrainConfig:
         _coerce_choices(self, "train")
         for name in ("model", "data", "out"):
             if not getattr(self, name):
-                raise ValueError(f"train.{name}: required (give it in the YAML or as --{name})")
+                raise InputError(f"train.{name}: required (give it in the YAML or as --{name})")
         groups = self.language_groups
         if len(groups) < 2 or not all(isinstance(g, list | tuple) and g for g in groups):
-            raise ValueError(
+            raise InputError(
                 f"train.language_groups: {list(groups)!r} needs at least two non-empty groups, "
                 "e.g. [[en, de], [fr, ru, el]]"
             )
         langs = [lang for group in groups for lang in group]
         if len(set(langs)) != len(langs):
-            raise ValueError(f"train.language_groups: a language appears twice in {list(groups)!r}")
+            raise InputError(f"train.language_groups: a language appears twice in {list(groups)!r}")
         _at_least_one(self, "train", "steps", "seq_len", "save_every", "keep_last_n", "log_every")
         _at_least_one(self, "train", "stage2_docs_per_old_lang", "stage2_docs_per_new_lang")
         _check_schedule(self, "train")
         if self.expert_parallel_size != "auto" and not str(self.expert_parallel_size).isdigit():
-            raise ValueError(f"train.expert_parallel_size: {self.expert_parallel_size!r} must be 'auto' or an integer")
+            raise InputError(f"train.expert_parallel_size: {self.expert_parallel_size!r} must be 'auto' or an integer")
         if not self.dist_timeout_minutes > 0:
-            raise ValueError(f"train.dist_timeout_minutes: {self.dist_timeout_minutes} must be > 0")
+            raise InputError(f"train.dist_timeout_minutes: {self.dist_timeout_minutes} must be > 0")
         if self.capacity_factor <= 0:
-            raise ValueError(f"train.capacity_factor: {self.capacity_factor} must be > 0")
+            raise InputError(f"train.capacity_factor: {self.capacity_factor} must be > 0")
         if self.full_finetune and self.allocation:
-            raise ValueError(
+            raise InputError(
                 f"train.full_finetune: trains the dense model itself; remove train.allocation ({self.allocation})"
             )
 
@@ -242,13 +244,13 @@ def _suggest(name: str, choices: list[str]) -> str:
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     """Build dataclass `cls` from a nested dict; unknown keys raise ValueError naming the key with a suggestion."""
     if not isinstance(data, dict):
-        raise ValueError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+        raise InputError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
         if key not in hints:
-            raise ValueError(f"config: unknown key {path!r}{_suggest(key, list(hints))}")
+            raise InputError(f"config: unknown key {path!r}{_suggest(key, list(hints))}")
         if dataclasses.is_dataclass(hints[key]):
             value = from_dict(hints[key], value, path)
         elif isinstance(value, list):
@@ -266,12 +268,12 @@ def load_config(
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"config: {path} does not exist")
+            raise MissingInputError(f"config: {path} does not exist")
         text = path.read_text(encoding="utf-8")
         try:
             from_file = (json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)) or {}
         except (json.JSONDecodeError, yaml.YAMLError) as exc:
-            raise ValueError(f"config: {path} cannot be parsed: {exc}") from exc
+            raise InputError(f"config: {path} cannot be parsed: {exc}") from exc
         data = _merged(data, from_file)
     for dotted, value in (overrides or {}).items():
         if value is None:
@@ -289,7 +291,7 @@ def parse_groups(text: str, what: str = "--language-groups") -> list[list[str]]:
     error naming `what`."""
     groups = [[lang.strip() for lang in group.split(",")] for group in text.split(";")]
     if any(not lang for group in groups for lang in group):
-        raise ValueError(f"{what}: {text!r} has an empty group or language; write e.g. 'en,de;fr,ru,el'")
+        raise InputError(f"{what}: {text!r} has an empty group or language; write e.g. 'en,de;fr,ru,el'")
     return groups
 
 

@@ -21,6 +21,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from layermoe_ds.config import StrEnum
+from layermoe_ds.errors import InputError, MissingInputError
 
 # torch and DeepSpeed are imported inside the functions that need them: `layermoe` imports this module at start-up
 # (and the launch helpers use it), and `layermoe --help` stays at ~0.15 s instead of ~8 s. mpi4py is optional.
@@ -58,7 +59,7 @@ def adopt_launcher_env(environ: MutableMapping[str, str] = os.environ) -> str:
         try:
             from mpi4py import MPI
         except ImportError as exc:
-            raise RuntimeError(
+            raise InputError(
                 "started by mpirun but mpi4py is missing: pip install 'layermoe_ds[mpi]' (needs an MPI library)"
             ) from exc
         comm = MPI.COMM_WORLD
@@ -107,9 +108,9 @@ def device_and_backend(
     if requested == "cpu":
         return "cpu", "gloo"
     if not re.fullmatch(r"cuda(:\d+)?", requested):
-        raise ValueError(f"device: {requested!r} is not 'cpu', 'cuda' or 'cuda:N'")
+        raise InputError(f"device: {requested!r} is not 'cpu', 'cuda' or 'cuda:N'")
     if not cuda_available:
-        raise ValueError(f"device: {requested!r} asked for, but no CUDA device is visible (torch.cuda.is_available())")
+        raise InputError(f"device: {requested!r} asked for, but no CUDA device is visible (torch.cuda.is_available())")
     if requested == "cuda":
         requested = f"cuda:{int(environ.get('LOCAL_RANK', 0)) % max(device_count, 1)}"
     return requested, "nccl"
@@ -149,7 +150,7 @@ def read_hostfile(path: Path) -> dict[str, int]:
     errors naming the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"hostfile: {path} does not exist")
+        raise MissingInputError(f"hostfile: {path} does not exist")
     hosts: dict[str, int] = {}
     for number, raw in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
@@ -157,15 +158,15 @@ def read_hostfile(path: Path) -> dict[str, int]:
             continue
         match = HOSTFILE_LINE.fullmatch(line)
         if match is None:
-            raise ValueError(f"hostfile {path}, line {number}: {raw.strip()!r} is not '<host> slots=<N>'")
+            raise InputError(f"hostfile {path}, line {number}: {raw.strip()!r} is not '<host> slots=<N>'")
         host, slots = match["host"], int(match["slots"])
         if slots < 1:
-            raise ValueError(f"hostfile {path}, line {number}: {host} has slots={slots}; it must be at least 1")
+            raise InputError(f"hostfile {path}, line {number}: {host} has slots={slots}; it must be at least 1")
         if host in hosts:
-            raise ValueError(f"hostfile {path}, line {number}: {host} is listed twice")
+            raise InputError(f"hostfile {path}, line {number}: {host} is listed twice")
         hosts[host] = slots
     if not hosts:
-        raise ValueError(f"hostfile {path}: no hosts (expected '<host> slots=<N>' lines)")
+        raise InputError(f"hostfile {path}: no hosts (expected '<host> slots=<N>' lines)")
     return hosts
 
 

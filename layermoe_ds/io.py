@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from layermoe_ds.errors import InputError, MissingInputError
+
 
 @contextlib.contextmanager
 def atomic_output(path: Path, binary: bool = False):
@@ -79,11 +81,11 @@ def read_json(path: Path, what: str) -> Any:
     """Read a JSON file; a missing or malformed file is a one-line error naming it."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what}: {path} does not exist")
+        raise MissingInputError(f"{what}: {path} does not exist")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{what}: {path} is not valid JSON ({exc})") from exc
+        raise InputError(f"{what}: {path} is not valid JSON ({exc})") from exc
 
 
 def sha256_file(path: Path) -> str:

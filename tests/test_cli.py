@@ -90,3 +90,59 @@ def test_a_choice_from_a_file_is_checked_and_named(tmp_path):
     path.write_text("model:\n  arch: mistral\n")
     with pytest.raises(ValueError, match="model.arch: 'mistral' is not one of llama, qwen2"):
         load_config(PretrainConfig, path)
+
+
+@pytest.mark.parametrize(
+    "failure, hint",
+    [
+        (RuntimeError("shape mismatch inside the model"), None),
+        (__import__("torch").OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "micro_batch"),
+        (RuntimeError("[Rank 1] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=7)"), "timeout"),
+    ],
+    ids=["internal", "cuda-oom", "nccl-timeout"],
+)
+def test_real_failures_keep_their_traceback_and_known_ones_get_a_hint(failure, hint, monkeypatch, tmp_path, capsys):
+    """Only bad input is a one-line error (exit 2); a RuntimeError from inside — a CUDA out-of-memory, an NCCL
+    timeout, a bug — propagates with its traceback, the first two with one line naming the remedy."""
+    import layermoe_ds.eval.evaluate as evaluate
+
+    def fail(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(evaluate, "run_evaluation", fail)
+    argv = ["evaluate", "--model", str(tmp_path), "--data", str(tmp_path), "--langs", "en"]
+    with pytest.raises(type(failure)):
+        main(argv)
+    err = capsys.readouterr().err
+    if hint is None:
+        assert err == ""
+    elif hint == "micro_batch":
+        assert "train_micro_batch_size_per_gpu" in err and "activation_checkpointing" in err and "ZeRO" in err
+    else:
+        assert "dist_timeout_minutes" in err
+    # the project's input errors stay one line, exit 2; a library's own FileNotFoundError is no input error
+    from layermoe_ds.errors import MissingInputError
+
+    monkeypatch.setattr(evaluate, "run_evaluation", lambda *a, **k: (_ for _ in ()).throw(MissingInputError("data: x")))
+    assert main(argv) == 2 and capsys.readouterr().err == "layermoe evaluate: error: data: x\n"
+    monkeypatch.setattr(evaluate, "run_evaluation", lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError("x")))
+    with pytest.raises(FileNotFoundError):
+        main(argv)
+
+
+def test_launcher_errors_are_input_errors_only(monkeypatch, tmp_path, capsys):
+    from layermoe_ds.errors import InputError
+    from layermoe_ds.training import launch
+
+    config = tmp_path / "run.yaml"
+    config.write_text("model: m\ndata: d\nout: o\nlanguage_groups: [[en], [fr]]\n")
+    argv = ["--config", str(config), "--deepspeed_config", str(tmp_path / "ds.json")]
+    monkeypatch.setattr(launch, "load_ds_config", lambda paths: {})
+    monkeypatch.setattr(launch, "run_stage", lambda *a: (_ for _ in ()).throw(InputError("train.data: d is missing")))
+    assert launch.main(1, argv) == 2
+    assert "stage1: error: train.data: d is missing" in capsys.readouterr().err
+    oom = __import__("torch").OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(launch, "run_stage", lambda *a: (_ for _ in ()).throw(oom))
+    with pytest.raises(type(oom)):
+        launch.main(1, argv)
+    assert "train_micro_batch_size_per_gpu" in capsys.readouterr().err

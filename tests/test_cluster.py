@@ -242,7 +242,7 @@ def test_launcher_env_adopts_bare_srun_and_leaves_torch_launchers_alone(monkeypa
     assert adopt_launcher_env(torch_env) == "torch" and torch_env["RANK"] == "3"
     assert launcher_kind({"RANK": "0", "WORLD_SIZE": "1", "OMPI_COMM_WORLD_SIZE": "2"}) == "mpi"  # leaked RANK
     monkeypatch.setitem(sys.modules, "mpi4py", None)
-    with pytest.raises(RuntimeError, match=r"mpi4py is missing: pip install 'layermoe_ds\[mpi\]'"):
+    with pytest.raises(ValueError, match=r"mpi4py is missing: pip install 'layermoe_ds\[mpi\]'"):
         adopt_launcher_env({"OMPI_COMM_WORLD_SIZE": "2"})
     assert list(fetch_hostfile(str(ROOT / "launchers" / "hostfile.example")).values()) == [8, 8]
 

@@ -1,6 +1,6 @@
 """Host reads (GPU→CPU syncs) counted on CPU: the LayerMoE blocks add none to a decoding step on an accelerator and
-one a layer to a larger forward; an expert-parallel training micro-step reads at most once per MoE layer (the capacity agreement) and
-the step's metrics once in all."""
+one a layer to a larger forward; an expert-parallel training micro-step reads at most once per MoE layer (the
+capacity agreement) and the step's metrics once in all."""
 
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from layermoe_ds.analysis.plots import plot_similarity
 from layermoe_ds.analysis.similarity import layer_scores
 from layermoe_ds.config import StrEnum, choice
+from layermoe_ds.errors import InputError, OutputExistsError
 from layermoe_ds.io import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -47,38 +48,38 @@ class AllocationOptions:
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", choice(Method, self.method, "allocate.method"))
         if self.min_experts < 1:
-            raise ValueError(f"allocate.min_experts: {self.min_experts} must be >= 1 (1 = dense layer)")
+            raise InputError(f"allocate.min_experts: {self.min_experts} must be >= 1 (1 = dense layer)")
         if self.max_experts is not None and self.max_experts < self.min_experts:
-            raise ValueError(f"allocate.max_experts: {self.max_experts} is smaller than min_experts {self.min_experts}")
+            raise InputError(f"allocate.max_experts: {self.max_experts} is smaller than min_experts {self.min_experts}")
         if self.align < 1:
-            raise ValueError(f"allocate.align: {self.align} must be >= 1")
+            raise InputError(f"allocate.align: {self.align} must be >= 1")
         if self.min_score is not None and not self.min_score > 0:
-            raise ValueError(f"allocate.min_score: {self.min_score} must be > 0")
+            raise InputError(f"allocate.min_score: {self.min_score} must be > 0")
 
 
 def scores_from_similarity(sim: dict, source: str = "similarity", allow_nonpositive: bool = False) -> list[float]:
     """T_i from a similarity document: `layer_score` when present, otherwise recomputed from `pairs`."""
     if not isinstance(sim, dict):
-        raise ValueError(f"{source}: expected a JSON object")
+        raise InputError(f"{source}: expected a JSON object")
     if "layer_score" in sim:
         scores = sim["layer_score"]
     else:
         for key in ("pairs", "old", "new"):
             if key not in sim:
-                raise ValueError(f"{source}: has neither 'layer_score' nor '{key}' to compute it from")
+                raise InputError(f"{source}: has neither 'layer_score' nor '{key}' to compute it from")
         if not isinstance(sim["pairs"], dict) or not sim["pairs"]:
-            raise ValueError(f"{source}: 'pairs' must be a non-empty object of per-layer lists")
+            raise InputError(f"{source}: 'pairs' must be a non-empty object of per-layer lists")
         lengths = {len(v) if isinstance(v, list) else -1 for v in sim["pairs"].values()}
         if len(lengths) != 1 or -1 in lengths:
-            raise ValueError(f"{source}: every entry of 'pairs' must be a list of one float per layer")
+            raise InputError(f"{source}: every entry of 'pairs' must be a list of one float per layer")
         scores, _ = layer_scores(sim["pairs"], sim["old"], sim["new"])
     if not isinstance(scores, list) or not scores or not all(isinstance(s, int | float) for s in scores):
-        raise ValueError(f"{source}: 'layer_score' must be a non-empty list of numbers")
+        raise InputError(f"{source}: 'layer_score' must be a non-empty list of numbers")
     if "num_layers" in sim and sim["num_layers"] != len(scores):
-        raise ValueError(f"{source}: num_layers is {sim['num_layers']} but there are {len(scores)} layer scores")
+        raise InputError(f"{source}: num_layers is {sim['num_layers']} but there are {len(scores)} layer scores")
     for i, score in enumerate(scores):
         if not math.isfinite(score) or (score <= 0 and not allow_nonpositive):
-            raise ValueError(
+            raise InputError(
                 f"{source}: layer {i} has score {score}; Eq. 10 needs positive similarities "
                 "(was the model or data degenerate? --min-score raises such scores explicitly)"
             )
@@ -128,14 +129,14 @@ def classifier_layers(spec: str | None, scores: Sequence[float], counts: Sequenc
         try:
             layers = sorted({int(part) for part in spec.split(",") if part.strip()})
         except ValueError as exc:
-            raise ValueError(f"classifier_layers: {spec!r} is not K, last-K or a list like 5,6,10") from exc
+            raise InputError(f"classifier_layers: {spec!r} is not K, last-K or a list like 5,6,10") from exc
         bad = [i for i in layers if not 0 <= i < num_layers]
         if bad:
-            raise ValueError(f"classifier_layers: layers {bad} are outside 0..{num_layers - 1}")
+            raise InputError(f"classifier_layers: layers {bad} are outside 0..{num_layers - 1}")
         return _on_routed_layers(layers, routed, spec)
     k = _parse_k(spec, spec, num_layers)
     if k > len(routed):
-        raise ValueError(f"classifier_layers: K = {k}, but only {len(routed)} layers have new experts: {routed}")
+        raise InputError(f"classifier_layers: K = {k}, but only {len(routed)} layers have new experts: {routed}")
     ranked = sorted(routed, key=lambda i: (-scores[i], i))
     return sorted(ranked[:k])
 
@@ -143,7 +144,7 @@ def classifier_layers(spec: str | None, scores: Sequence[float], counts: Sequenc
 def _on_routed_layers(layers: list[int], routed: list[int], spec: str) -> list[int]:
     dense = sorted(set(layers) - set(routed))
     if dense:
-        raise ValueError(
+        raise InputError(
             f"classifier_layers: {spec!r} names layers {dense}, which keep a single expert (N_i = 1): a classifier "
             "there has no route to steer; name layers with new experts, or give K to take the most similar of them"
         )
@@ -152,10 +153,10 @@ def _on_routed_layers(layers: list[int], routed: list[int], spec: str) -> list[i
 
 def _parse_k(text: str, spec: str, num_layers: int) -> int:
     if not text.isdigit():
-        raise ValueError(f"classifier_layers: {spec!r} is not K, last-K or a list like 5,6,10")
+        raise InputError(f"classifier_layers: {spec!r} is not K, last-K or a list like 5,6,10")
     k = int(text)
     if k > num_layers:
-        raise ValueError(f"classifier_layers: K = {k} is larger than the number of layers ({num_layers})")
+        raise InputError(f"classifier_layers: K = {k} is larger than the number of layers ({num_layers})")
     return k
 
 
@@ -163,7 +164,7 @@ def allocate(scores: Sequence[float], options: AllocationOptions) -> dict:
     """Per-layer expert counts and classifier layers for `scores` under `options` (without source metadata)."""
     num_layers = len(scores)
     if options.budget < num_layers:
-        raise ValueError(
+        raise InputError(
             f"allocate.budget: {options.budget} is smaller than the number of layers ({num_layers}); "
             "the budget counts every layer's original FFN too"
         )
@@ -174,7 +175,7 @@ def allocate(scores: Sequence[float], options: AllocationOptions) -> dict:
         scores = [max(score, options.min_score) for score in scores]
     bad = [i for i, score in enumerate(scores) if not score > 0]
     if bad:
-        raise ValueError(f"allocate: layers {bad} have non-positive scores; Eq. 10 needs T_i > 0 (see --min-score)")
+        raise InputError(f"allocate: layers {bad} have non-positive scores; Eq. 10 needs T_i > 0 (see --min-score)")
 
     def clamp(counts):
         return [min(max(n, low), high) if high is not None else max(n, low) for n in counts]
@@ -261,7 +262,7 @@ def parse_budgets(text: str, what: str = "budgets") -> list[int]:
     except ValueError:
         budgets = []
     if not budgets:
-        raise ValueError(f"{what}: {text!r} is not a list of integers like 36,72,108")
+        raise InputError(f"{what}: {text!r} is not a list of integers like 36,72,108")
     return budgets
 
 
@@ -272,7 +273,7 @@ def write_allocation(similarity_path: Path, options: AllocationOptions, out: Pat
     if out.exists():
         existing = read_json(out, "allocation")
         if existing.get("source", {}).get("similarity") not in (None, str(similarity_path)):
-            raise FileExistsError(f"allocate: {out} was made from another similarity file; choose another --out")
+            raise OutputExistsError(f"allocate: {out} was made from another similarity file; choose another --out")
     result = allocate_from_file(similarity_path, options)
     write_json(out, result)
     if plot:

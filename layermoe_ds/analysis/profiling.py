@@ -16,6 +16,7 @@ from layermoe_ds.analysis.similarity import profile_blocks, profile_model, simil
 from layermoe_ds.data.streams import open_streams
 from layermoe_ds.data.tokenizer import load_tokenizer
 from layermoe_ds.distributed import adopt_launcher_env, device_and_backend, init_process_group
+from layermoe_ds.errors import InputError
 from layermoe_ds.io import write_json
 from layermoe_ds.modeling.hf_loading import check_model_dir, load_causal_lm, parse_dtype
 
@@ -32,13 +33,13 @@ def distributed_context(backend: str, device: str, timeout_minutes: float = 30.0
 
 def check_languages(old: Sequence[str], new: Sequence[str]) -> None:
     if not old or not new:
-        raise ValueError("profile: give at least one old (--old) and one new (--new) language")
+        raise InputError("profile: give at least one old (--old) and one new (--new) language")
     both = sorted(set(old) & set(new))
     if both:
-        raise ValueError(f"profile: {both} listed as both old and new")
+        raise InputError(f"profile: {both} listed as both old and new")
     for name, langs in (("--old", old), ("--new", new)):
         if len(set(langs)) != len(langs):
-            raise ValueError(f"profile: {name} lists a language twice: {list(langs)}")
+            raise InputError(f"profile: {name} lists a language twice: {list(langs)}")
 
 
 def run_profile(
@@ -60,7 +61,7 @@ def run_profile(
 ) -> dict:
     check_languages(old, new)
     if tokens_per_lang < 1 or seq_len < 1 or batch_size < 1:
-        raise ValueError("profile: --tokens-per-lang, --seq-len and --batch-size must be >= 1")
+        raise InputError("profile: --tokens-per-lang, --seq-len and --batch-size must be >= 1")
     check_model_dir(model_dir)
     langs = [*old, *new]
     tokenizer_dir = tokenizer_dir or model_dir
@@ -71,7 +72,7 @@ def run_profile(
     if short:
         message = f"profile: fewer tokens than --tokens-per-lang {tokens_per_lang} in the {split} split: {short}"
         if strict:
-            raise ValueError(message + " (--strict)")
+            raise InputError(message + " (--strict)")
         log.warning("%s; profiling what there is", message)
     adopt_launcher_env()  # LOCAL_RANK first: it picks this rank's GPU
     device, backend = device_and_backend(device)

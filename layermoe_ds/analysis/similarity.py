@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from layermoe_ds.data.tokens import TokenStream
+from layermoe_ds.errors import InputError
 from layermoe_ds.modeling.hf_loading import ffn_modules
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ class SimilarityAccumulator:
     def matrix(self) -> torch.Tensor:
         """S[i, a, b] = <mean(â), mean(b̂)> for every layer i and language pair (fp64)."""
         if (self.counts_A == 0).any():
-            raise ValueError("similarity: a language has no profiled tokens")
+            raise InputError("similarity: a language has no profiled tokens")
         means_NAH = self.sums_NAH / self.counts_A[None, :, None]
         return torch.einsum("lah,lbh->lab", means_NAH, means_NAH)
 
@@ -143,7 +144,7 @@ def layer_scores(pairs: dict[str, list[float]], old: Sequence[str], new: Sequenc
     new_new, new_old = pair_names(old, new)
     missing = [f"{a}&{b}" for a, b in new_new + new_old if f"{a}&{b}" not in pairs]
     if missing:
-        raise ValueError(f"similarity: pairs {missing} are missing")
+        raise InputError(f"similarity: pairs {missing} are missing")
     num_layers = len(pairs[f"{new_old[0][0]}&{new_old[0][1]}"])
 
     def mean_curve(names):

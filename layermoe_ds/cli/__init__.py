@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 from layermoe_ds.cli import analysis, data, evaluate, experiment, models
 from layermoe_ds.distributed import leave_process_group
+from layermoe_ds.errors import InputError, StepFailed, failure_hint
 
 VERBS: list[Callable] = [
     data.add_data,
@@ -51,8 +52,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = int(args.func(args) or 0)
         atexit.register(leave_process_group)  # profile/evaluate under a launcher (its docstring says why)
         return code
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+    except (InputError, StepFailed) as exc:  # bad input (exit 2), or a step whose own log has the traceback (1)
         if args.debug:
             raise
         print(f"layermoe {args.verb}: error: {exc}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(exc, InputError) else 1
+    except Exception as exc:  # a real failure: its traceback, and the remedy where one is known
+        hint = failure_hint(exc)
+        if hint:
+            print(f"layermoe {args.verb}: {hint}", file=sys.stderr)
+        raise

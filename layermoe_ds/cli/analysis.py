@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from layermoe_ds.cli.common import lang_list
+from layermoe_ds.errors import InputError
 
 
 def add_profile(sub) -> None:
@@ -110,7 +111,7 @@ def _cmd_allocate(args) -> int:
         if args.budget is None:
             return 0
     if args.budget is None or args.out is None:
-        raise ValueError("allocate: --budget and --out are required (unless only --sweep is given)")
+        raise InputError("allocate: --budget and --out are required (unless only --sweep is given)")
     result = write_allocation(args.similarity, AllocationOptions(budget=args.budget, **common), args.out, args.plot)
     print(describe(result))
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from layermoe_ds.errors import OutputExistsError
 from layermoe_ds.flags import comma_list
 
 DEFAULT_CACHE = Path.home() / ".cache" / "layermoe_ds" / "debs"
@@ -16,4 +17,4 @@ def lang_list(text: str) -> list[str]:
 
 def refuse_overwrite(out: Path) -> None:
     if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} already exists and is not empty; choose another --out or delete it")
+        raise OutputExistsError(f"{out} already exists and is not empty; choose another --out or delete it")

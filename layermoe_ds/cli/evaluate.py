@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from layermoe_ds.cli.common import lang_list
+from layermoe_ds.errors import InputError
 
 
 def add_evaluate(sub) -> None:
@@ -64,7 +65,7 @@ def positive_int(text: str) -> int:
     """A count of at least 1 (argparse type: the flag is named in the error)."""
     value = int(text)
     if value < 1:
-        raise ValueError(text)
+        raise InputError(text)
     return value
 
 

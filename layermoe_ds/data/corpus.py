@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from layermoe_ds.data.help_html import extract_paragraphs, latin_fraction
 from layermoe_ds.io import atomic_write_text, sha256_file
+from layermoe_ds.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +64,13 @@ class CorpusOptions:
     def __post_init__(self) -> None:
         unknown = [lang for lang in self.langs if lang not in LANGUAGES]
         if unknown:
-            raise ValueError(f"data.langs: unknown language(s) {unknown}; available: {sorted(LANGUAGES)}")
+            raise InputError(f"data.langs: unknown language(s) {unknown}; available: {sorted(LANGUAGES)}")
         if len(set(self.langs)) != len(self.langs):
-            raise ValueError(f"data.langs: duplicate language in {list(self.langs)}")
+            raise InputError(f"data.langs: duplicate language in {list(self.langs)}")
         if self.min_chars < 1:
-            raise ValueError(f"data.min_chars: {self.min_chars} must be >= 1")
+            raise InputError(f"data.min_chars: {self.min_chars} must be >= 1")
         if self.max_pages is not None and self.max_pages < 1:
-            raise ValueError(f"data.max_pages: {self.max_pages} must be >= 1")
+            raise InputError(f"data.max_pages: {self.max_pages} must be >= 1")
 
 
 def split_of(page: str) -> str:
@@ -90,26 +91,26 @@ def fetch_package(lang: HelpLanguage, cache_dir: Path) -> Path:
     if cached:
         return cached[-1]
     if shutil.which("apt-get") is None:
-        raise RuntimeError(f"cannot fetch {name}: apt-get not found (the corpus is built from Debian packages)")
+        raise InputError(f"cannot fetch {name}: apt-get not found (the corpus is built from Debian packages)")
     result = _run(["apt-get", "download", name], cwd=cache_dir)
     lists_missing = "Unable to locate" in result.stderr or "No packages found" in result.stderr
     if result.returncode != 0 and lists_missing and os.geteuid() == 0:
         log.info("package lists missing: running apt-get update")
         update = _run(["apt-get", "update"])
         if update.returncode != 0:
-            raise RuntimeError(f"apt-get update failed: {update.stderr.strip()[-400:]}")
+            raise InputError(f"apt-get update failed: {update.stderr.strip()[-400:]}")
         result = _run(["apt-get", "download", name], cwd=cache_dir)
     cached = sorted(cache_dir.glob(f"{name}_*.deb"))
     if result.returncode != 0 or not cached:
         hint = " The package lists are missing: run `apt-get update` as root, then retry." if lists_missing else ""
-        raise RuntimeError(f"apt-get download {name} failed: {result.stderr.strip()[-400:]}{hint}")
+        raise InputError(f"apt-get download {name} failed: {result.stderr.strip()[-400:]}{hint}")
     return cached[-1]
 
 
 def _deb_field(deb: Path, field: str) -> str:
     result = _run(["dpkg-deb", "-f", str(deb), field])
     if result.returncode != 0:
-        raise RuntimeError(f"dpkg-deb -f {deb} {field} failed: {result.stderr.strip()}")
+        raise InputError(f"dpkg-deb -f {deb} {field} failed: {result.stderr.strip()}")
     return result.stdout.strip()
 
 
@@ -122,11 +123,11 @@ def unpack_package(deb: Path, lang: HelpLanguage, cache_dir: Path) -> Path:
         root.mkdir(parents=True)
         result = _run(["dpkg-deb", "-x", str(deb), str(root)])
         if result.returncode != 0:
-            raise RuntimeError(f"dpkg-deb -x {deb} failed: {result.stderr.strip()}")
+            raise InputError(f"dpkg-deb -x {deb} failed: {result.stderr.strip()}")
         marker.touch()
     help_dir = root / "usr/share/libreoffice/help" / lang.help_dir
     if not help_dir.is_dir():
-        raise RuntimeError(f"{deb.name} has no help directory {lang.help_dir}")
+        raise InputError(f"{deb.name} has no help directory {lang.help_dir}")
     return help_dir
 
 
@@ -193,7 +194,7 @@ def build_corpus(out_dir: Path, cache_dir: Path, options: CorpusOptions, workers
         for split in SPLITS:
             texts = selected[lang][split]
             if not texts:
-                raise RuntimeError(f"language {lang!r} has no {split} paragraphs after filtering")
+                raise InputError(f"language {lang!r} has no {split} paragraphs after filtering")
             path = out_dir / f"{lang}.{split}.txt"
             atomic_write_text(path, "".join(t + "\n" for t in texts))
             files[path.name] = {

@@ -15,6 +15,7 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from layermoe_ds.errors import InputError, MissingInputError
 
 SPLITS = ("train", "valid", "test")
 TEXT_SUFFIXES = (".txt", ".jsonl")
@@ -48,7 +49,7 @@ def _decode(path: Path, raw: bytes, offset: int) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         at = offset + exc.start
-        raise ValueError(
+        raise InputError(
             f"{path}: not UTF-8 (byte {at}, line {line_number(path, at)}): convert it with iconv"
         ) from exc
 
@@ -59,15 +60,15 @@ def _record(path: Path, text: str, offset: int, need_lang: bool) -> dict | None:
     try:
         record = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}:{line_number(path, offset)}: invalid JSON ({exc.msg})") from exc
+        raise InputError(f"{path}:{line_number(path, offset)}: invalid JSON ({exc.msg})") from exc
     if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-        raise ValueError(f"{path}:{line_number(path, offset)}: a record needs a string field 'text'")
+        raise InputError(f"{path}:{line_number(path, offset)}: a record needs a string field 'text'")
     if need_lang:
         if not isinstance(record.get("lang"), str):
-            raise ValueError(f"{path}:{line_number(path, offset)}: a record needs a string field 'lang'")
+            raise InputError(f"{path}:{line_number(path, offset)}: a record needs a string field 'lang'")
         split = record.get("split", "train")
         if split not in SPLITS:
-            raise ValueError(f"{path}:{line_number(path, offset)}: split {split!r} is not one of {SPLITS}")
+            raise InputError(f"{path}:{line_number(path, offset)}: split {split!r} is not one of {SPLITS}")
     return record
 
 
@@ -124,10 +125,10 @@ def _directory_sources(data: Path) -> dict[str, dict[str, Source]]:
         if len(parts) == 3 and parts[1] in SPLITS and path.suffix in TEXT_SUFFIXES:
             lang, split = parts[0], parts[1]
             if split in found.get(lang, {}):
-                raise ValueError(f"data: both {found[lang][split].path.name} and {path.name} hold {lang}/{split}")
+                raise InputError(f"data: both {found[lang][split].path.name} and {path.name} hold {lang}/{split}")
             found.setdefault(lang, {})[split] = Source(path, path.suffix[1:], lang, split)
     if not found:
-        raise FileNotFoundError(f"data: {data} holds no <lang>.<train|valid|test>.<txt|jsonl> files")
+        raise MissingInputError(f"data: {data} holds no <lang>.<train|valid|test>.<txt|jsonl> files")
     return found
 
 
@@ -135,10 +136,10 @@ def available_languages(data: Path) -> dict[str, dict[str, Path]]:
     """Map language → split → file for a raw data directory or a single jsonl (read once, record by record)."""
     data = Path(data)
     if not data.exists():
-        raise FileNotFoundError(f"data: {data} does not exist")
+        raise MissingInputError(f"data: {data} does not exist")
     if data.is_file():
         if data.suffix != ".jsonl":
-            raise ValueError(f"data: {data} is a file but not .jsonl; give a directory or a jsonl with text+lang")
+            raise InputError(f"data: {data} is a file but not .jsonl; give a directory or a jsonl with text+lang")
         langs: dict[str, dict[str, Path]] = {}
         for lang, split, _, _ in iter_records(Source(data, "mixed")):
             langs.setdefault(lang, {})[split] = data
@@ -152,22 +153,22 @@ def raw_sources(data: Path, langs: Sequence[str], splits: Sequence[str]) -> list
     data = Path(data)
     for split in splits:
         if split not in SPLITS:
-            raise ValueError(f"split: {split!r} is not one of {SPLITS}")
+            raise InputError(f"split: {split!r} is not one of {SPLITS}")
     if not data.exists():
-        raise FileNotFoundError(f"data: {data} does not exist")
+        raise MissingInputError(f"data: {data} does not exist")
     if data.is_file():
         if data.suffix != ".jsonl":
-            raise ValueError(f"data: {data} is a file but not .jsonl; give a directory or a jsonl with text+lang")
+            raise InputError(f"data: {data} is a file but not .jsonl; give a directory or a jsonl with text+lang")
         return [Source(data, "mixed")]
     found = _directory_sources(data)
     missing = [lang for lang in langs if lang not in found]
     if missing:
-        raise ValueError(f"languages {missing} not found in {data}; found: {sorted(found)}")
+        raise InputError(f"languages {missing} not found in {data}; found: {sorted(found)}")
     sources = []
     for lang in langs:
         for split in splits:
             if split not in found[lang]:
-                raise FileNotFoundError(
+                raise MissingInputError(
                     f"data: no {split} split for language {lang!r} in {data} (expected {lang}.{split}.txt or .jsonl)"
                 )
             sources.append(found[lang][split])

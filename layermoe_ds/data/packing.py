@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from layermoe_ds.data.tokens import TokenStream
+from layermoe_ds.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,10 @@ class BlockDataset:
 def block_part(lang: str, label: int, stream: TokenStream, seq_len: int, max_tokens: int | None = None) -> BlockPart:
     """`stream`'s blocks of `seq_len` (of its first `max_tokens` tokens when given); too little text is an error."""
     if seq_len < 2:
-        raise ValueError(f"seq_len: {seq_len} must be >= 2")
+        raise InputError(f"seq_len: {seq_len} must be >= 2")
     tokens = stream.num_tokens if max_tokens is None else min(max_tokens, stream.num_tokens)
     if tokens < seq_len:
-        raise ValueError(f"data: language {lang!r} has {tokens} tokens, fewer than one block of {seq_len}")
+        raise InputError(f"data: language {lang!r} has {tokens} tokens, fewer than one block of {seq_len}")
     return BlockPart(lang, label, stream, tokens // seq_len)
 
 
@@ -68,7 +69,7 @@ class BlockSampler:
 
     def __init__(self, num_blocks: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         if batch_size * world_size > num_blocks:
-            raise ValueError(
+            raise InputError(
                 f"batch_size: {batch_size} × world size {world_size} exceeds the {num_blocks} blocks of data"
             )
         self.num_blocks, self.batch_size, self.seed = num_blocks, batch_size, seed
@@ -94,7 +95,7 @@ class BlockSampler:
 
     def load_state_dict(self, state: dict) -> None:
         if state["seed"] != self.seed or state["num_blocks"] != self.num_blocks:
-            raise ValueError(
+            raise InputError(
                 f"sampler state is for seed {state['seed']} over {state['num_blocks']} blocks, "
                 f"not seed {self.seed} over {self.num_blocks}: the data or seed changed since the checkpoint"
             )

@@ -46,6 +46,7 @@ from layermoe_ds.data.tokens import (
     tokenizer_fingerprint,
 )
 from layermoe_ds.io import read_json, sha256_file, write_json
+from layermoe_ds.errors import InputError, OutputExistsError
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ def tokenize_chunk(
         key = (lang, split)
         if key not in writers:
             if not LANG_NAME.match(lang):
-                raise ValueError(f"{chunk.path}: language {lang!r} is not a name of letters, digits, '_' or '-'")
+                raise InputError(f"{chunk.path}: language {lang!r} is not a name of letters, digits, '_' or '-'")
             writers[key] = _ShardWriter(shards, f"{lang}.{split}.{chunk.number:05d}", dtype)
         texts, sizes = buffers.setdefault(key, ([], []))
         texts.append(text)
@@ -245,9 +246,9 @@ def tokenize(
     exact input already is returned as it is; one that holds other input is refused."""
     out, tokenizer_dir = Path(out), Path(tokenizer_dir)
     if workers < 1:
-        raise ValueError(f"workers: {workers} must be >= 1")
+        raise InputError(f"workers: {workers} must be >= 1")
     if chunk_bytes < 1:
-        raise ValueError(f"chunk_bytes: {chunk_bytes} must be >= 1")
+        raise InputError(f"chunk_bytes: {chunk_bytes} must be >= 1")
     if tokenizer is None:
         from layermoe_ds.data.tokenizer import load_tokenizer
 
@@ -263,7 +264,7 @@ def tokenize(
         manifest = read_json(out / MANIFEST, "prepared data manifest")
         if manifest.get("plan") == plan:
             return {**manifest, "up_to_date": True}
-        raise FileExistsError(
+        raise OutputExistsError(
             f"{out} holds tokens prepared from other input or with another tokenizer; use another --out or delete it"
         )
     shards = out / "shards"
@@ -353,7 +354,7 @@ def _manifest(out, plan, records, sources, source_sha, tokenizer, tokenizer_dir,
         if missing:
             where = ", ".join(str(s.path) for s in sources)
             seen = sorted({lang for r in records.values() for lang in r["languages"]})
-            raise ValueError(f"languages {missing} not found in {where}; found: {seen}")
+            raise InputError(f"languages {missing} not found in {where}; found: {seen}")
     entries = [e for splits in streams.values() for e in splits.values()]
     disk = sum((out / s[k]).stat().st_size for e in entries for s in e["shards"] for k in ("bin", "idx"))
     tokens = sum(e["tokens"] for e in entries)

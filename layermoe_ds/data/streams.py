@@ -16,6 +16,7 @@ from pathlib import Path
 from layermoe_ds.data.loading import Source, raw_sources
 from layermoe_ds.data.prepare import default_workers, source_meta, tokenize
 from layermoe_ds.data.tokens import VERSION, PreparedData, TokenStream, is_prepared, tokenizer_fingerprint
+from layermoe_ds.errors import InputError, MissingInputError
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def open_streams(data: Path, tokenizer, tokenizer_dir: Path, langs: Sequence[str
         found = prepared.languages()
         missing = [lang for lang in langs if lang not in found]
         if missing:
-            raise ValueError(f"languages {missing} not found in {data}; found: {sorted(found)}")
+            raise InputError(f"languages {missing} not found in {data}; found: {sorted(found)}")
         return {lang: prepared.stream(lang, split) for lang in langs}
     streams = {}
     entries: dict[Path, PreparedData] = {}
@@ -63,8 +64,8 @@ def open_streams(data: Path, tokenizer, tokenizer_dir: Path, langs: Sequence[str
         owner = next(e for s, e in entries.items() if Path(data).is_file() or s.name.startswith(f"{lang}.{split}."))
         found = owner.languages()
         if lang not in found:
-            raise ValueError(f"languages [{lang!r}] not found in {data}; found: {sorted(found)}")
+            raise InputError(f"languages [{lang!r}] not found in {data}; found: {sorted(found)}")
         if split not in found[lang]:
-            raise FileNotFoundError(f"data: no {split} split for language {lang!r} in {data}")
+            raise MissingInputError(f"data: no {split} split for language {lang!r} in {data}")
         streams[lang] = owner.stream(lang, split)
     return streams

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from layermoe_ds.data.loading import iter_documents, raw_sources
+from layermoe_ds.errors import InputError, MissingInputError
 import sentencepiece as spm
 from transformers import AutoTokenizer, LlamaTokenizer
 
@@ -33,14 +34,14 @@ def train_tokenizer(
     twice (counting, then writing SentencePiece's input file), never held in memory.
     """
     if model_type not in ("unigram", "bpe"):
-        raise ValueError(f"tokenizer.model_type: {model_type!r} must be 'unigram' or 'bpe'")
+        raise InputError(f"tokenizer.model_type: {model_type!r} must be 'unigram' or 'bpe'")
     if vocab_size < 300:
-        raise ValueError(f"tokenizer.vocab_size: {vocab_size} is too small (byte fallback alone needs 259)")
+        raise InputError(f"tokenizer.vocab_size: {vocab_size} is too small (byte fallback alone needs 259)")
     raw_sources(data, langs, ["train"])  # every language's train split exists, before the first pass
     chars_per_lang = min(sum(map(len, iter_documents(data, lang, "train"))) for lang in langs)
     if chars_per_lang == 0:
         empty = [lang for lang in langs if next(iter_documents(data, lang, "train"), None) is None]
-        raise ValueError(f"data: language {empty[0]!r} has no text in its train split ({data})")
+        raise InputError(f"data: language {empty[0]!r} has no text in its train split ({data})")
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus.txt"
         with open(corpus, "w", encoding="utf-8") as f:
@@ -100,12 +101,12 @@ def load_tokenizer(path: Path):
 
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"tokenizer: {path} is not a directory")
+        raise MissingInputError(f"tokenizer: {path} is not a directory")
     if (path / "config.json").is_file():
         layermoe_model_type(path)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer: {path} has no EOS token (needed to separate documents)")
+        raise InputError(f"tokenizer: {path} has no EOS token (needed to separate documents)")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

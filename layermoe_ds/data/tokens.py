@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from layermoe_ds.io import read_json, sha256_file
+from layermoe_ds.errors import InputError, MissingInputError
 
 MANIFEST = "token_manifest.json"
 FORMAT = "layermoe-tokens"
@@ -98,10 +99,10 @@ class Shard:
         """Both files there, the tokens at the manifest's size (a stat each: cheap enough for every open)."""
         for path in (self.bin_path, self.idx_path):
             if not path.is_file():
-                raise FileNotFoundError(f"{path}: missing shard file; run `layermoe data tokenize` again")
+                raise MissingInputError(f"{path}: missing shard file; run `layermoe data tokenize` again")
         size = self.bin_path.stat().st_size
         if size != self.tokens * self.dtype.itemsize:
-            raise ValueError(
+            raise InputError(
                 f"{self.bin_path}: {size} bytes, the manifest says {self.tokens * self.dtype.itemsize} "
                 f"({self.tokens} tokens): truncated or replaced; run `layermoe data tokenize` again"
             )
@@ -118,9 +119,9 @@ class Shard:
         try:
             index = np.load(self.idx_path, mmap_mode="r")
         except (OSError, ValueError) as exc:
-            raise ValueError(f"{self.idx_path}: unreadable document index ({exc}); run `layermoe data tokenize` again")
+            raise InputError(f"{self.idx_path}: unreadable document index ({exc}); run `layermoe data tokenize` again")
         if index.shape != (self.documents,) or index.dtype.names != ("tokens", "bytes"):
-            raise ValueError(
+            raise InputError(
                 f"{self.idx_path}: document index of shape {index.shape}, the manifest says {self.documents} "
                 "documents: corrupt; run `layermoe data tokenize` again"
             )
@@ -155,7 +156,7 @@ class TokenStream:
             lo, hi = max(start, shard_start) - shard_start, min(stop, int(self._ends[i])) - shard_start
             piece = self.shards[i].read(lo, hi)
             if piece.size and int(piece.max()) >= self.vocab_size:
-                raise ValueError(
+                raise InputError(
                     f"{self.shards[i].bin_path}: token id {int(piece.max())} >= the vocabulary size {self.vocab_size}: "
                     "corrupt; run `layermoe data tokenize` again"
                 )
@@ -214,7 +215,7 @@ class PreparedData:
         self.directory = Path(directory)
         manifest = read_json(self.directory / MANIFEST, "prepared data manifest")
         if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-            raise ValueError(
+            raise InputError(
                 f"{self.directory / MANIFEST}: not a layermoe token manifest of version {VERSION} "
                 f"(format {manifest.get('format')!r}, version {manifest.get('version')!r})"
             )
@@ -231,7 +232,7 @@ class PreparedData:
 
     def check_tokenizer(self, fingerprint: str, tokenizer_name: str) -> None:
         if fingerprint != self.fingerprint:
-            raise ValueError(
+            raise InputError(
                 f"data: {self.directory} was tokenized with another tokenizer ({self.manifest['tokenizer']['name']}, "
                 f"fingerprint {self.fingerprint}) than this run's ({tokenizer_name}, {fingerprint}); "
                 f"run `layermoe data tokenize --tokenizer {tokenizer_name}` on the raw text"
@@ -240,9 +241,9 @@ class PreparedData:
     def stream(self, lang: str, split: str) -> TokenStream:
         streams = self.manifest["streams"]
         if lang not in streams:
-            raise ValueError(f"languages [{lang!r}] not found in {self.directory}; found: {sorted(streams)}")
+            raise InputError(f"languages [{lang!r}] not found in {self.directory}; found: {sorted(streams)}")
         if split not in streams[lang]:
-            raise FileNotFoundError(f"data: no {split} split for language {lang!r} in {self.directory}")
+            raise MissingInputError(f"data: no {split} split for language {lang!r} in {self.directory}")
         entry = streams[lang][split]
         shards = [
             Shard(self.directory / s["bin"], self.directory / s["idx"], s["tokens"], s["documents"], self.dtype)
@@ -252,7 +253,7 @@ class PreparedData:
             shard.check()
         stream = TokenStream(f"{lang}/{split}", shards, self.vocab_size, entry["bytes"] + entry["documents"])
         if stream.num_documents == 0:
-            raise ValueError(f"data: language {lang!r} has no text in its {split} split ({entry['source']})")
+            raise InputError(f"data: language {lang!r} has no text in its {split} split ({entry['source']})")
         return stream
 
 
@@ -287,8 +288,8 @@ def verify(directory: Path) -> int:
                 shard.ids  # noqa: B018  (size check)
                 index = shard.index
                 if int(index["tokens"].astype(np.int64).sum()) != shard.tokens:
-                    raise ValueError(f"{shard.idx_path}: document lengths do not add up to the shard's tokens")
+                    raise InputError(f"{shard.idx_path}: document lengths do not add up to the shard's tokens")
                 if sha256_file(shard.bin_path) != meta["sha256"]:
-                    raise ValueError(f"{shard.bin_path}: SHA-256 differs from the manifest: corrupt")
+                    raise InputError(f"{shard.bin_path}: SHA-256 differs from the manifest: corrupt")
                 count += 1
     return count

@@ -22,6 +22,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from layermoe_ds.errors import InputError, MissingInputError
+
 log = logging.getLogger(__name__)
 
 # ISO 639-1 → FLORES-200 (Belebele's language codes); a FLORES code given as a language is taken as it is.
@@ -86,11 +88,11 @@ def custom_tasks(specs: Sequence[str]) -> list[tuple[str, int | None]]:
     for spec in specs:
         name, _, shots = spec.partition(":")
         if "{lang}" not in name:
-            raise ValueError(
+            raise InputError(
                 f"benchmark --tasks: {spec!r} has no {{lang}} (e.g. my_mc_{{lang}}): tasks run per language"
             )
         if shots and not shots.isdigit():
-            raise ValueError(f"benchmark --tasks: {spec!r}: the shot count after ':' must be a whole number")
+            raise InputError(f"benchmark --tasks: {spec!r}: the shot count after ':' must be a whole number")
         tasks.append((name, int(shots) if shots else None))
     return tasks
 
@@ -100,7 +102,7 @@ def plan(
 ) -> tuple[list[Planned], dict[str, list[dict]]]:
     """(what runs, language → the benchmarks it lacks with the task names looked for)."""
     if suite not in SUITES:
-        raise ValueError(f"benchmark --suite: {suite!r} is not one of {sorted(SUITES)}")
+        raise InputError(f"benchmark --suite: {suite!r} is not one of {sorted(SUITES)}")
     planned, missing = [], {}
     for lang in langs:
         for benchmark in SUITES[suite]:
@@ -144,7 +146,7 @@ def check_datasets(index: dict, tasks: Sequence[str], root: Path) -> None:
         for config in leaf_configs(index, task):
             repo = config.get("dataset_path")
             if repo and not (root / repo).is_dir():
-                raise FileNotFoundError(
+                raise MissingInputError(
                     f"benchmark --datasets: {root / repo} is missing (task {task}); where there is network: "
                     f"hf download {repo} --repo-type dataset --local-dir {root / repo}"
                 )
@@ -259,9 +261,9 @@ def run_benchmark(
 
     both = sorted(set(old) & set(new))
     if both:
-        raise ValueError(f"benchmark: {both} are in both --old and --new")
+        raise InputError(f"benchmark: {both} are in both --old and --new")
     if include_path is not None and not Path(include_path).is_dir():
-        raise FileNotFoundError(f"benchmark --include-path: {include_path} is not a directory")
+        raise MissingInputError(f"benchmark --include-path: {include_path} is not a directory")
     manager = TaskManager(include_path=str(include_path) if include_path else None)
     planned, missing = plan([*old, *new], suite, tasks, set(manager.all_tasks))
     report: dict = {"model": str(model_dir), "suite": suite, "old": list(old), "new": list(new), "limit": limit}
@@ -279,7 +281,7 @@ def run_benchmark(
         write_json(out / "results.json", report)
         return report
     if not planned:
-        raise ValueError("benchmark: no task to run for these languages (see `missing` with --dry-run)")
+        raise InputError("benchmark: no task to run for these languages (see `missing` with --dry-run)")
     if datasets is not None:
         check_datasets(manager.task_index, sorted({item.task for item in planned}), Path(datasets))
     lm = _harness_model(Path(model_dir), batch_size, device, dtype)
@@ -292,7 +294,7 @@ def run_benchmark(
             for item in group:
                 found = task_score(results, item.task, item.metric)
                 if found is None:
-                    raise ValueError(f"benchmark: task {item.task} reported no {item.metric or CUSTOM_METRICS} metric")
+                    raise InputError(f"benchmark: task {item.task} reported no {item.metric or CUSTOM_METRICS} metric")
                 metric, value = found
                 entry = {"metric": metric, "value": value, "task": item.task, "num_fewshot": shots}
                 scores.setdefault(item.lang, {})[item.benchmark] = entry

@@ -14,6 +14,7 @@ from layermoe_ds.data.streams import open_streams
 from layermoe_ds.data.tokenizer import load_tokenizer
 from layermoe_ds.data.tokens import TokenStream
 from layermoe_ds.distributed import adopt_launcher_env, device_and_backend, init_process_group
+from layermoe_ds.errors import InputError
 from layermoe_ds.eval.perplexity import evaluate_languages, format_table, group_averages
 from layermoe_ds.eval.routing import RoutingStats, format_routing
 from layermoe_ds.io import write_json
@@ -51,7 +52,7 @@ def language_groups(langs: Sequence[str], old: Sequence[str], groups: Sequence[S
         index = {lang: g for g, members in enumerate(groups) for lang in members}
         missing = [lang for lang in langs if lang not in index]
         if missing:
-            raise ValueError(f"groups: {missing} are evaluated but in no group of {list(map(list, groups))}")
+            raise InputError(f"groups: {missing} are evaluated but in no group of {list(map(list, groups))}")
         return {lang: index[lang] for lang in langs}
     return {lang: 0 if lang in old else 1 for lang in langs}
 

@@ -21,6 +21,7 @@ import yaml
 from layermoe_ds.data.loading import iter_documents, raw_sources
 from layermoe_ds.data.tokenizer import load_tokenizer
 from layermoe_ds.data.tokens import PreparedData, document_bos, is_prepared, tokenizer_fingerprint
+from layermoe_ds.errors import InputError
 from layermoe_ds.io import atomic_output, atomic_write_text
 
 GROUP = "layermoe_heldout"
@@ -40,7 +41,7 @@ def prepared_documents(data: Path, lang: str, split: str, tokenizer_dir: Path | 
     prepared.check_tokenizer(tokenizer_fingerprint(tokenizer), str(tokenizer_dir))
     found = prepared.languages()
     if lang not in found:
-        raise ValueError(f"languages [{lang!r}] not found in {data}; found: {sorted(found)}")
+        raise InputError(f"languages [{lang!r}] not found in {data}; found: {sorted(found)}")
     stream = prepared.stream(lang, split)
     lengths, nbytes = stream.document_lengths()
     skip = 0 if document_bos(tokenizer) is None else 1  # the BOS each document starts with is no text
@@ -48,7 +49,7 @@ def prepared_documents(data: Path, lang: str, split: str, tokenizer_dir: Path | 
     for length, size in zip(lengths.tolist(), nbytes.tolist(), strict=True):
         text = tokenizer.decode(stream.read(start + skip, start + length - 1).tolist())
         if len(text.encode("utf-8")) != size:
-            raise ValueError(
+            raise InputError(
                 f"{data}: document at token {start} of {lang}/{split} decodes to {len(text.encode('utf-8'))} bytes, "
                 f"not its {size}: {tokenizer_dir} does not decode losslessly; give the raw text as --data"
             )
@@ -78,7 +79,7 @@ def write_tasks(
                 count += 1
         if count == 0:
             docs_file.unlink()
-            raise ValueError(f"data: language {lang!r} has no text in its {split} split ({data})")
+            raise InputError(f"data: language {lang!r} has no text in its {split} split ({data})")
         task = {
             "task": task_name(lang),
             "dataset_path": "json",

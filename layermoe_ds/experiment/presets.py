@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from layermoe_ds.config import StrEnum
+from layermoe_ds.errors import InputError
 
 
 class Method(StrEnum):
@@ -92,7 +93,7 @@ class Preset:
         names = [s.name for s in self.systems]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates or DENSE_BASE in names:
-            raise ValueError(f"experiment preset: system names must be unique and not {DENSE_BASE!r}: {duplicates}")
+            raise InputError(f"experiment preset: system names must be unique and not {DENSE_BASE!r}: {duplicates}")
 
     @property
     def langs(self) -> tuple[str, ...]:

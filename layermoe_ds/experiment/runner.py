@@ -20,6 +20,7 @@ from layermoe_ds.config import TrainConfig, from_dict, to_dict
 from layermoe_ds.data.streams import open_streams
 from layermoe_ds.data.tokenizer import load_tokenizer
 from layermoe_ds.distributed import RENDEZVOUS, Launcher, cpu_launch_env, device_and_backend, stage_command
+from layermoe_ds.errors import StepFailed
 from layermoe_ds.eval.evaluate import evaluate_model
 from layermoe_ds.experiment.cache import cached, directory_manifest, fingerprint, step_seconds
 from layermoe_ds.experiment.presets import DENSE_BASE, Method, Phase, Preset, RunId, System
@@ -56,7 +57,7 @@ def launch_stage(
         result = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     if result.returncode != 0:
         tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-40:])
-        raise RuntimeError(f"stage {stage} failed (exit {result.returncode}); see {log_file}, which ends:\n{tail}")
+        raise StepFailed(f"stage {stage} failed (exit {result.returncode}); see {log_file}, which ends:\n{tail}")
 
 
 def parameter_counts(model) -> dict:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from layermoe_ds.errors import InputError
 from layermoe_ds.modeling.families import Layout, embedding_name
 from layermoe_ds.modeling.streaming import TensorSource
 from layermoe_ds.modeling.types import model_config
@@ -31,7 +32,7 @@ def base_loader(model: nn.Module, base_dir: Path, from_dense: bool, seed: int | 
             origin = upcycle_source_name(name, counts, layout)
             if isinstance(origin, tuple):  # a new router or classifier: upcycle's seeded initialisation
                 if seed is None:
-                    raise ValueError(f"{name}: not in the checkpoint, and the dense base has no such tensor")
+                    raise InputError(f"{name}: not in the checkpoint, and the dense base has no such tensor")
                 kind, layer = origin
                 return seeded_xavier(param.shape, seed, layer, 1 if kind == "router" else 2)
             name = origin

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from layermoe_ds.errors import InputError, MissingInputError
 from layermoe_ds.io import read_json, sha256_file
 from layermoe_ds.modeling.base_tensors import base_loader
 from layermoe_ds.modeling.hf_loading import carry_generation_config
@@ -74,7 +75,7 @@ def check_base(pointer: dict, model_dir: Path, current: dict | None = None) -> N
             )
         else:
             continue
-        raise ValueError(
+        raise InputError(
             f"base model: the checkpoint was trained from {pointer['path']}, and {model_dir} is not that model: "
             f"{problem}; point train.model (or --base) at the original base, wherever it is now"
         )
@@ -105,7 +106,7 @@ def consolidated_from_checkpoint(path: Path, marker: dict | None = None) -> dict
     path = Path(path)
     dense = path / "mp_rank_00_model_states.pt"
     if not dense.is_file():
-        raise FileNotFoundError(f"checkpoint: {path} has no mp_rank_00_model_states.pt (not a DeepSpeed checkpoint)")
+        raise MissingInputError(f"checkpoint: {path} has no mp_rank_00_model_states.pt (not a DeepSpeed checkpoint)")
     if marker is None:
         marker = read_json(path / MARKER, "checkpoint marker")
     slots = checkpoint_slots(marker)
@@ -123,7 +124,7 @@ def resolve_checkpoint(path: Path) -> Path:
         return path
     found = complete_checkpoints(path)
     if not found:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{path} is neither a complete checkpoint (no {MARKER}) nor a run directory with one under checkpoints/"
         )
     return found[-1]
@@ -137,7 +138,7 @@ def _upcycle_seed(pointer: dict, path: Path) -> int:
     resolved = path.parent.parent / "resolved_config.json"
     if resolved.is_file():
         return int(read_json(resolved, "resolved config")["train"]["seed"])
-    raise ValueError(
+    raise InputError(
         f"checkpoint {path}: it was trained from the dense base {pointer['path']}, and neither its marker nor a "
         f"{resolved} records the seed its untrained routers and classifiers were initialised with"
     )
@@ -160,9 +161,9 @@ def model_from_checkpoint(
     marker = read_json(path / MARKER, "checkpoint marker")
     problem = verify_files(path, marker)
     if problem:
-        raise ValueError(f"checkpoint {path} is damaged: {problem}")
+        raise InputError(f"checkpoint {path} is damaged: {problem}")
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"checkpoint {path} has no config.json (saved before checkpoints carried one)")
+        raise MissingInputError(f"checkpoint {path} has no config.json (saved before checkpoints carried one)")
     model_type = layermoe_model_type(path)
     if model_type is None:  # the dense full fine-tune baseline
         config, model_cls = model_config(path), AutoModelForCausalLM.from_config
@@ -177,7 +178,7 @@ def model_from_checkpoint(
         pointer = marker["base"]
         base_dir = Path(base_dir or pointer["path"])
         if not base_dir.is_dir():
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"checkpoint {path}: its base model {base_dir} is gone; give its new location with --base"
             )
         check_base(pointer, base_dir)
@@ -191,15 +192,15 @@ def model_from_checkpoint(
         if name in trained:
             return trained[name]
         if from_base is None:
-            raise ValueError(f"checkpoint {path} does not match its config.json: {name} is missing")
+            raise InputError(f"checkpoint {path} does not match its config.json: {name} is missing")
         try:
             return from_base(name, param)
         except KeyError as exc:  # the base lacks a tensor the checkpoint's model needs
-            raise ValueError(f"checkpoint {path}: {name} is neither in it nor in its base ({exc.args[0]})") from None
+            raise InputError(f"checkpoint {path}: {name} is neither in it nor in its base ({exc.args[0]})") from None
 
     materialize(model, load, lambda name, param: dtype)
     carry_generation_config(model, path)
     unexpected = sorted(set(trained) - set(model.state_dict()))
     if unexpected:
-        raise ValueError(f"checkpoint {path} does not match its config.json: unexpected {unexpected[:3]}")
+        raise InputError(f"checkpoint {path} does not match its config.json: unexpected {unexpected[:3]}")
     return model.eval(), path, marker

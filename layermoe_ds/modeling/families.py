@@ -24,6 +24,7 @@ import transformers
 from torch import nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from layermoe_ds.errors import InputError
 from layermoe_ds.modeling.remote.modeling_layermoe import attribute_path
 
 log = logging.getLogger(__name__)
@@ -89,13 +90,13 @@ def causal_lm_class(config) -> type:
     model_type = getattr(config, "model_type", "")
     what = f"architecture {model_type!r} ({type(config).__name__})"
     if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(f"{what} is an encoder-decoder; LayerMoE expands decoder-only causal LMs")
+        raise InputError(f"{what} is an encoder-decoder; LayerMoE expands decoder-only causal LMs")
     moe = [f"{name} = {getattr(config, name)}" for name in MOE_FIELDS if getattr(config, name, None)]
     if moe:
-        raise ValueError(f"{what} is a mixture of experts already ({', '.join(moe)}); LayerMoE expands dense models")
+        raise InputError(f"{what} is a mixture of experts already ({', '.join(moe)}); LayerMoE expands dense models")
     cls = dense_model_class(model_type)
     if cls is None:
-        raise ValueError(f"{what} has no causal LM class in transformers {transformers.__version__}")
+        raise InputError(f"{what} has no causal LM class in transformers {transformers.__version__}")
     return cls
 
 
@@ -108,13 +109,13 @@ def check_layout(model: nn.Module, model_type: str) -> Layout:
         layers = attribute_path(model, layout.decoder_layers)
     except AttributeError:
         children = ", ".join(name for name, _ in model.named_children())
-        raise ValueError(f"{what}: no decoder layers at {layout.decoder_layers} (its modules: {children})") from None
+        raise InputError(f"{what}: no decoder layers at {layout.decoder_layers} (its modules: {children})") from None
     if not isinstance(layers, nn.ModuleList) or not len(layers):
-        raise ValueError(f"{what}: {layout.decoder_layers} is not a list of decoder layers")
+        raise InputError(f"{what}: {layout.decoder_layers} is not a list of decoder layers")
     ffn = getattr(layers[0], layout.ffn_module, None)
     if not isinstance(ffn, nn.Module) or not any(True for _ in ffn.parameters()):
         children = ", ".join(name for name, _ in layers[0].named_children())
-        raise ValueError(
+        raise InputError(
             f"{what}: no FFN module {layout.ffn_module!r} in its decoder layer {type(layers[0]).__name__} "
             f"(its modules: {children})"
         )
@@ -155,7 +156,7 @@ def dense_tensor_names(dense_cls: type, config, file_names) -> dict[str, str]:
     for name in file_names:
         renamed, converter = rename_source_key(name, renamings, converters, model.base_model_prefix, meta)
         if converter is not None:
-            raise ValueError(
+            raise InputError(
                 f"architecture {config.model_type!r}: transformers converts its tensor {name} on load ({converter}), "
                 "not only renames it; LayerMoE reads dense tensors by name and cannot expand this checkpoint"
             )

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from layermoe_ds.errors import InputError, MissingInputError
 from layermoe_ds.io import directory_in_place
 from layermoe_ds.modeling.types import layermoe_classes, layermoe_model_type
 
@@ -35,7 +36,7 @@ def load_layermoe(path: Path, dtype: torch.dtype = torch.float32):
     try:
         config = config_cls.from_pretrained(path)
     except ValueError as exc:
-        raise ValueError(f"model: {path}/config.json is not a valid LayerMoE config: {exc}") from exc
+        raise InputError(f"model: {path}/config.json is not a valid LayerMoE config: {exc}") from exc
     with torch.device("meta"):
         skeleton = model_cls(config)
     verify_weights(skeleton, path)
@@ -47,7 +48,7 @@ def verify_weights(model, path: Path) -> None:
     path = Path(path)
     files = sorted(path.glob("model*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"model: {path} has no safetensors weights")
+        raise MissingInputError(f"model: {path} has no safetensors weights")
     stored = {}
     for file in files:
         with safe_open(file, "pt") as f:
@@ -60,9 +61,9 @@ def verify_weights(model, path: Path) -> None:
     missing = sorted(set(expected) - set(stored))
     unexpected = sorted(set(stored) - set(expected))
     if missing or unexpected:
-        raise ValueError(
+        raise InputError(
             f"model: {path} does not match its config.json: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
     for key, shape in stored.items():
         if expected[key] != shape:
-            raise ValueError(f"model: {path}: {key} has shape {shape} but config.json implies {expected[key]}")
+            raise InputError(f"model: {path}: {key} has shape {shape} but config.json implies {expected[key]}")

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 from transformers.utils import logging as hf_logging
 
+from layermoe_ds.errors import InputError, MissingInputError
 from layermoe_ds.modeling.families import check_layout
 from layermoe_ds.modeling.hf_export import load_layermoe
 from layermoe_ds.modeling.remote.modeling_layermoe import attribute_path
@@ -26,7 +27,7 @@ DTYPES = {
 
 def parse_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
-        raise ValueError(f"dtype: {name!r} is not one of {sorted(DTYPES)}")
+        raise InputError(f"dtype: {name!r} is not one of {sorted(DTYPES)}")
     return DTYPES[name]
 
 
@@ -34,11 +35,11 @@ def check_model_dir(path: Path) -> Path:
     """A model directory needs `config.json` and weights; say which is missing."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"model: {path} is not a directory")
+        raise MissingInputError(f"model: {path} is not a directory")
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model: {path} has no config.json (not a Hugging Face model directory)")
+        raise MissingInputError(f"model: {path} has no config.json (not a Hugging Face model directory)")
     if not any(any(path.glob(pattern)) for pattern in WEIGHT_PATTERNS):
-        raise FileNotFoundError(f"model: {path} has no weights ({', '.join(WEIGHT_PATTERNS)})")
+        raise MissingInputError(f"model: {path} has no weights ({', '.join(WEIGHT_PATTERNS)})")
     return path
 
 

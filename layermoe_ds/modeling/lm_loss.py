@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from layermoe_ds.errors import InputError
+
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
@@ -222,7 +224,7 @@ def check_fused_loss(model, what: str, tolerance: float | None = None) -> float:
         fused = fused / (targets_T != IGNORE_INDEX).sum()
     relative = float((fused - own).abs() / own.abs().clamp_min(1e-12))
     if not relative <= tolerance:
-        raise ValueError(
+        raise InputError(
             f"{what}: {type(model).__name__}'s own loss and the fused loss differ by {relative:.2e} (relative) on a "
             f"test batch: its head does something the fused loss does not cover (modeling/lm_loss.py, Head)"
         )

@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from layermoe_ds.errors import InputError
+
 
 @contextlib.contextmanager
 def parameters_on_meta() -> Iterator[None]:
@@ -51,7 +53,7 @@ def materialize(
             full = f"{module_name}.{name}" if module_name else name
             tensor = load(full, param)
             if tuple(tensor.shape) != tuple(param.shape):
-                raise ValueError(
+                raise InputError(
                     f"model: {full} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}"
                 )
             tensor = tensor.to(device=device, dtype=dtype_of(full, param))

@@ -21,6 +21,7 @@ from deepspeed.moe.layer import MoE
 from deepspeed.utils import groups
 from torch import nn
 
+from layermoe_ds.errors import InputError
 from layermoe_ds.modeling.placement import expert_placement
 
 
@@ -35,7 +36,7 @@ def choose_ep_size(
         return math.gcd(*counts)
     size = int(requested)
     if size < 1 or any(n % size for n in counts):
-        raise ValueError(
+        raise InputError(
             f"expert_parallel_size: {size} does not divide layer {layer}'s {num_new_experts} new experts "
             f"({trainable or num_new_experts} trained now) and the world size {world_size}; use 'auto' or "
             f"re-allocate with `layermoe allocate --align {size}`"

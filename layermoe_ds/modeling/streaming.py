@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from transformers.dynamic_module_utils import custom_object_save
 
+from layermoe_ds.errors import InputError, MissingInputError
 from layermoe_ds.io import directory_in_place
 
 log = logging.getLogger(__name__)
@@ -56,13 +57,13 @@ def parse_size(text: str | int) -> int:
         return text
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", text, re.IGNORECASE)
     if match is None:
-        raise ValueError(f"max-shard-size: {text!r} is not a size like 5GB, 500MB or 2GiB")
+        raise InputError(f"max-shard-size: {text!r} is not a size like 5GB, 500MB or 2GiB")
     number, unit = float(match[1]), (match[2] or "B").upper()
     scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
     scale.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
     size = int(number * scale[unit])
     if size < 1:
-        raise ValueError(f"max-shard-size: {text!r} must be at least one byte")
+        raise InputError(f"max-shard-size: {text!r} must be at least one byte")
     return size
 
 
@@ -75,12 +76,12 @@ def read_header(path: Path) -> tuple[dict, int]:
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than its header length)")
+            raise InputError(f"{path}: not a safetensors file (shorter than its header length)")
         (size,) = struct.unpack("<Q", raw)
         try:
             header = json.loads(f.read(size))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{path}: not a safetensors file (unreadable header: {exc})") from exc
+            raise InputError(f"{path}: not a safetensors file (unreadable header: {exc})") from exc
     header.pop("__metadata__", None)
     return header, 8 + size
 
@@ -93,7 +94,7 @@ class TensorSource:
         self.directory = Path(directory)
         files = sorted(self.directory.glob("model*.safetensors"))
         if not files:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"model: {self.directory} has no safetensors weights: convert pytorch_model.bin once with "
                 "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR)"
             )
@@ -135,7 +136,7 @@ class TensorSource:
         with open(file, "rb") as f:
             f.seek(offset)
             if f.readinto(buffer) != size:
-                raise ValueError(f"{file}: truncated (tensor {name} ends past the end of the file)")
+                raise InputError(f"{file}: truncated (tensor {name} ends past the end of the file)")
         return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import transformers
 from transformers import AutoConfig
 
+from layermoe_ds.errors import InputError
 from layermoe_ds.modeling.families import causal_lm_class, dense_model_class
 from layermoe_ds.modeling.remote.modeling_layermoe import layermoe_model_class
 
@@ -34,7 +35,7 @@ def layermoe_classes(model_type: str) -> tuple[type, type]:
     """The classes of a LayerMoE model_type (`layermoe_<dense model_type>`)."""
     dense = dense_model_class(model_type.removeprefix(PREFIX)) if model_type.startswith(PREFIX) else None
     if dense is None:
-        raise ValueError(
+        raise InputError(
             f"model_type {model_type!r} is not a LayerMoE type this transformers ({transformers.__version__}) can build"
         )
     model_cls = layermoe_model_class(dense)

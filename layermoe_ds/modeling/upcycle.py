@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from layermoe_ds.config import StrEnum, choice
+from layermoe_ds.errors import InputError
 from layermoe_ds.modeling.families import Layout, dense_tensor_names, embedding_name, expandable
 from layermoe_ds.modeling.streaming import Planned, TensorSource, saved_keys, write_model_dir, write_safetensors
 from layermoe_ds.modeling.types import (
@@ -39,7 +40,7 @@ def _classes_for(dense_config):
     try:
         _, layout = expandable(dense_config)
     except ValueError as exc:
-        raise ValueError(f"upcycle: {exc}") from None
+        raise InputError(f"upcycle: {exc}") from None
     return (*expanded_classes(dense_config), layout)
 
 
@@ -66,16 +67,16 @@ def _seeded_xavier(weight: torch.Tensor, seed: int, layer: int, salt: int) -> No
 def _check_allocation(allocation: dict, num_layers: int) -> tuple[list[int], list[int]]:
     counts = allocation.get("experts_per_layer")
     if not isinstance(counts, list) or not all(isinstance(n, int) and n >= 1 for n in counts):
-        raise ValueError(f"allocation: experts_per_layer must be a list of integers >= 1, got {counts!r}")
+        raise InputError(f"allocation: experts_per_layer must be a list of integers >= 1, got {counts!r}")
     if len(counts) != num_layers:
-        raise ValueError(
+        raise InputError(
             f"allocation: experts_per_layer has {len(counts)} entries but the model has {num_layers} "
             "layers (was it made for another model?)"
         )
     cls_layers = allocation.get("classifier_layers", [])
     bad = [i for i in cls_layers if not isinstance(i, int) or not 0 <= i < num_layers]
     if bad:
-        raise ValueError(f"allocation: classifier_layers {bad} are outside 0..{num_layers - 1}")
+        raise InputError(f"allocation: classifier_layers {bad} are outside 0..{num_layers - 1}")
     return counts, list(cls_layers)
 
 
@@ -156,7 +157,7 @@ def upcycle_source_name(name: str, counts: Sequence[int], layout: Layout) -> str
         return f"{layout.ffn(layer)}.{rest[len('base_ffn.') :]}"
     if rest.startswith(NEW_EXPERT_PREFIX + "."):
         return f"{layout.ffn(layer)}.{rest[len(NEW_EXPERT_PREFIX) + 1 :].split('.', 1)[1]}"
-    raise ValueError(f"upcycle: no source for {name}")
+    raise InputError(f"upcycle: no source for {name}")
 
 
 def upcycle_dir(
@@ -175,7 +176,7 @@ def upcycle_dir(
     model_dir = Path(model_dir)
     dense_config = model_config(model_dir)
     if is_layermoe(dense_config):
-        raise ValueError(f"upcycle: {model_dir} is already a LayerMoE model; use `layermoe grow` to add languages")
+        raise InputError(f"upcycle: {model_dir} is already a LayerMoE model; use `layermoe grow` to add languages")
     config, model_cls = upcycled_config(dense_config, allocation, top_k, classifier_mode)
     source = dense_source(model_dir, dense_config)
     with torch.device("meta"):
@@ -192,9 +193,9 @@ def upcycle_dir(
             make = lambda shape=shape, layer=layer, salt=salt: seeded_xavier(shape, seed, layer, salt)  # noqa: E731
         else:
             if origin not in source:
-                raise ValueError(f"upcycle: {model_dir} has no tensor {origin!r} (needed for {name})")
+                raise InputError(f"upcycle: {model_dir} has no tensor {origin!r} (needed for {name})")
             if source.shape(origin) != shape:
-                raise ValueError(
+                raise InputError(
                     f"upcycle: {model_dir}: {origin} has shape {source.shape(origin)}, config.json implies {shape}"
                 )
             used.add(origin)
@@ -202,7 +203,7 @@ def upcycle_dir(
         plan.append(Planned(name, shape, dtype, make))
     unused = sorted(set(source.names()) - used - {"lm_head.weight"})
     if unused:
-        raise ValueError(f"upcycle: {model_dir} holds tensors the model does not use: {unused[:3]}")
+        raise InputError(f"upcycle: {model_dir} holds tensors the model does not use: {unused[:3]}")
     write_model_dir(
         out, config, model_cls, lambda d: write_safetensors(d, plan, max_shard_bytes), tokenizer_from=model_dir
     )
@@ -269,7 +270,7 @@ def grown_tensor(name: str, shape, old, counts: Sequence[int], source, router: s
         if n_old > 1 and layer in old.classifier_layers:
             weight[:new_group] = source.get(name)
         return weight
-    raise ValueError(f"grow: no source for {name}")
+    raise InputError(f"grow: no source for {name}")
 
 
 def grow_dir(
@@ -286,7 +287,7 @@ def grow_dir(
     model_dir = Path(model_dir)
     model_type = layermoe_model_type(model_dir)
     if model_type is None:
-        raise ValueError(f"grow: {model_dir} is not a LayerMoE model; use `layermoe upcycle` first")
+        raise InputError(f"grow: {model_dir} is not a LayerMoE model; use `layermoe upcycle` first")
     old = layermoe_classes(model_type)[0].from_pretrained(model_dir)
     config, model_cls = grown_config(old, allocation, router, classifiers)
     source = TensorSource(model_dir)
@@ -321,7 +322,7 @@ def grow(
     """Lifelong step: add N_i − 1 experts per layer for a new language group (N_i from the new allocation, counted
     like any allocation: the original FFN plus the experts to add)."""
     if not is_layermoe(model):
-        raise ValueError(f"grow: {type(model).__name__} is not a LayerMoE model; use `layermoe upcycle` first")
+        raise InputError(f"grow: {type(model).__name__} is not a LayerMoE model; use `layermoe upcycle` first")
     old = model.config
     config, model_cls = grown_config(old, allocation, router, classifiers)
     counts, new_group, layout = config.experts_per_layer, old.num_groups, Layout.of(old)
@@ -369,10 +370,10 @@ def _load_exact(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
-        raise ValueError(f"weights do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise InputError(f"weights do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     for key, value in state.items():
         if own[key].shape != value.shape:
-            raise ValueError(
+            raise InputError(
                 f"weights do not match the model: {key} has shape {tuple(value.shape)}, "
                 f"the model expects {tuple(own[key].shape)}"
             )

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from layermoe_ds.config import TrainConfig
+from layermoe_ds.errors import InputError
 from layermoe_ds.io import read_json
 from layermoe_ds.modeling.base_tensors import base_loader
 from layermoe_ds.modeling.hf_loading import carry_generation_config, check_model_dir, load_causal_lm
@@ -43,7 +44,7 @@ def _config_for(config: TrainConfig, stage: int):
     hf_config = model_config(model_dir)
     if not is_layermoe(hf_config):
         if stage != 1 or not config.allocation:
-            raise ValueError(
+            raise InputError(
                 f"train.model: {config.model} is a dense model; stage 1 upcycles it when "
                 "train.allocation is given, stage 2 needs the stage-1 model"
             )
@@ -55,7 +56,7 @@ def _config_for(config: TrainConfig, stage: int):
         wanted = read_json(Path(config.allocation), "allocation")["experts_per_layer"]
         history = (moe_config.allocation or {}).get("history", [{}])
         if history[-1].get("experts_per_layer") != wanted:
-            raise ValueError(
+            raise InputError(
                 f"train.allocation: {config.allocation} ({wanted}) is not the allocation "
                 f"{config.model} was built from ({history[-1].get('experts_per_layer')})"
             )
@@ -68,14 +69,14 @@ def check_model(config: TrainConfig, stage: int):
     if config.full_finetune:
         hf_config = model_config(Path(config.model))
         if stage != 1 or is_layermoe(hf_config):
-            raise ValueError(
+            raise InputError(
                 f"train.full_finetune: the dense baseline is a stage-1 run from a dense model "
                 f"(stage {stage}, model {config.model} is {'a LayerMoE' if is_layermoe(hf_config) else 'dense'})"
             )
         return hf_config
     moe_config, _, _ = _config_for(config, stage)
     if moe_config.num_groups != len(config.language_groups):
-        raise ValueError(
+        raise InputError(
             f"train.language_groups: {len(config.language_groups)} groups, but the model knows "
             f"{moe_config.num_groups} (old + one per expansion)"
         )

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from layermoe_ds.errors import InputError
 from layermoe_ds.io import atomic_write_bytes, read_json, write_json
 from layermoe_ds.modeling.checkpoint_files import (
     MARKER,
@@ -167,7 +168,7 @@ def check_compatible(marker: dict, model, path: Path) -> None:
     ours = layout_of(model)
     theirs = {key: marker.get("layout", {}).get(key) for key in ours}
     if theirs != ours:
-        raise ValueError(
+        raise InputError(
             f"checkpoint {path} was made for another allocation: experts per layer "
             f"{theirs['experts_per_layer']} vs this model's {ours['experts_per_layer']} "
             "(use a new run directory)"

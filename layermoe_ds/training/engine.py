@@ -23,6 +23,7 @@ import torch
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
 from layermoe_ds.config import TrainConfig
+from layermoe_ds.errors import InputError, MissingInputError
 from layermoe_ds.training.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -36,11 +37,11 @@ def load_ds_config(paths: list[Path]) -> dict:
     for path in paths:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"deepspeed_config: {path} does not exist")
+            raise MissingInputError(f"deepspeed_config: {path} does not exist")
         try:
             _deep_merge(merged, json.loads(path.read_text()))
         except json.JSONDecodeError as exc:
-            raise ValueError(f"deepspeed_config: {path} is not valid JSON ({exc})") from exc
+            raise InputError(f"deepspeed_config: {path} is not valid JSON ({exc})") from exc
     return merged
 
 
@@ -57,19 +58,19 @@ def check_ds_config(ds_config: dict, stage: int) -> dict:
     config = copy.deepcopy(ds_config)
     zero = config.get("zero_optimization", {}).get("stage", 0)
     if zero == 3:
-        raise ValueError(
+        raise InputError(
             "deepspeed_config: zero_optimization.stage 3 is not supported with DeepSpeed MoE "
             '("Native DeepSpeed MoE is not supported with ZeRO Stage 3"); use stage 1 or 2'
         )
     if "optimizer" in config or "scheduler" in config:
-        raise ValueError(
+        raise InputError(
             "deepspeed_config: remove 'optimizer'/'scheduler'; layermoe builds them from the run "
             "config (lr, warmup_steps, weight_decay) so that MoE parameter groups are right"
         )
     if config.get("fp16", {}).get("enabled"):
-        raise ValueError("deepspeed_config: fp16 is not supported (router math is fp32, training bf16 or fp32)")
+        raise InputError("deepspeed_config: fp16 is not supported (router math is fp32, training bf16 or fp32)")
     if "train_micro_batch_size_per_gpu" not in config:
-        raise ValueError("deepspeed_config: train_micro_batch_size_per_gpu is required")
+        raise InputError("deepspeed_config: train_micro_batch_size_per_gpu is required")
     if stage == 2:
         if zero:
             log.warning(
@@ -83,7 +84,7 @@ def check_ds_config(ds_config: dict, stage: int) -> dict:
         zero_cfg = config["zero_optimization"]
         for key in ("contiguous_gradients", "reduce_scatter"):
             if zero_cfg.get(key) is False:
-                raise ValueError(f"deepspeed_config: zero_optimization.{key} must stay true with MoE at ZeRO-2")
+                raise InputError(f"deepspeed_config: zero_optimization.{key} must stay true with MoE at ZeRO-2")
     config.setdefault("zero_allow_untested_optimizer", True)
     return config
 

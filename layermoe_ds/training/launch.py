@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from layermoe_ds.config import TrainConfig, load_config
 from layermoe_ds.distributed import adopt_launcher_env, leave_process_group
+from layermoe_ds.errors import InputError, failure_hint
 from layermoe_ds.flags import add_config_flags, config_overrides
 from layermoe_ds.training.checkpoint import CheckpointWriteError
 from layermoe_ds.training.engine import load_ds_config
@@ -64,7 +65,7 @@ def main(stage: int, argv: list[str] | None = None) -> int:
         code = run_stage(stage, config, load_ds_config(args.deepspeed_config))
         atexit.register(leave_process_group)  # at exit: a process that calls main() again keeps DeepSpeed's groups
         return code
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+    except InputError as exc:
         if args.debug:
             raise
         # Before the process group exists every rank read the same inputs: rank 0 speaks for all. After, an error
@@ -77,6 +78,11 @@ def main(stage: int, argv: list[str] | None = None) -> int:
             raise
         print(f"stage{stage}: error (rank {rank}): {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:  # a real failure: its traceback on every rank, and the remedy where one is known
+        hint = failure_hint(exc)
+        if hint:
+            print(f"stage{stage} (rank {rank}): {hint}", file=sys.stderr)
+        raise
 
 
 def _stacks_on_fatal_signals() -> None:

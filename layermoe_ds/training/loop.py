@@ -31,6 +31,7 @@ from layermoe_ds.distributed import (
     release_shm_buffers,
     return_large_frees_to_os,
 )
+from layermoe_ds.errors import OutputExistsError
 from layermoe_ds.io import read_json, write_json
 from layermoe_ds.modeling.lm_loss import check_fused_loss, use_chunked_loss
 from layermoe_ds.modeling.placement import model_slots
@@ -82,7 +83,7 @@ def _check_run_dir(out: Path, resolved: dict) -> None:
                 changed.insert(0, "stage")
             if existing.get("deepspeed") != resolved["deepspeed"]:
                 changed.append("the DeepSpeed config")
-            raise FileExistsError(
+            raise OutputExistsError(
                 f"{out} already holds a different run (its {RESOLVED} differs in: {', '.join(changed) or 'version'}); "
                 "use another --out or delete it"
             )
@@ -148,7 +149,7 @@ class StageTrainer:
         resolved["fingerprint"] = _fingerprint(resolved["train"], self.ds_config, self.stage)
         _check_run_dir(out, resolved)
         if config.resume == "no" and checkpoint.complete_checkpoints(out):
-            raise FileExistsError(f"{out} has checkpoints and train.resume is 'no'; use another --out")
+            raise OutputExistsError(f"{out} has checkpoints and train.resume is 'no'; use another --out")
         model_config = check_model(config, self.stage)  # the model's files and settings, before anything else
         newest = checkpoint.complete_checkpoints(out)
         if newest and config.resume == "auto":  # refuse another allocation's checkpoint before anything is built

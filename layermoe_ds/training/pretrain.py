@@ -19,6 +19,7 @@ from layermoe_ds.config import Arch, BaseModelConfig, PretrainConfig, to_dict
 from layermoe_ds.data.packing import BlockDataset, BlockSampler, block_part
 from layermoe_ds.data.streams import open_streams
 from layermoe_ds.data.tokenizer import load_tokenizer
+from layermoe_ds.errors import InputError, OutputExistsError
 from layermoe_ds.io import atomic_write_bytes, write_json
 from layermoe_ds.training.schedule import warmup_cosine
 
@@ -107,7 +108,7 @@ def pretrain(config: PretrainConfig, data: Path, tokenizer_dir: Path, out: Path)
     """Train and save an HF model directory to `out`, resuming from `out/pretrain_state.pt` when present."""
     out = Path(out)
     if (out / DONE_FILE).exists() and not is_done(out, config, tokenizer_dir, data):
-        raise FileExistsError(
+        raise OutputExistsError(
             f"pretrain: {out} holds a base model trained with other settings; choose another --out or delete it"
         )
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -122,7 +123,7 @@ def pretrain(config: PretrainConfig, data: Path, tokenizer_dir: Path, out: Path)
     if state_path.is_file():
         state = torch.load(state_path, weights_only=False)
         if state["config"] != to_dict(config):
-            raise ValueError(f"pretrain: {state_path} was saved with other settings; delete it to start over")
+            raise InputError(f"pretrain: {state_path} was saved with other settings; delete it to start over")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["sampler"])

@@ -13,6 +13,7 @@ import re
 
 from torch import nn
 
+from layermoe_ds.errors import InputError
 from layermoe_ds.modeling.placement import EXPERT_NAME
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def _newest_group_expert(model, match: re.Match) -> bool:
 def trained_group(model: nn.Module, name: str, stage: int) -> str | None:
     """The stage's parameter group that trains parameter `name`, or None when it stays frozen."""
     if stage not in STAGE_TABLE:
-        raise ValueError(f"stage: {stage} is not one of {sorted(STAGE_TABLE)}")
+        raise InputError(f"stage: {stage} is not one of {sorted(STAGE_TABLE)}")
     for group, pattern, newest_only in STAGE_TABLE[stage]:
         match = pattern.search(name)
         if match and (not newest_only or _newest_group_expert(model, match)):
@@ -50,7 +51,7 @@ def trained_group(model: nn.Module, name: str, stage: int) -> str | None:
 def apply_stage(model: nn.Module, stage: int) -> dict[str, list[nn.Parameter]]:
     """Freeze everything, then unfreeze what `stage` trains; returns group name → trainable parameters."""
     if stage not in STAGE_TABLE:
-        raise ValueError(f"stage: {stage} is not one of {sorted(STAGE_TABLE)}")
+        raise InputError(f"stage: {stage} is not one of {sorted(STAGE_TABLE)}")
     groups: dict[str, list[nn.Parameter]] = {name: [] for name, _, _ in STAGE_TABLE[stage]}
     frozen = 0
     for name, param in model.named_parameters():
@@ -68,7 +69,7 @@ def apply_stage(model: nn.Module, stage: int) -> dict[str, list[nn.Parameter]]:
         f"{frozen:,}",
     )
     if not any(counts.values()):
-        raise ValueError(f"stage {stage}: the model has nothing to train (no MoE layer or no new experts)")
+        raise InputError(f"stage {stage}: the model has nothing to train (no MoE layer or no new experts)")
     return groups
 
 
