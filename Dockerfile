@@ -2,7 +2,8 @@
 # torch in scripts/install.sh, DeepSpeed and the rest in setup.cfg — the same install script the Makefile and CI use.
 #   docker build -t layermoe_ds .
 #   docker run --gpus all --ipc=host -v "$PWD/data:/data" -v "$PWD/runs:/runs" layermoe_ds evaluate --model ...
-#   docker run --gpus all --ipc=host ... --entrypoint deepspeed layermoe_ds launchers/stage1.py ...
+#   docker run --gpus all --ipc=host ... --entrypoint deepspeed layermoe_ds --module layermoe_ds.launchers.stage1 \
+#       --config /runs/x/stage1.yaml --deepspeed_config stage1_zero2.json
 ARG CUDA_IMAGE=nvidia/cuda:12.9.1-cudnn-devel-ubuntu24.04
 FROM ${CUDA_IMAGE}
 
@@ -34,15 +35,17 @@ USER 1000:1000
 WORKDIR /opt/layermoe_ds
 
 # Install first from the files the install reads, so editing code does not rebuild torch and DeepSpeed's ops.
-COPY --chown=layermoe:layermoe setup.cfg pyproject.toml README.md ./
+COPY --chown=layermoe:layermoe setup.cfg pyproject.toml constraints.txt README.md ./
 COPY --chown=layermoe:layermoe scripts/install.sh scripts/install.sh
 COPY --chown=layermoe:layermoe layermoe_ds/__init__.py layermoe_ds/__init__.py
 # DS_BUILD_FUSED_ADAM: compile FusedAdam now (no nvcc wait at the first step); ds_report shows what is built.
 RUN DS_BUILD_FUSED_ADAM=1 TORCH_INDEX_URL=${TORCH_INDEX_URL} bash scripts/install.sh /opt/venv "${EXTRAS}" \
     && ds_report
 
+# The package itself, installed as users install it (not editable): launchers and DeepSpeed configs are in it.
 COPY --chown=layermoe:layermoe . .
-RUN pip install --no-deps -e . && layermoe --help >/dev/null
+RUN pip install --no-deps . && cd / && layermoe --help >/dev/null \
+    && python -c "import layermoe_ds.launchers.stage1, layermoe_ds.training.engine as e; assert e.SHIPPED_CONFIGS.is_dir()"
 
 ENTRYPOINT ["layermoe"]
 CMD ["--help"]

@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 2
 
 install: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml scripts/install.sh
+$(STAMP): setup.cfg pyproject.toml constraints.txt scripts/install.sh
 	bash scripts/install.sh $(VENV) dev,eval
 	touch $(STAMP)
 

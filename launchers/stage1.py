@@ -1,11 +1,9 @@
-"""Stage 1 of LayerMoE training on DeepSpeed: the new experts and routers learn the new languages.
-
-Options: layermoe_ds/training/launch.py (`python launchers/stage1.py --help`).
-"""
+"""The checkout's entry point `deepspeed … launchers/stage1.py …`: runs layermoe_ds/launchers/stage1.py, which
+an installed package runs as `deepspeed --module layermoe_ds.launchers.stage1 …`."""
 
 import sys
 
-from layermoe_ds.training.launch import main
+from layermoe_ds.launchers.stage1 import main
 
 if __name__ == "__main__":
-    sys.exit(main(1))
+    sys.exit(main())

@@ -1,11 +1,9 @@
-"""Stage 2 of LayerMoE training on DeepSpeed: routers and classifiers review old and new languages.
-
-Options: layermoe_ds/training/launch.py (`python launchers/stage2.py --help`).
-"""
+"""The checkout's entry point `deepspeed … launchers/stage2.py …`: runs layermoe_ds/launchers/stage2.py, which
+an installed package runs as `deepspeed --module layermoe_ds.launchers.stage2 …`."""
 
 import sys
 
-from layermoe_ds.training.launch import main
+from layermoe_ds.launchers.stage2 import main
 
 if __name__ == "__main__":
-    sys.exit(main(2))
+    sys.exit(main())

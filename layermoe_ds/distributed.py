@@ -237,9 +237,6 @@ def cpu_launch_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-CHECKOUT = Path(__file__).resolve().parents[1]  # launchers/ and ds_configs/ live beside the package
-
-
 class Launcher(StrEnum):
     """How a single-node job starts its ranks."""
 
@@ -257,16 +254,18 @@ def stage_command(
     extra_json: Sequence = (),
     launcher: Launcher = Launcher.DEEPSPEED,
 ) -> list[str]:
-    """`deepspeed --num_gpus RANKS --master_port PORT launchers/stageN.py --config RUN --deepspeed_config JSON …`
-    (or `torchrun --standalone --nproc_per_node RANKS …`, which finds its own port) with this environment's
-    launcher; `ds_json` is a file or a name in ds_configs/; `cpu` merges ds_configs/cpu.json over it, then any
-    `extra_json`."""
-    configs = [CHECKOUT / "ds_configs" / ds_json if isinstance(ds_json, str) else ds_json]
-    configs += [CHECKOUT / "ds_configs" / "cpu.json"] if cpu else []
+    """`deepspeed --num_gpus RANKS --master_port PORT --module layermoe_ds.launchers.stageN --config RUN
+    --deepspeed_config JSON …` (or `torchrun --standalone --nproc_per_node RANKS -m …`, which finds its own port) with
+    this environment's launcher: the package's own modules and configs, no checkout needed. `ds_json` is a file or
+    the name of a shipped config; `cpu` merges the shipped cpu.json over it, then any `extra_json`."""
+    shipped = Path(__file__).resolve().parent / "ds_configs"
+    configs = [shipped / ds_json if isinstance(ds_json, str) else ds_json]
+    configs += [shipped / "cpu.json"] if cpu else []
     bin_dir = Path(sys.executable).parent
+    module = f"layermoe_ds.launchers.stage{stage}"
     if Launcher(launcher) == Launcher.TORCHRUN:
-        cmd = [str(bin_dir / "torchrun"), "--standalone", "--nproc_per_node", str(ranks)]
+        cmd = [str(bin_dir / "torchrun"), "--standalone", "--nproc_per_node", str(ranks), "-m", module]
     else:
-        cmd = [str(bin_dir / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port)]
-    cmd += [str(CHECKOUT / "launchers" / f"stage{stage}.py"), "--config", str(run_config), "--deepspeed_config"]
+        cmd = [str(bin_dir / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port), "--module", module]
+    cmd += ["--config", str(run_config), "--deepspeed_config"]
     return cmd + [str(path) for path in [*configs, *extra_json]]

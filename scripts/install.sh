@@ -16,8 +16,9 @@ if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split(
 fi
 if env | grep -q '^DS_BUILD_'; then
     # Prebuilding DeepSpeed ops (the Dockerfile's DS_BUILD_FUSED_ADAM=1) needs torch visible to DeepSpeed's setup:
-    # no build isolation. The version is setup.cfg's.
-    DEEPSPEED_PIN="$(grep -Eo 'deepspeed==[0-9.]+' setup.cfg)"
+    # no build isolation. The version is the tested one, constraints.txt's.
+    DEEPSPEED_PIN="$(grep -Eo '^deepspeed==[0-9.]+' constraints.txt)"
     "$VENV/bin/python" -m pip install --quiet --no-build-isolation "$DEEPSPEED_PIN"
 fi
-"$VENV/bin/python" -m pip install --quiet -e ".[${EXTRAS}]"
+# The tested versions of everything (constraints.txt); setup.cfg's ranges are what a user's own environment may hold.
+"$VENV/bin/python" -m pip install --quiet -c constraints.txt -e ".[${EXTRAS}]"

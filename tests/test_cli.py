@@ -146,3 +146,37 @@ def test_launcher_errors_are_input_errors_only(monkeypatch, tmp_path, capsys):
     with pytest.raises(type(oom)):
         launch.main(1, argv)
     assert "train_micro_batch_size_per_gpu" in capsys.readouterr().err
+
+
+def test_deepspeed_outside_the_supported_range_is_refused_in_one_line():
+    from layermoe_ds.ds_internals import check_version
+    from layermoe_ds.errors import InputError
+
+    assert check_version() == "0.19.8"  # the tested release (constraints.txt)
+    assert check_version("0.19.9") == "0.19.9"
+    with pytest.raises(
+        InputError, match=r"DeepSpeed 0\.18\.4 is installed; layermoe_ds supports deepspeed<0\.20,>=0\.19\.8"
+    ):
+        check_version("0.18.4")
+
+
+def test_the_constraints_pin_what_setup_cfg_allows():
+    """constraints.txt (the tested set CI and the image install) lies inside setup.cfg's ranges."""
+    import configparser
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    root = Path(__file__).resolve().parents[1]
+    pins = {}
+    for line in (root / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[name.lower().replace("_", "-")] = version
+    setup = configparser.ConfigParser()
+    setup.read(root / "setup.cfg")
+    for line in setup["options"]["install_requires"].strip().splitlines():
+        requirement = Requirement(line)
+        name = requirement.name.lower().replace("_", "-")
+        assert name in pins, f"{name} is not pinned in constraints.txt"
+        assert requirement.specifier.contains(pins[name]), (name, pins[name], str(requirement.specifier))

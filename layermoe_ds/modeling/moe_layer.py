@@ -18,9 +18,9 @@ import math
 
 import torch
 from deepspeed.moe.layer import MoE
-from deepspeed.utils import groups
 from torch import nn
 
+from layermoe_ds.ds_internals import expert_parallel_rank
 from layermoe_ds.errors import InputError
 from layermoe_ds.modeling.placement import expert_placement
 
@@ -164,7 +164,7 @@ def block_to_expert_parallel(
         copy.deepcopy(local.experts[0]), hidden_size, num_new, ep, capacity_factor, min_capacity, drop_tokens
     )
     moe.set_deepspeed_parallelism()
-    ep_rank = groups._get_expert_parallel_rank(moe.expert_group_name)
+    ep_rank = expert_parallel_rank(moe.expert_group_name)
     per_rank = num_new // ep
     placement = expert_placement(expert_groups, ep)
     moe.placement = placement  # slot → expert id, every rank's: what a checkpoint records (placement.py)

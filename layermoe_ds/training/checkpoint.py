@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from layermoe_ds.ds_internals import moe_files_hidden, refresh_master_weights
 from layermoe_ds.errors import InputError
 from layermoe_ds.io import atomic_write_bytes, read_json, write_json
 from layermoe_ds.modeling.checkpoint_files import (
@@ -88,7 +89,7 @@ def save(engine, run_dir: Path, step: int, state: dict, keep_last_n: int, model_
         shutil.rmtree(root / tag)
     dist.barrier()
     try:
-        with _moe_files_hidden(engine, state.get("gates_only", False)), _frozen_left_out(engine.module):
+        with moe_files_hidden(engine, state.get("gates_only", False)), _frozen_left_out(engine.module):
             engine.save_checkpoint(str(root), tag=tag, client_state={"layermoe": state}, exclude_frozen_parameters=True)
         buffer = io.BytesIO()
         torch.save({"torch": torch.get_rng_state()}, buffer)
@@ -133,18 +134,6 @@ def _frozen_left_out(model):
         yield
     finally:
         handle.remove()
-
-
-@contextlib.contextmanager
-def _moe_files_hidden(engine, hide: bool):
-    """For a run that trains only replicated gates: DeepSpeed saves and loads it as a dense model (one file of the
-    trainable tensors and the optimizer, read by every rank, on any world size) instead of one file per expert."""
-    was = engine.has_moe_layers
-    engine.has_moe_layers = was and not hide
-    try:
-        yield
-    finally:
-        engine.has_moe_layers = was
 
 
 BASE_SUFFIXES = (".safetensors", ".safetensors.index.json", "config.json")
@@ -197,9 +186,7 @@ def _experts_by_id(engine, model, path: Path, saved: dict[int, list[int]], optim
     if moved:
         # Only a fresh optimizer meets a new placement: optimizer state is never carried across ep sizes.
         assert not optimizer_loaded, "expert slots moved while the optimizer state was loaded"
-        refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
-        if refresh is not None:  # ZeRO and bf16 keep fp32 master copies of the trained weights
-            refresh()
+        refresh_master_weights(engine)  # ZeRO and bf16 keep fp32 master copies of the trained weights
         log.info("experts placed by id: this run puts other experts in some slots than %s did", path.name)
 
 
@@ -258,7 +245,7 @@ def load_latest(
     # there is replicated, so a rank the writing run did not have takes expert-parallel rank 0's.
     own = path / f"expp_rank_{dist.get_rank()}_mp_rank_00_optim_states.pt"
     borrow = reshardable and not gates_only and not same_world and not own.is_file()
-    with _moe_files_hidden(engine, gates_only):
+    with moe_files_hidden(engine, gates_only):
         engine.load_checkpoint(
             str(path.parent),
             tag=path.name,

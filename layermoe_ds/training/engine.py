@@ -28,16 +28,21 @@ from layermoe_ds.training.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"  # package data: the DeepSpeed JSONs
 DECAYED = ("new_experts", "all")  # parameter groups with weight decay: FFN experts, or the whole dense model
 
 
 def load_ds_config(paths: list[Path]) -> dict:
-    """The DeepSpeed JSON, with later files (e.g. ds_configs/cpu.json) merged over earlier ones."""
+    """The DeepSpeed JSON, with later files (e.g. cpu.json) merged over earlier ones. A bare name that is no file
+    here is one of the configs the package ships (`SHIPPED_CONFIGS`: stage1_zero2.json, stage2.json, cpu.json, …)."""
     merged: dict = {}
     for path in paths:
         path = Path(path)
+        if not path.is_file() and path.name == str(path) and (SHIPPED_CONFIGS / path.name).is_file():
+            path = SHIPPED_CONFIGS / path.name
         if not path.is_file():
-            raise MissingInputError(f"deepspeed_config: {path} does not exist")
+            shipped = ", ".join(sorted(p.name for p in SHIPPED_CONFIGS.glob("*.json")))
+            raise MissingInputError(f"deepspeed_config: {path} does not exist (shipped, by bare name: {shipped})")
         try:
             _deep_merge(merged, json.loads(path.read_text()))
         except json.JSONDecodeError as exc:
@@ -144,27 +149,3 @@ def initialize(
         args=engine_args(device), model=model, optimizer=optimizer, lr_scheduler=make_scheduler, config=ds_config
     )
     return engine, optimizer, scheduler
-
-
-def release_optimizer(engine) -> int:
-    """Free what only the optimizer holds before the end-of-run export: Adam's moments and (ZeRO, bf16) the fp32
-    master copies of the trained tensors — a stage-1 rank's largest tensors after the frozen model, otherwise still
-    resident while rank 0 gathers every expert. The weights are the module's and stay. The engine cannot step
-    afterwards. Returns the bytes released."""
-    optimizer = engine.optimizer
-    if optimizer is None:
-        return 0
-    inner = getattr(optimizer, "optimizer", optimizer)  # ZeRO and bf16 wrap the torch optimizer
-    masters = getattr(optimizer, "single_partition_of_fp32_groups", None)  # ZeRO 1/2
-    if masters is None:
-        masters = getattr(optimizer, "fp32_groups_flat_partition", None) or []  # bf16 without ZeRO
-    moments = [t for state in inner.state.values() for t in state.values() if torch.is_tensor(t)]
-    released = sum(t.numel() * t.element_size() for t in [*moments, *masters])
-    engine.destroy()  # DeepSpeed's gradient hooks off
-    inner.state.clear()
-    if masters:
-        masters.clear()
-        for group in inner.param_groups:
-            group["params"] = []
-    engine.optimizer = None
-    return released

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from deepspeed.utils import groups
 
+from layermoe_ds.ds_internals import expert_data_parallel_rank
 from layermoe_ds.modeling.families import Layout
 from layermoe_ds.modeling.streaming import ShardWriter, saved_keys, write_model_dir
 from layermoe_ds.modeling.types import layermoe_classes, moe_blocks
@@ -32,7 +32,7 @@ def consolidated_tensors(model):
         yield None
     for layer, block in model.moe_blocks().items():
         local = {}
-        if groups._get_expert_data_parallel_rank(block.moe.expert_group_name) == 0:
+        if expert_data_parallel_rank(block.moe.expert_group_name) == 0:
             for local_id, expert in enumerate(block.moe.experts):
                 prefix = f"{Layout.of(model.config).ffn(layer)}.{NEW_EXPERT_PREFIX}.{block.moe.global_ids[local_id]}"
                 for name, tensor in expert.state_dict().items():

@@ -31,6 +31,7 @@ from layermoe_ds.distributed import (
     release_shm_buffers,
     return_large_frees_to_os,
 )
+from layermoe_ds.ds_internals import release_optimizer
 from layermoe_ds.errors import OutputExistsError
 from layermoe_ds.io import read_json, write_json
 from layermoe_ds.modeling.lm_loss import check_fused_loss, use_chunked_loss
@@ -38,7 +39,7 @@ from layermoe_ds.modeling.placement import model_slots
 from layermoe_ds.modeling.types import is_layermoe, layermoe_model_type, moe_blocks
 from layermoe_ds.training import checkpoint
 from layermoe_ds.training.build import build_model, check_model
-from layermoe_ds.training.engine import check_ds_config, initialize, model_dtype, release_optimizer
+from layermoe_ds.training.engine import check_ds_config, initialize, model_dtype
 from layermoe_ds.training.export import export_model, write_model_files
 from layermoe_ds.training.host_reads import HOST_READS, HostReadSections
 from layermoe_ds.training.lean_ffn import use_lean_ffn
@@ -112,6 +113,7 @@ def _fingerprint(train: dict, ds: dict, stage: int) -> str:
 
 def run_stage(stage: int, config: TrainConfig, ds_config: dict) -> int:
     """Train `stage` (1 or 2) as configured; returns a process exit code (0: done, or stopped by a signal and saved)."""
+    check_version()  # a DeepSpeed outside the tested range: one line, before anything is built
     trainer = StageTrainer(stage, config, ds_config)
     stopped = trainer.train()
     if not stopped:

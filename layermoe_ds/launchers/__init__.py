@@ -1,0 +1,3 @@
+"""What a distributed launcher starts on every rank, as modules of the package, so an installed wheel needs no
+checkout: `deepspeed --module layermoe_ds.launchers.stage1 …`, `torchrun -m layermoe_ds.launchers.stage2 …`. The
+repository's `launchers/*.py` are the same entry points as files (`deepspeed launchers/stage1.py …`)."""
