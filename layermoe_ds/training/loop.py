@@ -31,7 +31,7 @@ from layermoe_ds.distributed import (
     release_shm_buffers,
     return_large_frees_to_os,
 )
-from layermoe_ds.ds_internals import release_optimizer
+from layermoe_ds.ds_internals import check_version, release_optimizer
 from layermoe_ds.errors import OutputExistsError
 from layermoe_ds.io import read_json, write_json
 from layermoe_ds.modeling.lm_loss import check_fused_loss, use_chunked_loss
