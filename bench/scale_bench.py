@@ -11,7 +11,7 @@ On CPU the runs are fp32 (`ds_configs/cpu.json`); `--gpu` runs them in bf16 on t
 
     DS_ACCELERATOR=cpu python bench/scale_bench.py                    # ~10 min on 2 cores, ~14 GB of RAM at peak
     python bench/scale_bench.py --shape qwen2-0.5b --steps 3          # on a GPU machine: bf16
-    python bench/scale_bench.py --sizing                              # the README's "sizing your run" table
+    python bench/scale_bench.py --sizing                              # docs/sizing.md's table
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ GIB = 2**30
 
 
 def sizing_table(world: int = 8) -> str:
-    """Per-rank floors at the paper-like budgets on one 8-GPU node, bf16, ZeRO-2: the README's table."""
+    """Per-rank floors at the paper-like budgets on one 8-GPU node, bf16, ZeRO-2: docs/sizing.md's table."""
     from layermoe_ds.analysis.sizing import SHAPES, stage1_floor, stage2_floor, upcycled_bytes
 
     lines = [

@@ -146,7 +146,8 @@ class TrainConfig:
     """Stage 1 / stage 2 training (`launchers/stage1.py`, `launchers/stage2.py`): the LayerMoE settings.
 
     DeepSpeed's JSON owns engine settings (ZeRO stage, precision, micro-batch size, gradient accumulation,
-    gradient clipping); this owns what LayerMoE defines. No value has two sources.
+    gradient clipping); this owns what LayerMoE defines. No value has two sources. The defaults are a real run's
+    (the reference: sequences of 1,024 tokens, lr 5e-5, cosine decay); the testbed presets set their small values.
     """
 
     model: str = setting("", "dense HF model directory (stage 1 with --allocation) or a LayerMoE directory")
@@ -158,8 +159,8 @@ class TrainConfig:
     language_groups: tuple[tuple[str, ...], ...] = setting(
         (), "groups in expansion order, e.g. 'en,de;fr,ru,el' (old;new); the last one is taught"
     )
-    steps: int = setting(100, "optimizer steps")
-    seq_len: int = setting(128, "tokens per packed sequence")
+    steps: int = setting(2000, "optimizer steps")
+    seq_len: int = setting(1024, "tokens per packed sequence")
     lr: float = setting(5e-5, "peak learning rate")
     warmup_steps: int = setting(0, "linear warm-up steps, then cosine decay")
     min_lr_ratio: float = setting(0.1, "the cosine's floor as a fraction of lr")
@@ -188,7 +189,7 @@ class TrainConfig:
     # Process-group timeout (minutes): how long a rank waits in a collective for the others before the job fails.
     dist_timeout_minutes: float = setting(30.0, "how long a rank waits in a collective for the others")
     # Checkpoints and logging.
-    save_every: int = setting(50, "checkpoint every N steps")
+    save_every: int = setting(500, "checkpoint every N steps")
     keep_last_n: int = setting(2, "complete checkpoints kept")
     log_every: int = setting(10, "a log line every N steps")
     # A diagnostic: the operations that read device values on the host (GPU→CPU syncs) in this process's first

@@ -241,7 +241,7 @@ class Launcher(StrEnum):
     """How a single-node job starts its ranks."""
 
     DEEPSPEED = "deepspeed"  # DeepSpeed's launcher: hostfiles, several nodes, MPI; the one the cluster scripts use
-    TORCHRUN = "torchrun"  # torchrun --standalone: one node; 4-9 s less start-up per job on a 2-core box (README)
+    TORCHRUN = "torchrun"  # torchrun --standalone: one node; 4-9 s less start-up per job on a 2-core box
 
 
 def stage_command(

@@ -31,7 +31,7 @@ class StepFailed(RuntimeError):
 OOM_HINT = (
     "hint: out of GPU memory: lower train_micro_batch_size_per_gpu in the DeepSpeed JSON (raise "
     "gradient_accumulation_steps to keep the batch), turn on activation_checkpointing, or use ZeRO stage 2 "
-    "(ds_configs/stage1_zero2.json); see the README's sizing table"
+    "(ds_configs/stage1_zero2.json); see docs/sizing.md"
 )
 TIMEOUT_HINT = (
     "hint: a collective timed out or the process group failed: a rank may have died or stalled (see every rank's "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -44,8 +45,18 @@ def wheel_env(tmp_path_factory) -> Path:
 
 def run_in(env: Path, args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    clean |= {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PATH": f"{env / 'bin'}:{clean.get('PATH', '')}"}
-    return subprocess.run(args, cwd=cwd, env=clean, capture_output=True, text=True, timeout=600, **kwargs)
+    # The test environment's ninja and DeepSpeed op build (a fresh build directory would compile it again, ~60 s).
+    tools = f"{env / 'bin'}:{Path(sys.executable).parent}:{clean.get('PATH', '')}"
+    clean |= {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PATH": tools}
+    clean.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    with subprocess.Popen(args, cwd=cwd, env=clean, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True, **kwargs) as process:  # fmt: skip
+        try:
+            out, err = process.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)  # the launcher and every rank it started
+            raise
+    return subprocess.CompletedProcess(args, process.returncode, out, err)
 
 
 def test_the_installed_wheel_has_its_launchers_and_configs(wheel_env, tmp_path):

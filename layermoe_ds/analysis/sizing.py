@@ -1,6 +1,6 @@
 """What a rank must hold, from parameter counts (of the model itself, built on the meta device): the memory floor
 of stage 1 and stage 2, the size of an upcycled model and of a checkpoint. `bench/scale_bench.py` measures runs
-against these floors, and the README's "sizing your run" table is printed by the same functions
+against these floors, and docs/sizing.md's table is printed by the same functions
 (`python bench/scale_bench.py --sizing`).
 
 Not counted: activations (they scale with micro-batch × sequence; activation checkpointing cuts them), the CUDA
@@ -78,7 +78,7 @@ def _shape_counts(shape: Shape) -> ParamCounts:
     return param_counts(AutoConfig.for_model(shape.model_type, **shape.hf_kwargs()))
 
 
-# The shapes in the README's sizing table (their published configs).
+# The shapes in docs/sizing.md's table (their published configs).
 SHAPES = {
     "qwen2-0.5b": Shape(24, 896, 4864, 14, 2, 151_936, True, "qwen2"),
     "qwen2-1.5b": Shape(28, 1536, 8960, 12, 2, 151_936, True, "qwen2"),

@@ -78,7 +78,7 @@ class Preset:
     reference: str = "LayerMoE"  # the LayerMoE system the headline claim and the ablations are about
     baseline: str = "MoE-LPR uniform (4/layer)"  # the uniform MoE-LPR system it is compared with
     profile_tokens: int = 20_000
-    min_score: float | None = 0.01  # a toy model's layer-0 similarity can be ≤ 0 (README, honest limitations)
+    min_score: float | None = 0.01  # a toy model's layer-0 similarity can be ≤ 0 (docs/limitations.md)
     seq_len: int = 128
     stage1_steps: int = 150
     stage1_lr: float = 2e-3

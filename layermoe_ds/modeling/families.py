@@ -6,7 +6,7 @@ family's layout — the attribute path to its decoder layers, the name of the FF
 (`model.layers`, `mlp`) unless `LAYOUTS` says otherwise (Gemma-3's multimodal wrapper keeps its language model's
 layers under `model.language_model`). A model that cannot be expanded is refused in one line naming what was found:
 an encoder-decoder, a mixture of experts already, no causal LM class, no decoder layers or no FFN where the layout
-says. `TESTED` lists the families the test suite runs end to end (the README's table).
+says. `TESTED` lists the families the test suite runs end to end (the README's and docs/model.md's tables).
 
 A dense directory's tensor names are the ones transformers' loader maps to module names (`dense_tensor_names`):
 transformers saves some families in an older layout (Gemma-3: `language_model.model.layers…`), and LayerMoE reads

@@ -35,7 +35,7 @@ PRESETS = {
     # The demo base: 4 layers × 128 (1.8M parameters), ~3-6 min on 2 cores. Its layer profile is nearly flat.
     "demo": PretrainConfig(langs=OLD_LANGS, low_resource_langs=LATER_LANGS, low_resource_share=LOW_RESOURCE_SHARE),
     # The experiments' base (`experiment --preset paper`): 12 layers × 128 (3.2M parameters), same data and steps;
-    # its layer profile has real models' shape (README, "Testbed depth").
+    # its layer profile has real models' shape (docs/experiments.md, "Testbed depth").
     "deep": PretrainConfig(
         model=BaseModelConfig(num_layers=12),
         langs=OLD_LANGS,
