@@ -136,6 +136,9 @@ class PretrainConfig:
                 f"(share {self.low_resource_share}, langs {list(self.low_resource_langs)})"
             )
         _at_least_one(self, "pretrain", "steps", "batch_size", "seq_len", "save_every")
+        for name in ("weight_decay", "seed"):
+            if not getattr(self, name) >= 0:
+                raise InputError(f"pretrain.{name}: {getattr(self, name)} must be >= 0")
         if self.seq_len > self.model.max_position:
             raise InputError(f"pretrain.seq_len: {self.seq_len} exceeds model.max_position {self.model.max_position}")
         _check_schedule(self, "pretrain")
@@ -218,6 +221,11 @@ class TrainConfig:
             raise InputError(f"train.expert_parallel_size: {self.expert_parallel_size!r} must be 'auto' or an integer")
         if not self.dist_timeout_minutes > 0:
             raise InputError(f"train.dist_timeout_minutes: {self.dist_timeout_minutes} must be > 0")
+        for name in ("weight_decay", "balance_alpha", "lpr_gamma", "cls_eta", "seed"):
+            if not getattr(self, name) >= 0:
+                raise InputError(f"train.{name}: {getattr(self, name)} must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise InputError(f"train.min_lr_ratio: {self.min_lr_ratio} must be in [0, 1]")
         if self.capacity_factor <= 0:
             raise InputError(f"train.capacity_factor: {self.capacity_factor} must be > 0")
         if self.full_finetune and self.allocation:

@@ -31,6 +31,34 @@ def comma_list(text: str) -> tuple[str, ...]:
     return items
 
 
+def count(minimum: int = 1) -> Callable[[str], int]:
+    """An argparse type: a whole number ≥ `minimum` (1 for counts and lengths; 0 where 0 means something stated).
+    argparse names the flag in the error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {minimum}")
+        return value
+
+    parse.minimum = minimum
+    return parse
+
+
+def positive(text: str) -> float:
+    """An argparse type: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} must be > 0")
+    return value
+
+
 def _groups(text: str) -> tuple[tuple[str, ...], ...]:
     try:
         return tuple(tuple(group) for group in parse_groups(text))

@@ -18,7 +18,8 @@ from layermoe_ds.data.tokenizer import load_tokenizer
 from layermoe_ds.distributed import adopt_launcher_env, device_and_backend, init_process_group
 from layermoe_ds.errors import InputError
 from layermoe_ds.io import write_json
-from layermoe_ds.modeling.hf_loading import check_model_dir, load_causal_lm, parse_dtype
+from layermoe_ds.modeling.hf_loading import check_context, check_model_dir, load_causal_lm, parse_dtype
+from layermoe_ds.modeling.types import model_config
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ def run_profile(
     if tokens_per_lang < 1 or seq_len < 1 or batch_size < 1:
         raise InputError("profile: --tokens-per-lang, --seq-len and --batch-size must be >= 1")
     check_model_dir(model_dir)
+    check_context(model_config(model_dir), seq_len, "profile --seq-len")
     langs = [*old, *new]
     tokenizer_dir = tokenizer_dir or model_dir
     tokenizer = load_tokenizer(tokenizer_dir)

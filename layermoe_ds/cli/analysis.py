@@ -8,6 +8,7 @@ from pathlib import Path
 
 from layermoe_ds.cli.common import lang_list
 from layermoe_ds.errors import InputError
+from layermoe_ds.flags import count, positive
 
 
 def add_profile(sub) -> None:
@@ -22,17 +23,17 @@ def add_profile(sub) -> None:
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--old", type=lang_list, required=True, help="languages the model knows, e.g. en,de")
     p.add_argument("--new", type=lang_list, required=True, help="languages to add, e.g. fr,ru,el")
-    p.add_argument("--tokens-per-lang", type=int, default=100_000, help="T (default: 100000, as the reference)")
+    p.add_argument("--tokens-per-lang", type=count(), default=100_000, help="T (default: 100000, as the reference)")
     p.add_argument("--out", type=Path, required=True, help="similarity.json to write")
     p.add_argument("--plot", type=Path, default=None, help="PNG of the per-layer and per-pair similarity")
     p.add_argument("--split", default="valid", choices=("train", "valid", "test"), help="default: valid")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=count(), default=256)
+    p.add_argument("--batch-size", type=count(), default=8)
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     p.add_argument("--tokenizer", type=Path, default=None, help="default: the model directory's")
     p.add_argument("--strict", action="store_true", help="fail instead of warning when a language is short")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=count(0), default=0)
     p.set_defaults(func=_cmd_profile)
 
 
@@ -69,7 +70,7 @@ def add_allocate(sub) -> None:
         "(N_i = 1 keeps a layer dense).",
     )
     p.add_argument("--similarity", type=Path, required=True, help="similarity.json from `layermoe profile`")
-    p.add_argument("--budget", type=int, default=None, help="total experts over all layers incl. expert 0")
+    p.add_argument("--budget", type=count(), default=None, help="total experts over all layers incl. expert 0")
     p.add_argument("--out", type=Path, default=None, help="allocation.json to write")
     p.add_argument("--method", choices=("layermoe", "uniform", "random"), default="layermoe")
     p.add_argument(
@@ -78,13 +79,13 @@ def add_allocate(sub) -> None:
         help="K (top-K by similarity), last-K, or a list 5,6,10; 0 = none (default: 7, the paper's K, "
         "capped at the number of layers)",
     )
-    p.add_argument("--min-experts", type=int, default=1)
-    p.add_argument("--max-experts", type=int, default=None)
-    p.add_argument("--align", type=int, default=1, help="round new experts per layer up to a multiple of this")
-    p.add_argument("--seed", type=int, default=0, help="for --method random")
+    p.add_argument("--min-experts", type=count(), default=1)
+    p.add_argument("--max-experts", type=count(), default=None)
+    p.add_argument("--align", type=count(), default=1, help="round new experts per layer up to a multiple of this")
+    p.add_argument("--seed", type=count(0), default=0, help="for --method random")
     p.add_argument(
         "--min-score",
-        type=float,
+        type=positive,
         default=None,
         help="raise layer scores below this to it (recorded); without it a score <= 0 is an error",
     )

@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from layermoe_ds.cli.common import DEFAULT_CACHE, lang_list
+from layermoe_ds.flags import count, positive
 
 log = logging.getLogger("layermoe")
 
@@ -24,8 +25,8 @@ def add_data(sub) -> None:
     b.add_argument("--out", type=Path, default=Path("data"), help="output directory (default: data)")
     b.add_argument("--langs", type=lang_list, default=None, help="languages (default: en,de,fr,ru,el,es,it; also zh)")
     b.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"where .deb files are kept ({DEFAULT_CACHE})")
-    b.add_argument("--max-pages", type=int, default=None, help="a deterministic slice of help pages (tests)")
-    b.add_argument("--min-chars", type=int, default=24, help="drop paragraphs shorter than this (default: 24)")
+    b.add_argument("--max-pages", type=count(), default=None, help="a deterministic slice of help pages (tests)")
+    b.add_argument("--min-chars", type=count(0), default=24, help="drop paragraphs shorter than this (default: 24)")
     b.add_argument("--force", action="store_true", help="rebuild even if a matching corpus exists")
     b.set_defaults(func=_cmd_data_build)
     t = verbs.add_parser(
@@ -41,8 +42,8 @@ def add_data(sub) -> None:
     t.add_argument("--out", type=Path, required=True, help="the prepared directory to write")
     t.add_argument("--langs", type=lang_list, default=None, help="languages (default: every one in --data)")
     t.add_argument("--splits", type=lang_list, default=None, help="e.g. train,valid (default: every split found)")
-    t.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: CPUs, at most 8)")
-    t.add_argument("--chunk-mb", type=float, default=32.0, help="input MB a worker takes at a time (default: 32)")
+    t.add_argument("--workers", type=count(), default=None, help="tokenizer processes (default: CPUs, at most 8)")
+    t.add_argument("--chunk-mb", type=positive, default=32.0, help="input MB a worker takes at a time (default: 32)")
     t.set_defaults(func=_cmd_data_tokenize)
     v = verbs.add_parser(
         "verify", help="check every shard of a prepared directory against its manifest (sizes, SHA-256)"
@@ -102,7 +103,7 @@ def add_tokenizer(sub) -> None:
     )
     t.add_argument("--data", type=Path, required=True, help="data directory or jsonl")
     t.add_argument("--langs", type=lang_list, default=None, help="languages (default: all in --data)")
-    t.add_argument("--vocab", type=int, default=8000, help="vocabulary size (default: 8000)")
+    t.add_argument("--vocab", type=count(), default=8000, help="vocabulary size (default: 8000)")
     t.add_argument("--model-type", choices=("unigram", "bpe"), default="unigram")
     t.add_argument("--out", type=Path, required=True, help="output directory")
     t.set_defaults(func=_cmd_tokenizer_train)

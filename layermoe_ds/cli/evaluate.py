@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from layermoe_ds.cli.common import lang_list
-from layermoe_ds.errors import InputError
+from layermoe_ds.flags import count, positive
 
 
 def add_evaluate(sub) -> None:
@@ -25,14 +25,14 @@ def add_evaluate(sub) -> None:
     p.add_argument("--old", type=lang_list, default=[], help="old languages (group 0, for Old-avg)")
     p.add_argument("--groups", default=None, help="lifelong language groups in expansion order, e.g. 'en,de;fr,ru;el'")
     p.add_argument("--split", default="test", choices=("valid", "test"))
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=None, help="per language (default: the whole split)")
+    p.add_argument("--seq-len", type=count(), default=128)
+    p.add_argument("--batch-size", type=count(), default=8)
+    p.add_argument("--max-tokens", type=count(), default=None, help="per language (default: the whole split)")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16")
     p.add_argument(
         "--device", default=None, help="cpu, cuda or cuda:N (default: this rank's GPU when there is one, else cpu)"
     )
-    p.add_argument("--dist-timeout-minutes", type=float, default=30.0, help="process-group timeout under a launcher")
+    p.add_argument("--dist-timeout-minutes", type=positive, default=30.0, help="process-group timeout under a launcher")
     p.add_argument("--base", type=Path, default=None, help="for a checkpoint: its base model's new location")
     p.add_argument("--out", type=Path, default=None, help="write results as JSON")
     p.set_defaults(func=_cmd_evaluate)
@@ -61,17 +61,6 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
-def positive_int(text: str) -> int:
-    """A count of at least 1 (argparse type: the flag is named in the error)."""
-    value = int(text)
-    if value < 1:
-        raise InputError(text)
-    return value
-
-
-positive_int.__name__ = "count of at least 1"  # what argparse calls the type in "invalid … value"
-
-
 def add_benchmark(sub) -> None:
     p = sub.add_parser(
         "benchmark",
@@ -90,8 +79,8 @@ def add_benchmark(sub) -> None:
     )
     p.add_argument("--include-path", type=Path, default=None, help="a directory of your own lm-eval task YAMLs")
     p.add_argument("--datasets", type=Path, default=None, help="local dataset snapshots, DIR/<hub repository>")
-    p.add_argument("--limit", type=positive_int, default=None, help="documents per task (a quick look, not a score)")
-    p.add_argument("--batch-size", type=positive_int, default=1)
+    p.add_argument("--limit", type=count(), default=None, help="documents per task (a quick look, not a score)")
+    p.add_argument("--batch-size", type=count(), default=1)
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the GPU when there is one)")
     p.add_argument("--dry-run", action="store_true", help="write the plan and the missing tasks; run no model")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from layermoe_ds.cli.common import refuse_overwrite
 from layermoe_ds.config import PretrainConfig, load_config
-from layermoe_ds.flags import add_config_flags, config_overrides
+from layermoe_ds.flags import add_config_flags, config_overrides, count
 
 
 def add_pretrain(sub) -> None:
@@ -61,7 +61,7 @@ def add_upcycle(sub) -> None:
         "The result loads with AutoModelForCausalLM(..., trust_remote_code=True).",
     )
     _model_arguments(p, "dense HF model directory (Llama, Qwen2, Mistral)", "allocation.json from `layermoe allocate`")
-    p.add_argument("--top-k", type=int, default=2, help="experts per token (clipped to N_i; default 2)")
+    p.add_argument("--top-k", type=count(), default=2, help="experts per token (clipped to N_i; default 2)")
     p.add_argument(
         "--classifier",
         choices=("per-token", "prefix-mean"),
@@ -79,7 +79,7 @@ def _model_arguments(p, model_help: str, allocation_help: str) -> None:
 
 
 def _output_arguments(p) -> None:
-    p.add_argument("--seed", type=int, default=0, help="router/classifier initialisation")
+    p.add_argument("--seed", type=count(0), default=0, help="router/classifier initialisation")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, … (default: the input's)")
     p.add_argument(
         "--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB (default, as the HF hub), 500MB"

@@ -21,7 +21,7 @@ from layermoe_ds.config import TrainConfig
 from layermoe_ds.errors import InputError
 from layermoe_ds.io import read_json
 from layermoe_ds.modeling.base_tensors import base_loader
-from layermoe_ds.modeling.hf_loading import carry_generation_config, check_model_dir, load_causal_lm
+from layermoe_ds.modeling.hf_loading import carry_generation_config, check_context, check_model_dir, load_causal_lm
 from layermoe_ds.modeling.materialize import materialize, parameters_on_meta
 from layermoe_ds.modeling.moe_layer import to_expert_parallel
 from layermoe_ds.modeling.placement import EXPERT_NAME, renamed_expert
@@ -73,8 +73,10 @@ def check_model(config: TrainConfig, stage: int):
                 f"train.full_finetune: the dense baseline is a stage-1 run from a dense model "
                 f"(stage {stage}, model {config.model} is {'a LayerMoE' if is_layermoe(hf_config) else 'dense'})"
             )
+        check_context(hf_config, config.seq_len, "train.seq_len")
         return hf_config
     moe_config, _, _ = _config_for(config, stage)
+    check_context(moe_config, config.seq_len, "train.seq_len")
     if moe_config.num_groups != len(config.language_groups):
         raise InputError(
             f"train.language_groups: {len(config.language_groups)} groups, but the model knows "
