@@ -18,7 +18,7 @@ from layermoe_ds.data.tokenizer import load_tokenizer
 from layermoe_ds.distributed import adopt_launcher_env, device_and_backend, init_process_group
 from layermoe_ds.errors import InputError
 from layermoe_ds.io import write_json
-from layermoe_ds.modeling.hf_loading import check_context, check_model_dir, load_causal_lm, parse_dtype
+from layermoe_ds.modeling.hf_loading import check_model_dir, load_causal_lm, parse_dtype, seq_len_for
 from layermoe_ds.modeling.types import model_config
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def run_profile(
     tokens_per_lang: int,
     out: Path,
     plot: Path | None = None,
-    seq_len: int = 256,
+    seq_len: int | None = None,
     batch_size: int = 8,
     split: str = "valid",
     dtype: str = "float32",
@@ -61,10 +61,10 @@ def run_profile(
     tokenizer_dir: Path | None = None,
 ) -> dict:
     check_languages(old, new)
-    if tokens_per_lang < 1 or seq_len < 1 or batch_size < 1:
+    if tokens_per_lang < 1 or (seq_len is not None and seq_len < 1) or batch_size < 1:
         raise InputError("profile: --tokens-per-lang, --seq-len and --batch-size must be >= 1")
     check_model_dir(model_dir)
-    check_context(model_config(model_dir), seq_len, "profile --seq-len")
+    seq_len = seq_len_for(model_config(model_dir), seq_len, 256, "profile --seq-len")  # default: 256 within it
     langs = [*old, *new]
     tokenizer_dir = tokenizer_dir or model_dir
     tokenizer = load_tokenizer(tokenizer_dir)

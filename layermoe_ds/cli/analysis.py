@@ -27,7 +27,7 @@ def add_profile(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="similarity.json to write")
     p.add_argument("--plot", type=Path, default=None, help="PNG of the per-layer and per-pair similarity")
     p.add_argument("--split", default="valid", choices=("train", "valid", "test"), help="default: valid")
-    p.add_argument("--seq-len", type=count(), default=256)
+    p.add_argument("--seq-len", type=count(), default=None, help="row length (default: 256, or a shorter context)")
     p.add_argument("--batch-size", type=count(), default=8)
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")

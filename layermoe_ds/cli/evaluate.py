@@ -25,7 +25,7 @@ def add_evaluate(sub) -> None:
     p.add_argument("--old", type=lang_list, default=[], help="old languages (group 0, for Old-avg)")
     p.add_argument("--groups", default=None, help="lifelong language groups in expansion order, e.g. 'en,de;fr,ru;el'")
     p.add_argument("--split", default="test", choices=("valid", "test"))
-    p.add_argument("--seq-len", type=count(), default=128)
+    p.add_argument("--seq-len", type=count(), default=None, help="window length (default: 1024, or a shorter context)")
     p.add_argument("--batch-size", type=count(), default=8)
     p.add_argument("--max-tokens", type=count(), default=None, help="per language (default: the whole split)")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16")

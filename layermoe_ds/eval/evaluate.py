@@ -19,7 +19,7 @@ from layermoe_ds.eval.perplexity import evaluate_languages, format_table, group_
 from layermoe_ds.eval.routing import RoutingStats, format_routing
 from layermoe_ds.io import write_json
 from layermoe_ds.modeling.checkpoint_files import MARKER, is_checkpoint, model_from_checkpoint
-from layermoe_ds.modeling.hf_loading import check_context, check_model_dir, load_causal_lm, parse_dtype
+from layermoe_ds.modeling.hf_loading import check_model_dir, load_causal_lm, parse_dtype, seq_len_for
 from layermoe_ds.modeling.lm_loss import check_fused_loss
 from layermoe_ds.modeling.types import is_layermoe
 
@@ -94,7 +94,7 @@ def run_evaluation(
     old: Sequence[str] = (),
     groups: Sequence[Sequence[str]] | None = None,
     split: str = "test",
-    seq_len: int = 128,
+    seq_len: int | None = None,
     batch_size: int = 8,
     max_tokens: int | None = None,
     dtype: str = "float32",
@@ -111,7 +111,7 @@ def run_evaluation(
     adopt_launcher_env()
     device, backend = device_and_backend(device)
     model, tokenizer_dir, described = load_for_evaluation(source, parse_dtype(dtype), device, base)
-    check_context(model.config, seq_len, "evaluate --seq-len")
+    seq_len = seq_len_for(model.config, seq_len, 1024, "evaluate --seq-len")  # default: 1,024 within the context
     check_fused_loss(model, f"evaluate --model {source}")  # the perplexities go through the fused head
     tokenizer = load_tokenizer(tokenizer_dir)
     streams = open_streams(data, tokenizer, tokenizer_dir, langs, split)

@@ -54,11 +54,26 @@ def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32, device: str |
     return model.to(device).eval()
 
 
-def check_context(config, seq_len: int, what: str) -> None:
-    """A sequence longer than the model's positions is refused, naming both numbers: past them a model's scores mean
-    nothing (a 512-position model read at 100,000 tokens gave 3.66 bits/byte for a true 2.29)."""
+def context_limit(config) -> int | None:
+    """The positions a model was built for (None where its config does not say)."""
     text = config.get_text_config()
-    limit = next((getattr(text, k) for k in ("max_position_embeddings", "n_positions") if getattr(text, k, None)), None)
+    return next((getattr(text, k) for k in ("max_position_embeddings", "n_positions") if getattr(text, k, None)), None)
+
+
+def seq_len_for(config, seq_len: int | None, preferred: int, what: str) -> int:
+    """`seq_len` as given (refused past the model's context, naming both numbers: there a model's scores mean
+    nothing — a 512-position model read at 100,000 tokens gave 3.66 bits/byte for a true 2.29), or `preferred`
+    capped at the context."""
+    limit = context_limit(config)
+    if seq_len is None:
+        return min(preferred, limit) if limit else preferred
+    check_context(config, seq_len, what)
+    return seq_len
+
+
+def check_context(config, seq_len: int, what: str) -> None:
+    """A sequence longer than the model's positions is refused, naming both numbers."""
+    limit = context_limit(config)
     if limit is not None and seq_len > limit:
         raise InputError(f"{what}: {seq_len} tokens is longer than the model's context ({limit} positions)")
 
