@@ -116,3 +116,11 @@ def test_the_configuration_reference_is_current():
     from layermoe_ds.config_reference import reference
 
     assert (ROOT / "docs" / "config.md").read_text() == reference(), "run: python -m layermoe_ds.config_reference"
+
+
+def test_the_performance_page_lists_every_result_with_its_provenance():
+    import subprocess
+    import sys
+
+    check = subprocess.run([sys.executable, str(ROOT / "scripts" / "results_provenance.py"), "--check"])
+    assert check.returncode == 0, "run: python scripts/results_provenance.py"
