@@ -4,6 +4,7 @@ through `deepspeed --module layermoe_ds.launchers.stage1` without the checkout a
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -32,7 +33,9 @@ def wheel_env(tmp_path_factory) -> Path:
         if (ROOT / name).is_file() and not (ROOT / name).is_symlink():
             (source / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, source / name)
-    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp / "dist")]
+    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp / "dist")]
+    if importlib.util.find_spec("setuptools") is not None:  # else pip fetches the build backend pyproject.toml names
+        build.insert(5, "--no-build-isolation")
     subprocess.run([*build, str(source)], check=True, capture_output=True)
     env = tmp / "env"
     subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
