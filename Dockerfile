@@ -44,8 +44,9 @@ RUN DS_BUILD_FUSED_ADAM=1 TORCH_INDEX_URL=${TORCH_INDEX_URL} bash scripts/instal
 
 # The package itself, installed as users install it (not editable): launchers and DeepSpeed configs are in it.
 COPY --chown=layermoe:layermoe . .
-RUN pip install --no-deps . && cd / && layermoe --help >/dev/null \
-    && python -c "import layermoe_ds.launchers.stage1, layermoe_ds.training.engine as e; assert e.SHIPPED_CONFIGS.is_dir()"
+# `python -I`: the installed package, not this directory's copy.
+RUN pip install --no-deps . && layermoe --help >/dev/null \
+    && python -I -c "import layermoe_ds.launchers.stage1, layermoe_ds.training.engine as e; assert e.SHIPPED_CONFIGS.is_dir()"
 
 ENTRYPOINT ["layermoe"]
 CMD ["--help"]
