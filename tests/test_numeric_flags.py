@@ -54,7 +54,7 @@ def test_every_numeric_flag_is_validated():
 
 
 @pytest.mark.parametrize("path, flag, kind", RANGED, ids=[f"{' '.join(p)} {f}" for p, f, _ in RANGED])
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_a_value_out_of_range_is_refused_naming_the_flag(path, flag, kind, data, capsys):
     if kind is positive:
@@ -108,7 +108,7 @@ def bad_values(low, high):
 
 
 @pytest.mark.parametrize("cls, name", [(cls, name) for cls in WHERE for name in numeric_fields(cls)])
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=5, deadline=None)
 @given(data=st.data())
 def test_a_config_key_out_of_range_is_refused_naming_the_key(cls, name, data):
     assert name in RULES, f"{cls.__name__}.{name} has no stated range"
