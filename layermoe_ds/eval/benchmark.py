@@ -14,6 +14,7 @@ Offline clusters: `--datasets DIR` reads each task's dataset from `DIR/<hub repo
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -239,6 +240,14 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@functools.cache
+def task_manager(include_path: str | None):
+    """lm-eval's index of every task (its own and `include_path`'s): built once a process (it reads ~10,000 YAMLs)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path)
+
+
 def run_benchmark(
     model_dir: Path,
     old: Sequence[str],
@@ -255,8 +264,6 @@ def run_benchmark(
     dry_run: bool = False,
 ) -> dict:
     """Plan, check, run and write `OUT/results.json` and `OUT/results.md`; returns the report."""
-    from lm_eval.tasks import TaskManager
-
     from layermoe_ds.io import atomic_write_text, write_json
 
     both = sorted(set(old) & set(new))
@@ -264,7 +271,7 @@ def run_benchmark(
         raise InputError(f"benchmark: {both} are in both --old and --new")
     if include_path is not None and not Path(include_path).is_dir():
         raise MissingInputError(f"benchmark --include-path: {include_path} is not a directory")
-    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    manager = task_manager(str(include_path) if include_path else None)
     planned, missing = plan([*old, *new], suite, tasks, set(manager.all_tasks))
     report: dict = {"model": str(model_dir), "suite": suite, "old": list(old), "new": list(new), "limit": limit}
     report["plan"] = {}
