@@ -261,11 +261,13 @@ def stage_command(
     shipped = Path(__file__).resolve().parent / "ds_configs"
     configs = [shipped / ds_json if isinstance(ds_json, str) else ds_json]
     configs += [shipped / "cpu.json"] if cpu else []
-    bin_dir = Path(sys.executable).parent
     module = f"layermoe_ds.launchers.stage{stage}"
+    # The launchers as modules of this interpreter: no console script needs to be on PATH or beside it.
     if Launcher(launcher) == Launcher.TORCHRUN:
-        cmd = [str(bin_dir / "torchrun"), "--standalone", "--nproc_per_node", str(ranks), "-m", module]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
+        cmd += ["-m", module]
     else:
-        cmd = [str(bin_dir / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port), "--module", module]
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", str(port)]
+        cmd += ["--module", module]
     cmd += ["--config", str(run_config), "--deepspeed_config"]
     return cmd + [str(path) for path in [*configs, *extra_json]]
