@@ -237,6 +237,9 @@ def cpu_launch_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "ds_configs"  # package data: the DeepSpeed JSONs
+
+
 class Launcher(StrEnum):
     """How a single-node job starts its ranks."""
 
@@ -258,9 +261,8 @@ def stage_command(
     --deepspeed_config JSON …` (or `torchrun --standalone --nproc_per_node RANKS -m …`, which finds its own port) with
     this environment's launcher: the package's own modules and configs, no checkout needed. `ds_json` is a file or
     the name of a shipped config; `cpu` merges the shipped cpu.json over it, then any `extra_json`."""
-    shipped = Path(__file__).resolve().parent / "ds_configs"
-    configs = [shipped / ds_json if isinstance(ds_json, str) else ds_json]
-    configs += [shipped / "cpu.json"] if cpu else []
+    configs = [SHIPPED_CONFIGS / ds_json if isinstance(ds_json, str) else ds_json]
+    configs += [SHIPPED_CONFIGS / "cpu.json"] if cpu else []
     module = f"layermoe_ds.launchers.stage{stage}"
     # The launchers as modules of this interpreter: no console script needs to be on PATH or beside it.
     if Launcher(launcher) == Launcher.TORCHRUN:

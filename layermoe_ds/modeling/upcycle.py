@@ -19,7 +19,7 @@ from torch import nn
 
 from layermoe_ds.config import StrEnum, choice
 from layermoe_ds.errors import InputError
-from layermoe_ds.modeling.families import Layout, dense_tensor_names, embedding_name, expandable
+from layermoe_ds.modeling.families import Layout, causal_lm_class, dense_tensor_names, embedding_name, expandable
 from layermoe_ds.modeling.streaming import Planned, TensorSource, saved_keys, write_model_dir, write_safetensors
 from layermoe_ds.modeling.types import (
     expanded_classes,
@@ -47,8 +47,7 @@ def _classes_for(dense_config):
 def dense_source(model_dir: Path, dense_config) -> TensorSource:
     """A dense directory's tensors under the names of the modules they load into."""
     source = TensorSource(model_dir)
-    dense_cls, _ = expandable(dense_config)
-    return source.renamed(dense_tensor_names(dense_cls, dense_config, source.names()))
+    return source.renamed(dense_tensor_names(causal_lm_class(dense_config), dense_config, source.names()))
 
 
 def seeded_xavier(shape: Sequence[int], seed: int, layer: int, salt: int) -> torch.Tensor:

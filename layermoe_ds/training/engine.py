@@ -23,12 +23,12 @@ import torch
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
 from layermoe_ds.config import TrainConfig
+from layermoe_ds.distributed import SHIPPED_CONFIGS
 from layermoe_ds.errors import InputError, MissingInputError
 from layermoe_ds.training.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 
-SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"  # package data: the DeepSpeed JSONs
 DECAYED = ("new_experts", "all")  # parameter groups with weight decay: FFN experts, or the whole dense model
 
 
