@@ -11,15 +11,15 @@ import math
 import pytest
 
 from layermoe_ds.distributed import Launcher
-from layermoe_ds.experiment import DENSE_BASE, DENSE_FINETUNE, Method, Phase, Preset, RunId, System
-from layermoe_ds.experiment.presets import CLASSIFIER_CLAIM, PLACEMENT_CLAIM
+from layermoe_ds.testbed.experiment import DENSE_BASE, DENSE_FINETUNE, Method, Phase, Preset, RunId, System
+from layermoe_ds.testbed.experiment.presets import CLASSIFIER_CLAIM, PLACEMENT_CLAIM
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_mini_experiment(tiny_base, corpus_dir, tmp_path):
-    from layermoe_ds.experiment import finite_table, run_experiment
-    from layermoe_ds.experiment.cache import step_record
+    from layermoe_ds.testbed.experiment import finite_table, run_experiment
+    from layermoe_ds.testbed.experiment.cache import step_record
 
     uniform = System("uniform (3/layer)", Method.UNIFORM, 3, "0", 3, 3, lifelong=True, curve=True)
     layermoe = System("LayerMoE (2/layer)", Method.LAYERMOE, 2, "1", 2, 3, seeds=(0, 1), curve=True)
@@ -96,7 +96,7 @@ def test_mini_experiment(tiny_base, corpus_dir, tmp_path):
 
 
 def test_cached_step_reruns_when_its_inputs_change(tmp_path):
-    from layermoe_ds.experiment.cache import cached, step_seconds
+    from layermoe_ds.testbed.experiment.cache import cached, step_seconds
 
     out, calls = tmp_path / "result.json", []
 
@@ -115,7 +115,7 @@ def test_cached_step_reruns_when_its_inputs_change(tmp_path):
 
 
 def test_resumable_step_keeps_partial_work_only_for_the_same_inputs(tmp_path):
-    from layermoe_ds.experiment.cache import cached
+    from layermoe_ds.testbed.experiment.cache import cached
 
     run_dir = tmp_path / "stage1"
     seen = []
@@ -157,7 +157,7 @@ LAST = System("LayerMoE last-2", Method.LAYERMOE, 2.5, "last-2", ablates=PLACEME
 
 
 def test_reading_judges_each_claim_by_the_seed_spread():
-    from layermoe_ds.experiment.reading import judge, reading, stats
+    from layermoe_ds.testbed.experiment.reading import judge, reading, stats
 
     preset = Preset(systems=(U, LM, NO_CLS, LAST, DENSE_FINETUNE), old=("en",), new=("fr",), reference=LM.name,
                     baseline=U.name)  # fmt: skip
@@ -184,7 +184,7 @@ def test_reading_judges_each_claim_by_the_seed_spread():
 
 
 def test_budget_quality_curve_interpolates_the_experts_uniform_needs():
-    from layermoe_ds.experiment.curve import curve, curve_reading, experts_for_quality
+    from layermoe_ds.testbed.experiment.curve import curve, curve_reading, experts_for_quality
 
     systems, results = [], {RunId(DENSE_BASE): {"eval": _eval(2.0, 3.0)}}
     points = {  # method → [(budget, new experts, New-avg)]
@@ -220,7 +220,7 @@ def test_budget_quality_curve_interpolates_the_experts_uniform_needs():
 
 
 def test_report_from_made_up_results(tmp_path):
-    from layermoe_ds.experiment.report import write_report
+    from layermoe_ds.testbed.experiment.report import write_report
 
     (tmp_path / "similarity.json").write_text(json.dumps({"layer_score": [0.05, 0.2, 0.3, 0.25, 0.15, 0.1]}))
     langs = {"en": {"bpb": 2.0}, "fr": {"bpb": 2.5}, "el": {"bpb": 3.0}}

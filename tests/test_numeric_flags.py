@@ -13,9 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from layermoe_ds.cli import build_parser, main
-from layermoe_ds.config import BaseModelConfig, PretrainConfig, TrainConfig
+from layermoe_ds.config import TrainConfig
 from layermoe_ds.errors import InputError
 from layermoe_ds.flags import _fields, count, positive
+from layermoe_ds.testbed.pretrain_config import BaseModelConfig, PretrainConfig
 
 
 def numeric_actions():

@@ -50,6 +50,6 @@ def _experiment_arguments(p, default_out: Path | None) -> None:
 
 
 def _cmd_demo(args) -> int:
-    from layermoe_ds.demo import run_demo
+    from layermoe_ds.testbed.demo import run_demo
 
     return run_demo(args.data, args.artifacts, args.runs, args.cache, args.preset, args.base, args.launcher)

@@ -7,8 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from layermoe_ds.cli.common import refuse_overwrite
-from layermoe_ds.config import PretrainConfig, load_config
+from layermoe_ds.config import load_config
 from layermoe_ds.flags import add_config_flags, config_overrides, count
+from layermoe_ds.testbed.pretrain_config import PretrainConfig
 
 
 def add_pretrain(sub) -> None:
@@ -35,13 +36,13 @@ def add_pretrain(sub) -> None:
 
 def pretrain_config(args) -> PretrainConfig:
     """The preset's settings ← --config ← the flags given."""
-    from layermoe_ds.training.pretrain import PRESETS
+    from layermoe_ds.testbed.pretrain import PRESETS
 
     return load_config(PretrainConfig, args.config, config_overrides(args, PretrainConfig), PRESETS.get(args.preset))
 
 
 def _cmd_pretrain(args) -> int:
-    from layermoe_ds.training.pretrain import is_done, pretrain
+    from layermoe_ds.testbed.pretrain import is_done, pretrain
 
     config = pretrain_config(args)
     if is_done(args.out, config, args.tokenizer, args.data):

@@ -19,9 +19,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from layermoe_ds.data.help_html import extract_paragraphs, latin_fraction
-from layermoe_ds.io import atomic_write_text, sha256_file
 from layermoe_ds.errors import InputError
+from layermoe_ds.io import atomic_write_text, sha256_file
+from layermoe_ds.testbed.help_html import extract_paragraphs, latin_fraction
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,9 @@ def build_corpus(out_dir: Path, cache_dir: Path, options: CorpusOptions, workers
                 "sha256": sha256_file(path),
             }
     # help_dir = <root>/usr/share/libreoffice/help/<lang>; the copyright file is <root>/usr/share/doc/<package>.
-    copyright_src = help_dirs[REFERENCE_LANG].parents[2] / "doc" / f"libreoffice-help-{LANGUAGES[REFERENCE_LANG].package}"
+    copyright_src = (
+        help_dirs[REFERENCE_LANG].parents[2] / "doc" / f"libreoffice-help-{LANGUAGES[REFERENCE_LANG].package}"
+    )
     notice = out_dir / "NOTICE.libreoffice-help.txt"
     copyright_text = (copyright_src / "copyright").read_text(encoding="utf-8", errors="replace")
     atomic_write_text(

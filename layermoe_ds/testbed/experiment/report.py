@@ -7,9 +7,10 @@ import math
 from pathlib import Path
 
 from layermoe_ds.analysis.plots import _pyplot
-from layermoe_ds.experiment.curve import CurvePoint, curve, curve_reading
-from layermoe_ds.experiment.presets import DENSE_BASE, Method, Phase, Preset, RunId
-from layermoe_ds.experiment.reading import (
+from layermoe_ds.io import atomic_write_text, read_json, write_json
+from layermoe_ds.testbed.experiment.curve import CurvePoint, curve, curve_reading
+from layermoe_ds.testbed.experiment.presets import DENSE_BASE, Method, Phase, Preset, RunId
+from layermoe_ds.testbed.experiment.reading import (
     average,
     group_means,
     lifelong_by_system,
@@ -19,7 +20,6 @@ from layermoe_ds.experiment.reading import (
     runs_of,
     seed_stats,
 )
-from layermoe_ds.io import atomic_write_text, read_json, write_json
 
 
 def write_report(results: dict[RunId, dict], preset: Preset, out: Path) -> Path:

@@ -15,12 +15,13 @@ import torch
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from layermoe_ds.config import Arch, BaseModelConfig, PretrainConfig, to_dict
+from layermoe_ds.config import to_dict
 from layermoe_ds.data.packing import BlockDataset, BlockSampler, block_part
 from layermoe_ds.data.streams import open_streams
 from layermoe_ds.data.tokenizer import load_tokenizer
 from layermoe_ds.errors import InputError, OutputExistsError
 from layermoe_ds.io import atomic_write_bytes, write_json
+from layermoe_ds.testbed.pretrain_config import Arch, BaseModelConfig, PretrainConfig
 from layermoe_ds.training.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)

@@ -10,9 +10,7 @@ import re
 import unicodedata
 from html.parser import HTMLParser
 
-VOID_TAGS = frozenset(
-    "area base br col embed hr img input link meta param source track wbr".split()
-)
+VOID_TAGS = frozenset("area base br col embed hr img input link meta param source track wbr".split())
 SKIPPED_TAGS = frozenset({"script", "style", "code", "pre", "noscript", "head"})
 # Platform-specific alternatives inside `switchinline` spans: the default text is kept, Mac/Windows/Unix variants
 # are dropped so a paragraph reads as one sentence.

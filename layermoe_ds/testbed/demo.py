@@ -8,13 +8,13 @@ import logging
 import time
 from pathlib import Path
 
-from layermoe_ds.data.corpus import CorpusOptions, build_corpus, corpus_is_built
-from layermoe_ds.data.tokenizer import train_tokenizer
 from layermoe_ds.distributed import Launcher
-from layermoe_ds.experiment import PRESETS, run_experiment
 from layermoe_ds.io import read_json, write_json
-from layermoe_ds.training.pretrain import LATER_LANGS, OLD_LANGS, is_done, pretrain
-from layermoe_ds.training.pretrain import PRESETS as BASE_PRESETS
+from layermoe_ds.testbed.corpus import CorpusOptions, build_corpus, corpus_is_built
+from layermoe_ds.testbed.experiment import PRESETS, run_experiment
+from layermoe_ds.testbed.pretrain import LATER_LANGS, OLD_LANGS, is_done, pretrain
+from layermoe_ds.testbed.pretrain import PRESETS as BASE_PRESETS
+from layermoe_ds.testbed.tokenizer_training import train_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -74,7 +74,7 @@ class Preset:
     old: tuple[str, ...] = ("en", "de")
     new: tuple[str, ...] = ("fr", "ru", "el")
     lifelong: tuple[str, ...] = ()  # the third group (G2) that `lifelong` systems expand to after G1
-    base: str = "demo"  # the base-model preset `layermoe demo/experiment` pretrains (training/pretrain.py)
+    base: str = "demo"  # the base-model preset `layermoe demo/experiment` pretrains (testbed/pretrain.py)
     reference: str = "LayerMoE"  # the LayerMoE system the headline claim and the ablations are about
     baseline: str = "MoE-LPR uniform (4/layer)"  # the uniform MoE-LPR system it is compared with
     profile_tokens: int = 20_000

@@ -7,8 +7,8 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from layermoe_ds.experiment.presets import Method, Preset, RunId
-from layermoe_ds.experiment.reading import (
+from layermoe_ds.testbed.experiment.presets import Method, Preset, RunId
+from layermoe_ds.testbed.experiment.reading import (
     RELATIVE_TOLERANCE,
     VERDICT_WORDS,
     Stats,

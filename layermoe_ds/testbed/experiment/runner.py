@@ -22,13 +22,13 @@ from layermoe_ds.data.tokenizer import load_tokenizer
 from layermoe_ds.distributed import RENDEZVOUS, Launcher, cpu_launch_env, device_and_backend, stage_command
 from layermoe_ds.errors import StepFailed
 from layermoe_ds.eval.evaluate import evaluate_model
-from layermoe_ds.experiment.cache import cached, directory_manifest, fingerprint, step_seconds
-from layermoe_ds.experiment.presets import DENSE_BASE, Method, Phase, Preset, RunId, System
-from layermoe_ds.experiment.report import write_report
 from layermoe_ds.io import read_json, write_json
 from layermoe_ds.modeling.hf_loading import load_causal_lm
 from layermoe_ds.modeling.types import moe_blocks
 from layermoe_ds.modeling.upcycle import grow_dir
+from layermoe_ds.testbed.experiment.cache import cached, directory_manifest, fingerprint, step_seconds
+from layermoe_ds.testbed.experiment.presets import DENSE_BASE, Method, Phase, Preset, RunId, System
+from layermoe_ds.testbed.experiment.report import write_report
 
 
 def slug(name: str) -> str:
