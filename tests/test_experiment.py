@@ -9,6 +9,7 @@ import json
 import math
 
 import pytest
+import yaml
 
 from layermoe_ds.distributed import Launcher
 from layermoe_ds.testbed.experiment import DENSE_BASE, DENSE_FINETUNE, Method, Phase, Preset, RunId, System
@@ -23,8 +24,12 @@ def test_mini_experiment(tiny_base, corpus_dir, tmp_path):
 
     uniform = System("uniform (3/layer)", Method.UNIFORM, 3, "0", 3, 3, lifelong=True, curve=True)
     layermoe = System("LayerMoE (2/layer)", Method.LAYERMOE, 2, "1", 2, 3, seeds=(0, 1), curve=True)
+    variant = dataclasses.replace(  # a stage-2 variant: stage 2 again from LayerMoE's stage-1 model, seed 1
+        layermoe, name="LayerMoE, stage 2 lr 0.01", stage2=(("lr", 0.01),), stage1_of=layermoe.name, seeds=(1,),
+        curve=False,
+    )  # fmt: skip
     preset = Preset(
-        systems=(uniform, layermoe, DENSE_FINETUNE),
+        systems=(uniform, layermoe, variant, DENSE_FINETUNE),
         old=("en", "de"),
         new=("fr", "ru"),
         lifelong=("el",),
@@ -38,6 +43,7 @@ def test_mini_experiment(tiny_base, corpus_dir, tmp_path):
         stage2_lr=0.05,
         stage2_docs=200,
         eval_max_tokens=800,
+        router_only_eval=True,
     )
     out = tmp_path / "mini"
     results = run_experiment(preset, tiny_base, corpus_dir, out, launcher=Launcher.TORCHRUN)
@@ -47,6 +53,7 @@ def test_mini_experiment(tiny_base, corpus_dir, tmp_path):
         RunId(uniform.name, 0, Phase.G2),
         RunId(layermoe.name, 0),
         RunId(layermoe.name, 1),
+        RunId(variant.name, 1),
         RunId(DENSE_FINETUNE.name),
     ]
     assert finite_table(results)
@@ -76,6 +83,23 @@ def test_mini_experiment(tiny_base, corpus_dir, tmp_path):
     assert saved["lifelong"][uniform.name]["seeds"] == 1
     # A property of the method, not a tuned threshold: stage 2 routes old-language tokens back to expert 0.
     assert seed0["eval"]["old_avg"]["bpb"] <= seed0["eval_stage1"]["old_avg"]["bpb"]
+    # The variant: no stage 1 of its own; stage 2 from seed 1's stage-1 model at its own learning rate.
+    variant_home, source_home = (
+        out / "systems" / "layermoe-stage-2-lr-0-01-seed-1",
+        out / "systems" / "layermoe-2-layer-seed-1",
+    )
+    assert not (variant_home / "stage1").exists()
+    variant_stage2 = yaml.safe_load((variant_home / "stage2.yaml").read_text())
+    assert variant_stage2["lr"] == 0.01 and variant_stage2["model"] == str((source_home / "stage1" / "model").resolve())
+    with_variant = runs[(variant.name, 1, "G1")]
+    assert with_variant["eval_stage1"] == runs[(layermoe.name, 1, "G1")]["eval_stage1"]
+    assert with_variant["eval"] != runs[(layermoe.name, 1, "G1")]["eval"]
+    # What stage 2 keeps, per MoE system; the classifier systems also evaluated with the router alone.
+    assert set(saved["stage2"]) == {uniform.name, layermoe.name, variant.name}
+    assert saved["stage2"][layermoe.name]["seeds"] == 2 and saved["stage2"][variant.name]["stage2"] == {"lr": 0.01}
+    assert "router_only" in saved["stage2"][layermoe.name] and "router_only" not in saved["stage2"][uniform.name]
+    assert seed0["eval_router_only"]["old_avg"]["bpb"] != seed0["eval"]["old_avg"]["bpb"]
+    assert "## Stage 2: what it keeps" in (out / "report.md").read_text()
     assert saved["profile"]["layer_score"] == json.loads((out / "similarity.json").read_text())["layer_score"]
     for name in ("similarity.png", "per_language.png", "routing.png", "pareto.png", "report.md"):
         assert (out / name).stat().st_size > 0
@@ -245,3 +269,40 @@ def test_report_from_made_up_results(tmp_path):
     assert verdicts["lifelong keeps earlier groups (U)"]["verdict"] == "replicated"  # 2.0/2.5 before and after
     assert verdicts["lifelong keeps earlier groups (U)"]["text"] in report
     assert (tmp_path / "pareto.png").stat().st_size > 0
+
+
+def test_stage2_summary_reads_the_gain_kept_against_the_targets():
+    from layermoe_ds.testbed.experiment.stage2 import gain_kept, stage2_summary, stage2_table
+
+    keeps = System("keeps", Method.UNIFORM, 3, seeds=(0, 1))
+    gives_back = dataclasses.replace(keeps, name="gives back", stage2=(("lr", 0.01),), stage1_of="keeps")
+    preset = Preset(systems=(keeps, gives_back), old=("en",), new=("fr",))
+    results = {RunId(DENSE_BASE): {"eval": _eval(2.0, 3.0)}}
+    for seed, stage1_new in enumerate((2.50, 2.52)):
+        kept = {**_run(2.02, 3.0 - 0.9 * (3.0 - stage1_new)), "eval_stage1": _eval(2.6, stage1_new)}
+        back = {**_run(2.06, 3.0 - 0.5 * (3.0 - stage1_new) + 0.05 * seed), "eval_stage1": _eval(2.6, stage1_new)}
+        results[RunId("keeps", seed)], results[RunId("gives back", seed)] = kept, back
+    summary = stage2_summary(results, preset)
+    assert summary["keeps"]["gain_kept"]["mean"] == pytest.approx(0.9)
+    assert summary["keeps"]["meets"] == {"old_within_2pct": True, "gain_kept_80pct": True, "sd_at_most_2x": True}
+    assert summary["gives back"]["old_vs_dense"] == pytest.approx(0.03)
+    assert summary["gives back"]["meets"] == {"old_within_2pct": False, "gain_kept_80pct": False,
+                                              "sd_at_most_2x": False}  # fmt: skip
+    assert summary["gives back"]["stage2"] == {"lr": 0.01}
+    assert gain_kept(3.0, 3.1, 3.0) is None  # stage 1 gained nothing: no share to keep
+    table = "\n".join(stage2_table(summary, 2.0, 3.0))
+    assert "| keeps | 2 |" in table and "| 90 ± 0% |" in table and "3/3 |" in table and "0/3 |" in table
+
+
+def test_a_stage2_variant_must_name_an_earlier_system_and_known_settings():
+    source = System("source", Method.UNIFORM, 3, seeds=(0, 1))
+    ok = dataclasses.replace(source, name="variant", stage2=(("lr", 1e-3),), stage1_of="source", seeds=(1,))
+    Preset(systems=(source, ok))
+    with pytest.raises(ValueError, match="'variant' stage2 has unknown settings \\['learning_rate'\\]"):
+        Preset(systems=(source, dataclasses.replace(ok, stage2=(("learning_rate", 1e-3),))))
+    with pytest.raises(ValueError, match="continues 'source', which must be an earlier system"):
+        Preset(systems=(ok, source))
+    with pytest.raises(ValueError, match="every seed this one has"):
+        Preset(systems=(source, dataclasses.replace(ok, seeds=(2,))))
+    with pytest.raises(ValueError, match="keeps its source's method"):
+        Preset(systems=(source, dataclasses.replace(ok, method=Method.LAYERMOE)))

@@ -3,9 +3,9 @@ budget; `RunId` names one training run of one system."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
-from layermoe_ds.config import StrEnum
+from layermoe_ds.config import StrEnum, TrainConfig
 from layermoe_ds.errors import InputError
 
 
@@ -63,6 +63,10 @@ class System:
     lifelong: bool = False  # then expand again to the preset's third language group, allocated the same way
     curve: bool = False  # a point of its method's budget–quality curve
     ablates: Claim | None = None  # an ablation of the preset's reference system, and the claim it tests
+    # A stage-2 variant: stage-2 settings over the preset's, as (TrainConfig key, value) pairs; with `stage1_of`,
+    # stage 2 continues that (earlier) system's stage-1 model of the same seed instead of training its own.
+    stage2: tuple[tuple[str, object], ...] = ()
+    stage1_of: str = ""
 
     def runs(self) -> list[RunId]:
         return [RunId(self.name, seed) for seed in self.seeds]
@@ -86,6 +90,7 @@ class Preset:
     stage2_lr: float = 1e-2
     stage2_docs: int = 3000
     eval_max_tokens: int | None = None  # per language; None = the whole test split
+    router_only_eval: bool = False  # also evaluate classifier systems with classifier routing off (router alone)
     ranks: int = 2
     extra_train: dict = field(default_factory=dict)
 
@@ -94,6 +99,22 @@ class Preset:
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates or DENSE_BASE in names:
             raise InputError(f"experiment preset: system names must be unique and not {DENSE_BASE!r}: {duplicates}")
+        settings = {f.name for f in fields(TrainConfig)}
+        for i, system in enumerate(self.systems):
+            unknown = sorted(key for key, _ in system.stage2 if key not in settings)
+            if unknown:
+                raise InputError(f"experiment preset: {system.name!r} stage2 has unknown settings {unknown}")
+            if not system.stage1_of:
+                continue
+            source = next((s for s in self.systems[:i] if s.name == system.stage1_of), None)
+            if source is None or source.stage1_of or not set(system.seeds) <= set(source.seeds):
+                raise InputError(
+                    f"experiment preset: {system.name!r} continues {system.stage1_of!r}, which must be an earlier "
+                    "system that trains its own stage 1 with every seed this one has"
+                )
+            if system.method != source.method or system.lifelong or system.method == Method.FULL_FINETUNE:
+                raise InputError(f"experiment preset: {system.name!r}: a stage-2 variant keeps its source's method "
+                                 "and does not expand again")  # fmt: skip
 
     @property
     def langs(self) -> tuple[str, ...]:
@@ -155,6 +176,34 @@ _PAPER_CURVE = curve_systems((2, 3, 4), (1.5, 2.5, 3.25), 1, PAPER_K, PAPER_SEED
 PAPER_REFERENCE = next(s for s in _PAPER_CURVE if s.name == "LayerMoE (2.5/layer)")
 _PAPER_ABLATIONS = tuple(a for a in ablations(PAPER_REFERENCE, PAPER_K) if a.method != Method.RANDOM)  # random: curve
 
+
+def stage2_variants(sources: tuple[System, ...], variants: dict[str, dict]) -> list[System]:
+    """Each source system (which trains stage 1 with the preset's stage 2) and, per variant, a system that runs only
+    stage 2 again from the source's stage-1 models with the variant's settings."""
+    systems = list(sources)
+    for label, settings in variants.items():
+        for source in sources:
+            systems.append(replace(source, name=f"{source.name}, stage 2 {label}", stage2=tuple(settings.items()),
+                                   stage1_of=source.name, ablates=None))  # fmt: skip
+    return systems
+
+
+# The stage-2 study (docs/results/stage2/): on the paper preset's base, data and stage 1, uniform MoE-LPR and
+# LayerMoE at 24 new experts over 3 seeds; stage 2 as the paper preset runs it (lr 1e-2, 60 steps, γ = η = 0.1,
+# 3,000 documents per language), then variants of the learning rate, the LPR and classifier weights, the steps
+# and the review mix, each from the same stage-1 models.
+STAGE2_SOURCES = (
+    System("MoE-LPR uniform (3/layer)", Method.UNIFORM, 3, "0", 3, 3, seeds=PAPER_SEEDS),
+    replace(PAPER_REFERENCE, curve=False, lifelong=False),
+)
+STAGE2_VARIANTS = {
+    "lr 3e-3": {"lr": 3e-3},
+    "lr 1e-3": {"lr": 1e-3},
+    "lr 1e-3, γ 1": {"lr": 1e-3, "lpr_gamma": 1.0},
+    "lr 1e-3, 1:2 review": {"lr": 1e-3, "stage2_docs_per_old_lang": 1500},
+    "lr 1e-2, γ 0.01": {"lpr_gamma": 0.01},
+}
+
 PRESETS = {
     # make demo: the dense base, MoE-LPR's uniform allocation, LayerMoE with half the new experts.
     "demo": Preset(systems=(UNIFORM, LAYERMOE)),
@@ -181,5 +230,16 @@ PRESETS = {
         stage1_steps=150,
         stage2_steps=60,
         eval_max_tokens=10_000,
+    ),
+    "stage2-study": Preset(
+        systems=tuple(stage2_variants(STAGE2_SOURCES, STAGE2_VARIANTS)),
+        base="deep",
+        reference=PAPER_REFERENCE.name,
+        baseline="MoE-LPR uniform (3/layer)",
+        min_score=0.05,
+        stage1_steps=150,
+        stage2_steps=60,
+        eval_max_tokens=10_000,
+        router_only_eval=True,
     ),
 }

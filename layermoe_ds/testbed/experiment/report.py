@@ -20,6 +20,7 @@ from layermoe_ds.testbed.experiment.reading import (
     runs_of,
     seed_stats,
 )
+from layermoe_ds.testbed.experiment.stage2 import stage2_summary, stage2_table
 
 
 def write_report(results: dict[RunId, dict], preset: Preset, out: Path) -> Path:
@@ -28,6 +29,7 @@ def write_report(results: dict[RunId, dict], preset: Preset, out: Path) -> Path:
     curve_verdicts, savings = curve_reading(points)
     lifelong = lifelong_by_system(results, preset)
     verdicts = [*reading(results, preset), *curve_verdicts, *lifelong_reading(lifelong, preset)]
+    stage2 = stage2_summary(results, preset)
     write_json(
         out / "results.json",
         {
@@ -38,6 +40,7 @@ def write_report(results: dict[RunId, dict], preset: Preset, out: Path) -> Path:
             "seed_stats": seed_table(results, preset),
             "curve": [p.as_dict() for method_points in points.values() for p in method_points],
             "curve_savings": savings,
+            "stage2": stage2,
             "verdicts": [v.as_dict() for v in verdicts],
             "lifelong": {
                 name: {k: ([s.as_dict() for s in v] if isinstance(v, list) else v) for k, v in entry.items()}
@@ -63,6 +66,9 @@ def write_report(results: dict[RunId, dict], preset: Preset, out: Path) -> Path:
     if spread:
         lines += ["", "## Seeds", "", "| system | seeds | Old-avg mean ± sd | New-avg mean ± sd |", "|---|---|---|---|"]
         lines += [f"| {name} | {e['seeds']} | {e['old']} | {e['new']} |" for name, e in spread.items()]
+    if stage2:
+        dense = results[RunId(DENSE_BASE)]["eval"]
+        lines += ["", *stage2_table(stage2, average(dense, "old"), average(dense, "new"))]
     if points:
         lines += ["", *curve_table(points)]
     if any(run.phase == Phase.G2 for run in results):
@@ -94,7 +100,8 @@ def seed_table(results: dict[RunId, dict], preset: Preset) -> dict[str, dict]:
 def main_table(results: dict[RunId, dict], preset: Preset) -> list[str]:
     langs = [*preset.old, *preset.new]
     header = ["system", "new experts", "params", "active", *(f"{lang} bpb" for lang in langs)]
-    header += ["Old-avg", "New-avg", "Δ Old vs dense", "Δ New vs dense", "Old-avg after stage 1", "wall s"]
+    header += ["Old-avg", "New-avg", "Δ Old vs dense", "Δ New vs dense", "Old-avg after stage 1"]
+    header += ["New-avg after stage 1", "wall s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     dense = results[RunId(DENSE_BASE)]["eval"]
     for run, result in results.items():
@@ -107,7 +114,7 @@ def main_table(results: dict[RunId, dict], preset: Preset) -> list[str]:
         cells += [f"{average(ev, g):.3f}" for g in ("old", "new")]
         cells += [f"{average(ev, g) - average(dense, g):+.3f}" for g in ("old", "new")]
         stage1 = result.get("eval_stage1")
-        cells += [f"{average(stage1, 'old'):.3f}" if stage1 else "-"]
+        cells += [f"{average(stage1, g):.3f}" if stage1 else "-" for g in ("old", "new")]
         cells += [f"{result['wall_s']:.0f}" if "wall_s" in result else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines

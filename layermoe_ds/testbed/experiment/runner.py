@@ -106,19 +106,23 @@ class Context:
             **self.preset.extra_train,
         }
 
-    def evaluate(self, model: Model, out: Path, groups: dict[str, int]) -> dict:
-        """`model` on the test split of the languages in `groups` (language → group index)."""
+    def evaluate(self, model: Model, out: Path, groups: dict[str, int], routing: bool = True) -> dict:
+        """`model` on the test split of the languages in `groups` (language → group index); `routing=False`:
+        with classifier routing off (each token routed by its router alone)."""
         preset = self.preset
 
         def produce() -> None:
             streams = open_streams(self.data, self.tokenizer, model.path, list(groups), "test")
             loaded = load_causal_lm(model.path, device=device_and_backend()[0])
+            if not routing:
+                loaded.set_classifier_routing(False)
             report = evaluate_model(
                 loaded, self.tokenizer, streams, groups, preset.seq_len, max_tokens=preset.eval_max_tokens
             )
             write_json(out, {"model": str(model.path), "groups": groups, **report, **parameter_counts(loaded)})
 
         inputs = {"step": "evaluate", "model": model.digest, "data": self.data_digest, "groups": groups}
+        inputs.update({} if routing else {"classifier_routing": False})
         cached(out, {**inputs, "seq_len": preset.seq_len, "max_tokens": preset.eval_max_tokens}, produce)
         return read_json(out, "evaluation")
 
@@ -177,51 +181,78 @@ def grow(model: Model, allocation: Model, out: Path) -> Model:
     return Model(out, cached(out, {"step": "grow", "model": model.digest, "allocation": allocation.digest}, produce))
 
 
-def train_and_evaluate(ctx: Context, system: System, run: RunId, home: Path, start: Model, groups: list[list[str]]):
-    """Stage 1 (+ stage 2 for MoE systems) from `start`, teaching the last of `groups`; evaluated after each."""
+@dataclass(frozen=True)
+class Stage1:
+    """A run's stage-1 model and where it lives, for the stage-2 variants that continue it."""
+
+    model: Model
+    allocation: dict | None
+    home: Path
+
+
+def train_stage1(ctx: Context, system: System, run: RunId, home: Path, start: Model, groups: list[list[str]]) -> Stage1:
+    """Allocate (MoE systems) and train stage 1 from `start`, teaching the last of `groups`."""
+    preset, tag = ctx.preset, f"[{run.label}]"
+    config = {**ctx.common(groups, run.seed), "model": str(start.path.resolve()), "steps": preset.stage1_steps}
+    config.update(out=str((home / "stage1").resolve()), lr=preset.stage1_lr)
+    upstream: dict = {"model": start.digest, "data": ctx.data_digest}
+    if system.method == Method.FULL_FINETUNE:
+        config["full_finetune"] = True
+        return Stage1(ctx.stage(1, config, home / "stage1", upstream, tag), None, home)
+    if run.phase == Phase.G1:  # from the dense base: allocate on its profile, stage 1 upcycles
+        similarity = ctx.profile(ctx.base, preset.old, preset.new, ctx.out)
+    else:  # lifelong: profile the expanded model on everything it knows against the next group
+        known = tuple(lang for group in groups[:-1] for lang in group)
+        similarity = ctx.profile(start, known, tuple(groups[-1]), home)
+    allocation_file, allocation = ctx.allocate(system, run.seed, similarity, home)
+    print(
+        f"{tag} experts per layer {allocation['experts_per_layer']} ({allocation['new_experts']} new), "
+        f"classifier layers {allocation['classifier_layers']}",
+        flush=True,
+    )
+    if run.phase != Phase.G1:
+        start = grow(start, allocation_file, home / "grown")
+        config["model"] = str(start.path.resolve())
+        upstream["model"] = start.digest
+    config["allocation"] = str(allocation_file.path.resolve())
+    upstream["allocation"] = allocation_file.digest
+    return Stage1(ctx.stage(1, config, home / "stage1", upstream, tag), allocation, home)
+
+
+def train_and_evaluate(
+    ctx: Context,
+    system: System,
+    run: RunId,
+    home: Path,
+    start: Model,
+    groups: list[list[str]],
+    shared: Stage1 | None = None,
+) -> tuple[dict, Model, Stage1]:
+    """Stage 1 (or `shared`'s, for a stage-2 variant) and stage 2 for MoE systems, teaching the last of `groups`;
+    evaluated after each stage."""
     preset, tag = ctx.preset, f"[{run.label}]"
     index = {lang: g for g, members in enumerate(groups) for lang in members}
-    stage1_config = {**ctx.common(groups, run.seed), "model": str(start.path.resolve()), "steps": preset.stage1_steps}
-    stage1_config.update(out=str((home / "stage1").resolve()), lr=preset.stage1_lr)
-    upstream: dict = {"model": start.digest, "data": ctx.data_digest}
-    result: dict = {}
-    if system.method == Method.FULL_FINETUNE:
-        stage1_config["full_finetune"] = True
-    else:
-        if run.phase == Phase.G1:  # from the dense base: allocate on its profile, stage 1 upcycles
-            similarity = ctx.profile(ctx.base, preset.old, preset.new, ctx.out)
-        else:  # lifelong: profile the expanded model on everything it knows against the next group
-            known = tuple(lang for group in groups[:-1] for lang in group)
-            similarity = ctx.profile(start, known, tuple(groups[-1]), home)
-        allocation_file, allocation = ctx.allocate(system, run.seed, similarity, home)
-        result["allocation"] = allocation
-        print(
-            f"{tag} experts per layer {allocation['experts_per_layer']} ({allocation['new_experts']} new), "
-            f"classifier layers {allocation['classifier_layers']}",
-            flush=True,
-        )
-        if run.phase != Phase.G1:
-            start = grow(start, allocation_file, home / "grown")
-            stage1_config["model"] = str(start.path.resolve())
-            upstream["model"] = start.digest
-        stage1_config["allocation"] = str(allocation_file.path.resolve())
-        upstream["allocation"] = allocation_file.digest
-    final = ctx.stage(1, stage1_config, home / "stage1", upstream, tag)
+    first = shared or train_stage1(ctx, system, run, home, start, groups)
+    result: dict = {} if first.allocation is None else {"allocation": first.allocation}
+    final = first.model
     if system.method != Method.FULL_FINETUNE:
-        stage2_config = {**ctx.common(groups, run.seed), "model": str(final.path.resolve()), "lr": preset.stage2_lr}
-        stage2_config.update(
+        config = {**ctx.common(groups, run.seed), "model": str(first.model.path.resolve()), "lr": preset.stage2_lr}
+        config.update(
             out=str((home / "stage2").resolve()),
             steps=preset.stage2_steps,
             stage2_docs_per_old_lang=preset.stage2_docs,
             stage2_docs_per_new_lang=preset.stage2_docs,
         )
-        stage1 = final
-        final = ctx.stage(2, stage2_config, home / "stage2", {"model": stage1.digest, "data": ctx.data_digest}, tag)
-        result["eval_stage1"] = ctx.evaluate(stage1, home / "eval_stage1.json", index)
+        config.update(system.stage2)
+        upstream = {"model": first.model.digest, "data": ctx.data_digest}
+        final = ctx.stage(2, config, home / "stage2", upstream, tag)
+        result["eval_stage1"] = ctx.evaluate(first.model, first.home / "eval_stage1.json", index)
+        if preset.router_only_eval and first.allocation["classifier_layers"]:
+            result["eval_router_only"] = ctx.evaluate(final, home / "eval_router_only.json", index, routing=False)
     result["eval"] = ctx.evaluate(final, home / "eval.json", index)
     result["model"] = str(final.path)
-    result["wall_s"] = sum(step_seconds(home / f"stage{n}") or 0.0 for n in (1, 2))
-    return result, final
+    result["wall_s"] = (step_seconds(first.home / "stage1") or 0.0) + (step_seconds(home / "stage2") or 0.0)
+    return result, final, first
 
 
 def run_experiment(
@@ -243,15 +274,19 @@ def run_experiment(
     if preset.lifelong:  # the dense base on the third group's languages, for the lifelong table
         dense["eval_later"] = ctx.evaluate(base_model, out / "dense" / "eval_g2.json", later)
     results = {RunId(DENSE_BASE): dense}
+    stage1s: dict[tuple[str, int], Stage1] = {}
     for system in preset.systems:
         for run in system.runs():
             home = out / "systems" / slug(run.label)
             home.mkdir(parents=True, exist_ok=True)
-            results[run], g1_model = train_and_evaluate(ctx, system, run, home, base_model, groups)
+            shared = stage1s.get((system.stage1_of, run.seed)) if system.stage1_of else None
+            results[run], g1_model, stage1s[(system.name, run.seed)] = train_and_evaluate(
+                ctx, system, run, home, base_model, groups, shared
+            )
             if system.lifelong and preset.lifelong:
                 results[run]["eval_later"] = ctx.evaluate(g1_model, home / "eval_g2.json", later)
                 g2 = RunId(run.system, run.seed, Phase.G2)
-                results[g2], _ = train_and_evaluate(
+                results[g2], _, _ = train_and_evaluate(
                     ctx, system, g2, home / "lifelong", g1_model, [*groups, list(preset.lifelong)]
                 )
                 results[g2]["new_experts_total"] = (
