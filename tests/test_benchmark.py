@@ -31,10 +31,13 @@ def test_the_paper_suite_plans_the_reference_protocol(manager, tmp_path, capsys)
     assert tasks["hu"] == {"arc_hu": 25, "hellaswag_hu": 10, "m_mmlu_hu": 5, "belebele_hun_Latn": 5}
     assert tasks["el"] == {"belebele_ell_Grek": 5} and tasks["tr"] == {"belebele_tur_Latn": 5}
     missing = {lang: {row["benchmark"]: row["looked_for"] for row in rows} for lang, rows in report["missing"].items()}
+    flores = {"flores": ["--flores DIR (the FLORES-101/200 dev and devtest files)"]}  # translation needs its data
     assert missing == {
-        "zh": {"hellaswag": ["hellaswag_zh"]},
-        "el": {"arc": ["arc_el"], "hellaswag": ["hellaswag_el"], "mmlu": ["mmlu_el"]},
-        "tr": {"arc": ["arc_tr"], "hellaswag": ["hellaswag_tr"], "mmlu": ["mmlu_tr"]},
+        "zh": {"hellaswag": ["hellaswag_zh"], **flores},
+        "es": flores,
+        "el": {"arc": ["arc_el"], "hellaswag": ["hellaswag_el"], "mmlu": ["mmlu_el"], **flores},
+        "hu": flores,
+        "tr": {"arc": ["arc_tr"], "hellaswag": ["hellaswag_tr"], "mmlu": ["mmlu_tr"], **flores},
     }
     assert "scores" not in report and "belebele_ell_Grek (5-shot)" in capsys.readouterr().out
 
@@ -93,7 +96,7 @@ def test_a_whole_run_offline_scores_every_language_and_averages_the_groups(
     assert sorted(scores["en"]) == ["arc", "belebele", "hellaswag", "mmlu"]
     assert sorted(scores["fr"]) == sorted(scores["ru"]) == ["arc", "belebele", "hellaswag", "mmlu"]
     assert sorted(scores["el"]) == ["belebele"]
-    assert [row["benchmark"] for row in report["missing"]["el"]] == ["arc", "hellaswag", "mmlu"]
+    assert [row["benchmark"] for row in report["missing"]["el"]] == ["arc", "hellaswag", "mmlu", "flores"]
     assert scores["en"]["arc"]["metric"] == "acc_norm" and scores["en"]["mmlu"]["metric"] == "acc"
     assert all(0.0 <= row["value"] <= 1.0 for lang in scores.values() for row in lang.values())
     for bench in ("arc", "belebele"):

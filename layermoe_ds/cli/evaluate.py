@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from layermoe_ds.cli.common import lang_list
+from layermoe_ds.errors import InputError
 from layermoe_ds.flags import count, positive
 
 
@@ -64,10 +65,11 @@ def _cmd_evaluate(args) -> int:
 def add_benchmark(sub) -> None:
     p = sub.add_parser(
         "benchmark",
-        help="the paper's benchmarks per language through lm-evaluation-harness (ARC, HellaSwag, MMLU, Belebele)",
+        help="the paper's benchmarks per language (ARC, HellaSwag, MMLU, Belebele via lm-eval; FLORES translation)",
         description="Run the paper's lm-eval protocol per language — ARC-Challenge 25-shot, HellaSwag 10-shot, MMLU "
-        "5-shot (mmlu_tr 4-shot), Belebele 5-shot — plus any --tasks, on a dense or LayerMoE model; write "
-        "OUT/results.json (plan, scores, Old/New averages, missing tasks) and OUT/results.md. Needs the [eval] extra.",
+        "5-shot (mmlu_tr 4-shot), Belebele 5-shot — plus any --tasks, and with --flores its FLORES translation "
+        "(8-shot from dev, beam 6, chrF; COMET with --comet), on a dense or LayerMoE model; write OUT/results.json "
+        "(plan, scores, Old/New averages, missing tasks) and OUT/results.md. Needs the [eval] extra.",
     )
     p.add_argument("--model", type=Path, required=True, help="model directory (dense or LayerMoE)")
     p.add_argument("--old", type=lang_list, required=True, help="old languages, e.g. en,zh,es")
@@ -79,17 +81,34 @@ def add_benchmark(sub) -> None:
     )
     p.add_argument("--include-path", type=Path, default=None, help="a directory of your own lm-eval task YAMLs")
     p.add_argument("--datasets", type=Path, default=None, help="local dataset snapshots, DIR/<hub repository>")
-    p.add_argument("--limit", type=count(), default=None, help="documents per task (a quick look, not a score)")
+    p.add_argument(
+        "--limit",
+        type=count(),
+        default=None,
+        help="documents per task and sentences per FLORES direction (a quick look, not a score)",
+    )
     p.add_argument("--batch-size", type=count(), default=1)
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the GPU when there is one)")
     p.add_argument("--dry-run", action="store_true", help="write the plan and the missing tasks; run no model")
+    p.add_argument("--flores", type=Path, default=None, help="a FLORES-101/200 directory (dev/, devtest/): "
+                   "translation to and from English per language, chrF")  # fmt: skip
+    p.add_argument("--flores-shots", type=count(), default=8, help="dev examples in each translation prompt")
+    p.add_argument("--beams", type=count(), default=6, help="beam width of the translations")
+    p.add_argument("--flores-max-new-tokens", type=count(), default=256, help="longest translation generated")
+    p.add_argument("--comet", type=Path, default=None, help="a local COMET checkpoint (model.ckpt): COMET beside "
+                   "chrF (pip install unbabel-comet)")  # fmt: skip
     p.set_defaults(func=_cmd_benchmark)
 
 
 def _cmd_benchmark(args) -> int:
-    from layermoe_ds.eval.benchmark import markdown, run_benchmark
+    from layermoe_ds.eval.benchmark import FloresOptions, markdown, run_benchmark
 
+    flores = None
+    if args.flores is not None:
+        flores = FloresOptions(args.flores, args.flores_shots, args.beams, args.flores_max_new_tokens, args.comet)
+    elif args.comet is not None:
+        raise InputError("benchmark --comet: scores translations; give --flores DIR as well")
     report = run_benchmark(
         args.model,
         args.old,
@@ -104,6 +123,7 @@ def _cmd_benchmark(args) -> int:
         args.device,
         args.dtype,
         args.dry_run,
+        flores,
     )
     if args.dry_run:
         for lang, rows in report["plan"].items():

@@ -75,6 +75,17 @@ CUSTOM_METRICS = ("acc", "acc_norm", "exact_match", "chrf", "bleu", "f1", "word_
 
 
 @dataclass(frozen=True)
+class FloresOptions:
+    """FLORES translation (eval/translation.py): the dataset directory and the paper's protocol settings."""
+
+    root: Path
+    shots: int = 8
+    beams: int = 6
+    max_new_tokens: int = 256
+    comet: Path | None = None  # a local COMET checkpoint: COMET beside chrF
+
+
+@dataclass(frozen=True)
 class Planned:
     lang: str
     benchmark: str
@@ -207,14 +218,16 @@ def over_context(samples: dict, encode, max_length: int) -> dict[str, int]:
 
 
 def group_averages(scores: dict[str, dict[str, dict]], langs: Sequence[str]) -> dict[str, float]:
-    """Per benchmark, the mean over `langs` that have a score; `all`: the mean of those benchmark means."""
+    """Per benchmark, the mean over `langs` that have a score; `all`: the mean of those benchmark means, translation
+    (chrF/COMET on a 0-100 scale, reported beside) left out."""
     benchmarks = sorted({bench for lang in langs for bench in scores.get(lang, {})})
     averages = {}
     for bench in benchmarks:
         values = [scores[lang][bench]["value"] for lang in langs if bench in scores.get(lang, {})]
         averages[bench] = sum(values) / len(values)
-    if averages:
-        averages["all"] = sum(averages.values()) / len(averages)
+    choice = [value for bench, value in averages.items() if not bench.startswith("flores")]
+    if choice:
+        averages["all"] = sum(choice) / len(choice)
     return averages
 
 
@@ -234,6 +247,11 @@ def markdown(report: dict) -> str:
         lines += ["", "Missing (no task found):"]
         for lang, rows in report["missing"].items():
             lines.append(f"- {lang}: " + "; ".join(f"{r['benchmark']} ({', '.join(r['looked_for'])})" for r in rows))
+    lowered = {d: row["shots_lowered"] for d, row in report.get("flores", {}).items() if row["shots_lowered"]}
+    if lowered:
+        counts = ", ".join(f"{d} {n}" for d, n in lowered.items())
+        context = report["max_length"]
+        lines += ["", f"FLORES prompts built with fewer shots to fit the {context}-token context: {counts}"]
     if report.get("over_context"):
         counts = ", ".join(f"{task} {n}" for task, n in report["over_context"].items())
         lines += ["", f"Longer than the {report['max_length']}-token context (lm-eval cuts from the left): {counts}"]
@@ -262,8 +280,10 @@ def run_benchmark(
     device: str | None = None,
     dtype: str = "float32",
     dry_run: bool = False,
+    flores: FloresOptions | None = None,
 ) -> dict:
     """Plan, check, run and write `OUT/results.json` and `OUT/results.md`; returns the report."""
+    from layermoe_ds.eval import translation
     from layermoe_ds.io import atomic_write_text, write_json
 
     both = sorted(set(old) & set(new))
@@ -278,6 +298,16 @@ def run_benchmark(
     for item in planned:
         entry = {"benchmark": item.benchmark, "task": item.task, "num_fewshot": item.shots}
         report["plan"].setdefault(item.lang, []).append(entry)
+    pairs = translation.directions([*old, *new])
+    for pair in pairs:
+        lang = pair.tgt if pair.src == translation.PIVOT else pair.src
+        if flores is None:
+            if suite == "paper" and pair.src == translation.PIVOT:
+                looked_for = ["--flores DIR (the FLORES-101/200 dev and devtest files)"]
+                missing.setdefault(lang, []).append({"benchmark": "flores", "looked_for": looked_for})
+            continue
+        entry = {"benchmark": _flores_name(pair), "task": pair.name, "num_fewshot": flores.shots}
+        report["plan"].setdefault(lang, []).append(entry)
     report["missing"] = missing
     for lang, rows in missing.items():
         log.warning(
@@ -287,8 +317,14 @@ def run_benchmark(
     if dry_run:
         write_json(out / "results.json", report)
         return report
-    if not planned:
+    if not planned and not (flores and pairs):
         raise InputError("benchmark: no task to run for these languages (see `missing` with --dry-run)")
+    if flores is not None:  # every file there before the model is loaded
+        for lang in {lang for pair in pairs for lang in (pair.src, pair.tgt)}:
+            for split in ("dev", "devtest"):
+                translation.read_split(Path(flores.root), lang, split)
+        if flores.comet is not None and not Path(flores.comet).is_file():
+            raise MissingInputError(f"benchmark --comet: {flores.comet} is not a file (a COMET checkpoint, model.ckpt)")
     if datasets is not None:
         check_datasets(manager.task_index, sorted({item.task for item in planned}), Path(datasets))
     lm = _harness_model(Path(model_dir), batch_size, device, dtype)
@@ -306,6 +342,19 @@ def run_benchmark(
                 entry = {"metric": metric, "value": value, "task": item.task, "num_fewshot": shots}
                 scores.setdefault(item.lang, {})[item.benchmark] = entry
             over |= over_context(results.get("samples", {}), lm.tok_encode, lm.max_length)
+    if flores is not None:
+        translator = translation.Translator(lm.model, lm.tokenizer, lm.max_length, flores.beams, flores.max_new_tokens,
+                                            batch_size)  # fmt: skip
+        translated = translation.run_flores(translator, Path(flores.root), [*old, *new], out, flores.shots, limit,
+                                            comet=flores.comet)  # fmt: skip
+        report["flores"] = translated
+        for pair in pairs:
+            lang, row = (pair.tgt if pair.src == translation.PIVOT else pair.src), translated[pair.name]
+            for metric in ("chrf", "comet"):
+                if metric in row:
+                    name = _flores_name(pair) + ("" if metric == "chrf" else " (COMET)")
+                    entry = {"metric": metric, "value": row[metric], "task": pair.name, "num_fewshot": flores.shots}
+                    scores.setdefault(lang, {})[name] = entry
     report |= {"scores": scores, "old_avg": group_averages(scores, old), "new_avg": group_averages(scores, new)}
     report |= {"max_length": lm.max_length, "over_context": over}
     for task, count in over.items():
@@ -318,6 +367,12 @@ def run_benchmark(
     write_json(out / "results.json", report)
     atomic_write_text(out / "results.md", markdown(report))
     return report
+
+
+def _flores_name(pair) -> str:
+    from layermoe_ds.eval.translation import PIVOT
+
+    return "flores_from_en" if pair.src == PIVOT else "flores_to_en"
 
 
 def _harness_model(model_dir: Path, batch_size: int, device: str | None, dtype: str):
