@@ -1,30 +1,165 @@
-"""The table at the top of docs/performance.md: every bench/results/*.json with the date, commit and command that
-produced it (files written before results carried their provenance say so). Rewrites the table between its markers:
+"""docs/performance.md's figures, read from bench/results/*.json: one table, each figure beside the results file it
+comes from with that file's date, commit and command. The page's prose says how to read them; no figure is typed
+there. Rewrites the table between its markers:
 
     python scripts/results_provenance.py            # update docs/performance.md
     python scripts/results_provenance.py --check    # exit 1 if the page is not current (tests/test_docs.py)
+
+A results file with no formatter below, or without provenance, is an error: every file in bench/results/ is on the
+page with where it came from.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- results table: scripts/results_provenance.py -->", "<!-- end of results table -->"
+GIB, MIB = 2**30, 2**20
+
+Figures = Iterator[tuple[str, str]]  # (what, value)
+
+
+def _x(value: float, digits: int = 2) -> str:
+    return f"{value:.{digits}f}×"
+
+
+def moe_block(d: dict) -> Figures:
+    for name, width in d["widths"].items():
+        r, where = width["ratios"], f"h={width['hidden']}, FFN {width['ffn']}, {width['tokens']} tokens"
+        yield f"MoE block forward+backward ÷ dense FFN, {where}: all tokens on expert 0", _x(r["expert0_only_over_dense"])
+        yield f"same, {name}: top-2 of 4; top-2 of 8", f"{_x(r['top2_of_4_over_dense'])}; {_x(r['top2_of_8_over_dense'])}"
+        yield f"same, {name}: DeepSpeed's stock TopKGate+MOELayer ÷ ours, top-2 of 8", _x(r["deepspeed_over_ours_top2_of_8"])
+
+
+def stage(d: dict) -> Figures:
+    model = d["model"] if isinstance(d["model"], str) else json.dumps(d["model"])
+    yield f"stage-2 step ÷ stage-1 step ({model}, seq {d['seq_len']}, 2 ranks)", _x(d["stage2_over_stage1_step"])
+    if "dropless_over_dropping_stage1_step" in d:
+        dropped = d["stage1_dropping_routes_dropped"]
+        yield "same: dropless stage-1 step ÷ capacity-capped (factor 1.25)", (
+            f"{_x(d['dropless_over_dropping_stage1_step'])} ({dropped} routes dropped by the capped run)"
+        )
+    yield "same: ZeRO-1 optimizer state per rank, world 2 ÷ world 1", (
+        f"{_x(d['zero1_world2_over_world1_optimizer_bytes'])} ({d['optimizer_bytes_per_rank_world1'] / 1e6:.2f} → "
+        f"{d['optimizer_bytes_per_rank_world2'] / 1e6:.2f} MB; stage 2 {d['stage2_optimizer_bytes_per_rank'] / 1e6:.2f} MB)"
+    )
+
+
+def memory(d: dict) -> Figures:
+    s = d["shape"]
+    where = f"h={s['hidden']}, FFN {s['ffn']}, {s['layers']} layers, {s['experts']} experts/layer, {d['ranks']} ranks"
+    variants = d["variants"]
+    yield f"optimizer state per rank ({where}): " + " / ".join(variants), " / ".join(
+        f"{v['optimizer_bytes_per_rank'] / 1e6:.0f} MB" for v in variants.values()
+    )
+    yield "same: peak memory (max over ranks)", " / ".join(f"{v['peak_mib_max_over_ranks']:,.0f} MiB" for v in variants.values())
+
+
+def profile(d: dict) -> Figures:
+    yield f"profiling ÷ plain forward throughput ({d['layers']}-layer base, {d['tokens']:,} tokens)", _x(
+        d["profile_over_forward_throughput"]
+    )
+    yield "same: profiling ÷ decoder-stack-only time (the hooks' own cost)", _x(d["hook_overhead_vs_body"])
+
+
+def scale(d: dict) -> Figures:
+    up = d["upcycle"]
+    note = " with activation checkpointing" if d["activation_checkpointing"] else ""
+    yield f"`upcycle` of the {d['shape']} shape: peak RSS ÷ output bytes", (
+        f"{_x(up['peak_mib'] * MIB / up['output_bytes'])} ({up['peak_mib'] / 1024:.2f} GiB for "
+        f"{up['output_bytes'] / GIB:.2f} GiB written)"
+    )
+    for name in ("stage1", "stage2"):
+        s = d[name]
+        floor = s["floor_bytes"] + d["baseline_mib"] * MIB
+        label = f"stage {name[-1]}{note}, {d['ranks']} CPU ranks: per-rank peak in steps ÷ (floor + baseline)"
+        yield label, f"**{_x(s['steps_peak_mib'] * MIB / floor)}** ({s['steps_peak_mib'] / 1024:.2f} ÷ {floor / GIB:.2f} GiB)"
+        size = f"{s['checkpoint_bytes'] / GIB:.2f} GiB" if s["checkpoint_bytes"] > GIB else f"{s['checkpoint_bytes'] / 1e6:.1f} MB"
+        yield f"same: stage-{name[-1]} checkpoint, size and save time", f"{size} in {s['checkpoint_save_s']:.1f} s"
+        e = s["export"]
+        yield f"same: stage-{name[-1]} export on rank 0, RSS before → peak", (
+            f"{e['rss_before_mib'] / 1024:.2f} → {e['peak_rss_mib'] / 1024:.2f} GiB in {e['seconds']:.1f} s"
+        )
+
+
+def step_memory(d: dict) -> Figures:
+    a = d["args"]
+    names = {"loss": f"fused chunked loss ÷ Hugging Face's (vocab {a['vocab']:,}, {a['tokens']} tokens)",
+             "loss_softcap": f"same with a soft-capped head (vocab {a['softcap_vocab']:,})",
+             "swiglu": f"lean SwiGLU ÷ autograd's ({a['layers']} FFN layers of {a['ffn']:,})",
+             "moe_block": f"{a['layers']} bf16 LayerMoE blocks, bf16-saving gate and combine ÷ autograd's"}  # fmt: skip
+    for key, row in d["rows"].items():
+        yield f"{names.get(key, key)}: time; {row['memory']} memory", (
+            f"{_x(row['time_ratio'])}; {_x(row['memory_ratio'])} ({row['peak_mib_plain']:,.0f} → {row['peak_mib_lean']:,.0f} MiB)"
+        )
+
+
+def host_reads(d: dict) -> Figures:
+    for name, row in d["rows"].items():
+        yield f"host reads a step, {name} ({d['model']}, {row['moe_layers']} MoE layers): micro-step / optimizer / metrics", (
+            f"{row['micro_step']} / {row['optimizer_step']} / {row['metrics']}"
+        )
+
+
+def data(d: dict) -> Figures:
+    r = d["ratios"]
+    yield f"stage-1 peak RSS per rank, {d['copies']}× ÷ 1× the new languages' text (fresh; resumed)", (
+        f"{_x(r['peak_rss'])}; {_x(r['resumed_peak_rss'])}"
+    )
+    yield "same: time to the first step (fresh; resumed)", f"{_x(r['first_step'])}; {_x(r['resumed_first_step'])}"
+    for name, row in d["tokenize"].items():
+        yield f"`data tokenize` throughput ÷ (workers × the bare encode), {name}, {row['input_mb']:.1f} MB", _x(row["vs_anchor"])
+
+
+def generate(d: dict) -> Figures:
+    for name, row in d["runs"].items():
+        yield f"decode tokens/s, LayerMoE ÷ dense ({d['shape']}, {d['dtype']}, {d['device']}), {name.replace('_', ', ')}", (
+            f"{_x(row['ratio'])} (roofline {_x(row['roofline'])}: **{row['of_roofline']:.2f}** of it)"
+        )
+
+
+def compat(d: dict) -> Figures:
+    for version, rows in d["versions"].items():
+        moe = [ok for key, (_, ok, *_) in rows.items() if key.endswith("/moe")]
+        yield f"exports loaded through remote code and generating, transformers {version}", f"{sum(moe)} of {len(moe)} families"
+
+
+FORMATTERS: dict[str, Callable[[dict], Figures]] = {
+    "moe_block_bench": moe_block,
+    "stage_bench": stage,
+    "stage_bench_h512": stage,
+    "memory_bench": memory,
+    "profile_bench": profile,
+    "scale_bench": scale,
+    "scale_bench_checkpointing": scale,
+    "step_memory_bench": step_memory,
+    "host_reads_bench": host_reads,
+    "data_bench": data,
+    "generate_bench": generate,
+    "transformers_compat": compat,
+}
 
 
 def table() -> str:
-    rows = ["| results file | date | commit | command |", "| --- | --- | --- | --- |"]
+    rows = ["| figure | value | from |", "| --- | --- | --- |"]
     for path in sorted((ROOT / "bench" / "results").glob("*.json")):
-        provenance = json.loads(path.read_text()).get("provenance")
-        if provenance:
-            cells = [provenance["date"][:10], f"`{provenance['commit'][:12]}`", f"`{provenance['command']}`"]
-        else:
-            cells = ["—", "—", "not recorded (written before results carried their provenance)"]
-        rows.append(f"| [`{path.name}`](../bench/results/{path.name}) | " + " | ".join(cells) + " |")
+        results = json.loads(path.read_text())
+        if path.stem not in FORMATTERS:
+            raise SystemExit(f"{path}: no formatter in scripts/results_provenance.py")
+        provenance = results.get("provenance")
+        if not provenance:
+            raise SystemExit(f"{path}: no provenance (rerun its bench script, which records date, commit, command)")
+        source = (
+            f"[`{path.name}`](../bench/results/{path.name}), {provenance['date'][:10]}, "
+            f"`{provenance['commit'][:12]}`: `{provenance['command']}`"
+        )
+        for what, value in FORMATTERS[path.stem](results):
+            rows.append(f"| {what} | {value} | {source} |")
     return "\n".join([BEGIN, *rows, END])
 
 
