@@ -31,9 +31,13 @@ def _x(value: float, digits: int = 2) -> str:
 def moe_block(d: dict) -> Figures:
     for name, width in d["widths"].items():
         r, where = width["ratios"], f"h={width['hidden']}, FFN {width['ffn']}, {width['tokens']} tokens"
-        yield f"MoE block forward+backward ÷ dense FFN, {where}: all tokens on expert 0", _x(r["expert0_only_over_dense"])
-        yield f"same, {name}: top-2 of 4; top-2 of 8", f"{_x(r['top2_of_4_over_dense'])}; {_x(r['top2_of_8_over_dense'])}"
-        yield f"same, {name}: DeepSpeed's stock TopKGate+MOELayer ÷ ours, top-2 of 8", _x(r["deepspeed_over_ours_top2_of_8"])
+        yield f"MoE block fwd+bwd ÷ dense FFN, {where}: all tokens on expert 0", _x(r["expert0_only_over_dense"])
+        top2 = f"{_x(r['top2_of_4_over_dense'])}; {_x(r['top2_of_8_over_dense'])}"
+        yield f"same, {name}: top-2 of 4; top-2 of 8", top2
+        yield (
+            f"same, {name}: DeepSpeed's stock TopKGate+MOELayer ÷ ours, top-2 of 8",
+            _x(r["deepspeed_over_ours_top2_of_8"]),
+        )
 
 
 def stage(d: dict) -> Figures:
@@ -41,12 +45,17 @@ def stage(d: dict) -> Figures:
     yield f"stage-2 step ÷ stage-1 step ({model}, seq {d['seq_len']}, 2 ranks)", _x(d["stage2_over_stage1_step"])
     if "dropless_over_dropping_stage1_step" in d:
         dropped = d["stage1_dropping_routes_dropped"]
-        yield "same: dropless stage-1 step ÷ capacity-capped (factor 1.25)", (
-            f"{_x(d['dropless_over_dropping_stage1_step'])} ({dropped} routes dropped by the capped run)"
+        yield (
+            "same: dropless stage-1 step ÷ capacity-capped (factor 1.25)",
+            (f"{_x(d['dropless_over_dropping_stage1_step'])} ({dropped} routes dropped by the capped run)"),
         )
-    yield "same: ZeRO-1 optimizer state per rank, world 2 ÷ world 1", (
-        f"{_x(d['zero1_world2_over_world1_optimizer_bytes'])} ({d['optimizer_bytes_per_rank_world1'] / 1e6:.2f} → "
-        f"{d['optimizer_bytes_per_rank_world2'] / 1e6:.2f} MB; stage 2 {d['stage2_optimizer_bytes_per_rank'] / 1e6:.2f} MB)"
+    world1, world2 = d["optimizer_bytes_per_rank_world1"] / 1e6, d["optimizer_bytes_per_rank_world2"] / 1e6
+    yield (
+        "same: ZeRO-1 optimizer state per rank, world 2 ÷ world 1",
+        (
+            f"{_x(d['zero1_world2_over_world1_optimizer_bytes'])} ({world1:.2f} → {world2:.2f} MB; "
+            f"stage 2 {d['stage2_optimizer_bytes_per_rank'] / 1e6:.2f} MB)"
+        ),
     )
 
 
@@ -54,15 +63,18 @@ def memory(d: dict) -> Figures:
     s = d["shape"]
     where = f"h={s['hidden']}, FFN {s['ffn']}, {s['layers']} layers, {s['experts']} experts/layer, {d['ranks']} ranks"
     variants = d["variants"]
-    yield f"optimizer state per rank ({where}): " + " / ".join(variants), " / ".join(
-        f"{v['optimizer_bytes_per_rank'] / 1e6:.0f} MB" for v in variants.values()
+    yield (
+        f"optimizer state per rank ({where}): " + " / ".join(variants),
+        " / ".join(f"{v['optimizer_bytes_per_rank'] / 1e6:.0f} MB" for v in variants.values()),
     )
-    yield "same: peak memory (max over ranks)", " / ".join(f"{v['peak_mib_max_over_ranks']:,.0f} MiB" for v in variants.values())
+    peaks = " / ".join(f"{v['peak_mib_max_over_ranks']:,.0f} MiB" for v in variants.values())
+    yield "same: peak memory (max over ranks)", peaks
 
 
 def profile(d: dict) -> Figures:
-    yield f"profiling ÷ plain forward throughput ({d['layers']}-layer base, {d['tokens']:,} tokens)", _x(
-        d["profile_over_forward_throughput"]
+    yield (
+        f"profiling ÷ plain forward throughput ({d['layers']}-layer base, {d['tokens']:,} tokens)",
+        _x(d["profile_over_forward_throughput"]),
     )
     yield "same: profiling ÷ decoder-stack-only time (the hooks' own cost)", _x(d["hook_overhead_vs_body"])
 
@@ -70,20 +82,26 @@ def profile(d: dict) -> Figures:
 def scale(d: dict) -> Figures:
     up = d["upcycle"]
     note = " with activation checkpointing" if d["activation_checkpointing"] else ""
-    yield f"`upcycle` of the {d['shape']} shape: peak RSS ÷ output bytes", (
-        f"{_x(up['peak_mib'] * MIB / up['output_bytes'])} ({up['peak_mib'] / 1024:.2f} GiB for "
-        f"{up['output_bytes'] / GIB:.2f} GiB written)"
+    yield (
+        f"`upcycle` of the {d['shape']} shape: peak RSS ÷ output bytes",
+        (
+            f"{_x(up['peak_mib'] * MIB / up['output_bytes'])} ({up['peak_mib'] / 1024:.2f} GiB for "
+            f"{up['output_bytes'] / GIB:.2f} GiB written)"
+        ),
     )
     for name in ("stage1", "stage2"):
         s = d[name]
         floor = s["floor_bytes"] + d["baseline_mib"] * MIB
         label = f"stage {name[-1]}{note}, {d['ranks']} CPU ranks: per-rank peak in steps ÷ (floor + baseline)"
-        yield label, f"**{_x(s['steps_peak_mib'] * MIB / floor)}** ({s['steps_peak_mib'] / 1024:.2f} ÷ {floor / GIB:.2f} GiB)"
-        size = f"{s['checkpoint_bytes'] / GIB:.2f} GiB" if s["checkpoint_bytes"] > GIB else f"{s['checkpoint_bytes'] / 1e6:.1f} MB"
+        peak = s["steps_peak_mib"] * MIB
+        yield label, f"**{_x(peak / floor)}** ({peak / GIB:.2f} ÷ {floor / GIB:.2f} GiB)"
+        saved = s["checkpoint_bytes"]
+        size = f"{saved / GIB:.2f} GiB" if saved > GIB else f"{saved / 1e6:.1f} MB"
         yield f"same: stage-{name[-1]} checkpoint, size and save time", f"{size} in {s['checkpoint_save_s']:.1f} s"
         e = s["export"]
-        yield f"same: stage-{name[-1]} export on rank 0, RSS before → peak", (
-            f"{e['rss_before_mib'] / 1024:.2f} → {e['peak_rss_mib'] / 1024:.2f} GiB in {e['seconds']:.1f} s"
+        yield (
+            f"same: stage-{name[-1]} export on rank 0, RSS before → peak",
+            (f"{e['rss_before_mib'] / 1024:.2f} → {e['peak_rss_mib'] / 1024:.2f} GiB in {e['seconds']:.1f} s"),
         )
 
 
@@ -94,39 +112,50 @@ def step_memory(d: dict) -> Figures:
              "swiglu": f"lean SwiGLU ÷ autograd's ({a['layers']} FFN layers of {a['ffn']:,})",
              "moe_block": f"{a['layers']} bf16 LayerMoE blocks, bf16-saving gate and combine ÷ autograd's"}  # fmt: skip
     for key, row in d["rows"].items():
-        yield f"{names.get(key, key)}: time; {row['memory']} memory", (
-            f"{_x(row['time_ratio'])}; {_x(row['memory_ratio'])} ({row['peak_mib_plain']:,.0f} → {row['peak_mib_lean']:,.0f} MiB)"
+        yield (
+            f"{names.get(key, key)}: time; {row['memory']} memory",
+            (
+                f"{_x(row['time_ratio'])}; {_x(row['memory_ratio'])} "
+                f"({row['peak_mib_plain']:,.0f} → {row['peak_mib_lean']:,.0f} MiB)"
+            ),
         )
 
 
 def host_reads(d: dict) -> Figures:
     for name, row in d["rows"].items():
-        yield f"host reads a step, {name} ({d['model']}, {row['moe_layers']} MoE layers): micro-step / optimizer / metrics", (
-            f"{row['micro_step']} / {row['optimizer_step']} / {row['metrics']}"
-        )
+        where = f"{d['model']}, {row['moe_layers']} MoE layers"
+        what = f"host reads a step, {name} ({where}): micro-step / optimizer / metrics"
+        yield what, f"{row['micro_step']} / {row['optimizer_step']} / {row['metrics']}"
 
 
 def data(d: dict) -> Figures:
     r = d["ratios"]
-    yield f"stage-1 peak RSS per rank, {d['copies']}× ÷ 1× the new languages' text (fresh; resumed)", (
-        f"{_x(r['peak_rss'])}; {_x(r['resumed_peak_rss'])}"
+    yield (
+        f"stage-1 peak RSS per rank, {d['copies']}× ÷ 1× the new languages' text (fresh; resumed)",
+        (f"{_x(r['peak_rss'])}; {_x(r['resumed_peak_rss'])}"),
     )
     yield "same: time to the first step (fresh; resumed)", f"{_x(r['first_step'])}; {_x(r['resumed_first_step'])}"
     for name, row in d["tokenize"].items():
-        yield f"`data tokenize` throughput ÷ (workers × the bare encode), {name}, {row['input_mb']:.1f} MB", _x(row["vs_anchor"])
+        what = f"`data tokenize` throughput ÷ (workers × the bare encode), {name}, {row['input_mb']:.1f} MB"
+        yield what, _x(row["vs_anchor"])
 
 
 def generate(d: dict) -> Figures:
     for name, row in d["runs"].items():
-        yield f"decode tokens/s, LayerMoE ÷ dense ({d['shape']}, {d['dtype']}, {d['device']}), {name.replace('_', ', ')}", (
-            f"{_x(row['ratio'])} (roofline {_x(row['roofline'])}: **{row['of_roofline']:.2f}** of it)"
+        what = (
+            f"decode tokens/s, LayerMoE ÷ dense ({d['shape']}, {d['dtype']}, {d['device']}), {name.replace('_', ', ')}"
         )
+        yield what, f"{_x(row['ratio'])} (roofline {_x(row['roofline'])}: **{row['of_roofline']:.2f}** of it)"
 
 
 def compat(d: dict) -> Figures:
     for version, rows in d["versions"].items():
-        moe = [ok for key, (_, ok, *_) in rows.items() if key.endswith("/moe")]
-        yield f"exports loaded through remote code and generating, transformers {version}", f"{sum(moe)} of {len(moe)} families"
+        families = sorted({key.split("/")[0] for key in rows})
+        ok = [f for f in families if rows[f"{f}/moe"][1]]
+        both_fail = [f for f in families if not rows[f"{f}/moe"][1] and not rows.get(f"{f}/dense", [None, True])[1]]
+        note = f" ({', '.join(both_fail)}: the dense model fails the same way)" if both_fail else ""
+        what = f"exports loaded through remote code and generating, transformers {version}"
+        yield what, f"{len(ok)} of {len(families)} families{note}"
 
 
 FORMATTERS: dict[str, Callable[[dict], Figures]] = {
