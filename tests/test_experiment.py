@@ -100,6 +100,16 @@ def test_mini_experiment(tiny_base, corpus_dir, tmp_path):
     assert "router_only" in saved["stage2"][layermoe.name] and "router_only" not in saved["stage2"][uniform.name]
     assert seed0["eval_router_only"]["old_avg"]["bpb"] != seed0["eval"]["old_avg"]["bpb"]
     assert "## Stage 2: what it keeps" in (out / "report.md").read_text()
+    assert 0 <= saved["stage2"][layermoe.name]["new_expert0_share"]["stage2"] <= 1
+    # results.json stays lean: each evaluation's routing is summarised per language; the per-layer table stays in
+    # the run's own evaluation file.
+    routing = seed0["eval"]["routing"]
+    assert set(routing) == {"expert0_share", "classifier_accuracy", "layers"} and isinstance(routing["layers"], int)
+    full = json.loads((out / "systems" / "layermoe-2-layer" / "eval.json").read_text())["routing"]
+    assert len(full["layers"]) == routing["layers"]
+    assert routing["expert0_share"]["fr"] == pytest.approx(
+        sum(row["expert0_share"]["fr"] for row in full["layers"].values()) / routing["layers"]
+    )
     assert saved["profile"]["layer_score"] == json.loads((out / "similarity.json").read_text())["layer_score"]
     for name in ("similarity.png", "per_language.png", "routing.png", "pareto.png", "report.md"):
         assert (out / name).stat().st_size > 0

@@ -36,7 +36,7 @@ def write_report(results: dict[RunId, dict], preset: Preset, out: Path) -> Path:
             "preset": {"old": preset.old, "new": preset.new, "lifelong": preset.lifelong, "base": preset.base,
                        "stage1_steps": preset.stage1_steps, "stage2_steps": preset.stage2_steps},
             "profile": profile,
-            "runs": [{**run.as_dict(), "label": run.label, **result} for run, result in results.items()],
+            "runs": [{**run.as_dict(), "label": run.label, **lean(result)} for run, result in results.items()],
             "seed_stats": seed_table(results, preset),
             "curve": [p.as_dict() for method_points in points.values() for p in method_points],
             "curve_savings": savings,
@@ -84,6 +84,31 @@ def write_report(results: dict[RunId, dict], preset: Preset, out: Path) -> Path:
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path
+
+
+EVALUATIONS = ("eval", "eval_stage1", "eval_router_only", "eval_later")
+
+
+def routing_summary(routing: dict) -> dict:
+    """Per language, the mean over MoE layers of the share of tokens whose top route is expert 0, and of the
+    classifier's accuracy over the layers that have one (the per-layer table stays in each run's eval JSON)."""
+    layers = list(routing["layers"].values())
+    summary = {"expert0_share": {}, "layers": len(layers)}
+    for lang in layers[0]["expert0_share"] if layers else []:
+        summary["expert0_share"][lang] = sum(row["expert0_share"][lang] for row in layers) / len(layers)
+        accuracy = [row["classifier_accuracy"][lang] for row in layers if "classifier_accuracy" in row]
+        if accuracy:
+            summary.setdefault("classifier_accuracy", {})[lang] = sum(accuracy) / len(accuracy)
+    return summary
+
+
+def lean(result: dict) -> dict:
+    """A run's result for results.json: each evaluation's routing summarised (`routing_summary`)."""
+    out = dict(result)
+    for key in EVALUATIONS:
+        if key in out and "routing" in out[key]:
+            out[key] = {**out[key], "routing": routing_summary(out[key]["routing"])}
+    return out
 
 
 def seed_table(results: dict[RunId, dict], preset: Preset) -> dict[str, dict]:

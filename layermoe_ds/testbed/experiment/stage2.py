@@ -52,10 +52,26 @@ def stage2_summary(results: dict[RunId, dict], preset: Preset) -> dict[str, dict
                 "sd_at_most_2x": sd_ratio is not None and sd_ratio <= SD_RATIO,
             },
         }
+        share = {key: _new_expert0_share(runs, key, preset) for key in ("eval_stage1", "eval")}
+        if None not in share.values():
+            entry["new_expert0_share"] = {"stage1": share["eval_stage1"], "stage2": share["eval"]}
         if all("eval_router_only" in r for r in runs):
             entry["router_only"] = {g: over_seeds("eval_router_only", g).as_dict() for g in ("old", "new")}
         summary[system.name] = entry
     return summary
+
+
+def _new_expert0_share(runs: list[dict], key: str, preset: Preset) -> float | None:
+    """Mean over seeds, new languages and MoE layers of the share of new-language tokens whose top route is expert 0
+    (the original FFN): how far stage 2 has sent the new languages back to it."""
+    shares = []
+    for run in runs:
+        routing = run[key].get("routing")
+        if routing is None:
+            return None
+        for row in routing["layers"].values():
+            shares += [row["expert0_share"][lang] for lang in preset.new if lang in row["expert0_share"]]
+    return sum(shares) / len(shares) if shares else None
 
 
 def _cell(entry: dict | None, digits: int = 3) -> str:
@@ -71,13 +87,14 @@ def stage2_table(summary: dict[str, dict], dense_old: float, dense_new: float) -
         "## Stage 2: what it keeps",
         "",
         f"Dense base: Old-avg {dense_old:.3f}, New-avg {dense_new:.3f}. Gain kept = (dense − after stage 2) ÷ (dense − "
-        "after stage 1) on New-avg, per seed. Targets (the paper's behaviour): Old-avg within "
+        "after stage 1) on New-avg, per seed; new → expert 0: the share of new-language tokens whose top route is the "
+        "original FFN, mean over layers. Targets (the paper's behaviour): Old-avg within "
         f"{OLD_WITHIN:.0%} of the dense base, ≥ {GAIN_KEPT:.0%} of the gain kept, New-avg seed sd after stage 2 ≤ "
         f"{SD_RATIO:g}× stage 1's. Router alone: the same stage-2 model evaluated with classifier routing off.",
         "",
         "| system | seeds | Old-avg stage 1 | Old-avg stage 2 | Old vs dense | New-avg stage 1 | New-avg stage 2 | "
-        "gain kept | New sd ×  | router alone Old / New | targets met |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "gain kept | New sd × | new → expert 0, stage 1 → 2 | router alone Old / New | targets met |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, e in summary.items():
         kept = e["gain_kept"]
@@ -87,8 +104,11 @@ def stage2_table(summary: dict[str, dict], dense_old: float, dense_new: float) -
         router_text = f"{_cell(router['old'])} / {_cell(router['new'])}" if router else "-"
         ratio = "-" if e["new_sd_ratio"] is None else f"{e['new_sd_ratio']:.1f}"
         met = sum(e["meets"].values())
+        share = e.get("new_expert0_share")
+        share_text = f"{share['stage1']:.0%} → {share['stage2']:.0%}" if share else "-"
         lines.append(
             f"| {name} | {e['seeds']} | {_cell(e['old_stage1'])} | {_cell(e['old'])} | {e['old_vs_dense']:+.1%} | "
-            f"{_cell(e['new_stage1'])} | {_cell(e['new'])} | {kept_text} | {ratio} | {router_text} | {met}/3 |"
+            f"{_cell(e['new_stage1'])} | {_cell(e['new'])} | {kept_text} | {ratio} | {share_text} | {router_text} | "
+            f"{met}/3 |"
         )
     return lines
