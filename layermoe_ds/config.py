@@ -101,6 +101,8 @@ class TrainConfig:
     balance_alpha: float = setting(0.01, "stage 1: weight of the load-balancing loss")
     lpr_gamma: float = setting(0.1, "stage 2: weight of the LPR loss (old-language tokens to expert 0)")
     cls_eta: float = setting(0.1, "stage 2: weight of the language-classifier loss")
+    # Not the paper's: KL from each router as stage 1 left it, on the newest group's tokens (training/router_anchor.py).
+    router_anchor_beta: float = setting(0.0, "stage 2: weight of keeping the new languages' stage-1 routing; 0 = off")
     # Stage 2's review set: the first N documents of each language of an earlier group (replayed) and of each
     # language of the group this run teaches. The reference's mix: 50K per old language, 100K per new one.
     stage2_docs_per_old_lang: int = setting(50_000, "stage 2: documents replayed per earlier-group language")
@@ -149,7 +151,7 @@ class TrainConfig:
             raise InputError(f"train.expert_parallel_size: {self.expert_parallel_size!r} must be 'auto' or an integer")
         if not self.dist_timeout_minutes > 0:
             raise InputError(f"train.dist_timeout_minutes: {self.dist_timeout_minutes} must be > 0")
-        for name in ("weight_decay", "balance_alpha", "lpr_gamma", "cls_eta", "seed"):
+        for name in ("weight_decay", "balance_alpha", "lpr_gamma", "cls_eta", "router_anchor_beta", "seed"):
             if not getattr(self, name) >= 0:
                 raise InputError(f"train.{name}: {getattr(self, name)} must be >= 0")
         if not 0 <= self.min_lr_ratio <= 1:

@@ -25,7 +25,8 @@ def test_mini_experiment(tiny_base, corpus_dir, tmp_path):
     uniform = System("uniform (3/layer)", Method.UNIFORM, 3, "0", 3, 3, lifelong=True, curve=True)
     layermoe = System("LayerMoE (2/layer)", Method.LAYERMOE, 2, "1", 2, 3, seeds=(0, 1), curve=True)
     variant = dataclasses.replace(  # a stage-2 variant: stage 2 again from LayerMoE's stage-1 model, seed 1
-        layermoe, name="LayerMoE, stage 2 lr 0.01", stage2=(("lr", 0.01),), stage1_of=layermoe.name, seeds=(1,),
+        layermoe, name="LayerMoE, stage 2 lr 0.01", stage2=(("lr", 0.01), ("router_anchor_beta", 1.0)),
+        stage1_of=layermoe.name, seeds=(1,),
         curve=False,
     )  # fmt: skip
     preset = Preset(
@@ -91,12 +92,18 @@ def test_mini_experiment(tiny_base, corpus_dir, tmp_path):
     assert not (variant_home / "stage1").exists()
     variant_stage2 = yaml.safe_load((variant_home / "stage2.yaml").read_text())
     assert variant_stage2["lr"] == 0.01 and variant_stage2["model"] == str((source_home / "stage1" / "model").resolve())
+    # with the router anchor on, stage 2 logs a KL once the routers have moved; the source's stage 2 has none
+    logged = [json.loads(line) for line in (variant_home / "stage2" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["loss/anchor"] > 0
+    source_logged = (source_home / "stage2" / "metrics.jsonl").read_text().splitlines()
+    assert all(json.loads(line)["loss/anchor"] == 0 for line in source_logged)
     with_variant = runs[(variant.name, 1, "G1")]
     assert with_variant["eval_stage1"] == runs[(layermoe.name, 1, "G1")]["eval_stage1"]
     assert with_variant["eval"] != runs[(layermoe.name, 1, "G1")]["eval"]
     # What stage 2 keeps, per MoE system; the classifier systems also evaluated with the router alone.
     assert set(saved["stage2"]) == {uniform.name, layermoe.name, variant.name}
-    assert saved["stage2"][layermoe.name]["seeds"] == 2 and saved["stage2"][variant.name]["stage2"] == {"lr": 0.01}
+    assert saved["stage2"][layermoe.name]["seeds"] == 2
+    assert saved["stage2"][variant.name]["stage2"] == {"lr": 0.01, "router_anchor_beta": 1.0}
     assert "router_only" in saved["stage2"][layermoe.name] and "router_only" not in saved["stage2"][uniform.name]
     assert seed0["eval_router_only"]["old_avg"]["bpb"] != seed0["eval"]["old_avg"]["bpb"]
     assert "## Stage 2: what it keeps" in (out / "report.md").read_text()

@@ -52,3 +52,34 @@ def test_stage_losses_combine_with_the_coefficients(grown):
     s2 = stage_losses(grown, output.loss, token_groups, 2, alpha=0.01, gamma=0.1, eta=0.1)
     assert s2.total.item() == pytest.approx((output.loss + 0.1 * s2.lpr + 0.1 * s2.cls).item())
     assert s2.lpr.item() > 0 and s2.cls.item() > 0 and s2.cls_count == 3 * 24
+
+
+def test_the_router_anchor_is_zero_at_stage_1s_routers_and_pulls_back_the_newest_groups_routing():
+    from layermoe_ds.training.router_anchor import RouterAnchor, anchor_loss
+
+    model = upcycle(tiny_dense("llama"), ALLOCATION)
+    model.set_classifier_routing(True)
+    anchor = RouterAnchor(model)  # the routers as built: stage 1's
+    token_groups = torch.tensor([[0] * 12, [1] * 12])  # one old row, one of the newest group
+    output = model(IDS, labels=IDS)
+    at_start = stage_losses(model, output.loss, token_groups, 2, 0.01, 0.1, 0.1, beta=1.0, anchor=anchor)
+    assert at_start.anchor.item() == pytest.approx(0.0, abs=1e-7)
+    with torch.no_grad():  # a router moved since stage 1: the anchor counts the newest group's tokens only
+        for block in model.moe_blocks().values():
+            block.gate.router.weight.add_(0.5 * torch.randn_like(block.gate.router.weight))
+    output = model(IDS, labels=IDS)
+    moved = stage_losses(model, output.loss, token_groups, 2, 0.01, 0.1, 0.1, beta=2.0, anchor=anchor)
+    assert moved.anchor.item() > 0
+    assert moved.total.item() == pytest.approx(
+        (output.loss + 0.1 * moved.lpr + 0.1 * moved.cls + 2 * moved.anchor).item()
+    )
+    moved.anchor.backward()
+    assert all(b.gate.router.weight.grad is not None for b in model.moe_blocks().values())
+    # KL(reference ‖ current), summed over the newest group's tokens only
+    reference = torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1]]))
+    current = torch.log(torch.tensor([[0.9, 0.1], [0.9, 0.1]]))
+    total, count = anchor_loss(current, reference, torch.tensor([0, 1]), newest_group=1)
+    assert count == 1 and total.item() == pytest.approx(0.0, abs=1e-6)
+    total, count = anchor_loss(current, reference, torch.tensor([1, 0]), newest_group=1)
+    expected = 0.5 * (torch.log(torch.tensor(0.5 / 0.9)) + torch.log(torch.tensor(0.5 / 0.1)))
+    assert count == 1 and total.item() == pytest.approx(expected.item(), rel=1e-5)

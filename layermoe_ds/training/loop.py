@@ -51,6 +51,7 @@ from layermoe_ds.training.metrics import (
     own_peak_memory_mib,
     reduce_scalars,
 )
+from layermoe_ds.training.router_anchor import RouterAnchor
 
 log = logging.getLogger("layermoe.train")
 
@@ -179,6 +180,9 @@ class StageTrainer:
         torch.manual_seed(config.seed)
         built = build_model(config, self.stage, self.world, frozen_dtype, self.device)
         model = self.model = built.model
+        # Stage 2's anchor copies the routers as built (stage 1's), before any checkpoint of this run is loaded.
+        anchored = self.stage == 2 and config.router_anchor_beta > 0 and not config.full_finetune
+        self.anchor = RouterAnchor(model) if anchored else None
         self.ep_sizes = built.ep_sizes
         self.micro = self.ds_config["train_micro_batch_size_per_gpu"]
         self.sampler = BlockSampler(len(self.blocks), self.micro, config.seed, self.rank, self.world)
@@ -278,7 +282,15 @@ class StageTrainer:
         output = self.engine(input_ids=ids, labels=ids, use_cache=False)
         config = self.config
         losses = stage_losses(
-            self.model, output.loss, groups, self.stage, config.balance_alpha, config.lpr_gamma, config.cls_eta
+            self.model,
+            output.loss,
+            groups,
+            self.stage,
+            config.balance_alpha,
+            config.lpr_gamma,
+            config.cls_eta,
+            config.router_anchor_beta,
+            self.anchor,
         )
         self.engine.backward(losses.total)
         accumulate(sums, self.model, losses, groups, accumulation)

@@ -1,7 +1,8 @@
 """Stage losses from the blocks' recorded auxiliary outputs (each block computed its own with its own N_i).
 
 Stage 1: NTP + α · mean over MoE layers of the load-balance loss.
-Stage 2: NTP + γ · L_LPR + η · L_cls (no balance loss). L_LPR is the paper's −log G(t) on router probabilities
+Stage 2: NTP + γ · L_LPR + η · L_cls (no balance loss), + β · L_anchor where a router anchor is on (not the
+paper's; router_anchor.py). L_LPR is the paper's −log G(t) on router probabilities
 (not the reference code's cross-entropy applied to probabilities, a double softmax): for a token of an earlier
 group g it is −log Σ_{experts e of groups ≤ g} p_e, which for the original languages (g = 0) is −log p_0.
 L_cls is the cross-entropy of the classifier logits against each token's language group.
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from layermoe_ds.modeling.types import moe_blocks
+from layermoe_ds.training.router_anchor import RouterAnchor, anchor_loss
 
 
 @dataclass
@@ -24,6 +26,7 @@ class StageLosses:
     balance: torch.Tensor
     lpr: torch.Tensor
     cls: torch.Tensor
+    anchor: torch.Tensor
     cls_correct: torch.Tensor | int  # device tensors in training: read with the step's metrics, not here
     cls_count: torch.Tensor | int
 
@@ -51,13 +54,21 @@ def classifier_loss(
 
 
 def stage_losses(
-    model, ntp: torch.Tensor, token_group_BL: torch.Tensor, stage: int, alpha: float, gamma: float, eta: float
+    model,
+    ntp: torch.Tensor,
+    token_group_BL: torch.Tensor,
+    stage: int,
+    alpha: float,
+    gamma: float,
+    eta: float,
+    beta: float = 0.0,
+    anchor: RouterAnchor | None = None,
 ) -> StageLosses:
     blocks = moe_blocks(model)
     zero = ntp.new_zeros(())
     balance = torch.stack([b.aux.balance_loss for b in blocks.values()]).mean() if blocks else zero
     token_group_T = token_group_BL.reshape(-1)
-    lpr, cls, correct, count = zero, zero, 0, 0
+    lpr, cls, kept, correct, count = zero, zero, zero, 0, 0
     if stage == 2:
         newest = model.config.num_groups - 1
         lpr_terms = [
@@ -69,7 +80,13 @@ def stage_losses(
         cls_terms = [b.aux.classifier_logits_TG for b in blocks.values() if b.aux.classifier_logits_TG is not None]
         if cls_terms:
             cls, correct, count = classifier_loss(cls_terms, token_group_T)
-        total = ntp + gamma * lpr + eta * cls
+        if anchor is not None and blocks:  # mean over the newest group's tokens and the MoE layers
+            terms = [
+                anchor_loss(b.aux.router_log_probs_TE, anchor.log_probs[layer], token_group_T, newest)
+                for layer, b in blocks.items()
+            ]
+            kept = torch.stack([t for t, _ in terms]).sum() / torch.stack([n for _, n in terms]).sum().clamp_min(1)
+        total = ntp + gamma * lpr + eta * cls + beta * kept
     else:
         total = ntp + alpha * balance
-    return StageLosses(total, ntp, balance, lpr, cls, correct, count)
+    return StageLosses(total, ntp, balance, lpr, cls, kept, correct, count)

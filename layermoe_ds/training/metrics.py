@@ -44,7 +44,16 @@ class MetricsLogger:
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{scalars['loss/total']:.3f}")
         if step % self.log_every == 0:
-            keys = ("loss/total", "loss/ntp", "loss/balance", "loss/lpr", "loss/cls", "lr", "tokens_per_s")
+            keys = (
+                "loss/total",
+                "loss/ntp",
+                "loss/balance",
+                "loss/lpr",
+                "loss/cls",
+                "loss/anchor",
+                "lr",
+                "tokens_per_s",
+            )
             log.info("step %d %s", step, " ".join(f"{k}={scalars[k]:.4g}" for k in keys if k in scalars))
 
     def close(self) -> None:
@@ -91,7 +100,7 @@ def _add(sums: dict[str, Number], key: str, value: Number) -> None:
 def accumulate(sums: dict[str, Number], model, losses, groups: torch.Tensor, accumulation: int) -> None:
     """Per-step sums of what gets logged, kept where they are (device tensors stay on the device: nothing here reads
     one on the host); losses and capacity ratios divided by the accumulation steps. `reduce_scalars` reads them."""
-    for name in ("total", "ntp", "balance", "lpr", "cls"):
+    for name in ("total", "ntp", "balance", "lpr", "cls", "anchor"):
         _add(sums, f"loss/{name}", getattr(losses, name) / accumulation)
     _add(sums, "classifier/correct", losses.cls_correct)
     _add(sums, "classifier/count", losses.cls_count)
