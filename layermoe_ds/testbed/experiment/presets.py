@@ -190,18 +190,21 @@ def stage2_variants(sources: tuple[System, ...], variants: dict[str, dict]) -> l
 
 # The stage-2 study (docs/results/stage2/): on the paper preset's base, data and stage 1, uniform MoE-LPR and
 # LayerMoE at 24 new experts over 3 seeds; stage 2 as the paper preset runs it (lr 1e-2, 60 steps, γ = η = 0.1,
-# 3,000 documents per language), then variants of the learning rate, the LPR and classifier weights, the steps
-# and the review mix, each from the same stage-1 models.
+# 3,000 documents per language), then variants, each from the same stage-1 models: the router anchor (not the
+# paper's: training/router_anchor.py), the learning rate, the LPR weight and the review mix.
 STAGE2_SOURCES = (
     System("MoE-LPR uniform (3/layer)", Method.UNIFORM, 3, "0", 3, 3, seeds=PAPER_SEEDS),
     replace(PAPER_REFERENCE, curve=False, lifelong=False),
 )
-STAGE2_VARIANTS = {
+STAGE2_VARIANTS = {  # the router anchor's first: the fix; then what the paper's own knobs do
+    "anchor β 1": {"router_anchor_beta": 1.0},
+    "anchor β 3": {"router_anchor_beta": 3.0},
+    "anchor β 0.3": {"router_anchor_beta": 0.3},
     "lr 3e-3": {"lr": 3e-3},
     "lr 1e-3": {"lr": 1e-3},
     "lr 1e-3, γ 1": {"lr": 1e-3, "lpr_gamma": 1.0},
     "lr 1e-3, 1:2 review": {"lr": 1e-3, "stage2_docs_per_old_lang": 1500},
-    "lr 1e-2, γ 0.01": {"lpr_gamma": 0.01},
+    "γ 0.01": {"lpr_gamma": 0.01},
 }
 
 PRESETS = {
