@@ -207,6 +207,18 @@ STAGE2_VARIANTS = {  # the router anchor's first: the fix; then what the paper's
     "γ 0.01": {"lpr_gamma": 0.01},
 }
 
+PAPER = Preset(
+    systems=(*_PAPER_CURVE, *_PAPER_ABLATIONS, DENSE_FINETUNE),
+    lifelong=("es", "it"),
+    base="deep",
+    reference=PAPER_REFERENCE.name,
+    baseline="MoE-LPR uniform (3/layer)",
+    min_score=0.05,
+    stage1_steps=150,
+    stage2_steps=60,
+    eval_max_tokens=10_000,
+)
+
 PRESETS = {
     # make demo: the dense base, MoE-LPR's uniform allocation, LayerMoE with half the new experts.
     "demo": Preset(systems=(UNIFORM, LAYERMOE)),
@@ -223,26 +235,8 @@ PRESETS = {
     ),
     # The paper's questions on a 12-layer base: the budget–quality curve of uniform MoE-LPR, LayerMoE and random
     # allocation at ~12, 24 and ~36 new experts; at 24, every claim over 3 seeds (ablations, lifelong expansion).
-    "paper": Preset(
-        systems=(*_PAPER_CURVE, *_PAPER_ABLATIONS, DENSE_FINETUNE),
-        lifelong=("es", "it"),
-        base="deep",
-        reference=PAPER_REFERENCE.name,
-        baseline="MoE-LPR uniform (3/layer)",
-        min_score=0.05,
-        stage1_steps=150,
-        stage2_steps=60,
-        eval_max_tokens=10_000,
-    ),
-    "stage2-study": Preset(
-        systems=tuple(stage2_variants(STAGE2_SOURCES, STAGE2_VARIANTS)),
-        base="deep",
-        reference=PAPER_REFERENCE.name,
-        baseline="MoE-LPR uniform (3/layer)",
-        min_score=0.05,
-        stage1_steps=150,
-        stage2_steps=60,
-        eval_max_tokens=10_000,
-        router_only_eval=True,
+    "paper": PAPER,
+    "stage2-study": replace(
+        PAPER, systems=tuple(stage2_variants(STAGE2_SOURCES, STAGE2_VARIANTS)), lifelong=(), router_only_eval=True
     ),
 }
