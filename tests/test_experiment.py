@@ -73,7 +73,7 @@ def test_mini_experiment(tiny_base, corpus_dir, tmp_path):
     # The curve: one point per curve system, by method, with its parameter counts.
     curve = {p["system"]: p for p in saved["curve"]}
     assert curve[uniform.name]["new_experts"] == 6 and curve[uniform.name]["method"] == "uniform"
-    assert curve[layermoe.name]["new_avg"]["n"] == 2
+    assert curve[layermoe.name]["new_avg"]["n"] == 2 and curve[layermoe.name]["new_avg_stage1"]["n"] == 2
     assert curve[layermoe.name]["params_total"] < curve[uniform.name]["params_total"]
     # The lifelong expansion: the grown model knows three groups, and every language is evaluated.
     g2 = runs[(uniform.name, 0, "G2")]

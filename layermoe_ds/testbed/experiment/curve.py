@@ -30,11 +30,17 @@ class CurvePoint:
     params_active: int
     new: Stats
     old: Stats
+    new_stage1: Stats | None = None  # after stage 1 (None for a system without stage 2)
+    old_stage1: Stats | None = None
 
     def as_dict(self) -> dict:
         out = {k: getattr(self, k) for k in ("system", "budget_per_layer", "new_experts")}
         out.update(method=str(self.method), params_total=self.params_total, params_active=self.params_active)
-        return {**out, "new_avg": self.new.as_dict(), "old_avg": self.old.as_dict()}
+        out.update(new_avg=self.new.as_dict(), old_avg=self.old.as_dict())
+        for key, value in (("new_avg_stage1", self.new_stage1), ("old_avg_stage1", self.old_stage1)):
+            if value is not None:
+                out[key] = value.as_dict()
+        return out
 
 
 def curve(results: dict[RunId, dict], preset: Preset) -> dict[Method, list[CurvePoint]]:
@@ -54,6 +60,8 @@ def curve(results: dict[RunId, dict], preset: Preset) -> dict[Method, list[Curve
             first["eval"]["params_active"],
             seed_stats(results, system.name, "new"),
             seed_stats(results, system.name, "old"),
+            seed_stats(results, system.name, "new", "eval_stage1"),
+            seed_stats(results, system.name, "old", "eval_stage1"),
         )
         points.setdefault(system.method, []).append(point)
     return {method: sorted(p, key=lambda p: p.new_experts) for method, p in points.items()}

@@ -152,14 +152,15 @@ def curve_table(points: dict[Method, list[CurvePoint]]) -> list[str]:
         "The same total budget (experts per layer, expert 0 included) spread three ways: uniformly (MoE-LPR), by "
         "Eq. 10 (LayerMoE), at random. Mean ± sd where a point ran with several seeds.",
         "",
-        "| method | budget/layer | new experts | params | active | Old-avg | New-avg |",
-        "|---|---|---|---|---|---|---|",
+        "| method | budget/layer | new experts | params | active | Old-avg | New-avg | Old-avg after stage 1 | "
+        "New-avg after stage 1 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for method, method_points in points.items():
         for p in method_points:
             lines.append(
                 f"| {method} | {p.budget_per_layer:g} | {p.new_experts} | {p.params_total / 1e6:.2f}M | "
-                f"{p.params_active / 1e6:.2f}M | {p.old} | {p.new} |"
+                f"{p.params_active / 1e6:.2f}M | {p.old} | {p.new} | {p.old_stage1 or '-'} | {p.new_stage1 or '-'} |"
             )
     return lines
 
@@ -232,15 +233,21 @@ def plot_routing(results: dict[RunId, dict], preset: Preset, out: Path) -> None:
 
 
 def plot_curve(points: dict[Method, list[CurvePoint]], path: Path) -> None:
-    """New-avg and Old-avg against new experts, one line per method (error bars: sd over seeds)."""
+    """New-avg and Old-avg against new experts, one line per method after stage 2 and a dashed one after stage 1
+    (error bars: sd over seeds)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, group in zip(axes, ("new", "old"), strict=True):
-        for method, method_points in points.items():
+        for i, (method, method_points) in enumerate(points.items()):
             xs = [p.new_experts for p in method_points]
             values = [getattr(p, group) for p in method_points]
+            color = f"C{i}"
             ax.errorbar(xs, [v.mean for v in values], yerr=[v.sd for v in values], marker="o", capsize=3,
-                        label=str(method))  # fmt: skip
+                        color=color, label=f"{method}, stage 2")  # fmt: skip
+            before = [getattr(p, f"{group}_stage1") for p in method_points]
+            if all(v is not None for v in before):
+                ax.errorbar(xs, [v.mean for v in before], yerr=[v.sd for v in before], marker="s", capsize=3,
+                            color=color, linestyle="--", alpha=0.6, label=f"{method}, stage 1")  # fmt: skip
         ax.set_xlabel("new experts (total over layers)")
         ax.set_ylabel(f"{group.capitalize()}-avg bits per byte (test)")
         ax.set_title(f"{group.capitalize()} languages")
