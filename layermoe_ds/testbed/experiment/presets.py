@@ -200,6 +200,7 @@ STAGE2_VARIANTS = {  # the router anchor's first: the fix; then what the paper's
     "anchor β 1": {"router_anchor_beta": 1.0},
     "anchor β 3": {"router_anchor_beta": 3.0},
     "anchor β 0.3": {"router_anchor_beta": 0.3},
+    "anchor β 1, γ 0.3": {"router_anchor_beta": 1.0, "lpr_gamma": 0.3},
     "lr 3e-3": {"lr": 3e-3},
     "lr 1e-3": {"lr": 1e-3},
     "lr 1e-3, γ 1": {"lr": 1e-3, "lpr_gamma": 1.0},
