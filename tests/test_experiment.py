@@ -45,6 +45,7 @@ def test_mini_experiment(tiny_base, corpus_dir, tmp_path):
         stage2_docs=200,
         eval_max_tokens=800,
         router_only_eval=True,
+        stage2_settings=(("cls_eta", 0.2),),  # every system's stage 2, under a variant's own settings
     )
     out = tmp_path / "mini"
     results = run_experiment(preset, tiny_base, corpus_dir, out, launcher=Launcher.TORCHRUN)
@@ -91,6 +92,7 @@ def test_mini_experiment(tiny_base, corpus_dir, tmp_path):
     )
     assert not (variant_home / "stage1").exists()
     variant_stage2 = yaml.safe_load((variant_home / "stage2.yaml").read_text())
+    assert variant_stage2["cls_eta"] == 0.2 == yaml.safe_load((source_home / "stage2.yaml").read_text())["cls_eta"]
     assert variant_stage2["lr"] == 0.01 and variant_stage2["model"] == str((source_home / "stage1" / "model").resolve())
     # with the router anchor on, stage 2 logs a KL once the routers have moved; the source's stage 2 has none
     logged = [json.loads(line) for line in (variant_home / "stage2" / "metrics.jsonl").read_text().splitlines()]
@@ -321,5 +323,7 @@ def test_a_stage2_variant_must_name_an_earlier_system_and_known_settings():
         Preset(systems=(ok, source))
     with pytest.raises(ValueError, match="every seed this one has"):
         Preset(systems=(source, dataclasses.replace(ok, seeds=(2,))))
+    with pytest.raises(ValueError, match="stage2_settings has unknown settings \\['anchor'\\]"):
+        Preset(systems=(source,), stage2_settings=(("anchor", 1.0),))
     with pytest.raises(ValueError, match="keeps its source's method"):
         Preset(systems=(source, dataclasses.replace(ok, method=Method.LAYERMOE)))

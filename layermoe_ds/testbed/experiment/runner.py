@@ -243,6 +243,7 @@ def train_and_evaluate(
             stage2_docs_per_old_lang=preset.stage2_docs,
             stage2_docs_per_new_lang=preset.stage2_docs,
         )
+        config.update(preset.stage2_settings)
         config.update(system.stage2)
         upstream = {"model": first.model.digest, "data": ctx.data_digest}
         final = ctx.stage(2, config, home / "stage2", upstream, tag)
