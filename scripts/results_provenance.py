@@ -41,13 +41,14 @@ def moe_block(d: dict) -> Figures:
 
 
 def stage(d: dict) -> Figures:
-    model = d["model"] if isinstance(d["model"], str) else json.dumps(d["model"])
+    model = str(d["model"])
+    model = f"random h, FFN, layers = {model}" if model[:1].isdigit() else f"the {Path(model).name} model"
     yield f"stage-2 step ÷ stage-1 step ({model}, seq {d['seq_len']}, 2 ranks)", _x(d["stage2_over_stage1_step"])
     if "dropless_over_dropping_stage1_step" in d:
-        dropped = d["stage1_dropping_routes_dropped"]
+        dropped = int(d["stage1_dropping_routes_dropped"])
         yield (
             "same: dropless stage-1 step ÷ capacity-capped (factor 1.25)",
-            (f"{_x(d['dropless_over_dropping_stage1_step'])} ({dropped} routes dropped by the capped run)"),
+            (f"{_x(d['dropless_over_dropping_stage1_step'])} ({dropped:,} routes dropped by the capped run)"),
         )
     world1, world2 = d["optimizer_bytes_per_rank_world1"] / 1e6, d["optimizer_bytes_per_rank_world2"] / 1e6
     yield (
@@ -150,9 +151,13 @@ def generate(d: dict) -> Figures:
 
 def compat(d: dict) -> Figures:
     for version, rows in d["versions"].items():
+
+        def works(key: str, rows=rows) -> bool:  # [class, cached = uncached generation, tokens], or the error
+            return isinstance(rows.get(key), list) and bool(rows[key][1])
+
         families = sorted({key.split("/")[0] for key in rows})
-        ok = [f for f in families if rows[f"{f}/moe"][1]]
-        both_fail = [f for f in families if not rows[f"{f}/moe"][1] and not rows.get(f"{f}/dense", [None, True])[1]]
+        ok = [f for f in families if works(f"{f}/moe")]
+        both_fail = [f for f in families if not works(f"{f}/moe") and not works(f"{f}/dense")]
         note = f" ({', '.join(both_fail)}: the dense model fails the same way)" if both_fail else ""
         what = f"exports loaded through remote code and generating, transformers {version}"
         yield what, f"{len(ok)} of {len(families)} families{note}"
