@@ -300,14 +300,13 @@ def run_benchmark(
         report["plan"].setdefault(item.lang, []).append(entry)
     pairs = translation.directions([*old, *new])
     for pair in pairs:
-        lang = pair.tgt if pair.src == translation.PIVOT else pair.src
         if flores is None:
             if suite == "paper" and pair.src == translation.PIVOT:
                 looked_for = ["--flores DIR (the FLORES-101/200 dev and devtest files)"]
-                missing.setdefault(lang, []).append({"benchmark": "flores", "looked_for": looked_for})
+                missing.setdefault(pair.language, []).append({"benchmark": "flores", "looked_for": looked_for})
             continue
-        entry = {"benchmark": _flores_name(pair), "task": pair.name, "num_fewshot": flores.shots}
-        report["plan"].setdefault(lang, []).append(entry)
+        entry = {"benchmark": pair.benchmark, "task": pair.name, "num_fewshot": flores.shots}
+        report["plan"].setdefault(pair.language, []).append(entry)
     report["missing"] = missing
     for lang, rows in missing.items():
         log.warning(
@@ -349,12 +348,12 @@ def run_benchmark(
                                             comet=flores.comet)  # fmt: skip
         report["flores"] = translated
         for pair in pairs:
-            lang, row = (pair.tgt if pair.src == translation.PIVOT else pair.src), translated[pair.name]
+            row = translated[pair.name]
             for metric in ("chrf", "comet"):
                 if metric in row:
-                    name = _flores_name(pair) + ("" if metric == "chrf" else " (COMET)")
+                    name = pair.benchmark + ("" if metric == "chrf" else " (COMET)")
                     entry = {"metric": metric, "value": row[metric], "task": pair.name, "num_fewshot": flores.shots}
-                    scores.setdefault(lang, {})[name] = entry
+                    scores.setdefault(pair.language, {})[name] = entry
     report |= {"scores": scores, "old_avg": group_averages(scores, old), "new_avg": group_averages(scores, new)}
     report |= {"max_length": lm.max_length, "over_context": over}
     for task, count in over.items():
@@ -367,12 +366,6 @@ def run_benchmark(
     write_json(out / "results.json", report)
     atomic_write_text(out / "results.md", markdown(report))
     return report
-
-
-def _flores_name(pair) -> str:
-    from layermoe_ds.eval.translation import PIVOT
-
-    return "flores_from_en" if pair.src == PIVOT else "flores_to_en"
 
 
 def _harness_model(model_dir: Path, batch_size: int, device: str | None, dtype: str):

@@ -56,6 +56,15 @@ class Direction:
     def name(self) -> str:
         return f"{self.src}-{self.tgt}"
 
+    @property
+    def language(self) -> str:
+        """The language other than the pivot, whose scores these are."""
+        return self.tgt if self.src == PIVOT else self.src
+
+    @property
+    def benchmark(self) -> str:
+        return "flores_from_en" if self.src == PIVOT else "flores_to_en"
+
 
 def directions(langs: Sequence[str], pivot: str = PIVOT) -> list[Direction]:
     """The paper's pairs: every language other than the pivot, to it and from it."""

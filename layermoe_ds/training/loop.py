@@ -181,8 +181,7 @@ class StageTrainer:
         built = build_model(config, self.stage, self.world, frozen_dtype, self.device)
         model = self.model = built.model
         # Stage 2's anchor copies the routers as built (stage 1's), before any checkpoint of this run is loaded.
-        anchored = self.stage == 2 and config.router_anchor_beta > 0 and not config.full_finetune
-        self.anchor = RouterAnchor(model) if anchored else None
+        self.anchor = RouterAnchor(model) if self.stage == 2 and config.router_anchor_beta > 0 else None
         self.ep_sizes = built.ep_sizes
         self.micro = self.ds_config["train_micro_batch_size_per_gpu"]
         self.sampler = BlockSampler(len(self.blocks), self.micro, config.seed, self.rank, self.world)

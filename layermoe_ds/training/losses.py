@@ -43,6 +43,11 @@ def lpr_loss(
     return -(torch.logsumexp(kept_TE, dim=-1) * earlier_T).sum(), earlier_T.sum()
 
 
+def token_mean(terms: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Σ of per-layer (sum, tokens counted) pairs as one mean over every counted token; 0 when none counted."""
+    return torch.stack([t for t, _ in terms]).sum() / torch.stack([n for _, n in terms]).sum().clamp_min(1)
+
+
 def classifier_loss(
     logits_per_layer: list[torch.Tensor], token_group_T: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -75,17 +80,17 @@ def stage_losses(
             lpr_loss(b.aux.router_log_probs_TE, b.gate.expert_groups, token_group_T, newest) for b in blocks.values()
         ]
         if lpr_terms:  # mean over the earlier groups' tokens and the MoE layers; 0 when the batch has none
-            counted = torch.stack([n for _, n in lpr_terms]).sum()
-            lpr = torch.stack([t for t, _ in lpr_terms]).sum() / counted.clamp_min(1)
+            lpr = token_mean(lpr_terms)
         cls_terms = [b.aux.classifier_logits_TG for b in blocks.values() if b.aux.classifier_logits_TG is not None]
         if cls_terms:
             cls, correct, count = classifier_loss(cls_terms, token_group_T)
         if anchor is not None and blocks:  # mean over the newest group's tokens and the MoE layers
-            terms = [
-                anchor_loss(b.aux.router_log_probs_TE, anchor.log_probs[layer], token_group_T, newest)
-                for layer, b in blocks.items()
-            ]
-            kept = torch.stack([t for t, _ in terms]).sum() / torch.stack([n for _, n in terms]).sum().clamp_min(1)
+            kept = token_mean(
+                [
+                    anchor_loss(b.aux.router_log_probs_TE, anchor.log_probs[layer], token_group_T, newest)
+                    for layer, b in blocks.items()
+                ]
+            )
         total = ntp + gamma * lpr + eta * cls + beta * kept
     else:
         total = ntp + alpha * balance

@@ -14,8 +14,8 @@ exported model is the paper's, only its stage-2 training differs.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from layermoe_ds.modeling.remote.layermoe_block import fp32_linear
 from layermoe_ds.modeling.types import moe_blocks
 
 
@@ -33,9 +33,8 @@ class RouterAnchor:
     def _recorder(self, layer: int):
         def record(gate, args, kwargs=None) -> None:
             hidden_BLH = args[0]
-            with torch.no_grad():
-                weight = self.reference[layer].to(hidden_BLH.device)
-                logits = F.linear(hidden_BLH.reshape(-1, hidden_BLH.shape[-1]).float(), weight)
+            with torch.no_grad():  # the gate's own fp32 projection, with stage 1's weights
+                logits = fp32_linear(hidden_BLH.reshape(-1, hidden_BLH.shape[-1]), self.reference[layer])
                 self.log_probs[layer] = torch.log_softmax(logits, dim=-1)
 
         return record

@@ -68,6 +68,19 @@ def seed_stats(results: dict[RunId, dict], system: str, group: str, key: str = "
     return stats([average(r[key], group) for r in runs]) if runs else None
 
 
+def routing_summary(routing: dict) -> dict:
+    """Per language, the mean over MoE layers of the share of tokens whose top route is expert 0, and of the
+    classifier's accuracy over the layers that have one (the per-layer table stays in each run's eval JSON)."""
+    layers = list(routing["layers"].values())
+    summary = {"expert0_share": {}, "layers": len(layers)}
+    for lang in layers[0]["expert0_share"] if layers else []:
+        summary["expert0_share"][lang] = sum(row["expert0_share"][lang] for row in layers) / len(layers)
+        accuracy = [row["classifier_accuracy"][lang] for row in layers if "classifier_accuracy" in row]
+        if accuracy:
+            summary.setdefault("classifier_accuracy", {})[lang] = sum(accuracy) / len(accuracy)
+    return summary
+
+
 def group_means(languages: dict, groups: list[tuple[str, ...]]) -> list[float | None]:
     """Plain mean bits per byte over each group's languages (None where a group was not evaluated)."""
     means = []

@@ -17,6 +17,7 @@ from layermoe_ds.testbed.experiment.reading import (
     lifelong_reading,
     profile_reading,
     reading,
+    routing_summary,
     runs_of,
     seed_stats,
 )
@@ -87,19 +88,6 @@ def write_report(results: dict[RunId, dict], preset: Preset, out: Path) -> Path:
 
 
 EVALUATIONS = ("eval", "eval_stage1", "eval_router_only", "eval_later")
-
-
-def routing_summary(routing: dict) -> dict:
-    """Per language, the mean over MoE layers of the share of tokens whose top route is expert 0, and of the
-    classifier's accuracy over the layers that have one (the per-layer table stays in each run's eval JSON)."""
-    layers = list(routing["layers"].values())
-    summary = {"expert0_share": {}, "layers": len(layers)}
-    for lang in layers[0]["expert0_share"] if layers else []:
-        summary["expert0_share"][lang] = sum(row["expert0_share"][lang] for row in layers) / len(layers)
-        accuracy = [row["classifier_accuracy"][lang] for row in layers if "classifier_accuracy" in row]
-        if accuracy:
-            summary.setdefault("classifier_accuracy", {})[lang] = sum(accuracy) / len(accuracy)
-    return summary
 
 
 def lean(result: dict) -> dict:

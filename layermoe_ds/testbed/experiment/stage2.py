@@ -4,7 +4,7 @@ which share of stage 1's New-avg gain over the dense base survives, against the 
 from __future__ import annotations
 
 from layermoe_ds.testbed.experiment.presets import DENSE_BASE, Preset, RunId
-from layermoe_ds.testbed.experiment.reading import Stats, average, runs_of, stats
+from layermoe_ds.testbed.experiment.reading import Stats, average, routing_summary, runs_of, stats
 
 OLD_WITHIN = 0.02  # Old-avg after stage 2 within 2% of the dense base's
 GAIN_KEPT = 0.80  # at least 80% of stage 1's New-avg gain over the dense base kept after stage 2
@@ -64,20 +64,19 @@ def stage2_summary(results: dict[RunId, dict], preset: Preset) -> dict[str, dict
 def _new_expert0_share(runs: list[dict], key: str, preset: Preset) -> float | None:
     """Mean over seeds, new languages and MoE layers of the share of new-language tokens whose top route is expert 0
     (the original FFN): how far stage 2 has sent the new languages back to it."""
-    shares = []
-    for run in runs:
-        routing = run[key].get("routing")
-        if routing is None:
-            return None
-        for row in routing["layers"].values():
-            shares += [row["expert0_share"][lang] for lang in preset.new if lang in row["expert0_share"]]
-    return sum(shares) / len(shares) if shares else None
+    if any("routing" not in run[key] for run in runs):
+        return None
+    shares = [routing_summary(run[key]["routing"])["expert0_share"] for run in runs]
+    values = [share[lang] for share in shares for lang in preset.new if lang in share]
+    return sum(values) / len(values) if values else None
 
 
-def _cell(entry: dict | None, digits: int = 3) -> str:
-    if entry is None:
-        return "-"
-    return f"{entry['mean']:.{digits}f} ± {entry['sd']:.{digits}f}" if entry["n"] > 1 else f"{entry['mean']:.{digits}f}"
+def _cell(entry: dict | None) -> str:
+    return "-" if entry is None else str(Stats(**entry))
+
+
+def _percent(entry: dict) -> str:
+    return f"{100 * entry['mean']:.0f} ± {100 * entry['sd']:.0f}%" if entry["n"] > 1 else f"{100 * entry['mean']:.0f}%"
 
 
 def stage2_table(summary: dict[str, dict], dense_old: float, dense_new: float) -> list[str]:
@@ -98,8 +97,7 @@ def stage2_table(summary: dict[str, dict], dense_old: float, dense_new: float) -
     ]
     for name, e in summary.items():
         kept = e["gain_kept"]
-        percent = None if kept is None else {**kept, "mean": 100 * kept["mean"], "sd": 100 * kept["sd"]}
-        kept_text = "-" if percent is None else _cell(percent, 0) + "%"
+        kept_text = "-" if kept is None else _percent(kept)
         router = e.get("router_only")
         router_text = f"{_cell(router['old'])} / {_cell(router['new'])}" if router else "-"
         ratio = "-" if e["new_sd_ratio"] is None else f"{e['new_sd_ratio']:.1f}"
