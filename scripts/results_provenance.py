@@ -1,6 +1,6 @@
-"""docs/performance.md's figures, read from bench/results/*.json: one table, each figure beside the results file it
-comes from with that file's date, commit and command. The page's prose says how to read them; no figure is typed
-there. Rewrites the table between its markers:
+"""docs/performance.md's figures (and the README's few real-shape ones), read from bench/results/*.json: one
+table, each figure beside the results file it comes from with that file's date, commit and command. The page's
+prose says how to read them; no figure is typed there. Rewrites both blocks between their markers:
 
     python scripts/results_provenance.py            # update docs/performance.md
     python scripts/results_provenance.py --check    # exit 1 if the page is not current (tests/test_docs.py)
@@ -197,16 +197,39 @@ def table() -> str:
     return "\n".join([BEGIN, *rows, END])
 
 
-def current(page: str) -> str:
-    start, end = page.index(BEGIN), page.index(END) + len(END)
-    return page[:start] + table() + page[end:]
+README = ROOT / "README.md"
+HEADLINE_BEGIN, HEADLINE_END = "<!-- real-shape figures: scripts/results_provenance.py -->", "<!-- end of figures -->"
+HEADLINE = {  # file → the rows (by how they start) the README shows
+    "scale_bench": ("stage 1", "stage 2", "same: stage-1 checkpoint", "same: stage-2 checkpoint"),
+    "data_bench": ("stage-1 peak RSS",),
+}
+
+
+def headline() -> str:
+    """The README's few real-shape figures: the same rows as the performance page, from the same files."""
+    lines = []
+    for stem, starts in HEADLINE.items():
+        path = ROOT / "bench" / "results" / f"{stem}.json"
+        results = json.loads(path.read_text())
+        when = f"{results['provenance']['date'][:10]}, `{results['provenance']['commit'][:12]}`"
+        for what, value in FORMATTERS[stem](results):
+            if what.startswith(starts):
+                lines.append(f"- {what}: {value} ({when})")
+    return "\n".join([HEADLINE_BEGIN, *lines, HEADLINE_END])
+
+
+def replaced(text: str, begin: str, end: str, block: str) -> str:
+    start, stop = text.index(begin), text.index(end) + len(end)
+    return text[:start] + block + text[stop:]
 
 
 def main(argv: list[str]) -> int:
-    page = PAGE.read_text()
+    pages = {PAGE: replaced(PAGE.read_text(), BEGIN, END, table()),
+             README: replaced(README.read_text(), HEADLINE_BEGIN, HEADLINE_END, headline())}  # fmt: skip
     if "--check" in argv:
-        return 0 if current(page) == page else 1
-    PAGE.write_text(current(page))
+        return 0 if all(path.read_text() == text for path, text in pages.items()) else 1
+    for path, text in pages.items():
+        path.write_text(text)
     return 0
 
 
