@@ -27,6 +27,7 @@ VERBS: list[Callable] = [
     models.add_check_hostfile,
     experiment.add_experiment,
     experiment.add_demo,
+    experiment.add_calibrate,
 ]
 
 

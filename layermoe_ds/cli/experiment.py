@@ -34,13 +34,29 @@ def add_experiment(sub) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
-def _experiment_arguments(p, default_out: Path | None) -> None:
+def add_calibrate(sub) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="the testbed grid (base FFN width, its share of the later languages, stage-1 steps) where more experts "
+        "buy measurable quality",
+        description="At each grid point, uniform MoE-LPR at the smallest and the largest budget over 2 seeds, both "
+        "stages; writes OUT/calibration.md and .json with the cheapest point where the largest budget's New-avg beats "
+        "the smallest's by 3 pooled seed sds. Each point is an experiment under OUT/<point>/, cached and resumable; "
+        "the base models are pretrained once into --artifacts.",
+    )
+    _experiment_arguments(p, default_out=Path("runs/calibration"), base=False)
+    p.set_defaults(func=_cmd_calibrate)
+
+
+def _experiment_arguments(p, default_out: Path | None, base: bool = True) -> None:
     p.add_argument(
         "--out", "--runs", dest="runs", metavar="DIR", type=Path, default=default_out, required=default_out is None
     )
     p.add_argument("--data", type=Path, default=Path("data"))
     p.add_argument("--artifacts", type=Path, default=Path("artifacts"))
-    p.add_argument("--base", type=Path, default=None, help="a dense base model directory (default: build the tiny one)")
+    if base:
+        p.add_argument("--base", type=Path, default=None, help="a dense base model directory (default: build the "
+                       "tiny one)")  # fmt: skip
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     p.add_argument(
         "--launcher",
@@ -55,3 +71,15 @@ def _cmd_demo(args) -> int:
     from layermoe_ds.testbed.demo import run_demo
 
     return run_demo(args.data, args.artifacts, args.runs, args.cache, args.preset, args.base, args.launcher)
+
+
+def _cmd_calibrate(args) -> int:
+    from layermoe_ds.testbed.calibration import GRID, run_calibration
+
+    report = run_calibration(GRID, args.data, args.artifacts, args.cache, args.runs, args.launcher)
+    print(
+        "\n".join(
+            line for line in (args.runs / "calibration.md").read_text().splitlines() if line.startswith(("|", "**"))
+        )
+    )
+    return 0 if report["choice"] else 1

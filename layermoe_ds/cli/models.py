@@ -24,10 +24,11 @@ def add_pretrain(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="output model directory")
     p.add_argument(
         "--preset",
-        choices=("demo", "deep"),
+        choices=("demo", "deep", "deep-narrow", "deep-rare"),
         default=None,
-        help="start from a preset (demo: 4 layers × 128, the demo's base; deep: 12 layers × 128, the paper "
-        "preset's base; both en,de + 8%% fr,ru,el,es,it), then --config, then the flags below",
+        help="start from a preset (demo: 4 layers × 128, the demo's base; deep: 12 layers × 128; both en,de + 8%% "
+        "fr,ru,el,es,it; deep-narrow: deep with FFN 128; deep-rare: deep with 2%% of the later languages), then "
+        "--config, then the flags below",
     )
     p.add_argument("--config", type=Path, default=None, help="YAML/JSON with PretrainConfig fields")
     add_config_flags(p, PretrainConfig)

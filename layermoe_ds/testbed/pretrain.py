@@ -5,6 +5,7 @@ A kill loses at most `save_every` steps: state is saved atomically and picked up
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -44,6 +45,12 @@ PRESETS = {
         low_resource_share=LOW_RESOURCE_SHARE,
     ),
 }
+# The calibration's variants of `deep` (testbed/calibration.py, docs/results/calibration/): each expert a third of
+# the size (FFN 128 instead of 352), and a base that has seen a quarter as much of the later languages (2%).
+PRESETS["deep-narrow"] = dataclasses.replace(
+    PRESETS["deep"], model=BaseModelConfig(num_layers=12, intermediate_size=128)
+)
+PRESETS["deep-rare"] = dataclasses.replace(PRESETS["deep"], low_resource_share=0.02)
 MIN_LR_RATIO = 0.1
 DONE_FILE = "pretrain_done.json"
 STATE_FILE = "pretrain_state.pt"

@@ -1,0 +1,190 @@
+"""`layermoe calibrate`: which testbed makes the number of new experts measurable.
+
+The paper's headline ("LayerMoE reaches uniform MoE-LPR's quality with fewer new experts") can only be read off a
+budget–quality curve that has a slope: more experts must buy more New-avg than the seeds scatter. Each grid point is
+a base model (a `pretrain` preset: its FFN width, i.e. each expert's size, and how much of the later languages it
+has seen) and a number of stage-1 steps; at each, uniform MoE-LPR runs at the smallest and the largest budget over
+the same seeds, both stages, with every other setting the paper preset's. The chosen point is the cheapest (least
+training wall time per run) where the largest budget's final New-avg beats the smallest's by at least `ratio` pooled
+seed sds. Every run goes through the experiment cache: a rerun skips what is done, a killed one resumes.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from layermoe_ds.data.streams import open_streams
+from layermoe_ds.data.tokenizer import load_tokenizer
+from layermoe_ds.distributed import SHIPPED_CONFIGS, Launcher
+from layermoe_ds.errors import InputError
+from layermoe_ds.io import atomic_write_text, read_json, sha256_file, write_json
+from layermoe_ds.testbed.demo import prepare_base
+from layermoe_ds.testbed.experiment import Method, Preset, System, run_experiment
+from layermoe_ds.testbed.experiment.presets import PAPER
+from layermoe_ds.testbed.experiment.reading import average, runs_of
+from layermoe_ds.testbed.experiment.runner import slug
+from layermoe_ds.testbed.pretrain import PRESETS as BASE_PRESETS
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    base: str  # a `pretrain` preset (testbed/pretrain.py)
+    stage1_steps: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.base} base, {self.stage1_steps} stage-1 steps"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    points: tuple[GridPoint, ...]
+    budgets: tuple[int, int] = (2, 6)  # uniform experts per layer (expert 0 included): the smallest and the largest
+    seeds: tuple[int, ...] = (0, 1)
+    max_epochs: float = 1.0  # no language's training text read more often than this in stage 1
+    ratio: float = 3.0  # the largest budget must beat the smallest by this many pooled seed sds
+    settings: Preset = PAPER  # everything but the systems, the base and the stage-1 steps
+
+    def __post_init__(self) -> None:
+        unknown = sorted({p.base for p in self.points} - set(BASE_PRESETS))
+        if unknown:
+            raise InputError(f"calibration: unknown base presets {unknown}; known: {sorted(BASE_PRESETS)}")
+        if len(self.seeds) < 2:
+            raise InputError("calibration: a seed sd needs at least 2 seeds")
+        if not 1 < self.budgets[0] < self.budgets[1]:
+            raise InputError(f"calibration: budgets {self.budgets} must be two increasing counts above 1")
+
+
+# Cheapest first: the paper preset's base and steps; each expert a third of the size; a base that has seen a quarter
+# as much of the later languages; then three times the stage-1 tokens on the first two.
+GRID = Calibration(
+    points=(
+        GridPoint("deep", 150),
+        GridPoint("deep-narrow", 150),
+        GridPoint("deep-rare", 150),
+        GridPoint("deep", 450),
+        GridPoint("deep-narrow", 450),
+    )
+)
+
+
+def point_preset(calibration: Calibration, point: GridPoint) -> Preset:
+    """Uniform MoE-LPR at the smallest and the largest budget, over the calibration's seeds, at `point`."""
+    systems = tuple(
+        System(f"MoE-LPR uniform ({n}/layer)", Method.UNIFORM, n, "0", n, n, seeds=calibration.seeds)
+        for n in calibration.budgets
+    )
+    low, high = (s.name for s in systems)
+    return replace(calibration.settings, systems=systems, base=point.base, stage1_steps=point.stage1_steps,
+                   lifelong=(), reference=high, baseline=low)  # fmt: skip
+
+
+def stage1_epochs(preset: Preset, data: Path, tokenizer_dir: Path) -> float:
+    """How many times stage 1 reads the new languages' training text: it draws its blocks without replacement from
+    all of them at once, so every language is read the same number of times."""
+    streams = open_streams(data, load_tokenizer(tokenizer_dir), tokenizer_dir, preset.new, "train")
+    blocks = sum(stream.num_tokens // preset.seq_len for stream in streams.values())
+    engine = read_json(SHIPPED_CONFIGS / "stage1_zero2.json", "DeepSpeed config")
+    per_step = engine["train_micro_batch_size_per_gpu"] * engine.get("gradient_accumulation_steps", 1) * preset.ranks
+    return preset.stage1_steps * per_step / blocks
+
+
+def _stats(values: list[float]) -> dict:
+    return {"mean": statistics.mean(values), "sd": statistics.stdev(values), "n": len(values), "values": values}
+
+
+def point_summary(results: dict, preset: Preset, ratio: float) -> dict:
+    """The smallest and the largest budget's New-avg over seeds after each stage, the gap, the pooled seed sd, and
+    their ratio; the mean training wall time per run (the point's cost)."""
+    low, high = (runs_of(results, s.name) for s in preset.systems)
+    summary: dict = {"wall_s_per_run": statistics.mean(r["wall_s"] for r in low + high)}
+    for key, label in (("eval_stage1", "stage1"), ("eval", "final")):
+        a, b = ([average(r[key], "new") for r in runs] for runs in (low, high))
+        pooled = math.sqrt(((len(a) - 1) * statistics.variance(a) + (len(b) - 1) * statistics.variance(b))
+                           / (len(a) + len(b) - 2))  # fmt: skip
+        gap = statistics.mean(a) - statistics.mean(b)
+        summary[label] = {"smallest": _stats(a), "largest": _stats(b), "gap": gap, "pooled_sd": pooled,
+                          "gap_over_sd": gap / pooled if pooled > 0 else math.inf}  # fmt: skip
+    summary["old_final"] = [_stats([average(r["eval"], "old") for r in runs]) for runs in (low, high)]
+    summary["meets"] = summary["final"]["gap_over_sd"] >= ratio
+    return summary
+
+
+def choose(rows: list[dict]) -> dict | None:
+    """The cheapest point that meets the criterion (None if none does)."""
+    meeting = [row for row in rows if row["meets"]]
+    return min(meeting, key=lambda row: row["wall_s_per_run"]) if meeting else None
+
+
+def run_calibration(
+    calibration: Calibration, data: Path, artifacts: Path, cache: Path, out: Path, launcher: Launcher
+) -> dict:
+    """Build (or reuse) each point's base, check every point's stage-1 epochs before training anything, run (or
+    resume) each point's experiment under `out/<point>/`, and write `out/calibration.json` and `.md`."""
+    out.mkdir(parents=True, exist_ok=True)
+    bases = {
+        name: prepare_base(data, artifacts, cache, name) for name in dict.fromkeys(p.base for p in calibration.points)
+    }
+    presets = {point: point_preset(calibration, point) for point in calibration.points}
+    epochs = {point: stage1_epochs(presets[point], data, artifacts / "tokenizer") for point in calibration.points}
+    over = [f"{point.name}: {e:.2f}" for point, e in epochs.items() if e > calibration.max_epochs]
+    if over:
+        raise InputError(f"calibration: stage 1 would read the new languages' text more than {calibration.max_epochs} "
+                         f"times ({'; '.join(over)}); build the corpus with more pages or lower the steps")  # fmt: skip
+    rows = []
+    for point in calibration.points:
+        print(f"calibration point: {point.name}", flush=True)
+        preset = presets[point]
+        results = run_experiment(preset, bases[point.base], data, out / slug(point.name), launcher=launcher)
+        base_config = BASE_PRESETS[point.base]
+        rows.append({
+            "point": point.name, "base": point.base, "stage1_steps": point.stage1_steps,
+            "ffn": base_config.model.intermediate_size, "later_share": base_config.low_resource_share,
+            "stage1_epochs": epochs[point],
+            "base_sha256": sha256_file(bases[point.base] / "model.safetensors"),
+            **point_summary(results, preset, calibration.ratio),
+        })  # fmt: skip
+    chosen = choose(rows)
+    report = {
+        "budgets": calibration.budgets, "seeds": calibration.seeds, "ratio": calibration.ratio,
+        "max_epochs": calibration.max_epochs, "points": rows, "choice": chosen["point"] if chosen else None,
+    }  # fmt: skip
+    write_json(out / "calibration.json", report)
+    atomic_write_text(out / "calibration.md", "\n".join(calibration_lines(report)) + "\n")
+    return report
+
+
+def calibration_lines(report: dict) -> list[str]:
+    low, high = report["budgets"]
+    lines = [
+        "# Calibration: where more experts buy measurable quality",
+        "",
+        f"Uniform MoE-LPR at {low} and {high} experts per layer (expert 0 included), seeds "
+        f"{', '.join(map(str, report['seeds']))}, both stages, every other setting the paper preset's. New-avg in "
+        f"bits per byte on the test split (lower is better); gap = smallest budget − largest; sd = the pooled seed sd. "
+        f"A point qualifies when the final gap is at least {report['ratio']:g} sds; the cheapest (training wall time "
+        f"per run) is chosen. No language's stage-1 text is read more than {report['max_epochs']:g} times.",
+        "",
+        f"| point | FFN | later-language share | stage-1 epochs | New-avg {low}/layer | New-avg {high}/layer | gap | "
+        "sd | gap/sd | gap/sd after stage 1 | Old-avg (both) | s per run | qualifies |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["points"]:
+        final, first = row["final"], row["stage1"]
+        old = " / ".join(f"{s['mean']:.3f}" for s in row["old_final"])
+        lines.append(
+            f"| {row['point']} | {row['ffn']} | {row['later_share']:.0%} | {row['stage1_epochs']:.3f} | "
+            f"{final['smallest']['mean']:.3f} ± {final['smallest']['sd']:.3f} | "
+            f"{final['largest']['mean']:.3f} ± {final['largest']['sd']:.3f} | {final['gap']:+.3f} | "
+            f"{final['pooled_sd']:.4f} | {final['gap_over_sd']:.1f} | {first['gap_over_sd']:.1f} | {old} | "
+            f"{row['wall_s_per_run']:.0f} | {'yes' if row['meets'] else 'no'} |"
+        )
+    lines.append("")
+    if report["choice"]:
+        lines.append(f"**Chosen: {report['choice']}** — the cheapest point that qualifies.")
+    else:
+        lines.append("**No point qualifies**: on none of these testbeds do more experts buy quality beyond the seeds.")
+    return lines
