@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from layermoe_ds.distributed import Launcher
+from layermoe_ds.io import sha256_file
 from layermoe_ds.testbed.experiment import DENSE_BASE, DENSE_FINETUNE, Method, Phase, Preset, RunId, System
 from layermoe_ds.testbed.experiment.presets import CLASSIFIER_CLAIM, PLACEMENT_CLAIM
 
@@ -120,6 +121,9 @@ def test_mini_experiment(tiny_base, corpus_dir, tmp_path):
         sum(row["expert0_share"]["fr"] for row in full["layers"].values()) / routing["layers"]
     )
     assert saved["profile"]["layer_score"] == json.loads((out / "similarity.json").read_text())["layer_score"]
+    # the base these numbers are of, pinned by the content of its weights
+    assert saved["base_sha256"] == {"model.safetensors": sha256_file(tiny_base / "model.safetensors")}
+    assert f"model.safetensors `{saved['base_sha256']['model.safetensors'][:16]}`" in (out / "report.md").read_text()
     for name in ("similarity.png", "per_language.png", "routing.png", "pareto.png", "report.md"):
         assert (out / name).stat().st_size > 0
 
@@ -246,20 +250,55 @@ def test_budget_quality_curve_interpolates_the_experts_uniform_needs():
     assert experts_for_quality(measured[Method.UNIFORM], 2.55) == pytest.approx(18.0)
     assert experts_for_quality(measured[Method.UNIFORM], 2.44) == pytest.approx(36.0)
     assert experts_for_quality(measured[Method.UNIFORM], 2.30) is None
-    verdicts, savings = curve_reading(measured)
+    verdicts, savings = curve_reading(measured, reference="layermoe 2")
     saving = {e["system"]: e for e in savings}
     assert saving["layermoe 2"]["uniform_experts"] == pytest.approx(24.0) and saving["layermoe 2"]["saving"] == 0.5
     assert saving["layermoe 3"]["saving"] is None and saving["layermoe 3"]["note"] == "better than every uniform point"
     assert saving["random 2"]["note"] == "worse than every uniform point"
+    by_claim = {v.claim: v for v in verdicts}
+    headline = by_claim["fewer experts for the same quality"]
+    assert headline.verdict == "replicated" and headline.numbers["interval"] == [0.5, 0.5]  # one seed: no spread
+    assert "layermoe 2 (12 new experts, New-avg 2.500) — uniform needs 24.0" in headline.text
+    slope = by_claim["a curve to save experts along"]
+    assert slope.verdict == "replicated" and "one seed per point" in slope.text
     text = "\n".join(v.text for v in verdicts)
-    assert "LayerMoE needs" in text and "— replicated" in text
     assert "Similarity beats random at 12 new experts*: New-avg 2.500 (LayerMoE) vs 2.700 (random; one seed" in text
-    # A flat uniform curve (all within 1%, one seed each): savings are not measurable, and the reading says so.
+    # A flat uniform curve (all within 1%, one seed each): the reading says savings read off it mean little.
     for (_, experts, _), new in zip(points[Method.UNIFORM], (2.50, 2.49, 2.495), strict=True):
         results[RunId(f"uniform {experts // 12 + 1}")]["eval"]["new_avg"]["bpb"] = new
     verdicts, _ = curve_reading(curve(results, preset))
-    flat = next(v for v in verdicts if v.claim == "fewer experts for the same quality")
-    assert flat.verdict == "not testable" and "moves by only 0.010 bits/byte from 12 to 36" in flat.text
+    flat = next(v for v in verdicts if v.claim == "a curve to save experts along")
+    assert flat.verdict == "not testable" and "improves by +0.005 bits/byte from 12 to 36" in flat.text
+
+
+def test_the_headline_saving_has_a_bootstrap_interval_over_seeds():
+    from layermoe_ds.testbed.experiment.curve import CurvePoint, curve_slope, headline_verdict, saving_interval
+    from layermoe_ds.testbed.experiment.reading import stats
+
+    def point(method, experts, values):
+        return CurvePoint(f"{method} {experts}", method, 0, experts, 0, 0, stats(values), stats([3.1]),
+                          new_values=tuple(values))  # fmt: skip
+
+    uniform = [point(Method.UNIFORM, 12, [3.00, 3.01, 3.02]), point(Method.UNIFORM, 24, [2.95, 2.96, 2.97]),
+               point(Method.UNIFORM, 48, [2.90, 2.91, 2.92])]  # fmt: skip
+    slope = curve_slope(uniform)
+    assert slope.numbers["pooled_sd"] == pytest.approx(0.01) and slope.numbers["gain_over_sd"] == pytest.approx(10)
+    layermoe = point(Method.LAYERMOE, 12, [2.955, 2.96, 2.965])  # uniform needs 24 at the mean: a 50% saving
+    low, high = saving_interval(uniform, layermoe)
+    assert 0 < low < 0.5 < high < 1 and (low, high) == saving_interval(uniform, layermoe)  # seeded: reproducible
+    assert saving_interval(uniform, layermoe, seed=1) != (low, high)
+    verdict = headline_verdict(uniform, layermoe)
+    assert verdict.verdict == "replicated" and verdict.numbers["saving"] == pytest.approx(0.5)
+    assert f"95% interval {low:.0%} to {high:.0%}" in verdict.text and "3 seeds; uniform 3/3/3" in verdict.text
+    # a point as good as uniform's best in some draws: the interval is open above
+    best = point(Method.LAYERMOE, 12, [2.88, 2.91, 2.94])
+    assert saving_interval(uniform, best)[1] == math.inf and "to +∞" in headline_verdict(uniform, best).text
+    # as good as uniform at equal experts: the interval includes no saving; worse than uniform: more experts
+    same = headline_verdict(uniform, point(Method.LAYERMOE, 24, [2.93, 2.96, 2.99]))
+    assert same.numbers["interval"][0] < 0 < same.numbers["interval"][1] and same.verdict == "matched"
+    assert "not significant here" in same.text
+    worse = headline_verdict(uniform, point(Method.LAYERMOE, 24, [2.99, 3.00, 3.01]))
+    assert worse.numbers["interval"][1] < 0 and worse.verdict == "not replicated"
 
 
 def test_report_from_made_up_results(tmp_path):

@@ -4,9 +4,10 @@ The paper's headline ("LayerMoE reaches uniform MoE-LPR's quality with fewer new
 budget–quality curve that has a slope: more experts must buy more New-avg than the seeds scatter. Each grid point is
 a base model (a `pretrain` preset: its FFN width, i.e. each expert's size, and how much of the later languages it
 has seen) and a number of stage-1 steps; at each, uniform MoE-LPR runs at the smallest and the largest budget over
-the same seeds, both stages, with every other setting the paper preset's. The chosen point is the cheapest (least
-training wall time per run) where the largest budget's final New-avg beats the smallest's by at least `ratio` pooled
-seed sds. Every run goes through the experiment cache: a rerun skips what is done, a killed one resumes.
+the same seeds, both stages, with every other setting the paper preset's. The chosen point is the cheapest where the
+largest budget's final New-avg beats the smallest's by at least `ratio` pooled seed sds; cheapest in training compute
+(stage-1 steps × the base's parameters), as wall time on a shared 2-core machine is too noisy to rank points by.
+Every run goes through the experiment cache: a rerun skips what is done, a killed one resumes.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from layermoe_ds.distributed import SHIPPED_CONFIGS, Launcher
 from layermoe_ds.errors import InputError
 from layermoe_ds.io import atomic_write_text, read_json, sha256_file, write_json
 from layermoe_ds.testbed.demo import prepare_base
-from layermoe_ds.testbed.experiment import Method, Preset, System, run_experiment
+from layermoe_ds.testbed.experiment import DENSE_BASE, Method, Preset, RunId, System, run_experiment
 from layermoe_ds.testbed.experiment.presets import PAPER
 from layermoe_ds.testbed.experiment.reading import average, runs_of
 from layermoe_ds.testbed.experiment.runner import slug
@@ -114,9 +115,9 @@ def point_summary(results: dict, preset: Preset, ratio: float) -> dict:
 
 
 def choose(rows: list[dict]) -> dict | None:
-    """The cheapest point that meets the criterion (None if none does)."""
+    """The cheapest point (in stage-1 steps × base parameters, then wall time) that meets the criterion, or None."""
     meeting = [row for row in rows if row["meets"]]
-    return min(meeting, key=lambda row: row["wall_s_per_run"]) if meeting else None
+    return min(meeting, key=lambda row: (row["stage1_steps"] * row["base_params"], row["wall_s_per_run"]), default=None)
 
 
 def run_calibration(
@@ -143,7 +144,7 @@ def run_calibration(
         rows.append({
             "point": point.name, "base": point.base, "stage1_steps": point.stage1_steps,
             "ffn": base_config.model.intermediate_size, "later_share": base_config.low_resource_share,
-            "stage1_epochs": epochs[point],
+            "stage1_epochs": epochs[point], "base_params": results[RunId(DENSE_BASE)]["eval"]["params_total"],
             "base_sha256": sha256_file(bases[point.base] / "model.safetensors"),
             **point_summary(results, preset, calibration.ratio),
         })  # fmt: skip
@@ -165,18 +166,20 @@ def calibration_lines(report: dict) -> list[str]:
         f"Uniform MoE-LPR at {low} and {high} experts per layer (expert 0 included), seeds "
         f"{', '.join(map(str, report['seeds']))}, both stages, every other setting the paper preset's. New-avg in "
         f"bits per byte on the test split (lower is better); gap = smallest budget − largest; sd = the pooled seed sd. "
-        f"A point qualifies when the final gap is at least {report['ratio']:g} sds; the cheapest (training wall time "
-        f"per run) is chosen. No language's stage-1 text is read more than {report['max_epochs']:g} times.",
+        f"A point qualifies when the final gap is at least {report['ratio']:g} sds; the cheapest in training compute "
+        f"(stage-1 steps × base parameters) is chosen. No language's stage-1 text is read more than "
+        f"{report['max_epochs']:g} times.",
         "",
-        f"| point | FFN | later-language share | stage-1 epochs | New-avg {low}/layer | New-avg {high}/layer | gap | "
-        "sd | gap/sd | gap/sd after stage 1 | Old-avg (both) | s per run | qualifies |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| point | FFN | base params | later-language share | stage-1 epochs | New-avg {low}/layer | "
+        f"New-avg {high}/layer | gap | sd | gap/sd | gap/sd after stage 1 | Old-avg (both) | s per run | qualifies |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["points"]:
         final, first = row["final"], row["stage1"]
         old = " / ".join(f"{s['mean']:.3f}" for s in row["old_final"])
         lines.append(
-            f"| {row['point']} | {row['ffn']} | {row['later_share']:.0%} | {row['stage1_epochs']:.3f} | "
+            f"| {row['point']} | {row['ffn']} | {row['base_params'] / 1e6:.2f}M | {row['later_share']:.0%} | "
+            f"{row['stage1_epochs']:.3f} | "
             f"{final['smallest']['mean']:.3f} ± {final['smallest']['sd']:.3f} | "
             f"{final['largest']['mean']:.3f} ± {final['largest']['sd']:.3f} | {final['gap']:+.3f} | "
             f"{final['pooled_sd']:.4f} | {final['gap_over_sd']:.1f} | {first['gap_over_sd']:.1f} | {old} | "

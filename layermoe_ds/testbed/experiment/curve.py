@@ -1,11 +1,13 @@
 """The budget–quality curve: New-avg against new experts for each allocation method, and how many experts uniform
 MoE-LPR needs for each point's quality (interpolated along uniform's curve, never extrapolated) — the paper's
-headline, "fewer experts, same quality", read from the numbers."""
+headline, "fewer experts, same quality", read from the numbers, with a bootstrap interval over seeds."""
 
 from __future__ import annotations
 
+import math
+import random
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from layermoe_ds.testbed.experiment.presets import Method, Preset, RunId
 from layermoe_ds.testbed.experiment.reading import (
@@ -13,11 +15,14 @@ from layermoe_ds.testbed.experiment.reading import (
     VERDICT_WORDS,
     Stats,
     Verdict,
+    average,
     judge,
-    replicated,
     runs_of,
     seed_stats,
 )
+
+BOOTSTRAP_DRAWS = 10_000
+SLOPE_SDS = 3.0  # uniform's curve must fall by this many pooled seed sds from its smallest budget to its largest
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,7 @@ class CurvePoint:
     old: Stats
     new_stage1: Stats | None = None  # after stage 1 (None for a system without stage 2)
     old_stage1: Stats | None = None
+    new_values: tuple[float, ...] = ()  # the final New-avg of each seed (the headline's bootstrap resamples them)
 
     def as_dict(self) -> dict:
         out = {k: getattr(self, k) for k in ("system", "budget_per_layer", "new_experts")}
@@ -62,6 +68,7 @@ def curve(results: dict[RunId, dict], preset: Preset) -> dict[Method, list[Curve
             seed_stats(results, system.name, "old"),
             seed_stats(results, system.name, "new", "eval_stage1"),
             seed_stats(results, system.name, "old", "eval_stage1"),
+            tuple(average(r["eval"], "new") for r in runs),
         )
         points.setdefault(system.method, []).append(point)
     return {method: sorted(p, key=lambda p: p.new_experts) for method, p in points.items()}
@@ -79,9 +86,11 @@ def experts_for_quality(points: list[CurvePoint], target: float) -> float | None
     return float(min(exact)) if exact else None
 
 
-def curve_reading(points: dict[Method, list[CurvePoint]]) -> tuple[list[Verdict], list[dict]]:
-    """At equal New-avg, how many fewer new experts LayerMoE (and random allocation) need than uniform MoE-LPR; and
-    LayerMoE against random at equal totals. (verdicts, one saving record per LayerMoE and random point)."""
+def curve_reading(points: dict[Method, list[CurvePoint]], reference: str = "") -> tuple[list[Verdict], list[dict]]:
+    """At equal New-avg, how many fewer new experts LayerMoE (and random allocation) need than uniform MoE-LPR; at
+    the `reference` LayerMoE point, with a bootstrap interval (the headline); whether uniform's curve has a slope to
+    read savings from; LayerMoE against random at equal totals. (verdicts, one saving record per LayerMoE and random
+    point)."""
     uniform = points.get(Method.UNIFORM, [])
     if len(uniform) < 2:
         return [], []
@@ -98,22 +107,13 @@ def curve_reading(points: dict[Method, list[CurvePoint]]) -> tuple[list[Verdict]
                 f"{point.new.mean:.3f}): {entry['reading']} (uniform's curve: {span})."
             )
             verdicts.append(Verdict(f"curve point ({point.system})", entry["note"], text))
-    measured = [e["saving"] for e in savings if e["method"] == Method.LAYERMOE and e["saving"] is not None]
-    flat = flat_curve(uniform)
-    if flat is not None:
-        verdicts.append(flat)
-    elif measured:
-        mean_saving = statistics.mean(measured)
-        text = (
-            f"- *Fewer experts for the same quality* (the paper: 33–60% fewer): LayerMoE needs {mean_saving:.0%} fewer "
-            f"new experts than uniform MoE-LPR on average over its {len(measured)} interpolable points — "
-            + ("replicated." if mean_saving >= 0.1 else "not replicated here.")
-        )
-        verdicts.append(Verdict("fewer experts for the same quality", replicated(mean_saving >= 0.1), text,
-                                {"mean_saving": mean_saving}))  # fmt: skip
-    random = {p.new_experts: p for p in points.get(Method.RANDOM, [])}
+    verdicts.append(curve_slope(uniform))
+    headline = next((p for p in points.get(Method.LAYERMOE, []) if p.system == reference), None)
+    if headline is not None:
+        verdicts.append(headline_verdict(uniform, headline))
+    random_points = {p.new_experts: p for p in points.get(Method.RANDOM, [])}
     for point in points.get(Method.LAYERMOE, []):
-        other = random.get(point.new_experts)
+        other = random_points.get(point.new_experts)
         if other:
             verdict, how = judge(point.new, other.new)
             text = (
@@ -124,21 +124,78 @@ def curve_reading(points: dict[Method, list[CurvePoint]]) -> tuple[list[Verdict]
     return verdicts, savings
 
 
-def flat_curve(uniform: list[CurvePoint]) -> Verdict | None:
-    """A verdict that expert savings cannot be measured when more experts buy uniform no measurable quality: its
-    New-avg range over the budgets is within twice its largest seed sd (or 1% with one seed per point)."""
-    means = [p.new.mean for p in uniform]
-    spread, noise = max(means) - min(means), max(p.new.sd for p in uniform)
-    bound = 2 * noise if noise > 0 else RELATIVE_TOLERANCE * statistics.mean(means)
-    if spread > bound:
-        return None
+def curve_slope(uniform: list[CurvePoint]) -> Verdict:
+    """Whether more experts buy uniform measurable quality: its New-avg gain from the smallest budget to the largest
+    against the seed sd pooled over its points (≥ SLOPE_SDS sds), or, with one seed per point, against 1%."""
+    first, last = uniform[0], uniform[-1]
+    gain = first.new.mean - last.new.mean
+    spread = [p for p in uniform if p.new.n > 1]
+    df = sum(p.new.n - 1 for p in spread)
+    pooled = math.sqrt(sum((p.new.n - 1) * p.new.sd**2 for p in spread) / df) if df else 0.0
+    if pooled > 0:
+        ok, measure = gain >= SLOPE_SDS * pooled, f"{gain / pooled:.1f} times its pooled seed sd ({pooled:.4f})"
+    else:
+        ok, measure = gain > RELATIVE_TOLERANCE * first.new.mean, "one seed per point: against a 1% margin"
     text = (
-        f"- *Fewer experts for the same quality* (the paper: 33–60% fewer): not testable here — uniform MoE-LPR's "
-        f"New-avg moves by only {spread:.3f} bits/byte from {uniform[0].new_experts} to {uniform[-1].new_experts} new "
-        f"experts, within {'twice its seed sd' if noise > 0 else '1%'} ({bound:.3f}): more experts buy no measurable "
-        "quality on this testbed, so there is no curve to save experts along."
+        f"- *A curve to save experts along*: uniform MoE-LPR's New-avg improves by {gain:+.3f} bits/byte from "
+        f"{first.new_experts} to {last.new_experts} new experts, {measure} — "
+        + (f"a slope (≥ {SLOPE_SDS:g} sds)." if ok else "flat within the noise: savings read off it mean little.")
     )
-    return Verdict("fewer experts for the same quality", "not testable", text, {"spread": spread, "bound": bound})
+    numbers = {"gain": gain, "pooled_sd": pooled, "gain_over_sd": gain / pooled if pooled > 0 else None}
+    return Verdict("a curve to save experts along", "replicated" if ok else "not testable", text, numbers)
+
+
+def saving_interval(
+    uniform: list[CurvePoint], point: CurvePoint, draws: int = BOOTSTRAP_DRAWS, seed: int = 0
+) -> tuple[float, float]:
+    """A 95% percentile interval of `point`'s saving against uniform, from a bootstrap over seeds: each draw
+    resamples every point's seeds with replacement and reads the saving again. A draw in which the point beats every
+    uniform point counts as +inf (a saving beyond what the curve can show), one in which it is worse than every
+    uniform point as -inf: an infinite end is an open one."""
+    rng = random.Random(seed)
+
+    def draw(p: CurvePoint) -> float:
+        values = p.new_values or (p.new.mean,)
+        return statistics.fmean(rng.choices(values, k=len(values)))
+
+    savings = []
+    for _ in range(draws):
+        curve_draw = [replace(p, new=Stats(draw(p), 0.0, 1)) for p in uniform]
+        target = draw(point)
+        needed = experts_for_quality(curve_draw, target)
+        if needed is None:
+            savings.append(math.inf if target < min(p.new.mean for p in curve_draw) else -math.inf)
+        else:
+            savings.append(1 - point.new_experts / needed)
+    savings.sort()
+    return savings[round(0.025 * (draws - 1))], savings[round(0.975 * (draws - 1))]
+
+
+def _percent(value: float) -> str:
+    return "+∞" if value == math.inf else ("−∞" if value == -math.inf else f"{value:.0%}")
+
+
+def headline_verdict(uniform: list[CurvePoint], point: CurvePoint) -> Verdict:
+    """The paper's headline at the reference point: the saving against uniform at equal New-avg, with its interval."""
+    equivalent = uniform_equivalent(uniform, point)
+    low, high = saving_interval(uniform, point)
+    seeds = f"{point.new.n} seeds; uniform {'/'.join(str(p.new.n) for p in uniform)}"
+    interval = (f"95% interval {_percent(low)} to {_percent(high)}, a bootstrap over seeds ({seeds}), "
+                f"{BOOTSTRAP_DRAWS:,} draws")  # fmt: skip
+    verdict = "replicated" if low > 0 else ("not replicated" if high < 0 else "matched")
+    words = {"replicated": "fewer experts, replicated.", "not replicated": "more experts: not replicated here.",
+             "matched": "the interval includes no saving: not significant here."}  # fmt: skip
+    text = (
+        f"- *Fewer experts for the same quality* (the paper: 60% fewer in one expansion): {point.system} "
+        f"({point.new_experts} new experts, New-avg {point.new}) — {equivalent['reading']}; {interval} — "
+        + words[verdict]
+    )
+    numbers = {
+        "saving": equivalent["saving"],
+        "interval": [low, high],
+        "uniform_experts": equivalent["uniform_experts"],
+    }
+    return Verdict("fewer experts for the same quality", verdict, text, numbers)
 
 
 def uniform_equivalent(uniform: list[CurvePoint], point: CurvePoint) -> dict:

@@ -159,12 +159,14 @@ def curve_systems(
 ) -> list[System]:
     """The budget–quality curve: uniform MoE-LPR at `uniform` experts per layer, LayerMoE at `layermoe` (budgets per
     layer chosen so that Eq. 10's ceiling lands near uniform's totals) and random allocation at LayerMoE's totals.
-    The three points at index `reference` run with every seed, and uniform and LayerMoE there expand again."""
+    Uniform runs every seed at every point (the headline's interval resamples them); LayerMoE and random run them
+    at index `reference`, where uniform and LayerMoE also expand again."""
     systems = []
     for i, (u_budget, budget) in enumerate(zip(uniform, layermoe, strict=True)):
         main = {"seeds": seeds, "lifelong": True} if i == reference else {}
         n = round(u_budget)
-        systems.append(System(f"MoE-LPR uniform ({n}/layer)", Method.UNIFORM, n, "0", n, n, curve=True, **main))
+        systems.append(System(f"MoE-LPR uniform ({n}/layer)", Method.UNIFORM, n, "0", n, n, curve=True,
+                              **{"seeds": seeds, **main}))  # fmt: skip
         systems.append(System(f"LayerMoE ({budget:g}/layer)", Method.LAYERMOE, budget, str(k), curve=True, **main))
         systems.append(System(f"Random allocation ({budget:g}/layer)", Method.RANDOM, budget, str(k), curve=True,
                               seeds=seeds if i == reference else (0,),

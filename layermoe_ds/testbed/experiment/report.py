@@ -27,15 +27,17 @@ from layermoe_ds.testbed.experiment.stage2 import stage2_summary, stage2_table
 def write_report(results: dict[RunId, dict], preset: Preset, out: Path) -> Path:
     profile_lines, profile = profile_reading(read_json(out / "similarity.json", "similarity"))
     points = curve(results, preset)
-    curve_verdicts, savings = curve_reading(points)
+    curve_verdicts, savings = curve_reading(points, preset.reference)
     lifelong = lifelong_by_system(results, preset)
     verdicts = [*reading(results, preset), *curve_verdicts, *lifelong_reading(lifelong, preset)]
     stage2 = stage2_summary(results, preset)
+    weights = results[RunId(DENSE_BASE)].get("base_sha256", {})
     write_json(
         out / "results.json",
         {
             "preset": {"old": preset.old, "new": preset.new, "lifelong": preset.lifelong, "base": preset.base,
                        "stage1_steps": preset.stage1_steps, "stage2_steps": preset.stage2_steps},
+            "base_sha256": weights,
             "profile": profile,
             "runs": [{**run.as_dict(), "label": run.label, **lean(result)} for run, result in results.items()],
             "seed_stats": seed_table(results, preset),
@@ -58,6 +60,10 @@ def write_report(results: dict[RunId, dict], preset: Preset, out: Path) -> Path:
         "Every number here is in `results.json`.",
         "",
         "## Layer profile of the base model",
+        "",
+        "Weights (sha256): "
+        + (", ".join(f"{name} `{digest[:16]}`" for name, digest in weights.items()) if weights else "not recorded")
+        + ".",
         "",
         *profile_lines,
         "",

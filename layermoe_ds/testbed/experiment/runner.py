@@ -22,7 +22,7 @@ from layermoe_ds.data.tokenizer import load_tokenizer
 from layermoe_ds.distributed import RENDEZVOUS, Launcher, cpu_launch_env, device_and_backend, stage_command
 from layermoe_ds.errors import StepFailed
 from layermoe_ds.eval.evaluate import evaluate_model
-from layermoe_ds.io import read_json, write_json
+from layermoe_ds.io import read_json, sha256_file, write_json
 from layermoe_ds.modeling.hf_loading import load_causal_lm
 from layermoe_ds.modeling.types import moe_blocks
 from layermoe_ds.modeling.upcycle import grow_dir
@@ -271,7 +271,10 @@ def run_experiment(
     later = {lang: 2 for lang in preset.lifelong}
     ctx.profile(base_model, preset.old, preset.new, out)
     print("evaluating the dense base …", flush=True)
-    dense = {"eval": ctx.evaluate(base_model, out / "dense" / "eval.json", first)}
+    # The base's weights pinned by content: a base rebuilt elsewhere may differ (pretraining is seeded, but its
+    # floating-point sums are not bit-stable across machines), and the report says which one these numbers are of.
+    weights = {f.name: sha256_file(f) for f in sorted(base.glob("*.safetensors"))}
+    dense = {"eval": ctx.evaluate(base_model, out / "dense" / "eval.json", first), "base_sha256": weights}
     if preset.lifelong:  # the dense base on the third group's languages, for the lifelong table
         dense["eval_later"] = ctx.evaluate(base_model, out / "dense" / "eval_g2.json", later)
     results = {RunId(DENSE_BASE): dense}

@@ -1,0 +1,86 @@
+"""`layermoe calibrate`: the grid's presets, the epoch cap checked before anything trains, and the choice."""
+
+from __future__ import annotations
+
+import pytest
+
+from layermoe_ds.errors import InputError
+from layermoe_ds.testbed import calibration
+from layermoe_ds.testbed.calibration import Calibration, GridPoint, choose, point_preset, point_summary
+from layermoe_ds.testbed.experiment import Preset, RunId
+from layermoe_ds.testbed.experiment.presets import PAPER
+
+GRID = Calibration(points=(GridPoint("deep", 150), GridPoint("deep-narrow", 450)))
+
+
+def _evaluation(old: float, new: float) -> dict:
+    return {"old_avg": {"bpb": old}, "new_avg": {"bpb": new}}
+
+
+def _results(preset: Preset, final: dict[str, list[float]], wall_s: float) -> dict:
+    """Runs of `preset`'s two systems with the given final New-avg per seed (stage 1: 0.1 better, same spread)."""
+    results = {}
+    for system in preset.systems:
+        for seed, new in zip(system.seeds, final[system.name], strict=True):
+            results[RunId(system.name, seed)] = {
+                "eval": _evaluation(3.1, new), "eval_stage1": _evaluation(3.6, new - 0.1), "wall_s": wall_s,
+            }  # fmt: skip
+    return results
+
+
+def test_each_point_runs_uniform_at_both_budgets_with_the_paper_settings():
+    preset = point_preset(GRID, GRID.points[1])
+    assert [(s.budget_per_layer, s.min_experts, s.max_experts, s.seeds) for s in preset.systems] == [
+        (2, 2, 2, (0, 1)),
+        (6, 6, 6, (0, 1)),
+    ]
+    assert (preset.base, preset.stage1_steps, preset.lifelong) == ("deep-narrow", 450, ())
+    assert preset.stage2_settings == PAPER.stage2_settings and preset.eval_max_tokens == PAPER.eval_max_tokens
+    with pytest.raises(InputError, match="unknown base presets \\['wide'\\]"):
+        Calibration(points=(GridPoint("wide", 150),))
+    with pytest.raises(InputError, match="at least 2 seeds"):
+        Calibration(points=GRID.points, seeds=(0,))
+
+
+def test_the_cheapest_point_whose_gap_is_three_pooled_sds_is_chosen():
+    preset = point_preset(GRID, GRID.points[0])
+    low, high = (s.name for s in preset.systems)
+    # gap 0.05; each budget's two seeds 0.02 apart: sd 0.02/√2 each, pooled the same: 3.54 sds (qualifies)
+    clear = point_summary(_results(preset, {low: [3.00, 3.02], high: [2.95, 2.97]}, 200.0), preset, 3.0)
+    assert clear["final"]["gap"] == pytest.approx(0.05)
+    assert clear["final"]["pooled_sd"] == pytest.approx(0.02 / 2**0.5)
+    assert clear["final"]["gap_over_sd"] == pytest.approx(0.05 / (0.02 / 2**0.5))
+    assert clear["meets"] and clear["wall_s_per_run"] == 200.0
+    assert clear["stage1"]["gap"] == pytest.approx(0.05)
+    assert clear["old_final"][0]["mean"] == pytest.approx(3.1)
+    # the same gap with eleven times the spread does not qualify
+    noisy = point_summary(_results(preset, {low: [2.90, 3.12], high: [2.85, 3.07]}, 100.0), preset, 3.0)
+    assert noisy["final"]["gap_over_sd"] == pytest.approx(0.05 / (0.22 / 2**0.5)) and not noisy["meets"]
+    sized = {"stage1_steps": 150, "base_params": 3_000_000}
+    slow_small = {**clear, **sized, "point": "slow but small", "base_params": 2_000_000, "wall_s_per_run": 300.0}
+    rows = [{**noisy, **sized, "point": "noisy"}, {**clear, **sized, "point": "clear"}, slow_small]
+    assert choose(rows)["point"] == "slow but small"  # compute first, wall time only between equals
+    assert choose([*rows[:2], {**clear, **sized, "point": "faster", "wall_s_per_run": 150.0}])["point"] == "faster"
+    assert choose(rows[:1]) is None
+    report = {"budgets": (2, 6), "seeds": (0, 1), "ratio": 3.0, "max_epochs": 1.0, "choice": None}
+    row = {**noisy, "point": "noisy", "ffn": 352, "base_params": 3_240_000, "later_share": 0.08, "stage1_epochs": 0.04}
+    assert calibration.calibration_lines({**report, "points": [row]})[-1].startswith("**No point qualifies**")
+
+
+def test_a_point_that_would_repeat_the_text_is_refused_before_anything_trains(
+    corpus_dir, tokenizer_dir, tiny_base, tmp_path, monkeypatch
+):
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    (artifacts / "tokenizer").symlink_to(tokenizer_dir)
+    monkeypatch.setattr(calibration, "prepare_base", lambda data, artifacts, cache, name: tiny_base)
+    trained = []
+    monkeypatch.setattr(calibration, "run_experiment", lambda *args, **kwargs: trained.append(args))
+    settings = Preset(systems=(), seq_len=32)
+    grid = Calibration(points=(GridPoint("deep", 1), GridPoint("deep-rare", 100_000)), settings=settings)
+    one_step = calibration.stage1_epochs(point_preset(grid, grid.points[0]), corpus_dir, tokenizer_dir)
+    assert 0 < one_step < 0.01  # 8 blocks of 32 tokens out of the slice's fr, ru, el
+    with pytest.raises(InputError, match=r"deep-rare base, 100000 stage-1 steps: \d+\.\d\d") as error:
+        calibration.run_calibration(grid, corpus_dir, artifacts, tmp_path / "cache", tmp_path / "out", None)
+    assert f"{100_000 * one_step:.2f}" in str(error.value)
+    assert not trained
