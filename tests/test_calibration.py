@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from layermoe_ds.errors import InputError
+from layermoe_ds.io import sha256_file
 from layermoe_ds.testbed import calibration
 from layermoe_ds.testbed.calibration import Calibration, GridPoint, choose, point_preset, point_summary
-from layermoe_ds.testbed.experiment import Preset, RunId
+from layermoe_ds.testbed.experiment import DENSE_BASE, Preset, RunId
 from layermoe_ds.testbed.experiment.presets import PAPER
 
 GRID = Calibration(points=(GridPoint("deep", 150), GridPoint("deep-narrow", 450)))
@@ -67,7 +70,7 @@ def test_the_cheapest_point_whose_gap_is_three_pooled_sds_is_chosen():
     assert calibration.calibration_lines({**report, "points": [row]})[-1].startswith("**No point qualifies**")
 
 
-def test_a_point_that_would_repeat_the_text_is_refused_before_anything_trains(
+def test_a_point_that_would_repeat_the_text_is_refused_before_anything_trains_and_the_grid_is_summarised(
     corpus_dir, tokenizer_dir, tiny_base, tmp_path, monkeypatch
 ):
     artifacts = tmp_path / "artifacts"
@@ -84,3 +87,23 @@ def test_a_point_that_would_repeat_the_text_is_refused_before_anything_trains(
         calibration.run_calibration(grid, corpus_dir, artifacts, tmp_path / "cache", tmp_path / "out", None)
     assert f"{100_000 * one_step:.2f}" in str(error.value)
     assert not trained
+
+    # Within the cap: each point's experiment runs (here: made-up results), and the choice is written.
+    finals = {1: ([3.00, 3.01], [2.99, 3.00]), 2: ([3.00, 3.02], [2.95, 2.97])}  # 1 step: 1.4 sds; 2 steps: 3.5 sds
+
+    def experiment(preset, base, data, out, launcher=None):
+        trained.append(out.name)
+        low, high = (s.name for s in preset.systems)
+        results = _results(preset, dict(zip((low, high), finals[preset.stage1_steps], strict=True)), 100.0)
+        return {RunId(DENSE_BASE): {"eval": {"params_total": 3_000_000}}, **results}
+
+    monkeypatch.setattr(calibration, "run_experiment", experiment)
+    grid = Calibration(points=(GridPoint("deep", 1), GridPoint("deep-rare", 2)), settings=settings)
+    report = calibration.run_calibration(grid, corpus_dir, artifacts, tmp_path / "cache", tmp_path / "out", None)
+    assert trained == ["deep-base-1-stage-1-steps", "deep-rare-base-2-stage-1-steps"]
+    assert report["choice"] == "deep-rare base, 2 stage-1 steps" and [r["meets"] for r in report["points"]] == [0, 1]
+    assert report["points"][1]["base_sha256"] == sha256_file(tiny_base / "model.safetensors")
+    assert json.loads((tmp_path / "out" / "calibration.json").read_text())["choice"] == report["choice"]
+    table = (tmp_path / "out" / "calibration.md").read_text()
+    assert "| deep-rare base, 2 stage-1 steps | 352 | 3.00M | 2% |" in table
+    assert "**Chosen: deep-rare base, 2 stage-1 steps**" in table
