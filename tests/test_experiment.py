@@ -366,3 +366,23 @@ def test_a_stage2_variant_must_name_an_earlier_system_and_known_settings():
         Preset(systems=(source,), stage2_settings=(("anchor", 1.0),))
     with pytest.raises(ValueError, match="keeps its source's method"):
         Preset(systems=(source, dataclasses.replace(ok, method=Method.LAYERMOE)))
+
+
+def test_the_paper_preset_has_four_budgets_per_method_and_every_claim_over_three_seeds():
+    from layermoe_ds.testbed.experiment import PRESETS
+
+    paper = PRESETS["paper"]
+    curve_points: dict[Method, list[System]] = {}
+    for system in paper.systems:
+        if system.curve:
+            curve_points.setdefault(system.method, []).append(system)
+    assert {m: len(s) for m, s in curve_points.items()} == {Method.UNIFORM: 4, Method.LAYERMOE: 4, Method.RANDOM: 4}
+    assert all(len(s.seeds) == 3 for s in curve_points[Method.UNIFORM])  # the headline's bootstrap resamples them
+    claims = [paper.system(paper.reference), paper.system(paper.baseline)]
+    claims += [s for s in paper.systems if s.ablates is not None]
+    assert len(claims) == 5 and all(len(s.seeds) == 3 for s in claims)
+    assert [s.name for s in paper.systems if s.lifelong] == [paper.baseline, paper.reference]
+    assert paper.base == "deep-narrow" and paper.stage2_settings == (("router_anchor_beta", 0.3),)
+    # the stage-2 study stays what made docs/results/stage2/: the `deep` base, the paper's stage 2 as published
+    study = PRESETS["stage2-study"]
+    assert study.base == "deep" and study.stage2_settings == () and study.system(study.reference).budget_per_layer == 2.5
