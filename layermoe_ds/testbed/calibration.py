@@ -167,8 +167,8 @@ def calibration_lines(report: dict) -> list[str]:
         f"{', '.join(map(str, report['seeds']))}, both stages, every other setting the paper preset's. New-avg in "
         f"bits per byte on the test split (lower is better); gap = smallest budget − largest; sd = the pooled seed sd. "
         f"A point qualifies when the final gap is at least {report['ratio']:g} sds; the cheapest in training compute "
-        f"(stage-1 steps × base parameters) is chosen. No language's stage-1 text is read more than "
-        f"{report['max_epochs']:g} times.",
+        f"(stage-1 steps × base parameters) is chosen. Stage 1 reads at most {report['max_epochs']:g} epoch(s) of "
+        "each language's text (the epochs column).",
         "",
         f"| point | FFN | base params | later-language share | stage-1 epochs | New-avg {low}/layer | "
         f"New-avg {high}/layer | gap | sd | gap/sd | gap/sd after stage 1 | Old-avg (both) | s per run | qualifies |",
