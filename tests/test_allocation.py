@@ -104,9 +104,11 @@ def test_classifiers_pass_over_single_expert_layers():
     assert result["experts_per_layer"] == [3, 1, 1]
     assert result["classifier_layers"] == [0] and result["classifier_passed_over_dense"] == [1]
     assert allocate(scores, AllocationOptions(budget=5, max_experts=3))["classifier_layers"] == [0]  # default K
-    for spec, named in (("1,2", r"\[1, 2\]"), ("last-1", r"\[2\]")):  # explicit layers: an error naming them
-        with pytest.raises(ValueError, match=rf"classifier_layers: '{spec}' names layers {named}, which keep a single"):
-            allocate(scores, AllocationOptions(budget=5, classifier_layers=spec, max_experts=3))
+    with pytest.raises(ValueError, match=r"classifier_layers: '1,2' names layers \[1, 2\], which keep a single"):
+        allocate(scores, AllocationOptions(budget=5, classifier_layers="1,2", max_experts=3))  # explicit: an error
+    last = allocate(scores, AllocationOptions(budget=5, classifier_layers="last-1", max_experts=3))
+    assert last["classifier_layers"] == [0] and last["classifier_passed_over_dense"] == [2]  # the last with experts
+    assert classifier_layers("last-2", [0.1, 0.2, 0.3, 0.4], [3, 2, 2, 1]) == [1, 2]
     with pytest.raises(ValueError, match=r"K = 2, but only 1 layers have new experts: \[0\]"):
         allocate(scores, AllocationOptions(budget=5, classifier_layers="2", max_experts=3))
     ok = allocate(scores, AllocationOptions(budget=6, classifier_layers="1", min_experts=2))

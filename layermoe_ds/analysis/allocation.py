@@ -114,9 +114,9 @@ PAPER_CLASSIFIER_LAYERS = 7
 
 
 def classifier_layers(spec: str | None, scores: Sequence[float], counts: Sequence[int] | None = None) -> list[int]:
-    """`K` → the K highest-scoring layers (ties: lower index), `last-K`, or an explicit comma list; sorted. With
-    the layers' expert `counts`, `K` ranks only layers with new experts (where a classifier has routes to steer),
-    and `last-K` or a list naming a single-expert layer is an error that names it."""
+    """`K` → the K highest-scoring layers (ties: lower index), `last-K` → the K last layers, or an explicit comma
+    list; sorted. With the layers' expert `counts`, `K` and `last-K` take only layers with new experts (where a
+    classifier has routes to steer), and a list naming a single-expert layer is an error that names it."""
     num_layers = len(scores)
     routed = [i for i in range(num_layers) if counts is None or counts[i] > 1]
     if spec is None:
@@ -124,7 +124,8 @@ def classifier_layers(spec: str | None, scores: Sequence[float], counts: Sequenc
     spec = str(spec).strip()
     if spec.startswith("last-"):
         k = _parse_k(spec[5:], spec, num_layers)
-        return _on_routed_layers(list(range(num_layers - k, num_layers)), routed, spec)
+        _enough_routed(k, routed)
+        return routed[len(routed) - k :]
     if "," in spec or not spec.isdigit():
         try:
             layers = sorted({int(part) for part in spec.split(",") if part.strip()})
@@ -135,8 +136,7 @@ def classifier_layers(spec: str | None, scores: Sequence[float], counts: Sequenc
             raise InputError(f"classifier_layers: layers {bad} are outside 0..{num_layers - 1}")
         return _on_routed_layers(layers, routed, spec)
     k = _parse_k(spec, spec, num_layers)
-    if k > len(routed):
-        raise InputError(f"classifier_layers: K = {k}, but only {len(routed)} layers have new experts: {routed}")
+    _enough_routed(k, routed)
     ranked = sorted(routed, key=lambda i: (-scores[i], i))
     return sorted(ranked[:k])
 
@@ -149,6 +149,11 @@ def _on_routed_layers(layers: list[int], routed: list[int], spec: str) -> list[i
             "there has no route to steer; name layers with new experts, or give K to take the most similar of them"
         )
     return layers
+
+
+def _enough_routed(k: int, routed: list[int]) -> None:
+    if k > len(routed):
+        raise InputError(f"classifier_layers: K = {k}, but only {len(routed)} layers have new experts: {routed}")
 
 
 def _parse_k(text: str, spec: str, num_layers: int) -> int:
@@ -205,10 +210,10 @@ def allocate(scores: Sequence[float], options: AllocationOptions) -> dict:
     if floored:
         result.update(min_score=options.min_score, floored_layers=floored, raw_layer_score=raw_scores)
     passed_over = sorted(set(classifier_layers(options.classifier_layers, scores)) - set(result["classifier_layers"]))
-    if passed_over:  # Eq. 10 left the most similar layers dense: the next most similar layers with experts instead
+    if passed_over:  # Eq. 10 left some of the named layers dense: the next ones with new experts instead
         result["classifier_passed_over_dense"] = passed_over
         log.info(
-            "allocate: layers %s are among the most similar but keep a single expert; classifiers on %s instead",
+            "allocate: layers %s would get classifiers but keep a single expert; classifiers on %s instead",
             passed_over,
             result["classifier_layers"],
         )
