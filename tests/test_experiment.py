@@ -255,6 +255,7 @@ def test_budget_quality_curve_interpolates_the_experts_uniform_needs():
     assert saving["layermoe 2"]["uniform_experts"] == pytest.approx(24.0) and saving["layermoe 2"]["saving"] == 0.5
     assert saving["layermoe 3"]["saving"] is None and saving["layermoe 3"]["note"] == "better than every uniform point"
     assert saving["random 2"]["note"] == "worse than every uniform point"
+    assert saving["layermoe 3"]["reading"] == "better than uniform's best (2.440 with 36): at least 33% fewer"
     by_claim = {v.claim: v for v in verdicts}
     headline = by_claim["fewer experts for the same quality"]
     assert headline.verdict == "replicated" and headline.numbers["interval"] == [0.5, 0.5]  # one seed: no spread
@@ -299,6 +300,15 @@ def test_the_headline_saving_has_a_bootstrap_interval_over_seeds():
     assert "not significant here" in same.text
     worse = headline_verdict(uniform, point(Method.LAYERMOE, 24, [2.99, 3.00, 3.01]))
     assert worse.numbers["interval"][1] < 0 and worse.verdict == "not replicated"
+    assert "95% interval −" in worse.text and "-" not in worse.text.split("95% interval")[1].split(",")[0]
+    # beyond the curve: a bound, not an interpolation
+    worst = headline_verdict(uniform, point(Method.LAYERMOE, 24, [3.02, 3.03, 3.04]))
+    assert "worse than uniform's smallest point (3.010 with 12), with 100% more experts: at least that many more" in (
+        worst.text
+    )
+    assert worst.numbers["interval"] == [-math.inf, -math.inf] and "95% interval −∞ to −∞" in worst.text
+    ahead = headline_verdict(uniform, point(Method.LAYERMOE, 60, [2.85, 2.86, 2.87]))
+    assert "better than uniform's best (2.910 with 48), with 25% more experts than it" in ahead.text
 
 
 def test_report_from_made_up_results(tmp_path):

@@ -172,7 +172,7 @@ def saving_interval(
 
 
 def _percent(value: float) -> str:
-    return "+∞" if value == math.inf else ("−∞" if value == -math.inf else f"{value:.0%}")
+    return "+∞" if value == math.inf else ("−∞" if value == -math.inf else f"{value:.0%}".replace("-", "−"))
 
 
 def headline_verdict(uniform: list[CurvePoint], point: CurvePoint) -> Verdict:
@@ -208,10 +208,16 @@ def uniform_equivalent(uniform: list[CurvePoint], point: CurvePoint) -> dict:
         return {"uniform_experts": needed, "saving": saving, "note": "interpolated", "reading": reading}
     best = min(uniform, key=lambda p: p.new.mean)
     if point.new.mean < best.new.mean:
-        reading = (f"better than uniform's best ({best.new.mean:.3f} with {best.new_experts}): at least "
-                   f"{1 - point.new_experts / best.new_experts:.0%} fewer")  # fmt: skip
+        bound = 1 - point.new_experts / best.new_experts
+        reading = f"better than uniform's best ({best.new.mean:.3f} with {best.new_experts})" + (
+            f": at least {bound:.0%} fewer" if bound >= 0 else f", with {-bound:.0%} more experts than it"
+        )
         return {"uniform_experts": None, "saving": None, "note": "better than every uniform point", "reading": reading}
-    reading = f"worse than uniform's smallest point ({uniform[0].new.mean:.3f} with {uniform[0].new_experts})"
+    first = uniform[0]
+    bound = 1 - point.new_experts / first.new_experts
+    reading = f"worse than uniform's smallest point ({first.new.mean:.3f} with {first.new_experts})" + (
+        f", with {-bound:.0%} more experts: at least that many more" if bound < 0 else ""
+    )
     return {"uniform_experts": None, "saving": None, "note": "worse than every uniform point", "reading": reading}
 
 
