@@ -192,7 +192,9 @@ def headline_verdict(uniform: list[CurvePoint], point: CurvePoint) -> Verdict:
     )
     numbers = {
         "saving": equivalent["saving"],
-        "interval": [low, high],
+        # strict JSON: an open end (±inf) is null, and which end is open is said
+        "interval": [None if math.isinf(end) else end for end in (low, high)],
+        "interval_open": [math.isinf(low), math.isinf(high)],
         "uniform_experts": equivalent["uniform_experts"],
     }
     return Verdict("fewer experts for the same quality", verdict, text, numbers)
