@@ -43,7 +43,7 @@ def add_calibrate(sub) -> None:
         description="At each grid point, uniform MoE-LPR at the smallest and the largest budget over 2 seeds, both "
         "stages; writes OUT/calibration.md and .json with the cheapest point where the largest budget's New-avg beats "
         "the smallest's by 3 pooled seed sds. Each point is an experiment under OUT/<point>/, cached and resumable; "
-        "the base models are pretrained once into --artifacts.",
+        "the base models are pretrained once into --artifacts. Exits 1 when no point qualifies.",
     )
     _experiment_arguments(p, default_out=Path("runs/calibration"), base=False)
     p.set_defaults(func=_cmd_calibrate)
