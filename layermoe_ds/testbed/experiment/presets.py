@@ -233,6 +233,16 @@ PAPER = Preset(
     eval_max_tokens=10_000,
 )
 
+# The router anchor's weight on the calibrated base: the paper preset's uniform (3/layer) and LayerMoE (2.33/layer)
+# systems, seeds 0-2 (run into the paper preset's directory, their stage 1 and stage 2 are its own), and stage 2
+# again from their stage-1 models at β 0.1 and 1 (docs/results/stage2-narrow/).
+STAGE2_NARROW_SOURCES = tuple(
+    replace(s, curve=False, lifelong=False, ablates=None)
+    for s in PAPER.systems
+    if s.name in (PAPER.baseline, PAPER.reference)
+)
+STAGE2_NARROW_VARIANTS = {"anchor β 0.1": {"router_anchor_beta": 0.1}, "anchor β 1": {"router_anchor_beta": 1.0}}
+
 PRESETS = {
     # make demo: the dense base, MoE-LPR's uniform allocation, LayerMoE with half the new experts.
     "demo": Preset(systems=(UNIFORM, LAYERMOE)),
@@ -260,5 +270,8 @@ PRESETS = {
         lifelong=(),
         router_only_eval=True,
         stage2_settings=(),
+    ),
+    "stage2-narrow": replace(
+        PAPER, systems=tuple(stage2_variants(STAGE2_NARROW_SOURCES, STAGE2_NARROW_VARIANTS)), lifelong=()
     ),
 }
