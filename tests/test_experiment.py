@@ -398,3 +398,10 @@ def test_the_paper_preset_has_four_budgets_per_method_and_every_claim_over_three
     study = PRESETS["stage2-study"]
     assert study.base == "deep" and study.stage2_settings == ()
     assert study.system(study.reference).budget_per_layer == 2.5
+    # the anchor study on the calibrated base continues the paper preset's own runs: the same systems, settings aside
+    narrow = PRESETS["stage2-narrow"]
+    for source in narrow.systems[:2]:
+        twin = paper.system(source.name)
+        assert dataclasses.replace(source, curve=twin.curve, lifelong=twin.lifelong, ablates=twin.ablates) == twin
+    assert {s.stage2 for s in narrow.systems[2:]} == {(("router_anchor_beta", 0.1),), (("router_anchor_beta", 1.0),)}
+    assert narrow.base == paper.base and narrow.stage2_settings == paper.stage2_settings
