@@ -95,7 +95,11 @@ def test_a_point_that_would_repeat_the_text_is_refused_before_anything_trains_an
         trained.append(out.name)
         low, high = (s.name for s in preset.systems)
         results = _results(preset, dict(zip((low, high), finals[preset.stage1_steps], strict=True)), 100.0)
-        return {RunId(DENSE_BASE): {"eval": {"params_total": 3_000_000}}, **results}
+        dense = {
+            "eval": {"params_total": 3_000_000},
+            "base_sha256": {"model.safetensors": sha256_file(base / "model.safetensors")},
+        }
+        return {RunId(DENSE_BASE): dense, **results}
 
     monkeypatch.setattr(calibration, "run_experiment", experiment)
     grid = Calibration(points=(GridPoint("deep", 1), GridPoint("deep-rare", 2)), settings=settings)

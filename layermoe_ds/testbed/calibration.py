@@ -21,11 +21,11 @@ from layermoe_ds.data.streams import open_streams
 from layermoe_ds.data.tokenizer import load_tokenizer
 from layermoe_ds.distributed import SHIPPED_CONFIGS, Launcher
 from layermoe_ds.errors import InputError
-from layermoe_ds.io import atomic_write_text, read_json, sha256_file, write_json
+from layermoe_ds.io import atomic_write_text, read_json, write_json
 from layermoe_ds.testbed.demo import prepare_base
 from layermoe_ds.testbed.experiment import DENSE_BASE, Method, Preset, RunId, System, run_experiment
 from layermoe_ds.testbed.experiment.presets import PAPER
-from layermoe_ds.testbed.experiment.reading import average, runs_of
+from layermoe_ds.testbed.experiment.reading import average, pooled_sd, runs_of, stats
 from layermoe_ds.testbed.experiment.runner import slug
 from layermoe_ds.testbed.pretrain import PRESETS as BASE_PRESETS
 
@@ -94,7 +94,7 @@ def stage1_epochs(preset: Preset, data: Path, tokenizer_dir: Path) -> float:
 
 
 def _stats(values: list[float]) -> dict:
-    return {"mean": statistics.mean(values), "sd": statistics.stdev(values), "n": len(values), "values": values}
+    return {**stats(values).as_dict(), "values": values}
 
 
 def point_summary(results: dict, preset: Preset, ratio: float) -> dict:
@@ -104,8 +104,7 @@ def point_summary(results: dict, preset: Preset, ratio: float) -> dict:
     summary: dict = {"wall_s_per_run": statistics.mean(r["wall_s"] for r in low + high)}
     for key, label in (("eval_stage1", "stage1"), ("eval", "final")):
         a, b = ([average(r[key], "new") for r in runs] for runs in (low, high))
-        pooled = math.sqrt(((len(a) - 1) * statistics.variance(a) + (len(b) - 1) * statistics.variance(b))
-                           / (len(a) + len(b) - 2))  # fmt: skip
+        pooled = pooled_sd([stats(a), stats(b)])
         gap = statistics.mean(a) - statistics.mean(b)
         summary[label] = {"smallest": _stats(a), "largest": _stats(b), "gap": gap, "pooled_sd": pooled,
                           "gap_over_sd": gap / pooled if pooled > 0 else math.inf}  # fmt: skip
@@ -145,7 +144,7 @@ def run_calibration(
             "point": point.name, "base": point.base, "stage1_steps": point.stage1_steps,
             "ffn": base_config.model.intermediate_size, "later_share": base_config.low_resource_share,
             "stage1_epochs": epochs[point], "base_params": results[RunId(DENSE_BASE)]["eval"]["params_total"],
-            "base_sha256": sha256_file(bases[point.base] / "model.safetensors"),
+            "base_sha256": results[RunId(DENSE_BASE)]["base_sha256"]["model.safetensors"],  # the experiment's
             **point_summary(results, preset, calibration.ratio),
         })  # fmt: skip
     chosen = choose(rows)

@@ -17,6 +17,7 @@ from layermoe_ds.testbed.experiment.reading import (
     Verdict,
     average,
     judge,
+    pooled_sd,
     runs_of,
     seed_stats,
 )
@@ -129,9 +130,7 @@ def curve_slope(uniform: list[CurvePoint]) -> Verdict:
     against the seed sd pooled over its points (≥ SLOPE_SDS sds), or, with one seed per point, against 1%."""
     first, last = uniform[0], uniform[-1]
     gain = first.new.mean - last.new.mean
-    spread = [p for p in uniform if p.new.n > 1]
-    df = sum(p.new.n - 1 for p in spread)
-    pooled = math.sqrt(sum((p.new.n - 1) * p.new.sd**2 for p in spread) / df) if df else 0.0
+    pooled = pooled_sd([p.new for p in uniform])
     if pooled > 0:
         ok, measure = gain >= SLOPE_SDS * pooled, f"{gain / pooled:.1f} times its pooled seed sd ({pooled:.4f})"
     else:

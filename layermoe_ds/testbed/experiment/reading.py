@@ -38,6 +38,12 @@ def stats(values: list[float]) -> Stats:
     return Stats(statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
 
 
+def pooled_sd(groups: list[Stats]) -> float:
+    """The seed sd pooled over groups (each weighted by its degrees of freedom, n − 1); 0 with none to pool."""
+    df = sum(g.n - 1 for g in groups)
+    return math.sqrt(sum((g.n - 1) * g.sd**2 for g in groups) / df) if df else 0.0
+
+
 def compare(ours: float, theirs: float, tolerance: float = RELATIVE_TOLERANCE) -> str:
     """'better', 'matched' (within `tolerance` relative) or 'worse', for a lower-is-better number."""
     if ours < theirs * (1 - tolerance):
