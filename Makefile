@@ -9,7 +9,7 @@ export OMP_NUM_THREADS ?= 2
 install: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt scripts/install.sh
-	bash scripts/install.sh $(VENV) dev,eval
+	bash scripts/install.sh $(VENV) dev,eval,real
 	touch $(STAMP)
 
 demo: $(STAMP)

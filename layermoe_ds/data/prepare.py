@@ -38,8 +38,10 @@ from layermoe_ds.data.tokens import (
     VERSION,
     PreparedData,
     TokenStream,
+    chat_turn_eos,
     index_dtype,
     is_prepared,
+    separator_id,
     token_dtype,
     document_bos,
     document_specials,
@@ -197,8 +199,7 @@ def _init_worker(backend_spec: str | None, tokenizer_dir: str, specials: tuple[i
         return
     from layermoe_ds.data.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(Path(tokenizer_dir))
-    _WORKER.update(encode=batch_encoder(tokenizer), specials=document_specials(tokenizer))
+    _WORKER.update(encode=batch_encoder(load_tokenizer(Path(tokenizer_dir))), specials=specials)
 
 
 def _worker_task(chunk: Chunk, shards: str, dtype: str, selection: Selection) -> dict:
@@ -241,9 +242,11 @@ def tokenize(
     chunk_bytes: int = CHUNK_BYTES,
     tokenizer=None,
     progress: bool | None = None,
+    doc_separator: str | None = None,
 ) -> dict:
     """Prepare `sources` into `out` (see the module docstring); returns the manifest. A directory that holds this
-    exact input already is returned as it is; one that holds other input is refused."""
+    exact input already is returned as it is; one that holds other input is refused. `doc_separator`: the token
+    that ends each document instead of the tokenizer's EOS (an Instruct tokenizer's EOS ends chat turns)."""
     out, tokenizer_dir = Path(out), Path(tokenizer_dir)
     if workers < 1:
         raise InputError(f"workers: {workers} must be >= 1")
@@ -253,8 +256,17 @@ def tokenize(
         from layermoe_ds.data.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer_dir)
+    separator = None if doc_separator is None else separator_id(tokenizer, doc_separator)
+    if separator is None and chat_turn_eos(tokenizer):
+        log.warning(
+            "the tokenizer's EOS %r ends the turns of its chat template (an Instruct model): documents will be "
+            "separated by it, not by what pretraining used; --doc-separator chooses the separator (e.g. %r)",
+            tokenizer.eos_token,
+            tokenizer.unk_token or tokenizer.bos_token,
+        )
+    specials = document_specials(tokenizer, separator)
     plan = {
-        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "tokenizer": tokenizer_fingerprint(tokenizer, separator),
         "sources": [source_meta(s) for s in sources],
         "langs": sorted(langs) if langs is not None else None,
         "splits": sorted(splits) if splits is not None else None,
@@ -297,12 +309,14 @@ def tokenize(
         ) as bar,
     ):
         checksums = hasher.submit(lambda: [sha256_file(s.path) for s in sources])
-        for record in _run_chunks(pending, shards, tokenizer, tokenizer_dir, dtype, selection, workers):
+        for record in _run_chunks(pending, shards, tokenizer, tokenizer_dir, specials, dtype, selection, workers):
             records[record["chunk"]["number"]] = record
             bar.update(record["input_bytes"])
         source_sha = checksums.result()
     seconds = time.perf_counter() - started
     manifest = _manifest(out, plan, records, sources, source_sha, tokenizer, tokenizer_dir, dtype, langs)
+    if separator is not None:
+        manifest["tokenizer"]["doc_separator"] = {"token": doc_separator, "id": separator}
     manifest["run"] = {
         "workers": workers,
         "seconds": round(seconds, 3),
@@ -314,11 +328,11 @@ def tokenize(
     return manifest
 
 
-def _run_chunks(chunks, shards, tokenizer, tokenizer_dir, dtype, selection, workers) -> Iterable[dict]:
+def _run_chunks(chunks, shards, tokenizer, tokenizer_dir, specials, dtype, selection, workers) -> Iterable[dict]:
     if workers == 1:  # in this process, with the tokenizer already loaded
         encode = batch_encoder(tokenizer)
         for chunk in chunks:
-            yield tokenize_chunk(chunk, shards, encode, document_specials(tokenizer), dtype, selection)
+            yield tokenize_chunk(chunk, shards, encode, specials, dtype, selection)
         return
     backend = getattr(tokenizer, "backend_tokenizer", None)
     spec = backend.to_str() if backend is not None else None
@@ -326,7 +340,7 @@ def _run_chunks(chunks, shards, tokenizer, tokenizer_dir, dtype, selection, work
         workers,
         mp_context=get_context("spawn"),
         initializer=_init_worker,
-        initargs=(spec, str(tokenizer_dir), document_specials(tokenizer)),
+        initargs=(spec, str(tokenizer_dir), specials),
     ) as pool:
         futures = [pool.submit(_worker_task, c, str(shards), dtype.str, selection) for c in chunks]
         for future in futures:  # in order: an error surfaces as the first failing chunk's

@@ -50,7 +50,7 @@ def open_streams(data: Path, tokenizer, tokenizer_dir: Path, langs: Sequence[str
     data, fingerprint = Path(data), tokenizer_fingerprint(tokenizer)
     if is_prepared(data):
         prepared = PreparedData(data)
-        prepared.check_tokenizer(fingerprint, str(tokenizer_dir))
+        prepared.check_tokenizer(tokenizer, str(tokenizer_dir))
         found = prepared.languages()
         missing = [lang for lang in langs if lang not in found]
         if missing:

@@ -58,12 +58,29 @@ def document_bos(tokenizer) -> int | None:
     return bos if with_specials[:1] == [bos] and without[:1] != [bos] else None
 
 
-def document_specials(tokenizer) -> tuple[int | None, int]:
-    """(BOS each document starts with or None, the EOS that ends it)."""
-    return document_bos(tokenizer), tokenizer.eos_token_id
+def document_specials(tokenizer, separator: int | None = None) -> tuple[int | None, int]:
+    """(BOS each document starts with or None, the token that ends it: `separator`, or the EOS)."""
+    return document_bos(tokenizer), tokenizer.eos_token_id if separator is None else separator
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
+def separator_id(tokenizer, token: str) -> int:
+    """The id of `token`, which must be one token of the tokenizer's vocabulary (`--doc-separator`)."""
+    ids = tokenizer.convert_tokens_to_ids([token])
+    unk = tokenizer.unk_token_id
+    if not ids or ids[0] is None or (ids[0] == unk and token != tokenizer.unk_token):
+        specials = ", ".join(tokenizer.all_special_tokens)
+        raise InputError(f"--doc-separator: {token!r} is not a token of this tokenizer; its special tokens: {specials}")
+    return int(ids[0])
+
+
+def chat_turn_eos(tokenizer) -> bool:
+    """Whether the EOS token ends chat turns in the tokenizer's chat template (Instruct models): then it is not
+    what pretraining separated documents with."""
+    template = getattr(tokenizer, "chat_template", None)
+    return isinstance(template, str) and bool(tokenizer.eos_token) and tokenizer.eos_token in template
+
+
+def tokenizer_fingerprint(tokenizer, separator: int | None = None) -> str:
     """What decides the token ids: a fast tokenizer's full serialisation (vocabulary, merges, normaliser,
     pre-tokeniser, added tokens), its EOS id and whether each document starts with a BOS; two copies of one
     tokenizer share it wherever they are saved, and a changed convention changes it (cached shards are remade)."""
@@ -76,6 +93,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
     bos = document_bos(tokenizer)
     if bos is not None:  # (no BOS: the fingerprint data prepared before BOS was recorded has)
         text += f"\nbos {bos}"
+    if separator is not None and separator != tokenizer.eos_token_id:  # (the EOS: the fingerprint it always had)
+        text += f"\nseparator {separator}"
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
@@ -137,8 +156,9 @@ class TokenStream:
 
     Nothing is read until asked for; `read(start, stop)` maps only the shards it touches."""
 
-    def __init__(self, name: str, shards: list[Shard], vocab_size: int, num_bytes: int):
+    def __init__(self, name: str, shards: list[Shard], vocab_size: int, num_bytes: int, separator: int | None = None):
         self.name, self.shards, self.vocab_size, self.num_bytes = name, shards, vocab_size, num_bytes
+        self.separator = separator  # the token between documents when it is not the tokenizer's EOS
         self._ends = np.cumsum([s.tokens for s in shards], dtype=np.int64)
         self.num_tokens = int(self._ends[-1]) if shards else 0
         self.num_documents = sum(s.documents for s in shards)
@@ -227,10 +247,17 @@ class PreparedData:
     def fingerprint(self) -> str:
         return self.manifest["tokenizer"]["fingerprint"]
 
+    @property
+    def separator(self) -> int | None:
+        """The document separator's id when `--doc-separator` chose one, else None (the tokenizer's EOS)."""
+        chosen = self.manifest["tokenizer"].get("doc_separator")
+        return None if chosen is None else chosen["id"]
+
     def languages(self) -> dict[str, list[str]]:
         return {lang: sorted(splits) for lang, splits in self.manifest["streams"].items()}
 
-    def check_tokenizer(self, fingerprint: str, tokenizer_name: str) -> None:
+    def check_tokenizer(self, tokenizer, tokenizer_name: str) -> None:
+        fingerprint = tokenizer_fingerprint(tokenizer, self.separator)
         if fingerprint != self.fingerprint:
             raise InputError(
                 f"data: {self.directory} was tokenized with another tokenizer ({self.manifest['tokenizer']['name']}, "
@@ -251,7 +278,8 @@ class PreparedData:
         ]
         for shard in shards:
             shard.check()
-        stream = TokenStream(f"{lang}/{split}", shards, self.vocab_size, entry["bytes"] + entry["documents"])
+        num_bytes = entry["bytes"] + entry["documents"]
+        stream = TokenStream(f"{lang}/{split}", shards, self.vocab_size, num_bytes, self.separator)
         if stream.num_documents == 0:
             raise InputError(f"data: language {lang!r} has no text in its {split} split ({entry['source']})")
         return stream

@@ -20,7 +20,7 @@ import yaml
 
 from layermoe_ds.data.loading import iter_documents, raw_sources
 from layermoe_ds.data.tokenizer import load_tokenizer
-from layermoe_ds.data.tokens import PreparedData, document_bos, is_prepared, tokenizer_fingerprint
+from layermoe_ds.data.tokens import PreparedData, document_bos, is_prepared
 from layermoe_ds.errors import InputError
 from layermoe_ds.io import atomic_output, atomic_write_text
 
@@ -38,7 +38,7 @@ def prepared_documents(data: Path, lang: str, split: str, tokenizer_dir: Path | 
     prepared = PreparedData(data)
     tokenizer_dir = Path(tokenizer_dir or prepared.manifest["tokenizer"]["name"])
     tokenizer = load_tokenizer(tokenizer_dir)
-    prepared.check_tokenizer(tokenizer_fingerprint(tokenizer), str(tokenizer_dir))
+    prepared.check_tokenizer(tokenizer, str(tokenizer_dir))
     found = prepared.languages()
     if lang not in found:
         raise InputError(f"languages [{lang!r}] not found in {data}; found: {sorted(found)}")

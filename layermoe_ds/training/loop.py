@@ -247,6 +247,7 @@ class StageTrainer:
         with "stop": whether any rank was asked to stop. The metrics stay on the device until one read at the end."""
         config, engine, device = self.config, self.engine, self.device
         started = time.perf_counter()
+        lr = self.scheduler.get_last_lr()[0]  # what this step's update uses: the last engine.step() advances it
         accumulation = engine.gradient_accumulation_steps()
         sums: dict = {}
         counting = HostReadSections(config.count_host_reads and not self.host_reads_counted)
@@ -265,7 +266,7 @@ class StageTrainer:
         if counting.enabled:
             self.host_reads_counted = True
             counting.write(self.out / HOST_READS, len(moe_blocks(self.model)), self.step + 1)
-        scalars["lr"] = self.scheduler.get_last_lr()[0]
+        scalars["lr"] = lr
         tokens = self.world * accumulation * self.micro * config.seq_len
         scalars["tokens_per_s"] = tokens / (time.perf_counter() - started)
         scalars["time/since_start_s"] = time.time() - self.process_start  # start-up cost shows in the first step

@@ -62,15 +62,27 @@ def apply_stage(model: nn.Module, stage: int) -> dict[str, list[nn.Parameter]]:
         else:
             frozen += param.numel()
     counts = {group: sum(p.numel() for p in params) for group, params in groups.items()}
+    described = {g: f"{n:,}" for g, n in counts.items()}
+    if "new_experts" in counts:  # expert parallelism gives each rank a share of the new experts
+        described["new_experts"] += f" on this rank ({_newest_experts_in_all(model):,} over all ranks)"
     log.info(
-        "stage %d trains %s parameters; %s frozen",
+        "stage %d trains %s parameters; %s frozen on this rank",
         stage,
-        ", ".join(f"{g}: {n:,}" for g, n in counts.items()),
+        ", ".join(f"{g}: {n}" for g, n in described.items()),
         f"{frozen:,}",
     )
     if not any(counts.values()):
         raise InputError(f"stage {stage}: the model has nothing to train (no MoE layer or no new experts)")
     return groups
+
+
+def _newest_experts_in_all(model: nn.Module) -> int:
+    """The parameters of the newest language group's experts in the whole model, whichever rank holds them."""
+    newest = model.config.num_groups - 1
+    return sum(
+        sum(group == newest for group in block.gate.expert_groups) * sum(p.numel() for p in block.base_ffn.parameters())
+        for block in model.moe_blocks().values()
+    )
 
 
 def apply_full_finetune(model: nn.Module) -> dict[str, list[nn.Parameter]]:

@@ -14,6 +14,8 @@ class Method(StrEnum):
     UNIFORM = "uniform"  # MoE-LPR: the same count in every layer
     RANDOM = "random"  # the budget spread at random
     FULL_FINETUNE = "full-finetune"  # the dense model, every parameter trained (no experts): the forgetting baseline
+    LEAST_SIMILAR = "least-similar"  # the premise test: the new experts in the `focus_layers` least similar layers
+    MOST_SIMILAR = "most-similar"  # … or the most similar ones, every other layer dense
 
 
 class Phase(StrEnum):
@@ -67,6 +69,7 @@ class System:
     # stage 2 continues that (earlier) system's stage-1 model of the same seed instead of training its own.
     stage2: tuple[tuple[str, object], ...] = ()
     stage1_of: str = ""
+    focus_layers: int | None = None  # least-similar / most-similar: how many layers get the new experts
 
     def runs(self) -> list[RunId]:
         return [RunId(self.name, seed) for seed in self.seeds]
@@ -78,7 +81,12 @@ class Preset:
     old: tuple[str, ...] = ("en", "de")
     new: tuple[str, ...] = ("fr", "ru", "el")
     lifelong: tuple[str, ...] = ()  # the third group (G2) that `lifelong` systems expand to after G1
-    base: str = "demo"  # the base-model preset `layermoe demo/experiment` pretrains (testbed/pretrain.py)
+    # The base-model preset `layermoe demo/experiment` pretrains (testbed/pretrain.py), or "smollm2": the real
+    # pretrained base `layermoe real-base` builds (testbed/real_base.py).
+    base: str = "demo"
+    # The token that ends each document in the base tokenizer's shards (`data tokenize --doc-separator`), when it
+    # is not the tokenizer's EOS: an Instruct tokenizer's EOS ends chat turns.
+    doc_separator: str | None = None
     reference: str = "LayerMoE"  # the LayerMoE system the headline claim and the ablations are about
     baseline: str = "MoE-LPR uniform (4/layer)"  # the uniform MoE-LPR system it is compared with
     profile_tokens: int = 20_000
@@ -243,6 +251,36 @@ STAGE2_NARROW_SOURCES = tuple(
 )
 STAGE2_NARROW_VARIANTS = {"anchor β 0.1": {"router_anchor_beta": 0.1}, "anchor β 1": {"router_anchor_beta": 1.0}}
 
+# The real pretrained base (`layermoe real-base`: SmolLM2-135M-Instruct, Llama, 30 layers, mostly English):
+# English is the old language, French, Russian and Greek the new ones; documents end with <|endoftext|>, the
+# separator of its pretraining (its tokenizer's EOS, <|im_end|>, ends chat turns). Its similarity profile has the
+# real shape (low early, a middle plateau, a dip at layers 23-26, high at the end): no score floor.
+REAL = Preset(
+    systems=(),
+    old=("en",),
+    new=("fr", "ru", "el"),
+    base="smollm2",
+    doc_separator="<|endoftext|>",
+    profile_tokens=10_000,
+    min_score=None,
+    seq_len=256,
+    stage1_steps=100,
+    stage1_lr=2e-4,
+    stage2_steps=40,
+    stage2_lr=1e-3,
+    stage2_docs=2000,
+    eval_max_tokens=20_000,
+    extra_train={"warmup_steps": 10},
+    stage2_settings=(("router_anchor_beta", 0.3),),
+)
+REAL_SEEDS = (0, 1)
+# The premise of layer-wise allocation: the same 20 new experts (2 a layer) in the 10 least similar layers against
+# the 10 most similar ones, no classifier; allocating by similarity only makes sense if the first gains more.
+REAL_PREMISE = tuple(
+    System(f"{which} similar 10 layers (2 new each)", method, 50 / 30, "0", seeds=REAL_SEEDS, focus_layers=10)
+    for which, method in (("Least", Method.LEAST_SIMILAR), ("Most", Method.MOST_SIMILAR))
+)
+
 PRESETS = {
     # make demo: the dense base, MoE-LPR's uniform allocation, LayerMoE with half the new experts.
     "demo": Preset(systems=(UNIFORM, LAYERMOE)),
@@ -274,4 +312,5 @@ PRESETS = {
     "stage2-narrow": replace(
         PAPER, systems=tuple(stage2_variants(STAGE2_NARROW_SOURCES, STAGE2_NARROW_VARIANTS)), lifelong=()
     ),
+    "real-premise": replace(REAL, systems=REAL_PREMISE, reference=REAL_PREMISE[0].name, baseline=REAL_PREMISE[1].name),
 }

@@ -150,6 +150,7 @@ class Context:
             max_experts=system.max_experts,
             min_score=self.preset.min_score,
             seed=seed,
+            focus_layers=system.focus_layers,
         )
 
         def produce() -> None:
@@ -157,7 +158,10 @@ class Context:
             write_json(out, allocation)
             plot_similarity(profile, home / "allocation.png", allocation)
 
-        digest = cached(out, {"step": "allocate", "similarity": similarity.digest, "options": vars(options)}, produce)
+        # Options added since a preset's runs were made are fingerprinted only when set: its cached steps stay valid.
+        later = {"rounding": "ceil", "focus_layers": None}
+        settings = {k: v for k, v in vars(options).items() if k not in later or v != later[k]}
+        digest = cached(out, {"step": "allocate", "similarity": similarity.digest, "options": settings}, produce)
         return Model(out, digest), read_json(out, "allocation")
 
     def stage(self, stage: int, run_config: dict, run_dir: Path, upstream: dict, tag: str) -> Model:
