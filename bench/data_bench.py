@@ -8,6 +8,9 @@ alike by accident. Printed, each beside its goal:
   measured in this run (the anchor: goal ≥ 0.8 × workers × anchor), and its peak RSS (goal ≤ 1 GiB: the main process
   plus its workers);
 - disk bytes per token, the index included (goal ≤ 2.1 for uint16 ids);
+- the same text as Parquet (`<lang>.<split>.parquet`, a `text` column, row groups of 10,000 rows) beside it as
+  `.jsonl`: tokens/s from Parquet ÷ from `.jsonl` (goal ≥ 0.9), and the peak RSS of tokenizing the 20× Parquet
+  corpus ÷ the 1× (goal ≤ 1.1);
 - stage 1 on 2 CPU ranks (`memory/peak_mib`: the largest peak RSS of any rank; `time/since_start_s` of the first step:
   process start to the end of the first step) at 1× and 20× (goals: ratio ≤ 1.10 and ≤ 1.2), and the same for a run
   resumed from its checkpoint.
@@ -55,6 +58,34 @@ def build_corpus(source: Path, out: Path, copies: int) -> Path:
     return out
 
 
+def convert(source: Path, out: Path, fmt: str) -> Path:
+    """Every `<lang>.<split>.txt` of `source` as `.jsonl` or `.parquet` (a `text` column), streamed."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out.mkdir(parents=True, exist_ok=True)
+    for txt in sorted(source.glob("*.txt")):
+        if len(txt.name.split(".")) != 3:
+            continue
+        target = out / f"{txt.stem}.{fmt}"
+        with open(txt, encoding="utf-8") as lines:
+            if fmt == "jsonl":
+                with open(target, "w", encoding="utf-8") as f:
+                    f.writelines(json.dumps({"text": line.rstrip("\n")}, ensure_ascii=False) + "\n" for line in lines)
+                continue
+            schema = pa.schema([("text", pa.string())])
+            with pq.ParquetWriter(target, schema) as writer:
+                batch = []
+                for line in lines:
+                    batch.append(line.rstrip("\n"))
+                    if len(batch) == 10_000:
+                        writer.write_table(pa.table({"text": batch}, schema=schema))
+                        batch = []
+                if batch:
+                    writer.write_table(pa.table({"text": batch}, schema=schema))
+    return out
+
+
 def tokenize_child(data: Path, tokenizer: Path, out: Path, workers: int, chunk_mb: float, anchor_data: Path) -> None:
     """`data tokenize` in its own process, printing its throughput and the peak RSS of it and its workers."""
     from layermoe_ds.data.loading import raw_sources
@@ -92,6 +123,7 @@ def tokenize_child(data: Path, tokenizer: Path, out: Path, workers: int, chunk_m
                 "main_peak_mib": main_peak,
                 "worker_peak_mib": worker_peak,
                 "tokens": manifest["totals"]["tokens"],
+                "tokens_per_s": manifest["totals"]["tokens"] / seconds,
                 "disk_bytes_per_token": manifest["totals"]["disk_bytes_per_token"],
             }
         )
@@ -212,6 +244,18 @@ def main(argv: list[str] | None = None) -> int:
                 (f"{args.copies}x, 2 workers", f"{args.copies}x", "tok_big", 2),
             )
         }
+        # The same text as .jsonl and as Parquet, 2 workers each (the 1x sources as the anchor's text).
+        formats = {
+            ("jsonl", "1x"): convert(sizes["1x"], tmp / "jsonl_1x", "jsonl"),
+            ("parquet", "1x"): convert(sizes["1x"], tmp / "parquet_1x", "parquet"),
+            ("parquet", f"{args.copies}x"): convert(sizes[f"{args.copies}x"], tmp / "parquet_big", "parquet"),
+        }
+        results["formats"] = {
+            f"{fmt} {size}": run_tokenize(
+                path, args.tokenizer, tmp / f"tok_{fmt}_{size}", 2, args.chunk_mb, sizes["1x"]
+            )
+            for (fmt, size), path in formats.items()
+        }
         prepared = {"1x": tmp / "tok_1x", f"{args.copies}x": tmp / "tok_big"}
         if args.no_stage:
             prepared = {}
@@ -242,6 +286,17 @@ def main(argv: list[str] | None = None) -> int:
             f"{name:<22} {r['input_mb']:>8.1f} {r['mb_per_s']:>7.2f} {anchor:>7.2f} {ratio:>17.2f} {peaks:>28} "
             f"{r['disk_bytes_per_token']:>8.3f}"
         )
+    f = results["formats"]
+    results["format_ratios"] = {
+        "parquet_vs_jsonl_tokens_per_s": f["parquet 1x"]["tokens_per_s"] / f["jsonl 1x"]["tokens_per_s"],
+        "parquet_peak_rss_big_vs_1x": f[f"parquet {big}"]["tree_peak_mib"] / f["parquet 1x"]["tree_peak_mib"],
+    }
+    print(f"\n{'2 workers':<22} {'tokens/s':>10} {'tree peak MiB':>14}")
+    for name, r in f.items():
+        print(f"{name:<22} {r['tokens_per_s']:>10.0f} {r['tree_peak_mib']:>14.0f}")
+    ratios = results["format_ratios"]
+    print(f"Parquet ÷ .jsonl tokens/s: {ratios['parquet_vs_jsonl_tokens_per_s']:.2f} (goal ≥ 0.9); Parquet peak RSS "
+          f"{big} ÷ 1x: {ratios['parquet_peak_rss_big_vs_1x']:.2f} (goal ≤ 1.1)")  # fmt: skip
     if args.no_stage:
         write_result(args.out, results)
         return 0

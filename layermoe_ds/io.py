@@ -58,7 +58,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 @contextlib.contextmanager
 def directory_in_place(out: Path):
     """A directory to build next to `out`, renamed into place when the block succeeds (removed when it fails): a
-    reader sees the previous directory, or none, or the complete new one, never a torn one."""
+    reader sees the previous directory, or none, or the complete new one, never a torn one. Its files get the
+    modes the umask asks for, whatever wrote them (`save_pretrained` writes weights 0600)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
@@ -66,6 +67,7 @@ def directory_in_place(out: Path):
     partial.mkdir()
     try:
         yield partial
+        honour_umask(partial)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

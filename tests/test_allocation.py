@@ -2,6 +2,8 @@ import json
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from layermoe_ds.analysis.allocation import (
     AllocationOptions,
@@ -9,6 +11,7 @@ from layermoe_ds.analysis.allocation import (
     allocate,
     allocate_from_file,
     classifier_layers,
+    describe,
     layermoe_counts,
     random_counts,
     scores_from_similarity,
@@ -208,3 +211,62 @@ def test_min_score_raises_nonpositive_scores_explicitly(tmp_path, capsys):
     assert "layers [0] had scores below --min-score 0.05" in capsys.readouterr().out
     with pytest.raises(ValueError, match="min_score"):
         AllocationOptions(budget=4, min_score=0.0)
+
+
+# The real base's profile (SmolLM2-135M-Instruct, old en, new fr/ru/el, 10K tokens a language).
+REAL_PROFILE = [0.235, 0.139, 0.183, 0.119, 0.119, 0.131, 0.135, 0.147, 0.185, 0.198, 0.230, 0.294, 0.300, 0.344,
+                0.348, 0.383, 0.368, 0.355, 0.370, 0.382, 0.368, 0.289, 0.315, 0.241, 0.179, 0.161, 0.179, 0.228,
+                0.430, 0.615]  # fmt: skip
+
+
+def test_exact_rounding_hits_the_budget_that_the_papers_ceiling_overshoots():
+    ceil = allocate(REAL_PROFILE, AllocationOptions(budget=60, classifier_layers="0"))
+    exact = allocate(REAL_PROFILE, AllocationOptions(budget=60, classifier_layers="0", rounding="exact"))
+    assert ceil["total_experts"] == 77 and exact["total_experts"] == 60 and exact["rounding"] == "exact"
+    inverse = [1 / s for s in REAL_PROFILE]
+    shares = [i / sum(inverse) * 60 for i in inverse]
+    assert all(abs(n - max(share, 1)) < 1 for n, share in zip(exact["experts_per_layer"], shares, strict=True))
+    assert "rounding exact: largest remainder" in describe(exact) and "Eq. 10 as published" in describe(ceil)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    scores=st.lists(st.floats(0.01, 1.0), min_size=2, max_size=30),
+    extra=st.integers(0, 200),
+    low=st.integers(1, 3),
+    span=st.one_of(st.none(), st.integers(0, 6)),
+    align=st.integers(1, 4),
+)
+def test_exact_rounding_keeps_bounds_and_alignment_and_reaches_every_reachable_budget(scores, extra, low, span, align):
+    high = None if span is None else low + span
+    budget = len(scores) * low + extra
+    result = allocate(scores, AllocationOptions(budget=budget, classifier_layers="0", rounding="exact",
+                                                min_experts=low, max_experts=high, align=align))  # fmt: skip
+    counts = result["experts_per_layer"]
+    assert all((n - 1) % align == 0 for n in counts)
+    lo_units = -(-(low - 1) // align)
+    hi_units = None if high is None else max(lo_units, (high - 1) // align)  # the alignment wins over max
+    assert all(n >= 1 + lo_units * align and (hi_units is None or n <= 1 + hi_units * align) for n in counts)
+    reachable_max = None if hi_units is None else len(scores) * (1 + hi_units * align)
+    target = len(scores) + (budget - len(scores)) // align * align
+    if target >= len(scores) * (1 + lo_units * align) and (reachable_max is None or target <= reachable_max):
+        assert sum(counts) == target
+
+
+def test_the_premise_methods_spread_the_new_experts_over_the_least_or_most_similar_layers():
+    least = allocate(REAL_PROFILE, AllocationOptions(budget=50, method="least-similar", focus_layers=10,
+                                                     classifier_layers="0"))  # fmt: skip
+    most = allocate(REAL_PROFILE, AllocationOptions(budget=51, method="most-similar", focus_layers=10,
+                                                    classifier_layers="0"))  # fmt: skip
+    lowest = sorted(range(30), key=lambda i: REAL_PROFILE[i])[:10]
+    assert [i for i, n in enumerate(least["experts_per_layer"]) if n > 1] == sorted(lowest)
+    assert {least["experts_per_layer"][i] for i in lowest} == {3} and least["new_experts"] == 20
+    assert most["new_experts"] == 21 and most["experts_per_layer"][29] == 4  # the extra one: the most similar layer
+    assert sorted(i for i, n in enumerate(most["experts_per_layer"]) if n > 1) == [13, 14, 15, 16, 17, 18, 19, 20,
+                                                                                   28, 29]  # fmt: skip
+    with pytest.raises(ValueError, match="allocate.focus_layers: 31 is larger than the number of layers"):
+        allocate(REAL_PROFILE, AllocationOptions(budget=50, method="least-similar", focus_layers=31))
+    with pytest.raises(ValueError, match="allocate.focus_layers: 10 is given with, and only with"):
+        AllocationOptions(budget=50, method="layermoe", focus_layers=10)
+    with pytest.raises(ValueError, match="gives 5 new experts, fewer than focus_layers"):
+        allocate(REAL_PROFILE, AllocationOptions(budget=35, method="most-similar", focus_layers=10))

@@ -38,6 +38,9 @@ def inputs(tmp_path_factory, corpus_dir, tiny_base, upcycled) -> dict[str, Path]
     shard.write_bytes(b"\xff\xff" * 4 + shard.read_bytes()[8:])
     (tmp / "no_weights").mkdir()
     shutil.copy(tiny_base / "config.json", tmp / "no_weights" / "config.json")
+    shutil.copytree(tiny_base, tmp / "truncated_weights")
+    weights = tmp / "truncated_weights" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted copy
     shutil.copytree(tiny_base, tmp / "gpt2")
     config = json.loads((tiny_base / "config.json").read_text())
     (tmp / "gpt2" / "config.json").write_text(json.dumps({**config, "model_type": "gpt2", "architectures": ["GPT2"]}))
@@ -116,6 +119,11 @@ def cli_cases(i: dict[str, Path]) -> list[tuple[str, list[str], str]]:
                 str(t / "new_model"),
             ],
             "architecture 'gpt2' (GPT2LMHeadModel): no decoder layers at model.layers",
+        ),  # fmt: skip
+        (
+            "model weights truncated (an interrupted copy)",
+            [*evaluate[:2], str(t / "truncated_weights"), *evaluate[3:], "--data", corpus],
+            "truncated_weights/model.safetensors is truncated: its tensors need",
         ),  # fmt: skip
         ("same language old and new", [*profile[:8], "en", *profile[9:], str(t / "existing.json")], "both old and new"),
         (

@@ -163,6 +163,10 @@ def test_data_bench_tokenize_part_runs(corpus_dir, tokenizer_dir, tmp_path, caps
     for run in runs.values():
         assert run["vs_anchor"] > 0 and run["disk_bytes_per_token"] < 2.2 and run["main_peak_mib"] > 0
     assert "÷ workers×anchor" in capsys.readouterr().out
+    formats = results["formats"]  # the same text as .jsonl and as Parquet: the same tokens
+    assert formats["jsonl 1x"]["tokens"] == formats["parquet 1x"]["tokens"] == runs["1x, 2 workers"]["tokens"]
+    assert formats["parquet 2x"]["tokens"] == runs["2x, 2 workers"]["tokens"]
+    assert set(results["format_ratios"]) == {"parquet_vs_jsonl_tokens_per_s", "parquet_peak_rss_big_vs_1x"}
 
 
 def test_scale_bench_sizing_table(capsys):

@@ -72,7 +72,7 @@ def test_a_whole_run_offline_scores_every_language_and_averages_the_groups(
 ):
     import datasets
 
-    from layermoe_ds.eval.benchmark import leaf_configs
+    from layermoe_ds.eval.task_data import leaf_configs
     from tests.benchmark_fixtures import write_snapshots
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets_cache")  # no other run's tables
@@ -108,3 +108,24 @@ def test_a_whole_run_offline_scores_every_language_and_averages_the_groups(
     assert report["max_length"] == 64 and report["over_context"]["arc_challenge"] == 2
     table = (tmp_path / "o" / "results.md").read_text()
     assert "| el | new |" in table and "Missing" in table and "64-token context" in table
+
+
+def test_offline_without_datasets_is_one_line_before_the_model_loads(upcycled, tmp_path, capsys, monkeypatch):
+    """An unreachable Hub (here a closed local port) and no --datasets: the datasets and the command that fetches
+    them, in one line, and the model never loaded (lm-eval would end in a ConnectionError traceback after it)."""
+    from huggingface_hub import constants
+
+    from layermoe_ds.eval import benchmark
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(benchmark, "_harness_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    argv = ["benchmark", "--model", str(upcycled), "--old", "en", "--new", "el", "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("layermoe benchmark: error")]
+    assert "Traceback" not in err and len(lines) == 1
+    err = lines[0]
+    assert "the Hub (http://127.0.0.1:9) cannot be reached" in err and "facebook/belebele" in err
+    assert "--datasets DIR" in err and "hf download " in err

@@ -24,9 +24,12 @@ WIDE = [5, 3, 1]  # layer 0: 4 new experts (2 a rank on 2 ranks), layer 1: 2 new
 
 def exported_from_checkpoint(run_dir: Path, out: Path) -> dict[str, torch.Tensor]:
     from layermoe_ds.cli import main
+    from layermoe_ds.io import current_umask
 
     assert main(["export", "--checkpoint", str(run_dir), "--out", str(out)]) == 0
-    return load_file(out / "model.safetensors")
+    weights = out / "model.safetensors"
+    assert weights.stat().st_mode & 0o777 == 0o666 & ~current_umask()  # a teammate can read it (not 0600)
+    return load_file(weights)
 
 
 def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:

@@ -66,7 +66,7 @@ def test_empty_language_is_an_error(tmp_path):
 
 def test_bad_jsonl_line_is_named(tmp_path):
     _write(tmp_path / "en.train.jsonl", '{"text": "ok"}\n{"text": 3}\n')
-    with pytest.raises(ValueError, match=r"en.train.jsonl:2: a record needs a string field 'text'"):
+    with pytest.raises(ValueError, match=r"en.train.jsonl:2: the text field 'text' must be a string, found a int"):
         load_texts(tmp_path, ["en"], "train")
 
 

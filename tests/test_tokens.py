@@ -310,3 +310,40 @@ def test_a_tokenizer_that_adds_a_bos_stores_each_document_as_bos_doc_eos(
         scored = [language_nll(model, t, s, 32, max_tokens=n) for t, s, n in pairs]
         assert scored[0]["bytes"] == scored[1]["bytes"]
         assert scored[0]["tokens"] == scored[1]["tokens"]  # each BOS read, never scored
+
+
+def test_a_chosen_document_separator_ends_every_document_and_is_checked_on_use(
+    corpus_dir, tokenizer_dir, tokenizer, tmp_path, caplog
+):
+    """`--doc-separator`: an Instruct tokenizer's EOS ends chat turns, so the separator of pretraining is chosen
+    instead. The shards end each document with it, the manifest records it, the fingerprint tells the two apart, and
+    evaluation starts the stream with it."""
+    from layermoe_ds.data.tokens import chat_turn_eos
+
+    sources = raw_sources(corpus_dir, ["fr"], ["test"])
+    manifest = tokenize(sources, tokenizer_dir, tmp_path / "p", tokenizer=tokenizer, progress=False,
+                        doc_separator="<pad>")  # fmt: skip
+    pad = tokenizer.convert_tokens_to_ids("<pad>")
+    assert manifest["tokenizer"]["doc_separator"] == {"token": "<pad>", "id": pad}
+    assert manifest["plan"]["tokenizer"] == tokenizer_fingerprint(tokenizer, pad) != tokenizer_fingerprint(tokenizer)
+    stream = open_streams(tmp_path / "p", tokenizer, tokenizer_dir, ["fr"], "test")["fr"]
+    plain = tokenize(sources, tokenizer_dir, tmp_path / "q", tokenizer=tokenizer, progress=False)
+    theirs = open_streams(tmp_path / "q", tokenizer, tokenizer_dir, ["fr"], "test")["fr"]
+    lengths, _ = stream.document_lengths()
+    ids, ends = stream.read(0, stream.num_tokens), np.cumsum(lengths) - 1
+    assert stream.separator == pad and theirs.separator is None and plain["tokenizer"].get("doc_separator") is None
+    assert (ids[ends] == pad).all() and (ids == tokenizer.eos_token_id).sum() == 0
+    swapped = theirs.read(0, theirs.num_tokens).copy()
+    swapped[ends] = pad
+    assert np.array_equal(ids, swapped)  # the same documents, only the separator differs
+    with pytest.raises(ValueError, match=r"--doc-separator: '<\|endoftext\|>' is not a token of this tokenizer"):
+        tokenize(sources, tokenizer_dir, tmp_path / "r", tokenizer=tokenizer, doc_separator="<|endoftext|>")
+    # An Instruct tokenizer: the EOS is the chat template's end of turn, and tokenizing without a separator warns.
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}</s>{% endfor %}"
+    try:
+        assert chat_turn_eos(tokenizer)
+        with caplog.at_level("WARNING"):
+            tokenize(sources, tokenizer_dir, tmp_path / "s", tokenizer=tokenizer, progress=False)
+        assert "ends the turns of its chat template" in caplog.text and "--doc-separator" in caplog.text
+    finally:
+        tokenizer.chat_template = None

@@ -117,7 +117,7 @@ def exact_counts(shares: Sequence[float], budget: int, low: int, high: int | Non
     layer's new experts (N_i − 1) a multiple of `align`. Works in units of `align` new experts; where the bounds or
     the alignment make the budget unreachable, the nearest reachable total below (or above) it."""
     lo = math.ceil((low - 1) / align)
-    hi = None if high is None else (high - 1) // align
+    hi = None if high is None else max(lo, (high - 1) // align)  # the alignment wins, as in `align_counts`
     unit_shares = [max(share - 1, 0.0) / align for share in shares]
     units = [max(lo, math.floor(round(u, 9))) if hi is None else min(max(lo, math.floor(round(u, 9))), hi)
              for u in unit_shares]  # fmt: skip

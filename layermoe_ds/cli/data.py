@@ -32,18 +32,51 @@ def add_data(sub) -> None:
     t = verbs.add_parser(
         "tokenize",
         help="tokenize raw text once into memory-mapped token shards (what every later step reads)",
-        description="Stream the raw files of --data (a directory of <lang>.<split>.txt/.jsonl or one jsonl), "
-        "tokenize them in worker processes and write per language and split: token shards (uint16 ids when the "
-        "vocabulary fits, else uint32), a document index and token_manifest.json (sources' sizes and SHA-256, the "
-        "tokenizer's fingerprint, counts). Give OUT as `data:` of any step. A killed run: run it again.",
+        description="Stream the raw files of --data (.txt, .jsonl, .jsonl.gz/.zst/.xz, Parquet, save_to_disk Arrow: "
+        "flat <lang>.<split>.<ext> names, <lang>/ folders as CulturaX, FineWeb-2, HPLT and MADLAD-400 ship them, or "
+        "a --lang-field; docs/data.md), tokenize them in worker processes and write per language and split: token "
+        "shards (uint16 ids when the vocabulary fits, else uint32), a document index and token_manifest.json "
+        "(sources' sizes and SHA-256, the tokenizer's fingerprint, counts, what was sampled and carved). Give OUT as "
+        "`data:` of any step. A killed run: run it again.",
     )
-    t.add_argument("--data", type=Path, required=True, help="raw data directory or jsonl")
+    t.add_argument("--data", type=Path, required=True, help="raw data directory, or one file of records")
     t.add_argument("--tokenizer", type=Path, required=True, help="HF tokenizer (or model) directory")
     t.add_argument("--out", type=Path, required=True, help="the prepared directory to write")
     t.add_argument("--langs", type=lang_list, default=None, help="languages (default: every one in --data)")
     t.add_argument("--splits", type=lang_list, default=None, help="e.g. train,valid (default: every split found)")
     t.add_argument("--workers", type=count(), default=None, help="tokenizer processes (default: CPUs, at most 8)")
     t.add_argument("--chunk-mb", type=positive, default=32.0, help="input MB a worker takes at a time (default: 32)")
+    t.add_argument("--text-field", default="text", help="the text column or key (default: text)")
+    t.add_argument(
+        "--lang-field",
+        default=None,
+        help="the column or key naming each record's language, for files that mix languages (default: the path "
+        "says; one file given as --data: lang)",
+    )
+    t.add_argument(
+        "--lang-map",
+        default=None,
+        help="CODE=LANG pairs (ekk_Latn=et,zsm_Latn=ms) or a JSON file of them: codes FLORES-200's table does not map "
+        "to the short codes the project uses",
+    )
+    t.add_argument(
+        "--max-docs-per-lang",
+        default=None,
+        help="a seeded hash sample of each language's training documents: one count, or el=100000,ru=50000",
+    )
+    t.add_argument(
+        "--max-tokens-per-lang",
+        default=None,
+        help="the same, by tokens (one count, or LANG=COUNT pairs): lands near the count, the manifest says where",
+    )
+    t.add_argument("--sample-seed", type=count(0), default=0, help="the hash's seed for sampling and carving")
+    t.add_argument(
+        "--holdout-fraction",
+        type=float,
+        default=0.01,
+        help="a language whose text names no split gets valid and test carved from it by a hash, this share of its "
+        "documents each (default: 0.01; 0: none)",
+    )
     t.add_argument(
         "--doc-separator",
         default=None,
@@ -76,12 +109,22 @@ def _cmd_data_build(args) -> int:
 
 
 def _cmd_data_tokenize(args) -> int:
-    from layermoe_ds.data.loading import select_sources
+    from layermoe_ds.data.loading import Reading, select_sources
     from layermoe_ds.data.prepare import default_workers, tokenize
+    from layermoe_ds.data.sampling import budgets_for, parse_budget
     from layermoe_ds.data.tokens import describe_manifest
+    from layermoe_ds.languages import read_lang_map
 
+    reading = Reading(args.text_field, args.lang_field, read_lang_map(args.lang_map))
+    sources = select_sources(args.data, args.langs, args.splits, reading)
+    langs = args.langs or sorted({s.lang for s in sources if s.lang is not None})
+    budgets = budgets_for(
+        langs,
+        parse_budget(args.max_docs_per_lang, "--max-docs-per-lang"),
+        parse_budget(args.max_tokens_per_lang, "--max-tokens-per-lang"),
+    )
     manifest = tokenize(
-        select_sources(args.data, args.langs, args.splits),
+        sources,
         args.tokenizer,
         args.out,
         workers=args.workers or default_workers(),
@@ -89,6 +132,9 @@ def _cmd_data_tokenize(args) -> int:
         splits=args.splits,
         chunk_bytes=max(1, int(args.chunk_mb * 2**20)),
         doc_separator=args.doc_separator,
+        budgets=budgets,
+        seed=args.sample_seed,
+        holdout_fraction=args.holdout_fraction,
     )
     print(describe_manifest(manifest, args.out))
     return 0

@@ -1,29 +1,25 @@
 """Tokenize raw text once into memory-mapped token shards (`layermoe data tokenize`), in parallel and in bounded
 memory (`data/streams.py` prepares raw text for a run through a cache with the same code).
 
-How it runs: every input file is cut into chunks of about `chunk_bytes` at line starts; each worker process streams
-one chunk line by line, batch-encodes its documents and appends the ids to one shard per language and split,
-hashing as it writes. A chunk is done when its shards sit under their final names and its record
-`shards/chunk.<n>.json` is written (both atomic renames); a killed run is simply run again, reusing the done chunks
-and discarding half-written `*.tmp` files. The manifest is written last, so a directory without one is never used.
+How it runs: every input file is cut into chunks of about `chunk_bytes` (plain text at line starts, Parquet by row
+groups, a compressed or Arrow file whole); each worker process streams one chunk (data/chunks.py), batch-encodes its
+documents and appends the ids to one shard per language and split, hashing as it writes. A chunk is done when its
+shards sit under their final names and its record `shards/chunk.<n>.json` is written (both atomic renames); a killed
+run is simply run again, reusing the done chunks and discarding half-written `*.tmp` files. The manifest is written
+last, so a directory without one is never used.
 Memory: a worker holds one batch of text and its chunk's document lengths; nothing grows with the corpus.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import io
 import json
 import logging
 import os
-import re
 import shutil
 import time
-from array import array
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -31,24 +27,30 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from layermoe_ds.data.loading import Source, iter_records, line_boundaries, raw_sources
+from layermoe_ds.data.chunks import (
+    Chunk,
+    Selection,
+    backend_encoder,
+    batch_encoder,
+    scan_chunk,
+    tokenize_chunk,
+)
+from layermoe_ds.data.loading import Source, chunk_ranges
+from layermoe_ds.data.sampling import MAX_BYTES_PER_TOKEN, RATIO_SAMPLE_BYTES, Budget, Candidates, cut_for
 from layermoe_ds.data.tokens import (
     FORMAT,
     MANIFEST,
     VERSION,
-    PreparedData,
-    TokenStream,
     chat_turn_eos,
-    index_dtype,
+    document_bos,
+    document_specials,
     is_prepared,
     separator_id,
     token_dtype,
-    document_bos,
-    document_specials,
     tokenizer_fingerprint,
 )
-from layermoe_ds.io import read_json, sha256_file, write_json
 from layermoe_ds.errors import InputError, OutputExistsError
+from layermoe_ds.io import read_json, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -56,137 +58,6 @@ log = logging.getLogger(__name__)
 # imports this module, and with a fast tokenizer it starts without transformers (~0.1 s instead of ~2.5 s a worker).
 
 CHUNK_BYTES = 32 << 20
-BATCH_BYTES = 1 << 20  # text buffered per language before one batch-encode call
-LANG_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-@dataclass(frozen=True)
-class Chunk:
-    number: int
-    path: str
-    kind: str
-    lang: str | None
-    split: str | None
-    start: int
-    end: int
-
-    @property
-    def source(self) -> Source:
-        return Source(Path(self.path), self.kind, self.lang, self.split)
-
-
-def batch_encoder(tokenizer):
-    """texts → token id lists, without special tokens: the fast tokenizer's own batch call when it has one
-    (`encode_batch_fast` where the tokenizers library has it: the same ids, no character offsets computed)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        return _backend_encoder(backend)
-    return lambda texts: tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-
-
-def _backend_encoder(backend):
-    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-    return lambda texts: [e.ids for e in encode(texts, add_special_tokens=False)]
-
-
-class _ShardWriter:
-    """The tokens of one language and split of one chunk, streamed to `<name>.bin.tmp`, index kept as lengths."""
-
-    def __init__(self, shards: Path, name: str, dtype: np.dtype):
-        self.shards, self.name, self.dtype = shards, name, dtype
-        self.tmp = shards / f"{name}.bin.tmp"
-        self.file = open(self.tmp, "wb")
-        self.digest = hashlib.sha256()
-        self.lengths, self.nbytes = array("Q"), array("Q")
-
-    def add(self, encoded: list[list[int]], nbytes: list[int], specials: tuple[int | None, int]) -> None:
-        bos, eos = specials
-        start = [] if bos is None else [bos]
-        flat: list[int] = []
-        for ids in encoded:
-            flat.extend(start)
-            flat.extend(ids)
-            flat.append(eos)
-            self.lengths.append(len(start) + len(ids) + 1)
-        self.nbytes.extend(nbytes)
-        data = np.array(flat, dtype=self.dtype).tobytes()
-        self.digest.update(data)
-        self.file.write(data)
-
-    def finish(self) -> dict:
-        self.file.close()
-        lengths = np.frombuffer(self.lengths, dtype=np.uint64)
-        nbytes = np.frombuffer(self.nbytes, dtype=np.uint64)
-        index = np.zeros(len(lengths), dtype=index_dtype(int(lengths.max()), int(nbytes.max())))
-        index["tokens"], index["bytes"] = lengths, nbytes
-        buffer = io.BytesIO()
-        np.save(buffer, index)
-        idx_tmp = self.shards / f"{self.name}.idx.npy.tmp"
-        idx_tmp.write_bytes(buffer.getvalue())
-        os.replace(self.tmp, self.shards / f"{self.name}.bin")
-        os.replace(idx_tmp, self.shards / f"{self.name}.idx.npy")
-        return {
-            "bin": f"shards/{self.name}.bin",
-            "idx": f"shards/{self.name}.idx.npy",
-            "tokens": int(lengths.sum()),
-            "documents": len(lengths),
-            "bytes": int(nbytes.sum()),
-            "sha256": self.digest.hexdigest(),
-        }
-
-
-@dataclass(frozen=True)
-class Selection:
-    """Which records of a mixed jsonl to keep (None: all); per-language files are selected by file instead."""
-
-    langs: tuple[str, ...] | None = None
-    splits: tuple[str, ...] | None = None
-
-    def keeps(self, lang: str, split: str) -> bool:
-        return (self.langs is None or lang in self.langs) and (self.splits is None or split in self.splits)
-
-
-def tokenize_chunk(
-    chunk: Chunk, shards: Path, encode, specials: tuple[int | None, int], dtype: np.dtype, selection: Selection
-) -> dict:
-    """Tokenize one chunk into its shards and write its record; returns the record."""
-    writers: dict[tuple[str, str], _ShardWriter] = {}
-    buffers: dict[tuple[str, str], tuple[list[str], list[int]]] = {}
-    buffered: dict[tuple[str, str], int] = {}
-
-    def flush(key):
-        texts, nbytes = buffers.pop(key)
-        buffered.pop(key)
-        writers[key].add(encode(texts), nbytes, specials)
-
-    seen: set[str] = set()
-    for lang, split, text, nbytes in iter_records(chunk.source, chunk.start, chunk.end):
-        seen.add(lang)
-        if not selection.keeps(lang, split):
-            continue
-        key = (lang, split)
-        if key not in writers:
-            if not LANG_NAME.match(lang):
-                raise InputError(f"{chunk.path}: language {lang!r} is not a name of letters, digits, '_' or '-'")
-            writers[key] = _ShardWriter(shards, f"{lang}.{split}.{chunk.number:05d}", dtype)
-        texts, sizes = buffers.setdefault(key, ([], []))
-        texts.append(text)
-        sizes.append(nbytes)
-        buffered[key] = buffered.get(key, 0) + nbytes
-        if buffered[key] >= BATCH_BYTES:
-            flush(key)
-    for key in list(buffers):
-        flush(key)
-    record = {
-        "chunk": asdict(chunk),
-        "input_bytes": chunk.end - chunk.start,
-        "languages": sorted(seen),
-        "shards": {f"{lang}/{split}": w.finish() for (lang, split), w in writers.items()},
-    }
-    write_json(shards / f"chunk.{chunk.number:05d}.json", record)
-    return record
-
-
 _WORKER: dict = {}
 
 
@@ -195,7 +66,7 @@ def _init_worker(backend_spec: str | None, tokenizer_dir: str, specials: tuple[i
     import, well under a second to start), else the directory loaded again."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread a worker: the workers are the parallelism
     if backend_spec is not None:
-        _WORKER.update(encode=_backend_encoder(Tokenizer.from_str(backend_spec)), specials=specials)
+        _WORKER.update(encode=backend_encoder(Tokenizer.from_str(backend_spec)), specials=specials)
         return
     from layermoe_ds.data.tokenizer import load_tokenizer
 
@@ -206,9 +77,14 @@ def _worker_task(chunk: Chunk, shards: str, dtype: str, selection: Selection) ->
     return tokenize_chunk(chunk, Path(shards), _WORKER["encode"], _WORKER["specials"], np.dtype(dtype), selection)
 
 
+def _scan_task(chunk: Chunk, langs: tuple[str, ...], sample_cuts: dict[str, int], seed: int) -> dict:
+    return scan_chunk(chunk, _WORKER["encode"], langs, sample_cuts, seed)
+
+
 def source_meta(source: Source) -> dict:
+    """What identifies a source's input (a cache key, the plan): its file and how it is read."""
     stat = source.path.stat()
-    return {
+    meta = {
         "path": str(source.path.resolve()),
         "kind": source.kind,
         "lang": source.lang,
@@ -216,6 +92,9 @@ def source_meta(source: Source) -> dict:
         "size": stat.st_size,
         "mtime_ns": stat.st_mtime_ns,
     }
+    defaults = Source(source.path, source.kind)
+    meta.update({k: v for k, v in asdict(source).items() if k not in meta and v != getattr(defaults, k)})
+    return meta
 
 
 def _done_record(shards: Path, chunk: Chunk) -> dict | None:
@@ -243,10 +122,15 @@ def tokenize(
     tokenizer=None,
     progress: bool | None = None,
     doc_separator: str | None = None,
+    budgets: dict[str, Budget] | None = None,
+    seed: int = 0,
+    holdout_fraction: float = 0.0,
 ) -> dict:
     """Prepare `sources` into `out` (see the module docstring); returns the manifest. A directory that holds this
     exact input already is returned as it is; one that holds other input is refused. `doc_separator`: the token
-    that ends each document instead of the tokenizer's EOS (an Instruct tokenizer's EOS ends chat turns)."""
+    that ends each document instead of the tokenizer's EOS (an Instruct tokenizer's EOS ends chat turns).
+    `budgets`: per language, a seeded hash sample of its training documents; `holdout_fraction`: valid and test,
+    each, carved from the text of languages that have none (data/sampling.py)."""
     out, tokenizer_dir = Path(out), Path(tokenizer_dir)
     if workers < 1:
         raise InputError(f"workers: {workers} must be >= 1")
@@ -265,13 +149,30 @@ def tokenize(
             tokenizer.unk_token or tokenizer.bos_token,
         )
     specials = document_specials(tokenizer, separator)
+    if not 0 <= holdout_fraction < 0.5:
+        raise InputError(f"--holdout-fraction: {holdout_fraction} must be in [0, 0.5)")
+    budgets = budgets or {}
     plan = {
         "tokenizer": tokenizer_fingerprint(tokenizer, separator),
         "sources": [source_meta(s) for s in sources],
         "langs": sorted(langs) if langs is not None else None,
         "splits": sorted(splits) if splits is not None else None,
     }
-    selection = Selection(plan["langs"] and tuple(plan["langs"]), plan["splits"] and tuple(plan["splits"]))
+    heldout = sorted({s.lang for s in sources if s.lang is not None and s.split != "train"})
+    carved = sorted({s.lang or "*" for s in sources if s.unsplit and s.lang not in heldout}) if holdout_fraction else []
+    if budgets or carved:  # (recorded only when used: a plain run's plan is what it always was)
+        plan["sampling"] = {
+            "budgets": {lang: asdict(b) for lang, b in sorted(budgets.items())},
+            "seed": seed,
+            "holdout_fraction": holdout_fraction,
+        }
+    selection = Selection(
+        plan["langs"] and tuple(plan["langs"]),
+        plan["splits"] and tuple(plan["splits"]),
+        heldout=tuple(heldout),
+        holdout_fraction=holdout_fraction,
+        seed=seed,
+    )
     if is_prepared(out):
         manifest = read_json(out / MANIFEST, "prepared data manifest")
         if manifest.get("plan") == plan:
@@ -289,13 +190,16 @@ def tokenize(
         stale.unlink()
 
     dtype = token_dtype(len(tokenizer))
-    ranges = [(s, start, end) for s in sources for start, end in line_boundaries(s.path, chunk_bytes)]
-    chunks = [
-        Chunk(n, str(s.path.resolve()), s.kind, s.lang, s.split, start, end) for n, (s, start, end) in enumerate(ranges)
-    ]
+    ranges = [(s, *r) for s in sources for r in chunk_ranges(s, chunk_bytes)]
+    chunks = [Chunk.of(n, s, start, end, weight) for n, (s, start, end, weight) in enumerate(ranges)]
+    sampled = {}
+    if budgets:
+        sampled = _sample(chunks, budgets, seed, tokenizer, tokenizer_dir, specials, workers)
+        cuts = tuple((lang, entry["threshold"]) for lang, entry in sorted(sampled.items()))
+        selection = replace(selection, thresholds=tuple((lang, -1 if c is None else c) for lang, c in cuts))
     records = {c.number: r for c in chunks if (r := _done_record(shards, c)) is not None}
     pending = [c for c in chunks if c.number not in records]
-    total_bytes = sum(c.end - c.start for c in pending)
+    total_bytes = sum(c.weight for c in pending)
     workers = min(workers, len(pending)) or 1
     started = time.perf_counter()
     with (
@@ -315,6 +219,8 @@ def tokenize(
         source_sha = checksums.result()
     seconds = time.perf_counter() - started
     manifest = _manifest(out, plan, records, sources, source_sha, tokenizer, tokenizer_dir, dtype, langs)
+    if "sampling" in plan:
+        manifest["sampling"] = {**plan["sampling"], "taken": sampled, "carved": carved}
     if separator is not None:
         manifest["tokenizer"]["doc_separator"] = {"token": doc_separator, "id": separator}
     manifest["run"] = {
@@ -329,10 +235,24 @@ def tokenize(
 
 
 def _run_chunks(chunks, shards, tokenizer, tokenizer_dir, specials, dtype, selection, workers) -> Iterable[dict]:
+    yield from _in_workers(
+        chunks,
+        tokenizer,
+        tokenizer_dir,
+        specials,
+        workers,
+        lambda chunk, encode: tokenize_chunk(chunk, shards, encode, specials, dtype, selection),
+        lambda pool, chunk: pool.submit(_worker_task, chunk, str(shards), dtype.str, selection),
+    )
+
+
+def _in_workers(chunks, tokenizer, tokenizer_dir, specials, workers, here, there) -> Iterable:
+    """Each chunk's result, in order: `here(chunk, encode)` in this process with one worker, else `there(pool,
+    chunk)` submitted to spawned workers that hold the same tokenizer."""
     if workers == 1:  # in this process, with the tokenizer already loaded
         encode = batch_encoder(tokenizer)
         for chunk in chunks:
-            yield tokenize_chunk(chunk, shards, encode, specials, dtype, selection)
+            yield here(chunk, encode)
         return
     backend = getattr(tokenizer, "backend_tokenizer", None)
     spec = backend.to_str() if backend is not None else None
@@ -342,9 +262,40 @@ def _run_chunks(chunks, shards, tokenizer, tokenizer_dir, specials, dtype, selec
         initializer=_init_worker,
         initargs=(spec, str(tokenizer_dir), specials),
     ) as pool:
-        futures = [pool.submit(_worker_task, c, str(shards), dtype.str, selection) for c in chunks]
+        futures = [there(pool, c) for c in chunks]
         for future in futures:  # in order: an error surfaces as the first failing chunk's
             yield future.result()
+
+
+def _sample(chunks, budgets, seed, tokenizer, tokenizer_dir, specials, workers) -> dict[str, dict]:
+    """The first pass of a budget: each language's hash threshold, and what it takes (data/sampling.py)."""
+    langs = tuple(sorted(budgets))
+    text_bytes: dict[str, int] = {}
+    for chunk in chunks:
+        if chunk.split == "train" or chunk.lang is None:
+            for lang in langs if chunk.lang is None else [chunk.lang]:
+                text_bytes[lang] = text_bytes.get(lang, 0) + max(chunk.weight, 1)
+    # Tokens are counted for a hash-chosen ~RATIO_SAMPLE_BYTES of each language (its bytes per token).
+    sample_cuts = {
+        lang: min(2**64 - 1, int(2**64 * RATIO_SAMPLE_BYTES / text_bytes[lang])) for lang in langs if lang in text_bytes
+    }
+    scanned = [c for c in chunks if (c.split == "train" or c.lang is None) and (c.lang is None or c.lang in langs)]
+    candidates = {lang: Candidates() for lang in langs}
+    results = _in_workers(
+        scanned,
+        tokenizer,
+        tokenizer_dir,
+        specials,
+        workers,
+        lambda chunk, encode: scan_chunk(chunk, encode, langs, sample_cuts, seed),
+        lambda pool, chunk: pool.submit(_scan_task, chunk, langs, sample_cuts, seed),
+    )
+    for found in results:
+        for lang, (hashes, nbytes, tokens) in found.items():
+            budget = budgets[lang]
+            keep_bytes = None if budget.tokens is None else int(budget.tokens * MAX_BYTES_PER_TOKEN)
+            candidates[lang].add(hashes, nbytes, tokens, budget.documents, keep_bytes)
+    return {lang: cut_for(candidates[lang], budgets[lang]) for lang in langs}
 
 
 def _manifest(out, plan, records, sources, source_sha, tokenizer, tokenizer_dir, dtype, langs) -> dict:

@@ -44,7 +44,9 @@ def _cached(source: Source, tokenizer, tokenizer_dir: Path, fingerprint: str) ->
     return PreparedData(entry)
 
 
-def open_streams(data: Path, tokenizer, tokenizer_dir: Path, langs: Sequence[str], split: str) -> dict[str, TokenStream]:
+def open_streams(
+    data: Path, tokenizer, tokenizer_dir: Path, langs: Sequence[str], split: str
+) -> dict[str, TokenStream]:
     """language → TokenStream of `split` for `langs`, from a prepared directory (its tokenizer checked) or from raw
     text through the cache. Unknown languages, missing splits and empty languages are errors naming the data."""
     data, fingerprint = Path(data), tokenizer_fingerprint(tokenizer)
@@ -57,15 +59,18 @@ def open_streams(data: Path, tokenizer, tokenizer_dir: Path, langs: Sequence[str
             raise InputError(f"languages {missing} not found in {data}; found: {sorted(found)}")
         return {lang: prepared.stream(lang, split) for lang in langs}
     streams = {}
-    entries: dict[Path, PreparedData] = {}
-    for source in raw_sources(data, langs, [split]):
-        entries[source.path] = entries.get(source.path) or _cached(source, tokenizer, tokenizer_dir, fingerprint)
+    entries = [_cached(source, tokenizer, tokenizer_dir, fingerprint) for source in raw_sources(data, langs, [split])]
     for lang in langs:
-        owner = next(e for s, e in entries.items() if Path(data).is_file() or s.name.startswith(f"{lang}.{split}."))
-        found = owner.languages()
+        found = {name: splits for entry in entries for name, splits in entry.languages().items()}
         if lang not in found:
             raise InputError(f"languages [{lang!r}] not found in {data}; found: {sorted(found)}")
-        if split not in found[lang]:
+        holding = [e for e in entries if split in e.languages().get(lang, [])]
+        if not holding:
             raise MissingInputError(f"data: no {split} split for language {lang!r} in {data}")
-        streams[lang] = owner.stream(lang, split)
+        # One stream over every file that holds the language's split, in the files' order.
+        parts = [entry.stream(lang, split) for entry in holding]
+        streams[lang] = parts[0] if len(parts) == 1 else TokenStream(
+            f"{lang}/{split}", [s for p in parts for s in p.shards], parts[0].vocab_size,
+            sum(p.num_bytes for p in parts), parts[0].separator
+        )  # fmt: skip
     return streams

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from layermoe_ds.io import read_json, sha256_file
 from layermoe_ds.errors import InputError, MissingInputError
+from layermoe_ds.io import read_json, sha256_file
 
 MANIFEST = "token_manifest.json"
 FORMAT = "layermoe-tokens"
@@ -138,7 +138,9 @@ class Shard:
         try:
             index = np.load(self.idx_path, mmap_mode="r")
         except (OSError, ValueError) as exc:
-            raise InputError(f"{self.idx_path}: unreadable document index ({exc}); run `layermoe data tokenize` again")
+            raise InputError(
+                f"{self.idx_path}: unreadable document index ({exc}); run `layermoe data tokenize` again"
+            ) from exc
         if index.shape != (self.documents,) or index.dtype.names != ("tokens", "bytes"):
             raise InputError(
                 f"{self.idx_path}: document index of shape {index.shape}, the manifest says {self.documents} "

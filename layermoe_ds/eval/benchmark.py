@@ -8,43 +8,24 @@ and `mmlu_tr` at 4 shots where a task of that name is given with --include-path)
 `--tasks` adds any lm-eval task per language (`my_mc_{lang}`, `my_mc_{lang}:3` for 3 shots).
 
 Offline clusters: `--datasets DIR` reads each task's dataset from `DIR/<hub repository>` (what `hf download REPO
---repo-type dataset --local-dir DIR/REPO` writes), checked for every task before the model is loaded.
+--repo-type dataset --local-dir DIR/REPO` writes), checked for every task before the model is loaded. Without it,
+where the Hub cannot be reached, that is one line before the model is loaded too.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
-import os
-import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from layermoe_ds.errors import InputError, MissingInputError
+from layermoe_ds.eval.task_data import check_datasets, check_hub_reachable, local_datasets
+from layermoe_ds.languages import FLORES, FLORES_CODE
 
 log = logging.getLogger(__name__)
-
-# ISO 639-1 → FLORES-200 (Belebele's language codes); a FLORES code given as a language is taken as it is.
-FLORES = {
-    "af": "afr_Latn", "am": "amh_Ethi", "ar": "arb_Arab", "as": "asm_Beng", "az": "azj_Latn", "bg": "bul_Cyrl",
-    "bn": "ben_Beng", "ca": "cat_Latn", "cs": "ces_Latn", "da": "dan_Latn", "de": "deu_Latn", "el": "ell_Grek",
-    "en": "eng_Latn", "es": "spa_Latn", "et": "est_Latn", "eu": "eus_Latn", "fa": "pes_Arab", "fi": "fin_Latn",
-    "fr": "fra_Latn", "gl": "glg_Latn", "gu": "guj_Gujr", "ha": "hau_Latn", "he": "heb_Hebr", "hi": "hin_Deva",
-    "hr": "hrv_Latn", "hu": "hun_Latn", "hy": "hye_Armn", "id": "ind_Latn", "ig": "ibo_Latn", "is": "isl_Latn",
-    "it": "ita_Latn", "ja": "jpn_Jpan", "ka": "kat_Geor", "kk": "kaz_Cyrl", "km": "khm_Khmr", "kn": "kan_Knda",
-    "ko": "kor_Hang", "ky": "kir_Cyrl", "lo": "lao_Laoo", "lt": "lit_Latn", "lv": "lvs_Latn", "mk": "mkd_Cyrl",
-    "ml": "mal_Mlym", "mn": "khk_Cyrl", "mr": "mar_Deva", "ms": "zsm_Latn", "mt": "mlt_Latn", "my": "mya_Mymr",
-    "nb": "nob_Latn", "ne": "npi_Deva", "nl": "nld_Latn", "or": "ory_Orya", "pa": "pan_Guru", "pl": "pol_Latn",
-    "ps": "pbt_Arab", "pt": "por_Latn", "ro": "ron_Latn", "ru": "rus_Cyrl", "si": "sin_Sinh", "sk": "slk_Latn",
-    "sl": "slv_Latn", "so": "som_Latn", "sq": "als_Latn", "sr": "srp_Cyrl", "sv": "swe_Latn", "sw": "swh_Latn",
-    "ta": "tam_Taml", "te": "tel_Telu", "tg": "tgk_Cyrl", "th": "tha_Thai", "tl": "tgl_Latn", "tr": "tur_Latn",
-    "uk": "ukr_Cyrl", "ur": "urd_Arab", "uz": "uzn_Latn", "vi": "vie_Latn", "xh": "xho_Latn", "yo": "yor_Latn",
-    "zh": "zho_Hans", "zu": "zul_Latn",
-}  # fmt: skip
-FLORES_CODE = re.compile(r"^[a-z]{3}_[A-Z][a-z]{3}$")
 
 
 @dataclass(frozen=True)
@@ -132,65 +113,6 @@ def plan(
             else:
                 missing.setdefault(lang, []).append({"benchmark": template, "looked_for": [task]})
     return planned, missing
-
-
-def leaf_configs(index: dict, name: str) -> Iterator[dict]:
-    """The task configs under a task, group or tag name (lm-eval's index), for their datasets."""
-    entry = index.get(name)
-    if entry is None:
-        return
-    kind = entry.kind.name
-    if kind in ("TASK", "PY_TASK"):
-        yield entry.cfg or {}
-    elif kind == "GROUP":
-        for sub in (entry.cfg or {}).get("task", []):
-            yield from (leaf_configs(index, sub) if isinstance(sub, str) else [sub])
-    elif kind == "TAG":
-        for other in index.values():
-            if name in (other.tags or ()) and other.kind.name in ("TASK", "PY_TASK"):
-                yield other.cfg or {}
-
-
-def check_datasets(index: dict, tasks: Sequence[str], root: Path) -> None:
-    """Every dataset the tasks read must be under `root` as its hub repository's snapshot: one line naming the
-    first that is not, and how to fetch it, before any model is loaded."""
-    for task in tasks:
-        for config in leaf_configs(index, task):
-            repo = config.get("dataset_path")
-            if repo and not (root / repo).is_dir():
-                raise MissingInputError(
-                    f"benchmark --datasets: {root / repo} is missing (task {task}); where there is network: "
-                    f"hf download {repo} --repo-type dataset --local-dir {root / repo}"
-                )
-
-
-@contextlib.contextmanager
-def local_datasets(root: Path | None):
-    """Within the block, lm-eval's `datasets.load_dataset(path=REPO, …)` reads `root/REPO` where it exists, with
-    the hub switched off."""
-    if root is None:
-        yield
-        return
-    import datasets
-
-    original = datasets.load_dataset
-
-    def load_dataset(path, *args, **kwargs):
-        local = Path(root) / str(path)
-        return original(str(local) if local.is_dir() else path, *args, **kwargs)
-
-    saved = {key: os.environ.get(key) for key in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
-    os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
-    datasets.load_dataset = load_dataset
-    try:
-        yield
-    finally:
-        datasets.load_dataset = original
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def task_score(results: dict, task: str, metric: str | None) -> tuple[str, float] | None:
@@ -326,6 +248,8 @@ def run_benchmark(
             raise MissingInputError(f"benchmark --comet: {flores.comet} is not a file (a COMET checkpoint, model.ckpt)")
     if datasets is not None:
         check_datasets(manager.task_index, sorted({item.task for item in planned}), Path(datasets))
+    else:
+        check_hub_reachable(manager.task_index, sorted({item.task for item in planned}))
     lm = _harness_model(Path(model_dir), batch_size, device, dtype)
     scores: dict[str, dict[str, dict]] = {}
     over: dict[str, int] = {}

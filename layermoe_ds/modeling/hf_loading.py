@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 
 import torch
@@ -40,7 +42,33 @@ def check_model_dir(path: Path) -> Path:
         raise MissingInputError(f"model: {path} has no config.json (not a Hugging Face model directory)")
     if not any(any(path.glob(pattern)) for pattern in WEIGHT_PATTERNS):
         raise MissingInputError(f"model: {path} has no weights ({', '.join(WEIGHT_PATTERNS)})")
+    for weights in sorted(path.glob("*.safetensors")):
+        check_safetensors_file(weights)
     return path
+
+
+def check_safetensors_file(path: Path) -> None:
+    """A safetensors file must be whole: its header readable and its tensors' bytes all there. An interrupted copy
+    or download is one line naming the file and the bytes missing, before any work (safetensors itself says
+    "incomplete metadata, file not fully covered" in a traceback)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise InputError(f"model: {path} is {size} bytes, too short for a safetensors file (truncated?)")
+        header_len = struct.unpack("<Q", prefix)[0]
+        if header_len > size - 8:
+            raise InputError(f"model: {path} is truncated: its header alone needs {header_len + 8:,} bytes, the "
+                             f"file has {size:,} (an interrupted copy or download?)")  # fmt: skip
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InputError(f"model: {path} has an unreadable safetensors header ({exc})") from exc
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    needed = 8 + header_len + max(ends, default=0)
+    if size < needed:
+        raise InputError(f"model: {path} is truncated: its tensors need {needed:,} bytes, the file has {size:,} "
+                         f"({needed - size:,} missing: an interrupted copy or download?)")  # fmt: skip
 
 
 def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):

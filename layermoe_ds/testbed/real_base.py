@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from layermoe_ds.errors import InputError
-from layermoe_ds.io import directory_in_place, honour_umask, read_json, sha256_file, write_json
+from layermoe_ds.io import directory_in_place, read_json, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,5 @@ def build_real_base(out: Path, cache: Path, spec: RealBase = SMOLLM2) -> Path:
                 "probe": PROBE,
             },
         )
-        honour_umask(partial)
     log.info("real base written to %s (logits within %.3g of the GGUF model's)", out, diff)
     return out

@@ -119,15 +119,41 @@ def replicated(ok: bool) -> str:
 def reading(results: dict[RunId, dict], preset: Preset) -> list[Verdict]:
     """The paper's claims on the G1 runs: LayerMoE as good as uniform, stage 2 restores, each ablation, dense
     fine-tuning forgets (each where the preset has the rows)."""
-    verdicts = [as_good_as_uniform(results, preset), stage2_restores(results, preset)]
+    verdicts = [premise(results, preset), as_good_as_uniform(results, preset), stage2_restores(results, preset)]
     verdicts += [ablation(results, preset, s) for s in preset.systems if s.ablates is not None]
     verdicts.append(finetuning_forgets(results, preset))
     return [v for v in verdicts if v is not None]
 
 
+def premise(results: dict[RunId, dict], preset: Preset) -> Verdict | None:
+    """Layer-wise allocation's premise: the same new experts gain more new-language quality in the least similar
+    layers than in the most similar ones (New-avg after stage 1, and after stage 2)."""
+    least = next((s.name for s in preset.systems if s.method == Method.LEAST_SIMILAR), None)
+    most = next((s.name for s in preset.systems if s.method == Method.MOST_SIMILAR), None)
+    if not (least and most and runs_of(results, least) and runs_of(results, most)):
+        return None
+    dense = average(results[RunId(DENSE_BASE)]["eval"], "new")
+    parts, numbers = [], {"dense_new": dense, "new_experts": runs_of(results, least)[0]["allocation"]["new_experts"]}
+    for key, when in (("eval_stage1", "after stage 1"), ("eval", "after stage 2")):
+        ours, theirs = seed_stats(results, least, "new", key), seed_stats(results, most, "new", key)
+        if ours is None or theirs is None:
+            continue
+        verdict, how = judge(ours, theirs)
+        parts.append(f"{when} {dense - ours.mean:.3f} vs {dense - theirs.mean:.3f} ({verdict}; {how})")
+        numbers[key] = {"verdict": verdict, "least": ours.as_dict(), "most": theirs.as_dict()}
+    ok = numbers.get("eval", {}).get("verdict") == "better"
+    text = (
+        f"- *The premise: new experts gain more in the least similar layers than in the most similar* "
+        f"({numbers['new_experts']} new experts each; New-avg gain over the dense base's {dense:.3f}, least vs most "
+        f"similar): {'; '.join(parts)} — " + ("replicated." if ok else "not replicated here.")
+    )
+    return Verdict("premise", replicated(ok), text, numbers)
+
+
 def as_good_as_uniform(results: dict[RunId, dict], preset: Preset) -> Verdict | None:
     reference, baseline = runs_of(results, preset.reference), runs_of(results, preset.baseline)
-    if not (reference and baseline):
+    uniform = preset.system(preset.baseline)
+    if not (reference and baseline) or uniform is None or uniform.method != Method.UNIFORM:
         return None
     ours_n, theirs_n = reference[0]["allocation"]["new_experts"], baseline[0]["allocation"]["new_experts"]
     ours = {g: seed_stats(results, preset.reference, g) for g in ("new", "old")}
