@@ -17,6 +17,24 @@ from layermoe_ds.io import write_json
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def portable(command: str) -> str:
+    """A recorded command as any checkout can read it: paths inside this checkout relative to it, other absolute
+    paths (another machine's worktree, a data directory) as `<…>/NAME`."""
+    words = []
+    for word in command.split():
+        key, eq, value = word.rpartition("=") if word.startswith("--") and "=" in word else ("", "", word)
+        if value.startswith("/"):
+            path = Path(value)
+            if path.is_relative_to(ROOT):
+                value = str(path.relative_to(ROOT)) or "."
+            elif (parts := path.parts) and ("bench" in parts or "scripts" in parts):
+                value = "/".join(parts[max(i for i, p in enumerate(parts) if p in ("bench", "scripts")) :])
+            else:
+                value = f"<…>/{path.name}"
+        words.append(f"{key}{eq}{value}")
+    return " ".join(words)
+
+
 def write_result(path: Path, results: dict) -> None:
     """A benchmark's JSON with where its figures come from: date, commit (`-dirty` with uncommitted changes) and the
     command that measured them."""
@@ -28,7 +46,7 @@ def write_result(path: Path, results: dict) -> None:
     provenance = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": (commit or "unknown") + ("-dirty" if dirty.stdout.strip() else ""),
-        "command": " ".join(["python", *sys.argv]),
+        "command": portable(" ".join(["python", *sys.argv])),
     }
     write_json(path, {"provenance": provenance, **results})
 

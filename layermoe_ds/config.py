@@ -213,7 +213,7 @@ def load_config(
             from_file = (json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)) or {}
         except (json.JSONDecodeError, yaml.YAMLError) as exc:
             raise InputError(f"config: {path} cannot be parsed: {exc}") from exc
-        data = _merged(data, from_file)
+        data = deep_merge(data, from_file)
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
@@ -234,13 +234,14 @@ def parse_groups(text: str, what: str = "--language-groups") -> list[list[str]]:
     return groups
 
 
-def _merged(base: dict, update: Any) -> Any:
-    """`update` over `base`, nested mappings merged key by key (anything else in `update` replaces)."""
+def deep_merge(base: dict, update: Any) -> Any:
+    """`update` over `base`, nested mappings merged key by key (anything else in `update` replaces); a new value,
+    neither argument changed."""
     if not isinstance(update, dict):
         return update
     out = dict(base)
     for key, value in update.items():
-        out[key] = _merged(base[key], value) if isinstance(base.get(key), dict) else value
+        out[key] = deep_merge(base[key], value) if isinstance(base.get(key), dict) else value
     return out
 
 

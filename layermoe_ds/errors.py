@@ -10,6 +10,8 @@ out-of-memory names the memory knobs, a process-group timeout names `dist_timeou
 from __future__ import annotations
 
 import re
+import sys
+from collections.abc import Callable
 
 
 class InputError(ValueError):
@@ -22,6 +24,10 @@ class MissingInputError(InputError, FileNotFoundError):
 
 class OutputExistsError(InputError, FileExistsError):
     """An output the user named exists and would be overwritten."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, quota, permissions): the run stops, nothing is marked."""
 
 
 class StepFailed(RuntimeError):
@@ -50,3 +56,25 @@ def failure_hint(exc: BaseException) -> str | None:
     if isinstance(exc, backend_error) or (isinstance(exc, RuntimeError) and _TIMEOUT.search(str(exc))):
         return TIMEOUT_HINT
     return None
+
+
+def reported(
+    body: Callable[[], int | None], debug: bool, error_prefix: Callable[[BaseException], str | None], hint_prefix: str
+) -> int:
+    """A command's exit code, the one place errors become one: bad input is one line and 2, a failed step or
+    checkpoint write one line and 1 (`error_prefix(exc)` begins the line; None: this process stays quiet), and
+    anything else keeps its traceback with the remedy where one is known. `debug` re-raises everything."""
+    try:
+        return int(body() or 0)
+    except (InputError, StepFailed, CheckpointWriteError) as exc:
+        if debug:
+            raise
+        prefix = error_prefix(exc)
+        if prefix is not None:
+            print(f"{prefix}: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, InputError) else 1
+    except Exception as exc:  # a real failure: its traceback, and the remedy where one is known
+        hint = failure_hint(exc)
+        if hint:
+            print(f"{hint_prefix}: {hint}", file=sys.stderr)
+        raise

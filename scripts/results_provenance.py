@@ -17,6 +17,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from benchlib import portable  # noqa: E402
+
 PAGE = ROOT / "docs" / "performance.md"
 BEGIN, END = "<!-- results table: scripts/results_provenance.py -->", "<!-- end of results table -->"
 GIB, MIB = 2**30, 2**20
@@ -190,7 +194,7 @@ def table() -> str:
             raise SystemExit(f"{path}: no provenance (rerun its bench script, which records date, commit, command)")
         source = (
             f"[`{path.name}`](../bench/results/{path.name}), {provenance['date'][:10]}, "
-            f"`{provenance['commit'][:12]}`: `{provenance['command']}`"
+            f"`{provenance['commit'][:12]}`: `{portable(provenance['command'])}`"
         )
         for what, value in FORMATTERS[path.stem](results):
             rows.append(f"| {what} | {value} | {source} |")

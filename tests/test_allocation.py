@@ -147,24 +147,8 @@ def test_allocate_command(tmp_path, capsys):
     sim = tmp_path / "sim.json"
     similarity_file_for(LLAMA_G1, sim, 70, with_score=True)
     out = tmp_path / "alloc.json"
-    assert (
-        main(
-            [
-                "allocate",
-                "--similarity",
-                str(sim),
-                "--budget",
-                "70",
-                "--out",
-                str(out),
-                "--classifier-layers",
-                "7",
-                "--plot",
-                str(tmp_path / "a.png"),
-            ]
-        )
-        == 0
-    )
+    argv = ["allocate", "--similarity", str(sim), "--budget", "70", "--out", str(out), "--classifier-layers", "7"]
+    assert main([*argv, "--plot", str(tmp_path / "a.png")]) == 0
     assert capsys.readouterr().out.splitlines()[0] == ",".join(map(str, LLAMA_G1))
     result = json.loads(out.read_text())
     assert (
@@ -192,22 +176,8 @@ def test_min_score_raises_nonpositive_scores_explicitly(tmp_path, capsys):
     sim.write_text(json.dumps({"layer_score": [-0.1, 0.2, 0.3], "num_layers": 3}))
     assert main(["allocate", "--similarity", str(sim), "--budget", "6", "--out", str(tmp_path / "a.json")]) == 2
     assert "--min-score raises such scores explicitly" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "allocate",
-                "--similarity",
-                str(sim),
-                "--budget",
-                "6",
-                "--out",
-                str(tmp_path / "a.json"),
-                "--min-score",
-                "0.05",
-            ]
-        )
-        == 0
-    )
+    argv = ["allocate", "--similarity", str(sim), "--budget", "6", "--out", str(tmp_path / "a.json")]
+    assert main([*argv, "--min-score", "0.05"]) == 0
     assert "layers [0] had scores below --min-score 0.05" in capsys.readouterr().out
     with pytest.raises(ValueError, match="min_score"):
         AllocationOptions(budget=4, min_score=0.0)

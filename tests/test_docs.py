@@ -124,3 +124,6 @@ def test_the_performance_page_lists_every_result_with_its_provenance():
 
     check = subprocess.run([sys.executable, str(ROOT / "scripts" / "results_provenance.py"), "--check"])
     assert check.returncode == 0, "run: python scripts/results_provenance.py"
+    # The commands shown carry no machine's absolute paths (a worktree, a data directory): any checkout reads them.
+    commands = re.findall(r"`(python [^`]*)`", (ROOT / "docs" / "performance.md").read_text())
+    assert commands and not [c for c in commands if re.search(r"(^|[\s=])/", c)], commands

@@ -140,30 +140,8 @@ def test_profile_command_writes_the_schema(tiny_base, corpus_dir, tmp_path, caps
     from layermoe_ds.cli import main
 
     out, plot = tmp_path / "sim.json", tmp_path / "sim.png"
-    assert (
-        main(
-            [
-                "profile",
-                "--model",
-                str(tiny_base),
-                "--data",
-                str(corpus_dir),
-                "--old",
-                "en,de",
-                "--new",
-                "ru,fr,el",
-                "--tokens-per-lang",
-                "500",
-                "--seq-len",
-                "64",
-                "--out",
-                str(out),
-                "--plot",
-                str(plot),
-            ]
-        )
-        == 0
-    )
+    profile = ["profile", "--model", str(tiny_base), "--data", str(corpus_dir), "--old", "en,de", "--new", "ru,fr,el"]
+    assert main([*profile, "--tokens-per-lang", "500", "--seq-len", "64", "--out", str(out), "--plot", str(plot)]) == 0
     sim = json.loads(out.read_text())
     assert sim["num_layers"] == 3 and sim["old"] == ["en", "de"] and sim["new"] == ["ru", "fr", "el"]
     assert list(sim["pairs"]) == ["ru&fr", "ru&el", "fr&el", "ru&en", "ru&de", "fr&en", "fr&de", "el&en", "el&de"]
@@ -223,22 +201,8 @@ def test_torchrun_profile_launcher_matches_single_process(tiny_base, corpus_dir,
 
     from tests.helpers import free_port, launch_env
 
-    common = [
-        "--model",
-        str(tiny_base),
-        "--data",
-        str(corpus_dir),
-        "--old",
-        "en,de",
-        "--new",
-        "ru,el",
-        "--tokens-per-lang",
-        "400",
-        "--seq-len",
-        "64",
-        "--batch-size",
-        "2",
-    ]
+    common = ["--model", str(tiny_base), "--data", str(corpus_dir), "--old", "en,de", "--new", "ru,el"]
+    common += ["--tokens-per-lang", "400", "--seq-len", "64", "--batch-size", "2"]
     root = Path(__file__).resolve().parents[1]
     env = launch_env()
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import atexit
 import logging
-import sys
 from collections.abc import Callable, Sequence
 
 from layermoe_ds.cli import analysis, data, evaluate, experiment, models
 from layermoe_ds.distributed import leave_process_group
-from layermoe_ds.errors import InputError, StepFailed, failure_hint
+from layermoe_ds.errors import reported
 
 VERBS: list[Callable] = [
     data.add_data,
@@ -50,17 +49,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.debug else (logging.WARNING if args.quiet else logging.INFO)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    try:
+
+    def body() -> int:
         code = int(args.func(args) or 0)
         atexit.register(leave_process_group)  # profile/evaluate under a launcher (its docstring says why)
         return code
-    except (InputError, StepFailed) as exc:  # bad input (exit 2), or a step whose own log has the traceback (1)
-        if args.debug:
-            raise
-        print(f"layermoe {args.verb}: error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, InputError) else 1
-    except Exception as exc:  # a real failure: its traceback, and the remedy where one is known
-        hint = failure_hint(exc)
-        if hint:
-            print(f"layermoe {args.verb}: {hint}", file=sys.stderr)
-        raise
+
+    return reported(body, args.debug, lambda exc: f"layermoe {args.verb}: error", f"layermoe {args.verb}")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from layermoe_ds.errors import InputError, MissingInputError
+from layermoe_ds.languages import FLORES, FLORES_CODE
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,6 @@ def directions(langs: Sequence[str], pivot: str = PIVOT) -> list[Direction]:
 
 def file_candidates(lang: str, split: str) -> list[str]:
     """File names a language's split may have in a FLORES directory: FLORES-200's code, then FLORES-101's."""
-    from layermoe_ds.eval.benchmark import FLORES, FLORES_CODE
-
     if FLORES_CODE.match(lang):
         return [f"{lang}.{split}"]
     code200 = FLORES.get(lang)

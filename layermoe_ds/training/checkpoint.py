@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from layermoe_ds.ds_internals import moe_files_hidden, refresh_master_weights
-from layermoe_ds.errors import InputError
+from layermoe_ds.errors import CheckpointWriteError, InputError
 from layermoe_ds.io import atomic_write_bytes, read_json, write_json
 from layermoe_ds.modeling.checkpoint_files import (
     MARKER,
@@ -42,10 +42,6 @@ from layermoe_ds.modeling.types import moe_blocks
 from layermoe_ds.modeling.upcycle import NEW_EXPERT_PREFIX
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointWriteError(RuntimeError):
-    """A checkpoint could not be written (disk full, quota, permissions): the run stops, nothing is marked."""
 
 
 def layout_of(model) -> dict:

@@ -22,7 +22,7 @@ import deepspeed
 import torch
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-from layermoe_ds.config import TrainConfig
+from layermoe_ds.config import TrainConfig, deep_merge
 from layermoe_ds.distributed import SHIPPED_CONFIGS
 from layermoe_ds.errors import InputError, MissingInputError
 from layermoe_ds.training.schedule import warmup_cosine
@@ -44,18 +44,10 @@ def load_ds_config(paths: list[Path]) -> dict:
             shipped = ", ".join(sorted(p.name for p in SHIPPED_CONFIGS.glob("*.json")))
             raise MissingInputError(f"deepspeed_config: {path} does not exist (shipped, by bare name: {shipped})")
         try:
-            _deep_merge(merged, json.loads(path.read_text()))
+            merged = deep_merge(merged, json.loads(path.read_text()))
         except json.JSONDecodeError as exc:
             raise InputError(f"deepspeed_config: {path} is not valid JSON ({exc})") from exc
     return merged
-
-
-def _deep_merge(base: dict, update: dict) -> None:
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_merge(base[key], value)
-        else:
-            base[key] = value
 
 
 def check_ds_config(ds_config: dict, stage: int) -> dict:

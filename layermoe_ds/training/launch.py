@@ -16,16 +16,14 @@ import faulthandler
 import io
 import logging
 import os
-import sys
 from pathlib import Path
 
 import torch.distributed as dist
 
 from layermoe_ds.config import TrainConfig, load_config
 from layermoe_ds.distributed import adopt_launcher_env, leave_process_group
-from layermoe_ds.errors import InputError, failure_hint
+from layermoe_ds.errors import CheckpointWriteError, reported
 from layermoe_ds.flags import add_config_flags, config_overrides
-from layermoe_ds.training.checkpoint import CheckpointWriteError
 from layermoe_ds.training.engine import load_ds_config
 from layermoe_ds.training.loop import run_stage
 
@@ -60,29 +58,23 @@ def main(stage: int, argv: list[str] | None = None) -> int:
         force=True,
         format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s",
     )
-    try:
+
+    def body() -> int:
         config = load_config(TrainConfig, args.config, config_overrides(args, TrainConfig))
         code = run_stage(stage, config, load_ds_config(args.deepspeed_config))
         atexit.register(leave_process_group)  # at exit: a process that calls main() again keeps DeepSpeed's groups
         return code
-    except InputError as exc:
-        if args.debug:
-            raise
+
+    def error_prefix(exc: BaseException) -> str | None:
+        if isinstance(exc, CheckpointWriteError):  # every rank that saw it: the disk may be full on one node only
+            return f"stage{stage}: error (rank {rank})"
         # Before the process group exists every rank read the same inputs: rank 0 speaks for all. After, an error
         # may be one rank's own (a file only it reads) and would be lost: every rank says it, with its rank.
         if rank == 0 or dist.is_initialized():
-            print(f"stage{stage}: error{f' (rank {rank})' if rank else ''}: {exc}", file=sys.stderr)
-        return 2
-    except CheckpointWriteError as exc:  # every rank that saw it says so: the disk may be full on one node only
-        if args.debug:
-            raise
-        print(f"stage{stage}: error (rank {rank}): {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:  # a real failure: its traceback on every rank, and the remedy where one is known
-        hint = failure_hint(exc)
-        if hint:
-            print(f"stage{stage} (rank {rank}): {hint}", file=sys.stderr)
-        raise
+            return f"stage{stage}: error{f' (rank {rank})' if rank else ''}"
+        return None
+
+    return reported(body, args.debug, error_prefix, f"stage{stage} (rank {rank})")
 
 
 def _stacks_on_fatal_signals() -> None:
