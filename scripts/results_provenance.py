@@ -145,6 +145,23 @@ def data(d: dict) -> Figures:
         yield what, _x(row["vs_anchor"])
 
 
+def data_formats(d: dict) -> Figures:
+    """The Parquet case of `bench/data_bench.py` (`--no-stage`): its tokenize rows and the format ratios."""
+    r = d["format_ratios"]
+    yield (
+        "`data tokenize` tokens/s from Parquet ÷ from `.jsonl`, the same text, 2 workers",
+        _x(r["parquet_vs_jsonl_tokens_per_s"]),
+    )
+    yield f"same: peak RSS tokenizing the {d['copies']}× Parquet corpus ÷ the 1×", _x(r["parquet_peak_rss_big_vs_1x"])
+
+
+def precision(d: dict) -> Figures:
+    where = f"{d['model'].rstrip('/').split('/')[-1]}, {d['ranks']} CPU ranks, seq {d['seq_len']}"
+    flags = ", ".join(d["cpu_bf16_flags"]) or "no bf16 instructions"
+    yield f"stage-1 step, bf16 ÷ fp32 ({where}; {flags})", _x(d["bf16_over_fp32_step"])
+    yield "same: largest step-wise difference of the next-token loss", f"{d['max_loss_diff']:.4f}"
+
+
 def generate(d: dict) -> Figures:
     for name, row in d["runs"].items():
         what = (
@@ -178,6 +195,8 @@ FORMATTERS: dict[str, Callable[[dict], Figures]] = {
     "step_memory_bench": step_memory,
     "host_reads_bench": host_reads,
     "data_bench": data,
+    "data_bench_formats": data_formats,
+    "precision_bench": precision,
     "generate_bench": generate,
     "transformers_compat": compat,
 }

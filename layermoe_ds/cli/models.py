@@ -195,7 +195,8 @@ def add_export(sub) -> None:
         help="DeepSpeed MoE checkpoint → HF LayerMoE directory (no DeepSpeed, no zero_to_fp32)",
         description="Merge mp_rank_00_model_states.pt with every layer_*_expert_* file into one ep_size-1 state "
         "dict and save it as a Hugging Face LayerMoE directory, after checking the checkpoint's files against its "
-        "manifest (sizes and SHA-256).",
+        "manifest (sizes and SHA-256). Streamed: a slim checkpoint's frozen tensors are read from its base, cast "
+        "and written one at a time (the trained tensors and one more in memory, not the whole model).",
     )
     p.add_argument(
         "--checkpoint",
@@ -210,14 +211,11 @@ def add_export(sub) -> None:
 
 
 def _cmd_export(args) -> int:
-    from layermoe_ds.data.tokenizer import load_tokenizer
-    from layermoe_ds.modeling.checkpoint_files import model_from_checkpoint
-    from layermoe_ds.modeling.hf_export import save_model
+    from layermoe_ds.modeling.checkpoint_files import export_checkpoint
     from layermoe_ds.modeling.hf_loading import parse_dtype
 
     refuse_overwrite(args.out)
-    model, path, marker = model_from_checkpoint(args.checkpoint, args.base, parse_dtype(args.dtype))
-    save_model(model, args.out, load_tokenizer(path))
+    path, marker = export_checkpoint(args.checkpoint, args.out, args.base, parse_dtype(args.dtype))
     print(f"exported {path} (step {marker['step']}) to {args.out}")
     return 0
 

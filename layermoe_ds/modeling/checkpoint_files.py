@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +20,7 @@ from layermoe_ds.modeling.base_tensors import base_loader
 from layermoe_ds.modeling.hf_loading import carry_generation_config
 from layermoe_ds.modeling.materialize import materialize, parameters_on_meta
 from layermoe_ds.modeling.placement import checkpoint_slots, renamed_expert
+from layermoe_ds.modeling.streaming import ShardWriter, saved_keys, write_model_dir
 from layermoe_ds.modeling.types import layermoe_classes, layermoe_model_type, model_config
 
 log = logging.getLogger(__name__)
@@ -149,14 +152,62 @@ def is_checkpoint(path: Path) -> bool:
     return (path / MARKER).is_file() or bool(complete_checkpoints(path))
 
 
+@dataclass
+class CheckpointModel:
+    """A checkpoint read for export or evaluation: its model on meta (shapes only) and where each tensor comes from
+    (`tensor(name, meta_param)`: the checkpoint's trained tensors, else its base)."""
+
+    skeleton: torch.nn.Module
+    config: object
+    model_cls: Callable
+    tensor: Callable[[str, torch.nn.Parameter], torch.Tensor]
+    path: Path
+    marker: dict
+
+
 def model_from_checkpoint(
     path: Path, base_dir: Path | None = None, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.nn.Module, Path, dict]:
     """(model in `dtype` on CPU, each tensor read straight into it, the checkpoint directory, its marker) from a
-    checkpoint or run directory, after
-    verifying the files against the manifest: a LayerMoE model, or the dense model of a full fine-tune run. A slim
-    checkpoint's frozen tensors come from its base (the path it recorded, or `base_dir` when the base has moved),
-    checked against its pointer. Needs neither DeepSpeed nor a process group."""
+    checkpoint or run directory (`read_checkpoint`). Needs neither DeepSpeed nor a process group."""
+    source = read_checkpoint(path, base_dir)
+    model = source.skeleton
+    materialize(model, source.tensor, lambda name, param: dtype)
+    carry_generation_config(model, source.path)
+    return model.eval(), source.path, source.marker
+
+
+def export_checkpoint(
+    path: Path, out: Path, base_dir: Path | None = None, dtype: torch.dtype = torch.float32,
+    max_shard_bytes: int = 5 * 10**9,
+) -> tuple[Path, dict]:  # fmt: skip
+    """A checkpoint as a Hugging Face directory in `dtype`, streamed: each tensor read (from the checkpoint or its
+    base), cast and written in turn, so what is held is the checkpoint's trained tensors and one more, never the
+    whole model; the tokenizer and generation settings copied from the checkpoint. Returns (checkpoint, marker)."""
+    source = read_checkpoint(path, base_dir)
+    state = source.skeleton.state_dict(keep_vars=True)
+    names = list(saved_keys(source.skeleton))
+    layout = [(name, tuple(state[name].shape), dtype) for name in names]
+    source.config.dtype = dtype
+
+    def make(name: str) -> torch.Tensor:
+        entry = state[name]
+        return source.tensor(name, entry) if isinstance(entry, torch.nn.Parameter) else entry
+
+    def write(directory: Path) -> None:
+        writer = ShardWriter(directory, layout, max_shard_bytes)
+        for name in names:
+            writer.write(name, make(name))
+        writer.close()
+
+    write_model_dir(out, source.config, source.model_cls, write, tokenizer_from=source.path)
+    return source.path, source.marker
+
+
+def read_checkpoint(path: Path, base_dir: Path | None = None) -> CheckpointModel:
+    """A checkpoint or run directory, its files verified against the manifest: a LayerMoE model, or the dense model
+    of a full fine-tune run. A slim checkpoint's frozen tensors come from its base (the path it recorded, or
+    `base_dir` when the base has moved), checked against its pointer."""
     path = resolve_checkpoint(path)
     marker = read_json(path / MARKER, "checkpoint marker")
     problem = verify_files(path, marker)
@@ -187,10 +238,13 @@ def model_from_checkpoint(
         from_dense = model_type is not None and layermoe_model_type(base_dir) is None
         seed = _upcycle_seed(pointer, path) if from_dense else None
         from_base = base_loader(model, base_dir, from_dense, seed)
+    unexpected = sorted(set(trained) - set(model.state_dict()))
+    if unexpected:
+        raise InputError(f"checkpoint {path} does not match its config.json: unexpected {unexpected[:3]}")
 
     def load(name: str, param: torch.nn.Parameter) -> torch.Tensor:
         if name in trained:
-            return trained[name]
+            return trained.pop(name)  # handed over: it is held once, by the model or the writer
         if from_base is None:
             raise InputError(f"checkpoint {path} does not match its config.json: {name} is missing")
         try:
@@ -198,9 +252,4 @@ def model_from_checkpoint(
         except KeyError as exc:  # the base lacks a tensor the checkpoint's model needs
             raise InputError(f"checkpoint {path}: {name} is neither in it nor in its base ({exc.args[0]})") from None
 
-    materialize(model, load, lambda name, param: dtype)
-    carry_generation_config(model, path)
-    unexpected = sorted(set(trained) - set(model.state_dict()))
-    if unexpected:
-        raise InputError(f"checkpoint {path} does not match its config.json: unexpected {unexpected[:3]}")
-    return model.eval(), path, marker
+    return CheckpointModel(model, config, model_cls, load, path, marker)
