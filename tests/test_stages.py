@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from layermoe_ds.modeling.upcycle import grow, upcycle
-from layermoe_ds.training.losses import lpr_loss, stage_losses
+from layermoe_ds.training.losses import LossWeights, lpr_loss, stage_losses
 from layermoe_ds.training.stages import apply_stage
 from tests.test_upcycle import ALLOCATION, IDS, tiny_dense
 
@@ -47,9 +47,9 @@ def test_stage_losses_combine_with_the_coefficients(grown):
     grown.set_classifier_routing(True)
     output = grown(IDS, labels=IDS)
     token_groups = torch.tensor([[0] * 12, [2] * 12])
-    s1 = stage_losses(grown, output.loss, token_groups, 1, alpha=0.01, gamma=0.1, eta=0.1)
+    s1 = stage_losses(grown, output.loss, token_groups, 1, LossWeights(0.01, 0.1, 0.1))
     assert s1.total.item() == pytest.approx((output.loss + 0.01 * s1.balance).item())
-    s2 = stage_losses(grown, output.loss, token_groups, 2, alpha=0.01, gamma=0.1, eta=0.1)
+    s2 = stage_losses(grown, output.loss, token_groups, 2, LossWeights(0.01, 0.1, 0.1))
     assert s2.total.item() == pytest.approx((output.loss + 0.1 * s2.lpr + 0.1 * s2.cls).item())
     assert s2.lpr.item() > 0 and s2.cls.item() > 0 and s2.cls_count == 3 * 24
 
@@ -62,13 +62,13 @@ def test_the_router_anchor_is_zero_at_stage_1s_routers_and_pulls_back_the_newest
     anchor = RouterAnchor(model)  # the routers as built: stage 1's
     token_groups = torch.tensor([[0] * 12, [1] * 12])  # one old row, one of the newest group
     output = model(IDS, labels=IDS)
-    at_start = stage_losses(model, output.loss, token_groups, 2, 0.01, 0.1, 0.1, beta=1.0, anchor=anchor)
+    at_start = stage_losses(model, output.loss, token_groups, 2, LossWeights(0.01, 0.1, 0.1, 1.0), anchor=anchor)
     assert at_start.anchor.item() == pytest.approx(0.0, abs=1e-7)
     with torch.no_grad():  # a router moved since stage 1: the anchor counts the newest group's tokens only
         for block in model.moe_blocks().values():
             block.gate.router.weight.add_(0.5 * torch.randn_like(block.gate.router.weight))
     output = model(IDS, labels=IDS)
-    moved = stage_losses(model, output.loss, token_groups, 2, 0.01, 0.1, 0.1, beta=2.0, anchor=anchor)
+    moved = stage_losses(model, output.loss, token_groups, 2, LossWeights(0.01, 0.1, 0.1, 2.0), anchor=anchor)
     assert moved.anchor.item() > 0
     assert moved.total.item() == pytest.approx(
         (output.loss + 0.1 * moved.lpr + 0.1 * moved.cls + 2 * moved.anchor).item()

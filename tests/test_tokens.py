@@ -186,8 +186,10 @@ def test_raw_text_is_cached_once_per_file_and_shared_by_waiting_processes(tmp_pa
 
 def stage_config(data: Path, out: Path, **extra):
     from layermoe_ds.config import TrainConfig
+    from layermoe_ds.data.stage_data import StageData
 
-    return TrainConfig(**{**base_config(Path("unused"), data, out), "language_groups": tuple(GROUPS), **extra})
+    config = TrainConfig(**{**base_config(Path("unused"), data, out), "language_groups": tuple(GROUPS), **extra})
+    return StageData.of(config)
 
 
 def test_stage_data_reads_only_what_it_uses_whatever_the_corpus_size(corpus_dir, tokenizer_dir, tokenizer, tmp_path):

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from layermoe_ds.config import TrainConfig, to_dict
 from layermoe_ds.data.packing import BlockSampler
-from layermoe_ds.data.stage_data import stage_blocks
+from layermoe_ds.data.stage_data import StageData, stage_blocks
 from layermoe_ds.data.tokenizer import load_tokenizer
 from layermoe_ds.distributed import (
     RETURN_FREES_ENV,
@@ -43,7 +43,7 @@ from layermoe_ds.training.engine import check_ds_config, initialize, model_dtype
 from layermoe_ds.training.export import export_model, write_model_files
 from layermoe_ds.training.host_reads import HOST_READS, HostReadSections
 from layermoe_ds.training.lean_ffn import use_lean_ffn
-from layermoe_ds.training.losses import stage_losses
+from layermoe_ds.training.losses import LossWeights, stage_losses
 from layermoe_ds.training.metrics import (
     MetricsLogger,
     RssPeak,
@@ -138,7 +138,7 @@ class StageTrainer:
         # Data before any process group: raw text is tokenized into the cache by the first rank to get there while
         # the others wait on its lock, not in a collective that could time out.
         self.tokenizer = load_tokenizer(Path(config.model))
-        self.blocks = stage_blocks(config, stage, self.tokenizer, Path(config.model))
+        self.blocks = stage_blocks(StageData.of(config), stage, self.tokenizer, Path(config.model))
         self._build(frozen_dtype, resolved)
         self.base = checkpoint.base_pointer(Path(config.model), self._upcycled_with(model_config), config.seed)
         self.step = self._resume()
@@ -182,6 +182,7 @@ class StageTrainer:
         model = self.model = built.model
         # Stage 2's anchor copies the routers as built (stage 1's), before any checkpoint of this run is loaded.
         self.anchor = RouterAnchor(model) if self.stage == 2 and config.router_anchor_beta > 0 else None
+        self.loss_weights = LossWeights.of(config)
         self.ep_sizes = built.ep_sizes
         self.micro = self.ds_config["train_micro_batch_size_per_gpu"]
         self.sampler = BlockSampler(len(self.blocks), self.micro, config.seed, self.rank, self.world)
@@ -280,18 +281,7 @@ class StageTrainer:
         # No KV cache in training; and this step's outputs are dropped before the next forward, not kept alive
         # through it.
         output = self.engine(input_ids=ids, labels=ids, use_cache=False)
-        config = self.config
-        losses = stage_losses(
-            self.model,
-            output.loss,
-            groups,
-            self.stage,
-            config.balance_alpha,
-            config.lpr_gamma,
-            config.cls_eta,
-            config.router_anchor_beta,
-            self.anchor,
-        )
+        losses = stage_losses(self.model, output.loss, groups, self.stage, self.loss_weights, self.anchor)
         self.engine.backward(losses.total)
         accumulate(sums, self.model, losses, groups, accumulation)
         del output, losses

@@ -19,6 +19,21 @@ from layermoe_ds.modeling.types import moe_blocks
 from layermoe_ds.training.router_anchor import RouterAnchor, anchor_loss
 
 
+@dataclass(frozen=True)
+class LossWeights:
+    """α (load balance, stage 1), γ (LPR), η (classifier), β (router anchor; stage 2)."""
+
+    balance: float
+    lpr: float
+    cls: float
+    anchor: float = 0.0  # off
+
+    @classmethod
+    def of(cls, config) -> LossWeights:
+        """A run's weights, from its TrainConfig."""
+        return cls(config.balance_alpha, config.lpr_gamma, config.cls_eta, config.router_anchor_beta)
+
+
 @dataclass
 class StageLosses:
     total: torch.Tensor
@@ -63,10 +78,7 @@ def stage_losses(
     ntp: torch.Tensor,
     token_group_BL: torch.Tensor,
     stage: int,
-    alpha: float,
-    gamma: float,
-    eta: float,
-    beta: float = 0.0,
+    weights: LossWeights,
     anchor: RouterAnchor | None = None,
 ) -> StageLosses:
     blocks = moe_blocks(model)
@@ -91,7 +103,7 @@ def stage_losses(
                     for layer, b in blocks.items()
                 ]
             )
-        total = ntp + gamma * lpr + eta * cls + beta * kept
+        total = ntp + weights.lpr * lpr + weights.cls * cls + weights.anchor * kept
     else:
-        total = ntp + alpha * balance
+        total = ntp + weights.balance * balance
     return StageLosses(total, ntp, balance, lpr, cls, kept, correct, count)
