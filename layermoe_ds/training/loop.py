@@ -34,7 +34,6 @@ from layermoe_ds.distributed import (
 from layermoe_ds.ds_internals import check_version, release_optimizer
 from layermoe_ds.errors import OutputExistsError
 from layermoe_ds.io import read_json, write_json
-from layermoe_ds.modeling.lm_loss import check_fused_loss, use_chunked_loss
 from layermoe_ds.modeling.placement import model_slots
 from layermoe_ds.modeling.types import is_layermoe, layermoe_model_type, moe_blocks
 from layermoe_ds.training import checkpoint
@@ -42,7 +41,6 @@ from layermoe_ds.training.build import build_model, check_model
 from layermoe_ds.training.engine import check_ds_config, initialize, model_dtype
 from layermoe_ds.training.export import export_model, write_model_files
 from layermoe_ds.training.host_reads import HOST_READS, HostReadSections
-from layermoe_ds.training.lean_ffn import use_lean_ffn
 from layermoe_ds.training.losses import LossWeights, stage_losses
 from layermoe_ds.training.metrics import (
     MetricsLogger,
@@ -51,7 +49,7 @@ from layermoe_ds.training.metrics import (
     own_peak_memory_mib,
     reduce_scalars,
 )
-from layermoe_ds.training.router_anchor import RouterAnchor
+from layermoe_ds.training.patches import apply_training_patches
 
 log = logging.getLogger("layermoe.train")
 
@@ -180,23 +178,13 @@ class StageTrainer:
         torch.manual_seed(config.seed)
         built = build_model(config, self.stage, self.world, frozen_dtype, self.device)
         model = self.model = built.model
-        # Stage 2's anchor copies the routers as built (stage 1's), before any checkpoint of this run is loaded.
-        self.anchor = RouterAnchor(model) if self.stage == 2 and config.router_anchor_beta > 0 else None
         self.loss_weights = LossWeights.of(config)
         self.ep_sizes = built.ep_sizes
         self.micro = self.ds_config["train_micro_batch_size_per_gpu"]
         self.sampler = BlockSampler(len(self.blocks), self.micro, config.seed, self.rank, self.world)
-        if config.activation_checkpointing:
-            # Non-reentrant: the reentrant variant runs the forward without autograd, so the balance, LPR and
-            # classifier losses the blocks record on the side (block.aux) would get no gradient (tested), and with
-            # frozen embeddings a layer's input needs none either, which it needs to backpropagate at all.
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.to(self.device)  # the buffers (rotary frequencies, routing tables): the parameters were made there
-        model.eval()  # the model's own loss against the fused one on a test batch (no dropout), every rank at once
-        check_fused_loss(model, f"train.model {config.model}")
-        model.train()
-        loss_chunk = use_chunked_loss(model)  # no [tokens × vocabulary] logits (lm_loss.py)
-        use_lean_ffn(model)  # two FFN activations kept for backward, not three (lean_ffn.py)
+        patched = apply_training_patches(model, config, self.stage)
+        self.anchor, loss_chunk = patched.anchor, patched.loss_chunk_tokens
         if self.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             tokens = self.blocks.tokens_per_lang
