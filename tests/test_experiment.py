@@ -230,6 +230,30 @@ def test_reading_judges_each_claim_by_the_seed_spread():
     assert [judge(stats([a]), stats([1.0]))[0] for a in (0.98, 1.005, 1.02)] == ["better", "matched", "worse"]
 
 
+def test_the_premise_reading_compares_the_least_and_the_most_similar_layers():
+    """The real-premise preset's question, read from made-up results: least- against most-similar placement of the
+    same new experts, after each stage, with the seeds' spread; and no "as good as uniform" claim without uniform."""
+    from layermoe_ds.testbed.experiment.presets import PRESETS
+    from layermoe_ds.testbed.experiment.reading import reading
+
+    preset = PRESETS["real-premise"]
+    least, most = preset.systems
+    assert (least.method, most.method) == (Method.LEAST_SIMILAR, Method.MOST_SIMILAR) and least.seeds == (0, 1)
+    results = {RunId(DENSE_BASE): {"eval": _eval(1.20, 1.60)}}
+    for seed in (0, 1):
+        results[RunId(least.name, seed)] = _run(1.21, 1.40 + 0.002 * seed, 20, "least-similar", stage1_old=1.25)
+        results[RunId(most.name, seed)] = _run(1.21, 1.45 + 0.002 * seed, 20, "most-similar", stage1_old=1.25)
+    verdicts = {v.claim: v for v in reading(results, preset)}
+    assert "as good as uniform" not in verdicts
+    premise = verdicts["premise"]
+    assert premise.verdict == "replicated" and premise.numbers["eval"]["verdict"] == "better"
+    assert "after stage 2 0.199 vs 0.149 (better" in premise.text and "20 new experts each" in premise.text
+    for run in results.values():  # the other way round: not replicated
+        if "allocation" in run:
+            run["eval"]["new_avg"]["bpb"] = 3.0 - run["eval"]["new_avg"]["bpb"]
+    assert {v.claim: v for v in reading(results, preset)}["premise"].verdict == "not replicated"
+
+
 def test_budget_quality_curve_interpolates_the_experts_uniform_needs():
     from layermoe_ds.testbed.experiment.curve import curve, curve_reading, experts_for_quality
 

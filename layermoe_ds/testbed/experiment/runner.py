@@ -283,8 +283,11 @@ def run_experiment(
         dense["eval_later"] = ctx.evaluate(base_model, out / "dense" / "eval_g2.json", later)
     results = {RunId(DENSE_BASE): dense}
     stage1s: dict[tuple[str, int], Stage1] = {}
-    for system in preset.systems:
-        for run in system.runs():
+    # Seed by seed: every system's first seed before any system's second, so a run stopped early (or given part of
+    # a machine) has every system to compare, and a later run adds seeds to it.
+    order = [(i, system) for i in range(max(len(s.seeds) for s in preset.systems)) for system in preset.systems]
+    for i, system in order:
+        for run in system.runs()[i : i + 1]:
             home = out / "systems" / slug(run.label)
             home.mkdir(parents=True, exist_ok=True)
             shared = stage1s.get((system.stage1_of, run.seed)) if system.stage1_of else None
