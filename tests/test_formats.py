@@ -254,3 +254,15 @@ def test_a_column_of_languages_and_a_lang_map(reference, tokenizer_dir, tokenize
     got = streams_of(manifest, tmp_path / "out", tokenizer, tokenizer_dir)
     assert sorted(got) == [(lang, "train") for lang in sorted(WORDS)]
     assert all(np.array_equal(got[key], reference[key]) for key in got)
+
+
+def test_the_language_folder_is_a_known_code_before_any_short_folder_name(tmp_path):
+    """`raw/el/part.parquet`: `el` (a known code), not `raw`; datasets' `cache-*.arrow` files are not data; an
+    unknown short code is taken as it is."""
+    from layermoe_ds.data.loading import discover
+
+    write_parquet(tmp_path / "raw" / "el" / "part.parquet", ["α"])
+    write_parquet(tmp_path / "raw" / "xyz" / "part.parquet", ["x"])
+    (tmp_path / "raw" / "el" / "cache-0123.arrow").write_bytes(b"not data")
+    found = {(s.path.relative_to(tmp_path).as_posix(), s.lang, s.split, s.unsplit) for s in discover(tmp_path)}
+    assert found == {("raw/el/part.parquet", "el", "train", True), ("raw/xyz/part.parquet", "xyz", "train", True)}

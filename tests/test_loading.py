@@ -73,3 +73,9 @@ def test_bad_jsonl_line_is_named(tmp_path):
 def test_missing_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_texts(tmp_path / "nope", ["en"], "train")
+
+
+def test_a_bad_split_in_a_mixed_jsonl_names_the_line(tmp_path):
+    _write(tmp_path / "all.jsonl", '{"text": "a", "lang": "en"}\n{"text": "b", "lang": "en", "split": "dev2"}\n')
+    with pytest.raises(ValueError, match=r"all.jsonl:2: split 'dev2' is not one of"):
+        load_texts(tmp_path / "all.jsonl", ["en"], "train")

@@ -4,8 +4,8 @@ Files: `.txt` (one document a line), `.jsonl` (a record a line; `--text-field`, 
 (`.gz`, `.zst`, `.xz`), Parquet, and the Arrow files of a `datasets.save_to_disk` directory (data/formats.py).
 Where the language and split come from (languages and splits being config, not layout, beyond this):
 - flat names `<lang>.<split>.<ext>` (e.g. `el.train.parquet`, `fr.test.jsonl.gz`);
-- the path: the first folder named like a language code (`el`, or FLORES-200's `ell_Grek`; `data/` skipped) and a
-  folder or file-name prefix naming a split (`train`, `valid`/`validation`/`dev`, `test`): CulturaX
+- the path: a folder named by a known language code (`el`, or FLORES-200's `ell_Grek`), else the deepest folder
+  named like one (`data/` skipped), and a folder or file-name prefix naming a split (`train`, `valid`/`validation`/`dev`, `test`): CulturaX
   `el/el_part_00000.parquet`, FineWeb-2 `data/ell_Grek/train/000_00000.parquet`, HPLT 2 `ell_Grek/train-0000.parquet`,
   MADLAD-400 `data/el/el_clean_0000.jsonl.gz`, `save_to_disk` `el/train/data-00000-of-00002.arrow`;
 - a record field (`--lang-field`), for files that mix languages; one `.jsonl` file given as --data is such a file
@@ -33,7 +33,7 @@ from layermoe_ds.data.formats import (
     table_rows,
 )
 from layermoe_ds.errors import InputError, MissingInputError
-from layermoe_ds.languages import FLORES_CODE, canonical, parse_lang_map
+from layermoe_ds.languages import FLORES, FLORES_CODE, SHORT, canonical, parse_lang_map
 
 SPLITS = ("train", "valid", "test")
 SPLIT_WORDS = {"train": "train", "valid": "valid", "validation": "valid", "dev": "valid", "test": "test"}
@@ -156,7 +156,7 @@ def iter_records(source: Source, start: int = 0, end: int | None = None) -> Iter
         lang = canonical(string_field(path, where, record, lang_field, "language"), lang_map)
         split = source.split or record.get("split", "train")
         if split not in SPLITS:
-            raise InputError(f"{path}:{where}: split {split!r} is not one of {SPLITS}")
+            raise InputError(f"{path}:{where()}: split {split!r} is not one of {SPLITS}")
         yield lang, split, text, len(text.encode("utf-8"))
 
 
@@ -199,14 +199,11 @@ def _place(parts: tuple[str, ...], lang_map: dict[str, str]) -> tuple[str | None
     pieces = name.split(".")
     if len(parts) == 1 and len(pieces) >= 3 and pieces[1] in SPLITS:
         return pieces[0], pieces[1]
-    lang = next(
-        (
-            p
-            for p in parts[:-1]
-            if p not in SKIPPED_FOLDERS and p not in SPLIT_WORDS and (p in lang_map or LANG_FOLDER.match(p))
-        ),
-        None,
-    )
+    folders = [p for p in parts[:-1] if p not in SKIPPED_FOLDERS and p not in SPLIT_WORDS]
+    # A known code first (FLORES-200's table, either form, or the user's map), so that a folder such as `raw/`
+    # above `el/` is not taken for a language; else the deepest folder named like a code.
+    known = next((p for p in folders if p in lang_map or p in FLORES or p in SHORT), None)
+    lang = known or next((p for p in reversed(folders) if LANG_FOLDER.match(p)), None)
     split = next((SPLIT_WORDS[p] for p in parts[:-1] if p in SPLIT_WORDS), None)
     if split is None:
         prefix = re.split(r"[-_.]", name, maxsplit=1)[0]
@@ -235,7 +232,7 @@ def discover(data: Path, reading: Reading = DEFAULT_READING) -> list[Source]:
         p for p in data.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(data).parts)
     ):
         container = container_of(path)
-        if container is None:
+        if container is None or path.name.startswith("cache-"):  # (datasets' map() caches beside its files)
             continue
         kind, compression = container
         parts = path.relative_to(data).parts
