@@ -59,6 +59,22 @@ def positive(text: str) -> float:
     return value
 
 
+def share(maximum: float) -> Callable[[str], float]:
+    """An argparse type: a fraction in [0, `maximum`)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not 0 <= value < maximum:
+            raise argparse.ArgumentTypeError(f"{value} must be >= 0 and < {maximum}")
+        return value
+
+    parse.minimum = 0  # (what the flag tests draw below)
+    return parse
+
+
 def _groups(text: str) -> tuple[tuple[str, ...], ...]:
     try:
         return tuple(tuple(group) for group in parse_groups(text))

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from layermoe_ds.cli import build_parser, main
 from layermoe_ds.config import TrainConfig
 from layermoe_ds.errors import InputError
-from layermoe_ds.flags import _fields, count, positive
+from layermoe_ds.flags import _fields, count, positive, share
 from layermoe_ds.testbed.pretrain_config import BaseModelConfig, PretrainConfig
 
 
@@ -71,7 +71,9 @@ def test_a_value_out_of_range_is_refused_naming_the_flag(path, flag, kind, data,
 
 
 def test_the_flag_types_accept_their_range():
-    assert count()("1") == 1 and count(0)("0") == 0 and positive("0.5") == 0.5
+    assert count()("1") == 1 and count(0)("0") == 0 and positive("0.5") == 0.5 and share(0.5)("0") == 0
+    with pytest.raises(argparse.ArgumentTypeError, match="must be >= 0 and < 0.5"):
+        share(0.5)("0.5")
     with pytest.raises(argparse.ArgumentTypeError, match="is not a whole number"):
         count()("2.5")
 

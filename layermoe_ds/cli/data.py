@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from layermoe_ds.cli.common import DEFAULT_CACHE, lang_list
-from layermoe_ds.flags import count, positive
+from layermoe_ds.flags import count, positive, share
 
 log = logging.getLogger("layermoe")
 
@@ -72,7 +72,7 @@ def add_data(sub) -> None:
     t.add_argument("--sample-seed", type=count(0), default=0, help="the hash's seed for sampling and carving")
     t.add_argument(
         "--holdout-fraction",
-        type=float,
+        type=share(0.5),
         default=0.01,
         help="a language whose text names no split gets valid and test carved from it by a hash, this share of its "
         "documents each (default: 0.01; 0: none)",

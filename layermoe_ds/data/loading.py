@@ -5,9 +5,10 @@ Files: `.txt` (one document a line), `.jsonl` (a record a line; `--text-field`, 
 Where the language and split come from (languages and splits being config, not layout, beyond this):
 - flat names `<lang>.<split>.<ext>` (e.g. `el.train.parquet`, `fr.test.jsonl.gz`);
 - the path: a folder named by a known language code (`el`, or FLORES-200's `ell_Grek`), else the deepest folder
-  named like one (`data/` skipped), and a folder or file-name prefix naming a split (`train`, `valid`/`validation`/`dev`, `test`): CulturaX
-  `el/el_part_00000.parquet`, FineWeb-2 `data/ell_Grek/train/000_00000.parquet`, HPLT 2 `ell_Grek/train-0000.parquet`,
-  MADLAD-400 `data/el/el_clean_0000.jsonl.gz`, `save_to_disk` `el/train/data-00000-of-00002.arrow`;
+  named like one (`data/` skipped), and a folder or file-name prefix naming a split (`train`,
+  `valid`/`validation`/`dev`, `test`): CulturaX `el/el_part_00000.parquet`, FineWeb-2
+  `data/ell_Grek/train/000_00000.parquet`, HPLT 2 `ell_Grek/train-0000.parquet`, MADLAD-400
+  `data/el/el_clean_0000.jsonl.gz`, `save_to_disk` `el/train/data-00000-of-00002.arrow`;
 - a record field (`--lang-field`), for files that mix languages; one `.jsonl` file given as --data is such a file
   (`{"text", "lang"}`, an optional `"split"`, else "train").
 Codes map to the project's short ones (FLORES-200's table, then `--lang-map`). A path with no split is "train", and
