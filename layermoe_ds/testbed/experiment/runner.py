@@ -303,5 +303,13 @@ def run_experiment(
                 results[g2]["new_experts_total"] = (
                     results[run]["allocation"]["new_experts"] + results[g2]["allocation"]["new_experts"]
                 )
+    # The report lists systems in the preset's order, each system's runs together (G1, then its expansion).
+    listed = [RunId(DENSE_BASE)] + [
+        key
+        for system in preset.systems
+        for run in system.runs()
+        for key in (run, RunId(run.system, run.seed, Phase.G2))
+    ]
+    results = {key: results[key] for key in listed if key in results}
     write_report(results, preset, out)
     return results
