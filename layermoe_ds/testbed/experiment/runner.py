@@ -285,24 +285,26 @@ def run_experiment(
     stage1s: dict[tuple[str, int], Stage1] = {}
     # Seed by seed: every system's first seed before any system's second, so a run stopped early (or given part of
     # a machine) has every system to compare, and a later run adds seeds to it.
-    order = [(i, system) for i in range(max(len(s.seeds) for s in preset.systems)) for system in preset.systems]
-    for i, system in order:
-        for run in system.runs()[i : i + 1]:
-            home = out / "systems" / slug(run.label)
-            home.mkdir(parents=True, exist_ok=True)
-            shared = stage1s.get((system.stage1_of, run.seed)) if system.stage1_of else None
-            results[run], g1_model, stage1s[(system.name, run.seed)] = train_and_evaluate(
-                ctx, system, run, home, base_model, groups, shared
+    order = sorted(
+        ((run.seed, i, system, run) for i, system in enumerate(preset.systems) for run in system.runs()),
+        key=lambda entry: entry[:2],
+    )  # (a stage-2 variant comes after its source system's run of the same seed, as in the preset)
+    for _, _, system, run in order:
+        home = out / "systems" / slug(run.label)
+        home.mkdir(parents=True, exist_ok=True)
+        shared = stage1s.get((system.stage1_of, run.seed)) if system.stage1_of else None
+        results[run], g1_model, stage1s[(system.name, run.seed)] = train_and_evaluate(
+            ctx, system, run, home, base_model, groups, shared
+        )
+        if system.lifelong and preset.lifelong:
+            results[run]["eval_later"] = ctx.evaluate(g1_model, home / "eval_g2.json", later)
+            g2 = RunId(run.system, run.seed, Phase.G2)
+            results[g2], _, _ = train_and_evaluate(
+                ctx, system, g2, home / "lifelong", g1_model, [*groups, list(preset.lifelong)]
             )
-            if system.lifelong and preset.lifelong:
-                results[run]["eval_later"] = ctx.evaluate(g1_model, home / "eval_g2.json", later)
-                g2 = RunId(run.system, run.seed, Phase.G2)
-                results[g2], _, _ = train_and_evaluate(
-                    ctx, system, g2, home / "lifelong", g1_model, [*groups, list(preset.lifelong)]
-                )
-                results[g2]["new_experts_total"] = (
-                    results[run]["allocation"]["new_experts"] + results[g2]["allocation"]["new_experts"]
-                )
+            results[g2]["new_experts_total"] = (
+                results[run]["allocation"]["new_experts"] + results[g2]["allocation"]["new_experts"]
+            )
     # The report lists systems in the preset's order, each system's runs together (G1, then its expansion).
     listed = [RunId(DENSE_BASE)] + [
         key
