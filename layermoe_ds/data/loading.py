@@ -50,13 +50,6 @@ class Reading:
     lang_field: str | None = None
     lang_map: dict[str, str] = field(default_factory=dict)
 
-    def as_dict(self) -> dict:
-        return {
-            "text_field": self.text_field,
-            "lang_field": self.lang_field,
-            "lang_map": dict(sorted(self.lang_map.items())),
-        }
-
 
 DEFAULT_READING = Reading()
 
