@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -109,5 +110,22 @@ def test_a_point_that_would_repeat_the_text_is_refused_before_anything_trains_an
     assert report["points"][1]["base_sha256"] == sha256_file(tiny_base / "model.safetensors")
     assert json.loads((tmp_path / "out" / "calibration.json").read_text())["choice"] == report["choice"]
     table = (tmp_path / "out" / "calibration.md").read_text()
-    assert "| deep-rare base, 2 stage-1 steps | 352 | 3.00M | 2% |" in table
+    ffn = json.loads((tiny_base / "config.json").read_text())["intermediate_size"]  # the base's own
+    assert f"| deep-rare base, 2 stage-1 steps | {ffn} | 3.00M | 2% |" in table
     assert "**Chosen: deep-rare base, 2 stage-1 steps**" in table
+
+    # Cheapest first, stopping at the first that qualifies: the dearer points are not trained, and the report says so.
+    trained.clear()
+    cheap_first = replace(grid, points=(GridPoint("deep", 2), GridPoint("deep", 1)), stop_when_met=True)
+    report = calibration.run_calibration(cheap_first, corpus_dir, artifacts, tmp_path / "cache", tmp_path / "o2", None)
+    assert trained == ["deep-base-2-stage-1-steps"] and report["not_run"] == ["deep base, 1 stage-1 steps"]
+    table = (tmp_path / "o2" / "calibration.md").read_text()
+    assert "Not run (an earlier, cheaper point qualified): deep base, 1 stage-1 steps." in table
+
+
+def test_the_real_grid_compares_one_and_three_new_experts_a_layer_on_the_real_base_with_its_settings():
+    grid = calibration.GRIDS["real"]
+    preset = point_preset(grid, grid.points[0])
+    assert preset.base == "smollm2" and preset.old == ("en",) and preset.seq_len == 256
+    assert [s.budget_per_layer - 1 for s in preset.systems] == [1, 3]  # new experts a layer
+    assert [p.stage1_steps for p in grid.points] == [60, 180] and grid.stop_when_met

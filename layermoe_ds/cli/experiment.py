@@ -48,6 +48,10 @@ def add_calibrate(sub) -> None:
         "the smallest's by 3 pooled seed sds. Each point is an experiment under OUT/<point>/, cached and resumable; "
         "the base models are pretrained once into --artifacts. Exits 1 when no point qualifies.",
     )
+    p.add_argument("--grid", choices=("testbed", "real"), default="testbed", help="testbed: the testbed bases' "
+                   "grid (FFN width, later-language share, stage-1 steps), uniform 1 vs 5 new experts a layer; real: "
+                   "the real base (SmolLM2-135M, `real-base`) with the real-premise preset's settings, uniform 1 vs 3 "
+                   "new a layer at 60 stage-1 steps, then 180 if 60 does not qualify")  # fmt: skip
     _experiment_arguments(p, default_out=Path("runs/calibration"), base=False)
     p.set_defaults(func=_cmd_calibrate)
 
@@ -78,9 +82,9 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_calibrate(args) -> int:
-    from layermoe_ds.testbed.calibration import GRID, run_calibration
+    from layermoe_ds.testbed.calibration import GRIDS, run_calibration
 
-    report = run_calibration(GRID, args.data, args.artifacts, args.cache, args.runs, args.launcher)
+    report = run_calibration(GRIDS[args.grid], args.data, args.artifacts, args.cache, args.runs, args.launcher)
     print(
         "\n".join(
             line for line in (args.runs / "calibration.md").read_text().splitlines() if line.startswith(("|", "**"))

@@ -24,10 +24,11 @@ from layermoe_ds.errors import InputError
 from layermoe_ds.io import atomic_write_text, read_json, write_json
 from layermoe_ds.testbed.demo import prepare_base
 from layermoe_ds.testbed.experiment import DENSE_BASE, Method, Preset, RunId, System, run_experiment
-from layermoe_ds.testbed.experiment.presets import PAPER
+from layermoe_ds.testbed.experiment.presets import PAPER, REAL
 from layermoe_ds.testbed.experiment.reading import average, pooled_sd, runs_of, stats
 from layermoe_ds.testbed.experiment.runner import slug
 from layermoe_ds.testbed.pretrain import PRESETS as BASE_PRESETS
+from layermoe_ds.testbed.real_base import REAL_BASE
 
 
 @dataclass(frozen=True)
@@ -48,11 +49,15 @@ class Calibration:
     max_epochs: float = 1.0  # no language's training text read more often than this in stage 1
     ratio: float = 3.0  # the largest budget must beat the smallest by this many pooled seed sds
     settings: Preset = PAPER  # everything but the systems, the base and the stage-1 steps
+    # Stop at the first point that qualifies (the points are then in order of cost): each later one costs more.
+    stop_when_met: bool = False
 
     def __post_init__(self) -> None:
-        unknown = sorted({p.base for p in self.points} - set(BASE_PRESETS))
+        unknown = sorted({p.base for p in self.points} - {*BASE_PRESETS, REAL_BASE})
         if unknown:
             raise InputError(f"calibration: unknown base presets {unknown}; known: {sorted(BASE_PRESETS)}")
+        if not self.points:
+            raise InputError("calibration: no grid points")
         if len(self.seeds) < 2:
             raise InputError("calibration: a seed sd needs at least 2 seeds")
         if not 1 < self.budgets[0] < self.budgets[1]:
@@ -70,6 +75,18 @@ GRID = Calibration(
         GridPoint("deep", 450),
     )
 )
+
+
+# The real base (`layermoe real-base`, SmolLM2-135M-Instruct) with the REAL preset's data, learning rates and
+# stage 2: uniform MoE-LPR at 1 and at 3 new experts a layer, at the premise test's 60 stage-1 steps, then three
+# times that; the second runs only if the first does not qualify.
+REAL_GRID = Calibration(
+    points=(GridPoint(REAL_BASE, 60), GridPoint(REAL_BASE, 180)),
+    budgets=(2, 4),
+    settings=REAL,
+    stop_when_met=True,
+)
+GRIDS = {"testbed": GRID, "real": REAL_GRID}
 
 
 def point_preset(calibration: Calibration, point: GridPoint) -> Preset:
@@ -129,28 +146,39 @@ def run_calibration(
         name: prepare_base(data, artifacts, cache, name) for name in dict.fromkeys(p.base for p in calibration.points)
     }
     presets = {point: point_preset(calibration, point) for point in calibration.points}
-    epochs = {point: stage1_epochs(presets[point], data, artifacts / "tokenizer") for point in calibration.points}
+    tokenizers = {name: base if (base / "tokenizer.json").is_file() else artifacts / "tokenizer"
+                  for name, base in bases.items()}  # fmt: skip
+    epochs = {point: stage1_epochs(presets[point], data, tokenizers[point.base]) for point in calibration.points}
     over = [f"{point.name}: {e:.2f}" for point, e in epochs.items() if e > calibration.max_epochs]
     if over:
         raise InputError(f"calibration: stage 1 would read the new languages' text more than {calibration.max_epochs} "
                          f"times ({'; '.join(over)}); build the corpus with more pages or lower the steps")  # fmt: skip
-    rows = []
+    rows: list[dict] = []
     for point in calibration.points:
         print(f"calibration point: {point.name}", flush=True)
         preset = presets[point]
         results = run_experiment(preset, bases[point.base], data, out / slug(point.name), launcher=launcher)
-        base_config = BASE_PRESETS[point.base]
+        pretrained = BASE_PRESETS.get(point.base)  # None: a pretrained base (its later-language share unknown)
         rows.append({
             "point": point.name, "base": point.base, "stage1_steps": point.stage1_steps,
-            "ffn": base_config.model.intermediate_size, "later_share": base_config.low_resource_share,
+            "ffn": read_json(bases[point.base] / "config.json", "base config")["intermediate_size"],
+            "later_share": pretrained.low_resource_share if pretrained else None,
             "stage1_epochs": epochs[point], "base_params": results[RunId(DENSE_BASE)]["eval"]["params_total"],
             "base_sha256": results[RunId(DENSE_BASE)]["base_sha256"]["model.safetensors"],  # the experiment's
             **point_summary(results, preset, calibration.ratio),
         })  # fmt: skip
+        report = _write_report(calibration, rows, out)  # after every point: a long grid shows its progress
+        if calibration.stop_when_met and report["choice"]:
+            break
+    return report
+
+
+def _write_report(calibration: Calibration, rows: list[dict], out: Path) -> dict:
     chosen = choose(rows)
     report = {
         "budgets": calibration.budgets, "seeds": calibration.seeds, "ratio": calibration.ratio,
         "max_epochs": calibration.max_epochs, "points": rows, "choice": chosen["point"] if chosen else None,
+        "not_run": [p.name for p in calibration.points[len(rows):]],
     }  # fmt: skip
     write_json(out / "calibration.json", report)
     atomic_write_text(out / "calibration.md", "\n".join(calibration_lines(report)) + "\n")
@@ -177,7 +205,7 @@ def calibration_lines(report: dict) -> list[str]:
         final, first = row["final"], row["stage1"]
         old = " / ".join(f"{s['mean']:.3f}" for s in row["old_final"])
         lines.append(
-            f"| {row['point']} | {row['ffn']} | {row['base_params'] / 1e6:.2f}M | {row['later_share']:.0%} | "
+            f"| {row['point']} | {row['ffn']} | {row['base_params'] / 1e6:.2f}M | {_share(row['later_share'])} | "
             f"{row['stage1_epochs']:.3f} | "
             f"{final['smallest']['mean']:.3f} ± {final['smallest']['sd']:.3f} | "
             f"{final['largest']['mean']:.3f} ± {final['largest']['sd']:.3f} | {final['gap']:+.3f} | "
@@ -185,8 +213,18 @@ def calibration_lines(report: dict) -> list[str]:
             f"{row['wall_s_per_run']:.0f} | {'yes' if row['meets'] else 'no'} |"
         )
     lines.append("")
+    not_run = ", ".join(report.get("not_run", ()))
+    if not_run:
+        why = "an earlier, cheaper point qualified" if report["choice"] else "still to run"
+        lines += [f"Not run ({why}): {not_run}.", ""]
     if report["choice"]:
         lines.append(f"**Chosen: {report['choice']}** — the cheapest point that qualifies.")
+    elif not_run:
+        lines.append("**No point run so far qualifies.**")
     else:
         lines.append("**No point qualifies**: on none of these testbeds do more experts buy quality beyond the seeds.")
     return lines
+
+
+def _share(later_share: float | None) -> str:
+    return "pretrained" if later_share is None else f"{later_share:.0%}"
