@@ -47,10 +47,10 @@ def models(shape: Shape, experts: list[int], classifiers: list[int], device: str
     moe = upcycle(dense, {"experts_per_layer": experts, "classifier_layers": classifiers}).eval()
     with torch.no_grad():
         for block in moe.moe_blocks().values():  # new experts unlike expert 0, as training leaves them
-            for p in block.moe.parameters():
+            for p in block.experts[1:].parameters():
                 p.add_(torch.randn_like(p) * 0.02)
-            if block.gate.lang_classifier is not None:
-                block.gate.lang_classifier.weight.zero_()  # equal logits: class 0, "old", for every token
+            if block.classifier is not None:
+                block.classifier.weight.zero_()  # equal logits: class 0, "old", for every token
     return dense.to(device, dtype), moe.to(device, dtype)
 
 
@@ -64,7 +64,7 @@ class RouteBytes:
 
     def __init__(self, moe):
         self.blocks = moe.moe_blocks()
-        self.expert_bytes = {layer: weight_bytes(block.base_ffn) for layer, block in self.blocks.items()}
+        self.expert_bytes = {layer: weight_bytes(block.experts[0]) for layer, block in self.blocks.items()}
         self.forwards: list[dict[int, torch.Tensor]] = []
         self.handle = None
 
@@ -128,9 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     classifiers = sorted(sorted((i for i, n in enumerate(experts) if n > 1), key=lambda i: (-experts[i], i))[:7])
     dense, moe = models(shape, experts, classifiers, device, dtype)
     routes = RouteBytes(moe)
-    non_ffn = weight_bytes(moe) - sum(
-        weight_bytes(block.base_ffn) + weight_bytes(block.moe) for block in moe.moe_blocks().values()
-    )
+    non_ffn = weight_bytes(moe) - sum(weight_bytes(block.experts) for block in moe.moe_blocks().values())
     results: dict = {"shape": args.shape, "device": device, "dtype": str(dtype).removeprefix("torch.")}
     results |= {"experts_per_layer": experts, "classifier_layers": classifiers, "new_tokens": args.new_tokens}
     results |= {"dense_bytes_per_step": weight_bytes(dense), "runs": {}}

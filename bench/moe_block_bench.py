@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from benchlib import write_result  # noqa: E402
 
-from layermoe_ds.modeling.remote.layermoe_block import LayerMoEBlock, LayerMoEGate, LocalNewExperts  # noqa: E402
+from layermoe_ds.modeling.remote.layermoe_block import LayerMoEBlock, LayerMoEGate  # noqa: E402
 
 
 class _MLPConfig:
@@ -39,11 +39,9 @@ class _MLPConfig:
 
 
 def ours(dense: torch.nn.Module, hidden: int, num_experts: int, force_base: bool = False) -> LayerMoEBlock:
-    gate = LayerMoEGate(hidden, [0] + [1] * (num_experts - 1), top_k=2, num_classes=0)
-    torch.nn.init.xavier_normal_(gate.router.weight)
-    block = LayerMoEBlock(
-        copy.deepcopy(dense), LocalNewExperts([copy.deepcopy(dense) for _ in range(num_experts - 1)]), gate
-    )
+    gate = LayerMoEGate([0] + [1] * (num_experts - 1), top_k=2)
+    block = LayerMoEBlock([copy.deepcopy(dense) for _ in range(num_experts)], gate, hidden)
+    torch.nn.init.xavier_normal_(block.router.weight)
     block.force_base = force_base
     return block
 

@@ -48,16 +48,15 @@ def _moe_blocks(args, device):
     import torch
     from transformers.models.llama.modeling_llama import LlamaMLP
 
-    from layermoe_ds.modeling.remote.layermoe_block import LayerMoEBlock, LayerMoEGate, LocalNewExperts
+    from layermoe_ds.modeling.remote.layermoe_block import LayerMoEBlock, LayerMoEGate
 
     torch.manual_seed(0)
     blocks = []
     for _ in range(args.layers):
         experts = [LlamaMLP(_Cfg(args.hidden, args.ffn)) for _ in range(4)]
-        gate = LayerMoEGate(args.hidden, (0, 1, 1, 1), 2, 2)
-        block = LayerMoEBlock(experts[0], LocalNewExperts(experts[1:]), gate).to(device, torch.bfloat16)
+        block = LayerMoEBlock(experts, LayerMoEGate((0, 1, 1, 1), 2), args.hidden, 2).to(device, torch.bfloat16)
         for name, param in block.named_parameters():  # stage 1: routers and new experts train
-            param.requires_grad_(name.startswith(("gate.router.", "moe.")))
+            param.requires_grad_(name.startswith(("router.", "experts.")) and not name.startswith("experts.0."))
         blocks.append(block)
     x = torch.randn(1, args.tokens, args.hidden, generator=torch.Generator().manual_seed(0)).to(device, torch.bfloat16)
     return x.requires_grad_(True), blocks

@@ -40,8 +40,7 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 def new_experts_differ(tensors: dict[str, torch.Tensor], layer: int, ids: list[int]) -> bool:
     """Trained experts of one layer are pairwise different (else a swap between them would go unnoticed)."""
-    weights = [tensors[f"model.layers.{layer}.mlp.moe.deepspeed_moe.experts.deepspeed_experts.{i}.up_proj.weight"]
-               for i in ids]  # fmt: skip
+    weights = [tensors[f"model.layers.{layer}.mlp.experts.{i + 1}.up_proj.weight"] for i in ids]
     return all(not torch.equal(weights[i], weights[j]) for i in range(len(ids)) for j in range(i + 1, len(ids)))
 
 
@@ -129,5 +128,5 @@ def test_a_base_missing_a_tensor_is_named_in_one_line(from_dense, tiny_base, tmp
     code = main(["export", "--checkpoint", str(run_dir), "--base", str(base), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
-    assert "model.layers.1.mlp.base_ffn.up_proj.weight is neither in it nor in its base" in err
+    assert "model.layers.1.mlp.experts.0.up_proj.weight is neither in it nor in its base" in err
     assert f"{base} has no tensor 'model.layers.1.mlp.up_proj.weight'" in err

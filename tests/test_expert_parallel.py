@@ -33,7 +33,7 @@ def _worker(rank: int, world: int, port: int, ep_size) -> None:
 
     deepspeed.init_distributed(dist_backend="gloo")
     reference = make_block(groups=(0, 1, 1, 1, 1), classes=2, seed=0)
-    for g, expert in enumerate(reference.moe.experts):  # make the copies distinct, seeded by global expert id
+    for g, expert in enumerate(reference.experts[1:]):  # make the copies distinct, seeded by expert id
         torch.manual_seed(100 + g)
         for p in expert.parameters():
             p.data.add_(torch.randn_like(p) * 0.3)
@@ -60,15 +60,15 @@ def _worker(rank: int, world: int, port: int, ep_size) -> None:
     replicas = groups._get_expert_data_parallel_group(parallel.moe.expert_group_name)
     assert dist.get_world_size(replicas) == world // 2
     for expert, global_id in zip(parallel.moe.experts, parallel.moe.global_ids, strict=True):
-        twin = reference.moe.experts[global_id]
+        twin = reference.experts[1 + global_id]
         for p, q in zip(expert.parameters(), twin.parameters(), strict=True):
             grad = p.grad.clone()
             dist.all_reduce(grad, group=replicas)
             torch.testing.assert_close(grad, q.grad, atol=1e-5, rtol=1e-4)
     # Replicated tensors (router, classifier, expert 0): data-parallel sum of the per-rank gradients.
     for p, q in zip(
-        [*parallel.gate.parameters(), *parallel.base_ffn.parameters()],
-        [*reference.gate.parameters(), *reference.base_ffn.parameters()],
+        [parallel.router.weight, parallel.classifier.weight, *parallel.base_ffn.parameters()],
+        [reference.router.weight, reference.classifier.weight, *reference.experts[0].parameters()],
         strict=True,
     ):
         if q.grad is None:

@@ -21,8 +21,8 @@ def model():
     perturb_new_experts(model)
     torch.manual_seed(5)
     for block in model.moe_blocks().values():
-        if block.gate.lang_classifier is not None:
-            block.gate.lang_classifier.weight.data.normal_(0, 3.0)
+        if block.classifier is not None:
+            block.classifier.weight.data.normal_(0, 3.0)
     model.set_classifier_routing(True)
     model.generation_config.pad_token_id = PAD
     return model

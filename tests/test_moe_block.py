@@ -7,7 +7,6 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 from layermoe_ds.modeling.remote.layermoe_block import (
     LayerMoEBlock,
     LayerMoEGate,
-    LocalNewExperts,
     dense_dispatch,
     expert_load,
     grouped_dispatch,
@@ -26,17 +25,25 @@ def make_block(groups=(0, 1, 1, 1, 1), top_k=2, classes=2, mode="per-token", see
     for _ in groups[1:]:
         expert = LlamaMLP(Cfg())
         new.append(expert)
-    gate = LayerMoEGate(16, groups, top_k, classes, mode)
-    torch.nn.init.normal_(gate.router.weight, std=0.5)
-    if gate.lang_classifier is not None:
-        torch.nn.init.normal_(gate.lang_classifier.weight, std=0.5)
-    return LayerMoEBlock(base, LocalNewExperts(new), gate)
+    block = LayerMoEBlock([base, *new], LayerMoEGate(groups, top_k, mode), 16, classes)
+    torch.nn.init.normal_(block.router.weight, std=0.5)
+    if block.classifier is not None:
+        torch.nn.init.normal_(block.classifier.weight, std=0.5)
+    return block
+
+
+def route(block: LayerMoEBlock, x_BTH: torch.Tensor, classifier_routing=None, force_base=None, max_group=None):
+    """The block's gate on its own weights."""
+    classifier = None if block.classifier is None else block.classifier.weight
+    routing = block.classifier_routing if classifier_routing is None else classifier_routing
+    force = block.force_base if force_base is None else force_base
+    return block.gate(x_BTH, block.router.weight, classifier, routing, force, max_group)
 
 
 def loop_reference(block: LayerMoEBlock, x_BTH: torch.Tensor) -> torch.Tensor:
     """The slow twin: for each token and each of its slots, run that expert on that one token."""
-    routing, _ = block.gate(x_BTH, block.classifier_routing, block.force_base, block.max_group)
-    experts = [block.base_ffn, *block.moe.experts]
+    routing, _ = route(block, x_BTH, max_group=block.max_group)
+    experts = list(block.experts)
     x_TH = x_BTH.reshape(-1, 16)
     out = torch.zeros_like(x_TH)
     for t in range(x_TH.shape[0]):
@@ -83,12 +90,12 @@ def test_dispatch_on_random_routes_matches_loop(dispatch):
 
 def test_topk_weights_renormalise_and_k_clips_to_n():
     block = make_block(groups=(0, 1), top_k=2, classes=0)
-    routing, aux = block.gate(torch.randn(2, 5, 16), classifier_routing=False)
+    routing, aux = route(block, torch.randn(2, 5, 16), classifier_routing=False)
     assert routing.expert_ids_TK.shape == (10, 2)  # N = 2 uses both
     assert torch.equal(routing.expert_ids_TK.sort(dim=1).values, torch.tensor([[0, 1]] * 10))
     torch.testing.assert_close(routing.weights_TK.sum(-1), torch.ones(10))
     block3 = make_block(top_k=3, classes=0)
-    routing, aux = block3.gate(torch.randn(4, 16)[None], classifier_routing=False)
+    routing, aux = route(block3, torch.randn(4, 16)[None], classifier_routing=False)
     probs = aux.router_log_probs_TE.exp()
     chosen = probs.gather(1, routing.expert_ids_TK)
     torch.testing.assert_close(routing.weights_TK, chosen / chosen.sum(-1, keepdim=True))
@@ -98,7 +105,7 @@ def test_topk_weights_renormalise_and_k_clips_to_n():
 def test_old_class_goes_to_expert0_alone_and_lifelong_classes_are_restricted():
     block = make_block(groups=(0, 1, 1, 2, 2), classes=3)
     x = torch.randn(2, 9, 16)
-    routing, aux = block.gate(x, classifier_routing=True)
+    routing, aux = route(block, x, classifier_routing=True)
     cls = aux.classifier_logits_TG.argmax(-1)
     ids, w = routing.expert_ids_TK, routing.weights_TK
     for t in range(ids.shape[0]):
@@ -114,18 +121,18 @@ def test_force_base_reproduces_the_dense_ffn_exactly():
     block = make_block()
     block.force_base = True
     x = torch.randn(2, 6, 16)
-    assert torch.equal(block(x), block.base_ffn(x))
+    assert torch.equal(block(x), block.experts[0](x))
 
 
 def test_balance_loss_uses_the_layers_own_expert_count():
     block = make_block(groups=(0, 1, 1), top_k=1, classes=0)
-    torch.nn.init.zeros_(block.gate.router.weight)  # uniform router: P_e = 1/N; top-1 ties all pick expert 0
-    _, aux = block.gate(torch.randn(1, 4, 16), classifier_routing=False)
+    torch.nn.init.zeros_(block.router.weight)  # uniform router: P_e = 1/N; top-1 ties all pick expert 0
+    _, aux = route(block, torch.randn(1, 4, 16), classifier_routing=False)
     # f = (1, 0, 0), P = (1/3, 1/3, 1/3) → N Σ f P = 3 · 1/3 = 1
     assert aux.balance_loss.item() == pytest.approx(1.0)
     block5 = make_block(groups=(0, 1, 1, 1, 1), top_k=1, classes=0)
-    torch.nn.init.zeros_(block5.gate.router.weight)
-    _, aux5 = block5.gate(torch.randn(1, 4, 16), classifier_routing=False)
+    torch.nn.init.zeros_(block5.router.weight)
+    _, aux5 = route(block5, torch.randn(1, 4, 16), classifier_routing=False)
     assert aux5.balance_loss.item() == pytest.approx(1.0)
 
 
@@ -156,7 +163,7 @@ def test_block_records_aux_for_the_loop():
     assert aux.router_log_probs_TE.shape == (6, 5) and aux.classifier_logits_TG.shape == (6, 2)
     assert int(aux.expert_load_E.sum()) == 12 and aux.dropped == 0
     aux.balance_loss.backward()
-    assert block.gate.router.weight.grad is not None
+    assert block.router.weight.grad is not None
 
 
 @pytest.mark.gpu
@@ -166,11 +173,11 @@ def test_block_on_cuda_in_bf16_matches_cpu_fp32():
     block = make_block(top_k=2)
     x = torch.randn(4, 33, 16)
     expected = block(x)
-    routes = block.gate(x, False, False, block.max_group)[0].expert_ids_TK
+    routes = route(block, x, False, False, block.max_group)[0].expert_ids_TK
     gpu = block.to("cuda", torch.bfloat16)
     x_gpu = x.to("cuda", torch.bfloat16)
     torch.testing.assert_close(gpu(x_gpu).float().cpu(), expected, atol=5e-2, rtol=5e-2)
-    gpu_routes = gpu.gate(x_gpu, False, False, gpu.max_group)[0].expert_ids_TK.cpu()
+    gpu_routes = route(gpu, x_gpu, False, False, gpu.max_group)[0].expert_ids_TK.cpu()
     assert (gpu_routes == routes).float().mean() > 0.95  # bf16 may flip a near tie
 
 

@@ -25,7 +25,7 @@ def test_counts_match_the_upcycled_model_of_any_family(family):
     moe = upcycle(dense, {"experts_per_layer": experts, "classifier_layers": classifiers})
     total, new, gates = moe_params(counts, experts, classifiers)
     assert total == sum(p.numel() for p in moe.parameters())
-    ffn = sum(p.numel() for p in moe.moe_blocks()[0].base_ffn.parameters())
+    ffn = sum(p.numel() for p in moe.moe_blocks()[0].experts[0].parameters())
     assert counts.ffn == (ffn,) * 4 and new == 3 * ffn
     assert gates == 64 * (3 + 2) + 64 * 2 * 2  # routers of layers 0 and 2; classifiers there (layer 1 is dense)
 

@@ -35,7 +35,7 @@ def perturb_new_experts(model, seed=1):
     """Make new experts differ from expert 0, as training would."""
     torch.manual_seed(seed)
     for block in model.moe_blocks().values():
-        for p in block.moe.parameters():
+        for p in block.experts[1:].parameters():
             p.data.add_(torch.randn_like(p) * 0.2)
 
 
@@ -63,15 +63,19 @@ def test_layout_names_and_dense_layer():
     torch.testing.assert_close(model.model.layers[1].mlp.up_proj.weight, dense.model.layers[1].mlp.up_proj.weight)
     assert model.config.classifier_layers == [0, 3]  # layer 1 is dense: no classifier there
     names = list(model.state_dict())
-    assert "model.layers.0.mlp.moe.deepspeed_moe.experts.deepspeed_experts.2.down_proj.weight" in names
-    assert not [n for n in names if "expert" in n and "deepspeed_experts." not in n]
+    # The names on disk (ds/names.py): experts.K (0 = the FFN), router, classifier
+    assert [n for n in names if n.startswith("model.layers.0.mlp.")] == [
+        *(f"model.layers.0.mlp.experts.{k}.{p}_proj.weight" for k in range(4) for p in ("gate", "up", "down")),
+        "model.layers.0.mlp.router.weight",
+        "model.layers.0.mlp.classifier.weight",
+    ]
     for layer, block in model.moe_blocks().items():
         assert block.gate.top_k == min(2, model.config.experts_per_layer[layer])
-        for expert in block.moe.experts:  # new experts start as copies of the original FFN
-            torch.testing.assert_close(expert.gate_proj.weight, block.base_ffn.gate_proj.weight)
+        for expert in block.experts[1:]:  # new experts start as copies of the original FFN
+            torch.testing.assert_close(expert.gate_proj.weight, block.experts[0].gate_proj.weight)
     # xavier-normal router, seeded: the same model every time
     again = upcycle(dense, ALLOCATION)
-    assert torch.equal(again.model.layers[0].mlp.gate.router.weight, model.model.layers[0].mlp.gate.router.weight)
+    assert torch.equal(again.model.layers[0].mlp.router.weight, model.model.layers[0].mlp.router.weight)
     assert model.config.allocation["history"][0]["experts_per_layer"] == [4, 1, 2, 3]
 
 
@@ -151,14 +155,12 @@ def test_weights_that_do_not_match_the_config_are_refused(tmp_path):
     config["experts_per_layer"] = [4, 1, 2, 4]
     config["expert_groups"][3] = [0, 1, 1, 1]
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(
-        ValueError, match=r"missing \['model.layers.3.mlp.moe.deepspeed_moe.experts.deepspeed_experts.2"
-    ):
+    with pytest.raises(ValueError, match=r"missing \['model.layers.3.mlp.experts.3"):
         load_layermoe(tmp_path / "m")
     config["experts_per_layer"], config["expert_groups"][3] = [4, 1, 2, 3], [0, 1, 1]
     config["classifier_layers"] = [0]  # layer 3 loses its classifier: the stored tensor is unexpected
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"unexpected \['model.layers.3.mlp.gate.lang_classifier.weight'\]"):
+    with pytest.raises(ValueError, match=r"unexpected \['model.layers.3.mlp.classifier.weight'\]"):
         load_layermoe(tmp_path / "m")
 
 
@@ -172,19 +174,19 @@ def test_grow_keeps_old_experts_and_adds_a_group(router):
     assert grown.config.expert_groups == [[0, 1, 1, 1, 2], [0, 2, 2], [0, 1], [0, 1, 1, 2]]
     assert grown.config.num_groups == 3 and grown.config.classifier_layers == [0, 1, 3]
     old0, new0 = model.model.layers[0].mlp, grown.model.layers[0].mlp
-    for j in range(3):  # old experts keep slots and weights
-        torch.testing.assert_close(new0.moe.experts[j].up_proj.weight, old0.moe.experts[j].up_proj.weight)
-    torch.testing.assert_close(new0.moe.experts[3].up_proj.weight, old0.base_ffn.up_proj.weight)  # copy of FFN
+    for k in range(4):  # old experts keep their ids and weights
+        torch.testing.assert_close(new0.experts[k].up_proj.weight, old0.experts[k].up_proj.weight)
+    torch.testing.assert_close(new0.experts[4].up_proj.weight, old0.experts[0].up_proj.weight)  # copy of FFN
     assert isinstance(grown.model.layers[1].mlp, LayerMoEBlock)  # a dense layer became MoE, FFN = expert 0
     torch.testing.assert_close(
-        grown.model.layers[1].mlp.base_ffn.up_proj.weight, model.model.layers[1].mlp.up_proj.weight
+        grown.model.layers[1].mlp.experts[0].up_proj.weight, model.model.layers[1].mlp.up_proj.weight
     )
-    kept = torch.equal(new0.gate.router.weight[:4], old0.gate.router.weight)
+    kept = torch.equal(new0.router.weight[:4], old0.router.weight)
     assert kept == (router == "keep")
     # Layer 2 gains no expert: its router stays whole under either policy (the reference re-initialises only
     # the routers of layers that grow).
-    assert torch.equal(grown.model.layers[2].mlp.gate.router.weight, model.model.layers[2].mlp.gate.router.weight)
-    assert new0.gate.lang_classifier.weight.shape[0] == 3
+    assert torch.equal(grown.model.layers[2].mlp.router.weight, model.model.layers[2].mlp.router.weight)
+    assert new0.classifier.weight.shape[0] == 3
     assert grown.config.allocation["history"][1]["experts_per_layer"] == [2, 3, 1, 2]
 
 
@@ -195,7 +197,7 @@ def test_grown_model_without_its_new_experts_reproduces_the_previous_model():
     grown = grow(model, {"experts_per_layer": [2, 3, 1, 2], "classifier_layers": [1]}, router="keep").eval()
     torch.manual_seed(5)
     for block in grown.moe_blocks().values():  # train-like change of the group-2 experts only
-        for expert, group in zip(block.moe.experts, block.gate.expert_groups[1:], strict=True):
+        for expert, group in zip(block.experts[1:], block.gate.expert_groups[1:], strict=True):
             if group == 2:
                 for p in expert.parameters():
                     p.data.add_(torch.randn_like(p) * 0.2)
@@ -297,9 +299,9 @@ def test_grow_with_the_new_allocations_classifiers_alone(tmp_path):
     save_model(model, tmp_path / "g1")
     second = {"method": "layermoe", "experts_per_layer": [2, 3, 1, 2], "classifier_layers": [1, 3]}
     grown = grow(model, second, classifiers="new")
-    assert grown.config.classifier_layers == [1, 3] and grown.model.layers[0].mlp.gate.lang_classifier is None
+    assert grown.config.classifier_layers == [1, 3] and grown.model.layers[0].mlp.classifier is None
     # Layer 3 keeps its classifier: its old classes' rows carry over, one class is added.
-    old3, new3 = model.model.layers[3].mlp.gate.lang_classifier.weight, grown.model.layers[3].mlp.gate.lang_classifier
+    old3, new3 = model.model.layers[3].mlp.classifier.weight, grown.model.layers[3].mlp.classifier
     assert torch.equal(new3.weight[:2], old3)
     assert grow(model, second).config.classifier_layers == [0, 1, 3]
     save_model(grown, tmp_path / "memory")

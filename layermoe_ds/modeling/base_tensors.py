@@ -11,17 +11,17 @@ from torch import nn
 
 from layermoe_ds.errors import InputError
 from layermoe_ds.modeling.families import Layout, embedding_name
-from layermoe_ds.modeling.streaming import TensorSource
+from layermoe_ds.modeling.streaming import model_source
 from layermoe_ds.modeling.types import model_config
 from layermoe_ds.modeling.upcycle import dense_source, seeded_xavier, upcycle_source_name
 
 
 def base_loader(model: nn.Module, base_dir: Path, from_dense: bool, seed: int | None):
-    """name → tensor of a LayerMoE model (ep_size 1 names) from its base directory: the same name in a LayerMoE
+    """name → tensor of a LayerMoE model (its names on disk) from its base directory: the same name in a LayerMoE
     base; in a dense base (read by module names, `dense_source`), what upcycling takes it from (expert 0 and the new
     experts are the FFN), with the seeded router/classifier initialisation (`seed` None: those must come from
     elsewhere, e.g. a checkpoint)."""
-    source = dense_source(base_dir, model_config(base_dir)) if from_dense else TensorSource(base_dir)
+    source = dense_source(base_dir, model_config(base_dir)) if from_dense else model_source(base_dir)
     config = model.config
     counts = getattr(config, "experts_per_layer", None)
     layout = Layout.of(config) if from_dense else None

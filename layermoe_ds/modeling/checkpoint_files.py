@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from layermoe_ds.ds.names import EXPERT_FILES, MODEL_FILE, disk_name
 from layermoe_ds.errors import InputError, MissingInputError
 from layermoe_ds.io import read_json, sha256_file
 from layermoe_ds.modeling.base_tensors import base_loader
 from layermoe_ds.modeling.hf_loading import carry_generation_config
 from layermoe_ds.modeling.materialize import materialize, parameters_on_meta
-from layermoe_ds.modeling.placement import checkpoint_slots, renamed_expert
+from layermoe_ds.modeling.placement import checkpoint_slots
 from layermoe_ds.modeling.streaming import ShardWriter, saved_keys, write_model_dir
 from layermoe_ds.modeling.types import layermoe_classes, layermoe_model_type, model_config
 
@@ -102,21 +103,21 @@ def verify_files(path: Path, marker: dict, files: dict[str, dict] | None = None)
 
 
 def consolidated_from_checkpoint(path: Path, marker: dict | None = None) -> dict[str, torch.Tensor]:
-    """The full (ep_size 1) state dict of a DeepSpeed MoE checkpoint: the dense part of `mp_rank_00_model_states.pt`
-    updated with every `layer_*_expert_*` file, each expert under its own id (DeepSpeed names expert tensors by
-    slot; the marker's slot table says which expert a slot held). No DeepSpeed, no process group; `zero_to_fp32`
-    does not handle expert files."""
+    """The full (ep_size 1) state dict of a DeepSpeed MoE checkpoint under the names on disk (`ds/names.py`): the
+    dense part of `mp_rank_00_model_states.pt` with every `layer_*_expert_*` file, each expert under its own id
+    (DeepSpeed names expert tensors by slot; the marker's slot table says which expert a slot held). No DeepSpeed,
+    no process group; `zero_to_fp32` does not handle expert files."""
     path = Path(path)
-    dense = path / "mp_rank_00_model_states.pt"
+    dense = path / MODEL_FILE
     if not dense.is_file():
-        raise MissingInputError(f"checkpoint: {path} has no mp_rank_00_model_states.pt (not a DeepSpeed checkpoint)")
+        raise MissingInputError(f"checkpoint: {path} has no {MODEL_FILE} (not a DeepSpeed checkpoint)")
     if marker is None:
         marker = read_json(path / MARKER, "checkpoint marker")
     slots = checkpoint_slots(marker)
-    state = dict(torch.load(dense, map_location="cpu", weights_only=False)["module"])
-    for expert_file in sorted(path.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
+    state = {disk_name(k): v for k, v in torch.load(dense, map_location="cpu", weights_only=False)["module"].items()}
+    for expert_file in sorted(path.glob(EXPERT_FILES)):
         for name, tensor in torch.load(expert_file, map_location="cpu", weights_only=False).items():
-            state[renamed_expert(name, slots)] = tensor
+            state[disk_name(name, slots)] = tensor
     return state
 
 

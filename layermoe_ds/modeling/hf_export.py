@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from layermoe_ds.ds.names import disk_name
 from layermoe_ds.errors import InputError, MissingInputError
 from layermoe_ds.io import directory_in_place
 from layermoe_ds.modeling.types import layermoe_classes, layermoe_model_type
@@ -39,12 +40,22 @@ def load_layermoe(path: Path, dtype: torch.dtype = torch.float32):
         raise InputError(f"model: {path}/config.json is not a valid LayerMoE config: {exc}") from exc
     with torch.device("meta"):
         skeleton = model_cls(config)
-    verify_weights(skeleton, path)
-    return model_cls.from_pretrained(path, dtype=dtype)
+    if verify_weights(skeleton, path):
+        return model_cls.from_pretrained(path, dtype=dtype)
+    # Written with the legacy names (ds/names.py): each tensor read under today's name into a model built on meta.
+    from layermoe_ds.modeling.base_tensors import base_loader
+    from layermoe_ds.modeling.hf_loading import carry_generation_config
+    from layermoe_ds.modeling.materialize import materialize, parameters_on_meta
+
+    with parameters_on_meta():
+        model = model_cls(config)
+    materialize(model, base_loader(model, path, from_dense=False, seed=None), lambda name, param: dtype)
+    return carry_generation_config(model, path).to(dtype)
 
 
-def verify_weights(model, path: Path) -> None:
-    """The checkpoint's tensors must be exactly the model's: a config/weights mismatch names the key and shape."""
+def verify_weights(model, path: Path) -> bool:
+    """The checkpoint's tensors must be exactly the model's: a config/weights mismatch names the key and shape.
+    Names are compared on disk's terms (legacy names mapped, `ds/names.py`); returns whether they are today's."""
     path = Path(path)
     files = sorted(path.glob("model*.safetensors"))
     if not files:
@@ -54,6 +65,8 @@ def verify_weights(model, path: Path) -> None:
         with safe_open(file, "pt") as f:
             for key in f.keys():
                 stored[key] = tuple(f.get_slice(key).get_shape())
+    current = all(disk_name(key) == key for key in stored)
+    stored = {disk_name(key): shape for key, shape in stored.items()}
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if getattr(model.config, "tie_word_embeddings", False):
         expected.pop("lm_head.weight", None)
@@ -67,3 +80,4 @@ def verify_weights(model, path: Path) -> None:
     for key, shape in stored.items():
         if expected[key] != shape:
             raise InputError(f"model: {path}: {key} has shape {shape} but config.json implies {expected[key]}")
+    return current

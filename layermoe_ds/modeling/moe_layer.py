@@ -20,6 +20,7 @@ import torch
 from deepspeed.moe.layer import MoE
 from torch import nn
 
+from layermoe_ds.ds.names import disk_name
 from layermoe_ds.ds_internals import expert_parallel_rank
 from layermoe_ds.errors import InputError
 from layermoe_ds.modeling.placement import expert_placement
@@ -87,7 +88,7 @@ class RouteAdapter(nn.Module):
 
 
 class DeepSpeedNewExperts(MoE):
-    """A layer's new experts on DeepSpeed MoE; same call as `LocalNewExperts`: (x[T,H], ids[T,k], w[T,k])."""
+    """A layer's new experts on DeepSpeed MoE; called as `LayerMoEBlock._new_experts` is: (x[T,H], ids[T,k], w[T,k])."""
 
     def __init__(
         self,
@@ -155,13 +156,13 @@ def block_to_expert_parallel(
     """Swap one block's local new experts for DeepSpeed's expert-parallel MoE, keeping this rank's share of the
     weights (placement: `expert_placement`). `trained_group`: the language group whose experts this run trains
     (each rank gets an equal share of them). Returns the ep_size used."""
-    local = block.moe
-    num_new = len(local.experts)
+    local = tuple(block.experts)[1:]
+    num_new = len(local)
     expert_groups = list(block.gate.expert_groups[1:])
     trainable = sum(g == trained_group for g in expert_groups) if trained_group is not None else None
     ep = choose_ep_size(num_new, world_size, ep_size, layer, trainable)
     moe = DeepSpeedNewExperts(
-        copy.deepcopy(local.experts[0]), hidden_size, num_new, ep, capacity_factor, min_capacity, drop_tokens
+        copy.deepcopy(local[0]), hidden_size, num_new, ep, capacity_factor, min_capacity, drop_tokens
     )
     moe.set_deepspeed_parallelism()
     ep_rank = expert_parallel_rank(moe.expert_group_name)
@@ -173,15 +174,26 @@ def block_to_expert_parallel(
     slot_of_expert[torch.tensor(placement)] = torch.arange(num_new)
     moe.register_buffer("slot_of_expert", slot_of_expert, persistent=False)
     for target, source_id in zip(moe.experts, moe.global_ids, strict=True):
-        source = local.experts[source_id]
+        source = local[source_id]
         target.load_state_dict(source.state_dict())
         for p_target, p_source in zip(target.parameters(), source.parameters(), strict=True):
             p_target.requires_grad_(p_source.requires_grad)
-    device = next(block.base_ffn.parameters()).device
+    expert0 = block.experts[0]
+    device = next(expert0.parameters()).device
+    # The training tree (ds/names.py): expert 0 as `base_ffn`, the new experts in DeepSpeed's module.
+    del block.experts
+    block.base_ffn = expert0
     # A model still on the meta device (training/build.py) is materialised later, parameters only: the routing
     # buffer (slot_of_expert) must stay real.
     block.moe = moe if device.type == "meta" else moe.to(device)
+    block.register_load_state_dict_pre_hook(_legacy_gate_names)
     return ep
+
+
+def _legacy_gate_names(module, state_dict, prefix, *args) -> None:
+    """A training checkpoint written with the legacy gate names (`gate.router`, `gate.lang_classifier`) resumes."""
+    for key in [k for k in state_dict if k.startswith(prefix + "gate.")]:
+        state_dict[disk_name(key)] = state_dict.pop(key)
 
 
 def to_expert_parallel(

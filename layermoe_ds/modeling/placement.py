@@ -9,13 +9,7 @@ one maps its expert tensors by that table, never by slot. No DeepSpeed import he
 
 from __future__ import annotations
 
-import re
-
 from layermoe_ds.modeling.types import moe_blocks
-from layermoe_ds.modeling.upcycle import NEW_EXPERT_PREFIX
-
-# <decoder layers>.<layer>.<ffn>.<new experts>.<slot or id>.<tensor>: model.layers.3.mlp.moe.(…).experts.1.weight
-EXPERT_NAME = re.compile(rf"^(.+\.(\d+)\.\w+\.{re.escape(NEW_EXPERT_PREFIX)})\.(\d+)\.(.+)$")
 
 
 def expert_placement(expert_groups: list[int], ep_size: int) -> list[int]:
@@ -25,15 +19,6 @@ def expert_placement(expert_groups: list[int], ep_size: int) -> list[int]:
     order = sorted(range(len(expert_groups)), key=lambda e: (expert_groups[e], e))
     per_rank = [order[r::ep_size] for r in range(ep_size)]
     return [e for chunk in per_rank for e in chunk]
-
-
-def renamed_expert(name: str, ids: dict[int, list[int]]) -> str:
-    """`name` with its expert index (a slot, or a rank's local index) replaced by `ids[layer][index]`; any other
-    tensor's name unchanged."""
-    match = EXPERT_NAME.match(name)
-    if match is None:
-        return name
-    return f"{match[1]}.{ids[int(match[2])][int(match[3])]}.{match[4]}"
 
 
 def model_slots(model) -> dict[int, list[int]]:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from transformers.dynamic_module_utils import custom_object_save
 
+from layermoe_ds.ds.names import disk_name
 from layermoe_ds.errors import InputError, MissingInputError
 from layermoe_ds.io import directory_in_place
 
@@ -138,6 +139,13 @@ class TensorSource:
             if f.readinto(buffer) != size:
                 raise InputError(f"{file}: truncated (tensor {name} ends past the end of the file)")
         return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+def model_source(directory: Path) -> TensorSource:
+    """A model directory's tensors under their names on disk: a LayerMoE export written with the legacy names
+    (`ds/names.py`) is read under today's."""
+    source = TensorSource(directory)
+    return source.renamed({name: disk_name(name) for name in source.names()})
 
 
 @dataclass(frozen=True)

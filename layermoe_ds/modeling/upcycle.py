@@ -20,7 +20,14 @@ from torch import nn
 from layermoe_ds.config import StrEnum, choice
 from layermoe_ds.errors import InputError
 from layermoe_ds.modeling.families import Layout, causal_lm_class, dense_tensor_names, embedding_name, expandable
-from layermoe_ds.modeling.streaming import Planned, TensorSource, saved_keys, write_model_dir, write_safetensors
+from layermoe_ds.modeling.streaming import (
+    Planned,
+    TensorSource,
+    model_source,
+    saved_keys,
+    write_model_dir,
+    write_safetensors,
+)
 from layermoe_ds.modeling.types import (
     expanded_classes,
     is_layermoe,
@@ -31,7 +38,6 @@ from layermoe_ds.modeling.types import (
 
 log = logging.getLogger(__name__)
 
-NEW_EXPERT_PREFIX = "moe.deepspeed_moe.experts.deepspeed_experts"
 _DENSE_CONFIG_DROP = ("model_type", "architectures", "auto_map", "transformers_version")
 
 
@@ -127,17 +133,15 @@ def upcycle(
             state[key] = value
             continue
         layer, rest = where
-        state[f"{layout.ffn(layer)}.base_ffn.{rest}"] = value
-        for j in range(counts[layer] - 1):
-            state[f"{layout.ffn(layer)}.{NEW_EXPERT_PREFIX}.{j}.{rest}"] = value.clone()
+        state[f"{layout.ffn(layer)}.experts.0.{rest}"] = value
+        for k in range(1, counts[layer]):
+            state[f"{layout.ffn(layer)}.experts.{k}.{rest}"] = value.clone()
     for layer, block in model.moe_blocks().items():
-        _seeded_xavier(block.gate.router.weight, seed, layer, salt=1)
-        state[f"{layout.ffn(layer)}.gate.router.weight"] = block.gate.router.weight.detach().clone()
-        if block.gate.lang_classifier is not None:
-            _seeded_xavier(block.gate.lang_classifier.weight, seed, layer, salt=2)
-            state[f"{layout.ffn(layer)}.gate.lang_classifier.weight"] = (
-                block.gate.lang_classifier.weight.detach().clone()
-            )
+        _seeded_xavier(block.router.weight, seed, layer, salt=1)
+        state[f"{layout.ffn(layer)}.router.weight"] = block.router.weight.detach().clone()
+        if block.classifier is not None:
+            _seeded_xavier(block.classifier.weight, seed, layer, salt=2)
+            state[f"{layout.ffn(layer)}.classifier.weight"] = block.classifier.weight.detach().clone()
     _load_exact(model, state)
     return model
 
@@ -148,14 +152,12 @@ def upcycle_source_name(name: str, counts: Sequence[int], layout: Layout) -> str
     if where is None or counts[where[0]] == 1:
         return name
     layer, rest = where
-    if rest == "gate.router.weight":
+    if rest == "router.weight":
         return ("router", layer)
-    if rest == "gate.lang_classifier.weight":
+    if rest == "classifier.weight":
         return ("classifier", layer)
-    if rest.startswith("base_ffn."):
-        return f"{layout.ffn(layer)}.{rest[len('base_ffn.') :]}"
-    if rest.startswith(NEW_EXPERT_PREFIX + "."):
-        return f"{layout.ffn(layer)}.{rest[len(NEW_EXPERT_PREFIX) + 1 :].split('.', 1)[1]}"
+    if rest.startswith("experts."):  # expert 0 and every new expert start as the FFN
+        return f"{layout.ffn(layer)}.{rest.split('.', 2)[2]}"
     raise InputError(f"upcycle: no source for {name}")
 
 
@@ -253,18 +255,16 @@ def grown_tensor(name: str, shape, old, counts: Sequence[int], source, router: s
         return source.get(name)
     layer, rest = where
     prefix, n_old, new_group = Layout.of(old).ffn(layer), old.experts_per_layer[layer], old.num_groups
-    ffn = prefix if n_old == 1 else f"{prefix}.base_ffn"  # the original FFN in the old model
-    if rest.startswith("base_ffn."):
-        return source.get(f"{ffn}.{rest[len('base_ffn.') :]}")
-    if rest.startswith(NEW_EXPERT_PREFIX + "."):
-        j, tail = rest[len(NEW_EXPERT_PREFIX) + 1 :].split(".", 1)
-        return source.get(name) if int(j) < n_old - 1 else source.get(f"{ffn}.{tail}")
-    if rest == "gate.router.weight":
+    ffn = prefix if n_old == 1 else f"{prefix}.experts.0"  # the original FFN in the old model
+    if rest.startswith("experts."):
+        _, k, tail = rest.split(".", 2)
+        return source.get(name) if 0 < int(k) < n_old else source.get(f"{ffn}.{tail}")
+    if rest == "router.weight":
         weight = seeded_xavier(shape, seed, layer, 10 + new_group)
         if n_old > 1 and (router == RouterInit.KEEP or counts[layer] == n_old):  # `reinit`: layers that gained experts
             weight[:n_old] = source.get(name)
         return weight
-    if rest == "gate.lang_classifier.weight":
+    if rest == "classifier.weight":
         weight = seeded_xavier(shape, seed, layer, 20 + new_group)
         if n_old > 1 and layer in old.classifier_layers:
             weight[:new_group] = source.get(name)
@@ -289,7 +289,7 @@ def grow_dir(
         raise InputError(f"grow: {model_dir} is not a LayerMoE model; use `layermoe upcycle` first")
     old = layermoe_classes(model_type)[0].from_pretrained(model_dir)
     config, model_cls = grown_config(old, allocation, router, classifiers)
-    source = TensorSource(model_dir)
+    source = model_source(model_dir)
     with torch.device("meta"):
         skeleton = model_cls(config)
     dtype = dtype or source.dtype(embedding_name(skeleton))
@@ -339,26 +339,26 @@ def grow(
             continue
         base = {k[len(prefix) + 1 :]: v for k, v in old_state.items() if k.startswith(prefix + ".")}
         if n_old == 1:  # a dense layer becomes MoE: its FFN is expert 0
-            base = {f"base_ffn.{k}": v for k, v in base.items()}
-        ffn = {k[len("base_ffn.") :]: v for k, v in base.items() if k.startswith("base_ffn.")}
+            base = {f"experts.0.{k}": v for k, v in base.items()}
+        ffn = {k[len("experts.0.") :]: v for k, v in base.items() if k.startswith("experts.0.")}
         for key, value in base.items():
-            if not key.startswith("gate."):
+            if key.startswith("experts."):
                 state[f"{prefix}.{key}"] = value
-        for j in range(n_old - 1, n_new - 1):
+        for k in range(n_old, n_new):
             for rest, value in ffn.items():
-                state[f"{prefix}.{NEW_EXPERT_PREFIX}.{j}.{rest}"] = value.clone()
+                state[f"{prefix}.experts.{k}.{rest}"] = value.clone()
         block = grown.moe_blocks()[layer]
-        _seeded_xavier(block.gate.router.weight, seed, layer, salt=10 + new_group)
-        router_weight = block.gate.router.weight.detach().clone()
+        _seeded_xavier(block.router.weight, seed, layer, salt=10 + new_group)
+        router_weight = block.router.weight.detach().clone()
         if n_old > 1 and (router == RouterInit.KEEP or n_new == n_old):  # `reinit`: only layers that gained experts
-            router_weight[:n_old] = base["gate.router.weight"]
-        state[f"{prefix}.gate.router.weight"] = router_weight
-        if block.gate.lang_classifier is not None:
-            _seeded_xavier(block.gate.lang_classifier.weight, seed, layer, salt=20 + new_group)
-            classifier = block.gate.lang_classifier.weight.detach().clone()
-            if "gate.lang_classifier.weight" in base:
-                classifier[:new_group] = base["gate.lang_classifier.weight"]
-            state[f"{prefix}.gate.lang_classifier.weight"] = classifier
+            router_weight[:n_old] = base["router.weight"]
+        state[f"{prefix}.router.weight"] = router_weight
+        if block.classifier is not None:
+            _seeded_xavier(block.classifier.weight, seed, layer, salt=20 + new_group)
+            classifier = block.classifier.weight.detach().clone()
+            if "classifier.weight" in base:
+                classifier[:new_group] = base["classifier.weight"]
+            state[f"{prefix}.classifier.weight"] = classifier
     _load_exact(grown, state)
     return grown
 

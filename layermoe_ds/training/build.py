@@ -18,13 +18,13 @@ import torch
 from torch import nn
 
 from layermoe_ds.config import TrainConfig
+from layermoe_ds.ds.names import disk_name, new_expert_index
 from layermoe_ds.errors import InputError
 from layermoe_ds.io import read_json
 from layermoe_ds.modeling.base_tensors import base_loader
 from layermoe_ds.modeling.hf_loading import carry_generation_config, check_context, check_model_dir, load_causal_lm
 from layermoe_ds.modeling.materialize import materialize, parameters_on_meta
 from layermoe_ds.modeling.moe_layer import to_expert_parallel
-from layermoe_ds.modeling.placement import EXPERT_NAME, renamed_expert
 from layermoe_ds.modeling.types import is_layermoe, layermoe_classes, model_config
 from layermoe_ds.modeling.upcycle import upcycled_config
 from layermoe_ds.training.stages import apply_full_finetune, apply_stage, trained_group
@@ -103,7 +103,7 @@ def build_model(config: TrainConfig, stage: int, world_size: int, dtype: torch.d
     from_base = base_loader(model, Path(config.model), from_dense, config.seed)
 
     def load(name: str, param: nn.Parameter) -> torch.Tensor:
-        return from_base(renamed_expert(name, global_ids), param)  # this rank's local expert → its global id
+        return from_base(disk_name(name, global_ids), param)  # training name → disk name (local expert → its id)
 
     def dtype_of(name: str, param: nn.Parameter) -> torch.dtype:
         # Stage 2 trains the gates in fp32 beside frozen tensors in the JSON's precision (engine.py explains).
@@ -115,9 +115,9 @@ def build_model(config: TrainConfig, stage: int, world_size: int, dtype: torch.d
     trainable = apply_stage(model, stage)
     experts: dict[int, list[int]] = {}
     for name in loaded:
-        slot = EXPERT_NAME.match(name)
-        if slot is not None and name.endswith(".weight"):
-            layer, gid = int(slot[2]), global_ids[int(slot[2])][int(slot[3])]
+        where = new_expert_index(name)
+        if where is not None and name.endswith(".weight"):
+            layer, gid = where[0], global_ids[where[0]][where[1]]
             if gid not in experts.setdefault(layer, []):
                 experts[layer].append(gid)
     size = sum(p.numel() * p.element_size() for p in model.parameters())

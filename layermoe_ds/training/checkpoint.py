@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from layermoe_ds.ds.names import expert_file, expert_optimizer_file, training_expert_prefix
 from layermoe_ds.ds_internals import moe_files_hidden, refresh_master_weights
 from layermoe_ds.errors import CheckpointWriteError, InputError
 from layermoe_ds.io import atomic_write_bytes, read_json, write_json
@@ -39,7 +40,6 @@ from layermoe_ds.modeling.checkpoint_files import (
 from layermoe_ds.modeling.families import Layout
 from layermoe_ds.modeling.placement import checkpoint_slots
 from layermoe_ds.modeling.types import moe_blocks
-from layermoe_ds.modeling.upcycle import NEW_EXPERT_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -172,9 +172,9 @@ def _experts_by_id(engine, model, path: Path, saved: dict[int, list[int]], optim
             slot = saved[layer].index(expert_id)
             if slot == moe.placement.index(expert_id):
                 continue
-            file = path / f"layer_{ordinal}_expert_{slot}_mp_rank_00_model_states.pt"
+            file = path / expert_file(ordinal, slot)
             state = torch.load(file, map_location="cpu", weights_only=False)
-            prefix = f"{Layout.of(model.config).ffn(layer)}.{NEW_EXPERT_PREFIX}.{slot}."
+            prefix = training_expert_prefix(Layout.of(model.config).ffn(layer), slot)
             with torch.no_grad():
                 for name, tensor in moe.experts[local].state_dict().items():
                     tensor.copy_(state[prefix + name])
@@ -239,7 +239,7 @@ def load_latest(
         )
     # Without ZeRO, DeepSpeed keeps MoE optimizer state per expert-parallel rank (expp_rank_R_…); the gate state
     # there is replicated, so a rank the writing run did not have takes expert-parallel rank 0's.
-    own = path / f"expp_rank_{dist.get_rank()}_mp_rank_00_optim_states.pt"
+    own = path / expert_optimizer_file(dist.get_rank())
     borrow = reshardable and not gates_only and not same_world and not own.is_file()
     with moe_files_hidden(engine, gates_only):
         engine.load_checkpoint(
@@ -252,7 +252,7 @@ def load_latest(
     if not gates_only:
         _experts_by_id(engine, model, path, checkpoint_slots(marker), load_optimizer)
     if borrow:
-        donor = torch.load(path / "expp_rank_0_mp_rank_00_optim_states.pt", map_location="cpu", weights_only=False)
+        donor = torch.load(path / expert_optimizer_file(0), map_location="cpu", weights_only=False)
         engine.optimizer.load_state_dict(donor["optimizer"])
     if not load_optimizer and scheduler is not None:  # continue the schedule at the saved step
         scheduler.last_epoch = marker["step"] - 1

@@ -11,30 +11,31 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from layermoe_ds.ds.names import disk_name, new_expert_index
 from layermoe_ds.ds_internals import expert_data_parallel_rank
 from layermoe_ds.modeling.families import Layout
 from layermoe_ds.modeling.streaming import ShardWriter, saved_keys, write_model_dir
 from layermoe_ds.modeling.types import layermoe_classes, moe_blocks
-from layermoe_ds.modeling.upcycle import NEW_EXPERT_PREFIX
 
 log = logging.getLogger("layermoe.train")
 
 
 def consolidated_tensors(model):
-    """The full (ep_size 1) model's tensors, yielded on rank 0 in pieces (None on the other ranks, which take part):
-    first everything but the new experts (rank 0's own tensors, not copies), then layer by layer each expert under
-    its global id. Each expert travels once (from expert-data-parallel rank 0 of its group: the other replicas hold
-    the same weights) and only to rank 0 (`gather_object`), so rank 0 holds its model plus one layer's experts."""
+    """The full (ep_size 1) model's tensors under their names on disk (`ds/names.py`), yielded on rank 0 in pieces
+    (None on the other ranks, which take part): first everything but the new experts (rank 0's own tensors, not
+    copies), then layer by layer each expert under its id. Each expert travels once (from expert-data-parallel rank
+    0 of its group: the other replicas hold the same weights) and only to rank 0 (`gather_object`), so rank 0 holds
+    its model plus one layer's experts."""
     rank = dist.get_rank()
     if rank == 0:
-        yield {k: v.detach() for k, v in model.state_dict().items() if ".deepspeed_experts." not in k}
+        yield {disk_name(k): v.detach() for k, v in model.state_dict().items() if new_expert_index(k) is None}
     else:
         yield None
     for layer, block in model.moe_blocks().items():
         local = {}
         if expert_data_parallel_rank(block.moe.expert_group_name) == 0:
             for local_id, expert in enumerate(block.moe.experts):
-                prefix = f"{Layout.of(model.config).ffn(layer)}.{NEW_EXPERT_PREFIX}.{block.moe.global_ids[local_id]}"
+                prefix = f"{Layout.of(model.config).ffn(layer)}.experts.{block.moe.global_ids[local_id] + 1}"
                 for name, tensor in expert.state_dict().items():
                     # A copy, not `.cpu()`: under ZeRO each parameter is a view into one flat buffer of every
                     # trainable tensor, and pickling a view pickles that whole buffer (measured: 23 GB on rank 0,
@@ -88,18 +89,14 @@ def export_model(model, tokenizer, out: Path, stage: int, max_shard_bytes: int =
     _, model_cls = layermoe_classes(config.model_type)
     with torch.device("meta"):
         expected = saved_keys(model_cls(config))  # what a LayerMoE directory holds (tied copies left out)
-    own = model.state_dict()
     # The layout, in the order the tensors arrive: rank 0's own tensors, then each layer's gathered experts in
     # global-id order (their dtype: this rank's experts' of that layer, the run's precision).
-    layout = [
-        (name, tuple(t.shape), t.dtype)
-        for name, t in own.items()
-        if name in expected and ".deepspeed_experts." not in name
-    ]
+    own = {disk_name(name): t for name, t in model.state_dict().items() if new_expert_index(name) is None}
+    layout = [(name, tuple(t.shape), t.dtype) for name, t in own.items() if name in expected]
     for layer, block in model.moe_blocks().items():
         local = block.moe.experts[0].state_dict()
-        for global_id in range(len(block.gate.expert_groups) - 1):
-            prefix = f"{Layout.of(config).ffn(layer)}.{NEW_EXPERT_PREFIX}.{global_id}"
+        for expert_id in range(1, len(block.gate.expert_groups)):
+            prefix = f"{Layout.of(config).ffn(layer)}.experts.{expert_id}"
             layout += [(f"{prefix}.{sub}", tuple(t.shape), t.dtype) for sub, t in local.items()]
     missing = sorted(set(expected) - {name for name, _, _ in layout})
     if missing:

@@ -31,6 +31,7 @@ from layermoe_ds.distributed import (
     release_shm_buffers,
     return_large_frees_to_os,
 )
+from layermoe_ds.ds.names import new_expert_index
 from layermoe_ds.ds_internals import check_version, release_optimizer
 from layermoe_ds.errors import OutputExistsError
 from layermoe_ds.io import read_json, write_json
@@ -199,7 +200,7 @@ class StageTrainer:
         # Only replicated gate weights trained at ZeRO 0 (stage 2): optimizer state is valid on any world size, and
         # the checkpoint holds them alone.
         self.gates_only = self.ds_config.get("zero_optimization", {}).get("stage", 0) == 0 and not any(
-            ".deepspeed_experts." in name for name, p in model.named_parameters() if p.requires_grad
+            new_expert_index(name) is not None for name, p in model.named_parameters() if p.requires_grad
         )
 
     def _resume(self) -> int:

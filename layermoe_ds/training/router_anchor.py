@@ -27,7 +27,7 @@ class RouterAnchor:
         self.reference: dict[int, torch.Tensor] = {}
         self.log_probs: dict[int, torch.Tensor] = {}
         for layer, block in moe_blocks(model).items():
-            self.reference[layer] = block.gate.router.weight.detach().float().clone()
+            self.reference[layer] = block.router.weight.detach().float().clone()
             block.gate.register_forward_pre_hook(self._recorder(layer))
 
     def _recorder(self, layer: int):

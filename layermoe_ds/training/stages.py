@@ -10,49 +10,64 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 
 from torch import nn
 
+from layermoe_ds.ds.names import new_expert_index
 from layermoe_ds.errors import InputError
-from layermoe_ds.modeling.placement import EXPERT_NAME
 
 log = logging.getLogger(__name__)
 
-# Inside a LayerMoE block, whatever the family calls its FFN (`modeling/families.py`).
-ROUTER = re.compile(r"\.\d+\.\w+\.gate\.router\.weight$")
-CLASSIFIER = re.compile(r"\.\d+\.\w+\.gate\.lang_classifier\.weight$")
-NEW_EXPERT = EXPERT_NAME
+# Inside a LayerMoE block, whatever the family calls its FFN (`modeling/families.py`); the same in the training tree
+# and on disk (`ds/names.py`).
+ROUTER = re.compile(r"\.\d+\.\w+\.router\.weight$")
+CLASSIFIER = re.compile(r"\.\d+\.\w+\.classifier\.weight$")
+LOCAL_NEW_EXPERT = re.compile(r"\.(\d+)\.\w+\.experts\.([1-9]\d*)\.")  # a model as loaded: experts.K, K ≥ 1
 
-# stage → trainable parameter groups: (group name, name pattern, newest language group's experts only)
-STAGE_TABLE: dict[int, tuple[tuple[str, re.Pattern, bool], ...]] = {
-    1: (("routers", ROUTER, False), ("new_experts", NEW_EXPERT, True)),
-    2: (("routers", ROUTER, False), ("classifiers", CLASSIFIER, False)),
+
+def _router(model, name: str) -> bool:
+    return ROUTER.search(name) is not None
+
+
+def _classifier(model, name: str) -> bool:
+    return CLASSIFIER.search(name) is not None
+
+
+def _newest_group_expert(model, name: str) -> bool:
+    """Is this tensor one of the new experts the newest language group added (in the training tree, DeepSpeed's
+    index mapped to the expert's id)?"""
+    where = new_expert_index(name)
+    if where is not None:
+        layer, index = where
+        expert_id = model.moe_blocks()[layer].moe.global_ids[index]
+    else:
+        match = LOCAL_NEW_EXPERT.search(name)
+        if match is None:
+            return False
+        layer, expert_id = int(match[1]), int(match[2]) - 1
+    return model.moe_blocks()[layer].gate.expert_groups[1 + expert_id] == model.config.num_groups - 1
+
+
+# stage → trainable parameter groups: (group name, does (model, parameter name) belong to it)
+STAGE_TABLE: dict[int, tuple[tuple[str, Callable[[nn.Module, str], bool]], ...]] = {
+    1: (("routers", _router), ("new_experts", _newest_group_expert)),
+    2: (("routers", _router), ("classifiers", _classifier)),
 }
-
-
-def _newest_group_expert(model, match: re.Match) -> bool:
-    """Is this new-expert tensor one of the experts the newest language group added (global id under EP)?"""
-    block = model.moe_blocks()[int(match[2])]
-    global_id = block.moe.global_ids[int(match[3])]
-    return block.gate.expert_groups[1 + global_id] == model.config.num_groups - 1
 
 
 def trained_group(model: nn.Module, name: str, stage: int) -> str | None:
     """The stage's parameter group that trains parameter `name`, or None when it stays frozen."""
     if stage not in STAGE_TABLE:
         raise InputError(f"stage: {stage} is not one of {sorted(STAGE_TABLE)}")
-    for group, pattern, newest_only in STAGE_TABLE[stage]:
-        match = pattern.search(name)
-        if match and (not newest_only or _newest_group_expert(model, match)):
-            return group
-    return None
+    return next((group for group, belongs in STAGE_TABLE[stage] if belongs(model, name)), None)
 
 
 def apply_stage(model: nn.Module, stage: int) -> dict[str, list[nn.Parameter]]:
     """Freeze everything, then unfreeze what `stage` trains; returns group name → trainable parameters."""
     if stage not in STAGE_TABLE:
         raise InputError(f"stage: {stage} is not one of {sorted(STAGE_TABLE)}")
-    groups: dict[str, list[nn.Parameter]] = {name: [] for name, _, _ in STAGE_TABLE[stage]}
+    groups: dict[str, list[nn.Parameter]] = {name: [] for name, _ in STAGE_TABLE[stage]}
     frozen = 0
     for name, param in model.named_parameters():
         group = trained_group(model, name, stage)
@@ -80,7 +95,7 @@ def _newest_experts_in_all(model: nn.Module) -> int:
     """The parameters of the newest language group's experts in the whole model, whichever rank holds them."""
     newest = model.config.num_groups - 1
     return sum(
-        sum(group == newest for group in block.gate.expert_groups) * sum(p.numel() for p in block.base_ffn.parameters())
+        sum(group == newest for group in block.gate.expert_groups) * sum(p.numel() for p in block.expert0.parameters())
         for block in model.moe_blocks().values()
     )
 

@@ -94,25 +94,14 @@ def prefix_mean(hidden_BLH: torch.Tensor) -> torch.Tensor:
 
 
 class LayerMoEGate(nn.Module):
-    """Router W_r ∈ R^{h×N} and, on classifier layers, W_c ∈ R^{h×G}; both bias-free.
+    """The routing rule of one layer (no parameters: the router W_r ∈ R^{h×N} and, on classifier layers, the
+    classifier W_c ∈ R^{h×G} are the block's, `router` and `classifier`, bias-free)."""
 
-    Parameter names avoid the word "expert": DeepSpeed's checkpoint code treats such keys as expert tensors.
-    """
-
-    def __init__(
-        self,
-        hidden: int,
-        expert_groups: Sequence[int],
-        top_k: int,
-        num_classes: int,
-        classifier_mode: str = "per-token",
-    ):
+    def __init__(self, expert_groups: Sequence[int], top_k: int, classifier_mode: str = "per-token"):
         super().__init__()
         self.num_experts = len(expert_groups)
         self.top_k = min(top_k, self.num_experts)
         self.classifier_mode = classifier_mode
-        self.router = nn.Linear(hidden, self.num_experts, bias=False)
-        self.lang_classifier = nn.Linear(hidden, num_classes, bias=False) if num_classes else None
         # A plain attribute, not a buffer: HF's from_pretrained leaves non-persistent buffers uninitialised.
         self.expert_groups = tuple(int(g) for g in expert_groups)
         self._group_of: dict[torch.device, torch.Tensor] = {}
@@ -125,22 +114,28 @@ class LayerMoEGate(nn.Module):
         return self._group_of[device]
 
     def forward(
-        self, hidden_BLH: torch.Tensor, classifier_routing: bool, force_base: bool = False, max_group: int | None = None
+        self,
+        hidden_BLH: torch.Tensor,
+        router_EH: torch.Tensor,
+        classifier_GH: torch.Tensor | None,
+        classifier_routing: bool,
+        force_base: bool = False,
+        max_group: int | None = None,
     ) -> tuple[Routing, MoEAux]:
         """Route tokens. `force_base` sends every token to expert 0 alone (the dense model); `max_group` = g uses
         only experts and classes of groups ≤ g (the model as it was before later expansions)."""
         hidden_TH = hidden_BLH.reshape(-1, hidden_BLH.shape[-1])
-        log_probs_TE = torch.log_softmax(fp32_linear(hidden_TH, self.router.weight), dim=-1)
+        log_probs_TE = torch.log_softmax(fp32_linear(hidden_TH, router_EH), dim=-1)
         probs_TE = log_probs_TE.exp()
         classifier_logits_TG = None
-        if self.lang_classifier is not None:
+        if classifier_GH is not None:
             if self.classifier_mode == "per-token":
                 features = hidden_BLH
             elif self.prefix_context is not None:  # generation: continues the cached positions' sums, no padding
                 features = self.prefix_context.features(hidden_BLH)
             else:
                 features = prefix_mean(hidden_BLH)
-            classifier_logits_TG = fp32_linear(features.reshape(hidden_TH.shape), self.lang_classifier.weight)
+            classifier_logits_TG = fp32_linear(features.reshape(hidden_TH.shape), classifier_GH)
         classes_T = token_classes(
             classifier_logits_TG if classifier_routing else None,
             probs_TE.shape[0],
@@ -255,8 +250,8 @@ def dense_dispatch(
     return out_TH
 
 
-# Up to this many tokens a forward (a decoding step's batch), on an accelerator, LocalNewExperts may run every expert
-# on every token (`dense_for`).
+# Up to this many tokens a forward (a decoding step's batch), on an accelerator, the local new experts may all run on
+# every token (`dense_for`).
 DENSE_DISPATCH_TOKENS = 64
 
 
@@ -270,44 +265,21 @@ def dense_for(hidden_TH: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() or hidden_TH.device.type != "cpu"
 
 
-class _ModuleShell(nn.Module):
-    """An empty module used only to nest parameter names like DeepSpeed's MoE does."""
-
-
-class LocalNewExperts(nn.Module):
-    """The new experts of one layer, all on this device. Parameter names mirror DeepSpeed's MoE at ep_size 1
-    (`deepspeed_moe.experts.deepspeed_experts.<i>.…`), so a checkpoint from either path loads in the other."""
-
-    def __init__(self, experts: Sequence[nn.Module]):
-        super().__init__()
-        self.deepspeed_moe = _ModuleShell()
-        self.deepspeed_moe.experts = _ModuleShell()
-        self.deepspeed_moe.experts.deepspeed_experts = nn.ModuleList(experts)
-        self.global_ids = list(range(len(experts)))  # all new experts are local here
-
-    @property
-    def experts(self) -> nn.ModuleList:
-        return self.deepspeed_moe.experts.deepspeed_experts
-
-    def forward(self, hidden_TH: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, load_E: torch.Tensor):
-        """New-expert ids 0..E−1 (−1 = not a new-expert route), `load_E` routes per expert of the layer (expert 0
-        first) → (fp32 output, dropped routes, routes to expert 0 as a host int or None when not read). One host read
-        (the loads), none where `dense_for` runs every expert."""
-        if dense_for(hidden_TH):
-            return dense_dispatch(hidden_TH, ids_TK, weights_TK, self.experts), 0, None
-        counts = load_E.tolist()
-        return grouped_dispatch(hidden_TH, ids_TK, weights_TK, self.experts, counts[1:]), 0, counts[0]
-
-
 class LayerMoEBlock(nn.Module):
-    """Replaces a decoder layer's FFN: expert 0 (`base_ffn`, the original FFN) runs locally for the tokens routed
-    to it; the new experts run in `self.moe` (local, or DeepSpeed expert-parallel during training)."""
+    """Replaces a decoder layer's FFN. Its parameters are named as an exported model stores them:
+    `experts.K.<projection>` (K = 0: the original FFN, frozen; 1…N−1: the new experts), `router.weight` and, on
+    classifier layers, `classifier.weight`.
 
-    def __init__(self, base_ffn: nn.Module, new_experts: nn.Module, gate: LayerMoEGate):
+    Expert 0 runs locally for the tokens routed to it. The new experts run here (`experts[1:]`), or — in training,
+    after layermoe_ds's expert-parallel conversion — in a DeepSpeed MoE module `moe`, with expert 0 as `base_ffn`
+    (DeepSpeed's checkpoints treat any parameter whose name contains "expert" as an expert's)."""
+
+    def __init__(self, experts: Sequence[nn.Module], gate: LayerMoEGate, hidden: int, num_classes: int = 0):
         super().__init__()
-        self.base_ffn = base_ffn
+        self.experts = nn.ModuleList(experts)
+        self.router = nn.Linear(hidden, gate.num_experts, bias=False)
+        self.classifier = nn.Linear(hidden, num_classes, bias=False) if num_classes else None
         self.gate = gate
-        self.moe = new_experts
         self.classifier_routing = True
         self.force_base = False  # every token to expert 0 alone: the original dense model (a diagnostic)
         self.max_group: int | None = None  # only experts of groups ≤ this: the model before later expansions
@@ -317,25 +289,46 @@ class LayerMoEBlock(nn.Module):
     def num_experts(self) -> int:
         return self.gate.num_experts
 
+    @property
+    def expert0(self) -> nn.Module:
+        """The original FFN."""
+        return self.experts[0] if "experts" in self._modules else self.base_ffn
+
+    def _new_experts(self, hidden_TH, ids_TK, weights_TK, load_E):
+        """New-expert ids 0..E−1 (−1 = not a new-expert route), `load_E` routes per expert of the layer (expert 0
+        first) → (fp32 output, dropped routes, routes to expert 0 as a host int or None when not read). Here: one
+        host read (the loads), none where `dense_for` runs every expert; in training, DeepSpeed's MoE."""
+        if "moe" in self._modules:
+            return self.moe(hidden_TH, ids_TK, weights_TK, load_E)
+        new = tuple(self.experts)[1:]
+        if dense_for(hidden_TH):
+            return dense_dispatch(hidden_TH, ids_TK, weights_TK, new), 0, None
+        counts = load_E.tolist()
+        return grouped_dispatch(hidden_TH, ids_TK, weights_TK, new, counts[1:]), 0, counts[0]
+
     def forward(self, hidden_BLH: torch.Tensor) -> torch.Tensor:
-        routing, aux = self.gate(hidden_BLH, self.classifier_routing, self.force_base, self.max_group)
+        classifier = None if self.classifier is None else self.classifier.weight
+        routing, aux = self.gate(
+            hidden_BLH, self.router.weight, classifier, self.classifier_routing, self.force_base, self.max_group
+        )
         hidden_TH = hidden_BLH.reshape(-1, hidden_BLH.shape[-1])
         ids_TK, weights_TK = routing.expert_ids_TK, routing.weights_TK
         # New experts: ids shifted to 0..E-1; expert-0 and unused slots become -1.
         new_ids_TK = torch.where(ids_TK >= 1, ids_TK - 1, torch.full_like(ids_TK, -1))
         new_weights_TK = torch.where(new_ids_TK >= 0, weights_TK, 0.0)
-        out_TH, dropped, count0 = self.moe(hidden_TH, new_ids_TK, new_weights_TK, aux.expert_load_E)
+        out_TH, dropped, count0 = self._new_experts(hidden_TH, new_ids_TK, new_weights_TK, aux.expert_load_E)
         # Expert 0 once, locally, for the tokens that routed to it (no all-to-all; frozen, so no gradient traffic):
-        # those tokens sort first, and `count0` (read by self.moe with what it needed) says how many there are.
+        # those tokens sort first, and `count0` (read with what the new experts needed) says how many there are.
+        expert0 = self.expert0
         routed0_T = ids_TK == 0
         weight0_T = (weights_TK * routed0_T).sum(dim=-1)
         if count0 is None:  # a decoding step: every token through expert 0, weighted (0 where not routed)
             every_T = torch.arange(hidden_TH.shape[0], device=hidden_TH.device)
-            out_TH = scaled_index_add(out_TH, every_T, self.base_ffn(hidden_TH), weight0_T)
+            out_TH = scaled_index_add(out_TH, every_T, expert0(hidden_TH), weight0_T)
         elif count0:
             first = torch.argsort(routed0_T.any(dim=-1).to(torch.uint8), descending=True, stable=True)
             index0 = first[:count0]
-            routed = self.base_ffn(hidden_TH.index_select(0, index0))
+            routed = expert0(hidden_TH.index_select(0, index0))
             out_TH = scaled_index_add(out_TH, index0, routed, weight0_T[index0])
         aux.dropped = dropped
         aux.expert_ids_TK = ids_TK

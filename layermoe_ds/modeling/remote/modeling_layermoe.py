@@ -19,7 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .configuration_layermoe import layermoe_config_class
-from .layermoe_block import LayerMoEBlock, LayerMoEGate, LocalNewExperts
+from .layermoe_block import LayerMoEBlock, LayerMoEGate
 from .prefix_state import contexts_for, keep_sums, reorder_sums
 
 
@@ -27,11 +27,9 @@ def build_block(dense_ffn: nn.Module, config, layer: int) -> LayerMoEBlock:
     """A block for layer `layer` around `dense_ffn` (expert 0); new experts start as copies of it."""
     groups = config.expert_groups[layer]
     num_classes = config.num_groups if layer in config.classifier_layers else 0
-    gate = LayerMoEGate(
-        config.get_text_config().hidden_size, groups, config.moe_top_k, num_classes, config.classifier_mode
-    )
-    new_experts = LocalNewExperts([copy.deepcopy(dense_ffn) for _ in range(len(groups) - 1)])
-    block = LayerMoEBlock(dense_ffn, new_experts, gate)
+    gate = LayerMoEGate(groups, config.moe_top_k, config.classifier_mode)
+    experts = [dense_ffn, *(copy.deepcopy(dense_ffn) for _ in range(len(groups) - 1))]
+    block = LayerMoEBlock(experts, gate, config.get_text_config().hidden_size, num_classes)
     block.classifier_routing = config.classifier_routing
     return block
 
@@ -87,7 +85,7 @@ class LayerMoEMixin:
         return [
             layer
             for layer, block in self.moe_blocks().items()
-            if block.gate.lang_classifier is not None and block.gate.classifier_mode == "prefix-mean"
+            if block.classifier is not None and block.gate.classifier_mode == "prefix-mean"
         ]
 
     def _reorder_cache(self, past_key_values, beam_idx):

@@ -65,7 +65,7 @@ def parameter_counts(model) -> dict:
     total = sum(p.numel() for p in model.parameters())
     inactive = 0
     for block in moe_blocks(model).values():
-        ffn = sum(p.numel() for p in block.base_ffn.parameters())
+        ffn = sum(p.numel() for p in block.expert0.parameters())
         inactive += (block.num_experts - min(block.gate.top_k, block.num_experts)) * ffn
     return {"params_total": total, "params_active": total - inactive}
 
