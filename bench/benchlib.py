@@ -11,7 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from layermoe_ds.distributed import Launcher, cpu_launch_env, device_and_backend, stage_command
+from layermoe_ds.distributed import device_and_backend
+from layermoe_ds.ds.process import Launcher, cpu_launch_env, stage_command
 from layermoe_ds.io import write_json
 
 ROOT = Path(__file__).resolve().parents[1]

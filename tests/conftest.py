@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from layermoe_ds.distributed import jit_build_env
+from layermoe_ds.ds.process import jit_build_env
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

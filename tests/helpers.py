@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from layermoe_ds.distributed import Launcher, cpu_launch_env, stage_command
+from layermoe_ds.ds.process import Launcher, cpu_launch_env, stage_command
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = ROOT / "ds_configs" / "cpu.json"

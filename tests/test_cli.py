@@ -150,7 +150,7 @@ def test_launcher_errors_are_input_errors_only(monkeypatch, tmp_path, capsys):
 
 
 def test_deepspeed_outside_the_supported_range_is_refused_in_one_line():
-    from layermoe_ds.ds_internals import check_version
+    from layermoe_ds.ds.internals import check_version
     from layermoe_ds.errors import InputError
 
     assert check_version() == "0.19.8"  # the tested release (constraints.txt)

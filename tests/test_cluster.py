@@ -294,7 +294,7 @@ def test_one_function_decides_device_and_backend():
 
 
 def test_deepspeed_is_told_the_ranks_gpu_not_its_local_rank():
-    from layermoe_ds.training.engine import engine_args
+    from layermoe_ds.ds.engine import engine_args
 
     assert engine_args(torch.device("cuda:0")).device_rank == 0  # LOCAL_RANK 5 with one GPU bound to the task
     assert engine_args(torch.device("cuda:3")).device_rank == 3
@@ -312,7 +312,7 @@ def test_cpu_ranks_return_large_frees_to_the_os():
 
 def test_ranks_build_deepspeeds_op_with_this_environments_ninja(monkeypatch):
     """`mpirun /abs/path` puts the system's bin first on the ranks' PATH; the ranks put this environment's back."""
-    from layermoe_ds.distributed import jit_build_env
+    from layermoe_ds.ds.process import jit_build_env
 
     own = str(Path(sys.executable).parent)
     env = jit_build_env({"PATH": "/usr/bin:/bin"})

@@ -11,7 +11,7 @@ import math
 import pytest
 import yaml
 
-from layermoe_ds.distributed import Launcher
+from layermoe_ds.ds.process import Launcher
 from layermoe_ds.io import sha256_file
 from layermoe_ds.testbed.experiment import DENSE_BASE, DENSE_FINETUNE, Method, Phase, Preset, RunId, System
 from layermoe_ds.testbed.experiment.presets import CLASSIFIER_CLAIM, PLACEMENT_CLAIM

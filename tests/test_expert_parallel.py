@@ -28,8 +28,8 @@ def _worker(rank: int, world: int, port: int, ep_size) -> None:
     import torch.distributed as dist
     from deepspeed.utils import groups
 
-    from layermoe_ds.modeling.moe_layer import block_to_expert_parallel, choose_ep_size
-    from layermoe_ds.modeling.placement import expert_placement
+    from layermoe_ds.ds.moe_layer import block_to_expert_parallel, choose_ep_size
+    from layermoe_ds.ds.placement import expert_placement
 
     deepspeed.init_distributed(dist_backend="gloo")
     reference = make_block(groups=(0, 1, 1, 1, 1), classes=2, seed=0)

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from layermoe_ds.distributed import Launcher
+from layermoe_ds.ds.process import Launcher
 from layermoe_ds.modeling.checkpoint_files import MARKER, complete_checkpoints
 from tests.helpers import ROOT, base_config, command, launch_env, launch_in_process, metrics, run
 

@@ -93,7 +93,7 @@ def test_two_nodes_ssh_less_through_the_sbatch_script_match_one_node(single_node
 @pytest.mark.distributed
 def test_torchrun_gives_the_deepspeed_launchers_losses(single_node, tmp_path):
     """The tests' training runs and `experiment --launcher torchrun` start ranks with torchrun: the same numbers."""
-    from layermoe_ds.distributed import Launcher, stage_command
+    from layermoe_ds.ds.process import Launcher, stage_command
 
     run_yaml = run_yaml_for(single_node, tmp_path / "run")
     command = stage_command(1, run_yaml, "stage1_zero2.json", 2, free_port(), cpu=True, launcher=Launcher.TORCHRUN)

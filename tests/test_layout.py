@@ -72,3 +72,54 @@ def test_no_module_over_400_lines():
         if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES
     }
     assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+# What only the DeepSpeed boundary (`layermoe_ds/ds/`) may spell: DeepSpeed's module path, its checkpoint and
+# shared-memory file names, its launcher's module.
+DEEPSPEED_NAMES = ("deepspeed_moe", "deepspeed_experts", "mp_rank_00", "expp_rank", "deepspeed_allreduce",
+                   "deepspeed.launcher")  # fmt: skip
+
+
+def spelled_strings(path: Path) -> list[str]:
+    """The string constants of a module's code (docstrings left out: prose may name what the code does not)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    return [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+            and id(n) not in docstrings]  # fmt: skip
+
+
+def test_only_the_deepspeed_boundary_imports_deepspeed_or_spells_its_names():
+    outside = [p for p in sorted(PACKAGE.rglob("*.py")) if p.relative_to(PACKAGE).parts[0] != "ds"]
+    imports = {
+        str(p.relative_to(PACKAGE)): sorted(m for m in imported_modules(p) if m.split(".")[0] == "deepspeed")
+        for p in outside
+    }
+    spelled = {
+        str(p.relative_to(PACKAGE)): sorted({name for s in spelled_strings(p) for name in DEEPSPEED_NAMES if name in s})
+        for p in outside
+    }
+    assert not {k: v for k, v in imports.items() if v}, "import deepspeed outside layermoe_ds/ds/"
+    assert not {k: v for k, v in spelled.items() if v}, "DeepSpeed's names spelled outside layermoe_ds/ds/"
+    assert {"moe_layer.py", "engine.py", "internals.py", "names.py", "process.py"} <= {
+        p.name for p in (PACKAGE / "ds").glob("*.py")
+    }
+
+
+def test_the_boundary_scan_sees_an_import_and_a_spelled_name(tmp_path):
+    module = tmp_path / "probe.py"
+    module.write_text('"""Docs may say mp_rank_00."""\nimport deepspeed.comm\nNAME = "model.moe.deepspeed_moe.x"\n')
+    assert "deepspeed.comm" in imported_modules_of(module)
+    assert spelled_strings(module) == ["model.moe.deepspeed_moe.x"]
+
+
+def imported_modules_of(path: Path) -> set[str]:
+    """`imported_modules` for a file outside the package (absolute imports only)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}

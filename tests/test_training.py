@@ -253,8 +253,8 @@ def test_the_end_of_run_export_frees_the_optimizer_first(
     import weakref
 
     from layermoe_ds.config import load_config
+    from layermoe_ds.ds.engine import load_ds_config
     from layermoe_ds.training import loop
-    from layermoe_ds.training.engine import load_ds_config
     from tests.helpers import CPU, ROOT
 
     stage = 1 if ds_json.startswith("stage1") else 2

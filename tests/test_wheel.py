@@ -65,8 +65,8 @@ def run_in(env: Path, args: list[str], cwd: Path, **kwargs) -> subprocess.Comple
 def test_the_installed_wheel_has_its_launchers_and_configs(wheel_env, tmp_path):
     probe = """
 import json, layermoe_ds, layermoe_ds.launchers.stage1, layermoe_ds.launchers.profile_similarity
-from layermoe_ds.distributed import stage_command
-from layermoe_ds.training.engine import SHIPPED_CONFIGS, load_ds_config
+from layermoe_ds.ds.process import stage_command
+from layermoe_ds.ds.engine import SHIPPED_CONFIGS, load_ds_config
 cmd = stage_command(1, "run.yaml", "stage1_zero2.json", 2, 29500, cpu=True)
 print(json.dumps({"package": layermoe_ds.__file__, "command": cmd,
                   "shipped": sorted(p.name for p in SHIPPED_CONFIGS.glob("*.json")),

@@ -193,8 +193,9 @@ def add_export(sub) -> None:
     p = sub.add_parser(
         "export",
         help="DeepSpeed MoE checkpoint → HF LayerMoE directory (no DeepSpeed, no zero_to_fp32)",
-        description="Merge mp_rank_00_model_states.pt with every layer_*_expert_* file into one ep_size-1 state "
-        "dict and save it as a Hugging Face LayerMoE directory, after checking the checkpoint's files against its "
+        description="Merge the checkpoint's model file with DeepSpeed's per-expert files into one ep_size-1 state "
+        "dict under the names on disk (mlp.experts.K, mlp.router, mlp.classifier) and save it as a Hugging Face "
+        "LayerMoE directory, after checking the checkpoint's files against its "
         "manifest (sizes and SHA-256). Streamed: a slim checkpoint's frozen tensors are read from its base, cast "
         "and written one at a time (the trained tensors and one more in memory, not the whole model).",
     )

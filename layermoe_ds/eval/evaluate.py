@@ -13,7 +13,8 @@ import torch
 from layermoe_ds.data.streams import open_streams
 from layermoe_ds.data.tokenizer import load_tokenizer
 from layermoe_ds.data.tokens import TokenStream
-from layermoe_ds.distributed import adopt_launcher_env, device_and_backend, init_process_group
+from layermoe_ds.distributed import adopt_launcher_env, device_and_backend
+from layermoe_ds.ds.process import init_process_group
 from layermoe_ds.errors import InputError
 from layermoe_ds.eval.perplexity import evaluate_languages, format_table, group_averages
 from layermoe_ds.eval.routing import RoutingStats, format_routing

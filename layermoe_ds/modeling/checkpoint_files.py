@@ -15,12 +15,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from layermoe_ds.ds.names import EXPERT_FILES, MODEL_FILE, disk_name
+from layermoe_ds.ds.placement import checkpoint_slots
 from layermoe_ds.errors import InputError, MissingInputError
 from layermoe_ds.io import read_json, sha256_file
 from layermoe_ds.modeling.base_tensors import base_loader
 from layermoe_ds.modeling.hf_loading import carry_generation_config
 from layermoe_ds.modeling.materialize import materialize, parameters_on_meta
-from layermoe_ds.modeling.placement import checkpoint_slots
 from layermoe_ds.modeling.streaming import ShardWriter, saved_keys, write_model_dir
 from layermoe_ds.modeling.types import layermoe_classes, layermoe_model_type, model_config
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from layermoe_ds.data.streams import open_streams
 from layermoe_ds.data.tokenizer import load_tokenizer
-from layermoe_ds.distributed import SHIPPED_CONFIGS, Launcher
+from layermoe_ds.ds.process import SHIPPED_CONFIGS, Launcher
 from layermoe_ds.errors import InputError
 from layermoe_ds.io import atomic_write_text, read_json, write_json
 from layermoe_ds.testbed.demo import prepare_base

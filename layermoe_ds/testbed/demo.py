@@ -10,7 +10,7 @@ from pathlib import Path
 
 from layermoe_ds.data.loading import select_sources
 from layermoe_ds.data.prepare import default_workers, tokenize
-from layermoe_ds.distributed import Launcher
+from layermoe_ds.ds.process import Launcher
 from layermoe_ds.io import read_json, write_json
 from layermoe_ds.testbed.corpus import CorpusOptions, build_corpus, corpus_is_built
 from layermoe_ds.testbed.experiment import PRESETS, run_experiment

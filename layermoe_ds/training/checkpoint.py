@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from layermoe_ds.ds.internals import moe_files_hidden, refresh_master_weights
 from layermoe_ds.ds.names import expert_file, expert_optimizer_file, training_expert_prefix
-from layermoe_ds.ds_internals import moe_files_hidden, refresh_master_weights
+from layermoe_ds.ds.placement import checkpoint_slots
 from layermoe_ds.errors import CheckpointWriteError, InputError
 from layermoe_ds.io import atomic_write_bytes, read_json, write_json
 from layermoe_ds.modeling.checkpoint_files import (
@@ -38,7 +39,6 @@ from layermoe_ds.modeling.checkpoint_files import (
     verify_files,
 )
 from layermoe_ds.modeling.families import Layout
-from layermoe_ds.modeling.placement import checkpoint_slots
 from layermoe_ds.modeling.types import moe_blocks
 
 log = logging.getLogger(__name__)
@@ -237,8 +237,8 @@ def load_latest(
             else "optimizer state does NOT (DeepSpeed cannot reshard ZeRO-partitioned or expert-parallel MoE "
             "optimizer state): Adam moments restart from zero",
         )
-    # Without ZeRO, DeepSpeed keeps MoE optimizer state per expert-parallel rank (expp_rank_R_…); the gate state
-    # there is replicated, so a rank the writing run did not have takes expert-parallel rank 0's.
+    # Without ZeRO, DeepSpeed keeps MoE optimizer state per expert-parallel rank (`expert_optimizer_file`); the
+    # gate state there is replicated, so a rank the writing run did not have takes expert-parallel rank 0's.
     own = path / expert_optimizer_file(dist.get_rank())
     borrow = reshardable and not gates_only and not same_world and not own.is_file()
     with moe_files_hidden(engine, gates_only):

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from layermoe_ds.ds.internals import expert_data_parallel_rank
 from layermoe_ds.ds.names import disk_name, new_expert_index
-from layermoe_ds.ds_internals import expert_data_parallel_rank
 from layermoe_ds.modeling.families import Layout
 from layermoe_ds.modeling.streaming import ShardWriter, saved_keys, write_model_dir
 from layermoe_ds.modeling.types import layermoe_classes, moe_blocks

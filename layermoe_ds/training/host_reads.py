@@ -41,7 +41,7 @@ _TORCH = str(Path(torch.__file__).parent)
 
 def _caller() -> str:
     """The innermost frame outside torch and this module, the line that asked for the read, as its path from the
-    import root: `transformers/masking_utils.py:761`, `layermoe_ds/modeling/moe_layer.py:136`."""
+    import root: `transformers/masking_utils.py:761`, `layermoe_ds/ds/moe_layer.py:136`."""
     for frame in reversed(traceback.extract_stack()):
         if not frame.filename.startswith(_TORCH) and frame.filename != __file__:
             roots = [r for r in sys.path if r and frame.filename.startswith(r.rstrip("/") + "/")]

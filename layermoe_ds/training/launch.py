@@ -22,9 +22,9 @@ import torch.distributed as dist
 
 from layermoe_ds.config import TrainConfig, load_config
 from layermoe_ds.distributed import adopt_launcher_env, leave_process_group
+from layermoe_ds.ds.engine import load_ds_config
 from layermoe_ds.errors import CheckpointWriteError, reported
 from layermoe_ds.flags import add_config_flags, config_overrides
-from layermoe_ds.training.engine import load_ds_config
 from layermoe_ds.training.loop import run_stage
 
 

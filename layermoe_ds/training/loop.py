@@ -24,22 +24,17 @@ from layermoe_ds.config import TrainConfig, to_dict
 from layermoe_ds.data.packing import BlockSampler
 from layermoe_ds.data.stage_data import StageData, stage_blocks
 from layermoe_ds.data.tokenizer import load_tokenizer
-from layermoe_ds.distributed import (
-    RETURN_FREES_ENV,
-    device_and_backend,
-    init_process_group,
-    release_shm_buffers,
-    return_large_frees_to_os,
-)
+from layermoe_ds.distributed import RETURN_FREES_ENV, device_and_backend, return_large_frees_to_os
+from layermoe_ds.ds.engine import check_ds_config, initialize, model_dtype
+from layermoe_ds.ds.internals import check_version, release_optimizer
 from layermoe_ds.ds.names import new_expert_index
-from layermoe_ds.ds_internals import check_version, release_optimizer
+from layermoe_ds.ds.placement import model_slots
+from layermoe_ds.ds.process import init_process_group, release_shm_buffers
 from layermoe_ds.errors import OutputExistsError
 from layermoe_ds.io import read_json, write_json
-from layermoe_ds.modeling.placement import model_slots
 from layermoe_ds.modeling.types import is_layermoe, layermoe_model_type, moe_blocks
 from layermoe_ds.training import checkpoint
 from layermoe_ds.training.build import build_model, check_model
-from layermoe_ds.training.engine import check_ds_config, initialize, model_dtype
 from layermoe_ds.training.export import export_model, write_model_files
 from layermoe_ds.training.host_reads import HOST_READS, HostReadSections
 from layermoe_ds.training.losses import LossWeights, stage_losses

@@ -19,7 +19,8 @@ from layermoe_ds.analysis.profiling import run_profile
 from layermoe_ds.config import TrainConfig, from_dict, to_dict
 from layermoe_ds.data.streams import open_streams
 from layermoe_ds.data.tokenizer import load_tokenizer
-from layermoe_ds.distributed import RENDEZVOUS, Launcher, cpu_launch_env, device_and_backend, stage_command
+from layermoe_ds.distributed import device_and_backend
+from layermoe_ds.ds.process import RENDEZVOUS, Launcher, cpu_launch_env, stage_command
 from layermoe_ds.errors import StepFailed
 from layermoe_ds.eval.evaluate import evaluate_model
 from layermoe_ds.io import read_json, sha256_file, write_json

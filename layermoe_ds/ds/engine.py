@@ -23,7 +23,7 @@ import torch
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
 from layermoe_ds.config import TrainConfig, deep_merge
-from layermoe_ds.distributed import SHIPPED_CONFIGS
+from layermoe_ds.ds.process import SHIPPED_CONFIGS
 from layermoe_ds.errors import InputError, MissingInputError
 from layermoe_ds.training.schedule import warmup_cosine
 
@@ -72,7 +72,7 @@ def check_ds_config(ds_config: dict, stage: int) -> dict:
         if zero:
             log.warning(
                 "stage 2 trains routers and classifiers only: running ZeRO stage 0 instead of %d "
-                "(see layermoe_ds/training/engine.py)",
+                "(see layermoe_ds/ds/engine.py)",
                 zero,
             )
         config.setdefault("zero_optimization", {})["stage"] = 0

@@ -1,7 +1,7 @@
 """Every place layermoe_ds reaches into DeepSpeed past its documented API, and the versions that is tested on.
 
-DeepSpeed's MoE is used through `deepspeed.moe.layer.MoE` (modeling/moe_layer.py: its gate slot and dispatch tuple,
-measured in DEEPSPEED_NOTES.md) and its engine through `deepspeed.initialize`. What else the project needs — the
+DeepSpeed's MoE is used through `deepspeed.moe.layer.MoE` (ds/moe_layer.py: its gate slot and dispatch tuple,
+docs/model.md) and its engine through `deepspeed.initialize` (ds/engine.py). What else the project needs — the
 expert-parallel ranks, the engine's MoE checkpoint switch, the optimizer's fp32 master copies — is here, so a
 DeepSpeed upgrade is checked in one file; `check_version` refuses a DeepSpeed outside the supported range at
 start-up, in one line naming both.

@@ -20,10 +20,10 @@ import torch
 from deepspeed.moe.layer import MoE
 from torch import nn
 
+from layermoe_ds.ds.internals import expert_parallel_rank
 from layermoe_ds.ds.names import disk_name
-from layermoe_ds.ds_internals import expert_parallel_rank
+from layermoe_ds.ds.placement import expert_placement
 from layermoe_ds.errors import InputError
-from layermoe_ds.modeling.placement import expert_placement
 
 
 def choose_ep_size(
