@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from layermoe_ds.analysis.similarity import profile_blocks, profile_model
     from layermoe_ds.data.streams import open_streams
     from layermoe_ds.data.tokenizer import load_tokenizer
-    from layermoe_ds.modeling.hf_loading import load_causal_lm
+    from layermoe_ds.hf.load import load_causal_lm
 
     tokenizer = load_tokenizer(args.model)
     langs = args.langs.split(",")

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from benchlib import add_launch_flags, bench_device, launch, write_result  # noqa: E402
 
-from layermoe_ds.modeling.checkpoint_files import MARKER  # noqa: E402
+from layermoe_ds.checkpoints.read import MARKER  # noqa: E402
 
 # Allocations: the one measured on a Qwen2-0.5B shape (budget 48 → 36 new experts); the paper's published
 # Llama-3.2-3B list (28 layers, 84 experts); the same list for 28-layer Qwen2-1.5B; and for 32-layer Mistral-7B that

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.distributed
 def eager(config, stage: int, world: int, dtype: torch.dtype):
     """The path training took before: the whole model in fp32, upcycled in memory, then made expert-parallel."""
     from layermoe_ds.ds.moe_layer import to_expert_parallel
+    from layermoe_ds.hf.load import load_causal_lm
     from layermoe_ds.io import read_json
-    from layermoe_ds.modeling.hf_loading import load_causal_lm
     from layermoe_ds.modeling.types import is_layermoe
     from layermoe_ds.modeling.upcycle import upcycle
     from layermoe_ds.training.stages import apply_stage

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from layermoe_ds.modeling.checkpoint_files import MARKER, complete_checkpoints
+from layermoe_ds.checkpoints.format import MARKER, complete_checkpoints
 from tests.helpers import GROUPS, base_config, run
 
 pytestmark = pytest.mark.distributed
@@ -111,8 +111,8 @@ def test_four_rank_lifelong_run_exports_the_same_from_its_checkpoint(upcycled_wi
 def test_a_base_missing_a_tensor_is_named_in_one_line(from_dense, tiny_base, tmp_path, capsys):
     from safetensors.torch import save_file
 
+    from layermoe_ds.checkpoints.format import file_entry
     from layermoe_ds.cli import main
-    from layermoe_ds.modeling.checkpoint_files import file_entry
 
     base = tmp_path / "base"
     shutil.copytree(tiny_base, base)

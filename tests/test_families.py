@@ -97,8 +97,8 @@ def batch(vocab: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("family", TESTED)
 def test_upcycle_is_exact_and_the_training_loss_is_the_models_own(family, families):
+    from layermoe_ds.hf.load import load_causal_lm
     from layermoe_ds.modeling.families import Layout
-    from layermoe_ds.modeling.hf_loading import load_causal_lm
     from layermoe_ds.modeling.lm_loss import check_fused_loss, model_nll, shifted_targets, use_chunked_loss
 
     dense = load_causal_lm(families[family] / "dense")
@@ -130,7 +130,7 @@ def test_upcycle_is_exact_and_the_training_loss_is_the_models_own(family, famili
 def test_gemma3_wrapper_keeps_its_vision_tower_and_sees_images(families):
     """The multimodal wrapper is expanded in its language model alone: an image-and-text forward, every token
     forced to expert 0, gives the dense wrapper's logits."""
-    from layermoe_ds.modeling.hf_loading import load_causal_lm
+    from layermoe_ds.hf.load import load_causal_lm
 
     dense = load_causal_lm(families["gemma3"] / "dense")
     moe = load_causal_lm(families["gemma3"] / "moe")
@@ -153,7 +153,7 @@ def test_gemma3_wrapper_keeps_its_vision_tower_and_sees_images(families):
 def test_lean_ffn_covers_the_family_and_trains_to_the_bit(family, families):
     """SwiGLU, GeGLU (Gemma) and Phi-3's fused gate_up_proj keep two activations, not three, with bit-identical
     loss and gradients; StarCoder2's plain GELU FFN is not a gated one and keeps autograd's."""
-    from layermoe_ds.modeling.hf_loading import load_causal_lm
+    from layermoe_ds.hf.load import load_causal_lm
     from layermoe_ds.training.lean_ffn import use_lean_ffn
 
     def loss_and_grads(model):

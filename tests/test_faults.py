@@ -20,8 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from layermoe_ds.checkpoints.format import MARKER, complete_checkpoints
 from layermoe_ds.ds.process import Launcher
-from layermoe_ds.modeling.checkpoint_files import MARKER, complete_checkpoints
 from tests.helpers import ROOT, base_config, command, launch_env, launch_in_process, metrics, run
 
 pytestmark = pytest.mark.distributed
@@ -269,7 +269,7 @@ def test_resumed_on_fewer_ranks_the_optimizer_trains_the_experts_each_slot_now_h
 
 def test_export_and_evaluate_from_a_deepspeed_checkpoint(reference, corpus_dir, tmp_path):
     from layermoe_ds.cli import main
-    from layermoe_ds.modeling.hf_loading import load_causal_lm
+    from layermoe_ds.hf.load import load_causal_lm
 
     assert main(["export", "--checkpoint", str(reference[1]), "--out", str(tmp_path / "exported")]) == 0
     exported = load_causal_lm(tmp_path / "exported", torch.float32).eval()

@@ -32,7 +32,7 @@ def test_layermoe_blocks_add_no_host_read_when_decoding_and_one_a_layer_otherwis
     """Where a host read stalls a stream (an accelerator; here as under torch.compile, which takes the same path),
     a decoding step runs every expert and reads nothing; on the CPU, where the read is free, it reads the loads
     once a layer and runs only the experts chosen."""
-    from layermoe_ds.modeling.hf_loading import load_causal_lm
+    from layermoe_ds.hf.load import load_causal_lm
     from layermoe_ds.modeling.remote import layermoe_block
 
     if accelerator:

@@ -37,7 +37,7 @@ def test_local_tasks_run_on_dense_and_layermoe_models(tiny_base, upcycled, corpu
     from layermoe_ds.data.tokenizer import load_tokenizer
     from layermoe_ds.eval.evaluate import evaluate_model
     from layermoe_ds.eval.lm_harness import task_name
-    from layermoe_ds.modeling.hf_loading import load_causal_lm
+    from layermoe_ds.hf.load import load_causal_lm
 
     tasks = tmp_path / "tasks"
     assert main(["lm-eval-tasks", "--data", str(corpus_dir), "--langs", "en,fr", "--out", str(tasks)]) == 0

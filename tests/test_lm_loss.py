@@ -25,7 +25,7 @@ def _grads(model, ids, chunk=None):
 
 @pytest.mark.parametrize("chunk", [7, 10_000])
 def test_fused_loss_matches_hugging_face_on_every_gradient(tiny_base, chunk):
-    from layermoe_ds.modeling.hf_loading import load_causal_lm
+    from layermoe_ds.hf.load import load_causal_lm
 
     ids = torch.randint(0, 1000, (3, 24), generator=torch.Generator().manual_seed(0))
     reference = load_causal_lm(tiny_base, torch.float32, "cpu")
@@ -97,7 +97,7 @@ def test_fused_loss_applies_the_familys_head_to_value_and_every_gradient(head):
 
 
 def test_a_head_the_fused_loss_does_not_know_is_refused(tiny_base):
-    from layermoe_ds.modeling.hf_loading import load_causal_lm
+    from layermoe_ds.hf.load import load_causal_lm
     from layermoe_ds.modeling.lm_loss import check_fused_loss
 
     model = load_causal_lm(tiny_base, torch.float32, "cpu")
@@ -115,7 +115,7 @@ def test_targets_and_chunk_size():
 def test_lean_swiglu_trains_to_the_bit(upcycled):
     """Two activations kept instead of three, the same gradients: the upcycled model's every FFN (expert 0 and the
     new experts) with the lean forward gives bit-identical loss and gradients."""
-    from layermoe_ds.modeling.hf_loading import load_causal_lm
+    from layermoe_ds.hf.load import load_causal_lm
     from layermoe_ds.training.lean_ffn import use_lean_ffn
 
     ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -132,7 +132,7 @@ def test_lean_swiglu_trains_to_the_bit(upcycled):
 
 def test_evaluation_nll_without_logits_matches_the_logits(tiny_base):
     """Evaluation's summed NLL through the hidden states equals the one through the full logits, padding included."""
-    from layermoe_ds.modeling.hf_loading import load_causal_lm
+    from layermoe_ds.hf.load import load_causal_lm
     from layermoe_ds.modeling.lm_loss import model_nll
 
     model = load_causal_lm(tiny_base, torch.float32, "cpu").eval()

@@ -12,7 +12,7 @@ def test_base_model_is_a_loadable_hf_model_and_old_beats_new(tiny_base, corpus_d
     from layermoe_ds.data.streams import open_streams
     from layermoe_ds.data.tokenizer import load_tokenizer
     from layermoe_ds.eval.perplexity import evaluate_languages
-    from layermoe_ds.modeling.hf_loading import load_causal_lm
+    from layermoe_ds.hf.load import load_causal_lm
 
     info = json.loads((tiny_base / pretrain_mod.DONE_FILE).read_text())
     assert info["losses_every_10"][0] > info["final_loss"] + 1.0

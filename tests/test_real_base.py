@@ -56,7 +56,7 @@ def test_the_build_is_the_gguf_model_and_knows_english(real_base, corpus_dir, tm
 
 
 def test_upcycled_with_every_token_on_expert_0_gives_the_dense_logits(real_base, allocation, tmp_path):
-    from layermoe_ds.modeling.hf_loading import load_causal_lm
+    from layermoe_ds.hf.load import load_causal_lm
 
     assert main(["upcycle", "--model", str(real_base), "--allocation", str(allocation), "--out", str(tmp_path)]) == 0
     dense, moe = load_causal_lm(real_base), load_causal_lm(tmp_path)

@@ -67,7 +67,7 @@ def test_pairs_are_new_first_and_scores_follow_eq9():
 def profiled(tiny_base, corpus_dir):
     from layermoe_ds.data.streams import open_streams
     from layermoe_ds.data.tokenizer import load_tokenizer
-    from layermoe_ds.modeling.hf_loading import load_causal_lm
+    from layermoe_ds.hf.load import load_causal_lm
 
     tokenizer = load_tokenizer(tiny_base)
     streams = open_streams(corpus_dir, tokenizer, tiny_base, ["en", "de", "ru", "el"], "valid")
@@ -114,7 +114,7 @@ def _profile_rank(rank: int, world: int, port: int, model_dir: str, data_dir: st
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from layermoe_ds.data.streams import open_streams
     from layermoe_ds.data.tokenizer import load_tokenizer
-    from layermoe_ds.modeling.hf_loading import load_causal_lm
+    from layermoe_ds.hf.load import load_causal_lm
 
     tokenizer = load_tokenizer(model_dir)
     streams = open_streams(data_dir, tokenizer, model_dir, ["en", "de", "ru", "el"], "valid")

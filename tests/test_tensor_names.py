@@ -13,8 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from layermoe_ds.ds.names import disk_name, new_expert_index
-from layermoe_ds.modeling.hf_export import save_model
-from layermoe_ds.modeling.hf_loading import load_causal_lm
+from layermoe_ds.hf.files import save_model
+from layermoe_ds.hf.load import load_causal_lm
 from layermoe_ds.modeling.upcycle import grow, grow_dir
 
 LEGACY = Path(__file__).parent / "fixtures" / "legacy_export"  # written by make_legacy_export.py at fa22096

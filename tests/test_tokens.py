@@ -280,7 +280,7 @@ def test_a_tokenizer_that_adds_a_bos_stores_each_document_as_bos_doc_eos(
     from layermoe_ds.data.tokens import document_bos
     from layermoe_ds.eval.lm_harness import prepared_documents
     from layermoe_ds.eval.perplexity import language_nll
-    from layermoe_ds.modeling.hf_loading import load_causal_lm
+    from layermoe_ds.hf.load import load_causal_lm
 
     AutoTokenizer.from_pretrained(tokenizer_dir, add_bos_token=True).save_pretrained(tmp_path / "bos_tok")
     with_bos = load_tokenizer(tmp_path / "bos_tok")

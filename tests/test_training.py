@@ -224,7 +224,7 @@ def test_lifelong_step_trains_only_the_new_groups_experts(stage1_run, corpus_dir
 def test_full_finetune_baseline_trains_every_parameter_of_the_dense_model(tiny_base, corpus_dir, tmp_path):
     """The forgetting baseline: stage 1 with `full_finetune` on 2 ranks (ZeRO-2) trains and exports a dense model,
     and its checkpoint evaluates like any other."""
-    from layermoe_ds.eval.evaluate import load_for_evaluation
+    from layermoe_ds.hf.sources import load_model
     from layermoe_ds.modeling.types import is_layermoe
 
     config = base_config(tiny_base, corpus_dir, tmp_path / "run", steps=10, save_every=10, full_finetune=True)
@@ -236,8 +236,8 @@ def test_full_finetune_baseline_trains_every_parameter_of_the_dense_model(tiny_b
     records = metrics(tmp_path / "run")
     assert records[10]["loss/ntp"] < records[1]["loss/ntp"]
     assert not any(key.startswith("moe/") and key != "moe/dropped" for key in records[1])
-    exported, _, _ = load_for_evaluation(tmp_path / "run" / "model")
-    from_checkpoint, _, described = load_for_evaluation(tmp_path / "run")
+    exported, _, _ = load_model(tmp_path / "run" / "model")
+    from_checkpoint, _, described = load_model(tmp_path / "run")
     assert not is_layermoe(exported) and "step 10" in described
     for (name, a), (_, b) in zip(exported.state_dict().items(), from_checkpoint.state_dict().items(), strict=True):
         assert torch.equal(a, b), name

@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from layermoe_ds.modeling.hf_export import load_layermoe, save_model
+from layermoe_ds.hf.files import save_model
+from layermoe_ds.hf.load import load_layermoe
 from layermoe_ds.modeling.remote.layermoe_block import LayerMoEBlock
 from layermoe_ds.modeling.upcycle import grow, upcycle
 
@@ -223,7 +224,7 @@ def test_upcycle_and_grow_commands(tiny_base, tmp_path, capsys):
     assert "already a LayerMoE model" in capsys.readouterr().err
     assert main(["grow", "--model", str(out), "--allocation", str(alloc), "--out", str(tmp_path / "g")]) == 0
     assert "3 language groups" in capsys.readouterr().out
-    from layermoe_ds.modeling.hf_loading import load_causal_lm
+    from layermoe_ds.hf.load import load_causal_lm
 
     assert load_causal_lm(tmp_path / "g").config.experts_per_layer == [5, 1, 3]
 
@@ -234,7 +235,7 @@ def test_streamed_upcycle_writes_exactly_the_in_memory_model(arch, dtype, tmp_pa
     same tensors as `upcycle` + `save_model`, sharded with an index when asked, and without a tokenizer."""
     from safetensors.torch import load_file
 
-    from layermoe_ds.modeling.streaming import INDEX
+    from layermoe_ds.hf.files import INDEX
     from layermoe_ds.modeling.upcycle import upcycle_dir
 
     dense = tiny_dense(arch).to(dtype)

@@ -18,8 +18,8 @@ from layermoe_ds.data.tokenizer import load_tokenizer
 from layermoe_ds.distributed import adopt_launcher_env, device_and_backend
 from layermoe_ds.ds.process import init_process_group
 from layermoe_ds.errors import InputError
+from layermoe_ds.hf.load import check_model_dir, load_causal_lm, parse_dtype, seq_len_for
 from layermoe_ds.io import write_json
-from layermoe_ds.modeling.hf_loading import check_model_dir, load_causal_lm, parse_dtype, seq_len_for
 from layermoe_ds.modeling.types import model_config
 
 log = logging.getLogger(__name__)

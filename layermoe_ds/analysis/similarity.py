@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from layermoe_ds.data.tokens import TokenStream
 from layermoe_ds.errors import InputError
-from layermoe_ds.modeling.hf_loading import ffn_modules
+from layermoe_ds.hf.load import ffn_modules
 
 log = logging.getLogger(__name__)
 

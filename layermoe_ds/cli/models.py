@@ -116,9 +116,9 @@ def _output_arguments(p) -> None:
 
 def _checked_inputs(args):
     """(allocation, dtype or None, shard bytes) once --out is free and --model is a model directory."""
+    from layermoe_ds.hf.files import parse_size
+    from layermoe_ds.hf.load import check_model_dir, parse_dtype
     from layermoe_ds.io import read_json
-    from layermoe_ds.modeling.hf_loading import check_model_dir, parse_dtype
-    from layermoe_ds.modeling.streaming import parse_size
 
     refuse_overwrite(args.out)
     allocation = read_json(args.allocation, "allocation")
@@ -212,8 +212,8 @@ def add_export(sub) -> None:
 
 
 def _cmd_export(args) -> int:
-    from layermoe_ds.modeling.checkpoint_files import export_checkpoint
-    from layermoe_ds.modeling.hf_loading import parse_dtype
+    from layermoe_ds.checkpoints.read import export_checkpoint
+    from layermoe_ds.hf.load import parse_dtype
 
     refuse_overwrite(args.out)
     path, marker = export_checkpoint(args.checkpoint, args.out, args.base, parse_dtype(args.dtype))

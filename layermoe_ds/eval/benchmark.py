@@ -299,7 +299,7 @@ def _harness_model(model_dir: Path, batch_size: int, device: str | None, dtype: 
 
     from layermoe_ds.data.tokenizer import load_tokenizer
     from layermoe_ds.distributed import device_and_backend
-    from layermoe_ds.modeling.hf_loading import load_causal_lm, parse_dtype
+    from layermoe_ds.hf.load import load_causal_lm, parse_dtype
 
     device = device_and_backend(device)[0]
     model = load_causal_lm(model_dir, parse_dtype(dtype), device)

@@ -8,8 +8,6 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from layermoe_ds.data.streams import open_streams
 from layermoe_ds.data.tokenizer import load_tokenizer
 from layermoe_ds.data.tokens import TokenStream
@@ -18,33 +16,11 @@ from layermoe_ds.ds.process import init_process_group
 from layermoe_ds.errors import InputError
 from layermoe_ds.eval.perplexity import evaluate_languages, format_table, group_averages
 from layermoe_ds.eval.routing import RoutingStats, format_routing
+from layermoe_ds.hf.load import parse_dtype, seq_len_for
+from layermoe_ds.hf.sources import check_source, load_model
 from layermoe_ds.io import write_json
-from layermoe_ds.modeling.checkpoint_files import MARKER, is_checkpoint, model_from_checkpoint
-from layermoe_ds.modeling.hf_loading import check_model_dir, load_causal_lm, parse_dtype, seq_len_for
 from layermoe_ds.modeling.lm_loss import check_fused_loss
 from layermoe_ds.modeling.types import is_layermoe
-
-
-def is_checkpoint_source(path: Path) -> bool:
-    """A checkpoint carries a config.json too; a run directory has none but holds checkpoints/."""
-    path = Path(path)
-    return (path / MARKER).is_file() or (not (path / "config.json").is_file() and is_checkpoint(path))
-
-
-def check_source(path: Path) -> None:
-    """Fail fast (before any data is read) on a path that is neither a model directory nor a checkpoint."""
-    if not is_checkpoint_source(path):
-        check_model_dir(path)
-
-
-def load_for_evaluation(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu", base: Path | None = None):
-    """(model, the directory holding its tokenizer, what was loaded): model directories and checkpoints alike."""
-    path = Path(path)
-    if is_checkpoint_source(path):
-        model, checkpoint_dir, marker = model_from_checkpoint(path, base, dtype)
-        described = f"checkpoint {checkpoint_dir} (step {marker['step']})"
-        return model.to(device=device), checkpoint_dir, described
-    return load_causal_lm(path, dtype, device), path, str(path)
 
 
 def language_groups(langs: Sequence[str], old: Sequence[str], groups: Sequence[Sequence[str]] | None) -> dict[str, int]:
@@ -111,7 +87,7 @@ def run_evaluation(
     check_source(source)
     adopt_launcher_env()
     device, backend = device_and_backend(device)
-    model, tokenizer_dir, described = load_for_evaluation(source, parse_dtype(dtype), device, base)
+    model, tokenizer_dir, described = load_model(source, parse_dtype(dtype), device, base)
     seq_len = seq_len_for(model.config, seq_len, 1024, "evaluate --seq-len")  # default: 1,024 within the context
     check_fused_loss(model, f"evaluate --model {source}")  # the perplexities go through the fused head
     tokenizer = load_tokenizer(tokenizer_dir)

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from layermoe_ds.errors import InputError
+from layermoe_ds.hf.files import model_source
 from layermoe_ds.modeling.families import Layout, embedding_name
-from layermoe_ds.modeling.streaming import model_source
 from layermoe_ds.modeling.types import model_config
 from layermoe_ds.modeling.upcycle import dense_source, seeded_xavier, upcycle_source_name
 

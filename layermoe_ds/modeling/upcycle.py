@@ -19,8 +19,7 @@ from torch import nn
 
 from layermoe_ds.config import StrEnum, choice
 from layermoe_ds.errors import InputError
-from layermoe_ds.modeling.families import Layout, causal_lm_class, dense_tensor_names, embedding_name, expandable
-from layermoe_ds.modeling.streaming import (
+from layermoe_ds.hf.files import (
     Planned,
     TensorSource,
     model_source,
@@ -28,6 +27,8 @@ from layermoe_ds.modeling.streaming import (
     write_model_dir,
     write_safetensors,
 )
+from layermoe_ds.hf.load import check_tensors
+from layermoe_ds.modeling.families import Layout, causal_lm_class, dense_tensor_names, embedding_name, expandable
 from layermoe_ds.modeling.types import (
     expanded_classes,
     is_layermoe,
@@ -365,15 +366,6 @@ def grow(
 
 def _load_exact(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """load_state_dict(strict) with a message that names the first missing/unexpected key or shape mismatch."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise InputError(f"weights do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    for key, value in state.items():
-        if own[key].shape != value.shape:
-            raise InputError(
-                f"weights do not match the model: {key} has shape {tuple(value.shape)}, "
-                f"the model expects {tuple(own[key].shape)}"
-            )
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    check_tensors(expected, {name: tuple(t.shape) for name, t in state.items()}, "weights")
     model.load_state_dict(state, strict=True)

@@ -21,10 +21,10 @@ from layermoe_ds.config import TrainConfig
 from layermoe_ds.ds.moe_layer import to_expert_parallel
 from layermoe_ds.ds.names import disk_name, new_expert_index
 from layermoe_ds.errors import InputError
+from layermoe_ds.hf.load import carry_generation_config, check_context, check_model_dir, load_causal_lm
+from layermoe_ds.hf.materialize import materialize, parameters_on_meta
 from layermoe_ds.io import read_json
 from layermoe_ds.modeling.base_tensors import base_loader
-from layermoe_ds.modeling.hf_loading import carry_generation_config, check_context, check_model_dir, load_causal_lm
-from layermoe_ds.modeling.materialize import materialize, parameters_on_meta
 from layermoe_ds.modeling.types import is_layermoe, layermoe_classes, model_config
 from layermoe_ds.modeling.upcycle import upcycled_config
 from layermoe_ds.training.stages import apply_full_finetune, apply_stage, trained_group

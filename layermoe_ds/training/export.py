@@ -13,8 +13,9 @@ import torch.distributed as dist
 
 from layermoe_ds.ds.internals import expert_data_parallel_rank
 from layermoe_ds.ds.names import disk_name, new_expert_index
+from layermoe_ds.hf.files import ShardWriter, saved_keys, write_model_dir
+from layermoe_ds.hf.load import check_tensors
 from layermoe_ds.modeling.families import Layout
-from layermoe_ds.modeling.streaming import ShardWriter, saved_keys, write_model_dir
 from layermoe_ds.modeling.types import layermoe_classes, moe_blocks
 
 log = logging.getLogger("layermoe.train")
@@ -98,9 +99,8 @@ def export_model(model, tokenizer, out: Path, stage: int, max_shard_bytes: int =
         for expert_id in range(1, len(block.gate.expert_groups)):
             prefix = f"{Layout.of(config).ffn(layer)}.experts.{expert_id}"
             layout += [(f"{prefix}.{sub}", tuple(t.shape), t.dtype) for sub, t in local.items()]
-    missing = sorted(set(expected) - {name for name, _, _ in layout})
-    if missing:
-        raise AssertionError(f"export: tensors missing from the trained model: {missing[:3]}")
+    shapes = {name: shape for name, (shape, _) in expected.items()}
+    check_tensors(shapes, {name: shape for name, shape, _ in layout}, "export: the trained model's tensors")
 
     def write(directory: Path) -> None:
         writer = ShardWriter(directory, layout, max_shard_bytes)

@@ -20,6 +20,8 @@ import psutil
 import torch
 import torch.distributed as dist
 
+from layermoe_ds.checkpoints import save_load as checkpoint
+from layermoe_ds.checkpoints.format import model_slots
 from layermoe_ds.config import TrainConfig, to_dict
 from layermoe_ds.data.packing import BlockSampler
 from layermoe_ds.data.stage_data import StageData, stage_blocks
@@ -28,12 +30,10 @@ from layermoe_ds.distributed import RETURN_FREES_ENV, device_and_backend, return
 from layermoe_ds.ds.engine import check_ds_config, initialize, model_dtype
 from layermoe_ds.ds.internals import check_version, release_optimizer
 from layermoe_ds.ds.names import new_expert_index
-from layermoe_ds.ds.placement import model_slots
 from layermoe_ds.ds.process import init_process_group, release_shm_buffers
 from layermoe_ds.errors import OutputExistsError
 from layermoe_ds.io import read_json, write_json
 from layermoe_ds.modeling.types import is_layermoe, layermoe_model_type, moe_blocks
-from layermoe_ds.training import checkpoint
 from layermoe_ds.training.build import build_model, check_model
 from layermoe_ds.training.export import export_model, write_model_files
 from layermoe_ds.training.host_reads import HOST_READS, HostReadSections

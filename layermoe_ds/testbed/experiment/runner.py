@@ -23,8 +23,8 @@ from layermoe_ds.distributed import device_and_backend
 from layermoe_ds.ds.process import RENDEZVOUS, Launcher, cpu_launch_env, stage_command
 from layermoe_ds.errors import StepFailed
 from layermoe_ds.eval.evaluate import evaluate_model
+from layermoe_ds.hf.load import load_causal_lm
 from layermoe_ds.io import read_json, sha256_file, write_json
-from layermoe_ds.modeling.hf_loading import load_causal_lm
 from layermoe_ds.modeling.types import moe_blocks
 from layermoe_ds.modeling.upcycle import grow_dir
 from layermoe_ds.testbed.experiment.cache import cached, directory_manifest, fingerprint, step_seconds

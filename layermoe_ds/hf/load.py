@@ -1,4 +1,8 @@
-"""Load a user's Hugging Face decoder LM directory, checking it before any work is done."""
+"""Load a Hugging Face decoder LM directory — a user's dense model or a LayerMoE one — checking it before any work
+is done: the files there, each safetensors file whole, every stored tensor's name and shape against the model its
+config.json describes (`check_tensors`, the one key and shape check). LayerMoE directories load through the
+package's own classes (the same code as their remote code), so `isinstance` checks and training see one class.
+A checkpoint or a run directory loads through `hf/sources.py::load_model`."""
 
 from __future__ import annotations
 
@@ -7,14 +11,15 @@ import struct
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, GenerationConfig
 from transformers.utils import logging as hf_logging
 
+from layermoe_ds.ds.names import disk_name
 from layermoe_ds.errors import InputError, MissingInputError
 from layermoe_ds.modeling.families import check_layout
-from layermoe_ds.modeling.hf_export import load_layermoe
 from layermoe_ds.modeling.remote.modeling_layermoe import attribute_path
-from layermoe_ds.modeling.types import is_layermoe, layermoe_model_type
+from layermoe_ds.modeling.types import is_layermoe, layermoe_classes, layermoe_model_type
 
 WEIGHT_PATTERNS = ("model.safetensors", "model-*.safetensors", "pytorch_model.bin", "pytorch_model-*.bin")
 DTYPES = {
@@ -127,3 +132,61 @@ def ffn_modules(model) -> list[torch.nn.Module]:
     config = model.config
     name = config.ffn_module if is_layermoe(model) else check_layout(model, config.model_type).ffn_module
     return [getattr(layer, name) for layer in decoder_layers(model)]
+
+
+def load_layermoe(path: Path, dtype: torch.dtype = torch.float32):
+    """Load a LayerMoE directory with the package's classes, after checking every stored tensor's key and shape
+    against the model its config.json describes."""
+    config_cls, model_cls = layermoe_classes(layermoe_model_type(path))
+    try:
+        config = config_cls.from_pretrained(path)
+    except ValueError as exc:
+        raise InputError(f"model: {path}/config.json is not a valid LayerMoE config: {exc}") from exc
+    with torch.device("meta"):
+        skeleton = model_cls(config)
+    if verify_weights(skeleton, path):
+        return model_cls.from_pretrained(path, dtype=dtype)
+    # Written with the legacy names (ds/names.py): each tensor read under today's name into a model built on meta.
+    from layermoe_ds.hf.materialize import materialize, parameters_on_meta
+    from layermoe_ds.modeling.base_tensors import base_loader  # (it imports upcycling, which imports this module)
+
+    with parameters_on_meta():
+        model = model_cls(config)
+    materialize(model, base_loader(model, path, from_dense=False, seed=None), lambda name, param: dtype)
+    return carry_generation_config(model, path).to(dtype)
+
+
+def verify_weights(model, path: Path) -> bool:
+    """The checkpoint's tensors must be exactly the model's: a config/weights mismatch names the key and shape.
+    Names are compared on disk's terms (legacy names mapped, `ds/names.py`); returns whether they are today's."""
+    path = Path(path)
+    files = sorted(path.glob("model*.safetensors"))
+    if not files:
+        raise MissingInputError(f"model: {path} has no safetensors weights")
+    stored = {}
+    for file in files:
+        with safe_open(file, "pt") as f:
+            for key in f.keys():
+                stored[key] = tuple(f.get_slice(key).get_shape())
+    current = all(disk_name(key) == key for key in stored)
+    stored = {disk_name(key): shape for key, shape in stored.items()}
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        expected.pop("lm_head.weight", None)
+        stored.pop("lm_head.weight", None)
+    check_tensors(expected, stored, f"model: {path} (its weights against its config.json)")
+    return current
+
+
+def check_tensors(
+    expected: dict[str, tuple[int, ...]], given: dict[str, tuple[int, ...]], what: str, partial: bool = False
+) -> None:
+    """The one key and shape check: `given` tensors (name → shape) must be exactly the `expected` ones (`partial`:
+    a subset of them), or one line names the first missing and unexpected names, or the first shape that differs."""
+    missing = [] if partial else sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    if missing or unexpected:
+        raise InputError(f"{what} do not match: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for key, shape in given.items():
+        if tuple(expected[key]) != tuple(shape):
+            raise InputError(f"{what}: {key} has shape {tuple(shape)}, the model expects {tuple(expected[key])}")

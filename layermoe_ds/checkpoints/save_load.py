@@ -24,37 +24,25 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from layermoe_ds.ds.internals import moe_files_hidden, refresh_master_weights
-from layermoe_ds.ds.names import expert_file, expert_optimizer_file, training_expert_prefix
-from layermoe_ds.ds.placement import checkpoint_slots
-from layermoe_ds.errors import CheckpointWriteError, InputError
-from layermoe_ds.io import atomic_write_bytes, read_json, write_json
-from layermoe_ds.modeling.checkpoint_files import (
+from layermoe_ds.checkpoints.format import (
     MARKER,
     check_base,
     checkpoint_root,
+    checkpoint_slots,
     complete_checkpoints,
     file_entry,
+    layout_of,
     tag_for,
     verify_files,
 )
+from layermoe_ds.ds.internals import moe_files_hidden, refresh_master_weights
+from layermoe_ds.ds.names import expert_file, expert_optimizer_file, training_expert_prefix
+from layermoe_ds.errors import CheckpointWriteError, InputError
+from layermoe_ds.io import atomic_write_bytes, read_json, write_json
 from layermoe_ds.modeling.families import Layout
 from layermoe_ds.modeling.types import moe_blocks
 
 log = logging.getLogger(__name__)
-
-
-def layout_of(model) -> dict:
-    """The expert layout a checkpoint belongs to (all None for a dense model: the full fine-tune baseline); a model
-    or its config."""
-    config = getattr(model, "config", model)
-    if not hasattr(config, "experts_per_layer"):
-        return {"experts_per_layer": None, "expert_groups": None, "classifier_layers": None}
-    return {
-        "experts_per_layer": list(config.experts_per_layer),
-        "expert_groups": [list(g) for g in config.expert_groups],
-        "classifier_layers": list(config.classifier_layers),
-    }
 
 
 def _manifest_share(directory: Path, names: list[str]) -> dict[str, dict]:

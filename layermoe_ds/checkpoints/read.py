@@ -1,12 +1,11 @@
-"""A training run's checkpoints, read without DeepSpeed or a process group: which are complete (`COMPLETE.json`,
-the marker rank 0 writes last), whether their files match their manifest, and the model they hold
-(`model_from_checkpoint`, for export and evaluation). Writing and resuming them is `training/checkpoint.py`'s."""
+"""A training run's checkpoints read without DeepSpeed or a process group: the newest complete one of a run, checked
+against its manifest, consolidated into one state dict under the names on disk, and the model it holds
+(`model_from_checkpoint`, `export_checkpoint`: export and evaluation). The format is `format.py`'s; saving and
+resuming, `save_load.py`'s."""
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,92 +13,17 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from layermoe_ds.checkpoints.format import MARKER, check_base, checkpoint_slots, complete_checkpoints, verify_files
 from layermoe_ds.ds.names import EXPERT_FILES, MODEL_FILE, disk_name
-from layermoe_ds.ds.placement import checkpoint_slots
 from layermoe_ds.errors import InputError, MissingInputError
-from layermoe_ds.io import read_json, sha256_file
+from layermoe_ds.hf.files import ShardWriter, saved_keys, write_model_dir
+from layermoe_ds.hf.load import carry_generation_config, check_tensors
+from layermoe_ds.hf.materialize import materialize, parameters_on_meta
+from layermoe_ds.io import read_json
 from layermoe_ds.modeling.base_tensors import base_loader
-from layermoe_ds.modeling.hf_loading import carry_generation_config
-from layermoe_ds.modeling.materialize import materialize, parameters_on_meta
-from layermoe_ds.modeling.streaming import ShardWriter, saved_keys, write_model_dir
 from layermoe_ds.modeling.types import layermoe_classes, layermoe_model_type, model_config
 
 log = logging.getLogger(__name__)
-
-MARKER = "COMPLETE.json"
-
-
-def checkpoint_root(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-TAG = re.compile(r"step_\d{8}")
-
-
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoint directories (a marker that parses), oldest first. Contents are checked on load."""
-    root = checkpoint_root(run_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for path in sorted(root.iterdir()):
-        if path.is_dir() and TAG.fullmatch(path.name) and (path / MARKER).is_file():
-            try:
-                json.loads((path / MARKER).read_text(encoding="utf-8"))
-            except (ValueError, UnicodeDecodeError):
-                log.warning("checkpoint %s: %s is unreadable; not a complete checkpoint", path.name, MARKER)
-                continue
-            found.append(path)
-    return found
-
-
-def file_entry(file: Path) -> dict:
-    """A manifest entry: size and SHA-256, or that the file is missing."""
-    return {"size": file.stat().st_size, "sha256": sha256_file(file)} if file.is_file() else {"missing": True}
-
-
-def check_base(pointer: dict, model_dir: Path, current: dict | None = None) -> None:
-    """The base a checkpoint points at must be `model_dir`'s content (its path may have changed): a one-line error
-    naming the first file that differs, and how to point at the right base."""
-    model_dir = Path(model_dir)
-    if current is None:
-        current = {name: file_entry(model_dir / name) for name in pointer["files"]}
-    for name, expected in pointer["files"].items():
-        got = current.get(name)
-        if got is None or "missing" in got:
-            problem = f"{name} is missing"
-        elif got["size"] != expected["size"] or got["sha256"] != expected["sha256"]:
-            problem = (
-                f"{name} differs (size {got['size']} vs {expected['size']}, SHA-256 {got['sha256'][:12]}… vs "
-                f"{expected['sha256'][:12]}…)"
-            )
-        else:
-            continue
-        raise InputError(
-            f"base model: the checkpoint was trained from {pointer['path']}, and {model_dir} is not that model: "
-            f"{problem}; point train.model (or --base) at the original base, wherever it is now"
-        )
-
-
-def verify_files(path: Path, marker: dict, files: dict[str, dict] | None = None) -> str | None:
-    """What is wrong with `path` against its manifest, or None. `files`: freshly measured entries (else measured
-    here, single process)."""
-    for name, expected in marker["files"].items():
-        if isinstance(expected, int):  # manifests before checksums: sizes only
-            expected = {"size": expected}
-        file = path / name
-        if not file.is_file():
-            return f"{name} is missing"
-        actual = files[name] if files is not None else file_entry(file)
-        if actual.get("size") != expected["size"]:
-            return f"{name} has {actual.get('size')} bytes, the manifest says {expected['size']} (truncated?)"
-        if "sha256" in expected and actual.get("sha256") != expected["sha256"]:
-            return f"{name} does not match its SHA-256 in the manifest (corrupted)"
-    return None
 
 
 def consolidated_from_checkpoint(path: Path, marker: dict | None = None) -> dict[str, torch.Tensor]:
@@ -239,9 +163,9 @@ def read_checkpoint(path: Path, base_dir: Path | None = None) -> CheckpointModel
         from_dense = model_type is not None and layermoe_model_type(base_dir) is None
         seed = _upcycle_seed(pointer, path) if from_dense else None
         from_base = base_loader(model, base_dir, from_dense, seed)
-    unexpected = sorted(set(trained) - set(model.state_dict()))
-    if unexpected:
-        raise InputError(f"checkpoint {path} does not match its config.json: unexpected {unexpected[:3]}")
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    given = {name: tuple(t.shape) for name, t in trained.items()}
+    check_tensors(expected, given, f"checkpoint {path} (its tensors against its config.json)", partial=True)
 
     def load(name: str, param: torch.nn.Parameter) -> torch.Tensor:
         if name in trained:

@@ -292,3 +292,15 @@ def saved_keys(model) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
     return {name: (tuple(t.shape), t.dtype) for name, t in state.items()}
+
+
+def save_model(model, out: Path, tokenizer=None) -> Path:
+    """Save weights (safetensors), config with auto_map, the remote modeling code and the tokenizer.
+
+    Written next to `out` and renamed into place, so `out/config.json` existing means the directory is whole (a
+    kill during the export leaves the previous directory, or none)."""
+    with directory_in_place(out) as partial:
+        model.save_pretrained(partial)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(partial)
+    return Path(out)
