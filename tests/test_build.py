@@ -44,7 +44,7 @@ def _worker(rank: int, world: int, port: int, dense: str, moe: str, tmp: str) ->
     import deepspeed
 
     from layermoe_ds.config import TrainConfig
-    from layermoe_ds.training.build import build_model
+    from layermoe_ds.training.build import build_model, resolve_model
 
     deepspeed.init_distributed(dist_backend="gloo")
     allocation = Path(tmp) / "alloc.json"
@@ -52,7 +52,7 @@ def _worker(rank: int, world: int, port: int, dense: str, moe: str, tmp: str) ->
     for stage, model_dir, dtype in ((1, dense, torch.float32), (2, moe, torch.bfloat16)):
         extra = {"allocation": str(allocation)} if stage == 1 else {}
         config = TrainConfig(**{**base_config(model_dir, tmp, Path(tmp) / "run"), **extra, "seed": 3})
-        built = build_model(config, stage, world, dtype, torch.device("cpu"))
+        built = build_model(resolve_model(config, stage), config, stage, world, dtype, torch.device("cpu"))
         reference = eager(config, stage, world, dtype)
         ours, theirs = dict(built.model.named_parameters()), dict(reference.named_parameters())
         assert ours.keys() == theirs.keys()

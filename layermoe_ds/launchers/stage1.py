@@ -5,16 +5,11 @@
 Options: `python -m layermoe_ds.launchers.stage1 --help` (layermoe_ds/training/launch.py).
 """
 
-from __future__ import annotations
-
 import sys
 
+from layermoe_ds.launchers import stage_main
 
-def main(argv: list[str] | None = None) -> int:
-    from layermoe_ds.training.launch import main as launch
-
-    return launch(1, argv)
-
+main = stage_main(1)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -38,69 +38,82 @@ class Built:
     census: dict  # what this rank materialised: tensors, bytes, and the global ids of its experts per layer
 
 
-def _config_for(config: TrainConfig, stage: int):
-    """(LayerMoE config, model class, upcycling from dense?) after the checks that need no weights."""
-    model_dir = Path(config.model)
+@dataclass(frozen=True)
+class ModelSource:
+    """The model a run starts from, resolved once per run (`resolve_model`) and handed down: its directory, the
+    config this run's model is built from (the dense config for the full fine-tune), its class, and the allocation
+    a dense base is upcycled with on the fly (None: a LayerMoE base, or the dense baseline)."""
+
+    path: Path
+    config: object
+    model_cls: type | None  # None: the dense full fine-tune, loaded as it is
+    allocation: dict | None
+
+    @property
+    def from_dense(self) -> bool:
+        return self.allocation is not None
+
+
+def resolve_model(config: TrainConfig, stage: int) -> ModelSource:
+    """Everything about the model that can be refused before a process group exists, read once: its files, what it
+    is, the allocation it is upcycled with or was built from, its context against `train.seq_len`, its language
+    groups against `train.language_groups`."""
+    model_dir = check_model_dir(Path(config.model))
     hf_config = model_config(model_dir)
-    if not is_layermoe(hf_config):
-        if stage != 1 or not config.allocation:
-            raise InputError(
-                f"train.model: {config.model} is a dense model; stage 1 upcycles it when "
-                "train.allocation is given, stage 2 needs the stage-1 model"
-            )
-        moe_config, model_cls = upcycled_config(hf_config, read_json(Path(config.allocation), "allocation"))
-        return moe_config, model_cls, True
-    config_cls, model_cls = layermoe_classes(hf_config.model_type)
-    moe_config = config_cls.from_pretrained(model_dir)
-    if config.allocation:
-        wanted = read_json(Path(config.allocation), "allocation")["experts_per_layer"]
-        history = (moe_config.allocation or {}).get("history", [{}])
-        if history[-1].get("experts_per_layer") != wanted:
-            raise InputError(
-                f"train.allocation: {config.allocation} ({wanted}) is not the allocation "
-                f"{config.model} was built from ({history[-1].get('experts_per_layer')})"
-            )
-    return moe_config, model_cls, False
-
-
-def check_model(config: TrainConfig, stage: int):
-    """Everything about the model that can be refused before a process group exists; returns its config."""
-    check_model_dir(Path(config.model))
     if config.full_finetune:
-        hf_config = model_config(Path(config.model))
         if stage != 1 or is_layermoe(hf_config):
             raise InputError(
                 f"train.full_finetune: the dense baseline is a stage-1 run from a dense model "
                 f"(stage {stage}, model {config.model} is {'a LayerMoE' if is_layermoe(hf_config) else 'dense'})"
             )
         check_context(hf_config, config.seq_len, "train.seq_len")
-        return hf_config
-    moe_config, _, _ = _config_for(config, stage)
-    check_context(moe_config, config.seq_len, "train.seq_len")
-    if moe_config.num_groups != len(config.language_groups):
+        return ModelSource(model_dir, hf_config, None, None)
+    allocation = read_json(Path(config.allocation), "allocation") if config.allocation else None
+    if not is_layermoe(hf_config):
+        if stage != 1 or allocation is None:
+            raise InputError(
+                f"train.model: {config.model} is a dense model; stage 1 upcycles it when "
+                "train.allocation is given, stage 2 needs the stage-1 model"
+            )
+        moe_config, model_cls = upcycled_config(hf_config, allocation)
+        source = ModelSource(model_dir, moe_config, model_cls, allocation)
+    else:
+        config_cls, model_cls = layermoe_classes(hf_config.model_type)
+        moe_config = config_cls.from_pretrained(model_dir)
+        if allocation is not None:
+            history = (moe_config.allocation or {}).get("history", [{}])
+            if history[-1].get("experts_per_layer") != allocation["experts_per_layer"]:
+                raise InputError(
+                    f"train.allocation: {config.allocation} ({allocation['experts_per_layer']}) is not the allocation "
+                    f"{config.model} was built from ({history[-1].get('experts_per_layer')})"
+                )
+        source = ModelSource(model_dir, moe_config, model_cls, None)
+    check_context(source.config, config.seq_len, "train.seq_len")
+    if source.config.num_groups != len(config.language_groups):
         raise InputError(
             f"train.language_groups: {len(config.language_groups)} groups, but the model knows "
-            f"{moe_config.num_groups} (old + one per expansion)"
+            f"{source.config.num_groups} (old + one per expansion)"
         )
-    return moe_config
+    return source
 
 
-def build_model(config: TrainConfig, stage: int, world_size: int, dtype: torch.dtype, device: torch.device) -> Built:
-    """This rank's training model on `device` (see the module docstring), for a `config` that `check_model` passed.
-    `dtype`: the DeepSpeed JSON's precision."""
-    if config.full_finetune:
-        model = load_causal_lm(Path(config.model), dtype, device).train()
+def build_model(
+    source: ModelSource, config: TrainConfig, stage: int, world_size: int, dtype: torch.dtype, device: torch.device
+) -> Built:
+    """This rank's training model on `device` (see the module docstring) from the resolved `source`. `dtype`: the
+    DeepSpeed JSON's precision."""
+    if source.model_cls is None:
+        model = load_causal_lm(source.path, dtype, device).train()
         size = sum(p.numel() * p.element_size() for p in model.parameters())
         census = {"tensors": len(list(model.parameters())), "bytes": size, "experts": {}}
         return Built(model, {}, apply_full_finetune(model), census)
-    moe_config, model_cls, from_dense = _config_for(config, stage)
     with parameters_on_meta():
-        model = model_cls(moe_config)
+        model = source.model_cls(source.config)
     ep_sizes = to_expert_parallel(
         model, world_size, config.expert_parallel_size, config.capacity_factor, drop_tokens=config.drop_tokens
     )
     global_ids = {layer: block.moe.global_ids for layer, block in model.moe_blocks().items()}
-    from_base = base_loader(model, Path(config.model), from_dense, config.seed)
+    from_base = base_loader(model, source.path, source.from_dense, config.seed)
 
     def load(name: str, param: nn.Parameter) -> torch.Tensor:
         return from_base(disk_name(name, global_ids), param)  # training name → disk name (local expert → its id)
@@ -110,7 +123,7 @@ def build_model(config: TrainConfig, stage: int, world_size: int, dtype: torch.d
         return torch.float32 if stage == 2 and trained_group(model, name, stage) else dtype
 
     loaded = materialize(model, load, dtype_of, device)
-    carry_generation_config(model, Path(config.model))
+    carry_generation_config(model, source.path)
     model.set_classifier_routing(stage == 2)
     trainable = apply_stage(model, stage)
     experts: dict[int, list[int]] = {}

@@ -42,7 +42,7 @@ def build_parser(stage: int) -> argparse.ArgumentParser:
     )
     parser.add_argument("--local_rank", type=int, default=None, help="passed by the launcher; LOCAL_RANK is used")
     parser.add_argument("--debug", action="store_true")
-    # Stage 2 takes no dense full fine-tune: the flag would only be refused (build.check_model).
+    # Stage 2 takes no dense full fine-tune: the flag would only be refused (build.resolve_model).
     add_config_flags(parser, TrainConfig, skip=() if stage == 1 else ("full_finetune",))
     return parser
 

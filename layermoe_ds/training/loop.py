@@ -33,8 +33,8 @@ from layermoe_ds.ds.names import new_expert_index
 from layermoe_ds.ds.process import init_process_group, release_shm_buffers
 from layermoe_ds.errors import OutputExistsError
 from layermoe_ds.io import read_json, write_json
-from layermoe_ds.modeling.types import is_layermoe, layermoe_model_type, moe_blocks
-from layermoe_ds.training.build import build_model, check_model
+from layermoe_ds.modeling.types import moe_blocks
+from layermoe_ds.training.build import ModelSource, build_model, resolve_model
 from layermoe_ds.training.export import export_model, write_model_files
 from layermoe_ds.training.host_reads import HOST_READS, HostReadSections
 from layermoe_ds.training.losses import LossWeights, stage_losses
@@ -128,38 +128,31 @@ class StageTrainer:
         # Stage 2 hands DeepSpeed an fp32 config (engine.py explains); the JSON's bf16 still sets the frozen precision.
         frozen_dtype = model_dtype(ds_config)
         self.ds_config = check_ds_config(ds_config, stage)
-        resolved, model_config = self._check_inputs()
+        resolved, self.source = self._check_inputs()
         # Data before any process group: raw text is tokenized into the cache by the first rank to get there while
         # the others wait on its lock, not in a collective that could time out.
-        self.tokenizer = load_tokenizer(Path(config.model))
-        self.blocks = stage_blocks(StageData.of(config), stage, self.tokenizer, Path(config.model))
+        self.tokenizer = load_tokenizer(self.source.path)
+        self.blocks = stage_blocks(StageData.of(config), stage, self.tokenizer, self.source.path)
         self._build(frozen_dtype, resolved)
-        self.base = checkpoint.base_pointer(Path(config.model), self._upcycled_with(model_config), config.seed)
+        self.base = checkpoint.base_pointer(self.source.path, self.source.allocation, config.seed)
         self.step = self._resume()
         self.host_reads_counted = False
 
-    def _check_inputs(self) -> tuple[dict, object]:
+    def _check_inputs(self) -> tuple[dict, ModelSource]:
         """The run directory, the checkpoints in it and the model, before anything is built; (the resolved config,
-        the model's config)."""
+        the model it starts from)."""
         config, out = self.config, self.out
         resolved = {"stage": self.stage, "train": to_dict(config), "deepspeed": self.ds_config}
         resolved["fingerprint"] = _fingerprint(resolved["train"], self.ds_config, self.stage)
         _check_run_dir(out, resolved)
         if config.resume == "no" and checkpoint.complete_checkpoints(out):
             raise OutputExistsError(f"{out} has checkpoints and train.resume is 'no'; use another --out")
-        model_config = check_model(config, self.stage)  # the model's files and settings, before anything else
+        source = resolve_model(config, self.stage)  # the model's files and settings, before anything else
         newest = checkpoint.complete_checkpoints(out)
         if newest and config.resume == "auto":  # refuse another allocation's checkpoint before anything is built
             marker = read_json(newest[-1] / checkpoint.MARKER, "checkpoint marker")
-            checkpoint.check_compatible(marker, model_config, newest[-1])
-        return resolved, model_config
-
-    def _upcycled_with(self, model_config) -> dict | None:
-        """The allocation this run upcycles its dense base with, or None (a LayerMoE base, or the dense baseline)."""
-        dense_base = layermoe_model_type(Path(self.config.model)) is None
-        if not (dense_base and is_layermoe(model_config)):
-            return None
-        return read_json(Path(self.config.allocation), "allocation")
+            checkpoint.check_compatible(marker, source.config, newest[-1])
+        return resolved, source
 
     def _build(self, frozen_dtype: torch.dtype, resolved: dict) -> None:
         """The process group, this rank's model, the sampler and the DeepSpeed engine; the resolved config and every
@@ -172,7 +165,7 @@ class StageTrainer:
             release_shm_buffers()
         self.device = torch.device(device_name)
         torch.manual_seed(config.seed)
-        built = build_model(config, self.stage, self.world, frozen_dtype, self.device)
+        built = build_model(self.source, config, self.stage, self.world, frozen_dtype, self.device)
         model = self.model = built.model
         self.loss_weights = LossWeights.of(config)
         self.ep_sizes = built.ep_sizes
@@ -202,7 +195,7 @@ class StageTrainer:
         """The step to start from: the newest complete checkpoint's (engine, scheduler and sampler restored), or 0."""
         if self.config.resume != "auto":
             return 0
-        base = (Path(self.config.model), self.base["files"])
+        base = (self.source.path, self.base["files"])
         marker = checkpoint.load_latest(self.engine, self.out, self.model, self.scheduler, self.gates_only, base)
         if marker is None:
             return 0
