@@ -146,3 +146,9 @@ def test_each_concept_has_one_home():
                 definitions.setdefault(node.name, []).append(str(path.relative_to(PACKAGE)))
     assert definitions == {"check_tensors": ["hf/load.py"], "load_model": ["hf/sources.py"],
                            "write_model_dir": ["hf/files.py"]}  # fmt: skip
+
+
+def test_every_package_folder_is_a_package():
+    """`packages = find:` ships only folders with an `__init__.py`: one without is missing from the wheel."""
+    folders = {p.parent for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts}
+    assert not sorted(str(f.relative_to(PACKAGE)) for f in folders if not (f / "__init__.py").is_file())
