@@ -146,14 +146,15 @@ def load_layermoe(path: Path, dtype: torch.dtype = torch.float32):
         skeleton = model_cls(config)
     if verify_weights(skeleton, path):
         return model_cls.from_pretrained(path, dtype=dtype)
-    # Written with the legacy names (ds/names.py): each tensor read under today's name into a model built on meta.
-    from layermoe_ds.hf.materialize import materialize, parameters_on_meta
-    from layermoe_ds.modeling.base_tensors import base_loader  # (it imports upcycling, which imports this module)
-
-    with parameters_on_meta():
-        model = model_cls(config)
-    materialize(model, base_loader(model, path, from_dense=False, seed=None), lambda name, param: dtype)
-    return carry_generation_config(model, path).to(dtype)
+    # Written with the legacy names (ds/names.py): the same loading, each tensor handed over under today's name (as
+    # the memory-mapped view from_pretrained itself would use: the same numbers to the last bit, which a copy at
+    # another alignment does not give).
+    state = {}
+    for file in sorted(Path(path).glob("model*.safetensors")):
+        with safe_open(file, "pt") as f:
+            state |= {disk_name(key): f.get_tensor(key) for key in f.keys()}
+    model = model_cls.from_pretrained(None, config=config, dtype=dtype, state_dict=state)
+    return carry_generation_config(model, path)
 
 
 def verify_weights(model, path: Path) -> bool:
