@@ -159,6 +159,9 @@ def anchor_mb_per_s(data: Path, tokenizer) -> float:
             if size >= 1 << 20:
                 batches.append(batch)
                 total, batch, size = total + size, [], 0
+    if batch:  # the last, partial batch (all of it on a small test slice)
+        batches.append(batch)
+        total += size
     started = time.perf_counter()
     for batch in batches:
         encode(batch)
