@@ -168,7 +168,7 @@ def block_to_expert_parallel(
     ep_rank = expert_parallel_rank(moe.expert_group_name)
     per_rank = num_new // ep
     placement = expert_placement(expert_groups, ep)
-    moe.placement = placement  # slot → expert id, every rank's: what a checkpoint records (placement.py)
+    moe.placement = placement  # slot → expert id, every rank's: what a checkpoint records (checkpoints/format.py)
     moe.global_ids = placement[ep_rank * per_rank : (ep_rank + 1) * per_rank]
     slot_of_expert = torch.empty(num_new, dtype=torch.long)
     slot_of_expert[torch.tensor(placement)] = torch.arange(num_new)

@@ -1,7 +1,7 @@
 """The model a training rank holds: built as shapes, made expert-parallel, then materialised by name.
 
 Stage 1 from a dense model (upcycled on the fly), stage 2 and lifelong stage 1 from a LayerMoE directory: the whole
-LayerMoE model is built with its parameters on the meta device (modeling/materialize.py), its new experts are
+LayerMoE model is built with its parameters on the meta device (hf/materialize.py), its new experts are
 swapped for DeepSpeed's expert-parallel layers (which hold only this rank's experts), the stage's table decides what
 trains, and only then is every remaining parameter read from the safetensors by name, straight in the run's dtype:
 the frozen tensors in the DeepSpeed JSON's precision, and in stage 2 the trainable gates in fp32. So a rank never
@@ -119,7 +119,7 @@ def build_model(
         return from_base(disk_name(name, global_ids), param)  # training name → disk name (local expert → its id)
 
     def dtype_of(name: str, param: nn.Parameter) -> torch.dtype:
-        # Stage 2 trains the gates in fp32 beside frozen tensors in the JSON's precision (engine.py explains).
+        # Stage 2 trains the gates in fp32 beside frozen tensors in the JSON's precision (ds/engine.py explains).
         return torch.float32 if stage == 2 and trained_group(model, name, stage) else dtype
 
     loaded = materialize(model, load, dtype_of, device)

@@ -125,7 +125,7 @@ class StageTrainer:
         if device_and_backend()[0] == "cpu" and os.environ.get(RETURN_FREES_ENV) == "1":
             return_large_frees_to_os()  # before anything large is allocated (distributed.py says why, and its cost)
         self.stage, self.config, self.out = stage, config, Path(config.out)
-        # Stage 2 hands DeepSpeed an fp32 config (engine.py explains); the JSON's bf16 still sets the frozen precision.
+        # Stage 2 hands DeepSpeed an fp32 config (ds/engine.py explains); the JSON's bf16 sets the frozen precision.
         frozen_dtype = model_dtype(ds_config)
         self.ds_config = check_ds_config(ds_config, stage)
         resolved, self.source = self._check_inputs()
