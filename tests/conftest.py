@@ -46,7 +46,7 @@ def _own_log_handlers():
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory) -> Path:
     """A 300-page slice of the embedded corpus (all five languages), built from the real Debian packages."""
-    from layermoe_ds.testbed.corpus import CorpusOptions, build_corpus
+    from layermoe_testbed.corpus import CorpusOptions, build_corpus
 
     out = tmp_path_factory.mktemp("corpus")
     try:
@@ -60,14 +60,14 @@ def corpus_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(corpus_dir, tmp_path_factory) -> Path:
-    from layermoe_ds.testbed.tokenizer_training import train_tokenizer
+    from layermoe_testbed.tokenizer_training import train_tokenizer
 
     return train_tokenizer(corpus_dir, OLD + NEW, tmp_path_factory.mktemp("tok") / "tokenizer", vocab_size=1000)
 
 
 @pytest.fixture(scope="session")
 def tiny_config():
-    from layermoe_ds.testbed.pretrain_config import BaseModelConfig, PretrainConfig
+    from layermoe_testbed.pretrain_config import BaseModelConfig, PretrainConfig
 
     model = BaseModelConfig(
         num_layers=3, hidden_size=32, num_heads=2, num_kv_heads=1, intermediate_size=64, max_position=64
@@ -80,7 +80,7 @@ def tiny_config():
 @pytest.fixture(scope="session")
 def tiny_base(corpus_dir, tokenizer_dir, tiny_config, tmp_path_factory) -> Path:
     """A 3-layer, 32-wide Llama trained for 40 steps on en+de: cheap, but old languages already beat new ones."""
-    from layermoe_ds.testbed.pretrain import pretrain
+    from layermoe_testbed.pretrain import pretrain
 
     out = tmp_path_factory.mktemp("base") / "base"
     pretrain(tiny_config, corpus_dir, tokenizer_dir, out)

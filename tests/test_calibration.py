@@ -9,10 +9,10 @@ import pytest
 
 from layermoe_ds.errors import InputError
 from layermoe_ds.io import sha256_file
-from layermoe_ds.testbed import calibration
-from layermoe_ds.testbed.calibration import Calibration, GridPoint, choose, point_preset, point_summary
-from layermoe_ds.testbed.experiment import DENSE_BASE, Preset, RunId
-from layermoe_ds.testbed.experiment.presets import PAPER
+from layermoe_testbed import calibration
+from layermoe_testbed.calibration import Calibration, GridPoint, choose, point_preset, point_summary
+from layermoe_testbed.experiment import DENSE_BASE, Preset, RunId
+from layermoe_testbed.experiment.presets import PAPER
 
 GRID = Calibration(points=(GridPoint("deep", 150), GridPoint("deep-narrow", 450)))
 

@@ -85,7 +85,7 @@ def test_every_train_config_field_is_a_launcher_flag():
 
 def test_a_choice_from_a_file_is_checked_and_named(tmp_path):
     from layermoe_ds.config import load_config
-    from layermoe_ds.testbed.pretrain_config import PretrainConfig
+    from layermoe_testbed.pretrain_config import PretrainConfig
 
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  arch: mistral\n")

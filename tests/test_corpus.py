@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 
 from layermoe_ds.io import sha256_file
-from layermoe_ds.testbed.corpus import CorpusOptions, corpus_is_built, select_paragraphs, split_of
+from layermoe_testbed.corpus import CorpusOptions, corpus_is_built, select_paragraphs, split_of
 
 LONG = "a paragraph long enough to keep"
 
@@ -72,7 +72,7 @@ def test_corpus_slice_is_parallel_split_and_described(corpus_dir):
 
 
 def test_non_latin_languages_are_mostly_in_their_script(corpus_dir):
-    from layermoe_ds.testbed.help_html import latin_fraction
+    from layermoe_testbed.help_html import latin_fraction
 
     for lang in ("ru", "el"):
         lines = (corpus_dir / f"{lang}.train.txt").read_text().splitlines()
@@ -81,7 +81,7 @@ def test_non_latin_languages_are_mostly_in_their_script(corpus_dir):
 
 def test_data_build_default_is_the_demo_corpus():
     """`layermoe data build` with no --langs builds what `make demo` builds (so the demo reuses it)."""
-    from layermoe_ds.testbed.corpus import DEFAULT_LANGS
-    from layermoe_ds.testbed.pretrain import LATER_LANGS, OLD_LANGS
+    from layermoe_testbed.corpus import DEFAULT_LANGS
+    from layermoe_testbed.pretrain import LATER_LANGS, OLD_LANGS
 
     assert DEFAULT_LANGS == OLD_LANGS + LATER_LANGS

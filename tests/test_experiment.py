@@ -13,15 +13,15 @@ import yaml
 
 from layermoe_ds.ds.process import Launcher
 from layermoe_ds.io import sha256_file
-from layermoe_ds.testbed.experiment import DENSE_BASE, DENSE_FINETUNE, Method, Phase, Preset, RunId, System
-from layermoe_ds.testbed.experiment.presets import CLASSIFIER_CLAIM, PLACEMENT_CLAIM
+from layermoe_testbed.experiment import DENSE_BASE, DENSE_FINETUNE, Method, Phase, Preset, RunId, System
+from layermoe_testbed.experiment.presets import CLASSIFIER_CLAIM, PLACEMENT_CLAIM
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_mini_experiment(tiny_base, corpus_dir, tmp_path):
-    from layermoe_ds.testbed.experiment import finite_table, run_experiment
-    from layermoe_ds.testbed.experiment.cache import step_record
+    from layermoe_testbed.experiment import finite_table, run_experiment
+    from layermoe_testbed.experiment.cache import step_record
 
     uniform = System("uniform (3/layer)", Method.UNIFORM, 3, "0", 3, 3, lifelong=True, curve=True)
     layermoe = System("LayerMoE (2/layer)", Method.LAYERMOE, 2, "1", 2, 3, seeds=(0, 1), curve=True)
@@ -143,7 +143,7 @@ def test_mini_experiment(tiny_base, corpus_dir, tmp_path):
 
 
 def test_cached_step_reruns_when_its_inputs_change(tmp_path):
-    from layermoe_ds.testbed.experiment.cache import cached, step_seconds
+    from layermoe_testbed.experiment.cache import cached, step_seconds
 
     out, calls = tmp_path / "result.json", []
 
@@ -162,7 +162,7 @@ def test_cached_step_reruns_when_its_inputs_change(tmp_path):
 
 
 def test_resumable_step_keeps_partial_work_only_for_the_same_inputs(tmp_path):
-    from layermoe_ds.testbed.experiment.cache import cached
+    from layermoe_testbed.experiment.cache import cached
 
     run_dir = tmp_path / "stage1"
     seen = []
@@ -204,7 +204,7 @@ LAST = System("LayerMoE last-2", Method.LAYERMOE, 2.5, "last-2", ablates=PLACEME
 
 
 def test_reading_judges_each_claim_by_the_seed_spread():
-    from layermoe_ds.testbed.experiment.reading import judge, reading, stats
+    from layermoe_testbed.experiment.reading import judge, reading, stats
 
     preset = Preset(systems=(U, LM, NO_CLS, LAST, DENSE_FINETUNE), old=("en",), new=("fr",), reference=LM.name,
                     baseline=U.name)  # fmt: skip
@@ -233,8 +233,8 @@ def test_reading_judges_each_claim_by_the_seed_spread():
 def test_the_premise_reading_compares_the_least_and_the_most_similar_layers():
     """The real-premise preset's question, read from made-up results: least- against most-similar placement of the
     same new experts, after each stage, with the seeds' spread; and no "as good as uniform" claim without uniform."""
-    from layermoe_ds.testbed.experiment.presets import PRESETS
-    from layermoe_ds.testbed.experiment.reading import reading
+    from layermoe_testbed.experiment.presets import PRESETS
+    from layermoe_testbed.experiment.reading import reading
 
     preset = PRESETS["real-premise"]
     least, most = preset.systems
@@ -255,7 +255,7 @@ def test_the_premise_reading_compares_the_least_and_the_most_similar_layers():
 
 
 def test_budget_quality_curve_interpolates_the_experts_uniform_needs():
-    from layermoe_ds.testbed.experiment.curve import curve, curve_reading, experts_for_quality
+    from layermoe_testbed.experiment.curve import curve, curve_reading, experts_for_quality
 
     systems, results = [], {RunId(DENSE_BASE): {"eval": _eval(2.0, 3.0)}}
     points = {  # method → [(budget, new experts, New-avg)]
@@ -297,8 +297,8 @@ def test_budget_quality_curve_interpolates_the_experts_uniform_needs():
 
 
 def test_the_headline_saving_has_a_bootstrap_interval_over_seeds():
-    from layermoe_ds.testbed.experiment.curve import CurvePoint, curve_slope, headline_verdict, saving_interval
-    from layermoe_ds.testbed.experiment.reading import stats
+    from layermoe_testbed.experiment.curve import CurvePoint, curve_slope, headline_verdict, saving_interval
+    from layermoe_testbed.experiment.reading import stats
 
     def point(method, experts, values):
         return CurvePoint(f"{method} {experts}", method, 0, experts, 0, 0, stats(values), stats([3.1]),
@@ -337,7 +337,7 @@ def test_the_headline_saving_has_a_bootstrap_interval_over_seeds():
 
 
 def test_report_from_made_up_results(tmp_path):
-    from layermoe_ds.testbed.experiment.report import write_report
+    from layermoe_testbed.experiment.report import write_report
 
     (tmp_path / "similarity.json").write_text(json.dumps({"layer_score": [0.05, 0.2, 0.3, 0.25, 0.15, 0.1]}))
     langs = {"en": {"bpb": 2.0}, "fr": {"bpb": 2.5}, "el": {"bpb": 3.0}}
@@ -365,7 +365,7 @@ def test_report_from_made_up_results(tmp_path):
 
 
 def test_stage2_summary_reads_the_gain_kept_against_the_targets():
-    from layermoe_ds.testbed.experiment.stage2 import gain_kept, stage2_summary, stage2_table
+    from layermoe_testbed.experiment.stage2 import gain_kept, stage2_summary, stage2_table
 
     keeps = System("keeps", Method.UNIFORM, 3, seeds=(0, 1))
     gives_back = dataclasses.replace(keeps, name="gives back", stage2=(("lr", 0.01),), stage1_of="keeps")
@@ -404,7 +404,7 @@ def test_a_stage2_variant_must_name_an_earlier_system_and_known_settings():
 
 
 def test_the_paper_preset_has_four_budgets_per_method_and_every_claim_over_three_seeds():
-    from layermoe_ds.testbed.experiment import PRESETS
+    from layermoe_testbed.experiment import PRESETS
 
     paper = PRESETS["paper"]
     curve_points: dict[Method, list[System]] = {}

@@ -1,4 +1,4 @@
-from layermoe_ds.testbed.help_html import extract_paragraphs, latin_fraction, normalise
+from layermoe_testbed.help_html import extract_paragraphs, latin_fraction, normalise
 
 PAGE = """<!DOCTYPE html><html lang="en-US"><head><title>T</title><script>var x = "<p id='par_id0'>no</p>";</script>
 </head><body><header><p id="par_id9" class="paragraph">Header text outside the display area.</p></header>

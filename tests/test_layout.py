@@ -1,14 +1,17 @@
-"""The package's shape: what a user's run imports never depends on the testbed, and no module outgrows 400 lines."""
+"""The package's shape: what a user's run imports never depends on the testbed (its own top-level package beside the
+product, `layermoe_testbed`), and no module outgrows 400 lines."""
 
 import ast
 from pathlib import Path
 
 import layermoe_ds
+import layermoe_testbed
 
 PACKAGE = Path(layermoe_ds.__file__).parent
+TESTBED = Path(layermoe_testbed.__file__).parent
 # The CLI is the one front door to every verb, the testbed's (`build-corpus`, `pretrain`, `demo`, `experiment`)
-# included: it may import the testbed, lazily in those verbs' bodies (and their flags' dataclass at parser build).
-MAY_IMPORT_TESTBED = ("testbed", "cli")
+# included: it may import the testbed, lazily in those verbs' bodies.
+MAY_IMPORT_TESTBED = ("cli",)
 MAX_LINES = 400
 
 
@@ -36,39 +39,55 @@ def product_modules() -> list[Path]:
 
 def test_no_product_module_imports_the_testbed():
     offenders = {
-        str(p.relative_to(PACKAGE)): sorted(m for m in imported_modules(p) if m.startswith("layermoe_ds.testbed"))
+        str(p.relative_to(PACKAGE)): sorted(m for m in imported_modules(p) if m.startswith("layermoe_testbed"))
         for p in product_modules()
     }
     offenders = {k: v for k, v in offenders.items() if v}
     assert not offenders, f"modules a user's run imports depend on the testbed: {offenders}"
 
 
+def test_the_cli_imports_the_testbed_only_inside_its_verbs():
+    """Importing the CLI (every `layermoe` call) never loads the testbed: only a testbed verb's body does."""
+    top_level = {}
+    for path in sorted((PACKAGE / "cli").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        found = [
+            node.module
+            for node in tree.body
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("layermoe_testbed")
+        ]
+        found += [a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names if "testbed" in a.name]
+        if found:
+            top_level[path.name] = found
+    assert not top_level, f"CLI modules importing the testbed at module level: {top_level}"
+
+
 def test_the_scan_sees_imports_inside_functions_and_relative_ones(tmp_path):
     module = PACKAGE / "eval" / "probe_for_layout_test.py"  # a path inside the package, for the relative import
-    source = "def f():\n    from layermoe_ds.testbed.corpus import build_corpus\nfrom ..testbed import demo\n"
+    source = "def f():\n    from layermoe_testbed.corpus import build_corpus\nfrom ..training import loop\n"
     tree_names = None
     try:
         module.write_text(source)
         tree_names = imported_modules(module)
     finally:
         module.unlink()
-    assert "layermoe_ds.testbed.corpus.build_corpus" in tree_names
-    assert "layermoe_ds.testbed.demo" in tree_names
+    assert "layermoe_testbed.corpus.build_corpus" in tree_names
+    assert "layermoe_ds.training.loop" in tree_names
 
 
 def test_the_testbed_holds_what_builds_the_testbed():
-    testbed = {p.relative_to(PACKAGE / "testbed").as_posix() for p in (PACKAGE / "testbed").rglob("*.py")}
+    testbed = {p.relative_to(TESTBED).as_posix() for p in TESTBED.rglob("*.py")}
     for module in ("corpus.py", "help_html.py", "tokenizer_training.py", "pretrain.py", "demo.py",
                    "experiment/presets.py", "experiment/runner.py"):  # fmt: skip
         assert module in testbed
-    for moved in ("data/corpus.py", "data/help_html.py", "training/pretrain.py", "demo.py", "experiment"):
+    for moved in ("testbed", "data/corpus.py", "data/help_html.py", "training/pretrain.py", "demo.py", "experiment"):
         assert not (PACKAGE / moved).exists()
 
 
 def test_no_module_over_400_lines():
     long = {
-        str(p.relative_to(PACKAGE)): n
-        for p in PACKAGE.rglob("*.py")
+        str(p.relative_to(PACKAGE.parent)): n
+        for p in [*PACKAGE.rglob("*.py"), *TESTBED.rglob("*.py")]
         if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES
     }
     assert not long, f"modules over {MAX_LINES} lines: {long}"
@@ -97,12 +116,15 @@ def spelled_strings(path: Path) -> list[str]:
 
 def test_only_the_deepspeed_boundary_imports_deepspeed_or_spells_its_names():
     outside = [p for p in sorted(PACKAGE.rglob("*.py")) if p.relative_to(PACKAGE).parts[0] != "ds"]
+    outside += sorted(TESTBED.rglob("*.py"))
     imports = {
-        str(p.relative_to(PACKAGE)): sorted(m for m in imported_modules(p) if m.split(".")[0] == "deepspeed")
+        str(p.relative_to(PACKAGE.parent)): sorted(m for m in imported_modules(p) if m.split(".")[0] == "deepspeed")
         for p in outside
     }
     spelled = {
-        str(p.relative_to(PACKAGE)): sorted({name for s in spelled_strings(p) for name in DEEPSPEED_NAMES if name in s})
+        str(p.relative_to(PACKAGE.parent)): sorted(
+            {name for s in spelled_strings(p) for name in DEEPSPEED_NAMES if name in s}
+        )
         for p in outside
     }
     assert not {k: v for k, v in imports.items() if v}, "import deepspeed outside layermoe_ds/ds/"
@@ -150,5 +172,5 @@ def test_each_concept_has_one_home():
 
 def test_every_package_folder_is_a_package():
     """`packages = find:` ships only folders with an `__init__.py`: one without is missing from the wheel."""
-    folders = {p.parent for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts}
-    assert not sorted(str(f.relative_to(PACKAGE)) for f in folders if not (f / "__init__.py").is_file())
+    folders = {p.parent for p in [*PACKAGE.rglob("*.py"), *TESTBED.rglob("*.py")] if "__pycache__" not in p.parts}
+    assert not sorted(str(f.relative_to(PACKAGE.parent)) for f in folders if not (f / "__init__.py").is_file())

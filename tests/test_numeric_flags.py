@@ -16,7 +16,7 @@ from layermoe_ds.cli import build_parser, main
 from layermoe_ds.config import TrainConfig
 from layermoe_ds.errors import InputError
 from layermoe_ds.flags import _fields, count, positive, share
-from layermoe_ds.testbed.pretrain_config import BaseModelConfig, PretrainConfig
+from layermoe_testbed.pretrain_config import BaseModelConfig, PretrainConfig
 
 
 def numeric_actions():

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from layermoe_ds.config import load_config
-from layermoe_ds.testbed import pretrain as pretrain_mod
-from layermoe_ds.testbed.pretrain_config import BaseModelConfig, PretrainConfig
+from layermoe_testbed import pretrain as pretrain_mod
+from layermoe_testbed.pretrain_config import BaseModelConfig, PretrainConfig
 
 
 def test_base_model_is_a_loadable_hf_model_and_old_beats_new(tiny_base, corpus_dir):

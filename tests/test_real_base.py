@@ -41,7 +41,7 @@ def allocation(tmp_path_factory) -> Path:
 
 
 def test_the_build_is_the_gguf_model_and_knows_english(real_base, corpus_dir, tmp_path, capsys):
-    from layermoe_ds.testbed.real_base import MARKER, SMOLLM2
+    from layermoe_testbed.real_base import MARKER, SMOLLM2
 
     record = json.loads((real_base / MARKER).read_text())
     assert record["wheel_sha256"] == SMOLLM2.wheel_sha256 and record["max_logit_diff_vs_gguf"] <= 1e-4

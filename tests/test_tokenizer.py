@@ -23,7 +23,7 @@ def test_every_language_gets_real_pieces(tokenizer_dir, corpus_dir):
 
 
 def test_training_is_deterministic(tokenizer_dir, corpus_dir, tmp_path):
-    from layermoe_ds.testbed.tokenizer_training import train_tokenizer
+    from layermoe_testbed.tokenizer_training import train_tokenizer
 
     again = train_tokenizer(corpus_dir, ("en", "de", "fr", "ru", "el"), tmp_path / "again", vocab_size=1000)
     assert (again / "tokenizer.json").read_bytes() == (tokenizer_dir / "tokenizer.json").read_bytes()

@@ -65,10 +65,11 @@ def run_in(env: Path, args: list[str], cwd: Path, **kwargs) -> subprocess.Comple
 def test_the_installed_wheel_has_its_launchers_and_configs(wheel_env, tmp_path):
     probe = """
 import json, layermoe_ds, layermoe_ds.launchers.stage1, layermoe_ds.launchers.profile_similarity
+import layermoe_testbed.experiment.presets
 from layermoe_ds.ds.process import stage_command
 from layermoe_ds.ds.engine import SHIPPED_CONFIGS, load_ds_config
 cmd = stage_command(1, "run.yaml", "stage1_zero2.json", 2, 29500, cpu=True)
-print(json.dumps({"package": layermoe_ds.__file__, "command": cmd,
+print(json.dumps({"package": layermoe_ds.__file__, "testbed": layermoe_testbed.__file__, "command": cmd,
                   "shipped": sorted(p.name for p in SHIPPED_CONFIGS.glob("*.json")),
                   "merged": load_ds_config(["stage1_zero2.json", "cpu.json"])}))
 """
@@ -76,6 +77,7 @@ print(json.dumps({"package": layermoe_ds.__file__, "command": cmd,
     assert result.returncode == 0, result.stderr[-2000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert str(wheel_env) in out["package"] and str(ROOT) not in out["package"]
+    assert str(wheel_env) in out["testbed"] and str(ROOT) not in out["testbed"]  # the testbed ships beside it
     assert out["shipped"] == ["cpu.json", "stage1_zero1.json", "stage1_zero2.json", "stage2.json"]
     assert "--module" in out["command"] and "layermoe_ds.launchers.stage1" in out["command"]
     configs = out["command"][out["command"].index("--deepspeed_config") + 1 :]

@@ -94,7 +94,7 @@ def add_data(sub) -> None:
 
 
 def _cmd_data_build(args) -> int:
-    from layermoe_ds.testbed.corpus import DEFAULT_LANGS, CorpusOptions, build_corpus, corpus_is_built
+    from layermoe_testbed.corpus import DEFAULT_LANGS, CorpusOptions, build_corpus, corpus_is_built
 
     options = CorpusOptions(
         langs=tuple(args.langs or DEFAULT_LANGS), min_chars=args.min_chars, max_pages=args.max_pages
@@ -166,7 +166,7 @@ def add_tokenizer(sub) -> None:
 
 def _cmd_tokenizer_train(args) -> int:
     from layermoe_ds.data.loading import available_languages
-    from layermoe_ds.testbed.tokenizer_training import train_tokenizer
+    from layermoe_testbed.tokenizer_training import train_tokenizer
 
     langs = args.langs or sorted(available_languages(args.data))
     train_tokenizer(args.data, langs, args.out, args.vocab, args.model_type)

@@ -76,13 +76,13 @@ def _experiment_arguments(p, default_out: Path | None, base: bool = True) -> Non
 
 
 def _cmd_demo(args) -> int:
-    from layermoe_ds.testbed.demo import run_demo
+    from layermoe_testbed.demo import run_demo
 
     return run_demo(args.data, args.artifacts, args.runs, args.cache, args.preset, args.base, args.launcher)
 
 
 def _cmd_calibrate(args) -> int:
-    from layermoe_ds.testbed.calibration import GRIDS, run_calibration
+    from layermoe_testbed.calibration import GRIDS, run_calibration
 
     report = run_calibration(GRIDS[args.grid], args.data, args.artifacts, args.cache, args.runs, args.launcher)
     print(

@@ -9,10 +9,11 @@ from pathlib import Path
 from layermoe_ds.cli.common import DEFAULT_CACHE, refuse_overwrite
 from layermoe_ds.config import load_config
 from layermoe_ds.flags import add_config_flags, config_overrides, count
-from layermoe_ds.testbed.pretrain_config import PretrainConfig
 
 
 def add_pretrain(sub) -> None:
+    from layermoe_testbed.pretrain_config import PretrainConfig  # the testbed is loaded only where it is used
+
     p = sub.add_parser(
         "pretrain",
         help="train the tiny dense base model on the old languages",
@@ -35,15 +36,16 @@ def add_pretrain(sub) -> None:
     p.set_defaults(func=_cmd_pretrain)
 
 
-def pretrain_config(args) -> PretrainConfig:
+def pretrain_config(args) -> PretrainConfig:  # noqa: F821 (the testbed's, imported here)
     """The preset's settings ← --config ← the flags given."""
-    from layermoe_ds.testbed.pretrain import PRESETS
+    from layermoe_testbed.pretrain import PRESETS
+    from layermoe_testbed.pretrain_config import PretrainConfig
 
     return load_config(PretrainConfig, args.config, config_overrides(args, PretrainConfig), PRESETS.get(args.preset))
 
 
 def _cmd_pretrain(args) -> int:
-    from layermoe_ds.testbed.pretrain import is_done, pretrain
+    from layermoe_testbed.pretrain import is_done, pretrain
 
     config = pretrain_config(args)
     if is_done(args.out, config, args.tokenizer, args.data):
@@ -71,7 +73,7 @@ def add_real_base(sub) -> None:
 
 def _cmd_real_base(args) -> int:
     from layermoe_ds.io import read_json
-    from layermoe_ds.testbed.real_base import MARKER, build_real_base
+    from layermoe_testbed.real_base import MARKER, build_real_base
 
     out = build_real_base(args.out, args.cache)
     record = read_json(out / MARKER, "real-base marker")

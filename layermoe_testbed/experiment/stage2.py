@@ -3,8 +3,8 @@ which share of stage 1's New-avg gain over the dense base survives, against the 
 
 from __future__ import annotations
 
-from layermoe_ds.testbed.experiment.presets import DENSE_BASE, Preset, RunId
-from layermoe_ds.testbed.experiment.reading import Stats, average, routing_summary, runs_of, stats
+from layermoe_testbed.experiment.presets import DENSE_BASE, Preset, RunId
+from layermoe_testbed.experiment.reading import Stats, average, routing_summary, runs_of, stats
 
 OLD_WITHIN = 0.02  # Old-avg after stage 2 within 2% of the dense base's
 GAIN_KEPT = 0.80  # at least 80% of stage 1's New-avg gain over the dense base kept after stage 2

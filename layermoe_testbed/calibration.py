@@ -22,13 +22,13 @@ from layermoe_ds.data.tokenizer import load_tokenizer
 from layermoe_ds.ds.process import SHIPPED_CONFIGS, Launcher
 from layermoe_ds.errors import InputError
 from layermoe_ds.io import atomic_write_text, read_json, write_json
-from layermoe_ds.testbed.demo import prepare_base
-from layermoe_ds.testbed.experiment import DENSE_BASE, Method, Preset, RunId, System, run_experiment
-from layermoe_ds.testbed.experiment.presets import PAPER, REAL
-from layermoe_ds.testbed.experiment.reading import average, pooled_sd, runs_of, stats
-from layermoe_ds.testbed.experiment.runner import slug
-from layermoe_ds.testbed.pretrain import PRESETS as BASE_PRESETS
-from layermoe_ds.testbed.real_base import REAL_BASE
+from layermoe_testbed.demo import prepare_base
+from layermoe_testbed.experiment import DENSE_BASE, Method, Preset, RunId, System, run_experiment
+from layermoe_testbed.experiment.presets import PAPER, REAL
+from layermoe_testbed.experiment.reading import average, pooled_sd, runs_of, stats
+from layermoe_testbed.experiment.runner import slug
+from layermoe_testbed.pretrain import PRESETS as BASE_PRESETS
+from layermoe_testbed.real_base import REAL_BASE
 
 
 @dataclass(frozen=True)

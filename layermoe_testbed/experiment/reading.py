@@ -11,7 +11,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
-from layermoe_ds.testbed.experiment.presets import DENSE_BASE, Method, Phase, Preset, RunId
+from layermoe_testbed.experiment.presets import DENSE_BASE, Method, Phase, Preset, RunId
 
 RELATIVE_TOLERANCE = 0.01  # single-seed comparisons: "matched" within 1%
 VERDICT_WORDS = {

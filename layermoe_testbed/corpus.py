@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from layermoe_ds.errors import InputError
 from layermoe_ds.io import atomic_write_text, sha256_file
-from layermoe_ds.testbed.help_html import extract_paragraphs, latin_fraction
+from layermoe_testbed.help_html import extract_paragraphs, latin_fraction
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ from layermoe_ds.hf.load import load_causal_lm
 from layermoe_ds.io import read_json, sha256_file, write_json
 from layermoe_ds.modeling.types import moe_blocks
 from layermoe_ds.modeling.upcycle import grow_dir
-from layermoe_ds.testbed.experiment.cache import cached, directory_manifest, fingerprint, step_seconds
-from layermoe_ds.testbed.experiment.presets import DENSE_BASE, Method, Phase, Preset, RunId, System
-from layermoe_ds.testbed.experiment.report import write_report
+from layermoe_testbed.experiment.cache import cached, directory_manifest, fingerprint, step_seconds
+from layermoe_testbed.experiment.presets import DENSE_BASE, Method, Phase, Preset, RunId, System
+from layermoe_testbed.experiment.report import write_report
 
 
 def slug(name: str) -> str:

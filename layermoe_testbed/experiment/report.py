@@ -8,9 +8,9 @@ from pathlib import Path
 
 from layermoe_ds.analysis.plots import _pyplot
 from layermoe_ds.io import atomic_write_text, read_json, write_json
-from layermoe_ds.testbed.experiment.curve import CurvePoint, curve, curve_reading
-from layermoe_ds.testbed.experiment.presets import DENSE_BASE, Method, Phase, Preset, RunId
-from layermoe_ds.testbed.experiment.reading import (
+from layermoe_testbed.experiment.curve import CurvePoint, curve, curve_reading
+from layermoe_testbed.experiment.presets import DENSE_BASE, Method, Phase, Preset, RunId
+from layermoe_testbed.experiment.reading import (
     average,
     group_means,
     lifelong_by_system,
@@ -21,7 +21,7 @@ from layermoe_ds.testbed.experiment.reading import (
     runs_of,
     seed_stats,
 )
-from layermoe_ds.testbed.experiment.stage2 import stage2_summary, stage2_table
+from layermoe_testbed.experiment.stage2 import stage2_summary, stage2_table
 
 
 def write_report(results: dict[RunId, dict], preset: Preset, out: Path) -> Path:

@@ -7,7 +7,7 @@
 - `report`: `results.json`, `report.md` and the plots.
 """
 
-from layermoe_ds.testbed.experiment.presets import (
+from layermoe_testbed.experiment.presets import (
     DENSE_BASE,
     DENSE_FINETUNE,
     LAYERMOE,
@@ -19,8 +19,8 @@ from layermoe_ds.testbed.experiment.presets import (
     RunId,
     System,
 )
-from layermoe_ds.testbed.experiment.report import finite_table
-from layermoe_ds.testbed.experiment.runner import run_experiment
+from layermoe_testbed.experiment.report import finite_table
+from layermoe_testbed.experiment.runner import run_experiment
 
 __all__ = [
     "DENSE_BASE",

@@ -9,8 +9,8 @@ import random
 import statistics
 from dataclasses import dataclass, replace
 
-from layermoe_ds.testbed.experiment.presets import Method, Preset, RunId
-from layermoe_ds.testbed.experiment.reading import (
+from layermoe_testbed.experiment.presets import Method, Preset, RunId
+from layermoe_testbed.experiment.reading import (
     RELATIVE_TOLERANCE,
     VERDICT_WORDS,
     Stats,

@@ -12,12 +12,12 @@ from layermoe_ds.data.loading import select_sources
 from layermoe_ds.data.prepare import default_workers, tokenize
 from layermoe_ds.ds.process import Launcher
 from layermoe_ds.io import read_json, write_json
-from layermoe_ds.testbed.corpus import CorpusOptions, build_corpus, corpus_is_built
-from layermoe_ds.testbed.experiment import PRESETS, run_experiment
-from layermoe_ds.testbed.pretrain import LATER_LANGS, OLD_LANGS, is_done, pretrain
-from layermoe_ds.testbed.pretrain import PRESETS as BASE_PRESETS
-from layermoe_ds.testbed.real_base import REAL_BASE, build_real_base
-from layermoe_ds.testbed.tokenizer_training import train_tokenizer
+from layermoe_testbed.corpus import CorpusOptions, build_corpus, corpus_is_built
+from layermoe_testbed.experiment import PRESETS, run_experiment
+from layermoe_testbed.pretrain import LATER_LANGS, OLD_LANGS, is_done, pretrain
+from layermoe_testbed.pretrain import PRESETS as BASE_PRESETS
+from layermoe_testbed.real_base import REAL_BASE, build_real_base
+from layermoe_testbed.tokenizer_training import train_tokenizer
 
 log = logging.getLogger(__name__)
 

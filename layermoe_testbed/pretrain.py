@@ -22,8 +22,8 @@ from layermoe_ds.data.streams import open_streams
 from layermoe_ds.data.tokenizer import load_tokenizer
 from layermoe_ds.errors import InputError, OutputExistsError
 from layermoe_ds.io import atomic_write_bytes, write_json
-from layermoe_ds.testbed.pretrain_config import Arch, BaseModelConfig, PretrainConfig
 from layermoe_ds.training.schedule import warmup_cosine
+from layermoe_testbed.pretrain_config import Arch, BaseModelConfig, PretrainConfig
 
 log = logging.getLogger(__name__)
 
