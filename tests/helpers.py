@@ -1,7 +1,6 @@
 """Helpers shared by tests."""
 
 import json
-import re
 import socket
 import subprocess
 import time
@@ -10,19 +9,17 @@ from pathlib import Path
 import yaml
 
 from layermoe_ds.ds.process import Launcher, cpu_launch_env, stage_command
+from layermoe_ds.modeling.families import disk_expert
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = ROOT / "ds_configs" / "cpu.json"
 GROUPS = [["en", "de"], ["fr", "ru", "el"]]
 
 
-_NEW_EXPERT = re.compile(r"\.experts\.([1-9]\d*)\.")
-
-
 def new_expert(name: str) -> int:
     """The id of the new expert a tensor name on disk belongs to (`mlp.experts.K.…`, K ≥ 1), 0 for any other."""
-    match = _NEW_EXPERT.search(name)
-    return int(match[1]) if match else 0
+    where = disk_expert(name)
+    return where[1] if where else 0
 
 
 def free_port() -> int:

@@ -49,6 +49,19 @@ def test_every_tested_family_has_a_tiny_model_here():
     assert sorted(CONFIGS) == sorted(TESTED)
 
 
+def test_the_family_table_names_families_transformers_has():
+    """Every `FAMILIES` entry is a dense model_type this transformers builds, its head and FFN fields exist on it, and
+    a LayerMoE model_type reads its dense family's entry."""
+    from layermoe_ds.modeling.families import FAMILIES, dense_model_class, family_of
+
+    for model_type, family in FAMILIES.items():
+        assert dense_model_class(model_type) is not None, model_type
+        config = transformers.AutoConfig.for_model(model_type).get_text_config()
+        for field in (family.head.divide_by, family.head.multiply_by, family.head.softcap):
+            assert field is None or hasattr(config, field), (model_type, field)
+    assert family_of("layermoe_phi3") == FAMILIES["phi3"] and family_of("llama") == family_of("no_such_family")
+
+
 def dense_config(family: str, vocab: int, **ids):
     """The tiny dense config of `family` (Gemma-3: the multimodal wrapper around a tiny language model)."""
     name, extra = CONFIGS[family]

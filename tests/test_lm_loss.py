@@ -96,13 +96,18 @@ def test_fused_loss_applies_the_familys_head_to_value_and_every_gradient(head):
         torch.testing.assert_close(mine, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_a_head_the_fused_loss_does_not_know_is_refused(tiny_base):
+def test_a_head_the_fused_loss_does_not_know_is_refused(tiny_base, monkeypatch):
     from layermoe_ds.hf.load import load_causal_lm
+    from layermoe_ds.modeling import families
     from layermoe_ds.modeling.lm_loss import check_fused_loss
 
     model = load_causal_lm(tiny_base, torch.float32, "cpu")
     assert check_fused_loss(model, "train.model") < 1e-5
-    model.config.logits_scaling = 4.0  # the head now divides by 4 — and the model's own forward does not
+    model.config.logits_scaling = 4.0  # a field Llama's head does not read: the family table says so
+    assert check_fused_loss(model, "train.model") < 1e-5
+    # a table entry that says the head divides by it — and the model's own forward does not
+    wrong = families.Family(head=families.HeadFields(divide_by="logits_scaling"))
+    monkeypatch.setitem(families.FAMILIES, "llama", wrong)
     with pytest.raises(ValueError, match=r"train.model: LlamaForCausalLM's own loss and the fused loss differ by"):
         check_fused_loss(model, "train.model")
 

@@ -93,7 +93,7 @@ def verify_files(path: Path, marker: dict, files: dict[str, dict] | None = None)
     return None
 
 
-def layout_of(model) -> dict:
+def expert_layout_of(model) -> dict:
     """The expert layout a checkpoint belongs to (all None for a dense model: the full fine-tune baseline); a model
     or its config."""
     config = getattr(model, "config", model)

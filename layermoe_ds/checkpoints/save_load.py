@@ -30,8 +30,8 @@ from layermoe_ds.checkpoints.format import (
     checkpoint_root,
     checkpoint_slots,
     complete_checkpoints,
+    expert_layout_of,
     file_entry,
-    layout_of,
     tag_for,
     verify_files,
 )
@@ -138,7 +138,7 @@ def base_pointer(model_dir: Path, allocation: dict | None, seed: int | None = No
 
 def check_compatible(marker: dict, model, path: Path) -> None:
     """Refuse a checkpoint made for another expert layout (allocation) before anything is loaded."""
-    ours = layout_of(model)
+    ours = expert_layout_of(model)
     theirs = {key: marker.get("layout", {}).get(key) for key in ours}
     if theirs != ours:
         raise InputError(

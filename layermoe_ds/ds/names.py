@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import re
 
+from layermoe_ds.modeling.families import expert_prefix
+
 DS_EXPERTS = "moe.deepspeed_moe.experts.deepspeed_experts"  # the new experts' path in DeepSpeed's MoE module
 TRAINING_EXPERT0 = "base_ffn"
 
@@ -38,12 +40,12 @@ def disk_name(name: str, ids: dict[int, list[int]] | None = None) -> str:
         return name
     ffn, tensor = match["ffn"], match["tensor"]
     if match["base"]:
-        return f"{ffn}.experts.0.{tensor}"
+        return f"{expert_prefix(ffn, 0)}.{tensor}"
     if match["gate"]:
         return f"{ffn}.{'router' if match['gate'] == 'router' else 'classifier'}.{tensor}"
     index = int(match["index"])
     expert_id = index if ids is None else ids[int(match["layer"])][index]
-    return f"{ffn}.experts.{expert_id + 1}.{tensor}"
+    return f"{expert_prefix(ffn, expert_id + 1)}.{tensor}"
 
 
 def new_expert_index(name: str) -> tuple[int, int] | None:

@@ -1,16 +1,23 @@
-"""Which dense models can be expanded, and the one place that knows where a family keeps its parts.
+"""Which dense models can be expanded, and the one table of what a family does differently (`FAMILIES`).
 
 Any Hugging Face causal LM whose decoder layers hold a feed-forward module can be expanded: its LayerMoE config and
-model classes are derived from transformers' own (`modeling/remote/`), so no family is written out by hand. A
-family's layout — the attribute path to its decoder layers, the name of the FFN in a layer — is the default
-(`model.layers`, `mlp`) unless `LAYOUTS` says otherwise (Gemma-3's multimodal wrapper keeps its language model's
-layers under `model.language_model`). A model that cannot be expanded is refused in one line naming what was found:
-an encoder-decoder, a mixture of experts already, no causal LM class, no decoder layers or no FFN where the layout
-says. `TESTED` lists the families the test suite runs end to end (the README's and docs/model.md's tables).
+model classes are derived from transformers' own (`modeling/remote/`), so no family is written out by hand. What
+the project's own code must know of a family is its `Family` entry; a family without one is the default:
 
-A dense directory's tensor names are the ones transformers' loader maps to module names (`dense_tensor_names`):
-transformers saves some families in an older layout (Gemma-3: `language_model.model.layers…`), and LayerMoE reads
-the dense weights by module name.
+- `layout`: the attribute path to its decoder layers and the name of the FFN in a layer (`model.layers`, `mlp`;
+  Gemma-3's multimodal wrapper keeps its language model's layers under `model.language_model`). Upcycling, sizing,
+  profiling and loading read it.
+- `head`: the config fields its LM head reads besides `W h + b` (Granite divides by `logits_scaling`, Cohere
+  multiplies by `logit_scale`, Gemma-2/3 soft-cap by `final_logit_softcapping`). The fused loss reads it
+  (`lm_loss.head_of`), and checks itself against the model's own loss before any work, so a family that does
+  more is refused, never trained on a wrong loss.
+- `ffn`: where its gated FFN keeps its projections and activation (separate `gate_proj`/`up_proj`, or Phi-3's
+  fused `gate_up_proj`), or None for an FFN that is not gated (StarCoder2). The lean FFN backward reads it.
+
+Tensor renames are not in the table: transformers' own conversion mapping for the family gives them
+(`dense_tensor_names`). A model that cannot be expanded is refused in one line naming what was found: an
+encoder-decoder, a mixture of experts already, no causal LM class, no decoder layers or no FFN where the layout
+says. `TESTED` lists the families the test suite runs end to end (the README's and docs/model.md's tables).
 """
 
 from __future__ import annotations
@@ -44,15 +51,75 @@ class Layout:
         """The name of layer `layer`'s FFN module (or LayerMoE block), e.g. `model.layers.3.mlp`."""
         return f"{self.decoder_layers}.{layer}.{self.ffn_module}"
 
+    def expert(self, layer: int, k: int) -> str:
+        """The name of layer `layer`'s expert `k` in a LayerMoE model on disk (k = 0 the original FFN)."""
+        return expert_prefix(self.ffn(layer), k)
+
     def split(self, name: str) -> tuple[int, str] | None:
         """(layer, the rest of the name) for a tensor inside a layer's FFN or block; None for any other tensor."""
         match = re.match(rf"{re.escape(self.decoder_layers)}\.(\d+)\.{re.escape(self.ffn_module)}\.(.+)$", name)
         return (int(match[1]), match[2]) if match else None
 
 
+def expert_prefix(ffn: str, k: int) -> str:
+    """`<ffn>.experts.<k>`: where a LayerMoE block keeps expert `k`'s tensors (the exported model's module path)."""
+    return f"{ffn}.experts.{k}"
+
+
+_DISK_EXPERT = re.compile(r"\.(\d+)\.\w+\.experts\.(\d+)\.")
+
+
+def disk_expert(name: str) -> tuple[int, int] | None:
+    """(layer, k) of a tensor of expert k of a LayerMoE block as named on disk and in the loaded model (k = 0 the
+    original FFN); None for any other tensor."""
+    match = _DISK_EXPERT.search(name)
+    return None if match is None else (int(match[1]), int(match[2]))
+
+
+@dataclass(frozen=True)
+class HeadFields:
+    """The config fields a family's LM head reads: logits = softcap(scale · (W h + b)), scale = multiply / divide."""
+
+    divide_by: str | None = None
+    multiply_by: str | None = None
+    softcap: str | None = None
+
+
+@dataclass(frozen=True)
+class GatedFFN:
+    """Where a family's gated FFN keeps its parts: `down(act(gate(x)) · up(x))`, the gate and up projections either
+    separate or one fused module whose output is [gate, up] (Phi-3)."""
+
+    down: str = "down_proj"
+    activation: str = "act_fn"
+    gate: str = "gate_proj"
+    up: str | None = "up_proj"  # None: `gate` is the fused gate-and-up projection
+
+    def matches(self, module: nn.Module) -> bool:
+        return all(hasattr(module, n) for n in (self.down, self.activation, self.gate, self.up) if n is not None)
+
+
+@dataclass(frozen=True)
+class Family:
+    layout: Layout = Layout()
+    head: HeadFields = HeadFields()
+    ffn: GatedFFN | None = GatedFFN()  # None: not a gated FFN (no lean backward)
+
+
 DEFAULT = Layout()
-# dense model_type → its layout, where it is not the default
-LAYOUTS: dict[str, Layout] = {"gemma3": Layout("model.language_model.layers")}
+PREFIX = "layermoe_"  # a LayerMoE model_type is this before its dense model_type
+_SOFTCAP = HeadFields(softcap="final_logit_softcapping")
+# dense model_type → what its family does differently from the default
+FAMILIES: dict[str, Family] = {
+    "gemma2": Family(head=_SOFTCAP),
+    "gemma3_text": Family(head=_SOFTCAP),
+    "gemma3": Family(Layout("model.language_model.layers"), head=_SOFTCAP),
+    "granite": Family(head=HeadFields(divide_by="logits_scaling")),
+    "cohere": Family(head=HeadFields(multiply_by="logit_scale")),
+    "cohere2": Family(head=HeadFields(multiply_by="logit_scale")),
+    "phi3": Family(ffn=GatedFFN(activation="activation_fn", gate="gate_up_proj", up=None)),
+    "starcoder2": Family(ffn=None),
+}
 
 # Every family the tests expand, train, export, load and generate with (tests/test_families.py).
 TESTED = (
@@ -75,8 +142,9 @@ TESTED = (
 MOE_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok")
 
 
-def layout_of(model_type: str) -> Layout:
-    return LAYOUTS.get(model_type, DEFAULT)
+def family_of(model_type: str) -> Family:
+    """The table entry of a dense model_type, or of the one a LayerMoE model_type (`layermoe_<dense>`) expands."""
+    return FAMILIES.get(model_type.removeprefix(PREFIX), Family())
 
 
 def dense_model_class(model_type: str) -> type | None:
@@ -103,7 +171,7 @@ def causal_lm_class(config) -> type:
 def check_layout(model: nn.Module, model_type: str) -> Layout:
     """Where the layout says, `model` (a causal LM, e.g. built on the meta device) must have its decoder layers and
     an FFN module with parameters in each; returns the layout."""
-    layout = layout_of(model_type)
+    layout = family_of(model_type).layout
     what = f"architecture {model_type!r} ({type(model).__name__})"
     try:
         layers = attribute_path(model, layout.decoder_layers)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from layermoe_ds.errors import InputError
+from layermoe_ds.modeling.families import family_of
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,8 @@ CHUNK_LOGITS_BYTES = 128 * 2**20  # one chunk's fp32 logits: 220 tokens at a 152
 @dataclass(frozen=True)
 class Head:
     """What a family's head does to `W h` before the softmax: a bias, a scale (Granite divides by
-    `logits_scaling`, Cohere multiplies by `logit_scale`), Gemma's soft-capping c·tanh(x / c)."""
+    `logits_scaling`, Cohere multiplies by `logit_scale`), Gemma's soft-capping c·tanh(x / c); which config fields
+    a family's head reads is its `families.FAMILIES` entry."""
 
     bias: torch.Tensor | None = None
     scale: float = 1.0
@@ -165,12 +167,13 @@ def head_of(model) -> Head | None:
     if not all(hasattr(model, name) for name in ("model", "config", "get_output_embeddings")):
         return None
     config = model.config
+    fields = family_of(getattr(config, "model_type", "")).head  # which config fields the family's head reads
     scale = 1.0
-    if getattr(config, "logits_scaling", None):  # Granite: logits / logits_scaling
-        scale /= float(config.logits_scaling)
-    if getattr(config, "logit_scale", None) is not None:  # Cohere: logits · logit_scale
-        scale *= float(config.logit_scale)
-    softcap = getattr(config, "final_logit_softcapping", None)  # Gemma-2/3
+    if fields.divide_by and getattr(config, fields.divide_by, None):  # Granite: logits / logits_scaling
+        scale /= float(getattr(config, fields.divide_by))
+    if fields.multiply_by and getattr(config, fields.multiply_by, None) is not None:  # Cohere: · logit_scale
+        scale *= float(getattr(config, fields.multiply_by))
+    softcap = getattr(config, fields.softcap, None) if fields.softcap else None  # Gemma-2/3
     bias = getattr(model.get_output_embeddings(), "bias", None)
     return Head(bias=bias, scale=scale, softcap=float(softcap) if softcap else None)
 

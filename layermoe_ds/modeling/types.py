@@ -12,10 +12,8 @@ import transformers
 from transformers import AutoConfig
 
 from layermoe_ds.errors import InputError
-from layermoe_ds.modeling.families import causal_lm_class, dense_model_class
+from layermoe_ds.modeling.families import PREFIX, causal_lm_class, dense_model_class
 from layermoe_ds.modeling.remote.modeling_layermoe import layermoe_model_class
-
-PREFIX = "layermoe_"
 
 
 def _registered(config_cls: type, model_cls: type) -> tuple[type, type]:

@@ -28,7 +28,14 @@ from layermoe_ds.hf.files import (
     write_safetensors,
 )
 from layermoe_ds.hf.load import check_tensors
-from layermoe_ds.modeling.families import Layout, causal_lm_class, dense_tensor_names, embedding_name, expandable
+from layermoe_ds.modeling.families import (
+    Layout,
+    causal_lm_class,
+    dense_tensor_names,
+    embedding_name,
+    expandable,
+    expert_prefix,
+)
 from layermoe_ds.modeling.types import (
     expanded_classes,
     is_layermoe,
@@ -134,9 +141,9 @@ def upcycle(
             state[key] = value
             continue
         layer, rest = where
-        state[f"{layout.ffn(layer)}.experts.0.{rest}"] = value
+        state[f"{layout.expert(layer, 0)}.{rest}"] = value
         for k in range(1, counts[layer]):
-            state[f"{layout.ffn(layer)}.experts.{k}.{rest}"] = value.clone()
+            state[f"{layout.expert(layer, k)}.{rest}"] = value.clone()
     for layer, block in model.moe_blocks().items():
         _seeded_xavier(block.router.weight, seed, layer, salt=1)
         state[f"{layout.ffn(layer)}.router.weight"] = block.router.weight.detach().clone()
@@ -256,7 +263,7 @@ def grown_tensor(name: str, shape, old, counts: Sequence[int], source, router: s
         return source.get(name)
     layer, rest = where
     prefix, n_old, new_group = Layout.of(old).ffn(layer), old.experts_per_layer[layer], old.num_groups
-    ffn = prefix if n_old == 1 else f"{prefix}.experts.0"  # the original FFN in the old model
+    ffn = prefix if n_old == 1 else expert_prefix(prefix, 0)  # the original FFN in the old model
     if rest.startswith("experts."):
         _, k, tail = rest.split(".", 2)
         return source.get(name) if 0 < int(k) < n_old else source.get(f"{ffn}.{tail}")
@@ -347,7 +354,7 @@ def grow(
                 state[f"{prefix}.{key}"] = value
         for k in range(n_old, n_new):
             for rest, value in ffn.items():
-                state[f"{prefix}.experts.{k}.{rest}"] = value.clone()
+                state[f"{expert_prefix(prefix, k)}.{rest}"] = value.clone()
         block = grown.moe_blocks()[layer]
         _seeded_xavier(block.router.weight, seed, layer, salt=10 + new_group)
         router_weight = block.router.weight.detach().clone()

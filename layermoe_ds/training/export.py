@@ -36,7 +36,7 @@ def consolidated_tensors(model):
         local = {}
         if expert_data_parallel_rank(block.moe.expert_group_name) == 0:
             for local_id, expert in enumerate(block.moe.experts):
-                prefix = f"{Layout.of(model.config).ffn(layer)}.experts.{block.moe.global_ids[local_id] + 1}"
+                prefix = Layout.of(model.config).expert(layer, block.moe.global_ids[local_id] + 1)
                 for name, tensor in expert.state_dict().items():
                     # A copy, not `.cpu()`: under ZeRO each parameter is a view into one flat buffer of every
                     # trainable tensor, and pickling a view pickles that whole buffer (measured: 23 GB on rank 0,
@@ -97,7 +97,7 @@ def export_model(model, tokenizer, out: Path, stage: int, max_shard_bytes: int =
     for layer, block in model.moe_blocks().items():
         local = block.moe.experts[0].state_dict()
         for expert_id in range(1, len(block.gate.expert_groups)):
-            prefix = f"{Layout.of(config).ffn(layer)}.experts.{expert_id}"
+            prefix = Layout.of(config).expert(layer, expert_id)
             layout += [(f"{prefix}.{sub}", tuple(t.shape), t.dtype) for sub, t in local.items()]
     shapes = {name: shape for name, (shape, _) in expected.items()}
     check_tensors(shapes, {name: shape for name, shape, _ in layout}, "export: the trained model's tensors")

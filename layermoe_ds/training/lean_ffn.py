@@ -5,7 +5,8 @@ upcycled model every expert does, each over its capacity's worth of token slots,
 (4,864) that is most of a training step's activation memory. `act_mul` keeps gate(x) and up(x) and recomputes the
 activation in backward (one elementwise op); its gradients are computed by the same kernels autograd uses, so
 training is unchanged to the bit. It covers SwiGLU (Llama, Qwen, Mistral…), GeGLU with tanh or exact GELU (Gemma)
-and FFNs with one fused `gate_up_proj` (Phi-3). Which activation a module uses is checked by value, not by name.
+and FFNs with one fused `gate_up_proj` (Phi-3): where a family keeps the projections is its `families.FAMILIES`
+entry. Which activation a module uses is checked by value, not by name.
 
 Shape letters (`layermoe_ds/__init__.py`): T tokens (or expert slots), F the FFN width.
 """
@@ -16,6 +17,8 @@ import types
 
 import torch
 import torch.nn.functional as F
+
+from layermoe_ds.modeling.families import GatedFFN, family_of
 
 aten = torch.ops.aten
 
@@ -60,36 +63,39 @@ def activation_of(fn) -> str | None:
         return next((name for name, (forward, _) in ACTIVATIONS.items() if torch.equal(got, forward(probe))), None)
 
 
-def _gated_forward(module):
-    """The lean forward for a gated FFN module, or None when it is not one."""
-    if all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")):
-        activation = activation_of(module.act_fn)
-        if activation is None:
-            return None
+def _gated_forward(module, ffn: GatedFFN):
+    """The lean forward for a gated FFN module with the family's parts, or None when it is not one."""
+    if not ffn.matches(module):
+        return None
+    activation = activation_of(getattr(module, ffn.activation))
+    if activation is None:
+        return None
+    gate, up, down = ffn.gate, ffn.up, ffn.down
 
-        def separate(self, x):
-            return self.down_proj(act_mul(self.gate_proj(x), self.up_proj(x), activation))
-
-        return separate
-    if all(hasattr(module, n) for n in ("gate_up_proj", "down_proj", "activation_fn")):
-        activation = activation_of(module.activation_fn)
-        if activation is None:
-            return None
+    if up is None:  # one fused projection: [gate, up]
 
         def fused(self, x):
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-            return self.down_proj(act_mul(gate, up, activation))
+            gate_TF, up_TF = getattr(self, gate)(x).chunk(2, dim=-1)
+            return getattr(self, down)(act_mul(gate_TF, up_TF, activation))
 
         return fused
-    return None
+
+    def separate(self, x):
+        return getattr(self, down)(act_mul(getattr(self, gate)(x), getattr(self, up)(x), activation))
+
+    return separate
 
 
 def use_lean_ffn(model) -> int:
     """Every gated feed-forward of `model` (dense FFNs, expert 0, DeepSpeed's experts) computes through `act_mul`;
-    the forward is replaced on each instance, so names and weights are untouched. Returns how many."""
+    the forward is replaced on each instance, so names and weights are untouched. Returns how many (0 for a family
+    whose FFN is not gated)."""
+    ffn = family_of(getattr(model.config, "model_type", "")).ffn
+    if ffn is None:
+        return 0
     count = 0
     for module in model.modules():
-        forward = _gated_forward(module)
+        forward = _gated_forward(module, ffn)
         if forward is not None:
             module.forward = types.MethodType(forward, module)
             count += 1

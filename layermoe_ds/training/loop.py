@@ -275,7 +275,7 @@ class StageTrainer:
             {
                 "stage": self.stage,
                 "sampler": self.sampler.state_dict(),
-                "layout": checkpoint.layout_of(self.model),
+                "layout": checkpoint.expert_layout_of(self.model),
                 "ep_sizes": self.ep_sizes,
                 "expert_slots": model_slots(self.model),
                 "gates_only": self.gates_only,

@@ -16,6 +16,7 @@ from torch import nn
 
 from layermoe_ds.ds.names import new_expert_index
 from layermoe_ds.errors import InputError
+from layermoe_ds.modeling.families import disk_expert
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,6 @@ log = logging.getLogger(__name__)
 # and on disk (`ds/names.py`).
 ROUTER = re.compile(r"\.\d+\.\w+\.router\.weight$")
 CLASSIFIER = re.compile(r"\.\d+\.\w+\.classifier\.weight$")
-LOCAL_NEW_EXPERT = re.compile(r"\.(\d+)\.\w+\.experts\.([1-9]\d*)\.")  # a model as loaded: experts.K, K ≥ 1
 
 
 def _router(model, name: str) -> bool:
@@ -37,16 +37,16 @@ def _classifier(model, name: str) -> bool:
 def _newest_group_expert(model, name: str) -> bool:
     """Is this tensor one of the new experts the newest language group added (in the training tree, DeepSpeed's
     index mapped to the expert's id)?"""
-    where = new_expert_index(name)
-    if where is not None:
-        layer, index = where
-        expert_id = model.moe_blocks()[layer].moe.global_ids[index]
+    training, loaded = new_expert_index(name), disk_expert(name)
+    if training is None and (loaded is None or loaded[1] == 0):
+        return False
+    blocks = model.moe_blocks()
+    if training is not None:
+        layer, index = training
+        expert_id = blocks[layer].moe.global_ids[index]
     else:
-        match = LOCAL_NEW_EXPERT.search(name)
-        if match is None:
-            return False
-        layer, expert_id = int(match[1]), int(match[2]) - 1
-    return model.moe_blocks()[layer].gate.expert_groups[1 + expert_id] == model.config.num_groups - 1
+        layer, expert_id = loaded[0], loaded[1] - 1
+    return blocks[layer].gate.expert_groups[1 + expert_id] == model.config.num_groups - 1
 
 
 # stage → trainable parameter groups: (group name, does (model, parameter name) belong to it)
