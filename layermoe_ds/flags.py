@@ -6,9 +6,9 @@ line, and a new field gets its flag without another hand-written map.
     overrides = config_overrides(args, TrainConfig) # {"steps": 20, "model.num_layers": 2, …}: the flags given
     config = load_config(TrainConfig, args.config, overrides)
 
-Flag values: `a,b` for a tuple of strings, `a,b;c,d` for a tuple of such tuples (language groups), `--x/--no-x` for
-a boolean, one of the members for a StrEnum. A flag left out is None and overrides nothing (the preset's, the file's
-or the field's default stands).
+Flag values: a number for `int`/`float` (or `int | None`, a setting that may stay unset), `a,b` for a tuple of
+strings, `a,b;c,d` for a tuple of such tuples (language groups), `--x/--no-x` for a boolean, one of the members for a
+StrEnum. A flag left out is None and overrides nothing (the preset's, the file's or the field's default stands).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
+import types
 import typing
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -93,7 +94,17 @@ def _fields(cls: type, prefix: str = "") -> Iterator[tuple[str, str, Any, datacl
             yield path, field.metadata.get("flag") or field.name.replace("_", "-"), hint, field
 
 
+def unset_or(hint: Any) -> Any:
+    """X for `X | None` (a field that may be left unset); any other hint as it is."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        if len(args) == 1 and len(typing.get_args(hint)) == 2:
+            return args[0]
+    return hint
+
+
 def _parser_for(hint: Any) -> Callable[[str], Any] | None:
+    hint = unset_or(hint)
     if hint in (int, float, str):
         return hint
     if isinstance(hint, type) and issubclass(hint, enum.Enum):

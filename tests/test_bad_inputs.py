@@ -125,7 +125,11 @@ def cli_cases(i: dict[str, Path]) -> list[tuple[str, list[str], str]]:
             [*evaluate[:2], str(t / "truncated_weights"), *evaluate[3:], "--data", corpus],
             "truncated_weights/model.safetensors is truncated: its tensors need",
         ),  # fmt: skip
-        ("same language old and new", [*profile[:8], "en", *profile[9:], str(t / "existing.json")], "both old and new"),
+        (
+            "same language old and new",
+            [*profile[:8], "en", *profile[9:], str(t / "existing.json")],
+            "are in both --old and --new",
+        ),
         (
             "malformed similarity JSON",
             [*allocate[:1], "--similarity", str(t / "broken.json"), *allocate[3:], "--budget", "9"],

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from layermoe_ds.cli import build_parser, main
 from layermoe_ds.config import TrainConfig
 from layermoe_ds.errors import InputError
-from layermoe_ds.flags import _fields, count, positive, share
+from layermoe_ds.flags import _fields, count, positive, share, unset_or
+from layermoe_ds.settings import SETTINGS, BenchmarkSettings, EvalSettings, ProfileSettings
 from layermoe_testbed.pretrain_config import BaseModelConfig, PretrainConfig
 
 
@@ -39,17 +40,19 @@ def numeric_actions():
 
 EVERY_NUMERIC = numeric_actions()
 RANGED = [case for case in EVERY_NUMERIC if case[2] not in (int, float)]
-# Flags derived from a config dataclass (`pretrain`'s; the launchers' TrainConfig flags likewise) set that field, and
-# the config checks it, naming the key (test_a_config_key_out_of_range_is_refused_naming_the_key).
-DERIVED = {flag for _, flag, _, _ in _fields(PretrainConfig)}
+# Flags derived from a config dataclass (`pretrain`'s, `profile`'s, `evaluate`'s and `benchmark`'s; the launchers'
+# TrainConfig flags likewise) set that field, and the config checks it, naming the key
+# (test_a_config_key_out_of_range_is_refused_naming_the_key).
+DERIVED_BY_VERB = {"pretrain": PretrainConfig, **SETTINGS}
+DERIVED = {verb: {flag for _, flag, _, _ in _fields(cls)} for verb, cls in DERIVED_BY_VERB.items()}
 
 
 def test_every_numeric_flag_is_validated():
-    assert len(RANGED) >= 20
+    assert len(RANGED) >= 15 and len(EVERY_NUMERIC) >= 40  # the walk sees every verb's flags
     plain = [
         (" ".join(path), flag)
         for path, flag, kind in EVERY_NUMERIC
-        if kind in (int, float) and not (path == ("pretrain",) and flag.removeprefix("--") in DERIVED)
+        if kind in (int, float) and not (len(path) == 1 and flag.removeprefix("--") in DERIVED.get(path[0], ()))
     ]
     assert not plain, f"numeric flags without a range: {plain}"
 
@@ -82,6 +85,12 @@ def test_a_derived_flag_out_of_range_is_refused_through_its_config(tmp_path, cap
     argv = ["pretrain", "--data", str(tmp_path), "--tokenizer", str(tmp_path), "--out", str(tmp_path / "o")]
     assert main([*argv, "--steps", "0"]) == 2
     assert "pretrain.steps: 0 must be >= 1" in capsys.readouterr().err
+    evaluate = ["evaluate", "--model", str(tmp_path), "--data", str(tmp_path), "--langs", "en"]
+    assert main([*evaluate, "--batch-size", "0"]) == 2
+    assert "evaluate.batch_size: 0 must be >= 1" in capsys.readouterr().err
+    profile = ["profile", "--model", str(tmp_path), "--data", str(tmp_path), "--old", "en", "--new", "fr"]
+    assert main([*profile, "--out", str(tmp_path / "s.json"), "--seq-len", "-3"]) == 2
+    assert "profile.seq_len: -3 must be >= 1" in capsys.readouterr().err
 
 
 # Each numeric config key's valid range: (lowest allowed or "open" for > 0, highest allowed or None).
@@ -93,15 +102,24 @@ RULES = {
     "capacity_factor": ("open", None),
     "dist_timeout_minutes": ("open", None), "min_lr_ratio": (0, 1), "low_resource_share": (0, 0.5),
     "num_layers": (1, None), "hidden_size": (1, None), "num_heads": (1, None), "num_kv_heads": (1, None),
-    "intermediate_size": (1, None), "max_position": (1, None),
+    "intermediate_size": (1, None), "max_position": (1, None), "tokens_per_lang": (1, None), "max_tokens": (1, None),
+    "limit": (1, None), "flores_shots": (1, None), "beams": (1, None), "flores_max_new_tokens": (1, None),
 }  # fmt: skip
 TRAIN = {"model": "m", "data": "d", "out": "o", "language_groups": (("en",), ("fr",))}
 WHERE = {TrainConfig: "train", PretrainConfig: "pretrain", BaseModelConfig: "model"}
+WHERE |= {cls: verb for verb, cls in SETTINGS.items()}
+# What each class needs besides the value under test to be built at all.
+REQUIRED = {
+    TrainConfig: TRAIN,
+    ProfileSettings: {"model": "m", "data": "d", "old": ("en",), "new": ("fr",), "out": "o"},
+    EvalSettings: {"model": "m", "data": "d", "langs": ("en",)},
+    BenchmarkSettings: {"model": "m", "old": ("en",), "new": ("fr",), "out": "o"},
+}
 
 
 def numeric_fields(cls):
     hints = typing.get_type_hints(cls)
-    return [f.name for f in dataclasses.fields(cls) if hints[f.name] in (int, float)]
+    return [f.name for f in dataclasses.fields(cls) if unset_or(hints[f.name]) in (int, float)]
 
 
 def bad_values(low, high):
@@ -118,7 +136,7 @@ def test_a_config_key_out_of_range_is_refused_naming_the_key(cls, name, data):
     assert name in RULES, f"{cls.__name__}.{name} has no stated range"
     value = data.draw(bad_values(*RULES[name]))
     with pytest.raises(InputError, match=rf"{WHERE[cls]}\.{name}"):
-        cls(**{**(TRAIN if cls is TrainConfig else {}), name: value})
+        cls(**{**REQUIRED.get(cls, {}), name: value})
 
 
 @pytest.mark.parametrize("verb", ["evaluate", "profile"])

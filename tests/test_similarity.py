@@ -159,7 +159,11 @@ def test_profile_errors(tiny_base, corpus_dir, tmp_path, capsys):
     assert main([*base, "--old", "en", "--new", "xx"]) == 2
     assert "['xx'] not found" in capsys.readouterr().err
     assert main([*base, "--old", "en", "--new", "en"]) == 2
-    assert "both old and new" in capsys.readouterr().err
+    assert "['en'] are in both --old and --new" in capsys.readouterr().err
+    assert main([*base, "--old", "en,en", "--new", "ru"]) == 2
+    assert "profile.old: lists a language twice: ['en', 'en']" in capsys.readouterr().err
+    assert main([*base, "--new", "ru"]) == 2  # before any work: the required field named
+    assert "profile.old: required (give it as --old or in --config)" in capsys.readouterr().err
     assert main([*base, "--old", "en", "--new", "ru", "--tokens-per-lang", "10000000", "--strict"]) == 2
     assert "fewer tokens than --tokens-per-lang" in capsys.readouterr().err
     empty = tmp_path / "empty_model"

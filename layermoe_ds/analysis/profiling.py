@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 from layermoe_ds.analysis.plots import plot_similarity
@@ -21,6 +20,7 @@ from layermoe_ds.errors import InputError
 from layermoe_ds.hf.load import check_model_dir, load_causal_lm, parse_dtype, seq_len_for
 from layermoe_ds.io import write_json
 from layermoe_ds.modeling.types import model_config
+from layermoe_ds.settings import ProfileSettings
 
 log = logging.getLogger(__name__)
 
@@ -33,73 +33,33 @@ def distributed_context(backend: str, device: str, timeout_minutes: float = 30.0
     return init_process_group(backend, device, timeout_minutes)
 
 
-def check_languages(old: Sequence[str], new: Sequence[str]) -> None:
-    if not old or not new:
-        raise InputError("profile: give at least one old (--old) and one new (--new) language")
-    both = sorted(set(old) & set(new))
-    if both:
-        raise InputError(f"profile: {both} listed as both old and new")
-    for name, langs in (("--old", old), ("--new", new)):
-        if len(set(langs)) != len(langs):
-            raise InputError(f"profile: {name} lists a language twice: {list(langs)}")
-
-
-def run_profile(
-    model_dir: Path,
-    data: Path,
-    old: Sequence[str],
-    new: Sequence[str],
-    tokens_per_lang: int,
-    out: Path,
-    plot: Path | None = None,
-    seq_len: int | None = None,
-    batch_size: int = 8,
-    split: str = "valid",
-    dtype: str = "float32",
-    device: str | None = None,
-    strict: bool = False,
-    seed: int = 0,
-    tokenizer_dir: Path | None = None,
-) -> dict:
-    check_languages(old, new)
-    if tokens_per_lang < 1 or (seq_len is not None and seq_len < 1) or batch_size < 1:
-        raise InputError("profile: --tokens-per-lang, --seq-len and --batch-size must be >= 1")
+def run_profile(settings: ProfileSettings) -> dict:
+    """`layermoe profile`: Eq. 8-9 on the first `tokens_per_lang` tokens of each language, split over the ranks of
+    a launcher; writes `out` (and `plot`) on rank 0 and returns the report (every rank)."""
+    s, model_dir = settings, Path(settings.model)
     check_model_dir(model_dir)
-    seq_len = seq_len_for(model_config(model_dir), seq_len, 256, "profile --seq-len")  # default: 256 within it
-    langs = [*old, *new]
-    tokenizer_dir = tokenizer_dir or model_dir
+    seq_len = seq_len_for(model_config(model_dir), s.seq_len, 256, "profile --seq-len")  # default: 256 within it
+    langs, split = [*s.old, *s.new], str(s.split)
+    tokenizer_dir = Path(s.tokenizer) if s.tokenizer else model_dir
     tokenizer = load_tokenizer(tokenizer_dir)
-    streams = open_streams(data, tokenizer, tokenizer_dir, langs, split)
-    batches = profile_blocks(streams, tokens_per_lang, seq_len, tokenizer.pad_token_id)
-    short = {lang: n for lang, n in batches.tokens.items() if n < tokens_per_lang}
+    streams = open_streams(Path(s.data), tokenizer, tokenizer_dir, langs, split)
+    batches = profile_blocks(streams, s.tokens_per_lang, seq_len, tokenizer.pad_token_id)
+    short = {lang: n for lang, n in batches.tokens.items() if n < s.tokens_per_lang}
     if short:
-        message = f"profile: fewer tokens than --tokens-per-lang {tokens_per_lang} in the {split} split: {short}"
-        if strict:
+        message = f"profile: fewer tokens than --tokens-per-lang {s.tokens_per_lang} in the {split} split: {short}"
+        if s.strict:
             raise InputError(message + " (--strict)")
         log.warning("%s; profiling what there is", message)
     adopt_launcher_env()  # LOCAL_RANK first: it picks this rank's GPU
-    device, backend = device_and_backend(device)
+    device, backend = device_and_backend(s.device or None)
     rank, world = distributed_context(backend, device)
-    model = load_causal_lm(model_dir, parse_dtype(dtype), device)
-    acc = profile_model(model, batches, batch_size, rank, world)
-    report = similarity_report(
-        acc,
-        langs,
-        old,
-        new,
-        batches.tokens,
-        model_id=str(model_dir),
-        seed=seed,
-        extra={
-            "split": split,
-            "seq_len": seq_len,
-            "dtype": dtype,
-            "tokens_per_lang_requested": tokens_per_lang,
-            "world_size": world,
-        },
-    )
+    model = load_causal_lm(model_dir, parse_dtype(str(s.dtype)), device)
+    acc = profile_model(model, batches, s.batch_size, rank, world)
+    extra = {"split": split, "seq_len": seq_len, "dtype": str(s.dtype), "tokens_per_lang_requested": s.tokens_per_lang,
+             "world_size": world}  # fmt: skip
+    report = similarity_report(acc, langs, s.old, s.new, batches.tokens, str(model_dir), s.seed, extra)
     if rank == 0:
-        write_json(out, report)
-        if plot is not None:
-            plot_similarity(report, plot)
+        write_json(Path(s.out), report)
+        if s.plot:
+            plot_similarity(report, Path(s.plot))
     return report

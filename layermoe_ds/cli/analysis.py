@@ -7,9 +7,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from layermoe_ds.cli.common import lang_list
+from layermoe_ds.cli.common import add_settings, settings_of
 from layermoe_ds.errors import InputError
 from layermoe_ds.flags import count, positive
+from layermoe_ds.settings import ProfileSettings
 
 
 def add_profile(sub) -> None:
@@ -20,47 +21,18 @@ def add_profile(sub) -> None:
         "and write similarity.json. Run under deepspeed/torchrun to split the tokens "
         "across ranks.",
     )
-    p.add_argument("--model", type=Path, required=True, help="HF model directory (dense or LayerMoE)")
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--old", type=lang_list, required=True, help="languages the model knows, e.g. en,de")
-    p.add_argument("--new", type=lang_list, required=True, help="languages to add, e.g. fr,ru,el")
-    p.add_argument("--tokens-per-lang", type=count(), default=100_000, help="T (default: 100000, as the reference)")
-    p.add_argument("--out", type=Path, required=True, help="similarity.json to write")
-    p.add_argument("--plot", type=Path, default=None, help="PNG of the per-layer and per-pair similarity")
-    p.add_argument("--split", default="valid", choices=("train", "valid", "test"), help="default: valid")
-    p.add_argument("--seq-len", type=count(), default=None, help="row length (default: 256, or a shorter context)")
-    p.add_argument("--batch-size", type=count(), default=8)
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
-    p.add_argument("--tokenizer", type=Path, default=None, help="default: the model directory's")
-    p.add_argument("--strict", action="store_true", help="fail instead of warning when a language is short")
-    p.add_argument("--seed", type=count(0), default=0)
+    add_settings(p, ProfileSettings)
     p.set_defaults(func=_cmd_profile)
 
 
 def _cmd_profile(args) -> int:
     from layermoe_ds.analysis.profiling import run_profile
 
-    report = run_profile(
-        args.model,
-        args.data,
-        args.old,
-        args.new,
-        args.tokens_per_lang,
-        args.out,
-        args.plot,
-        args.seq_len,
-        args.batch_size,
-        args.split,
-        args.dtype,
-        args.device,
-        args.strict,
-        args.seed,
-        args.tokenizer,
-    )
+    settings = settings_of(args, ProfileSettings)
+    report = run_profile(settings)
     if int(os.environ.get("RANK", "0")) == 0:  # under a launcher every rank holds the same report
         print(" ".join(f"{score:.3f}" for score in report["layer_score"]))
-        print(f"layer scores ({report['score_rule']}) written to {args.out}")
+        print(f"layer scores ({report['score_rule']}) written to {settings.out}")
     return 0
 
 

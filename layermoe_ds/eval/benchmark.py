@@ -24,6 +24,7 @@ from pathlib import Path
 from layermoe_ds.errors import InputError, MissingInputError
 from layermoe_ds.eval.task_data import check_datasets, check_hub_reachable, local_datasets
 from layermoe_ds.languages import FLORES, FLORES_CODE
+from layermoe_ds.settings import BenchmarkSettings, path_or_none
 
 log = logging.getLogger(__name__)
 
@@ -188,29 +189,25 @@ def task_manager(include_path: str | None):
     return TaskManager(include_path=include_path)
 
 
-def run_benchmark(
-    model_dir: Path,
-    old: Sequence[str],
-    new: Sequence[str],
-    out: Path,
-    suite: str = "paper",
-    tasks: Sequence[str] = (),
-    include_path: Path | None = None,
-    datasets: Path | None = None,
-    limit: int | None = None,
-    batch_size: int = 1,
-    device: str | None = None,
-    dtype: str = "float32",
-    dry_run: bool = False,
-    flores: FloresOptions | None = None,
-) -> dict:
+def run_benchmark(settings: BenchmarkSettings) -> dict:
     """Plan, check, run and write `OUT/results.json` and `OUT/results.md`; returns the report."""
     from layermoe_ds.eval import translation
     from layermoe_ds.io import atomic_write_text, write_json
 
-    both = sorted(set(old) & set(new))
-    if both:
-        raise InputError(f"benchmark: {both} are in both --old and --new")
+    s = settings
+    model_dir, old, new, out, suite, tasks, limit = (
+        Path(s.model),
+        s.old,
+        s.new,
+        Path(s.out),
+        str(s.suite),
+        s.tasks,
+        s.limit,
+    )
+    include_path, datasets = path_or_none(s.include_path), path_or_none(s.datasets)
+    flores = None
+    if s.flores:
+        flores = FloresOptions(Path(s.flores), s.flores_shots, s.beams, s.flores_max_new_tokens, path_or_none(s.comet))
     if include_path is not None and not Path(include_path).is_dir():
         raise MissingInputError(f"benchmark --include-path: {include_path} is not a directory")
     manager = task_manager(str(include_path) if include_path else None)
@@ -234,8 +231,7 @@ def run_benchmark(
         log.warning(
             "%s: no task for %s", lang, ", ".join(f"{r['benchmark']} ({'/'.join(r['looked_for'])})" for r in rows)
         )
-    out = Path(out)
-    if dry_run:
+    if s.dry_run:
         write_json(out / "results.json", report)
         return report
     if not planned and not (flores and pairs):
@@ -250,7 +246,7 @@ def run_benchmark(
         check_datasets(manager.task_index, sorted({item.task for item in planned}), Path(datasets))
     else:
         check_hub_reachable(manager.task_index, sorted({item.task for item in planned}))
-    lm = _harness_model(Path(model_dir), batch_size, device, dtype)
+    lm = _harness_model(model_dir, s.batch_size, s.device or None, str(s.dtype))
     scores: dict[str, dict[str, dict]] = {}
     over: dict[str, int] = {}
     with local_datasets(datasets):
@@ -267,7 +263,7 @@ def run_benchmark(
             over |= over_context(results.get("samples", {}), lm.tok_encode, lm.max_length)
     if flores is not None:
         translator = translation.Translator(lm.model, lm.tokenizer, lm.max_length, flores.beams, flores.max_new_tokens,
-                                            batch_size)  # fmt: skip
+                                            s.batch_size)  # fmt: skip
         translated = translation.run_flores(translator, Path(flores.root), [*old, *new], out, flores.shots, limit,
                                             comet=flores.comet)  # fmt: skip
         report["flores"] = translated

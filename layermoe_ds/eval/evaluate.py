@@ -21,6 +21,7 @@ from layermoe_ds.hf.sources import check_source, load_model
 from layermoe_ds.io import write_json
 from layermoe_ds.modeling.lm_loss import check_fused_loss
 from layermoe_ds.modeling.types import is_layermoe
+from layermoe_ds.settings import EvalSettings, path_or_none
 
 
 def language_groups(langs: Sequence[str], old: Sequence[str], groups: Sequence[Sequence[str]] | None) -> dict[str, int]:
@@ -64,41 +65,28 @@ def format_report(report: dict, groups: dict[str, int]) -> str:
     return text
 
 
-def run_evaluation(
-    source: Path,
-    data: Path,
-    langs: Sequence[str],
-    old: Sequence[str] = (),
-    groups: Sequence[Sequence[str]] | None = None,
-    split: str = "test",
-    seq_len: int | None = None,
-    batch_size: int = 8,
-    max_tokens: int | None = None,
-    dtype: str = "float32",
-    device: str | None = None,
-    base: Path | None = None,
-    dist_timeout_minutes: float = 30.0,
-    out: Path | None = None,
-) -> dict:
-    """`layermoe evaluate`: a model directory, checkpoint or run directory on the `split` of `langs`. Under a launcher
-    (deepspeed, torchrun, mpirun) the ranks share the windows; rank 0 prints the tables and writes `out`. Returns
-    the report (every rank)."""
-    index = language_groups(langs, old, groups)
+def run_evaluation(settings: EvalSettings) -> dict:
+    """`layermoe evaluate`: a model directory, checkpoint or run directory on a split of some languages. Under a
+    launcher (deepspeed, torchrun, mpirun) the ranks share the windows; rank 0 prints the tables and writes `out`.
+    Returns the report (every rank)."""
+    s = settings
+    source, split = Path(s.model), str(s.split)
+    index = language_groups(s.langs, s.old, s.groups or None)
     check_source(source)
     adopt_launcher_env()
-    device, backend = device_and_backend(device)
-    model, tokenizer_dir, described = load_model(source, parse_dtype(dtype), device, base)
-    seq_len = seq_len_for(model.config, seq_len, 1024, "evaluate --seq-len")  # default: 1,024 within the context
+    device, backend = device_and_backend(s.device or None)
+    model, tokenizer_dir, described = load_model(source, parse_dtype(str(s.dtype)), device, path_or_none(s.base))
+    seq_len = seq_len_for(model.config, s.seq_len, 1024, "evaluate --seq-len")  # default: 1,024 within the context
     check_fused_loss(model, f"evaluate --model {source}")  # the perplexities go through the fused head
     tokenizer = load_tokenizer(tokenizer_dir)
-    streams = open_streams(data, tokenizer, tokenizer_dir, langs, split)
+    streams = open_streams(Path(s.data), tokenizer, tokenizer_dir, s.langs, split)
     rank = 0
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        rank, _ = init_process_group(backend, device, dist_timeout_minutes)
-    report = evaluate_model(model, tokenizer, streams, index, seq_len, batch_size, max_tokens)
+        rank, _ = init_process_group(backend, device, s.dist_timeout_minutes)
+    report = evaluate_model(model, tokenizer, streams, index, seq_len, s.batch_size, s.max_tokens)
     if rank == 0:
         print(f"{described}, {split} split, {device}:")
         print(format_report(report, index))
-        if out:
-            write_json(out, {"model": described, "split": split, "groups": index, **report})
+        if s.out:
+            write_json(Path(s.out), {"model": described, "split": split, "groups": index, **report})
     return report

@@ -27,6 +27,7 @@ from layermoe_ds.hf.load import load_causal_lm
 from layermoe_ds.io import read_json, sha256_file, write_json
 from layermoe_ds.modeling.types import moe_blocks
 from layermoe_ds.modeling.upcycle import grow_dir
+from layermoe_ds.settings import ProfileSettings
 from layermoe_testbed.experiment.cache import cached, directory_manifest, fingerprint, step_seconds
 from layermoe_testbed.experiment.presets import DENSE_BASE, Method, Phase, Preset, RunId, System
 from layermoe_testbed.experiment.report import write_report
@@ -135,8 +136,17 @@ class Context:
 
         def produce() -> None:
             print(f"profiling {model.path} ({preset.profile_tokens} valid tokens per language) …", flush=True)
-            run_profile(model.path, self.data, old, new, preset.profile_tokens, out, plot=home / "similarity.png",
-                        seq_len=preset.seq_len)  # fmt: skip
+            settings = ProfileSettings(
+                str(model.path),
+                str(self.data),
+                tuple(old),
+                tuple(new),
+                str(out),
+                preset.profile_tokens,
+                str(home / "similarity.png"),
+                seq_len=preset.seq_len,
+            )
+            run_profile(settings)
 
         return Model(out, cached(out, inputs, produce))
 
