@@ -23,7 +23,7 @@ from layermoe_ds.ds.process import SHIPPED_CONFIGS, Launcher
 from layermoe_ds.errors import InputError
 from layermoe_ds.io import atomic_write_text, read_json, write_json
 from layermoe_testbed.demo import prepare_base
-from layermoe_testbed.experiment import DENSE_BASE, Method, Preset, RunId, System, run_experiment
+from layermoe_testbed.experiment import DENSE_BASE, Preset, RunId, System, SystemMethod, run_experiment
 from layermoe_testbed.experiment.presets import PAPER, REAL
 from layermoe_testbed.experiment.reading import average, pooled_sd, runs_of, stats
 from layermoe_testbed.experiment.runner import slug
@@ -92,7 +92,7 @@ GRIDS = {"testbed": GRID, "real": REAL_GRID}
 def point_preset(calibration: Calibration, point: GridPoint) -> Preset:
     """Uniform MoE-LPR at the smallest and the largest budget, over the calibration's seeds, at `point`."""
     systems = tuple(
-        System(f"MoE-LPR uniform ({n}/layer)", Method.UNIFORM, n, "0", n, n, seeds=calibration.seeds)
+        System(f"MoE-LPR uniform ({n}/layer)", SystemMethod.UNIFORM, n, "0", n, n, seeds=calibration.seeds)
         for n in calibration.budgets
     )
     low, high = (s.name for s in systems)

@@ -56,7 +56,7 @@ DONE_FILE = "pretrain_done.json"
 STATE_FILE = "pretrain_state.pt"
 
 
-def build_model(config: PretrainConfig, tokenizer) -> torch.nn.Module:
+def build_base_model(config: PretrainConfig, tokenizer) -> torch.nn.Module:
     """A randomly initialised HF Llama or Qwen2 model with the configured shape."""
     m = config.model
     common = dict(
@@ -122,7 +122,7 @@ def pretrain(config: PretrainConfig, data: Path, tokenizer_dir: Path, out: Path)
     tokenizer = load_tokenizer(tokenizer_dir)
     blocks = pretrain_blocks(config, data, tokenizer, tokenizer_dir)
     log.info("pretrain data: %s tokens in %d blocks of %d", blocks.tokens_per_lang, len(blocks), config.seq_len)
-    model = build_model(config, tokenizer)
+    model = build_base_model(config, tokenizer)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
     sampler = BlockSampler(len(blocks), config.batch_size, config.seed)

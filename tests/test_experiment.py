@@ -13,7 +13,7 @@ import yaml
 
 from layermoe_ds.ds.process import Launcher
 from layermoe_ds.io import sha256_file
-from layermoe_testbed.experiment import DENSE_BASE, DENSE_FINETUNE, Method, Phase, Preset, RunId, System
+from layermoe_testbed.experiment import DENSE_BASE, DENSE_FINETUNE, Phase, Preset, RunId, System, SystemMethod
 from layermoe_testbed.experiment.presets import CLASSIFIER_CLAIM, PLACEMENT_CLAIM
 
 
@@ -23,8 +23,8 @@ def test_mini_experiment(tiny_base, corpus_dir, tmp_path):
     from layermoe_testbed.experiment import finite_table, run_experiment
     from layermoe_testbed.experiment.cache import step_record
 
-    uniform = System("uniform (3/layer)", Method.UNIFORM, 3, "0", 3, 3, lifelong=True, curve=True)
-    layermoe = System("LayerMoE (2/layer)", Method.LAYERMOE, 2, "1", 2, 3, seeds=(0, 1), curve=True)
+    uniform = System("uniform (3/layer)", SystemMethod.UNIFORM, 3, "0", 3, 3, lifelong=True, curve=True)
+    layermoe = System("LayerMoE (2/layer)", SystemMethod.LAYERMOE, 2, "1", 2, 3, seeds=(0, 1), curve=True)
     variant = dataclasses.replace(  # a stage-2 variant: stage 2 again from LayerMoE's stage-1 model, seed 1
         layermoe, name="LayerMoE, stage 2 lr 0.01", stage2=(("lr", 0.01), ("router_anchor_beta", 1.0)),
         stage1_of=layermoe.name, seeds=(1,),
@@ -197,10 +197,10 @@ def _run(old, new, new_experts=6, method="layermoe", stage1_old=None, experts=(4
     return result
 
 
-LM = System("LayerMoE", Method.LAYERMOE, 2.5, "2", seeds=(0, 1, 2))
-U = System("Uniform", Method.UNIFORM, 4, seeds=(0, 1, 2))
-NO_CLS = System("LayerMoE w/o classifier", Method.LAYERMOE, 2.5, "0", seeds=(0, 1, 2), ablates=CLASSIFIER_CLAIM)
-LAST = System("LayerMoE last-2", Method.LAYERMOE, 2.5, "last-2", ablates=PLACEMENT_CLAIM)
+LM = System("LayerMoE", SystemMethod.LAYERMOE, 2.5, "2", seeds=(0, 1, 2))
+U = System("Uniform", SystemMethod.UNIFORM, 4, seeds=(0, 1, 2))
+NO_CLS = System("LayerMoE w/o classifier", SystemMethod.LAYERMOE, 2.5, "0", seeds=(0, 1, 2), ablates=CLASSIFIER_CLAIM)
+LAST = System("LayerMoE last-2", SystemMethod.LAYERMOE, 2.5, "last-2", ablates=PLACEMENT_CLAIM)
 
 
 def test_reading_judges_each_claim_by_the_seed_spread():
@@ -238,7 +238,10 @@ def test_the_premise_reading_compares_the_least_and_the_most_similar_layers():
 
     preset = PRESETS["real-premise"]
     least, most = preset.systems
-    assert (least.method, most.method) == (Method.LEAST_SIMILAR, Method.MOST_SIMILAR) and least.seeds == (0, 1)
+    assert (least.method, most.method) == (SystemMethod.LEAST_SIMILAR, SystemMethod.MOST_SIMILAR) and least.seeds == (
+        0,
+        1,
+    )
     results = {RunId(DENSE_BASE): {"eval": _eval(1.20, 1.60)}}
     for seed in (0, 1):
         results[RunId(least.name, seed)] = _run(1.21, 1.40 + 0.002 * seed, 20, "least-similar", stage1_old=1.25)
@@ -259,9 +262,9 @@ def test_budget_quality_curve_interpolates_the_experts_uniform_needs():
 
     systems, results = [], {RunId(DENSE_BASE): {"eval": _eval(2.0, 3.0)}}
     points = {  # method → [(budget, new experts, New-avg)]
-        Method.UNIFORM: [(2, 12, 2.60), (3, 24, 2.50), (4, 36, 2.44)],
-        Method.LAYERMOE: [(2, 12, 2.50), (3, 24, 2.40), (4, 36, 2.45)],
-        Method.RANDOM: [(2, 12, 2.70), (3, 24, 2.55), (4, 36, 2.47)],
+        SystemMethod.UNIFORM: [(2, 12, 2.60), (3, 24, 2.50), (4, 36, 2.44)],
+        SystemMethod.LAYERMOE: [(2, 12, 2.50), (3, 24, 2.40), (4, 36, 2.45)],
+        SystemMethod.RANDOM: [(2, 12, 2.70), (3, 24, 2.55), (4, 36, 2.47)],
     }
     for method, rows in points.items():
         for budget, experts, new in rows:
@@ -270,10 +273,10 @@ def test_budget_quality_curve_interpolates_the_experts_uniform_needs():
             results[RunId(system.name)] = _run(2.1, new, experts, str(method))
     preset = Preset(systems=tuple(systems), old=("en",), new=("fr",))
     measured = curve(results, preset)
-    assert [p.new_experts for p in measured[Method.UNIFORM]] == [12, 24, 36]
-    assert experts_for_quality(measured[Method.UNIFORM], 2.55) == pytest.approx(18.0)
-    assert experts_for_quality(measured[Method.UNIFORM], 2.44) == pytest.approx(36.0)
-    assert experts_for_quality(measured[Method.UNIFORM], 2.30) is None
+    assert [p.new_experts for p in measured[SystemMethod.UNIFORM]] == [12, 24, 36]
+    assert experts_for_quality(measured[SystemMethod.UNIFORM], 2.55) == pytest.approx(18.0)
+    assert experts_for_quality(measured[SystemMethod.UNIFORM], 2.44) == pytest.approx(36.0)
+    assert experts_for_quality(measured[SystemMethod.UNIFORM], 2.30) is None
     verdicts, savings = curve_reading(measured, reference="layermoe 2")
     saving = {e["system"]: e for e in savings}
     assert saving["layermoe 2"]["uniform_experts"] == pytest.approx(24.0) and saving["layermoe 2"]["saving"] == 0.5
@@ -289,7 +292,7 @@ def test_budget_quality_curve_interpolates_the_experts_uniform_needs():
     text = "\n".join(v.text for v in verdicts)
     assert "Similarity beats random at 12 new experts*: New-avg 2.500 (LayerMoE) vs 2.700 (random; one seed" in text
     # A flat uniform curve (all within 1%, one seed each): the reading says savings read off it mean little.
-    for (_, experts, _), new in zip(points[Method.UNIFORM], (2.50, 2.49, 2.495), strict=True):
+    for (_, experts, _), new in zip(points[SystemMethod.UNIFORM], (2.50, 2.49, 2.495), strict=True):
         results[RunId(f"uniform {experts // 12 + 1}")]["eval"]["new_avg"]["bpb"] = new
     verdicts, _ = curve_reading(curve(results, preset))
     flat = next(v for v in verdicts if v.claim == "a curve to save experts along")
@@ -304,11 +307,11 @@ def test_the_headline_saving_has_a_bootstrap_interval_over_seeds():
         return CurvePoint(f"{method} {experts}", method, 0, experts, 0, 0, stats(values), stats([3.1]),
                           new_values=tuple(values))  # fmt: skip
 
-    uniform = [point(Method.UNIFORM, 12, [3.00, 3.01, 3.02]), point(Method.UNIFORM, 24, [2.95, 2.96, 2.97]),
-               point(Method.UNIFORM, 48, [2.90, 2.91, 2.92])]  # fmt: skip
+    uniform = [point(SystemMethod.UNIFORM, 12, [3.00, 3.01, 3.02]), point(SystemMethod.UNIFORM, 24, [2.95, 2.96, 2.97]),
+               point(SystemMethod.UNIFORM, 48, [2.90, 2.91, 2.92])]  # fmt: skip
     slope = curve_slope(uniform)
     assert slope.numbers["pooled_sd"] == pytest.approx(0.01) and slope.numbers["gain_over_sd"] == pytest.approx(10)
-    layermoe = point(Method.LAYERMOE, 12, [2.955, 2.96, 2.965])  # uniform needs 24 at the mean: a 50% saving
+    layermoe = point(SystemMethod.LAYERMOE, 12, [2.955, 2.96, 2.965])  # uniform needs 24 at the mean: a 50% saving
     low, high = saving_interval(uniform, layermoe)
     assert 0 < low < 0.5 < high < 1 and (low, high) == saving_interval(uniform, layermoe)  # seeded: reproducible
     assert saving_interval(uniform, layermoe, seed=1) != (low, high)
@@ -316,23 +319,23 @@ def test_the_headline_saving_has_a_bootstrap_interval_over_seeds():
     assert verdict.verdict == "replicated" and verdict.numbers["saving"] == pytest.approx(0.5)
     assert f"95% interval {low:.0%} to {high:.0%}" in verdict.text and "3 seeds; uniform 3/3/3" in verdict.text
     # a point as good as uniform's best in some draws: the interval is open above
-    best = point(Method.LAYERMOE, 12, [2.88, 2.91, 2.94])
+    best = point(SystemMethod.LAYERMOE, 12, [2.88, 2.91, 2.94])
     assert saving_interval(uniform, best)[1] == math.inf and "to +∞" in headline_verdict(uniform, best).text
     # as good as uniform at equal experts: the interval includes no saving; worse than uniform: more experts
-    same = headline_verdict(uniform, point(Method.LAYERMOE, 24, [2.93, 2.96, 2.99]))
+    same = headline_verdict(uniform, point(SystemMethod.LAYERMOE, 24, [2.93, 2.96, 2.99]))
     assert same.numbers["interval"][0] < 0 < same.numbers["interval"][1] and same.verdict == "matched"
     assert "not significant here" in same.text
-    worse = headline_verdict(uniform, point(Method.LAYERMOE, 24, [2.99, 3.00, 3.01]))
+    worse = headline_verdict(uniform, point(SystemMethod.LAYERMOE, 24, [2.99, 3.00, 3.01]))
     assert worse.numbers["interval"][1] < 0 and worse.verdict == "not replicated"
     assert "95% interval −" in worse.text and "-" not in worse.text.split("95% interval")[1].split(",")[0]
     # beyond the curve: a bound, not an interpolation
-    worst = headline_verdict(uniform, point(Method.LAYERMOE, 24, [3.02, 3.03, 3.04]))
+    worst = headline_verdict(uniform, point(SystemMethod.LAYERMOE, 24, [3.02, 3.03, 3.04]))
     assert "worse than uniform's smallest point (3.010 with 12), with 100% more experts: at least that many more" in (
         worst.text
     )
     assert worst.numbers["interval"] == [None, None] and worst.numbers["interval_open"] == [True, True]
     assert "95% interval −∞ to −∞" in worst.text
-    ahead = headline_verdict(uniform, point(Method.LAYERMOE, 60, [2.85, 2.86, 2.87]))
+    ahead = headline_verdict(uniform, point(SystemMethod.LAYERMOE, 60, [2.85, 2.86, 2.87]))
     assert "better than uniform's best (2.910 with 48), with 25% more experts than it" in ahead.text
 
 
@@ -341,7 +344,7 @@ def test_report_from_made_up_results(tmp_path):
 
     (tmp_path / "similarity.json").write_text(json.dumps({"layer_score": [0.05, 0.2, 0.3, 0.25, 0.15, 0.1]}))
     langs = {"en": {"bpb": 2.0}, "fr": {"bpb": 2.5}, "el": {"bpb": 3.0}}
-    u = System("U", Method.UNIFORM, 3, seeds=(0, 1), lifelong=True, curve=True)
+    u = System("U", SystemMethod.UNIFORM, 3, seeds=(0, 1), lifelong=True, curve=True)
     preset = Preset(systems=(u,), old=("en",), new=("fr",), lifelong=("el",), baseline="U", reference="U")
     results = {RunId(DENSE_BASE): {"eval": _eval(2.0, 3.0), "eval_later": {"languages": {"el": {"bpb": 3.5}}}}}
     for seed in (0, 1):
@@ -367,7 +370,7 @@ def test_report_from_made_up_results(tmp_path):
 def test_stage2_summary_reads_the_gain_kept_against_the_targets():
     from layermoe_testbed.experiment.stage2 import gain_kept, stage2_summary, stage2_table
 
-    keeps = System("keeps", Method.UNIFORM, 3, seeds=(0, 1))
+    keeps = System("keeps", SystemMethod.UNIFORM, 3, seeds=(0, 1))
     gives_back = dataclasses.replace(keeps, name="gives back", stage2=(("lr", 0.01),), stage1_of="keeps")
     preset = Preset(systems=(keeps, gives_back), old=("en",), new=("fr",))
     results = {RunId(DENSE_BASE): {"eval": _eval(2.0, 3.0)}}
@@ -388,7 +391,7 @@ def test_stage2_summary_reads_the_gain_kept_against_the_targets():
 
 
 def test_a_stage2_variant_must_name_an_earlier_system_and_known_settings():
-    source = System("source", Method.UNIFORM, 3, seeds=(0, 1))
+    source = System("source", SystemMethod.UNIFORM, 3, seeds=(0, 1))
     ok = dataclasses.replace(source, name="variant", stage2=(("lr", 1e-3),), stage1_of="source", seeds=(1,))
     Preset(systems=(source, ok))
     with pytest.raises(ValueError, match="'variant' stage2 has unknown settings \\['learning_rate'\\]"):
@@ -400,19 +403,23 @@ def test_a_stage2_variant_must_name_an_earlier_system_and_known_settings():
     with pytest.raises(ValueError, match="stage2_settings has unknown settings \\['anchor'\\]"):
         Preset(systems=(source,), stage2_settings=(("anchor", 1.0),))
     with pytest.raises(ValueError, match="keeps its source's method"):
-        Preset(systems=(source, dataclasses.replace(ok, method=Method.LAYERMOE)))
+        Preset(systems=(source, dataclasses.replace(ok, method=SystemMethod.LAYERMOE)))
 
 
 def test_the_paper_preset_has_four_budgets_per_method_and_every_claim_over_three_seeds():
     from layermoe_testbed.experiment import PRESETS
 
     paper = PRESETS["paper"]
-    curve_points: dict[Method, list[System]] = {}
+    curve_points: dict[SystemMethod, list[System]] = {}
     for system in paper.systems:
         if system.curve:
             curve_points.setdefault(system.method, []).append(system)
-    assert {m: len(s) for m, s in curve_points.items()} == {Method.UNIFORM: 4, Method.LAYERMOE: 4, Method.RANDOM: 4}
-    assert all(len(s.seeds) == 3 for s in curve_points[Method.UNIFORM])  # the headline's bootstrap resamples them
+    assert {m: len(s) for m, s in curve_points.items()} == {
+        SystemMethod.UNIFORM: 4,
+        SystemMethod.LAYERMOE: 4,
+        SystemMethod.RANDOM: 4,
+    }
+    assert all(len(s.seeds) == 3 for s in curve_points[SystemMethod.UNIFORM])  # the headline's bootstrap resamples them
     claims = [paper.system(paper.reference), paper.system(paper.baseline)]
     claims += [s for s in paper.systems if s.ablates is not None]
     assert len(claims) == 5 and all(len(s.seeds) == 3 for s in claims)

@@ -92,7 +92,7 @@ def test_qwen2_architecture_builds(tokenizer_dir):
             arch="qwen2", num_layers=2, hidden_size=32, num_heads=2, num_kv_heads=1, intermediate_size=64
         )
     )
-    model = pretrain_mod.build_model(config, load_tokenizer(tokenizer_dir))
+    model = pretrain_mod.build_base_model(config, load_tokenizer(tokenizer_dir))
     assert type(model).__name__ == "Qwen2ForCausalLM" and model.config.num_hidden_layers == 2
 
 

@@ -68,7 +68,7 @@ class FloresOptions:
 
 
 @dataclass(frozen=True)
-class Planned:
+class PlannedTask:
     lang: str
     benchmark: str
     task: str
@@ -93,7 +93,7 @@ def custom_tasks(specs: Sequence[str]) -> list[tuple[str, int | None]]:
 
 def plan(
     langs: Sequence[str], suite: str, tasks: Sequence[str], known: set[str]
-) -> tuple[list[Planned], dict[str, list[dict]]]:
+) -> tuple[list[PlannedTask], dict[str, list[dict]]]:
     """(what runs, language → the benchmarks it lacks with the task names looked for)."""
     if suite not in SUITES:
         raise InputError(f"benchmark --suite: {suite!r} is not one of {sorted(SUITES)}")
@@ -106,11 +106,11 @@ def plan(
                 looked_for = [task for task, _ in candidates] or [f"(no FLORES-200 code known for {lang!r})"]
                 missing.setdefault(lang, []).append({"benchmark": benchmark.name, "looked_for": looked_for})
             else:
-                planned.append(Planned(lang, benchmark.name, *found, benchmark.metric))
+                planned.append(PlannedTask(lang, benchmark.name, *found, benchmark.metric))
         for template, shots in custom_tasks(tasks):
             task = template.replace("{lang}", lang)
             if task in known:
-                planned.append(Planned(lang, template, task, 0 if shots is None else shots, None))
+                planned.append(PlannedTask(lang, template, task, 0 if shots is None else shots, None))
             else:
                 missing.setdefault(lang, []).append({"benchmark": template, "looked_for": [task]})
     return planned, missing
@@ -140,7 +140,7 @@ def over_context(samples: dict, encode, max_length: int) -> dict[str, int]:
     return counts
 
 
-def group_averages(scores: dict[str, dict[str, dict]], langs: Sequence[str]) -> dict[str, float]:
+def benchmark_averages(scores: dict[str, dict[str, dict]], langs: Sequence[str]) -> dict[str, float]:
     """Per benchmark, the mean over `langs` that have a score; `all`: the mean of those benchmark means, translation
     (chrF/COMET on a 0-100 scale, reported beside) left out."""
     benchmarks = sorted({bench for lang in langs for bench in scores.get(lang, {})})
@@ -274,7 +274,7 @@ def run_benchmark(settings: BenchmarkSettings) -> dict:
                     name = pair.benchmark + ("" if metric == "chrf" else " (COMET)")
                     entry = {"metric": metric, "value": row[metric], "task": pair.name, "num_fewshot": flores.shots}
                     scores.setdefault(pair.language, {})[name] = entry
-    report |= {"scores": scores, "old_avg": group_averages(scores, old), "new_avg": group_averages(scores, new)}
+    report |= {"scores": scores, "old_avg": benchmark_averages(scores, old), "new_avg": benchmark_averages(scores, new)}
     report |= {"max_length": lm.max_length, "over_context": over}
     for task, count in over.items():
         log.warning(

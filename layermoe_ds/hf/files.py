@@ -1,7 +1,7 @@
 """Model directories in and out, tensor by tensor: read weights by name from (sharded) safetensors without loading a
 model, and write a model's tensors as sharded safetensors one shard at a time.
 
-What `upcycle` and `grow` write is described as a list of `Planned` tensors (name, shape, dtype, how to make it),
+What `upcycle` and `grow` write is described as a list of `PlannedTensor` tensors (name, shape, dtype, how to make it),
 so no step ever holds more than one output shard (`--max-shard-size`, 5 GB by default as the Hugging Face hub does)
 plus the input tensors it is copying, and nothing is randomly initialised only to be overwritten.
 """
@@ -149,7 +149,7 @@ def model_source(directory: Path) -> TensorSource:
 
 
 @dataclass(frozen=True)
-class Planned:
+class PlannedTensor:
     """One output tensor: its name, shape and dtype, and a function that makes it (called once, when written)."""
 
     name: str
@@ -242,7 +242,7 @@ def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
     return count * torch.empty((), dtype=dtype).element_size()
 
 
-def write_safetensors(directory: Path, tensors: Sequence[Planned], max_shard_bytes: int) -> list[str]:
+def write_safetensors(directory: Path, tensors: Sequence[PlannedTensor], max_shard_bytes: int) -> list[str]:
     """Write planned tensors through a `ShardWriter`, each made only when its turn comes."""
     writer = ShardWriter(directory, [(p.name, p.shape, p.dtype) for p in tensors], max_shard_bytes)
     for planned in tensors:

@@ -20,7 +20,7 @@ from torch import nn
 from layermoe_ds.config import StrEnum, choice
 from layermoe_ds.errors import InputError
 from layermoe_ds.hf.files import (
-    Planned,
+    PlannedTensor,
     TensorSource,
     model_source,
     saved_keys,
@@ -209,7 +209,7 @@ def upcycle_dir(
                 )
             used.add(origin)
             make = lambda origin=origin: source.get(origin)  # noqa: E731
-        plan.append(Planned(name, shape, dtype, make))
+        plan.append(PlannedTensor(name, shape, dtype, make))
     unused = sorted(set(source.names()) - used - {"lm_head.weight"})
     if unused:
         raise InputError(f"upcycle: {model_dir} holds tensors the model does not use: {unused[:3]}")
@@ -303,7 +303,7 @@ def grow_dir(
     dtype = dtype or source.dtype(embedding_name(skeleton))
     config.dtype = dtype
     plan = [
-        Planned(
+        PlannedTensor(
             name,
             shape,
             dtype,

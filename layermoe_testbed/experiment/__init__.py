@@ -13,11 +13,11 @@ from layermoe_testbed.experiment.presets import (
     LAYERMOE,
     PRESETS,
     UNIFORM,
-    Method,
     Phase,
     Preset,
     RunId,
     System,
+    SystemMethod,
 )
 from layermoe_testbed.experiment.report import finite_table
 from layermoe_testbed.experiment.runner import run_experiment
@@ -28,7 +28,7 @@ __all__ = [
     "LAYERMOE",
     "PRESETS",
     "UNIFORM",
-    "Method",
+    "SystemMethod",
     "Phase",
     "Preset",
     "RunId",

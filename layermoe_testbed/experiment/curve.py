@@ -9,7 +9,7 @@ import random
 import statistics
 from dataclasses import dataclass, replace
 
-from layermoe_testbed.experiment.presets import Method, Preset, RunId
+from layermoe_testbed.experiment.presets import Preset, RunId, SystemMethod
 from layermoe_testbed.experiment.reading import (
     RELATIVE_TOLERANCE,
     VERDICT_WORDS,
@@ -29,7 +29,7 @@ SLOPE_SDS = 3.0  # uniform's curve must fall by this many pooled seed sds from i
 @dataclass(frozen=True)
 class CurvePoint:
     system: str
-    method: Method
+    method: SystemMethod
     budget_per_layer: float
     new_experts: int
     params_total: int
@@ -50,9 +50,9 @@ class CurvePoint:
         return out
 
 
-def curve(results: dict[RunId, dict], preset: Preset) -> dict[Method, list[CurvePoint]]:
+def curve(results: dict[RunId, dict], preset: Preset) -> dict[SystemMethod, list[CurvePoint]]:
     """Each method's measured points, by new experts (seed means where a point has several seeds)."""
-    points: dict[Method, list[CurvePoint]] = {}
+    points: dict[SystemMethod, list[CurvePoint]] = {}
     for system in preset.systems:
         runs = runs_of(results, system.name)
         if not (system.curve and runs):
@@ -87,18 +87,20 @@ def experts_for_quality(points: list[CurvePoint], target: float) -> float | None
     return float(min(exact)) if exact else None
 
 
-def curve_reading(points: dict[Method, list[CurvePoint]], reference: str = "") -> tuple[list[Verdict], list[dict]]:
+def curve_reading(
+    points: dict[SystemMethod, list[CurvePoint]], reference: str = ""
+) -> tuple[list[Verdict], list[dict]]:
     """At equal New-avg, how many fewer new experts LayerMoE (and random allocation) need than uniform MoE-LPR; at
     the `reference` LayerMoE point, with a bootstrap interval (the headline); whether uniform's curve has a slope to
     read savings from; LayerMoE against random at equal totals. (verdicts, one saving record per LayerMoE and random
     point)."""
-    uniform = points.get(Method.UNIFORM, [])
+    uniform = points.get(SystemMethod.UNIFORM, [])
     if len(uniform) < 2:
         return [], []
     verdicts, savings = [], []
     first, last = uniform[0], uniform[-1]
     span = f"{first.new.mean:.3f} at {first.new_experts} … {last.new.mean:.3f} at {last.new_experts}"
-    for method in (Method.LAYERMOE, Method.RANDOM):
+    for method in (SystemMethod.LAYERMOE, SystemMethod.RANDOM):
         for point in points.get(method, []):
             entry = {"system": point.system, "method": str(method), "new_experts": point.new_experts}
             entry.update(new_avg=point.new.mean, **uniform_equivalent(uniform, point))
@@ -109,11 +111,11 @@ def curve_reading(points: dict[Method, list[CurvePoint]], reference: str = "") -
             )
             verdicts.append(Verdict(f"curve point ({point.system})", entry["note"], text))
     verdicts.append(curve_slope(uniform))
-    headline = next((p for p in points.get(Method.LAYERMOE, []) if p.system == reference), None)
+    headline = next((p for p in points.get(SystemMethod.LAYERMOE, []) if p.system == reference), None)
     if headline is not None:
         verdicts.append(headline_verdict(uniform, headline))
-    random_points = {p.new_experts: p for p in points.get(Method.RANDOM, [])}
-    for point in points.get(Method.LAYERMOE, []):
+    random_points = {p.new_experts: p for p in points.get(SystemMethod.RANDOM, [])}
+    for point in points.get(SystemMethod.LAYERMOE, []):
         other = random_points.get(point.new_experts)
         if other:
             verdict, how = judge(point.new, other.new)

@@ -9,7 +9,7 @@ from layermoe_ds.config import StrEnum, TrainConfig
 from layermoe_ds.errors import InputError
 
 
-class Method(StrEnum):
+class SystemMethod(StrEnum):
     LAYERMOE = "layermoe"  # Eq. 10: experts ∝ 1/T_i
     UNIFORM = "uniform"  # MoE-LPR: the same count in every layer
     RANDOM = "random"  # the budget spread at random
@@ -56,7 +56,7 @@ class System:
     """One row: how its experts are allocated; everything else (data, steps, learning rates) is the preset's."""
 
     name: str
-    method: Method
+    method: SystemMethod
     budget_per_layer: float = 0.0  # total experts (incl. expert 0) = round(this × layers)
     classifier_layers: str = "0"  # allocate's --classifier-layers: "K", "last-K", "0" (none)
     min_experts: int = 1
@@ -125,7 +125,7 @@ class Preset:
                     f"experiment preset: {system.name!r} continues {system.stage1_of!r}, which must be an earlier "
                     "system that trains its own stage 1 with every seed this one has"
                 )
-            if system.method != source.method or system.lifelong or system.method == Method.FULL_FINETUNE:
+            if system.method != source.method or system.lifelong or system.method == SystemMethod.FULL_FINETUNE:
                 raise InputError(f"experiment preset: {system.name!r}: a stage-2 variant keeps its source's method "
                                  "and does not expand again")  # fmt: skip
 
@@ -141,9 +141,9 @@ class Preset:
 # layer (10: 6 new, half as many), at least 2 per layer as in the paper's allocations (so the classifier layers,
 # the most similar ones, have a router to steer) and at most 4 (the tiny model's layer-0 similarity is near zero,
 # and Eq. 10's 1/T_i would give it everything).
-UNIFORM = System("MoE-LPR uniform (4/layer)", Method.UNIFORM, 4, "0", min_experts=4, max_experts=4)
-LAYERMOE = System("LayerMoE", Method.LAYERMOE, 2.5, "2", min_experts=2, max_experts=4)
-DENSE_FINETUNE = System("Dense full fine-tune", Method.FULL_FINETUNE)
+UNIFORM = System("MoE-LPR uniform (4/layer)", SystemMethod.UNIFORM, 4, "0", min_experts=4, max_experts=4)
+LAYERMOE = System("LayerMoE", SystemMethod.LAYERMOE, 2.5, "2", min_experts=2, max_experts=4)
+DENSE_FINETUNE = System("Dense full fine-tune", SystemMethod.FULL_FINETUNE)
 
 CLASSIFIER_CLAIM = Claim("The classifier protects old languages", "old")
 PLACEMENT_CLAIM = Claim("Classifiers on the most similar layers beat the last layers", "old")
@@ -153,7 +153,7 @@ ALLOCATION_CLAIM = Claim("Similarity-based allocation beats random at equal budg
 def ablations(reference: System, k: int) -> tuple[System, ...]:
     """The reference system with one thing changed each: random allocation, no classifier, last-K classifiers."""
     return (
-        replace(reference, name=f"{reference.name} w/ random allocation", method=Method.RANDOM, curve=False,
+        replace(reference, name=f"{reference.name} w/ random allocation", method=SystemMethod.RANDOM, curve=False,
                 lifelong=False, ablates=ALLOCATION_CLAIM),
         replace(reference, name=f"{reference.name} w/o classifier", classifier_layers="0", curve=False,
                 lifelong=False, ablates=CLASSIFIER_CLAIM),
@@ -173,10 +173,12 @@ def curve_systems(
     for i, (u_budget, budget) in enumerate(zip(uniform, layermoe, strict=True)):
         main = {"seeds": seeds, "lifelong": True} if i == reference else {}
         n = round(u_budget)
-        systems.append(System(f"MoE-LPR uniform ({n}/layer)", Method.UNIFORM, n, "0", n, n, curve=True,
+        systems.append(System(f"MoE-LPR uniform ({n}/layer)", SystemMethod.UNIFORM, n, "0", n, n, curve=True,
                               **{"seeds": seeds, **main}))  # fmt: skip
-        systems.append(System(f"LayerMoE ({budget:g}/layer)", Method.LAYERMOE, budget, str(k), curve=True, **main))
-        systems.append(System(f"Random allocation ({budget:g}/layer)", Method.RANDOM, budget, str(k), curve=True,
+        systems.append(
+            System(f"LayerMoE ({budget:g}/layer)", SystemMethod.LAYERMOE, budget, str(k), curve=True, **main)
+        )
+        systems.append(System(f"Random allocation ({budget:g}/layer)", SystemMethod.RANDOM, budget, str(k), curve=True,
                               seeds=seeds if i == reference else (0,),
                               ablates=ALLOCATION_CLAIM if i == reference else None))  # fmt: skip
     return systems
@@ -191,7 +193,9 @@ PAPER_SEEDS = (0, 1, 2)
 PAPER_K = 3  # the paper's K = 7 of 24 layers, scaled to 12
 _PAPER_CURVE = curve_systems((2, 3, 4, 6), (1.75, 2.33, 3.25, 5.5), 1, PAPER_K, PAPER_SEEDS)
 PAPER_REFERENCE = next(s for s in _PAPER_CURVE if s.name == "LayerMoE (2.33/layer)")
-_PAPER_ABLATIONS = tuple(a for a in ablations(PAPER_REFERENCE, PAPER_K) if a.method != Method.RANDOM)  # random: curve
+_PAPER_ABLATIONS = tuple(
+    a for a in ablations(PAPER_REFERENCE, PAPER_K) if a.method != SystemMethod.RANDOM
+)  # random: curve
 
 
 def stage2_variants(sources: tuple[System, ...], variants: dict[str, dict]) -> list[System]:
@@ -210,8 +214,8 @@ def stage2_variants(sources: tuple[System, ...], variants: dict[str, dict]) -> l
 # γ = η = 0.1, 3,000 documents per language, no anchor), then variants, each from the same stage-1 models: the router
 # anchor (not the paper's: training/router_anchor.py), the learning rate, the LPR weight and the review mix.
 STAGE2_SOURCES = (
-    System("MoE-LPR uniform (3/layer)", Method.UNIFORM, 3, "0", 3, 3, seeds=PAPER_SEEDS),
-    System("LayerMoE (2.5/layer)", Method.LAYERMOE, 2.5, str(PAPER_K), seeds=PAPER_SEEDS),
+    System("MoE-LPR uniform (3/layer)", SystemMethod.UNIFORM, 3, "0", 3, 3, seeds=PAPER_SEEDS),
+    System("LayerMoE (2.5/layer)", SystemMethod.LAYERMOE, 2.5, str(PAPER_K), seeds=PAPER_SEEDS),
 )
 STAGE2_VARIANTS = {  # the router anchor's first: the fix; then what the paper's own knobs do
     "anchor β 1": {"router_anchor_beta": 1.0},
@@ -278,7 +282,7 @@ REAL_SEEDS = (0, 1)
 # the 10 most similar ones, no classifier; allocating by similarity only makes sense if the first gains more.
 REAL_PREMISE = tuple(
     System(f"{which} similar 10 layers (2 new each)", method, 50 / 30, "0", seeds=REAL_SEEDS, focus_layers=10)
-    for which, method in (("Least", Method.LEAST_SIMILAR), ("Most", Method.MOST_SIMILAR))
+    for which, method in (("Least", SystemMethod.LEAST_SIMILAR), ("Most", SystemMethod.MOST_SIMILAR))
 )
 
 PRESETS = {

@@ -11,7 +11,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
-from layermoe_testbed.experiment.presets import DENSE_BASE, Method, Phase, Preset, RunId
+from layermoe_testbed.experiment.presets import DENSE_BASE, Phase, Preset, RunId, SystemMethod
 
 RELATIVE_TOLERANCE = 0.01  # single-seed comparisons: "matched" within 1%
 VERDICT_WORDS = {
@@ -128,8 +128,8 @@ def reading(results: dict[RunId, dict], preset: Preset) -> list[Verdict]:
 def premise(results: dict[RunId, dict], preset: Preset) -> Verdict | None:
     """Layer-wise allocation's premise: the same new experts gain more new-language quality in the least similar
     layers than in the most similar ones (New-avg after stage 1, and after stage 2)."""
-    least = next((s.name for s in preset.systems if s.method == Method.LEAST_SIMILAR), None)
-    most = next((s.name for s in preset.systems if s.method == Method.MOST_SIMILAR), None)
+    least = next((s.name for s in preset.systems if s.method == SystemMethod.LEAST_SIMILAR), None)
+    most = next((s.name for s in preset.systems if s.method == SystemMethod.MOST_SIMILAR), None)
     if not (least and most and runs_of(results, least) and runs_of(results, most)):
         return None
     dense = average(results[RunId(DENSE_BASE)]["eval"], "new")
@@ -153,7 +153,7 @@ def premise(results: dict[RunId, dict], preset: Preset) -> Verdict | None:
 def as_good_as_uniform(results: dict[RunId, dict], preset: Preset) -> Verdict | None:
     reference, baseline = runs_of(results, preset.reference), runs_of(results, preset.baseline)
     uniform = preset.system(preset.baseline)
-    if not (reference and baseline) or uniform is None or uniform.method != Method.UNIFORM:
+    if not (reference and baseline) or uniform is None or uniform.method != SystemMethod.UNIFORM:
         return None
     ours_n, theirs_n = reference[0]["allocation"]["new_experts"], baseline[0]["allocation"]["new_experts"]
     ours = {g: seed_stats(results, preset.reference, g) for g in ("new", "old")}
@@ -209,7 +209,7 @@ def ablation(results: dict[RunId, dict], preset: Preset, system) -> Verdict | No
 
 def finetuning_forgets(results: dict[RunId, dict], preset: Preset) -> Verdict | None:
     reference = runs_of(results, preset.reference)
-    finetuned = next((runs_of(results, s.name) for s in preset.systems if s.method == Method.FULL_FINETUNE), [])
+    finetuned = next((runs_of(results, s.name) for s in preset.systems if s.method == SystemMethod.FULL_FINETUNE), [])
     if not (reference and finetuned):
         return None
     ft, lm = finetuned[0]["eval"], reference[0]["eval"]

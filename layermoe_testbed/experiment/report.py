@@ -9,7 +9,7 @@ from pathlib import Path
 from layermoe_ds.analysis.plots import _pyplot
 from layermoe_ds.io import atomic_write_text, read_json, write_json
 from layermoe_testbed.experiment.curve import CurvePoint, curve, curve_reading
-from layermoe_testbed.experiment.presets import DENSE_BASE, Method, Phase, Preset, RunId
+from layermoe_testbed.experiment.presets import DENSE_BASE, Phase, Preset, RunId, SystemMethod
 from layermoe_testbed.experiment.reading import (
     average,
     group_means,
@@ -139,7 +139,7 @@ def main_table(results: dict[RunId, dict], preset: Preset) -> list[str]:
     return lines
 
 
-def curve_table(points: dict[Method, list[CurvePoint]]) -> list[str]:
+def curve_table(points: dict[SystemMethod, list[CurvePoint]]) -> list[str]:
     lines = [
         "## Budget–quality curve",
         "",
@@ -226,7 +226,7 @@ def plot_routing(results: dict[RunId, dict], preset: Preset, out: Path) -> None:
     plt.close(fig)
 
 
-def plot_curve(points: dict[Method, list[CurvePoint]], path: Path) -> None:
+def plot_curve(points: dict[SystemMethod, list[CurvePoint]], path: Path) -> None:
     """New-avg and Old-avg against new experts, one line per method after stage 2 and a dashed one after stage 1
     (error bars: sd over seeds)."""
     plt = _pyplot()

@@ -29,7 +29,7 @@ from layermoe_ds.modeling.types import moe_blocks
 from layermoe_ds.modeling.upcycle import grow_dir
 from layermoe_ds.settings import ProfileSettings
 from layermoe_testbed.experiment.cache import cached, directory_manifest, fingerprint, step_seconds
-from layermoe_testbed.experiment.presets import DENSE_BASE, Method, Phase, Preset, RunId, System
+from layermoe_testbed.experiment.presets import DENSE_BASE, Phase, Preset, RunId, System, SystemMethod
 from layermoe_testbed.experiment.report import write_report
 
 
@@ -211,7 +211,7 @@ def train_stage1(ctx: Context, system: System, run: RunId, home: Path, start: Mo
     config = {**ctx.common(groups, run.seed), "model": str(start.path.resolve()), "steps": preset.stage1_steps}
     config.update(out=str((home / "stage1").resolve()), lr=preset.stage1_lr)
     upstream: dict = {"model": start.digest, "data": ctx.data_digest}
-    if system.method == Method.FULL_FINETUNE:
+    if system.method == SystemMethod.FULL_FINETUNE:
         config["full_finetune"] = True
         return Stage1(ctx.stage(1, config, home / "stage1", upstream, tag), None, home)
     if run.phase == Phase.G1:  # from the dense base: allocate on its profile, stage 1 upcycles
@@ -250,7 +250,7 @@ def train_and_evaluate(
     first = shared or train_stage1(ctx, system, run, home, start, groups)
     result: dict = {} if first.allocation is None else {"allocation": first.allocation}
     final = first.model
-    if system.method != Method.FULL_FINETUNE:
+    if system.method != SystemMethod.FULL_FINETUNE:
         config = {**ctx.common(groups, run.seed), "model": str(first.model.path.resolve()), "lr": preset.stage2_lr}
         config.update(
             out=str((home / "stage2").resolve()),
