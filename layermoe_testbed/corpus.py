@@ -84,9 +84,13 @@ def _run(cmd: Sequence[str], cwd: Path | None = None) -> subprocess.CompletedPro
 
 
 def fetch_package(lang: HelpLanguage, cache_dir: Path) -> Path:
-    """Return the cached .deb for `lang`, downloading it with `apt-get download` when absent."""
+    """Return the cached .deb of `lang`'s help pages, downloading it when absent."""
+    return fetch_deb(f"libreoffice-help-{lang.package}", cache_dir)
+
+
+def fetch_deb(name: str, cache_dir: Path) -> Path:
+    """Return the cached .deb of Debian package `name`, downloading it with `apt-get download` when absent."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    name = f"libreoffice-help-{lang.package}"
     cached = sorted(cache_dir.glob(f"{name}_*.deb"))
     if cached:
         return cached[-1]
@@ -107,7 +111,7 @@ def fetch_package(lang: HelpLanguage, cache_dir: Path) -> Path:
     return cached[-1]
 
 
-def _deb_field(deb: Path, field: str) -> str:
+def deb_field(deb: Path, field: str) -> str:
     result = _run(["dpkg-deb", "-f", str(deb), field])
     if result.returncode != 0:
         raise InputError(f"dpkg-deb -f {deb} {field} failed: {result.stderr.strip()}")
@@ -115,7 +119,15 @@ def _deb_field(deb: Path, field: str) -> str:
 
 
 def unpack_package(deb: Path, lang: HelpLanguage, cache_dir: Path) -> Path:
-    """Unpack `deb` once (marker file) and return its help directory for `lang`."""
+    """Unpack `deb` once and return its help directory for `lang`."""
+    help_dir = unpack_deb(deb, cache_dir) / "usr/share/libreoffice/help" / lang.help_dir
+    if not help_dir.is_dir():
+        raise InputError(f"{deb.name} has no help directory {lang.help_dir}")
+    return help_dir
+
+
+def unpack_deb(deb: Path, cache_dir: Path) -> Path:
+    """Unpack `deb` once (marker file) under `cache_dir/unpacked/`; returns the root of its file tree."""
     root = cache_dir / "unpacked" / deb.stem
     marker = root / ".unpacked"
     if not marker.exists():
@@ -125,10 +137,7 @@ def unpack_package(deb: Path, lang: HelpLanguage, cache_dir: Path) -> Path:
         if result.returncode != 0:
             raise InputError(f"dpkg-deb -x {deb} failed: {result.stderr.strip()}")
         marker.touch()
-    help_dir = root / "usr/share/libreoffice/help" / lang.help_dir
-    if not help_dir.is_dir():
-        raise InputError(f"{deb.name} has no help directory {lang.help_dir}")
-    return help_dir
+    return root
 
 
 def list_pages(help_dir: Path) -> list[str]:
@@ -220,7 +229,7 @@ def build_corpus(out_dir: Path, cache_dir: Path, options: CorpusOptions, workers
         "license": LICENSE,
         "license_notice": notice.name,
         "packages": {
-            lang: {"file": deb.name, "version": _deb_field(deb, "Version"), "sha256": sha256_file(deb)}
+            lang: {"file": deb.name, "version": deb_field(deb, "Version"), "sha256": sha256_file(deb)}
             for lang, deb in debs.items()
         },
         "options": {

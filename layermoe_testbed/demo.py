@@ -14,6 +14,7 @@ from layermoe_ds.ds.process import Launcher
 from layermoe_ds.io import read_json, write_json
 from layermoe_testbed.corpus import CorpusOptions, build_corpus, corpus_is_built
 from layermoe_testbed.experiment import PRESETS, run_experiment
+from layermoe_testbed.off_domain import build_off_domain
 from layermoe_testbed.pretrain import LATER_LANGS, OLD_LANGS, is_done, pretrain
 from layermoe_testbed.pretrain import PRESETS as BASE_PRESETS
 from layermoe_testbed.real_base import REAL_BASE, build_real_base
@@ -84,7 +85,12 @@ def run_demo(
         print(f"tokenizing {data} into {tokens} (documents end with {chosen.doc_separator}) …", flush=True)
         tokenize(select_sources(data), base, tokens, default_workers(), doc_separator=chosen.doc_separator)
         data = tokens
-    run_experiment(chosen, base, data, runs, launcher=launcher)
+    off_domain = None
+    if chosen.off_domain:  # English from another source, to read forgetting off the corpus's domain
+        print(f"off-domain English in {artifacts / 'off-domain'} (Debian's python3.11-doc) …", flush=True)
+        build_off_domain(artifacts / "off-domain", cache)
+        off_domain = artifacts / "off-domain"
+    run_experiment(chosen, base, data, runs, launcher=launcher, off_domain=off_domain)
     table = [line for line in (runs / "report.md").read_text().splitlines() if line.startswith("|")]
     print("\n" + "\n".join(table))
     print(

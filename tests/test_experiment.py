@@ -436,3 +436,43 @@ def test_the_paper_preset_has_four_budgets_per_method_and_every_claim_over_three
         assert dataclasses.replace(source, curve=twin.curve, lifelong=twin.lifelong, ablates=twin.ablates) == twin
     assert {s.stage2 for s in narrow.systems[2:]} == {(("router_anchor_beta", 0.1),), (("router_anchor_beta", 1.0),)}
     assert narrow.base == paper.base and narrow.stage2_settings == paper.stage2_settings
+
+
+def test_the_off_domain_table_reads_english_off_the_corpus_against_the_dense_base(tmp_path):
+    from layermoe_testbed.experiment.report import write_report
+
+    (tmp_path / "similarity.json").write_text(json.dumps({"layer_score": [0.1, 0.3, 0.2]}))
+    ft = System("Dense full fine-tune", SystemMethod.FULL_FINETUNE)
+    preset = Preset(systems=(LM, ft), old=("en",), new=("fr",), reference="LayerMoE", baseline="LayerMoE")
+    off = {"languages": {"en": {"bpb": 1.0}}}
+    results = {RunId(DENSE_BASE): {"eval": _eval(0.9, 1.5), "eval_off_domain": off}}
+    results[RunId("LayerMoE")] = {**_run(0.9, 1.2), "eval_off_domain": {"languages": {"en": {"bpb": 1.01}}}}
+    results[RunId("Dense full fine-tune")] = {"eval": _eval(0.81, 1.1), "eval_off_domain": {"languages": {"en": {
+        "bpb": 1.2}}}}  # fmt: skip
+    write_report(results, preset, tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "the dense base reads 0.900 and 1.000" in report
+    assert "| LayerMoE | 0.900 | +0.0% | 1.010 | +1.0% |" in report
+    assert "| Dense full fine-tune | 0.810 | -10.0% | 1.200 | +20.0% |" in report  # better in-domain, forgetting off it
+
+
+def test_the_real_preset_asks_the_headline_at_40_percent_of_uniforms_middle_budget():
+    from layermoe_testbed.experiment import PRESETS
+
+    real, premise = PRESETS["real"], PRESETS["real-premise"]
+    points: dict[SystemMethod, list[float]] = {}
+    for system in real.systems:
+        if system.curve:
+            points.setdefault(system.method, []).append(system.budget_per_layer)
+    assert {m: len(b) for m, b in points.items()} == {m: 3 for m in (SystemMethod.UNIFORM, SystemMethod.LAYERMOE,
+                                                                      SystemMethod.RANDOM)}  # fmt: skip
+    layers = 30
+    middle_uniform_new = (points[SystemMethod.UNIFORM][1] - 1) * layers
+    reference = real.system(real.reference)
+    assert round(reference.budget_per_layer * layers) - layers == round(0.4 * middle_uniform_new)  # 24 of 60
+    assert len(reference.seeds) >= 2 and len(real.system(real.baseline).seeds) >= 2
+    assert any(s.method == SystemMethod.FULL_FINETUNE for s in real.systems)
+    assert real.rounding == "exact" and real.off_domain and real.base == "smollm2"
+    # everything but the systems is the premise's (and the calibration's): their runs are comparable, and shared
+    assert dataclasses.replace(real, systems=premise.systems, reference=premise.reference,
+                               baseline=premise.baseline, rounding="ceil", off_domain=False) == premise  # fmt: skip

@@ -1,4 +1,4 @@
-"""`layermoe data build|tokenize|verify` and `layermoe tokenizer train`."""
+"""`layermoe data build|off-domain|tokenize|verify` and `layermoe tokenizer train`."""
 
 from __future__ import annotations
 
@@ -29,6 +29,18 @@ def add_data(sub) -> None:
     b.add_argument("--min-chars", type=count(0), default=24, help="drop paragraphs shorter than this (default: 24)")
     b.add_argument("--force", action="store_true", help="rebuild even if a matching corpus exists")
     b.set_defaults(func=_cmd_data_build)
+    o = verbs.add_parser(
+        "off-domain",
+        help="English from outside the corpus's domain (the Python docs), to read forgetting on",
+        description="Build OUT/en.test.txt from Debian's python3.11-doc (PSF License): the tutorial, HOWTOs, FAQ, "
+        "language reference and what's-new pages, prose only, one document a page, all in the test split. The "
+        "embedded corpus is one domain in every language, so training on its new languages teaches English that "
+        "domain too; this text reads the old language off it. A built directory is reused.",
+    )
+    o.add_argument("--out", type=Path, default=Path("data/off-domain"), help="default: %(default)s")
+    o.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"where .deb files are kept ({DEFAULT_CACHE})")
+    o.add_argument("--max-pages", type=count(), default=None, help="a deterministic slice of the pages (tests)")
+    o.set_defaults(func=_cmd_data_off_domain)
     t = verbs.add_parser(
         "tokenize",
         help="tokenize raw text once into memory-mapped token shards (what every later step reads)",
@@ -105,6 +117,15 @@ def _cmd_data_build(args) -> int:
     manifest = build_corpus(args.out, args.cache, options)
     for name, meta in manifest["files"].items():
         print(f"{name:<16} {meta['paragraphs']:>7} paragraphs {meta['bytes'] / 1e6:>7.2f} MB")
+    return 0
+
+
+def _cmd_data_off_domain(args) -> int:
+    from layermoe_testbed.off_domain import build_off_domain
+
+    record = build_off_domain(args.out, args.cache, args.max_pages)
+    print(f"{args.out / 'en.test.txt'}: {record['documents']} documents, {record['characters']:,} characters from "
+          f"{record['package']['file']}")  # fmt: skip
     return 0
 
 

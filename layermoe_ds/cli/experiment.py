@@ -23,7 +23,7 @@ def add_experiment(sub) -> None:
         "every finished step is cached so a rerun resumes; writes OUT/report.md, results.json and plots. Without "
         "--base the embedded corpus, tokenizer and tiny base model are built (or reused) first.",
     )
-    presets = ("demo", "full", "paper", "stage2-study", "stage2-narrow", "real-premise")
+    presets = ("demo", "full", "paper", "stage2-study", "stage2-narrow", "real-premise", "real")
     p.add_argument("--preset", choices=presets, default="demo", help="demo: dense, "
                    "uniform, LayerMoE; full: + dense full fine-tune, random allocation, no classifier, last-K "
                    "classifiers, seeds 0-2 of uniform and LayerMoE, lifelong G0->G1->G2 (es,it) of both; paper: on "
@@ -33,7 +33,9 @@ def add_experiment(sub) -> None:
                    "experts over 3 seeds, stage 2 as the paper runs it and variants of it from the same stage-1 "
                    "models; stage2-narrow: the paper preset's uniform and LayerMoE at ~24 new experts, stage 2 "
                    "again at router anchor 0.1 and 1; real-premise: on the real base (SmolLM2-135M, `real-base`), "
-                   "20 new experts in the 10 least vs the 10 most similar layers, seeds 0-1")  # fmt: skip
+                   "20 new experts in the 10 least vs the 10 most similar layers, seeds 0-1; real: its budget-quality "
+                   "curve (uniform at 30/60/90 new, LayerMoE and random at 24/45/60), the dense full fine-tune, "
+                   "English also read on the Python docs (data off-domain)")  # fmt: skip
     _experiment_arguments(p, default_out=None)
     p.set_defaults(func=_cmd_demo)
 

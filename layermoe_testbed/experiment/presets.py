@@ -103,8 +103,14 @@ class Preset:
     extra_train: dict = field(default_factory=dict)
     # Stage-2 settings for every system (before a system's own `stage2`), as (TrainConfig key, value) pairs.
     stage2_settings: tuple[tuple[str, object], ...] = ()
+    # Eq. 10's rounding (`allocate --rounding`): "ceil" as published (the total can exceed the budget), or "exact".
+    rounding: str = "ceil"
+    # Also read every final model's English on text from another source (`data off-domain`: the Python docs).
+    off_domain: bool = False
 
     def __post_init__(self) -> None:
+        if self.rounding not in ("ceil", "exact"):
+            raise InputError(f"experiment preset: rounding {self.rounding!r} is not ceil or exact")
         names = [s.name for s in self.systems]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates or DENSE_BASE in names:
@@ -285,6 +291,20 @@ REAL_PREMISE = tuple(
     for which, method in (("Least", SystemMethod.LEAST_SIMILAR), ("Most", SystemMethod.MOST_SIMILAR))
 )
 
+# The paper's question on the real base (`layermoe experiment --preset real`): the budget–quality curve of uniform
+# MoE-LPR at 1, 2 and 3 new experts a layer (30, 60, 90 new), LayerMoE at budgets of 1.8, 2.5 and 3 a layer with
+# exact rounding (24 new, 40% of uniform's middle point, as the paper's headline; 45; 60), random allocation at
+# LayerMoE's totals, and the dense full fine-tune, the forgetting the method exists to avoid; every final model's
+# English is also read on the Python docs (`data off-domain`). K = 7 classifier layers, the paper's. Uniform runs
+# seeds 0 and 1 at every point, LayerMoE and random at 24 new (the headline's point). Runs go seed by seed: every
+# system's seed 0 before any seed 1. Run into the calibration's 60-step point (runs/real-calibration/smollm2-base-
+# 60-stage-1-steps), its uniform runs at 1 and 3 new a layer are this preset's own (the same settings: cache hits).
+REAL_K = 7
+REAL_CURVE = tuple(
+    replace(system, lifelong=False) for system in curve_systems((2, 3, 4), (1.8, 2.5, 3.0), 0, REAL_K, REAL_SEEDS)
+)
+REAL_REFERENCE = next(s for s in REAL_CURVE if s.name == "LayerMoE (1.8/layer)")
+
 PRESETS = {
     # make demo: the dense base, MoE-LPR's uniform allocation, LayerMoE with half the new experts.
     "demo": Preset(systems=(UNIFORM, LAYERMOE)),
@@ -317,4 +337,12 @@ PRESETS = {
         PAPER, systems=tuple(stage2_variants(STAGE2_NARROW_SOURCES, STAGE2_NARROW_VARIANTS)), lifelong=()
     ),
     "real-premise": replace(REAL, systems=REAL_PREMISE, reference=REAL_PREMISE[0].name, baseline=REAL_PREMISE[1].name),
+    "real": replace(
+        REAL,
+        systems=(*REAL_CURVE, DENSE_FINETUNE),
+        reference=REAL_REFERENCE.name,
+        baseline="MoE-LPR uniform (3/layer)",
+        rounding="exact",
+        off_domain=True,
+    ),
 }

@@ -80,6 +80,8 @@ def write_report(results: dict[RunId, dict], preset: Preset, out: Path) -> Path:
         lines += ["", *curve_table(points)]
     if any(run.phase == Phase.G2 for run in results):
         lines += ["", *lifelong_table(results, preset)]
+    if "eval_off_domain" in results[RunId(DENSE_BASE)]:
+        lines += ["", *off_domain_table(results)]
     lines += ["", "## Reading", "", *(v.text for v in verdicts), ""]
     lines += ["## Figures", "", "![similarity](similarity.png)", "", "![per-language](per_language.png)", ""]
     lines += ["![routing](routing.png)", ""]
@@ -93,7 +95,7 @@ def write_report(results: dict[RunId, dict], preset: Preset, out: Path) -> Path:
     return path
 
 
-EVALUATIONS = ("eval", "eval_stage1", "eval_router_only", "eval_later")
+EVALUATIONS = ("eval", "eval_stage1", "eval_router_only", "eval_later", "eval_off_domain")
 
 
 def lean(result: dict) -> dict:
@@ -156,6 +158,28 @@ def curve_table(points: dict[SystemMethod, list[CurvePoint]]) -> list[str]:
                 f"| {method} | {p.budget_per_layer:g} | {p.new_experts} | {p.params_total / 1e6:.2f}M | "
                 f"{p.params_active / 1e6:.2f}M | {p.old} | {p.new} | {p.old_stage1 or '-'} | {p.new_stage1 or '-'} |"
             )
+    return lines
+
+
+def off_domain_table(results: dict[RunId, dict]) -> list[str]:
+    """English on the corpus's test split and on text from another source (`data off-domain`), each against the
+    dense base: training on the corpus's domain can improve the first while the second is forgotten."""
+    dense = results[RunId(DENSE_BASE)]
+    corpus, other = dense["eval"]["languages"]["en"]["bpb"], dense["eval_off_domain"]["languages"]["en"]["bpb"]
+    lines = [
+        "## English off the corpus's domain",
+        "",
+        "English bits per byte on the corpus's test split and on the Python documentation (`data off-domain`, never "
+        f"trained on); the dense base reads {corpus:.3f} and {other:.3f}.",
+        "",
+        "| system | en (corpus) | Δ vs dense | en (Python docs) | Δ vs dense |",
+        "|---|---|---|---|---|",
+    ]
+    for run, result in results.items():
+        if run.phase != Phase.G1 or "eval_off_domain" not in result or run.system == DENSE_BASE:
+            continue
+        on, off = result["eval"]["languages"]["en"]["bpb"], result["eval_off_domain"]["languages"]["en"]["bpb"]
+        lines.append(f"| {run.label} | {on:.3f} | {on / corpus - 1:+.1%} | {off:.3f} | {off / other - 1:+.1%} |")
     return lines
 
 

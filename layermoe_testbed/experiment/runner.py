@@ -92,6 +92,13 @@ class Context:
     tokenizer: object
     port: int
     launcher: Launcher = Launcher.DEEPSPEED  # how stages start; not part of any fingerprint (same numbers)
+    off_domain: Model | None = None  # English from another source (`data off-domain`), read for forgetting
+
+    def evaluate_off_domain(self, model: Model, home: Path) -> dict | None:
+        """`model` on the off-domain English (when the experiment has it), as group 0."""
+        if self.off_domain is None:
+            return None
+        return self.evaluate(model, home / "eval_off_domain.json", {"en": 0}, data=self.off_domain)
 
     def next_port(self) -> int:  # a fresh rendezvous port per launch: a killed run's port may linger
         self.port += 1
@@ -108,13 +115,16 @@ class Context:
             **self.preset.extra_train,
         }
 
-    def evaluate(self, model: Model, out: Path, groups: dict[str, int], routing: bool = True) -> dict:
-        """`model` on the test split of the languages in `groups` (language → group index); `routing=False`:
-        with classifier routing off (each token routed by its router alone)."""
+    def evaluate(
+        self, model: Model, out: Path, groups: dict[str, int], routing: bool = True, data: Model | None = None
+    ) -> dict:
+        """`model` on the test split of the languages in `groups` (language → group index) of the experiment's
+        data, or of `data`; `routing=False`: with classifier routing off (each token routed by its router alone)."""
         preset = self.preset
+        data = data or Model(self.data, self.data_digest)
 
         def produce() -> None:
-            streams = open_streams(self.data, self.tokenizer, model.path, list(groups), "test")
+            streams = open_streams(data.path, self.tokenizer, model.path, list(groups), "test")
             loaded = load_causal_lm(model.path, device=device_and_backend()[0])
             if not routing:
                 loaded.set_classifier_routing(False)
@@ -123,7 +133,7 @@ class Context:
             )
             write_json(out, {"model": str(model.path), "groups": groups, **report, **parameter_counts(loaded)})
 
-        inputs = {"step": "evaluate", "model": model.digest, "data": self.data_digest, "groups": groups}
+        inputs = {"step": "evaluate", "model": model.digest, "data": data.digest, "groups": groups}
         inputs.update({} if routing else {"classifier_routing": False})
         cached(out, {**inputs, "seq_len": preset.seq_len, "max_tokens": preset.eval_max_tokens}, produce)
         return read_json(out, "evaluation")
@@ -162,6 +172,7 @@ class Context:
             min_score=self.preset.min_score,
             seed=seed,
             focus_layers=system.focus_layers,
+            rounding=self.preset.rounding,
         )
 
         def produce() -> None:
@@ -170,8 +181,11 @@ class Context:
             plot_similarity(profile, home / "allocation.png", allocation)
 
         # Options added since a preset's runs were made are fingerprinted only when set: its cached steps stay valid.
+        # Uniform's counts do not depend on the rounding: its runs are shared between presets that round otherwise.
         later = {"rounding": "ceil", "focus_layers": None}
         settings = {k: v for k, v in vars(options).items() if k not in later or v != later[k]}
+        if system.method == SystemMethod.UNIFORM:
+            settings.pop("rounding", None)
         digest = cached(out, {"step": "allocate", "similarity": similarity.digest, "options": settings}, produce)
         return Model(out, digest), read_json(out, "allocation")
 
@@ -272,15 +286,24 @@ def train_and_evaluate(
 
 
 def run_experiment(
-    preset: Preset, base: Path, data: Path, out: Path, port: int = 29_400, launcher: Launcher = Launcher.DEEPSPEED
+    preset: Preset,
+    base: Path,
+    data: Path,
+    out: Path,
+    port: int = 29_400,
+    launcher: Launcher = Launcher.DEEPSPEED,
+    off_domain: Path | None = None,
 ) -> dict[RunId, dict]:
     """Run (or resume) every system and seed of `preset` from the dense `base` model, each stage started by
-    `launcher`; write the report; return the results by run."""
+    `launcher`; write the report; return the results by run. With `off_domain` (English text from another source,
+    `en.test.txt`), the dense base and every system's final model are also read on it."""
     out.mkdir(parents=True, exist_ok=True)
     base_model = Model(base, fingerprint(directory_manifest(base)))
+    other = Model(off_domain, fingerprint(directory_manifest(off_domain))) if off_domain else None
     ctx = Context(
-        preset, base_model, data, fingerprint(directory_manifest(data)), out, load_tokenizer(base), port, launcher
-    )
+        preset, base_model, data, fingerprint(directory_manifest(data)), out, load_tokenizer(base), port, launcher,
+        other,
+    )  # fmt: skip
     groups = [list(preset.old), list(preset.new)]
     first = {lang: g for g, members in enumerate(groups) for lang in members}
     later = {lang: 2 for lang in preset.lifelong}
@@ -290,6 +313,8 @@ def run_experiment(
     # floating-point sums are not bit-stable across machines), and the report says which one these numbers are of.
     weights = {f.name: sha256_file(f) for f in sorted(base.glob("*.safetensors"))}
     dense = {"eval": ctx.evaluate(base_model, out / "dense" / "eval.json", first), "base_sha256": weights}
+    if off_domain is not None:
+        dense["eval_off_domain"] = ctx.evaluate_off_domain(base_model, out / "dense")
     if preset.lifelong:  # the dense base on the third group's languages, for the lifelong table
         dense["eval_later"] = ctx.evaluate(base_model, out / "dense" / "eval_g2.json", later)
     results = {RunId(DENSE_BASE): dense}
@@ -307,6 +332,8 @@ def run_experiment(
         results[run], g1_model, stage1s[(system.name, run.seed)] = train_and_evaluate(
             ctx, system, run, home, base_model, groups, shared
         )
+        if off_domain is not None:
+            results[run]["eval_off_domain"] = ctx.evaluate_off_domain(g1_model, home)
         if system.lifelong and preset.lifelong:
             results[run]["eval_later"] = ctx.evaluate(g1_model, home / "eval_g2.json", later)
             g2 = RunId(run.system, run.seed, Phase.G2)
