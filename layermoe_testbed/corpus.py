@@ -6,6 +6,8 @@ same pages in every language, and valid/test are translations of each other. `la
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -88,9 +90,26 @@ def fetch_package(lang: HelpLanguage, cache_dir: Path) -> Path:
     return fetch_deb(f"libreoffice-help-{lang.package}", cache_dir)
 
 
+@contextlib.contextmanager
+def cache_lock(cache_dir: Path):
+    """One process at a time fetches or unpacks into `cache_dir` (two builds at once, e.g. test workers, would
+    otherwise download the same package into the same file, or unpack over each other)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def fetch_deb(name: str, cache_dir: Path) -> Path:
     """Return the cached .deb of Debian package `name`, downloading it with `apt-get download` when absent."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    with cache_lock(cache_dir):
+        return _fetch_deb(name, cache_dir)
+
+
+def _fetch_deb(name: str, cache_dir: Path) -> Path:
     cached = sorted(cache_dir.glob(f"{name}_*.deb"))
     if cached:
         return cached[-1]
@@ -130,6 +149,12 @@ def unpack_deb(deb: Path, cache_dir: Path) -> Path:
     """Unpack `deb` once (marker file) under `cache_dir/unpacked/`; returns the root of its file tree."""
     root = cache_dir / "unpacked" / deb.stem
     marker = root / ".unpacked"
+    with cache_lock(cache_dir):
+        _unpack_once(deb, root, marker)
+    return root
+
+
+def _unpack_once(deb: Path, root: Path, marker: Path) -> None:
     if not marker.exists():
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
@@ -137,7 +162,6 @@ def unpack_deb(deb: Path, cache_dir: Path) -> Path:
         if result.returncode != 0:
             raise InputError(f"dpkg-deb -x {deb} failed: {result.stderr.strip()}")
         marker.touch()
-    return root
 
 
 def list_pages(help_dir: Path) -> list[str]:

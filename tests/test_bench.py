@@ -113,6 +113,7 @@ def test_memory_bench_runs(tiny_base, corpus_dir, tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.distributed
+@pytest.mark.rehearsal  # the GPU checks' path, as scripts/device_check.sh --smoke runs it too (make test-real)
 def test_gpu_bench_smoke_path_runs_on_cpu(tiny_base, corpus_dir, tmp_path, capsys):
     from tests.helpers import free_port
 
