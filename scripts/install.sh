@@ -22,3 +22,14 @@ if env | grep -q '^DS_BUILD_'; then
 fi
 # The tested versions of everything (constraints.txt); setup.cfg's ranges are what a user's own environment may hold.
 "$VENV/bin/python" -m pip install --quiet -c constraints.txt -e ".[${EXTRAS}]"
+# Without a GPU, DeepSpeed runs on CPU ranks, and each rank's first all-reduce JIT-builds DeepSpeed's shared-memory
+# op (deepspeed_shm_comm, ~60 s, g++ and ninja) into this environment (layermoe_ds/ds/process.py::jit_build_env):
+# built once here instead of inside the first run (or the first test). A machine with a GPU does not use it.
+if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+    PATH="$VENV/bin:$PATH" DS_ACCELERATOR=cpu "$VENV/bin/python" -c "
+from layermoe_ds.ds.process import jit_build_env
+import os
+jit_build_env(os.environ)
+from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+ShareMemCommBuilder().load(verbose=False)" >/dev/null 2>&1 || echo "install.sh: DeepSpeed's CPU op was not built now; the first CPU run builds it" >&2
+fi
