@@ -476,3 +476,5 @@ def test_the_real_preset_asks_the_headline_at_40_percent_of_uniforms_middle_budg
     # everything but the systems is the premise's (and the calibration's): their runs are comparable, and shared
     assert dataclasses.replace(real, systems=premise.systems, reference=premise.reference,
                                baseline=premise.baseline, rounding="ceil", off_domain=False) == premise  # fmt: skip
+    with pytest.raises(ValueError, match="off_domain reads English"):  # InputError
+        dataclasses.replace(real, old=("de",))

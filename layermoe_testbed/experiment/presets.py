@@ -111,6 +111,8 @@ class Preset:
     def __post_init__(self) -> None:
         if self.rounding not in ("ceil", "exact"):
             raise InputError(f"experiment preset: rounding {self.rounding!r} is not ceil or exact")
+        if self.off_domain and "en" not in self.old:
+            raise InputError("experiment preset: off_domain reads English (Python docs), so en must be old")
         names = [s.name for s in self.systems]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates or DENSE_BASE in names:
