@@ -58,10 +58,16 @@ def coerce_choices(config: Any, where: str) -> None:
             object.__setattr__(config, name, choice(hint, getattr(config, name), f"{where}.{name}"))
 
 
-def at_least_one(config: Any, where: str, *names: str) -> None:
+def at_least(config: Any, where: str, minimum: int, *names: str) -> None:
+    """Each named field is a whole number ≥ `minimum` (a field left unset, None, passes)."""
     for name in names:
-        if getattr(config, name) < 1:
-            raise InputError(f"{where}.{name}: {getattr(config, name)} must be >= 1")
+        value = getattr(config, name)
+        if value is not None and not value >= minimum:
+            raise InputError(f"{where}.{name}: {value} must be >= {minimum}")
+
+
+def at_least_one(config: Any, where: str, *names: str) -> None:
+    at_least(config, where, 1, *names)
 
 
 def check_schedule(config: Any, where: str) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from layermoe_ds.config import StrEnum, coerce_choices, setting
+from layermoe_ds.config import StrEnum, at_least, coerce_choices, setting
 from layermoe_ds.errors import InputError
 
 
@@ -39,14 +39,6 @@ def _required(settings, where: str, *names: str) -> None:
     for name in names:
         if not getattr(settings, name):
             raise InputError(f"{where}.{name}: required (give it as --{name.replace('_', '-')} or in --config)")
-
-
-def _at_least(settings, where: str, minimum: int, *names: str) -> None:
-    """Each named field (None allowed: unset) is a whole number ≥ `minimum`."""
-    for name in names:
-        value = getattr(settings, name)
-        if value is not None and not value >= minimum:
-            raise InputError(f"{where}.{name}: {value} must be >= {minimum}")
 
 
 def _disjoint(where: str, old, new) -> None:
@@ -86,8 +78,8 @@ class ProfileSettings:
         coerce_choices(self, "profile")
         _required(self, "profile", "model", "data", "old", "new", "out")
         _disjoint("profile", self.old, self.new)
-        _at_least(self, "profile", 1, "tokens_per_lang", "seq_len", "batch_size")
-        _at_least(self, "profile", 0, "seed")
+        at_least(self, "profile", 1, "tokens_per_lang", "seq_len", "batch_size")
+        at_least(self, "profile", 0, "seed")
 
 
 @dataclass(frozen=True)
@@ -116,7 +108,7 @@ class EvalSettings:
         _required(self, "evaluate", "model", "data", "langs")
         if self.split is Split.TRAIN:
             raise InputError("evaluate.split: train is what the model learned from; evaluate on valid or test")
-        _at_least(self, "evaluate", 1, "seq_len", "batch_size", "max_tokens")
+        at_least(self, "evaluate", 1, "seq_len", "batch_size", "max_tokens")
         if not self.dist_timeout_minutes > 0:
             raise InputError(f"evaluate.dist_timeout_minutes: {self.dist_timeout_minutes} must be > 0")
 
@@ -148,7 +140,7 @@ class BenchmarkSettings:
         coerce_choices(self, "benchmark")
         _required(self, "benchmark", "model", "old", "new", "out")
         _disjoint("benchmark", self.old, self.new)
-        _at_least(self, "benchmark", 1, "limit", "batch_size", "flores_shots", "beams", "flores_max_new_tokens")
+        at_least(self, "benchmark", 1, "limit", "batch_size", "flores_shots", "beams", "flores_max_new_tokens")
         if self.comet and not self.flores:
             raise InputError("benchmark --comet: scores translations; give --flores DIR as well")
 
