@@ -47,6 +47,7 @@ def test_mini_experiment(tiny_base, corpus_dir, tmp_path):
         eval_max_tokens=800,
         router_only_eval=True,
         stage2_settings=(("cls_eta", 0.2),),  # every system's stage 2, under a variant's own settings
+        ranks=1,  # one rank a launch (the 2-rank stages are tests/test_stages.py's): the suite's time
     )
     out = tmp_path / "mini"
     results = run_experiment(preset, tiny_base, corpus_dir, out, launcher=Launcher.TORCHRUN)
@@ -108,7 +109,8 @@ def test_mini_experiment(tiny_base, corpus_dir, tmp_path):
     assert saved["stage2"][layermoe.name]["seeds"] == 2
     assert saved["stage2"][variant.name]["stage2"] == {"lr": 0.01, "router_anchor_beta": 1.0}
     assert "router_only" in saved["stage2"][layermoe.name] and "router_only" not in saved["stage2"][uniform.name]
-    assert seed0["eval_router_only"]["old_avg"]["bpb"] != seed0["eval"]["old_avg"]["bpb"]
+    # the router-alone reading is a reading of its own (which languages it moves depends on what 12 steps learnt)
+    assert seed0["eval_router_only"]["languages"] != seed0["eval"]["languages"]
     assert "## Stage 2: what it keeps" in (out / "report.md").read_text()
     assert 0 <= saved["stage2"][layermoe.name]["new_expert0_share"]["stage2"] <= 1
     # results.json stays lean: each evaluation's routing is summarised per language; the per-layer table stays in
