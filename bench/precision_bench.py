@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "precision_bench.json")
     args = parser.parse_args(argv)
     layers = json.loads((Path(args.model) / "config.json").read_text())["num_hidden_layers"]
-    experts = [int(n) for n in args.experts.split(",")] if args.experts else [3] * 10 + [1] * (layers - 10)
+    experts = [int(n) for n in args.experts.split(",")] if args.experts else [3] * min(10, layers) + [1] * (layers - 10)
+    if len(experts) != layers:
+        parser.error(f"--experts: {len(experts)} counts for a model of {layers} layers ({args.model})")
     skip = max(1, args.steps // 3)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -113,6 +113,24 @@ def test_memory_bench_runs(tiny_base, corpus_dir, tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.distributed
+def test_precision_bench_runs_bf16_beside_fp32(tiny_base, corpus_dir, tmp_path, capsys):
+    from tests.helpers import free_port
+
+    out = tmp_path / "precision_bench.json"
+    argv = ["--model", str(tiny_base), "--data", str(corpus_dir), "--language-groups", "en,de;fr,ru"]
+    argv += ["--experts", "3,2,1", "--steps", "3", "--seq-len", "32", "--port", str(free_port())]
+    assert load_bench("precision_bench").main([*argv, "--launcher", "torchrun", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    fp32, bf16 = result["runs"]["fp32"], result["runs"]["bf16"]
+    assert len(fp32["losses"]) == len(bf16["losses"]) == 3 and fp32["losses"] != bf16["losses"]  # bf16 did run
+    assert result["max_loss_diff"] == max(abs(a - b) for a, b in zip(fp32["losses"], bf16["losses"], strict=True))
+    assert result["max_loss_diff"] < 0.1  # bf16 rounding, not another model: the same start, data and seed
+    assert result["bf16_over_fp32_step"] > 0 and result["experts_per_layer"] == [3, 2, 1]
+    assert "bf16 ÷ fp32 step time" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.rehearsal  # the GPU checks' path, as scripts/device_check.sh --smoke runs it too (make test-real)
 def test_gpu_bench_smoke_path_runs_on_cpu(tiny_base, corpus_dir, tmp_path, capsys):
     from tests.helpers import free_port
