@@ -161,6 +161,36 @@ def test_deepspeed_outside_the_supported_range_is_refused_in_one_line():
         check_version("0.18.4")
 
 
+def test_deepspeeds_muon_kernels_compile_on_first_use_not_when_imported(monkeypatch):
+    """DeepSpeed's ZeRO reduction imports its Muon module on every rank; with `lazy_kernel_compile` (engine start-up)
+    that import no longer loads torch._dynamo, and a kernel is compiled once, on its first call."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from deepspeed.runtime import compiler
+
+    from layermoe_ds.ds.internals import lazy_kernel_compile
+
+    code = (
+        "import sys; from layermoe_ds.ds.internals import lazy_kernel_compile; lazy_kernel_compile(); "
+        "from deepspeed.runtime.zero.muon import original_muon as m; "
+        "print('torch._dynamo' in sys.modules, m.muon_update.__name__)"
+    )
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert result.stdout.split() == ["False", "muon_update"], result.stderr[-2000:]
+
+    lazy_kernel_compile()
+    lazy_kernel_compile()  # idempotent
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn: compiled.append(fn) or fn)
+    double = compiler.compile()(lambda x: 2 * x)
+    assert compiled == []
+    assert double(3) == 6 and double(4) == 8 and len(compiled) == 1
+
+
 def test_the_constraints_pin_what_setup_cfg_allows():
     """constraints.txt (the tested set CI and the image install) lies inside setup.cfg's ranges."""
     import configparser

@@ -23,6 +23,7 @@ import torch
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
 from layermoe_ds.config import TrainConfig, deep_merge
+from layermoe_ds.ds.internals import lazy_kernel_compile
 from layermoe_ds.ds.process import SHIPPED_CONFIGS
 from layermoe_ds.errors import InputError, MissingInputError
 from layermoe_ds.training.schedule import warmup_cosine
@@ -137,6 +138,7 @@ def initialize(
     def make_scheduler(wrapped):
         return torch.optim.lr_scheduler.LambdaLR(wrapped, lr_lambda(config))
 
+    lazy_kernel_compile()
     engine, optimizer, _, scheduler = deepspeed.initialize(
         args=engine_args(device), model=model, optimizer=optimizer, lr_scheduler=make_scheduler, config=ds_config
     )

@@ -2,14 +2,15 @@
 
 DeepSpeed's MoE is used through `deepspeed.moe.layer.MoE` (ds/moe_layer.py: its gate slot and dispatch tuple,
 docs/model.md) and its engine through `deepspeed.initialize` (ds/engine.py). What else the project needs — the
-expert-parallel ranks, the engine's MoE checkpoint switch, the optimizer's fp32 master copies — is here, so a
-DeepSpeed upgrade is checked in one file; `check_version` refuses a DeepSpeed outside the supported range at
-start-up, in one line naming both.
+expert-parallel ranks, the engine's MoE checkpoint switch, the optimizer's fp32 master copies, its Muon kernels
+compiled lazily — is here, so a DeepSpeed upgrade is checked in one file; `check_version` refuses a DeepSpeed outside
+the supported range at start-up, in one line naming both.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from importlib import metadata
 
 import torch
@@ -30,6 +31,37 @@ def check_version(installed: str | None = None) -> str:
             "(pip install -c constraints.txt -e . installs the tested set)"
         )
     return installed
+
+
+def lazy_kernel_compile() -> None:
+    """DeepSpeed's ZeRO gradient reduction imports its Muon optimizer module on every rank (to ask whether the
+    optimizer is Muon), and that module wraps three kernels in `torch.compile` as it is imported, which loads
+    torch._dynamo and inductor: ~1.9 s of CPU in every rank of every launch, for an optimizer layermoe_ds never uses
+    (it trains with AdamW; `engine.check_ds_config` refuses a JSON optimizer). DeepSpeed's `compiler.compile()` —
+    used by those kernels alone — then wraps a function to be compiled on its first call instead: the same kernels
+    if Muon ever runs, nothing loaded until then. Idempotent."""
+    from deepspeed.runtime import compiler
+
+    if getattr(compiler.compile, "lazy", False):
+        return
+
+    def lazily(fn):
+        compiled = None
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            nonlocal compiled
+            if compiled is None:
+                compiled = torch.compile(fn)
+            return compiled(*args, **kwargs)
+
+        return call
+
+    def compile():  # noqa: A001 — DeepSpeed's name
+        return lazily
+
+    compile.lazy = True
+    compiler.compile = compile
 
 
 def expert_parallel_rank(group_name: str) -> int:
