@@ -161,8 +161,9 @@ def precision(d: dict) -> Figures:
     yield f"stage-1 step, bf16 ÷ fp32 ({where}; {flags})", _x(d["bf16_over_fp32_step"])
     yield "same: largest step-wise difference of the next-token loss", f"{d['max_loss_diff']:.4f}"
     tail = d["tail_mean_loss"]
-    yield f"same: mean next-token loss over the last third of {d['steps']} steps, fp32 → bf16", (
-        f"{tail['fp32']:.4f} → {tail['bf16']:.4f}"
+    yield (
+        f"same: mean next-token loss over the last third of {d['steps']} steps, fp32 → bf16",
+        (f"{tail['fp32']:.4f} → {tail['bf16']:.4f}"),
     )
 
 
