@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -136,13 +137,19 @@ def single_rank(monkeypatch):
 
 @pytest.fixture(scope="session", autouse=True)
 def no_shm_leftovers():
-    """Runs killed before DeepSpeed's shm init completed can still leave segments: remove this session's."""
+    """Runs killed before DeepSpeed's shm init completed can still leave segments: remove this session's that are
+    over a minute old (a job unlinks its own within seconds of making them, and the other pytest worker's job may be
+    making some right now: removing those would fail its ranks' start)."""
+    import time
+
     from tests.helpers import shm_buffers
 
     before = shm_buffers()
     yield
     for path in shm_buffers() - before:
-        path.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if time.time() - path.stat().st_mtime > 60:
+                path.unlink()
 
 
 @pytest.fixture(scope="session", autouse=True)
