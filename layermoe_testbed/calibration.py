@@ -49,6 +49,7 @@ class Calibration:
     max_epochs: float = 1.0  # no language's training text read more often than this in stage 1
     ratio: float = 3.0  # the largest budget must beat the smallest by this many pooled seed sds
     settings: Preset = PAPER  # everything but the systems, the base and the stage-1 steps
+    settings_name: str = "paper"  # the preset those settings are, as the report names it
     # Stop at the first point that qualifies (the points are then in order of cost): each later one costs more.
     stop_when_met: bool = False
 
@@ -84,6 +85,7 @@ REAL_GRID = Calibration(
     points=(GridPoint(REAL_BASE, 60), GridPoint(REAL_BASE, 180)),
     budgets=(2, 4),
     settings=REAL,
+    settings_name="real",
     stop_when_met=True,
 )
 GRIDS = {"testbed": GRID, "real": REAL_GRID}
@@ -177,6 +179,7 @@ def _write_report(calibration: Calibration, rows: list[dict], out: Path) -> dict
     chosen = choose(rows)
     report = {
         "budgets": calibration.budgets, "seeds": calibration.seeds, "ratio": calibration.ratio,
+        "settings": calibration.settings_name,
         "max_epochs": calibration.max_epochs, "points": rows, "choice": chosen["point"] if chosen else None,
         "not_run": [p.name for p in calibration.points[len(rows):]],
     }  # fmt: skip
@@ -187,11 +190,12 @@ def _write_report(calibration: Calibration, rows: list[dict], out: Path) -> dict
 
 def calibration_lines(report: dict) -> list[str]:
     low, high = report["budgets"]
+    settings = report.get("settings", "paper")  # reports written before the field: the testbed grid's
     lines = [
         "# Calibration: where more experts buy measurable quality",
         "",
         f"Uniform MoE-LPR at {low} and {high} experts per layer (expert 0 included), seeds "
-        f"{', '.join(map(str, report['seeds']))}, both stages, every other setting the paper preset's. New-avg in "
+        f"{', '.join(map(str, report['seeds']))}, both stages, every other setting the {settings} preset's. New-avg in "
         f"bits per byte on the test split (lower is better); gap = smallest budget − largest; sd = the pooled seed sd. "
         f"A point qualifies when the final gap is at least {report['ratio']:g} sds; the cheapest in training compute "
         f"(stage-1 steps × base parameters) is chosen. Stage 1 reads at most {report['max_epochs']:g} epoch(s) of "

@@ -129,3 +129,6 @@ def test_the_real_grid_compares_one_and_three_new_experts_a_layer_on_the_real_ba
     assert preset.base == "smollm2" and preset.old == ("en",) and preset.seq_len == 256
     assert [s.budget_per_layer - 1 for s in preset.systems] == [1, 3]  # new experts a layer
     assert [p.stage1_steps for p in grid.points] == [60, 180] and grid.stop_when_met
+    report = {"budgets": grid.budgets, "seeds": grid.seeds, "ratio": 3.0, "max_epochs": 1.0, "points": [],
+              "choice": None, "not_run": [], "settings": grid.settings_name}  # fmt: skip
+    assert "every other setting the real preset's" in calibration.calibration_lines(report)[2]
