@@ -66,10 +66,6 @@ def at_least(config: Any, where: str, minimum: int, *names: str) -> None:
             raise InputError(f"{where}.{name}: {value} must be >= {minimum}")
 
 
-def at_least_one(config: Any, where: str, *names: str) -> None:
-    at_least(config, where, 1, *names)
-
-
 def check_schedule(config: Any, where: str) -> None:
     """A positive peak learning rate, and fewer warm-up steps than steps."""
     if not config.lr > 0:
@@ -150,8 +146,8 @@ class TrainConfig:
         langs = [lang for group in groups for lang in group]
         if len(set(langs)) != len(langs):
             raise InputError(f"train.language_groups: a language appears twice in {list(groups)!r}")
-        at_least_one(self, "train", "steps", "seq_len", "save_every", "keep_last_n", "log_every")
-        at_least_one(self, "train", "stage2_docs_per_old_lang", "stage2_docs_per_new_lang")
+        at_least(self, "train", 1, "steps", "seq_len", "save_every", "keep_last_n", "log_every")
+        at_least(self, "train", 1, "stage2_docs_per_old_lang", "stage2_docs_per_new_lang")
         check_schedule(self, "train")
         if self.expert_parallel_size != "auto" and not str(self.expert_parallel_size).isdigit():
             raise InputError(f"train.expert_parallel_size: {self.expert_parallel_size!r} must be 'auto' or an integer")

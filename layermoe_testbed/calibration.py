@@ -85,7 +85,7 @@ REAL_GRID = Calibration(
     points=(GridPoint(REAL_BASE, 60), GridPoint(REAL_BASE, 180)),
     budgets=(2, 4),
     settings=REAL,
-    settings_name="real",
+    settings_name="real-premise",
     stop_when_met=True,
 )
 GRIDS = {"testbed": GRID, "real": REAL_GRID}

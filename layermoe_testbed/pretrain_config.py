@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from layermoe_ds.config import StrEnum, at_least_one, check_schedule, coerce_choices, setting
+from layermoe_ds.config import StrEnum, at_least, check_schedule, coerce_choices, setting
 from layermoe_ds.errors import InputError
 
 
@@ -28,8 +28,8 @@ class BaseModelConfig:
 
     def __post_init__(self) -> None:
         coerce_choices(self, "model")
-        at_least_one(self, "model", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size")
-        at_least_one(self, "model", "max_position")
+        at_least(self, "model", 1, "num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size")
+        at_least(self, "model", 1, "max_position")
         if self.hidden_size % self.num_heads:
             raise InputError(f"model.hidden_size: {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.num_heads % self.num_kv_heads:
@@ -71,7 +71,7 @@ class PretrainConfig:
                 "pretrain.low_resource_share: set it > 0 exactly when low_resource_langs is given "
                 f"(share {self.low_resource_share}, langs {list(self.low_resource_langs)})"
             )
-        at_least_one(self, "pretrain", "steps", "batch_size", "seq_len", "save_every")
+        at_least(self, "pretrain", 1, "steps", "batch_size", "seq_len", "save_every")
         for name in ("weight_decay", "seed"):
             if not getattr(self, name) >= 0:
                 raise InputError(f"pretrain.{name}: {getattr(self, name)} must be >= 0")

@@ -131,4 +131,4 @@ def test_the_real_grid_compares_one_and_three_new_experts_a_layer_on_the_real_ba
     assert [p.stage1_steps for p in grid.points] == [60, 180] and grid.stop_when_met
     report = {"budgets": grid.budgets, "seeds": grid.seeds, "ratio": 3.0, "max_epochs": 1.0, "points": [],
               "choice": None, "not_run": [], "settings": grid.settings_name}  # fmt: skip
-    assert "every other setting the real preset's" in calibration.calibration_lines(report)[2]
+    assert "every other setting the real-premise preset's" in calibration.calibration_lines(report)[2]
