@@ -284,6 +284,13 @@ def test_budget_quality_curve_interpolates_the_experts_uniform_needs():
     assert saving["layermoe 2"]["uniform_experts"] == pytest.approx(24.0) and saving["layermoe 2"]["saving"] == 0.5
     assert saving["layermoe 3"]["saving"] is None and saving["layermoe 3"]["note"] == "better than every uniform point"
     assert saving["random 2"]["note"] == "worse than every uniform point"
+    # every point's saving has its interval (one seed: no spread) and verdict; bounds outside uniform's curve
+    assert saving["layermoe 2"]["interval"] == [0.5, 0.5] and saving["layermoe 2"]["verdict"] == "replicated"
+    assert saving["layermoe 3"]["interval"] == [pytest.approx(1 / 3), None] and saving["layermoe 3"]["verdict"] == (
+        "replicated"
+    )
+    assert saving["random 2"]["interval"] == [None, 0.0] and saving["random 2"]["interval_open"] == [True, False]
+    assert saving["random 2"]["verdict"] == "not replicated"  # worse than uniform at as many experts
     assert saving["layermoe 3"]["reading"] == "better than uniform's best (2.440 with 36): at least 33% fewer"
     by_claim = {v.claim: v for v in verdicts}
     headline = by_claim["fewer experts for the same quality"]
@@ -335,10 +342,24 @@ def test_the_headline_saving_has_a_bootstrap_interval_over_seeds():
     assert "worse than uniform's smallest point (3.010 with 12), with 100% more experts: at least that many more" in (
         worst.text
     )
-    assert worst.numbers["interval"] == [None, None] and worst.numbers["interval_open"] == [True, True]
-    assert "95% interval −∞ to −∞" in worst.text
+    assert worst.numbers["interval"] == [None, pytest.approx(-1.0)] and worst.numbers["interval_open"] == [True, False]
+    assert "95% interval −∞ to −100%" in worst.text and worst.verdict == "not replicated"
+    # better than uniform's best with more experts than it, or worse than its smallest with fewer: the bound cannot
+    # sign the saving (it was read as a saving, or as more experts, before)
     ahead = headline_verdict(uniform, point(SystemMethod.LAYERMOE, 60, [2.85, 2.86, 2.87]))
     assert "better than uniform's best (2.910 with 48), with 25% more experts than it" in ahead.text
+    assert ahead.numbers["interval"] == [pytest.approx(-0.25), None] and ahead.verdict == "not testable"
+    assert "95% interval −25% to +∞" in ahead.text and "not testable here" in ahead.text
+    below = headline_verdict(uniform, point(SystemMethod.LAYERMOE, 6, [3.02, 3.03, 3.04]))
+    assert (
+        "worse than uniform's smallest point (3.010 with 12) with fewer experts: uniform's curve does not reach "
+        "below 12" in below.text
+    )
+    assert below.numbers["interval"] == [None, pytest.approx(0.5)] and below.verdict == "not testable"
+    # partly inside uniform's curve: the draws outside it widen the interval by their bound
+    edge = point(SystemMethod.LAYERMOE, 6, [2.995, 3.015, 3.035])  # in some draws better than uniform at 12
+    low, high = saving_interval(uniform, edge)
+    assert low == -math.inf and 0.5 < high < 1 and headline_verdict(uniform, edge).verdict == "not testable"
 
 
 def test_report_from_made_up_results(tmp_path):

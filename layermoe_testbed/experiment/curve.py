@@ -104,10 +104,15 @@ def curve_reading(
         for point in points.get(method, []):
             entry = {"system": point.system, "method": str(method), "new_experts": point.new_experts}
             entry.update(new_avg=point.new.mean, **uniform_equivalent(uniform, point))
+            low, high = saving_interval(uniform, point)
+            entry.update(interval=[None if math.isinf(end) else end for end in (low, high)])
+            entry.update(interval_open=[math.isinf(low), math.isinf(high)])
+            entry.update(verdict=saving_verdict(low, high, entry))
             savings.append(entry)
             text = (
                 f"- *Budget–quality curve* ({point.system}, {point.new_experts} new experts, New-avg "
-                f"{point.new.mean:.3f}): {entry['reading']} (uniform's curve: {span})."
+                f"{point.new.mean:.3f}): {entry['reading']}; {interval_text(point, uniform, low, high)} (uniform's "
+                f"curve: {span})."
             )
             verdicts.append(Verdict(f"curve point ({point.system})", entry["note"], text))
     verdicts.append(curve_slope(uniform))
@@ -146,50 +151,86 @@ def curve_slope(uniform: list[CurvePoint]) -> Verdict:
     return Verdict("a curve to save experts along", "replicated" if ok else "not testable", text, numbers)
 
 
+def saving_bounds(uniform: list[CurvePoint], point: CurvePoint, target: float) -> tuple[float, float]:
+    """What uniform's measured points say of the saving at a New-avg of `target`: equal ends where uniform's curve
+    reaches `target` (interpolated); outside it, one bound: better than every uniform point means uniform needs more
+    than its best point's experts (the saving is above 1 − n/best, open upward); worse than every uniform point, fewer
+    than its smallest budget's (below 1 − n/smallest, open downward). A bound's sign is the saving's only where it
+    excludes zero: a point with fewer experts than uniform's smallest, and worse, may save experts or not."""
+    needed = experts_for_quality(uniform, target)
+    if needed is not None:
+        saving = 1 - point.new_experts / needed
+        return saving, saving
+    best = min(uniform, key=lambda p: p.new.mean)
+    if target < best.new.mean:
+        return 1 - point.new_experts / best.new_experts, math.inf
+    return -math.inf, 1 - point.new_experts / uniform[0].new_experts
+
+
 def saving_interval(
     uniform: list[CurvePoint], point: CurvePoint, draws: int = BOOTSTRAP_DRAWS, seed: int = 0
 ) -> tuple[float, float]:
     """A 95% percentile interval of `point`'s saving against uniform, from a bootstrap over seeds: each draw
-    resamples every point's seeds with replacement and reads the saving again. A draw in which the point beats every
-    uniform point counts as +inf (a saving beyond what the curve can show), one in which it is worse than every
-    uniform point as -inf: an infinite end is an open one."""
+    resamples every point's seeds with replacement and reads the saving's bounds again (`saving_bounds`); the
+    interval runs from the 2.5th percentile of the lower bounds to the 97.5th of the upper ones, so a draw outside
+    uniform's curve widens it by what that draw cannot tell. An infinite end is an open one."""
     rng = random.Random(seed)
 
     def draw(p: CurvePoint) -> float:
         values = p.new_values or (p.new.mean,)
         return statistics.fmean(rng.choices(values, k=len(values)))
 
-    savings = []
+    lows, highs = [], []
     for _ in range(draws):
         curve_draw = [replace(p, new=Stats(draw(p), 0.0, 1)) for p in uniform]
-        target = draw(point)
-        needed = experts_for_quality(curve_draw, target)
-        if needed is None:
-            savings.append(math.inf if target < min(p.new.mean for p in curve_draw) else -math.inf)
-        else:
-            savings.append(1 - point.new_experts / needed)
-    savings.sort()
-    return savings[round(0.025 * (draws - 1))], savings[round(0.975 * (draws - 1))]
+        low, high = saving_bounds(curve_draw, point, draw(point))
+        lows.append(low)
+        highs.append(high)
+    lows.sort()
+    highs.sort()
+    return lows[round(0.025 * (draws - 1))], highs[round(0.975 * (draws - 1))]
 
 
 def _percent(value: float) -> str:
     return "+∞" if value == math.inf else ("−∞" if value == -math.inf else f"{value:.0%}".replace("-", "−"))
 
 
+def interval_text(point: CurvePoint, uniform: list[CurvePoint], low: float, high: float) -> str:
+    seeds = f"{point.new.n} seed{'s' * (point.new.n != 1)}; uniform {'/'.join(str(p.new.n) for p in uniform)}"
+    draws = f"{BOOTSTRAP_DRAWS:,} draws"
+    return f"95% interval {_percent(low)} to {_percent(high)}, a bootstrap over seeds ({seeds}), {draws}"
+
+
+def saving_verdict(low: float, high: float, equivalent: dict) -> str:
+    """Fewer experts ("replicated") when the whole interval saves, more ("not replicated") when none of it does;
+    otherwise "matched" (no saving beyond the noise) where uniform's curve reaches the point, "not testable" where
+    it does not (the point lies outside uniform's measured budgets, and its bound cannot sign the saving). A bound
+    is strict: worse than uniform's smallest point at as many experts is more experts."""
+    if low > 0 or (low == 0 and equivalent["note"] == "better than every uniform point"):
+        return "replicated"
+    if high < 0 or (high == 0 and equivalent["note"] == "worse than every uniform point"):
+        return "not replicated"
+    return "matched" if equivalent["note"] == "interpolated" else "not testable"
+
+
+SAVING_WORDS = {
+    "replicated": "fewer experts, replicated.",
+    "not replicated": "more experts: not replicated here.",
+    "matched": "the interval includes no saving: not significant here.",
+    "not testable": "outside uniform's measured curve, and its bound includes no saving either way: not testable "
+    "here; uniform points nearer this one's quality would answer it.",
+}
+
+
 def headline_verdict(uniform: list[CurvePoint], point: CurvePoint) -> Verdict:
     """The paper's headline at the reference point: the saving against uniform at equal New-avg, with its interval."""
     equivalent = uniform_equivalent(uniform, point)
     low, high = saving_interval(uniform, point)
-    seeds = f"{point.new.n} seeds; uniform {'/'.join(str(p.new.n) for p in uniform)}"
-    interval = (f"95% interval {_percent(low)} to {_percent(high)}, a bootstrap over seeds ({seeds}), "
-                f"{BOOTSTRAP_DRAWS:,} draws")  # fmt: skip
-    verdict = "replicated" if low > 0 else ("not replicated" if high < 0 else "matched")
-    words = {"replicated": "fewer experts, replicated.", "not replicated": "more experts: not replicated here.",
-             "matched": "the interval includes no saving: not significant here."}  # fmt: skip
+    verdict = saving_verdict(low, high, equivalent)
     text = (
         f"- *Fewer experts for the same quality* (the paper: 60% fewer in one expansion): {point.system} "
-        f"({point.new_experts} new experts, New-avg {point.new}) — {equivalent['reading']}; {interval} — "
-        + words[verdict]
+        f"({point.new_experts} new experts, New-avg {point.new}) — {equivalent['reading']}; "
+        f"{interval_text(point, uniform, low, high)} — " + SAVING_WORDS[verdict]
     )
     numbers = {
         "saving": equivalent["saving"],
@@ -219,7 +260,9 @@ def uniform_equivalent(uniform: list[CurvePoint], point: CurvePoint) -> dict:
     first = uniform[0]
     bound = 1 - point.new_experts / first.new_experts
     reading = f"worse than uniform's smallest point ({first.new.mean:.3f} with {first.new_experts})" + (
-        f", with {-bound:.0%} more experts: at least that many more" if bound < 0 else ""
+        f", with {-bound:.0%} more experts: at least that many more"
+        if bound < 0
+        else f" with fewer experts: uniform's curve does not reach below {first.new_experts}"
     )
     return {"uniform_experts": None, "saving": None, "note": "worse than every uniform point", "reading": reading}
 
