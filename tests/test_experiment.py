@@ -19,9 +19,10 @@ from layermoe_testbed.experiment.presets import CLASSIFIER_CLAIM, PLACEMENT_CLAI
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_mini_experiment(tiny_base, corpus_dir, tmp_path):
-    from layermoe_testbed.experiment import finite_table, run_experiment
+def test_mini_experiment(tiny_base, corpus_dir, tmp_path, monkeypatch):
+    from layermoe_testbed.experiment import finite_table, run_experiment, runner
     from layermoe_testbed.experiment.cache import step_record
+    from layermoe_testbed.experiment.report import write_report
 
     uniform = System("uniform (3/layer)", SystemMethod.UNIFORM, 3, "0", 3, 3, lifelong=True, curve=True)
     layermoe = System("LayerMoE (2/layer)", SystemMethod.LAYERMOE, 2, "1", 2, 3, seeds=(0, 1), curve=True)
@@ -129,9 +130,14 @@ def test_mini_experiment(tiny_base, corpus_dir, tmp_path):
     for name in ("similarity.png", "per_language.png", "routing.png", "pareto.png", "report.md"):
         assert (out / name).stat().st_size > 0
 
-    # Cached: a rerun launches nothing and gives the same results.
+    # Cached: a rerun launches nothing and gives the same results; the report is rewritten after every run, so
+    # one stopped part-way has the report of what finished.
     records = {p: p.stat().st_mtime_ns for p in out.rglob("*.step.json")}
+    reports = []
+    monkeypatch.setattr(runner, "write_report", lambda r, *a: reports.append(list(r)) or write_report(r, *a))
     again = run_experiment(preset, tiny_base, corpus_dir, out, launcher=Launcher.TORCHRUN)
+    assert reports[0] == [RunId(DENSE_BASE), RunId(uniform.name), RunId(uniform.name, 0, Phase.G2)]
+    assert [len(r) for r in reports] == [3, 4, 5, 6, 7] and reports[-1] == list(results)
     assert json.dumps({r.label: v for r, v in again.items()}, sort_keys=True) == json.dumps(
         {r.label: v for r, v in results.items()}, sort_keys=True
     )

@@ -20,7 +20,8 @@ def add_experiment(sub) -> None:
         "experiment",
         help="several systems (baselines, LayerMoE, ablations) on the same data and budget, one report",
         description="Profile once, then per system allocate → stage 1 → stage 2 (deepspeed, 2 CPU ranks) → evaluate; "
-        "every finished step is cached so a rerun resumes; writes OUT/report.md, results.json and plots. Without "
+        "every finished step is cached so a rerun resumes; OUT/report.md, results.json and plots are rewritten after "
+        "every finished run (a stopped experiment has the report of what finished). Without "
         "--base the embedded corpus, tokenizer and tiny base model are built (or reused) first.",
     )
     presets = ("demo", "full", "paper", "stage2-study", "stage2-narrow", "real-premise", "real")

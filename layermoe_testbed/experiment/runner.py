@@ -343,13 +343,21 @@ def run_experiment(
             results[g2]["new_experts_total"] = (
                 results[run]["allocation"]["new_experts"] + results[g2]["allocation"]["new_experts"]
             )
-    # The report lists systems in the preset's order, each system's runs together (G1, then its expansion).
+        # The report so far, after every run: an experiment stopped part-way (or still running) has the report of
+        # what finished, and a rerun of a finished one (every step a cache hit) rewrites it with the current code.
+        write_report(in_preset_order(results, preset), preset, out)
+    results = in_preset_order(results, preset)
+    if not order:
+        write_report(results, preset, out)
+    return results
+
+
+def in_preset_order(results: dict[RunId, dict], preset: Preset) -> dict[RunId, dict]:
+    """The systems in the preset's order, each system's runs together (G1, then its expansion)."""
     listed = [RunId(DENSE_BASE)] + [
         key
         for system in preset.systems
         for run in system.runs()
         for key in (run, RunId(run.system, run.seed, Phase.G2))
     ]
-    results = {key: results[key] for key in listed if key in results}
-    write_report(results, preset, out)
-    return results
+    return {key: results[key] for key in listed if key in results}
