@@ -315,7 +315,13 @@ def test_budget_quality_curve_interpolates_the_experts_uniform_needs():
 
 
 def test_the_headline_saving_has_a_bootstrap_interval_over_seeds():
-    from layermoe_testbed.experiment.curve import CurvePoint, curve_slope, headline_verdict, saving_interval
+    from layermoe_testbed.experiment.curve import (
+        CurvePoint,
+        curve_slope,
+        headline_verdict,
+        paper_size_verdict,
+        saving_interval,
+    )
     from layermoe_testbed.experiment.reading import stats
 
     def point(method, experts, values):
@@ -362,6 +368,15 @@ def test_the_headline_saving_has_a_bootstrap_interval_over_seeds():
         "below 12" in below.text
     )
     assert below.numbers["interval"] == [None, pytest.approx(0.5)] and below.verdict == "not testable"
+    # ... but its bound answers the paper's size of saving (60%): at most 50% fewer
+    size = paper_size_verdict(below)
+    assert size.verdict == "not replicated" and "interval, −∞ to 50%, lies below it" in size.text
+    assert paper_size_verdict(verdict).verdict == "not replicated"  # the first point: 50% fewer, interval 45–57%
+    near = headline_verdict(uniform, point(SystemMethod.LAYERMOE, 10, [2.955, 2.96, 2.965]))  # 58% fewer
+    assert paper_size_verdict(near).verdict == "matched" and "holds it" in paper_size_verdict(near).text
+    assert paper_size_verdict(ahead).verdict == "matched" and paper_size_verdict(worst).verdict == "not replicated"
+    far = headline_verdict(uniform, point(SystemMethod.LAYERMOE, 3, [2.955, 2.96, 2.965]))  # uniform needs ~24: 88%
+    assert paper_size_verdict(far).verdict == "replicated" and "at or above it" in paper_size_verdict(far).text
     # partly inside uniform's curve: the draws outside it widen the interval by their bound
     edge = point(SystemMethod.LAYERMOE, 6, [2.995, 3.015, 3.035])  # in some draws better than uniform at 12
     low, high = saving_interval(uniform, edge)

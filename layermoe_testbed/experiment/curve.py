@@ -24,6 +24,7 @@ from layermoe_testbed.experiment.reading import (
 
 BOOTSTRAP_DRAWS = 10_000
 SLOPE_SDS = 3.0  # uniform's curve must fall by this many pooled seed sds from its smallest budget to its largest
+PAPER_SAVING = 0.6  # the paper's headline: better than MoE-LPR "with 60% fewer experts" in one expansion
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ def curve_reading(
     headline = next((p for p in points.get(SystemMethod.LAYERMOE, []) if p.system == reference), None)
     if headline is not None:
         verdicts.append(headline_verdict(uniform, headline))
+        verdicts.append(paper_size_verdict(verdicts[-1]))
     random_points = {p.new_experts: p for p in points.get(SystemMethod.RANDOM, [])}
     for point in points.get(SystemMethod.LAYERMOE, []):
         other = random_points.get(point.new_experts)
@@ -240,6 +242,28 @@ def headline_verdict(uniform: list[CurvePoint], point: CurvePoint) -> Verdict:
         "uniform_experts": equivalent["uniform_experts"],
     }
     return Verdict("fewer experts for the same quality", verdict, text, numbers)
+
+
+def paper_size_verdict(headline: Verdict) -> Verdict:
+    """Whether the headline's interval holds the paper's size of saving (60% fewer): a question of its own, which a
+    point outside uniform's curve can answer when the sign of its saving cannot (worse than uniform's smallest budget
+    with fewer experts bounds the saving above)."""
+    low, high = (
+        (-math.inf, math.inf)[i] if headline.numbers["interval_open"][i] else headline.numbers["interval"][i]
+        for i in (0, 1)
+    )
+    if high < PAPER_SAVING:
+        verdict, words = "not replicated", "lies below it — not replicated at the paper's size."
+    elif low >= PAPER_SAVING:
+        verdict, words = "replicated", "lies at or above it — replicated."
+    else:
+        verdict, words = "matched", "holds it: consistent with it, not a test of it."
+    text = (
+        f"- *The paper's size of saving* ({_percent(PAPER_SAVING)} fewer new experts at equal New-avg): the "
+        f"headline's interval, {_percent(low)} to {_percent(high)}, {words}"
+    )
+    numbers = {"paper_saving": PAPER_SAVING, "interval": headline.numbers["interval"]}
+    return Verdict("the paper's size of saving", verdict, text, numbers)
 
 
 def uniform_equivalent(uniform: list[CurvePoint], point: CurvePoint) -> dict:
