@@ -139,7 +139,13 @@ def choose(rows: list[dict]) -> dict | None:
 
 
 def run_calibration(
-    calibration: Calibration, data: Path, artifacts: Path, cache: Path, out: Path, launcher: Launcher
+    calibration: Calibration,
+    data: Path,
+    artifacts: Path,
+    cache: Path,
+    out: Path,
+    launcher: Launcher,
+    keep_checkpoints: bool = False,
 ) -> dict:
     """Build (or reuse) each point's base, check every point's stage-1 epochs before training anything, run (or
     resume) each point's experiment under `out/<point>/`, and write `out/calibration.json` and `.md`."""
@@ -159,7 +165,14 @@ def run_calibration(
     for point in calibration.points:
         print(f"calibration point: {point.name}", flush=True)
         preset = presets[point]
-        results = run_experiment(preset, bases[point.base], data, out / slug(point.name), launcher=launcher)
+        results = run_experiment(
+            preset,
+            bases[point.base],
+            data,
+            out / slug(point.name),
+            launcher=launcher,
+            keep_checkpoints=keep_checkpoints,
+        )
         pretrained = BASE_PRESETS.get(point.base)  # None: a pretrained base (its later-language share unknown)
         rows.append({
             "point": point.name, "base": point.base, "stage1_steps": point.stage1_steps,

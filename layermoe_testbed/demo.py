@@ -75,6 +75,7 @@ def run_demo(
     preset: str = "demo",
     base: Path | None = None,
     launcher: Launcher = Launcher.DEEPSPEED,
+    keep_checkpoints: bool = False,
 ) -> int:
     started = time.perf_counter()
     chosen = PRESETS[preset]
@@ -90,7 +91,9 @@ def run_demo(
         print(f"off-domain English in {artifacts / 'off-domain'} (Debian's python3.11-doc) …", flush=True)
         build_off_domain(artifacts / "off-domain", cache)
         off_domain = artifacts / "off-domain"
-    run_experiment(chosen, base, data, runs, launcher=launcher, off_domain=off_domain)
+    run_experiment(
+        chosen, base, data, runs, launcher=launcher, off_domain=off_domain, keep_checkpoints=keep_checkpoints
+    )
     table = [line for line in (runs / "report.md").read_text().splitlines() if line.startswith("|")]
     print("\n" + "\n".join(table))
     print(

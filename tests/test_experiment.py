@@ -129,6 +129,8 @@ def test_mini_experiment(tiny_base, corpus_dir, tmp_path, monkeypatch):
     assert f"model.safetensors `{saved['base_sha256']['model.safetensors'][:16]}`" in (out / "report.md").read_text()
     for name in ("similarity.png", "per_language.png", "routing.png", "pareto.png", "report.md"):
         assert (out / name).stat().st_size > 0
+    # a finished stage's checkpoints are gone (they only serve to resume it), its exported model stays
+    assert not list(out.rglob("checkpoints")) and (out / "systems" / "layermoe-2-layer" / "stage1" / "model").is_dir()
 
     # Cached: a rerun launches nothing and gives the same results; the report is rewritten after every run, so
     # one stopped part-way has the report of what finished.
@@ -148,6 +150,24 @@ def test_mini_experiment(tiny_base, corpus_dir, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="train.lr: -1.0 must be > 0"):
         run_experiment(dataclasses.replace(preset, stage1_lr=-1.0), tiny_base, corpus_dir, out)
     assert {p: p.stat().st_mtime_ns for p in records} == records
+
+
+def test_a_finished_stage_drops_its_checkpoints_unless_they_are_kept(tmp_path, monkeypatch):
+    from layermoe_testbed.experiment import runner
+
+    def launch(stage, config, run_dir, ranks, port, launcher):
+        (run_dir / "checkpoints" / "step_00000004").mkdir(parents=True)
+        (run_dir / "model").mkdir()
+
+    monkeypatch.setattr(runner, "launch_stage", launch)
+    preset = Preset(systems=(), old=("en",), new=("fr",))
+    config = {"model": "m", "data": "d", "language_groups": [["en"], ["fr"]], "steps": 4}
+    for keep in (False, True):
+        ctx = runner.Context(preset, None, tmp_path, "d", tmp_path, None, 0, keep_checkpoints=keep)
+        run_dir = tmp_path / f"keep-{keep}"
+        model = ctx.stage(1, {**config, "out": str(run_dir)}, run_dir, {}, "[test]")
+        assert model.path == run_dir / "model" and model.path.is_dir()
+        assert (run_dir / "checkpoints").exists() == keep
 
 
 def test_cached_step_reruns_when_its_inputs_change(tmp_path):

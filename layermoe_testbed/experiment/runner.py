@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ import yaml
 from layermoe_ds.analysis.allocation import AllocationOptions, allocate_from_file
 from layermoe_ds.analysis.plots import plot_similarity
 from layermoe_ds.analysis.profiling import run_profile
+from layermoe_ds.checkpoints.format import checkpoint_root
 from layermoe_ds.config import TrainConfig, from_dict, to_dict
 from layermoe_ds.data.streams import open_streams
 from layermoe_ds.data.tokenizer import load_tokenizer
@@ -93,6 +95,7 @@ class Context:
     port: int
     launcher: Launcher = Launcher.DEEPSPEED  # how stages start; not part of any fingerprint (same numbers)
     off_domain: Model | None = None  # English from another source (`data off-domain`), read for forgetting
+    keep_checkpoints: bool = False  # a finished stage's checkpoints are dropped (its exported model is its product)
 
     def evaluate_off_domain(self, model: Model, home: Path) -> dict | None:
         """`model` on the off-domain English (when the experiment has it), as group 0."""
@@ -200,7 +203,10 @@ class Context:
             launch_stage(stage, config, run_dir, self.preset.ranks, self.next_port(), self.launcher)
 
         inputs = {"step": f"stage{stage}", "config": to_dict(config), **upstream, "ranks": self.preset.ranks}
-        return Model(run_dir / "model", cached(run_dir, inputs, produce, resumable=True))
+        model = Model(run_dir / "model", cached(run_dir, inputs, produce, resumable=True))
+        if not self.keep_checkpoints:  # only for resuming, and 3-9 GB a run on the real base: a sweep fills a disk
+            shutil.rmtree(checkpoint_root(run_dir), ignore_errors=True)
+        return model
 
 
 def grow(model: Model, allocation: Model, out: Path) -> Model:
@@ -293,16 +299,18 @@ def run_experiment(
     port: int = 29_400,
     launcher: Launcher = Launcher.DEEPSPEED,
     off_domain: Path | None = None,
+    keep_checkpoints: bool = False,
 ) -> dict[RunId, dict]:
     """Run (or resume) every system and seed of `preset` from the dense `base` model, each stage started by
     `launcher`; write the report; return the results by run. With `off_domain` (English text from another source,
-    `en.test.txt`), the dense base and every system's final model are also read on it."""
+    `en.test.txt`), the dense base and every system's final model are also read on it. A finished stage's
+    checkpoints are removed unless `keep_checkpoints` (its exported model stays)."""
     out.mkdir(parents=True, exist_ok=True)
     base_model = Model(base, fingerprint(directory_manifest(base)))
     other = Model(off_domain, fingerprint(directory_manifest(off_domain))) if off_domain else None
     ctx = Context(
         preset, base_model, data, fingerprint(directory_manifest(data)), out, load_tokenizer(base), port, launcher,
-        other,
+        other, keep_checkpoints,
     )  # fmt: skip
     groups = [list(preset.old), list(preset.new)]
     first = {lang: g for g, members in enumerate(groups) for lang in members}
