@@ -26,8 +26,9 @@ class OutputExistsError(InputError, FileExistsError):
     """An output the user named exists and would be overwritten."""
 
 
-class CheckpointWriteError(RuntimeError):
-    """A checkpoint could not be written (disk full, quota, permissions): the run stops, nothing is marked."""
+class OutputWriteError(RuntimeError):
+    """A checkpoint or a stage's exported model could not be written (disk full, quota, permissions): the run stops
+    with one line that says what is intact, nothing is marked."""
 
 
 class StepFailed(RuntimeError):
@@ -66,7 +67,7 @@ def reported(
     anything else keeps its traceback with the remedy where one is known. `debug` re-raises everything."""
     try:
         return int(body() or 0)
-    except (InputError, StepFailed, CheckpointWriteError) as exc:
+    except (InputError, StepFailed, OutputWriteError) as exc:
         if debug:
             raise
         prefix = error_prefix(exc)

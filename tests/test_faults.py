@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from layermoe_ds.checkpoints.format import MARKER, complete_checkpoints
 from layermoe_ds.ds.process import Launcher
+from layermoe_ds.hf.files import ShardWriter
 from tests.helpers import ROOT, base_config, command, launch_env, launch_in_process, metrics, run
 
 pytestmark = pytest.mark.distributed
@@ -177,7 +178,7 @@ def test_sigterm_during_a_checkpoint_write_saves_exits_zero_and_resumes_bitwise(
     assert_same_run(tmp_path / "run", reference[1])
 
 
-def test_disk_full_during_a_save_stops_with_one_line_and_keeps_the_previous_checkpoint(
+def test_disk_full_in_a_save_or_the_export_stops_with_one_line_and_a_rerun_resumes(
     single_rank, upcycled, corpus_dir, tmp_path, capsys, monkeypatch
 ):  # fmt: skip
     """ENOSPC from the middle of DeepSpeed's checkpoint write (a size-limited filesystem is not available to tests
@@ -199,6 +200,21 @@ def test_disk_full_during_a_save_stops_with_one_line_and_keeps_the_previous_chec
     assert "step_00000004 could not be written (the disk is full" in errors[0] and "step_00000002, is intact" in err
     assert complete(tmp_path / "run") == ["step_00000002"]  # keep_last_n=1, yet the older one was not deleted
     monkeypatch.setattr(torch, "save", real_save)
+    # the disk fills again in the export, after the last checkpoint: one line, and a rerun exports from it
+    real_write = ShardWriter.write
+
+    def full_at_export(self, name, tensor):
+        if ".experts.1." in name:
+            raise OSError(errno.ENOSPC, "No space left on device", "model.safetensors")
+        return real_write(self, name, tensor)
+
+    monkeypatch.setattr(ShardWriter, "write", full_at_export)
+    code, err = launch_in_process(1, config, tmp_path, DS_JSON[1], capsys)
+    errors = [line for line in err.splitlines() if line.startswith("stage1: error")]
+    assert code == 1 and len(errors) == 1, err
+    assert f"the model export {tmp_path / 'run' / 'model'} could not be written (the disk is full" in errors[0]
+    assert "step_00000006, is intact; free space and rerun the same command to resume" in errors[0]
+    monkeypatch.setattr(ShardWriter, "write", real_write)
     code, _ = launch_in_process(1, config, tmp_path, DS_JSON[1], capsys)
     assert code == 0
     assert_same_run(tmp_path / "run", tmp_path / "uninterrupted")

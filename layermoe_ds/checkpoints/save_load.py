@@ -37,7 +37,7 @@ from layermoe_ds.checkpoints.format import (
 )
 from layermoe_ds.ds.internals import moe_files_hidden, refresh_master_weights
 from layermoe_ds.ds.names import expert_file, expert_optimizer_file, training_expert_prefix
-from layermoe_ds.errors import CheckpointWriteError, InputError
+from layermoe_ds.errors import InputError, OutputWriteError
 from layermoe_ds.io import atomic_write_bytes, read_json, write_json
 from layermoe_ds.modeling.families import Layout
 from layermoe_ds.modeling.types import moe_blocks
@@ -81,13 +81,7 @@ def save(engine, run_dir: Path, step: int, state: dict, keep_last_n: int, model_
         if rank == 0 and model_files is not None:
             model_files(root / tag)
     except OSError as exc:
-        newest = complete_checkpoints(run_dir)
-        kept = f"the newest complete checkpoint, {newest[-1].name}, is intact" if newest else "no complete one exists"
-        reason = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror or str(exc)
-        raise CheckpointWriteError(
-            f"checkpoint {root / tag} could not be written ({reason}: {exc.filename or exc}); {kept}; "
-            "free space and rerun the same command to resume"
-        ) from exc
+        raise write_failed(f"checkpoint {root / tag}", exc, run_dir) from exc
     dist.barrier()
     names = sorted(str(p.relative_to(root / tag)) for p in (root / tag).rglob("*") if p.is_file())
     files = _manifest_share(root / tag, names)
@@ -100,6 +94,18 @@ def save(engine, run_dir: Path, step: int, state: dict, keep_last_n: int, model_
         log.info("checkpoint %s complete (%d files)", tag, len(files))
     dist.barrier()
     return root / tag
+
+
+def write_failed(what: str, exc: OSError, run_dir: Path) -> OutputWriteError:
+    """The one-line error for `what` not written in `run_dir`: why, and which complete checkpoint a rerun of the same
+    command resumes from."""
+    newest = complete_checkpoints(run_dir)
+    kept = f"the newest complete checkpoint, {newest[-1].name}, is intact" if newest else "no complete one exists"
+    reason = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror or str(exc)
+    return OutputWriteError(
+        f"{what} could not be written ({reason}: {exc.filename or exc}); {kept}; free space and rerun the same "
+        "command to resume"
+    )
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from layermoe_ds.config import TrainConfig, load_config
 from layermoe_ds.distributed import adopt_launcher_env, leave_process_group
 from layermoe_ds.ds.engine import load_ds_config
-from layermoe_ds.errors import CheckpointWriteError, reported
+from layermoe_ds.errors import OutputWriteError, reported
 from layermoe_ds.flags import add_config_flags, config_overrides
 from layermoe_ds.training.loop import run_stage
 
@@ -66,7 +66,7 @@ def main(stage: int, argv: list[str] | None = None) -> int:
         return code
 
     def error_prefix(exc: BaseException) -> str | None:
-        if isinstance(exc, CheckpointWriteError):  # every rank that saw it: the disk may be full on one node only
+        if isinstance(exc, OutputWriteError):  # every rank that saw it: the disk may be full on one node only
             return f"stage{stage}: error (rank {rank})"
         # Before the process group exists every rank read the same inputs: rank 0 speaks for all. After, an error
         # may be one rank's own (a file only it reads) and would be lost: every rank says it, with its rank.

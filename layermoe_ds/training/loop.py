@@ -291,8 +291,11 @@ class StageTrainer:
         released = release_optimizer(self.engine)
         log.info("optimizer state freed before the export: %.1f MiB on this rank", released / 2**20)
         started = time.perf_counter()
-        with RssPeak() as rss:
-            export_model(self.model, self.tokenizer, self.out / "model", self.stage)
+        try:
+            with RssPeak() as rss:
+                export_model(self.model, self.tokenizer, self.out / "model", self.stage)
+        except OSError as exc:  # the final checkpoint is complete: a rerun resumes at the last step and exports
+            raise checkpoint.write_failed(f"the model export {self.out / 'model'}", exc, self.out) from exc
         if self.rank == 0:
             write_json(
                 self.out / "export.json",
