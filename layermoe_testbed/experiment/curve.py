@@ -220,7 +220,7 @@ SAVING_WORDS = {
     "not replicated": "more experts: not replicated here.",
     "matched": "the interval includes no saving: not significant here.",
     "not testable": "outside uniform's measured curve, and its bound includes no saving either way: not testable "
-    "here; uniform points nearer this one's quality would answer it.",
+    "here.",
 }
 
 
