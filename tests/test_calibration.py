@@ -92,8 +92,11 @@ def test_a_point_that_would_repeat_the_text_is_refused_before_anything_trains_an
     # Within the cap: each point's experiment runs (here: made-up results), and the choice is written.
     finals = {1: ([3.00, 3.01], [2.99, 3.00]), 2: ([3.00, 3.02], [2.95, 2.97])}  # 1 step: 1.4 sds; 2 steps: 3.5 sds
 
-    def experiment(preset, base, data, out, launcher=None):
+    kept = []  # what each point's experiment was told of its finished stages' checkpoints
+
+    def experiment(preset, base, data, out, launcher=None, keep_checkpoints=None):
         trained.append(out.name)
+        kept.append(keep_checkpoints)
         low, high = (s.name for s in preset.systems)
         results = _results(preset, dict(zip((low, high), finals[preset.stage1_steps], strict=True)), 100.0)
         dense = {
@@ -105,7 +108,7 @@ def test_a_point_that_would_repeat_the_text_is_refused_before_anything_trains_an
     monkeypatch.setattr(calibration, "run_experiment", experiment)
     grid = Calibration(points=(GridPoint("deep", 1), GridPoint("deep-rare", 2)), settings=settings)
     report = calibration.run_calibration(grid, corpus_dir, artifacts, tmp_path / "cache", tmp_path / "out", None)
-    assert trained == ["deep-base-1-stage-1-steps", "deep-rare-base-2-stage-1-steps"]
+    assert trained == ["deep-base-1-stage-1-steps", "deep-rare-base-2-stage-1-steps"] and kept == [False, False]
     assert report["choice"] == "deep-rare base, 2 stage-1 steps" and [r["meets"] for r in report["points"]] == [0, 1]
     assert report["points"][1]["base_sha256"] == sha256_file(tiny_base / "model.safetensors")
     assert json.loads((tmp_path / "out" / "calibration.json").read_text())["choice"] == report["choice"]
@@ -117,8 +120,11 @@ def test_a_point_that_would_repeat_the_text_is_refused_before_anything_trains_an
     # Cheapest first, stopping at the first that qualifies: the dearer points are not trained, and the report says so.
     trained.clear()
     cheap_first = replace(grid, points=(GridPoint("deep", 2), GridPoint("deep", 1)), stop_when_met=True)
-    report = calibration.run_calibration(cheap_first, corpus_dir, artifacts, tmp_path / "cache", tmp_path / "o2", None)
+    report = calibration.run_calibration(
+        cheap_first, corpus_dir, artifacts, tmp_path / "cache", tmp_path / "o2", None, keep_checkpoints=True
+    )
     assert trained == ["deep-base-2-stage-1-steps"] and report["not_run"] == ["deep base, 1 stage-1 steps"]
+    assert kept[-1] is True
     table = (tmp_path / "o2" / "calibration.md").read_text()
     assert "Not run (an earlier, cheaper point qualified): deep base, 1 stage-1 steps." in table
 

@@ -219,8 +219,7 @@ SAVING_WORDS = {
     "replicated": "fewer experts, replicated.",
     "not replicated": "more experts: not replicated here.",
     "matched": "the interval includes no saving: not significant here.",
-    "not testable": "outside uniform's measured curve, and its bound includes no saving either way: not testable "
-    "here.",
+    "not testable": "outside uniform's measured curve, and its bound includes no saving either way: not testable here.",
 }
 
 
