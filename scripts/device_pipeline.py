@@ -97,7 +97,9 @@ def main() -> int:
         **({"seq_len": 64, "profile_tokens": 2_000, "eval_max_tokens": 2_000, "stage2_docs": 50} if args.smoke else {}),
     )  # fmt: skip
     started = time.perf_counter()
-    results = run_experiment(preset, dense, args.data, args.out / "experiment", launcher=Launcher.TORCHRUN)
+    # its checkpoints kept: the stage-2 checkpoint is exported below (`export --checkpoint`)
+    experiment = args.out / "experiment"
+    results = run_experiment(preset, dense, args.data, experiment, launcher=Launcher.TORCHRUN, keep_checkpoints=True)
     timings["profile, allocate, upcycle, stages 1 and 2, evaluation"] = time.perf_counter() - started
     stage2 = args.out / "experiment" / "systems" / slug(RunId(real.reference).label) / "stage2"
     started = time.perf_counter()
