@@ -99,13 +99,14 @@ def curve_reading(
     if len(uniform) < 2:
         return [], []
     verdicts, savings = [], []
+    intervals: dict[str, tuple[float, float]] = {}  # each point's bootstrap interval, drawn once
     first, last = uniform[0], uniform[-1]
     span = f"{first.new.mean:.3f} at {first.new_experts} … {last.new.mean:.3f} at {last.new_experts}"
     for method in (SystemMethod.LAYERMOE, SystemMethod.RANDOM):
         for point in points.get(method, []):
             entry = {"system": point.system, "method": str(method), "new_experts": point.new_experts}
             entry.update(new_avg=point.new.mean, **uniform_equivalent(uniform, point))
-            low, high = saving_interval(uniform, point)
+            low, high = intervals[point.system] = saving_interval(uniform, point)
             entry.update(interval=[None if math.isinf(end) else end for end in (low, high)])
             entry.update(interval_open=[math.isinf(low), math.isinf(high)])
             entry.update(verdict=saving_verdict(low, high, entry))
@@ -118,8 +119,8 @@ def curve_reading(
             verdicts.append(Verdict(f"curve point ({point.system})", entry["note"], text))
     verdicts.append(curve_slope(uniform))
     headline = next((p for p in points.get(SystemMethod.LAYERMOE, []) if p.system == reference), None)
-    if headline is not None:
-        verdicts.append(headline_verdict(uniform, headline))
+    if headline is not None:  # its interval was drawn above, with the same seeded bootstrap
+        verdicts.append(headline_verdict(uniform, headline, intervals[headline.system]))
         verdicts.append(paper_size_verdict(verdicts[-1]))
     random_points = {p.new_experts: p for p in points.get(SystemMethod.RANDOM, [])}
     for point in points.get(SystemMethod.LAYERMOE, []):
@@ -223,10 +224,13 @@ SAVING_WORDS = {
 }
 
 
-def headline_verdict(uniform: list[CurvePoint], point: CurvePoint) -> Verdict:
-    """The paper's headline at the reference point: the saving against uniform at equal New-avg, with its interval."""
+def headline_verdict(
+    uniform: list[CurvePoint], point: CurvePoint, interval: tuple[float, float] | None = None
+) -> Verdict:
+    """The paper's headline at the reference point: the saving against uniform at equal New-avg, with its interval
+    (`saving_interval`'s, unless already drawn)."""
     equivalent = uniform_equivalent(uniform, point)
-    low, high = saving_interval(uniform, point)
+    low, high = interval or saving_interval(uniform, point)
     verdict = saving_verdict(low, high, equivalent)
     text = (
         f"- *Fewer experts for the same quality* (the paper: 60% fewer in one expansion): {point.system} "
