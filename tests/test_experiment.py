@@ -258,6 +258,23 @@ def test_reading_judges_each_claim_by_the_seed_spread():
     assert [judge(stats([a]), stats([1.0]))[0] for a in (0.98, 1.005, 1.02)] == ["better", "matched", "worse"]
 
 
+def test_stage2_restoring_is_not_testable_where_stage_1_forgot_nothing():
+    from layermoe_testbed.experiment.reading import stage2_restores
+
+    preset = Preset(systems=(U, LM), old=("en",), new=("fr",), reference=LM.name, baseline=U.name)
+    results = {RunId(DENSE_BASE): {"eval": _eval(1.0, 3.0)}}
+    results[RunId(U.name)] = _run(0.93, 2.5, stage1_old=0.92)  # the corpus taught English its domain
+    results[RunId(LM.name)] = _run(0.95, 2.5, stage1_old=0.96)
+    verdict = stage2_restores(results, preset)
+    assert verdict.verdict == "not testable" and "nothing to restore" in verdict.text
+    assert "by -0.010 to +0.010" in verdict.text
+    # One run that forgot and came back: only it is judged, the other named beside it.
+    results[RunId(LM.name)] = _run(0.99, 2.5, stage1_old=1.2)
+    verdict = stage2_restores(results, preset)
+    assert verdict.verdict == "replicated" and verdict.numbers == {"runs": 2, "forgot": 1, "restored": 1}
+    assert "in 1 of 1 runs" in verdict.text and "below the dense base's in the other 1" in verdict.text
+
+
 def test_the_premise_reading_compares_the_least_and_the_most_similar_layers():
     """The real-premise preset's question, read from made-up results: least- against most-similar placement of the
     same new experts, after each stage, with the seeds' spread; and no "as good as uniform" claim without uniform."""
