@@ -12,6 +12,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -340,3 +341,37 @@ def test_checkpoints_are_slim_and_point_at_their_base(reference, upcycled, corpu
     weights = moved / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
     assert main([*export, "--base", str(moved), "--out", str(tmp_path / "c")]) == 2
+
+
+LAUNCHER_STAND_IN = """
+import os, signal, sys, time
+marker = sys.argv[1]
+def finish(*_):  # what the ranks do on SIGTERM: finish the step, save, exit 0
+    time.sleep(0.5)
+    open(marker, "w").write("saved " + os.environ["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"])
+    sys.exit(0)
+signal.signal(signal.SIGTERM, finish)
+open(marker + ".ready", "w").close()
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_to_the_experiment_reaches_its_launcher_and_is_waited_out(sig, tmp_path):
+    """`kill PID` of a process running a stage (the experiment's `launch_stage`) used to leave the launcher and its
+    ranks training on as orphans; now they get the SIGTERM and save, and the process exits 128 + the signal."""
+    (tmp_path / "launcher.py").write_text(LAUNCHER_STAND_IN)
+    marker = tmp_path / "marker"
+    code = (
+        "import os, sys; from layermoe_ds.ds.process import run_launcher\n"
+        f"run_launcher([sys.executable, {str(tmp_path / 'launcher.py')!r}, {str(marker)!r}], dict(os.environ), "
+        f"open({str(tmp_path / 'log')!r}, 'w'))"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
+    deadline = time.monotonic() + 30
+    while not Path(f"{marker}.ready").exists():
+        assert parent.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()
+        time.sleep(0.05)
+    parent.send_signal(sig)
+    assert parent.wait(timeout=30) == 128 + sig
+    assert marker.read_text() == "saved 600"  # the launcher saved before the parent left; torchrun's grace set

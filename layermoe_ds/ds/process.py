@@ -1,14 +1,19 @@
-"""Starting DeepSpeed's ranks and its process group: the launch command (DeepSpeed's launcher or torchrun), the
-environment its JIT-built CPU op needs, `deepspeed.init_distributed`, and the shared memory its CPU all-reduce leaves.
-How a process learns its place in the job (MPI, Slurm, devices) is `distributed.py`'s."""
+"""Starting DeepSpeed's ranks and its process group: the launch command (DeepSpeed's launcher or torchrun) and
+running it as a child that a kill reaches, the environment its JIT-built CPU op needs, `deepspeed.init_distributed`,
+and the shared memory its CPU all-reduce leaves. How a process learns its place in the job (MPI, Slurm, devices) is
+`distributed.py`'s."""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
+import threading
 from collections.abc import MutableMapping, Sequence
 from datetime import timedelta
 from pathlib import Path
+from typing import IO
 
 from layermoe_ds.config import StrEnum
 
@@ -114,3 +119,37 @@ def stage_command(
         cmd += ["--module", module]
     cmd += ["--config", str(run_config), "--deepspeed_config"]
     return cmd + [str(path) for path in [*configs, *extra_json]]
+
+
+# How long torchrun waits for its ranks to finish the step and save after a SIGTERM before it kills them, unless
+# TORCH_ELASTIC_SHUTDOWN_TIMEOUT says otherwise: torch's 30 s is less than a step and a save of a real model (a
+# SmolLM2-135M stage-1 step with 60 new experts, ~15 s on 2 CPU ranks, then a 3 GB checkpoint: killed unsaved).
+SHUTDOWN_GRACE_S = 600
+
+
+def run_launcher(cmd: Sequence[str], env: dict[str, str], log: IO) -> int:
+    """Run a launcher (`stage_command`) as a child with its output in `log`, and wait for it; its exit status.
+
+    A SIGTERM or SIGHUP sent to this process alone (`kill PID`) is passed on to the launcher, which passes it to
+    its ranks: they finish the step, save and exit, and this process then exits with 128 + the signal. Without this
+    the ranks trained on as orphans, writing into a run a rerun would start again. (Ctrl-C reaches the whole
+    process group by itself.)"""
+    env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(SHUTDOWN_GRACE_S), **env}
+    child = subprocess.Popen(list(cmd), env=env, stdout=log, stderr=subprocess.STDOUT)
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        return child.wait()
+    received: list[int] = []
+
+    def forward(signum: int, _frame) -> None:
+        received.append(signum)
+        child.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        status = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        raise SystemExit(128 + received[0])
+    return status

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from layermoe_ds.config import TrainConfig, from_dict, to_dict
 from layermoe_ds.data.streams import open_streams
 from layermoe_ds.data.tokenizer import load_tokenizer
 from layermoe_ds.distributed import device_and_backend
-from layermoe_ds.ds.process import RENDEZVOUS, Launcher, cpu_launch_env, stage_command
+from layermoe_ds.ds.process import RENDEZVOUS, Launcher, cpu_launch_env, run_launcher, stage_command
 from layermoe_ds.errors import StepFailed
 from layermoe_ds.eval.evaluate import evaluate_model
 from layermoe_ds.hf.load import load_causal_lm
@@ -58,10 +57,10 @@ def launch_stage(
     cmd = stage_command(stage, config_file, ds_json, ranks, port, cpu, launcher=launcher)
     log_file = run_dir.parent / f"stage{stage}.log"
     with open(log_file, "w") as log:
-        result = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if result.returncode != 0:
+        status = run_launcher(cmd, env, log)
+    if status != 0:
         tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-40:])
-        raise StepFailed(f"stage {stage} failed (exit {result.returncode}); see {log_file}, which ends:\n{tail}")
+        raise StepFailed(f"stage {stage} failed (exit {status}); see {log_file}, which ends:\n{tail}")
 
 
 def parameter_counts(model) -> dict:
