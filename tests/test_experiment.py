@@ -535,6 +535,17 @@ def test_the_off_domain_table_reads_english_off_the_corpus_against_the_dense_bas
     assert "the dense base reads 0.900 and 1.000" in report
     assert "| LayerMoE | 0.900 | +0.0% | 1.010 | +1.0% |" in report
     assert "| Dense full fine-tune | 0.810 | -10.0% | 1.200 | +20.0% |" in report  # better in-domain, forgetting off it
+    # The reading: on the corpus full fine-tuning forgot nothing (not testable); off it, it forgot and LayerMoE did not.
+    assert "(Old-avg): 0.900 (dense base) → 0.810 after full fine-tuning (-10.0%)" in report
+    assert "New-avg 1.100 vs 1.200 — full fine-tuning forgot nothing beyond the 1% margin: not testable here." in report
+    by_claim = {v["claim"]: v["verdict"] for v in json.loads((tmp_path / "results.json").read_text())["verdicts"]}
+    assert by_claim["dense fine-tuning forgets"] == "not testable"
+    assert by_claim["dense fine-tuning forgets (English off the corpus's domain)"] == "replicated"
+    # Within the margin off the domain too (+0.5%): nothing to read there either.
+    results[RunId("Dense full fine-tune")]["eval_off_domain"] = {"languages": {"en": {"bpb": 1.005}}}
+    from layermoe_testbed.experiment.reading import finetuning_forgets
+
+    assert [v.verdict for v in finetuning_forgets(results, preset)] == ["not testable", "not testable"]
 
 
 def test_the_real_preset_asks_the_headline_at_40_percent_of_uniforms_middle_budget():
