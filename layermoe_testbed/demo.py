@@ -76,6 +76,7 @@ def run_demo(
     base: Path | None = None,
     launcher: Launcher = Launcher.DEEPSPEED,
     keep_checkpoints: bool = False,
+    report_only: bool = False,
 ) -> int:
     started = time.perf_counter()
     chosen = PRESETS[preset]
@@ -92,8 +93,9 @@ def run_demo(
         build_off_domain(artifacts / "off-domain", cache)
         off_domain = artifacts / "off-domain"
     run_experiment(
-        chosen, base, data, runs, launcher=launcher, off_domain=off_domain, keep_checkpoints=keep_checkpoints
-    )
+        chosen, base, data, runs, launcher=launcher, off_domain=off_domain, keep_checkpoints=keep_checkpoints,
+        report_only=report_only,
+    )  # fmt: skip
     table = [line for line in (runs / "report.md").read_text().splitlines() if line.startswith("|")]
     print("\n" + "\n".join(table))
     print(

@@ -146,6 +146,24 @@ def test_mini_experiment(tiny_base, corpus_dir, tmp_path, monkeypatch):
     assert {p: p.stat().st_mtime_ns for p in records} == records
     assert json.loads(step_record(out / "systems" / "layermoe-2-layer" / "stage1").read_text())["done"]
 
+    # --report-only beside runs not yet made (a third LayerMoE seed, a system): the report of the finished ones,
+    # nothing launched, written or removed; before the profile has finished there is nothing to report.
+    three_seeds, other = dataclasses.replace(layermoe, seeds=(0, 1, 2)), dataclasses.replace(uniform, name="uniform 2")
+    more = dataclasses.replace(preset, systems=(uniform, three_seeds, variant, DENSE_FINETUNE, other))
+    monkeypatch.setattr(runner, "launch_stage", lambda *a: pytest.fail("--report-only launched a stage"))
+    files = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.name not in ("report.md", "results.json")
+             and p.suffix != ".png"}  # fmt: skip
+    partial = run_experiment(more, tiny_base, corpus_dir, out, report_only=True)
+    assert list(partial) == [RunId(DENSE_BASE), RunId(uniform.name), RunId(uniform.name, 0, Phase.G2),
+                             RunId(layermoe.name, 0), RunId(layermoe.name, 1), RunId(variant.name, 1),
+                             RunId(DENSE_FINETUNE.name)]  # fmt: skip
+    assert partial[RunId(layermoe.name, 1)] == results[RunId(layermoe.name, 1)]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p in files} == files
+    assert not (out / "systems" / "layermoe-2-layer-seed-2").exists() and not (out / "systems" / "uniform-2").exists()
+    assert "| uniform 2 |" not in (out / "report.md").read_text()
+    with pytest.raises(ValueError, match="--report-only: .*similarity.json has not finished yet"):
+        run_experiment(more, tiny_base, corpus_dir, tmp_path / "empty", report_only=True)
+
     # A setting TrainConfig refuses is refused in this process, naming it, before any launch.
     with pytest.raises(ValueError, match="train.lr: -1.0 must be > 0"):
         run_experiment(dataclasses.replace(preset, stage1_lr=-1.0), tiny_base, corpus_dir, out)

@@ -12,7 +12,7 @@ from layermoe_ds.cli.common import DEFAULT_CACHE
 def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the `demo` experiment preset on the embedded corpus, on CPU (cached steps)")
     _experiment_arguments(p, default_out=Path("runs/demo"))
-    p.set_defaults(func=_cmd_demo, preset="demo")
+    p.set_defaults(func=_cmd_demo, preset="demo", report_only=False)
 
 
 def add_experiment(sub) -> None:
@@ -38,6 +38,12 @@ def add_experiment(sub) -> None:
                    "curve (uniform at 30/60/90 new, LayerMoE and random at 24/45/60), the dense full fine-tune, "
                    "English also read on the Python docs (data off-domain)")  # fmt: skip
     _experiment_arguments(p, default_out=None)
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train and evaluate nothing: write OUT's report of the runs that have finished, with this code (e.g. "
+        "beside the same experiment still running)",
+    )
     p.set_defaults(func=_cmd_demo)
 
 
@@ -85,8 +91,9 @@ def _cmd_demo(args) -> int:
     from layermoe_testbed.demo import run_demo
 
     return run_demo(
-        args.data, args.artifacts, args.runs, args.cache, args.preset, args.base, args.launcher, args.keep_checkpoints
-    )
+        args.data, args.artifacts, args.runs, args.cache, args.preset, args.base, args.launcher, args.keep_checkpoints,
+        args.report_only,
+    )  # fmt: skip
 
 
 def _cmd_calibrate(args) -> int:

@@ -14,10 +14,29 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 from layermoe_ds.io import read_json, write_json
+
+_FINISHED_ONLY = ContextVar("finished_steps_only", default=False)
+
+
+class NotFinished(Exception):
+    """A step asked for under `finished_steps_only` that has not finished with these inputs."""
+
+
+@contextmanager
+def finished_steps_only() -> Iterator[None]:
+    """Within it `cached` returns finished steps and raises `NotFinished` for any other, writing and removing nothing:
+    what `layermoe experiment --report-only` reads a report from, beside a run still training."""
+    token = _FINISHED_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _FINISHED_ONLY.reset(token)
 
 
 def fingerprint(inputs: object) -> str:
@@ -38,8 +57,11 @@ def cached(output: Path, inputs: dict, produce: Callable[[], object], resumable:
     same = record is not None and record.get("fingerprint") == digest
     if same and record.get("done") and output.exists():
         return digest
+    if _FINISHED_ONLY.get():
+        raise NotFinished(output)
     if not (same and resumable):  # stale, or an unfinished step that cannot resume: start it clean
         _remove(output)
+    record_file.parent.mkdir(parents=True, exist_ok=True)
     write_json(record_file, {"fingerprint": digest, "done": False, "inputs": inputs})
     started = time.perf_counter()
     produce()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,14 +23,21 @@ from layermoe_ds.data.streams import open_streams
 from layermoe_ds.data.tokenizer import load_tokenizer
 from layermoe_ds.distributed import device_and_backend
 from layermoe_ds.ds.process import RENDEZVOUS, Launcher, cpu_launch_env, run_launcher, stage_command
-from layermoe_ds.errors import StepFailed
+from layermoe_ds.errors import InputError, StepFailed
 from layermoe_ds.eval.evaluate import evaluate_model
 from layermoe_ds.hf.load import load_causal_lm
 from layermoe_ds.io import read_json, sha256_file, write_json
 from layermoe_ds.modeling.types import moe_blocks
 from layermoe_ds.modeling.upcycle import grow_dir
 from layermoe_ds.settings import ProfileSettings
-from layermoe_testbed.experiment.cache import cached, directory_manifest, fingerprint, step_seconds
+from layermoe_testbed.experiment.cache import (
+    NotFinished,
+    cached,
+    directory_manifest,
+    fingerprint,
+    finished_steps_only,
+    step_seconds,
+)
 from layermoe_testbed.experiment.presets import DENSE_BASE, Phase, Preset, RunId, System, SystemMethod
 from layermoe_testbed.experiment.report import write_report
 
@@ -299,11 +307,13 @@ def run_experiment(
     launcher: Launcher = Launcher.DEEPSPEED,
     off_domain: Path | None = None,
     keep_checkpoints: bool = False,
+    report_only: bool = False,
 ) -> dict[RunId, dict]:
     """Run (or resume) every system and seed of `preset` from the dense `base` model, each stage started by
     `launcher`; write the report; return the results by run. With `off_domain` (English text from another source,
     `en.test.txt`), the dense base and every system's final model are also read on it. A finished stage's
-    checkpoints are removed unless `keep_checkpoints` (its exported model stays)."""
+    checkpoints are removed unless `keep_checkpoints` (its exported model stays). `report_only`: run nothing, write
+    the report of the finished runs with this code (beside a run still training, or one stopped)."""
     out.mkdir(parents=True, exist_ok=True)
     base_model = Model(base, fingerprint(directory_manifest(base)))
     other = Model(off_domain, fingerprint(directory_manifest(off_domain))) if off_domain else None
@@ -311,6 +321,15 @@ def run_experiment(
         preset, base_model, data, fingerprint(directory_manifest(data)), out, load_tokenizer(base), port, launcher,
         other, keep_checkpoints,
     )  # fmt: skip
+    with finished_steps_only() if report_only else nullcontext():
+        try:
+            return _run_experiment(ctx)
+        except NotFinished as missing:  # the profile or the dense base's evaluation: nothing to report yet
+            raise InputError(f"--report-only: {missing} has not finished yet, so there is nothing to report") from None
+
+
+def _run_experiment(ctx: Context) -> dict[RunId, dict]:
+    preset, base_model, out, off_domain = ctx.preset, ctx.base, ctx.out, ctx.off_domain
     groups = [list(preset.old), list(preset.new)]
     first = {lang: g for g, members in enumerate(groups) for lang in members}
     later = {lang: 2 for lang in preset.lifelong}
@@ -318,7 +337,7 @@ def run_experiment(
     print("evaluating the dense base …", flush=True)
     # The base's weights pinned by content: a base rebuilt elsewhere may differ (pretraining is seeded, but its
     # floating-point sums are not bit-stable across machines), and the report says which one these numbers are of.
-    weights = {f.name: sha256_file(f) for f in sorted(base.glob("*.safetensors"))}
+    weights = {f.name: sha256_file(f) for f in sorted(base_model.path.glob("*.safetensors"))}
     dense = {"eval": ctx.evaluate(base_model, out / "dense" / "eval.json", first), "base_sha256": weights}
     if off_domain is not None:
         dense["eval_off_domain"] = ctx.evaluate_off_domain(base_model, out / "dense")
@@ -334,22 +353,26 @@ def run_experiment(
     )  # (a stage-2 variant comes after its source system's run of the same seed, as in the preset)
     for _, _, system, run in order:
         home = out / "systems" / slug(run.label)
-        home.mkdir(parents=True, exist_ok=True)
         shared = stage1s.get((system.stage1_of, run.seed)) if system.stage1_of else None
-        results[run], g1_model, stage1s[(system.name, run.seed)] = train_and_evaluate(
-            ctx, system, run, home, base_model, groups, shared
-        )
-        if off_domain is not None:
-            results[run]["eval_off_domain"] = ctx.evaluate_off_domain(g1_model, home)
-        if system.lifelong and preset.lifelong:
-            results[run]["eval_later"] = ctx.evaluate(g1_model, home / "eval_g2.json", later)
-            g2 = RunId(run.system, run.seed, Phase.G2)
-            results[g2], _, _ = train_and_evaluate(
-                ctx, system, g2, home / "lifelong", g1_model, [*groups, list(preset.lifelong)]
+        try:  # NotFinished comes only with --report-only: that run (or that part of it) is left out of the report
+            results[run], g1_model, stage1s[(system.name, run.seed)] = train_and_evaluate(
+                ctx, system, run, home, base_model, groups, shared
             )
-            results[g2]["new_experts_total"] = (
-                results[run]["allocation"]["new_experts"] + results[g2]["allocation"]["new_experts"]
-            )
+        except NotFinished:
+            print(f"[{run.label}] not finished: left out of the report", flush=True)
+            continue
+        with suppress(NotFinished):
+            if off_domain is not None:
+                results[run]["eval_off_domain"] = ctx.evaluate_off_domain(g1_model, home)
+            if system.lifelong and preset.lifelong:
+                results[run]["eval_later"] = ctx.evaluate(g1_model, home / "eval_g2.json", later)
+                g2 = RunId(run.system, run.seed, Phase.G2)
+                results[g2], _, _ = train_and_evaluate(
+                    ctx, system, g2, home / "lifelong", g1_model, [*groups, list(preset.lifelong)]
+                )
+                results[g2]["new_experts_total"] = (
+                    results[run]["allocation"]["new_experts"] + results[g2]["allocation"]["new_experts"]
+                )
         # The report so far, after every run: an experiment stopped part-way (or still running) has the report of
         # what finished, and a rerun of a finished one (every step a cache hit) rewrites it with the current code.
         write_report(in_preset_order(results, preset), preset, out)
