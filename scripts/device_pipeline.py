@@ -101,7 +101,7 @@ def main() -> int:
     experiment = args.out / "experiment"
     results = run_experiment(preset, dense, args.data, experiment, launcher=Launcher.TORCHRUN, keep_checkpoints=True)
     timings["profile, allocate, upcycle, stages 1 and 2, evaluation"] = time.perf_counter() - started
-    stage2 = args.out / "experiment" / "systems" / slug(RunId(real.reference).label) / "stage2"
+    stage2 = experiment / "systems" / slug(RunId(real.reference).label) / "stage2"
     started = time.perf_counter()
     export = args.out / "export"
     shutil.rmtree(export, ignore_errors=True)

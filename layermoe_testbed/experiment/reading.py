@@ -173,33 +173,33 @@ def as_good_as_uniform(results: dict[RunId, dict], preset: Preset) -> Verdict | 
 def stage2_restores(results: dict[RunId, dict], preset: Preset) -> Verdict | None:
     """Of the runs whose stage 1 raised Old-avg above the dense base's, those stage 2 lowered again; not testable
     where stage 1 raised it in none (a corpus of one domain in every language teaches the old language too)."""
-    restored = [r for r in results.values() if "eval_stage1" in r]
-    if not restored:
+    staged = [r for r in results.values() if "eval_stage1" in r]  # the runs with a stage 1 and a stage 2
+    if not staged:
         return None
     dense_old = average(results[RunId(DENSE_BASE)]["eval"], "old")
-    forgot = [r for r in restored if average(r["eval_stage1"], "old") > dense_old]
+    forgot = [r for r in staged if average(r["eval_stage1"], "old") > dense_old]
     if not forgot:
-        moves = [average(r["eval"], "old") - average(r["eval_stage1"], "old") for r in restored]
+        moves = [average(r["eval"], "old") - average(r["eval_stage1"], "old") for r in staged]
         text = (
             f"- *Stage 2 restores old languages*: nothing to restore — stage 1 left Old-avg below the dense base's "
-            f"({dense_old:.3f}) in all {len(restored)} runs, and stage 2 moved it by {min(moves):+.3f} to "
+            f"({dense_old:.3f}) in all {len(staged)} runs, and stage 2 moved it by {min(moves):+.3f} to "
             f"{max(moves):+.3f} — not testable here."
         )
-        return Verdict("stage 2 restores", "not testable", text, {"runs": len(restored), "forgot": 0})
+        return Verdict("stage 2 restores", "not testable", text, {"runs": len(staged), "forgot": 0})
     kept = [r for r in forgot if average(r["eval"], "old") <= average(r["eval_stage1"], "old")]
     reference = runs_of(results, preset.reference)
     example = ""
     if reference and "eval_stage1" in reference[0]:
         before, after = average(reference[0]["eval_stage1"], "old"), average(reference[0]["eval"], "old")
         example = f" ({preset.reference}: {before:.3f} → {after:.3f}; dense {dense_old:.3f})"
-    unharmed = len(restored) - len(forgot)
+    unharmed = len(staged) - len(forgot)
     aside = f"; stage 1 left it below the dense base's in the other {unharmed}" if unharmed else ""
     ok = len(kept) == len(forgot)
     text = (
         f"- *Stage 2 restores old languages*: Old-avg lower after stage 2 than after stage 1 in {len(kept)} of "
         f"{len(forgot)} runs{example}{aside} — " + ("replicated." if ok else "not replicated in every run.")
     )
-    numbers = {"runs": len(restored), "forgot": len(forgot), "restored": len(kept)}
+    numbers = {"runs": len(staged), "forgot": len(forgot), "restored": len(kept)}
     return Verdict("stage 2 restores", replicated(ok), text, numbers)
 
 
