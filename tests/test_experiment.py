@@ -564,6 +564,12 @@ def test_the_off_domain_table_reads_english_off_the_corpus_against_the_dense_bas
     from layermoe_testbed.experiment.reading import finetuning_forgets
 
     assert [v.verdict for v in finetuning_forgets(results, preset)] == ["not testable", "not testable"]
+    # Each system is read by its mean over seeds, not by its seed 0.
+    results[RunId("LayerMoE", 1)] = {**_run(0.8, 1.0), "eval_off_domain": {"languages": {"en": {"bpb": 0.99}}}}
+    old_avg, english = finetuning_forgets(results, preset)
+    assert "→ 0.810 after full fine-tuning (-10.0%) vs 0.850 with LayerMoE (mean of 2 seeds) (-5.6%)" in old_avg.text
+    assert "New-avg 1.100 vs 1.100" in old_avg.text
+    assert "vs 1.000 with LayerMoE (mean of 2 seeds) (+0.0%)" in english.text
 
 
 def test_the_real_preset_asks_the_headline_at_40_percent_of_uniforms_middle_budget():
