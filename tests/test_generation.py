@@ -4,6 +4,8 @@ keep the sums in step with the cache."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -12,6 +14,11 @@ from layermoe_ds.modeling.upcycle import upcycle
 from tests.test_upcycle import ALLOCATION, perturb_new_experts, tiny_dense
 
 PAD = 0
+
+
+def cache_kw(model, past) -> dict:
+    """The KV cache as the installed transformers names the argument: `cache` since 5.25, `past_key_values` before."""
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": past}
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +70,7 @@ def test_the_cached_sums_are_what_the_full_forward_sees(model):
                 if block.aux.classifier_logits_TG is not None}  # fmt: skip
         past, steps = None, {layer: [] for layer in full}
         for t in range(10):
-            out = model(input_ids=ids[:, t : t + 1], past_key_values=past, use_cache=True)
+            out = model(input_ids=ids[:, t : t + 1], **cache_kw(model, past), use_cache=True)
             past = out.past_key_values
             for layer in full:
                 steps[layer].append(model.moe_blocks()[layer].aux.classifier_logits_TG.view(2, 1, -1))
@@ -102,4 +109,4 @@ def test_a_cache_the_sums_do_not_cover_is_refused(model):
         past = model(input_ids=ids, use_cache=True).past_key_values
         delattr(past, STORE)
         with pytest.raises(ValueError, match="prefix-mean classifier: the cache holds 5 positions"):
-            model(input_ids=ids[:, :1], past_key_values=past, use_cache=True)
+            model(input_ids=ids[:, :1], **cache_kw(model, past), use_cache=True)
