@@ -227,22 +227,18 @@ def finetuning_forgets(results: dict[RunId, dict], preset: Preset) -> list[Verdi
     English from another source where the preset reads it (`off_domain`); each system's mean over its seeds. Not
     testable where full fine-tuning forgot nothing beyond the 1% margin — the real base's corpus teaches English its
     domain."""
-    reference = runs_of(results, preset.reference)
-    finetuned = next((runs_of(results, s.name) for s in preset.systems if s.method == SystemMethod.FULL_FINETUNE), [])
+    finetune = next((s.name for s in preset.systems if s.method == SystemMethod.FULL_FINETUNE), None)
+    reference, finetuned = runs_of(results, preset.reference), runs_of(results, finetune) if finetune else []
     if not (reference and finetuned):
         return []
-    dense = results[RunId(DENSE_BASE)]
-
-    def mean(runs: list[dict], value) -> float:
-        return statistics.fmean(value(run) for run in runs)
-
+    names = (DENSE_BASE, finetune, preset.reference)
     ours = preset.reference + (f" (mean of {len(reference)} seeds)" if len(reference) > 1 else "")
-    new = [mean(runs, lambda run: average(run["eval"], "new")) for runs in (finetuned, reference)]
-    old = [mean(runs, lambda run: average(run["eval"], "old")) for runs in ([dense], finetuned, reference)]
+    new = [seed_stats(results, name, "new").mean for name in names[1:]]
+    old = [seed_stats(results, name, "old").mean for name in names]
     verdicts = [forgetting("Old-avg", *old, ours, f"; New-avg {new[0]:.3f} vs {new[1]:.3f}")]
-    if all(run.get("eval_off_domain") for run in [dense, *finetuned, *reference]):
-        english = [mean(runs, lambda run: run["eval_off_domain"]["languages"]["en"]["bpb"])
-                   for runs in ([dense], finetuned, reference)]  # fmt: skip
+    if all(run.get("eval_off_domain") for name in names for run in runs_of(results, name)):
+        english = [stats([run["eval_off_domain"]["languages"]["en"]["bpb"] for run in runs_of(results, name)]).mean
+                   for name in names]  # fmt: skip
         verdicts.append(forgetting("English off the corpus's domain", *english, ours))
     return verdicts
 
